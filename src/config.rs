@@ -1,0 +1,145 @@
+//! Command-line and environment configuration of `tenantd serve`.
+//! Every contract flag (see docs/protocol.md and DESIGN.md) is also read
+//! from the environment variable named in the contract.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::store::StoreUrl;
+
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on for HTTP.
+    #[arg(long, env = "TENANTD_LISTEN", default_value = "0.0.0.0:3000")]
+    pub listen: SocketAddr,
+
+    /// The one tenant this machine serves; unset = pool mode (any tenant).
+    #[arg(long, env = "CUSTOMER_ID")]
+    pub customer_id: Option<String>,
+
+    /// This machine's id, as used in `fly-replay: instance=<id>`
+    /// [default: 14 random hex characters].
+    #[arg(long, env = "FLY_MACHINE_ID")]
+    pub machine_id: Option<String>,
+
+    /// Object store: s3://bucket[/prefix], file:///abs/path or file://rel/path
+    /// [default: s3://$BUCKET_NAME if BUCKET_NAME is set, else file://./data/store].
+    #[arg(long, env = "TENANTD_STORE")]
+    pub store: Option<StoreUrl>,
+
+    /// Folder for the working copies of held tenants' databases.
+    #[arg(long, env = "DATABASE_PATH", default_value = "./data/local")]
+    pub data_dir: PathBuf,
+
+    /// Lease time-to-live of machine.lock (renewed every ttl/3).
+    #[arg(long, env = "TENANTD_LEASE_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// Address other machines use to reach this one (forward mode, lock
+    /// object) [default: [$FLY_PRIVATE_IP]:port on Fly, else the listen address].
+    #[arg(long, env = "TENANTD_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// How a non-holder hands a request to the holder.
+    #[arg(long, env = "TENANTD_REPLAY_MODE", value_enum, default_value_t = ReplayMode::Fly)]
+    pub replay_mode: ReplayMode,
+
+    /// Fly app name; enables routing through Fly's internal DNS.
+    #[arg(long, env = "FLY_APP_NAME")]
+    pub app_name: Option<String>,
+
+    /// Region of this machine (informational; from Fly).
+    #[arg(long, env = "FLY_REGION")]
+    pub region: Option<String>,
+
+    /// This machine's 6PN address on Fly (used for the default --advertise).
+    #[arg(long, env = "FLY_PRIVATE_IP", hide = true)]
+    pub private_ip: Option<String>,
+
+    /// DNS server for `.internal` lookups (host:port) [default: the system resolver].
+    #[arg(long, env = "TENANTD_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
+
+    /// Pool mode: release a tenant's lease after this long without requests.
+    #[arg(long, env = "TENANTD_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Pool mode: most tenants held at once (least recently used released first).
+    #[arg(long, env = "TENANTD_MAX_TENANTS", default_value_t = 100)]
+    pub max_tenants: usize,
+
+    /// Largest accepted request body.
+    #[arg(long, env = "TENANTD_MAX_BODY", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Token that enables the /_admin endpoints (fault injection, step down).
+    #[arg(long, env = "TENANTD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Fault injection at start: JSON of FaultConfig, e.g.
+    /// '{"latency":"20ms","jitter":"5ms"}' (for benchmarks and chaos tests).
+    #[arg(long, env = "TENANTD_FAULTS")]
+    pub faults: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "TENANTD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReplayMode {
+    /// Answer with `fly-replay: instance=<holder>` (Fly Proxy replays).
+    Fly,
+    /// Proxy the request to the holder's advertised address.
+    Forward,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("invalid duration {text:?}: {e} (examples: 5s, 500ms)"))
+}
+
+impl ServeArgs {
+    /// The store URL after defaults: `--store`, else `s3://$BUCKET_NAME`, else
+    /// `file://./data/store`.
+    pub fn store_url(&self) -> Result<StoreUrl, String> {
+        if let Some(url) = &self.store {
+            return Ok(url.clone());
+        }
+        match std::env::var("BUCKET_NAME") {
+            Ok(bucket) if !bucket.is_empty() => StoreUrl::parse(&format!("s3://{bucket}"))
+                .map_err(|e| format!("{e} (from BUCKET_NAME)")),
+            _ => Ok(StoreUrl::File(PathBuf::from("./data/store"))),
+        }
+    }
+
+    pub fn machine_id(&self) -> String {
+        self.machine_id.clone().unwrap_or_else(random_machine_id)
+    }
+
+    /// The address other machines reach this one at.
+    pub fn advertise(&self) -> String {
+        if let Some(addr) = &self.advertise {
+            return addr.clone();
+        }
+        match &self.private_ip {
+            Some(ip) if !ip.is_empty() => format!("[{ip}]:{}", self.listen.port()),
+            _ => self.listen.to_string(),
+        }
+    }
+}
+
+/// 14 lower-case hex characters, like a Fly machine id.
+pub fn random_machine_id() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    id[..14].to_string()
+}

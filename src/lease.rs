@@ -1,0 +1,1 @@
+//! The `machine.lock` lease protocol. TODO(helper): implement.

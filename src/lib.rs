@@ -1,0 +1,27 @@
+//! tenantd: per-tenant SQLite databases in an S3-compatible bucket, served by
+//! any number of machines that coordinate through one `machine.lock` object.
+//!
+//! The map of the crate:
+//! - [`store`]: the object-store trait with conditional writes, its backends
+//!   (S3, file, memory) and wrappers (fault injection, retrying).
+//! - [`lease`]: the `machine.lock` protocol: acquire, renew, self-fence,
+//!   stale takeover, release.
+//! - [`tenant`]: one actor per held tenant: the SQLite file, group commit,
+//!   fenced uploads, idempotency keys.
+//! - [`router`]: per request, serve here, replay to the holder, acquire, or 404.
+//! - [`http`]: routes, content negotiation, `/metrics`, `/_status`.
+//! - [`server`]: wires it all together for `tenantd serve`.
+//! - [`dev`], [`chaos`], [`bench`], [`fly`]: the local Fly stand-in, the
+//!   chaos checker, the benchmark and the Machines API client.
+
+pub mod bench;
+pub mod chaos;
+pub mod config;
+pub mod dev;
+pub mod fly;
+pub mod lease;
+pub mod server;
+pub mod store;
+pub mod tenant_id;
+
+pub use tenant_id::TenantId;

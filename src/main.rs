@@ -1,0 +1,50 @@
+//! The `tenantd` binary: parses arguments, sets up logging, and hands over to
+//! the library.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tenantd",
+    version,
+    about = "Per-tenant SQLite on object storage, for Fly.io"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve tenants' databases (one tenant with CUSTOMER_ID, else pool mode).
+    Serve(tenantd::config::ServeArgs),
+    /// Run a local stand-in for a Fly app: machines, edge proxy, internal DNS.
+    Dev(tenantd::dev::DevArgs),
+    /// Run the chaos workload and check that no acknowledged write is lost.
+    Chaos(tenantd::chaos::ChaosArgs),
+    /// Measure durable throughput, latency, failover and cold starts.
+    Bench(tenantd::bench::BenchArgs),
+    /// Provision and scale tenants' machines through the Fly Machines API.
+    Fly(tenantd::fly::FlyArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => tenantd::server::main(args).await,
+            Command::Dev(args) => tenantd::dev::run(args).await,
+            Command::Chaos(args) => tenantd::chaos::run(args).await,
+            Command::Bench(args) => tenantd::bench::run(args).await,
+            Command::Fly(args) => tenantd::fly::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tenantd: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

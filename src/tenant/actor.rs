@@ -296,16 +296,22 @@ impl TenantActor {
         let metadata = upload_metadata(self.lease.epoch(), seq, &self.ctx.machine_id);
         let started = std::time::Instant::now();
         loop {
-            let result = self
-                .ctx
-                .store
-                .put(
+            let put = self.ctx.store.put(
+                &keys::database(self.id.as_str()),
+                bytes.clone(),
+                metadata.clone(),
+                Precondition::IfMatch(self.etag.clone()),
+            );
+            // Past the lease's deadline another machine may be writing: give
+            // up (the write's fate is then unknown, and said so) rather than
+            // keep a request waiting on a store that does not answer.
+            let result = match tokio::time::timeout_at(self.lease.deadline(), put).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::transient(
                     &keys::database(self.id.as_str()),
-                    bytes.clone(),
-                    metadata.clone(),
-                    Precondition::IfMatch(self.etag.clone()),
-                )
-                .await;
+                    "the store did not answer before the lease ran out",
+                )),
+            };
             match result {
                 Ok(etag) => {
                     self.etag = etag;

@@ -295,9 +295,10 @@ impl TenantActor {
         let bytes = read_copy(&self.path)?;
         let metadata = upload_metadata(self.lease.epoch(), seq, &self.ctx.machine_id);
         let started = std::time::Instant::now();
+        let key = keys::database(self.id.as_str());
         loop {
             let put = self.ctx.store.put(
-                &keys::database(self.id.as_str()),
+                &key,
                 bytes.clone(),
                 metadata.clone(),
                 Precondition::IfMatch(self.etag.clone()),
@@ -308,7 +309,7 @@ impl TenantActor {
             let result = match tokio::time::timeout_at(self.lease.deadline(), put).await {
                 Ok(result) => result,
                 Err(_) => Err(StoreError::transient(
-                    &keys::database(self.id.as_str()),
+                    &key,
                     "the store did not answer before the lease ran out",
                 )),
             };

@@ -187,6 +187,12 @@ impl Registry {
             return route;
         }
         if self.is_draining() {
+            // Our own actor may still be committing and releasing: wait for
+            // it, so that the lock names the next holder or none.
+            let ours = slot.state.lock().unwrap().handle.clone();
+            if let Some(handle) = ours {
+                let _ = tokio::time::timeout(Duration::from_secs(10), handle.ended()).await;
+            }
             return match self.read_lock_cached(&slot, true).await {
                 Ok(Seen::Held(record)) if record.holder != self.config.machine_id => {
                     Route::Holder(record)
@@ -298,6 +304,10 @@ impl Registry {
                     state.last_used = Some(Instant::now());
                     state.seen = None;
                     state.corrupt = None;
+                }
+                if self.is_draining() {
+                    // Acquired while shutdown began: hand it straight back.
+                    handle.stop();
                 }
                 let id = id.clone();
                 tokio::spawn(async move {

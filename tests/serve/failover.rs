@@ -327,7 +327,9 @@ async fn sigterm_of_the_holder_under_traffic_fails_no_request() {
     let failures = failures.lock().unwrap().clone();
     assert!(
         failures.is_empty(),
-        "requests failed during the handoff: {failures:?}"
+        "requests failed during the handoff: {failures:?}\n--- leaving:\n{}\n--- staying:\n{}",
+        leaving.logs(),
+        staying.logs()
     );
     let lock = setup.lock("100").unwrap();
     assert_eq!(lock["holder"], staying.id.as_str());

@@ -13,6 +13,15 @@ use crate::routing::holder_of;
 /// Acknowledged counts per client, in the order each client saw them.
 type History = Arc<Mutex<BTreeMap<usize, Vec<u64>>>>;
 
+/// What concurrent clients recorded: counts per client, the instants of
+/// every success, the failures, and the client tasks.
+type Traffic = (
+    History,
+    Arc<Mutex<Vec<Instant>>>,
+    Arc<Mutex<Vec<String>>>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
 /// Runs `clients` loops of increments until `stop`; returns their history
 /// and the instants of every success.
 fn traffic(
@@ -21,12 +30,7 @@ fn traffic(
     ids: Vec<String>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     keyed: bool,
-) -> (
-    History,
-    Arc<Mutex<Vec<Instant>>>,
-    Arc<Mutex<Vec<String>>>,
-    Vec<tokio::task::JoinHandle<()>>,
-) {
+) -> Traffic {
     let history: History = Arc::default();
     let successes: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let failures: Arc<Mutex<Vec<String>>> = Arc::default();

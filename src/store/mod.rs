@@ -115,6 +115,13 @@ pub enum StoreError {
     /// conditional put the write may or may not have happened.
     #[error("transient store error on key={key}: {message}")]
     Transient { key: String, message: String },
+    /// A conditional write whose response was lost, and the object has been
+    /// changed by someone else since: this write may or may not have landed
+    /// (and been overwritten). Never treat it as "not written".
+    #[error(
+        "outcome unknown for a write on key={key}: the response was lost and the object has changed since; the write may have landed"
+    )]
+    Ambiguous { key: String },
     /// Will not get better by retrying: credentials, missing bucket, bad
     /// configuration, or an object that breaks the store's own invariants.
     #[error("{message}")]
@@ -140,6 +147,7 @@ impl StoreError {
             StoreError::PreconditionFailed { .. } => "precondition",
             StoreError::Conflict { .. } => "conflict",
             StoreError::Transient { .. } => "transient",
+            StoreError::Ambiguous { .. } => "ambiguous",
             StoreError::Fatal { .. } => "fatal",
         }
     }

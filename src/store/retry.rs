@@ -5,8 +5,8 @@
 //! (the response was lost). This layer tags every write with a unique
 //! [`WRITE_ID_KEY`] in its metadata; after an ambiguous failure it reads the
 //! object's metadata back: if the tag is ours the write happened, if the
-//! condition still holds the write is retried, otherwise someone else wrote
-//! first and the caller gets `PreconditionFailed`.
+//! condition still holds the write is retried, otherwise the outcome is
+//! unknown (`Ambiguous`): someone else wrote since, possibly on top of ours.
 //!
 //! 409 Conflict means the condition was evaluated against a racing write and
 //! nothing was written, so it is retried as is. Retries are bounded in count
@@ -129,10 +129,13 @@ impl RetryingStore {
                             current.as_ref().map(|m| &m.etag) == Some(expected)
                         }
                     };
+                    // Not ours now, and the condition no longer holds: our
+                    // write may have landed and been overwritten since, so
+                    // this is not a plain precondition failure.
                     return if still_holds {
                         Ok(Resolution::Retry)
                     } else {
-                        Err(StoreError::PreconditionFailed {
+                        Err(StoreError::Ambiguous {
                             key: key.to_string(),
                         })
                     };

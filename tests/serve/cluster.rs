@@ -40,6 +40,9 @@ pub struct Setup {
     pub root: PathBuf,
     pub ttl: String,
     pub env: Vec<(String, String)>,
+    /// The S3 store the machines use, for reading objects back; `None` for
+    /// the file store (read straight from disk).
+    pub s3: Option<tenantd::store::DynStore>,
 }
 
 impl Setup {
@@ -49,6 +52,35 @@ impl Setup {
             root: dir.to_path_buf(),
             ttl: "1500ms".into(),
             env: vec![],
+            s3: None,
+        }
+    }
+
+    /// Machines on a fresh bucket of the moto S3 server.
+    pub async fn s3(dir: &Path) -> Setup {
+        let (store, bucket) = crate::support::s3_store().await;
+        Setup {
+            store: format!("s3://{bucket}"),
+            root: dir.to_path_buf(),
+            ttl: "1500ms".into(),
+            env: crate::support::s3_env(),
+            s3: Some(store),
+        }
+    }
+
+    /// The bytes of an object, from whichever store the machines use.
+    pub fn object(&self, key: &str) -> Option<Vec<u8>> {
+        match &self.s3 {
+            None => std::fs::read(self.root.join("store").join(key)).ok(),
+            Some(store) => {
+                let store = store.clone();
+                let key = key.to_string();
+                tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(async move {
+                        store.get(&key).await.unwrap().map(|o| o.body.to_vec())
+                    })
+                })
+            }
         }
     }
 
@@ -86,13 +118,7 @@ impl Setup {
     }
 
     pub fn lock(&self, customer: &str) -> Option<Value> {
-        let path = self
-            .root
-            .join("store/customer")
-            .join(customer)
-            .join("machine.lock");
-        std::fs::read(path)
-            .ok()
+        self.object(&format!("customer/{customer}/machine.lock"))
             .map(|b| serde_json::from_slice(&b).expect("lock is JSON"))
     }
 
@@ -104,9 +130,18 @@ impl Setup {
     }
 
     /// The count in the stored database, read with SQLite itself.
+    /// The count in the stored database, downloaded and read with SQLite.
     pub fn stored_count(&self, customer: &str) -> i64 {
+        let bytes = self
+            .object(&format!("customer/{customer}/db.sqlite3"))
+            .expect("db.sqlite3 exists");
+        let copy = self.root.join(format!(
+            "downloaded-{customer}-{}.sqlite3",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::write(&copy, bytes).unwrap();
         let conn = rusqlite::Connection::open_with_flags(
-            self.db_path(customer),
+            &copy,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )
         .unwrap();

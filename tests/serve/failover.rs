@@ -178,7 +178,18 @@ async fn sigkill_of_the_holder_under_traffic_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_holder_acknowledges_nothing_after_it_wakes() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::file_store(dir.path());
+    paused_holder(Setup::file_store(dir.path())).await;
+}
+
+/// Fencing against a real S3 server: the paused ex-holder's late upload is
+/// refused with 412 and the new holder's writes are intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_holder_is_fenced_off_on_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    paused_holder(Setup::s3(dir.path()).await).await;
+}
+
+async fn paused_holder(setup: Setup) {
     let a = setup.machine("a00000000000p1", Some("100"), &[]);
     let b = setup.machine("b00000000000p2", Some("100"), &[]);
     let holder = holder_of(&setup, "100").await;

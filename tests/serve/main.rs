@@ -6,3 +6,5 @@ mod cluster;
 mod failover;
 mod input;
 mod routing;
+#[path = "../support/mod.rs"]
+mod support;

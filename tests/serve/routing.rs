@@ -109,6 +109,12 @@ async fn two_machines_on_the_file_store_count_every_increment_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_machines_on_s3_count_every_increment_once() {
+    let dir = tempfile::tempdir().unwrap();
+    two_machines_share_one_tenant(Setup::s3(dir.path()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_for_another_tenant_is_replayed_to_its_holder_or_refused() {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::file_store(dir.path());

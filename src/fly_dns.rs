@@ -215,6 +215,14 @@ impl FlyDns {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::http::MachineFinder for FlyDns {
+    async fn machines_of(&self, id: &crate::TenantId) -> anyhow::Result<Vec<String>> {
+        self.machines_with_metadata("customer_id", id.as_str())
+            .await
+    }
+}
+
 /// One entry of `_instances.internal`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Instance {

@@ -20,9 +20,13 @@ pub mod config;
 pub mod dev;
 pub mod fly;
 pub mod fly_dns;
+pub mod http;
 pub mod lease;
+pub mod metrics;
+pub mod replay;
 pub mod server;
 pub mod store;
+pub mod tenant;
 pub mod tenant_id;
 
 pub use tenant_id::TenantId;

@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve tenants' databases (one tenant with CUSTOMER_ID, else pool mode).
-    Serve(tenantd::config::ServeArgs),
+    Serve(Box<tenantd::config::ServeArgs>),
     /// Run a local stand-in for a Fly app: machines, edge proxy, internal DNS.
     Dev(tenantd::dev::DevArgs),
     /// Run the chaos workload and check that no acknowledged write is lost.
@@ -33,7 +33,7 @@ fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => tenantd::server::main(args).await,
+            Command::Serve(args) => tenantd::server::main(*args).await,
             Command::Dev(args) => tenantd::dev::run(args).await,
             Command::Chaos(args) => tenantd::chaos::run(args).await,
             Command::Bench(args) => tenantd::bench::run(args).await,

@@ -24,6 +24,7 @@ use bytes::Bytes;
 pub mod conformance;
 pub mod fault;
 pub mod file;
+pub mod instrumented;
 pub mod memory;
 pub mod retry;
 pub mod s3;
@@ -31,6 +32,7 @@ pub mod url;
 
 pub use fault::{FaultConfig, FaultStore};
 pub use file::FileStore;
+pub use instrumented::InstrumentedStore;
 pub use memory::MemoryStore;
 pub use retry::RetryingStore;
 pub use s3::S3Store;

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use super::fault::FaultHandle;
 use super::retry::RetryPolicy;
 use super::{
-    DynStore, FaultConfig, FaultStore, FileStore, MemoryStore, RetryingStore, S3Store, StoreError,
+    DynStore, FaultConfig, FaultStore, FileStore, InstrumentedStore, MemoryStore, RetryingStore,
+    S3Store, StoreError,
 };
+use crate::metrics::Metrics;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreUrl {
@@ -72,12 +74,15 @@ fn valid_bucket(name: &str) -> bool {
 }
 
 /// Opens the store a URL names, layered as the service uses it:
-/// backend → fault layer (inert unless configured) → retrying layer.
-/// Returns the fault handle so that the caller can change faults at run time.
+/// backend → fault layer (inert unless configured) → metrics (when given)
+/// → retrying layer. Metrics sit under the retries so that they count the
+/// requests actually sent. Returns the fault handle so that the caller can
+/// change faults at run time.
 pub async fn open_store(
     url: &StoreUrl,
     faults: FaultConfig,
     policy: RetryPolicy,
+    metrics: Option<&Metrics>,
 ) -> Result<(DynStore, FaultHandle), StoreError> {
     let backend: DynStore = match url {
         StoreUrl::S3 { bucket, prefix } => Arc::new(S3Store::from_env(bucket, prefix).await?),
@@ -86,7 +91,11 @@ pub async fn open_store(
     };
     let fault = FaultStore::new(backend, faults);
     let handle = fault.handle();
-    let store: DynStore = Arc::new(RetryingStore::new(Arc::new(fault), policy));
+    let mut layered: DynStore = Arc::new(fault);
+    if let Some(metrics) = metrics {
+        layered = Arc::new(InstrumentedStore::new(layered, metrics.clone()));
+    }
+    let store: DynStore = Arc::new(RetryingStore::new(layered, policy));
     Ok((store, handle))
 }
 

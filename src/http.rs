@@ -1,0 +1,558 @@
+//! HTTP routes: the counter (HTML or JSON), `/healthz`, `/metrics`,
+//! `/_status`, and the token-guarded `/_admin` endpoints.
+//!
+//! A counter request is routed by the [`Registry`]: served here when this
+//! machine holds the tenant, otherwise handed to the holder with
+//! `fly-replay` (or proxied in forward mode). Every count in an answer is
+//! durable in the store before the answer leaves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::TenantId;
+use crate::config::ReplayMode;
+use crate::metrics::Metrics;
+use crate::replay::{self, ReplaySource, Target};
+use crate::store::FaultConfig;
+use crate::store::fault::FaultHandle;
+use crate::tenant::{Answer, Op, Registry, Route, TenantError};
+
+/// Finds started machines of a tenant (Fly's internal DNS).
+#[async_trait::async_trait]
+pub trait MachineFinder: Send + Sync {
+    async fn machines_of(&self, id: &TenantId) -> anyhow::Result<Vec<String>>;
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub metrics: Metrics,
+    pub machine_id: String,
+    pub replay_mode: ReplayMode,
+    pub finder: Option<Arc<dyn MachineFinder>>,
+    pub faults: FaultHandle,
+    pub admin_token: Option<String>,
+    pub client: reqwest::Client,
+}
+
+pub fn router(state: AppState, max_body: usize) -> Router {
+    Router::new()
+        .route("/customers/{id}", get(page))
+        .route("/customers/{id}/increment", post(increment))
+        .route("/customers/{id}/count", get(count))
+        .route("/customers/", any(empty_id))
+        .route("/customers/{id}/{*rest}", any(bad_path))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/_status", get(status))
+        .route("/_admin/faults", get(get_faults).put(put_faults))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Html,
+    Json,
+}
+
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"))
+}
+
+async fn page(
+    state: State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let format = if wants_json(&headers) {
+        Format::Json
+    } else {
+        Format::Html
+    };
+    counter(
+        state,
+        "page",
+        &id,
+        CounterOp::Increment,
+        format,
+        Forwardable {
+            method,
+            uri,
+            headers,
+            body,
+        },
+    )
+    .await
+}
+
+async fn increment(
+    state: State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    counter(
+        state,
+        "increment",
+        &id,
+        CounterOp::Increment,
+        Format::Json,
+        Forwardable {
+            method,
+            uri,
+            headers,
+            body,
+        },
+    )
+    .await
+}
+
+async fn count(
+    state: State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    counter(
+        state,
+        "count",
+        &id,
+        CounterOp::Read,
+        Format::Json,
+        Forwardable {
+            method,
+            uri,
+            headers,
+            body,
+        },
+    )
+    .await
+}
+
+async fn empty_id(State(state): State<AppState>) -> Response {
+    state
+        .metrics
+        .requests
+        .with_label_values(&["counter", "bad_request"])
+        .inc();
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid tenant id \"\": ids are 1-63 characters of A-Z, a-z, 0-9, '_' and '-', starting with a letter or digit",
+    )
+}
+
+async fn bad_path(
+    State(state): State<AppState>,
+    Path((id, _rest)): Path<(String, String)>,
+) -> Response {
+    state
+        .metrics
+        .requests
+        .with_label_values(&["counter", "bad_request"])
+        .inc();
+    match TenantId::parse(&id) {
+        Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Ok(_) => error(
+            StatusCode::NOT_FOUND,
+            "no such route: use /customers/<id>, /customers/<id>/increment or /customers/<id>/count",
+        ),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum CounterOp {
+    Increment,
+    Read,
+}
+
+/// The original request, kept to proxy it in forward mode.
+struct Forwardable {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+async fn counter(
+    State(state): State<AppState>,
+    route: &'static str,
+    id: &str,
+    op: CounterOp,
+    format: Format,
+    request: Forwardable,
+) -> Response {
+    let (response, outcome) = counter_inner(&state, id, op, format, request).await;
+    state
+        .metrics
+        .requests
+        .with_label_values(&[route, outcome])
+        .inc();
+    response
+}
+
+async fn counter_inner(
+    state: &AppState,
+    id: &str,
+    op: CounterOp,
+    format: Format,
+    request: Forwardable,
+) -> (Response, &'static str) {
+    let id = match TenantId::parse(id) {
+        Ok(id) => id,
+        Err(e) => {
+            return (
+                error(StatusCode::BAD_REQUEST, &e.to_string()),
+                "bad_request",
+            );
+        }
+    };
+    let op = match op {
+        CounterOp::Read => Op::Read,
+        CounterOp::Increment => match idempotency_key(&request.headers) {
+            Ok(idempotency_key) => Op::Increment { idempotency_key },
+            Err(message) => return (error(StatusCode::BAD_REQUEST, &message), "bad_request"),
+        },
+    };
+    let source = request
+        .headers
+        .get(replay::FLY_REPLAY_SRC)
+        .and_then(|v| v.to_str().ok())
+        .map(ReplaySource::parse);
+    let forwarded_hops = request
+        .headers
+        .get(replay::FORWARD_HOPS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok());
+    let hops = source
+        .as_ref()
+        .map(|s| s.hops)
+        .or(forwarded_hops)
+        .unwrap_or(0);
+    // A request handed to us by another machine means its view was stale
+    // or it is leaving: look at the lock itself, not at a cached copy.
+    let mut fresh = hops > 0;
+    for _ in 0..3 {
+        match state.registry.route(&id, fresh).await {
+            Route::Local(handle) => match handle.call(op.clone()).await {
+                Ok(answer) => {
+                    return (
+                        render(state, &id, answer, format),
+                        if answer.repeated {
+                            "repeated"
+                        } else {
+                            "served"
+                        },
+                    );
+                }
+                // Nothing was written: route again from the lock.
+                Err(TenantError::NotHolder) => fresh = true,
+                Err(TenantError::Unavailable(message)) => {
+                    return (
+                        error(StatusCode::SERVICE_UNAVAILABLE, &message),
+                        "unavailable",
+                    );
+                }
+                Err(TenantError::Corrupt(message)) => {
+                    return (
+                        error(StatusCode::INTERNAL_SERVER_ERROR, &message),
+                        "corrupt",
+                    );
+                }
+            },
+            Route::Holder(record) => {
+                if record.holder == state.machine_id {
+                    fresh = true;
+                    continue;
+                }
+                return handoff(
+                    state,
+                    Target::Instance(record.holder),
+                    Some(record.addr),
+                    hops,
+                    request,
+                )
+                .await;
+            }
+            Route::Elsewhere => {
+                return handoff(state, Target::Elsewhere, None, hops, request).await;
+            }
+            Route::Lookup { last_holder } => {
+                if let Some(finder) = &state.finder {
+                    match finder.machines_of(&id).await {
+                        Ok(machines) => {
+                            if let Some(machine) =
+                                machines.into_iter().find(|m| *m != state.machine_id)
+                            {
+                                return handoff(
+                                    state,
+                                    Target::Instance(machine),
+                                    None,
+                                    hops,
+                                    request,
+                                )
+                                .await;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(customer_id = %id, error = %e, "DNS lookup of the tenant's machines failed")
+                        }
+                    }
+                }
+                if let Some(record) = last_holder
+                    && record.holder != state.machine_id
+                {
+                    return handoff(
+                        state,
+                        Target::Instance(record.holder),
+                        Some(record.addr),
+                        hops,
+                        request,
+                    )
+                    .await;
+                }
+                let message = format!(
+                    "customer {id} is not served here and no machine of it is known (no lock object, no machine in DNS)"
+                );
+                return (error(StatusCode::NOT_FOUND, &message), "not_found");
+            }
+            Route::Unavailable(message) => {
+                return (
+                    error(StatusCode::SERVICE_UNAVAILABLE, &message),
+                    "unavailable",
+                );
+            }
+            Route::Corrupt(message) => {
+                return (
+                    error(StatusCode::INTERNAL_SERVER_ERROR, &message),
+                    "corrupt",
+                );
+            }
+        }
+    }
+    (
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("customer {id}: the holder changed several times while routing; retry"),
+        ),
+        "unavailable",
+    )
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| "Idempotency-Key must be visible ASCII".to_string())?;
+    if text.is_empty() || text.len() > 200 || !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("Idempotency-Key must be 1-200 visible ASCII characters".to_string());
+    }
+    Ok(Some(text.to_string()))
+}
+
+/// Hands a request to another machine: `fly-replay`, or a proxied request
+/// in forward mode. Bounded by [`replay::MAX_HOPS`].
+async fn handoff(
+    state: &AppState,
+    target: Target,
+    addr: Option<String>,
+    hops: u32,
+    request: Forwardable,
+) -> (Response, &'static str) {
+    if hops >= replay::MAX_HOPS {
+        let message = format!(
+            "request handed between machines {hops} times without reaching the tenant's holder; retry shortly"
+        );
+        return (error(StatusCode::SERVICE_UNAVAILABLE, &message), "loop");
+    }
+    match state.replay_mode {
+        ReplayMode::Fly => {
+            let value = replay::replay_header(&target, hops);
+            let mut response = (
+                StatusCode::TEMPORARY_REDIRECT,
+                format!("replaying to {value}\n"),
+            )
+                .into_response();
+            response.headers_mut().insert(
+                replay::FLY_REPLAY,
+                HeaderValue::from_str(&value).expect("ids are header-safe"),
+            );
+            (response, "replayed")
+        }
+        ReplayMode::Forward => {
+            let Some(addr) = addr else {
+                let message = "no holder address is known for this tenant yet; retry shortly";
+                return (
+                    error(StatusCode::SERVICE_UNAVAILABLE, message),
+                    "unavailable",
+                );
+            };
+            (forward(state, &addr, hops, request).await, "forwarded")
+        }
+    }
+}
+
+async fn forward(state: &AppState, addr: &str, hops: u32, request: Forwardable) -> Response {
+    let path = request
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let url = format!("http://{addr}{path}");
+    let mut builder = state
+        .client
+        .request(request.method.clone(), &url)
+        .body(request.body.clone());
+    for (name, value) in request.headers.iter() {
+        if name != header::HOST
+            && name != header::CONTENT_LENGTH
+            && name.as_str() != replay::FORWARD_HOPS
+        {
+            builder = builder.header(name, value);
+        }
+    }
+    builder = builder.header(replay::FORWARD_HOPS, (hops + 1).to_string());
+    match builder.timeout(Duration::from_secs(30)).send().await {
+        Ok(reply) => {
+            let status = reply.status();
+            let headers = reply.headers().clone();
+            let body = reply.bytes().await.unwrap_or_default();
+            let mut response = (status, body).into_response();
+            for name in [
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("x-tenantd-machine"),
+            ] {
+                if let Some(value) = headers.get(&name) {
+                    response.headers_mut().insert(name, value.clone());
+                }
+            }
+            response
+        }
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            &format!("could not forward the request to the holder at {addr}: {e}"),
+        ),
+    }
+}
+
+fn render(state: &AppState, id: &TenantId, answer: Answer, format: Format) -> Response {
+    let mut response = match format {
+        Format::Json => Json(json!({
+            "customer_id": id.as_str(),
+            "count": answer.count,
+            "machine_id": state.machine_id,
+            "epoch": answer.epoch,
+        }))
+        .into_response(),
+        Format::Html => Html(format!(
+            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Customer {id}</title></head>\n<body>\n<h1>Welcome, customer {id}!</h1>\n<p>This page has been visited <strong>{count}</strong> times.</p>\n<p><small>Served by machine {machine} (lease epoch {epoch}).</small></p>\n</body></html>\n",
+            count = answer.count,
+            machine = state.machine_id,
+            epoch = answer.epoch,
+        ))
+        .into_response(),
+    };
+    let headers = response.headers_mut();
+    headers.insert(
+        "x-tenantd-machine",
+        HeaderValue::from_str(&state.machine_id).expect("machine ids are header-safe"),
+    );
+    if answer.repeated {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    let config = state.registry.config();
+    Json(json!({
+        "machine_id": state.machine_id,
+        "customer_id": config.customer_id.as_ref().map(|c| c.as_str()),
+        "mode": if config.customer_id.is_some() { "single" } else { "pool" },
+        "draining": state.registry.is_draining(),
+        "lease_ttl_ms": config.lease_ttl.as_millis() as u64,
+        "tenants": state.registry.status(),
+    }))
+    .into_response()
+}
+
+/// `None` when allowed; otherwise the response to send. Without a
+/// configured token the admin endpoints do not exist.
+fn admin_denied(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &state.admin_token else {
+        return Some(error(
+            StatusCode::NOT_FOUND,
+            "admin endpoints are disabled: set TENANTD_ADMIN_TOKEN to enable them",
+        ));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if presented != Some(token.as_str()) {
+        return Some(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token: send Authorization: Bearer $TENANTD_ADMIN_TOKEN",
+        ));
+    }
+    None
+}
+
+async fn get_faults(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(denied) = admin_denied(&state, &headers) {
+        return denied;
+    }
+    Json(state.faults.get()).into_response()
+}
+
+async fn put_faults(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(denied) = admin_denied(&state, &headers) {
+        return denied;
+    }
+    match serde_json::from_slice::<FaultConfig>(&body) {
+        Ok(config) => {
+            tracing::warn!(
+                ?config,
+                "store fault injection changed through the admin API"
+            );
+            state.faults.set(config.clone());
+            Json(config).into_response()
+        }
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid fault configuration: {e}"),
+        ),
+    }
+}

@@ -1,0 +1,126 @@
+//! Prometheus metrics of one server, in its own registry (so that several
+//! servers in one test process do not share counters).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// HTTP requests by route and outcome (served, replayed, bad_request, ...).
+    pub requests: IntCounterVec,
+    /// Increments committed per upload.
+    pub batch_size: HistogramVec,
+    /// Seconds from the start of a database upload to its success.
+    pub upload_seconds: HistogramVec,
+    /// 1 when this machine holds the tenant's lease, else 0.
+    pub lease_holder: IntGaugeVec,
+    /// Epoch of the tenant's lease as last seen by this machine.
+    pub lease_epoch: IntGaugeVec,
+    /// Store requests by operation and outcome (as sent, after fault injection).
+    pub store_requests: IntCounterVec,
+    /// Store request latency by operation.
+    pub store_seconds: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tenantd_http_requests_total",
+                "HTTP requests by route and outcome",
+            ),
+            &["route", "outcome"],
+        )
+        .unwrap();
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new(
+                "tenantd_batch_size",
+                "Increments committed per database upload",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ]),
+            &[],
+        )
+        .unwrap();
+        let latency_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12,
+        ];
+        let upload_seconds = HistogramVec::new(
+            HistogramOpts::new("tenantd_upload_seconds", "Database upload latency")
+                .buckets(latency_buckets.clone()),
+            &[],
+        )
+        .unwrap();
+        let lease_holder = IntGaugeVec::new(
+            Opts::new(
+                "tenantd_lease_holder",
+                "1 when this machine holds the tenant's lease",
+            ),
+            &["customer_id"],
+        )
+        .unwrap();
+        let lease_epoch = IntGaugeVec::new(
+            Opts::new(
+                "tenantd_lease_epoch",
+                "Epoch of the tenant's lease as last seen here",
+            ),
+            &["customer_id"],
+        )
+        .unwrap();
+        let store_requests = IntCounterVec::new(
+            Opts::new(
+                "tenantd_store_requests_total",
+                "Object store requests by operation and outcome",
+            ),
+            &["op", "outcome"],
+        )
+        .unwrap();
+        let store_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tenantd_store_request_seconds",
+                "Object store request latency",
+            )
+            .buckets(latency_buckets),
+            &["op"],
+        )
+        .unwrap();
+        for c in [&requests, &store_requests] {
+            registry.register(Box::new(c.clone())).unwrap();
+        }
+        for h in [&batch_size, &upload_seconds, &store_seconds] {
+            registry.register(Box::new(h.clone())).unwrap();
+        }
+        for g in [&lease_holder, &lease_epoch] {
+            registry.register(Box::new(g.clone())).unwrap();
+        }
+        Metrics {
+            registry,
+            requests,
+            batch_size,
+            upload_seconds,
+            lease_holder,
+            lease_epoch,
+            store_requests,
+            store_seconds,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding of gathered metrics");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,90 @@
+//! Counts and times every store request by operation and outcome.
+
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{DynStore, ETag, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreResult};
+use crate::metrics::Metrics;
+
+#[derive(Debug)]
+pub struct InstrumentedStore {
+    inner: DynStore,
+    metrics: MetricsHandle,
+}
+
+/// `Metrics` holds prometheus types without `Debug`; this keeps the store
+/// printable.
+#[derive(Clone)]
+struct MetricsHandle(Metrics);
+
+impl std::fmt::Debug for MetricsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl InstrumentedStore {
+    pub fn new(inner: DynStore, metrics: Metrics) -> InstrumentedStore {
+        InstrumentedStore {
+            inner,
+            metrics: MetricsHandle(metrics),
+        }
+    }
+
+    fn record<T>(&self, op: &str, started: Instant, result: &StoreResult<T>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        };
+        let m = &self.metrics.0;
+        m.store_requests.with_label_values(&[op, outcome]).inc();
+        m.store_seconds
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+#[async_trait]
+impl ObjectStore for InstrumentedStore {
+    async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
+        let started = Instant::now();
+        let result = self.inner.get(key).await;
+        self.record("get", started, &result);
+        result
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        let started = Instant::now();
+        let result = self.inner.head(key).await;
+        self.record("head", started, &result);
+        result
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        let op = match condition {
+            Precondition::None => "put",
+            Precondition::IfAbsent => "put_if_absent",
+            Precondition::IfMatch(_) => "put_if_match",
+        };
+        let started = Instant::now();
+        let result = self.inner.put(key, body, metadata, condition).await;
+        self.record(op, started, &result);
+        result
+    }
+
+    async fn check(&self) -> StoreResult<()> {
+        self.inner.check().await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}

@@ -1,0 +1,498 @@
+//! The tenant actor: the only owner of one tenant's SQLite working copy.
+//!
+//! Requests arrive through a channel. The actor takes everything queued as
+//! one batch, applies it in one transaction, uploads the whole database with
+//! `If-Match: <etag it last wrote>`, and answers the batch only after that
+//! upload succeeded (group commit). While an upload is in flight the next
+//! batch queues up in the channel.
+//!
+//! Fencing: every upload is conditional on the ETag this actor last read or
+//! wrote, and every commit bumps `tenantd_meta.seq`, so the bytes (and the
+//! ETag) always change. A new holder claims the database by writing its
+//! epoch and uploading at once; from then on an older holder's upload fails
+//! with 412 and that holder steps down without acknowledging anything.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::db::{Corrupt, Db};
+use super::{Answer, Op, TenantError};
+use crate::TenantId;
+use crate::lease::Lease;
+use crate::metrics::Metrics;
+use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, keys};
+
+/// Most requests applied in one transaction; bounds a batch's latency.
+const MAX_BATCH: usize = 4096;
+
+struct Request {
+    op: Op,
+    reply: oneshot::Sender<Result<Answer, TenantError>>,
+}
+
+/// A cheap handle to a running actor.
+#[derive(Clone, Debug)]
+pub struct TenantHandle {
+    tx: mpsc::Sender<Request>,
+    epoch: u64,
+    stop: CancellationToken,
+    /// Cancelled when the actor has fully ended (lease released or lost).
+    done: CancellationToken,
+}
+
+impl TenantHandle {
+    pub async fn call(&self, op: Op) -> Result<Answer, TenantError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request { op, reply })
+            .await
+            .map_err(|_| TenantError::NotHolder)?;
+        // A dropped reply means the actor stepped down before it got to this
+        // request, which it does only when nothing of it was written.
+        rx.await.unwrap_or(Err(TenantError::NotHolder))
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// False once the actor has ended.
+    pub fn is_alive(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
+    /// Asks the actor to commit what it has, release the lease and end.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Resolves when the actor has ended: its last batch answered, its
+    /// lease released (or lost) and its working copy dropped.
+    pub async fn ended(&self) {
+        self.done.cancelled().await
+    }
+}
+
+/// Everything an actor needs besides its lease.
+#[derive(Clone)]
+pub struct ActorContext {
+    pub store: DynStore,
+    pub metrics: Metrics,
+    pub machine_id: String,
+    /// Folder for this machine's working copies.
+    pub data_dir: PathBuf,
+    /// Release the lease after this long without requests (pool mode).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Why an actor ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Stopped,
+    Idle,
+    LeaseLost,
+    Fenced,
+    StoreFailed,
+}
+
+pub struct TenantActor {
+    id: TenantId,
+    ctx: ActorContext,
+    lease: Lease,
+    db: Db,
+    path: PathBuf,
+    etag: ETag,
+    count: u64,
+    rx: mpsc::Receiver<Request>,
+    stop: CancellationToken,
+    done: CancellationToken,
+}
+
+impl TenantActor {
+    /// Takes over the tenant's database under `lease`: downloads it (or
+    /// imports the original app's copy, or starts empty), writes the new
+    /// epoch and uploads at once, then spawns the actor loop. Fails without
+    /// writing anything when the database object is not usable.
+    pub async fn start(
+        id: TenantId,
+        ctx: ActorContext,
+        lease: Lease,
+    ) -> Result<(TenantHandle, tokio::task::JoinHandle<Exit>), TenantError> {
+        let dir = ctx.data_dir.join(&ctx.machine_id);
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            TenantError::Unavailable(format!(
+                "cannot create the data folder {}: {e}; fix --data-dir / DATABASE_PATH",
+                dir.display()
+            ))
+        })?;
+        let path = dir.join(format!("{id}.sqlite3"));
+        let result = claim(&id, &ctx, &lease, &path).await;
+        let (db, etag, count) = match result {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                remove_copy(&path);
+                let _ = lease.release().await;
+                return Err(e);
+            }
+        };
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+        let stop = CancellationToken::new();
+        let done = CancellationToken::new();
+        let handle = TenantHandle {
+            tx,
+            epoch: lease.epoch(),
+            stop: stop.clone(),
+            done: done.clone(),
+        };
+        ctx.metrics
+            .lease_holder
+            .with_label_values(&[id.as_str()])
+            .set(1);
+        ctx.metrics
+            .lease_epoch
+            .with_label_values(&[id.as_str()])
+            .set(lease.epoch() as i64);
+        info!(customer_id = %id, epoch = lease.epoch(), count, "holding tenant");
+        let actor = TenantActor {
+            id,
+            ctx,
+            lease,
+            db,
+            path,
+            etag,
+            count,
+            rx,
+            stop,
+            done,
+        };
+        let task = tokio::spawn(actor.run());
+        Ok((handle, task))
+    }
+
+    async fn run(self) -> Exit {
+        let done = self.done.clone();
+        let exit = self.serve().await;
+        done.cancel();
+        exit
+    }
+
+    async fn serve(mut self) -> Exit {
+        let exit = loop {
+            let idle = async {
+                match self.ctx.idle_timeout {
+                    Some(t) => tokio::time::sleep(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let first = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break Exit::Stopped,
+                _ = self.lease.lost() => break Exit::LeaseLost,
+                request = self.rx.recv() => match request {
+                    Some(request) => request,
+                    None => break Exit::Stopped,
+                },
+                _ = idle => break Exit::Idle,
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            if let Err(exit) = self.process(batch).await {
+                break exit;
+            }
+        };
+        self.finish(exit).await
+    }
+
+    /// Commits and uploads one batch, then answers it. An `Err` means this
+    /// actor must end; the batch has been answered by then.
+    async fn process(&mut self, batch: Vec<Request>) -> Result<(), Exit> {
+        if !self.lease.is_valid() {
+            answer_all(batch, Err(TenantError::NotHolder));
+            return Err(Exit::LeaseLost);
+        }
+        let keys: Vec<Option<&str>> = batch
+            .iter()
+            .filter_map(|r| match &r.op {
+                Op::Increment { idempotency_key } => Some(idempotency_key.as_deref()),
+                Op::Read => None,
+            })
+            .collect();
+        if keys.is_empty() {
+            let answer = Answer {
+                count: self.count,
+                epoch: self.lease.epoch(),
+                repeated: false,
+            };
+            answer_all(batch, Ok(answer));
+            return Ok(());
+        }
+        let epoch = self.lease.epoch();
+        let (answers, committed) = match self.db.apply(epoch, &keys) {
+            Ok(applied) => applied,
+            Err(e) => {
+                let message = format!(
+                    "customer {}: SQLite error while applying a batch: {e}",
+                    self.id
+                );
+                warn!(customer_id = %self.id, error = %e, "batch failed");
+                answer_all(batch, Err(TenantError::Unavailable(message)));
+                return Err(Exit::StoreFailed);
+            }
+        };
+        let batch_len = keys.len();
+        drop(keys);
+        match self.upload(committed.seq).await {
+            Ok(()) => {}
+            Err(error) => {
+                let exit = if error.is_precondition() {
+                    Exit::Fenced
+                } else {
+                    Exit::StoreFailed
+                };
+                let answer = if error.is_precondition() {
+                    warn!(customer_id = %self.id, epoch, "upload fenced off (412): another machine took over; stepping down");
+                    Err(TenantError::NotHolder)
+                } else {
+                    warn!(customer_id = %self.id, epoch, error = %error, "upload failed; nothing of this batch was acknowledged; stepping down");
+                    Err(TenantError::Unavailable(format!(
+                        "customer {}: could not store the write ({error}); it was not acknowledged and may or may not be applied",
+                        self.id
+                    )))
+                };
+                answer_all(batch, answer);
+                return Err(exit);
+            }
+        }
+        self.count = committed.count;
+        self.ctx
+            .metrics
+            .batch_size
+            .with_label_values::<&str>(&[])
+            .observe(batch_len as f64);
+        let mut answers = answers.into_iter();
+        for request in batch {
+            let answer = match request.op {
+                Op::Increment { .. } => {
+                    let (count, repeated) = answers.next().expect("one answer per increment");
+                    Answer {
+                        count,
+                        epoch,
+                        repeated,
+                    }
+                }
+                Op::Read => Answer {
+                    count: committed.count,
+                    epoch,
+                    repeated: false,
+                },
+            };
+            let _ = request.reply.send(Ok(answer));
+        }
+        Ok(())
+    }
+
+    /// Uploads the working copy with `If-Match`, retrying transient errors
+    /// while the lease lasts. The retrying store has already resolved any
+    /// ambiguous outcome by reading back.
+    async fn upload(&mut self, seq: u64) -> Result<(), StoreError> {
+        let bytes = read_copy(&self.path)?;
+        let metadata = upload_metadata(self.lease.epoch(), seq, &self.ctx.machine_id);
+        let started = std::time::Instant::now();
+        let key = keys::database(self.id.as_str());
+        loop {
+            let put = self.ctx.store.put(
+                &key,
+                bytes.clone(),
+                metadata.clone(),
+                Precondition::IfMatch(self.etag.clone()),
+            );
+            // Past the lease's deadline another machine may be writing: give
+            // up (the write's fate is then unknown, and said so) rather than
+            // keep a request waiting on a store that does not answer.
+            let result = match tokio::time::timeout_at(self.lease.deadline(), put).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::transient(
+                    &key,
+                    "the store did not answer before the lease ran out",
+                )),
+            };
+            match result {
+                Ok(etag) => {
+                    self.etag = etag;
+                    self.ctx
+                        .metrics
+                        .upload_seconds
+                        .with_label_values::<&str>(&[])
+                        .observe(started.elapsed().as_secs_f64());
+                    return Ok(());
+                }
+                Err(e) if e.is_retryable() && self.lease.is_valid() => {
+                    warn!(customer_id = %self.id, error = %e, "upload failed; retrying within the lease");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Ends the actor: on a clean stop, commits what is queued and releases
+    /// the lease; in every case drops the working copy.
+    async fn finish(mut self, exit: Exit) -> Exit {
+        let mut exit = exit;
+        if matches!(exit, Exit::Stopped | Exit::Idle) {
+            self.rx.close();
+            let mut rest = Vec::new();
+            while let Ok(request) = self.rx.try_recv() {
+                rest.push(request);
+            }
+            if !rest.is_empty()
+                && let Err(e) = self.process(rest).await
+            {
+                exit = e;
+            }
+        }
+        self.rx.close();
+        while let Ok(request) = self.rx.try_recv() {
+            let _ = request.reply.send(Err(TenantError::NotHolder));
+        }
+        remove_copy(&self.path);
+        let id = self.id.clone();
+        self.ctx
+            .metrics
+            .lease_holder
+            .with_label_values(&[id.as_str()])
+            .set(0);
+        match exit {
+            Exit::Stopped | Exit::Idle => match self.lease.release().await {
+                Ok(()) => info!(customer_id = %id, ?exit, "released tenant"),
+                Err(e) => {
+                    warn!(customer_id = %id, error = %e, "could not release the lease; others take over once it is stale")
+                }
+            },
+            _ => {
+                warn!(customer_id = %id, ?exit, "stopped holding tenant; local copy dropped");
+            }
+        }
+        exit
+    }
+}
+
+fn answer_all(batch: Vec<Request>, result: Result<Answer, TenantError>) {
+    for request in batch {
+        let _ = request.reply.send(result.clone());
+    }
+}
+
+fn upload_metadata(epoch: u64, seq: u64, machine_id: &str) -> Metadata {
+    let mut metadata = Metadata::new();
+    metadata.insert("tenantd-epoch".into(), epoch.to_string());
+    metadata.insert("tenantd-seq".into(), seq.to_string());
+    metadata.insert("tenantd-holder".into(), machine_id.to_string());
+    metadata
+}
+
+fn read_copy(path: &std::path::Path) -> Result<Bytes, StoreError> {
+    std::fs::read(path)
+        .map(Bytes::from)
+        .map_err(|e| StoreError::Fatal {
+            message: format!("cannot read the working copy {}: {e}", path.display()),
+        })
+}
+
+fn remove_copy(path: &std::path::Path) {
+    for suffix in ["", "-journal", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+}
+
+/// Downloads the database, writes this holder's epoch and uploads it.
+/// Retried when a late upload of the previous holder slips in between.
+async fn claim(
+    id: &TenantId,
+    ctx: &ActorContext,
+    lease: &Lease,
+    path: &std::path::Path,
+) -> Result<(Db, ETag, u64), TenantError> {
+    let key = keys::database(id.as_str());
+    let unavailable = |e: StoreError| {
+        TenantError::Unavailable(format!(
+            "customer {id}: the store failed while taking over: {e}"
+        ))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if !lease.is_valid() || Instant::now() > deadline {
+            return Err(TenantError::NotHolder);
+        }
+        remove_copy(path);
+        let (condition, source) = match ctx.store.get(&key).await.map_err(unavailable)? {
+            Some(object) => {
+                write_copy(path, &object.body)?;
+                (Precondition::IfMatch(object.etag), key.clone())
+            }
+            None => {
+                let legacy = keys::legacy_database(id.as_str());
+                match ctx.store.get(&legacy).await.map_err(unavailable)? {
+                    Some(object) => {
+                        info!(customer_id = %id, legacy_key = %legacy, "importing the original app's database");
+                        write_copy(path, &object.body)?;
+                        (Precondition::IfAbsent, legacy)
+                    }
+                    None => (Precondition::IfAbsent, key.clone()),
+                }
+            }
+        };
+        let mut db = Db::open(path).map_err(|Corrupt(reason)| corrupt(id, &source, &reason))?;
+        let previous = db
+            .epoch()
+            .map_err(|e| corrupt(id, &source, &e.to_string()))?;
+        if previous >= lease.epoch() {
+            // Only possible if the lock object was deleted or reset by hand:
+            // the ETag chain still fences writers, so carry on, but say so.
+            warn!(customer_id = %id, previous, epoch = lease.epoch(), "database was written under a newer epoch than this lease's: was machine.lock deleted? epochs restart");
+        }
+        let committed = db
+            .claim(lease.epoch())
+            .map_err(|e| corrupt(id, &source, &e.to_string()))?;
+        let bytes = read_copy(path).map_err(unavailable)?;
+        let metadata = upload_metadata(lease.epoch(), committed.seq, &ctx.machine_id);
+        match ctx.store.put(&key, bytes, metadata, condition).await {
+            Ok(etag) => return Ok((db, etag, committed.count)),
+            Err(e) if e.is_precondition() => {
+                // The previous holder's last upload landed after our read; its
+                // writes are durable, so read again and claim on top of them.
+                warn!(customer_id = %id, "database changed while taking over; reading it again");
+                continue;
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+    }
+}
+
+fn corrupt(id: &TenantId, key: &str, reason: &str) -> TenantError {
+    TenantError::Corrupt(format!(
+        "customer {id}: the database object {key} is unusable ({reason}); tenantd will not overwrite it: restore a good copy of that object, or delete it to start the tenant over"
+    ))
+}
+
+fn write_copy(path: &std::path::Path, bytes: &[u8]) -> Result<(), TenantError> {
+    std::fs::write(path, bytes).map_err(|e| {
+        TenantError::Unavailable(format!(
+            "cannot write the working copy {}: {e}",
+            path.display()
+        ))
+    })
+}

@@ -1,0 +1,43 @@
+//! Tenants held by this machine: one actor per held tenant owns its SQLite
+//! working copy and is the only writer of its database object, and the
+//! registry decides which tenants this machine holds.
+
+pub mod actor;
+pub mod db;
+pub mod registry;
+
+pub use actor::TenantHandle;
+pub use registry::{Registry, RegistryConfig, Route};
+
+/// What a request asks of a tenant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Add one to the counter; with a key, at most once per key.
+    Increment { idempotency_key: Option<String> },
+    /// Read the durable count.
+    Read,
+}
+
+/// A durable answer: given only after the state it reports is in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub count: u64,
+    pub epoch: u64,
+    /// True when an idempotency key was seen before and this is its first answer.
+    pub repeated: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TenantError {
+    /// This machine does not (or no longer) write this tenant, and nothing of
+    /// this request was written: safe to hand to the holder.
+    #[error("this machine is not the tenant's writer")]
+    NotHolder,
+    /// The store could not be reached in time; the request may or may not
+    /// have been applied, so it must not be replayed blindly.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The tenant's database object is unusable; it is left untouched.
+    #[error("{0}")]
+    Corrupt(String),
+}

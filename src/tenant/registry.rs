@@ -1,0 +1,495 @@
+//! Which tenants this machine holds, and how a request for a tenant is
+//! routed: to the local actor, to the holder named by the lock, or into a
+//! takeover when there is no live holder.
+//!
+//! Invariants:
+//! - At most one actor per tenant on this machine; acquisition of a tenant
+//!   is serialised by the tenant's slot mutex.
+//! - An actor exists only while its lease does; it drops its working copy
+//!   when it ends.
+//! - A tenant this machine is not configured for is never acquired (no
+//!   database is ever created for a tenant that has no machine).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::actor::{ActorContext, TenantActor};
+use super::{TenantError, TenantHandle};
+use crate::TenantId;
+use crate::lease::{Acquire, Contender, LeaseConfig, LockRecord, LockState, read_lock};
+use crate::store::{DynStore, keys};
+
+/// Where a request for a tenant goes.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// This machine holds the tenant.
+    Local(TenantHandle),
+    /// Another machine holds it (or held it last, if released).
+    Holder(LockRecord),
+    /// No holder is known; any other machine of the tenant may take it.
+    Elsewhere,
+    /// A tenant this machine does not serve, with no live holder in its
+    /// lock: find one of its machines through DNS, else the last holder.
+    Lookup {
+        last_holder: Option<LockRecord>,
+    },
+    Unavailable(String),
+    Corrupt(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    pub machine_id: String,
+    pub advertise: String,
+    pub lease_ttl: Duration,
+    /// `Some(id)`: this machine serves that one tenant; `None`: pool mode.
+    pub customer_id: Option<TenantId>,
+    pub max_tenants: usize,
+    /// How long a lock read is reused for routing decisions.
+    pub lock_cache_ttl: Duration,
+}
+
+/// One tenant as seen from this machine.
+struct Slot {
+    lock_key: String,
+    /// Serialises acquisition; holds the contender's observation memory.
+    contender: tokio::sync::Mutex<Contender>,
+    state: Mutex<SlotState>,
+}
+
+/// A lock as last seen, without its ETag (routing does not need it).
+#[derive(Clone, Debug)]
+enum Seen {
+    Absent,
+    Held(LockRecord),
+    Released(LockRecord),
+    Unparsable,
+}
+
+impl From<LockState> for Seen {
+    fn from(state: LockState) -> Seen {
+        match state {
+            LockState::Absent => Seen::Absent,
+            LockState::Held { record, .. } => Seen::Held(record),
+            LockState::Released { record, .. } => Seen::Released(record),
+            LockState::Unparsable { .. } => Seen::Unparsable,
+        }
+    }
+}
+
+#[derive(Default)]
+struct SlotState {
+    handle: Option<TenantHandle>,
+    last_used: Option<Instant>,
+    /// Last lock read (for routing without a store round trip).
+    seen: Option<(Instant, Seen)>,
+    /// A database that failed to open, with when we saw it (answered fast).
+    corrupt: Option<(Instant, String)>,
+}
+
+/// Status of one tenant, for `/_status`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TenantStatus {
+    pub customer_id: String,
+    pub role: &'static str,
+    pub epoch: u64,
+    pub holder: Option<String>,
+}
+
+pub struct Registry {
+    config: RegistryConfig,
+    actor: ActorContext,
+    store: DynStore,
+    slots: Mutex<HashMap<TenantId, Arc<Slot>>>,
+    draining: CancellationToken,
+}
+
+impl Registry {
+    pub fn new(config: RegistryConfig, actor: ActorContext) -> Arc<Registry> {
+        Arc::new(Registry {
+            store: actor.store.clone(),
+            config,
+            actor,
+            slots: Mutex::new(HashMap::new()),
+            draining: CancellationToken::new(),
+        })
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    /// May this machine hold `id`?
+    pub fn serves(&self, id: &TenantId) -> bool {
+        self.config.customer_id.as_ref().is_none_or(|own| own == id)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    fn lease_config(&self) -> LeaseConfig {
+        LeaseConfig::new(
+            self.config.machine_id.clone(),
+            self.config.advertise.clone(),
+            self.config.lease_ttl,
+        )
+    }
+
+    fn slot(&self, id: &TenantId) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap();
+        slots
+            .entry(id.clone())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    lock_key: keys::lock(id.as_str()),
+                    contender: tokio::sync::Mutex::new(Contender::new(
+                        self.store.clone(),
+                        keys::lock(id.as_str()),
+                        self.lease_config(),
+                    )),
+                    state: Mutex::new(SlotState::default()),
+                })
+            })
+            .clone()
+    }
+
+    fn live_handle(slot: &Slot) -> Option<TenantHandle> {
+        let mut state = slot.state.lock().unwrap();
+        match state.handle.clone() {
+            Some(h) if h.is_alive() => {
+                state.last_used = Some(Instant::now());
+                Some(h)
+            }
+            _ => {
+                state.handle = None;
+                None
+            }
+        }
+    }
+
+    /// Routes a request for `id`. `fresh` skips cached lock reads (the
+    /// sender's view was stale).
+    pub async fn route(self: &Arc<Self>, id: &TenantId, fresh: bool) -> Route {
+        if !self.serves(id) {
+            return self.route_other(id, fresh).await;
+        }
+        let slot = self.slot(id);
+        if let Some(handle) = Self::live_handle(&slot) {
+            return Route::Local(handle);
+        }
+        if let Some(route) = self.cached_route(&slot, fresh) {
+            return route;
+        }
+        if self.is_draining() {
+            // Our own actor may still be committing and releasing: wait for
+            // it, so that the lock names the next holder or none.
+            let ours = slot.state.lock().unwrap().handle.clone();
+            if let Some(handle) = ours {
+                let _ = tokio::time::timeout(Duration::from_secs(10), handle.ended()).await;
+            }
+            return match self.read_lock_cached(&slot, true).await {
+                Ok(Seen::Held(record)) if record.holder != self.config.machine_id => {
+                    Route::Holder(record)
+                }
+                Ok(_) => Route::Elsewhere,
+                Err(e) => Route::Unavailable(e),
+            };
+        }
+        let mut contender = slot.contender.lock().await;
+        // Someone may have acquired while we waited for the mutex.
+        if let Some(handle) = Self::live_handle(&slot) {
+            return Route::Local(handle);
+        }
+        if let Some(route) = self.cached_route(&slot, fresh) {
+            return route;
+        }
+        // A holder that looks dead by its own timestamps is probably gone:
+        // hold the request for up to one ttl while the stale rule runs out,
+        // rather than sending it to a machine that will not answer.
+        let patience = Instant::now() + self.config.lease_ttl + Duration::from_millis(500);
+        loop {
+            match contender.try_acquire().await {
+                Ok(Acquire::Acquired(lease)) => {
+                    drop(contender);
+                    return self.start_actor(id, &slot, lease).await;
+                }
+                Ok(Acquire::HeldBy { record, stale_in }) => {
+                    let own_stale_record = record.holder == self.config.machine_id;
+                    let looks_dead = own_stale_record || !self.looks_live(&record);
+                    if looks_dead && Instant::now() + stale_in <= patience {
+                        tokio::time::sleep(stale_in.max(Duration::from_millis(50))).await;
+                        continue;
+                    }
+                    slot.state.lock().unwrap().seen =
+                        Some((Instant::now(), Seen::Held(record.clone())));
+                    if own_stale_record {
+                        return Route::Unavailable(format!(
+                            "customer {id}: the lock still names this machine from before a restart; it can be taken over in {stale_in:?}"
+                        ));
+                    }
+                    return Route::Holder(record);
+                }
+                Ok(Acquire::Unknown { stale_in }) => {
+                    if Instant::now() + stale_in <= patience {
+                        tokio::time::sleep(stale_in.max(Duration::from_millis(50))).await;
+                        continue;
+                    }
+                    return Route::Unavailable(format!(
+                        "customer {id}: the lock object {} cannot be parsed; it is treated as held and can be taken over in {stale_in:?}",
+                        keys::lock(id.as_str())
+                    ));
+                }
+                Err(e) => {
+                    return Route::Unavailable(format!("customer {id}: cannot read the lock: {e}"));
+                }
+            }
+        }
+    }
+
+    /// A lock written recently by its holder's clock, and not released.
+    fn looks_live(&self, record: &LockRecord) -> bool {
+        if record.released {
+            return false;
+        }
+        let age = chrono::Utc::now().signed_duration_since(record.renewed_at);
+        age.to_std()
+            .map(|age| age < Duration::from_millis(record.ttl_ms))
+            .unwrap_or(true)
+    }
+
+    fn cached_route(&self, slot: &Slot, fresh: bool) -> Option<Route> {
+        let state = slot.state.lock().unwrap();
+        if let Some((at, reason)) = &state.corrupt
+            && at.elapsed() < Duration::from_secs(5)
+        {
+            return Some(Route::Corrupt(reason.clone()));
+        }
+        if fresh {
+            return None;
+        }
+        match &state.seen {
+            Some((at, Seen::Held(record)))
+                if at.elapsed() < self.config.lock_cache_ttl
+                    && record.holder != self.config.machine_id
+                    && self.looks_live(record) =>
+            {
+                Some(Route::Holder(record.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    async fn start_actor(
+        self: &Arc<Self>,
+        id: &TenantId,
+        slot: &Arc<Slot>,
+        lease: crate::lease::Lease,
+    ) -> Route {
+        self.make_room(id);
+        let mut ctx = self.actor.clone();
+        if self.config.customer_id.is_some() {
+            ctx.idle_timeout = None;
+        }
+        match TenantActor::start(id.clone(), ctx, lease).await {
+            Ok((handle, task)) => {
+                {
+                    let mut state = slot.state.lock().unwrap();
+                    state.handle = Some(handle.clone());
+                    state.last_used = Some(Instant::now());
+                    state.seen = None;
+                    state.corrupt = None;
+                }
+                if self.is_draining() {
+                    // Acquired while shutdown began: hand it straight back.
+                    handle.stop();
+                }
+                let id = id.clone();
+                tokio::spawn(async move {
+                    if let Ok(exit) = task.await {
+                        debug!(customer_id = %id, ?exit, "tenant actor ended");
+                    }
+                });
+                Route::Local(handle)
+            }
+            Err(TenantError::Corrupt(reason)) => {
+                warn!(customer_id = %id, %reason, "tenant database unusable");
+                slot.state.lock().unwrap().corrupt = Some((Instant::now(), reason.clone()));
+                Route::Corrupt(reason)
+            }
+            Err(TenantError::NotHolder) => Route::Elsewhere,
+            Err(TenantError::Unavailable(reason)) => Route::Unavailable(reason),
+        }
+    }
+
+    /// Pool mode: release the least recently used tenant when full.
+    fn make_room(&self, incoming: &TenantId) {
+        let slots = self.slots.lock().unwrap();
+        let mut held: Vec<(Instant, TenantHandle, TenantId)> = slots
+            .iter()
+            .filter(|(id, _)| *id != incoming)
+            .filter_map(|(id, slot)| {
+                let state = slot.state.lock().unwrap();
+                match &state.handle {
+                    Some(h) if h.is_alive() => Some((
+                        state.last_used.unwrap_or_else(Instant::now),
+                        h.clone(),
+                        id.clone(),
+                    )),
+                    _ => None,
+                }
+            })
+            .collect();
+        if held.len() < self.config.max_tenants {
+            return;
+        }
+        held.sort_by_key(|(at, _, _)| *at);
+        for (_, handle, id) in held.iter().take(held.len() + 1 - self.config.max_tenants) {
+            info!(customer_id = %id, "releasing least recently used tenant to make room");
+            handle.stop();
+        }
+    }
+
+    /// A tenant this machine does not serve: find its holder, never acquire.
+    async fn route_other(&self, id: &TenantId, fresh: bool) -> Route {
+        let slot = self.slot(id);
+        match self.read_lock_cached(&slot, fresh).await {
+            Ok(Seen::Held(record)) if self.looks_live(&record) => Route::Holder(record),
+            // Released, stale-looking or unknown holder: the router asks DNS
+            // for a started machine of the tenant, and falls back to the
+            // last holder (Fly Proxy starts a stopped machine it names).
+            Ok(Seen::Held(record)) | Ok(Seen::Released(record)) => Route::Lookup {
+                last_holder: Some(record),
+            },
+            Ok(Seen::Absent) | Ok(Seen::Unparsable) => Route::Lookup { last_holder: None },
+            Err(e) => Route::Unavailable(e),
+        }
+    }
+
+    async fn read_lock_cached(&self, slot: &Slot, fresh: bool) -> Result<Seen, String> {
+        if !fresh
+            && let Some((at, seen)) = &slot.state.lock().unwrap().seen
+            && at.elapsed() < self.config.lock_cache_ttl
+        {
+            return Ok(seen.clone());
+        }
+        let seen = Seen::from(
+            read_lock(&self.store, &slot.lock_key)
+                .await
+                .map_err(|e| format!("cannot read {}: {e}", slot.lock_key))?,
+        );
+        slot.state.lock().unwrap().seen = Some((Instant::now(), seen.clone()));
+        Ok(seen)
+    }
+
+    /// Single-tenant mode: keep watching the tenant's lock and take it over
+    /// as soon as it is absent, released or stale, so that a dead holder is
+    /// replaced without waiting for a request.
+    pub async fn standby(self: Arc<Self>, id: TenantId) {
+        let interval = (self.config.lease_ttl / 3).max(Duration::from_millis(50));
+        loop {
+            if self.is_draining() {
+                return;
+            }
+            let slot = self.slot(&id);
+            if let Some(handle) = Self::live_handle(&slot) {
+                tokio::select! {
+                    _ = handle.ended() => {}
+                    _ = self.draining.cancelled() => return,
+                }
+                continue;
+            }
+            let route = {
+                let mut contender = slot.contender.lock().await;
+                if self.is_draining() {
+                    return;
+                }
+                match contender.try_acquire().await {
+                    Ok(Acquire::Acquired(lease)) => {
+                        drop(contender);
+                        Some(self.start_actor(&id, &slot, lease).await)
+                    }
+                    Ok(Acquire::HeldBy { record, .. }) => {
+                        slot.state.lock().unwrap().seen =
+                            Some((Instant::now(), Seen::Held(record)));
+                        None
+                    }
+                    Ok(Acquire::Unknown { .. }) => None,
+                    Err(e) => {
+                        warn!(customer_id = %id, error = %e, "standby cannot read the lock");
+                        None
+                    }
+                }
+            };
+            if let Some(Route::Corrupt(_)) = route {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.draining.cancelled() => return,
+            }
+        }
+    }
+
+    /// Graceful shutdown: stop taking tenants, let every actor commit what
+    /// it has and release its lease. Returns when all have ended.
+    pub async fn drain(&self) {
+        self.draining.cancel();
+        let handles: Vec<TenantHandle> = {
+            let slots = self.slots.lock().unwrap();
+            slots
+                .values()
+                .filter_map(|slot| slot.state.lock().unwrap().handle.clone())
+                .collect()
+        };
+        for handle in &handles {
+            handle.stop();
+        }
+        for handle in &handles {
+            handle.ended().await;
+        }
+    }
+
+    pub fn status(&self) -> Vec<TenantStatus> {
+        let slots = self.slots.lock().unwrap();
+        let mut out: Vec<TenantStatus> = slots
+            .iter()
+            .map(|(id, slot)| {
+                let state = slot.state.lock().unwrap();
+                match (&state.handle, &state.seen) {
+                    (Some(h), _) if h.is_alive() => TenantStatus {
+                        customer_id: id.to_string(),
+                        role: "holder",
+                        epoch: h.epoch(),
+                        holder: Some(self.config.machine_id.clone()),
+                    },
+                    (_, Some((_, Seen::Held(record)))) => TenantStatus {
+                        customer_id: id.to_string(),
+                        role: "follower",
+                        epoch: record.epoch,
+                        holder: Some(record.holder.clone()),
+                    },
+                    (_, Some((_, Seen::Released(record)))) => TenantStatus {
+                        customer_id: id.to_string(),
+                        role: "idle",
+                        epoch: record.epoch,
+                        holder: None,
+                    },
+                    _ => TenantStatus {
+                        customer_id: id.to_string(),
+                        role: "idle",
+                        epoch: 0,
+                        holder: None,
+                    },
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+        out
+    }
+}

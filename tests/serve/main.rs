@@ -1,0 +1,8 @@
+//! End-to-end tests of `tenantd serve`: real processes of the built binary,
+//! real signals, real sockets on 127.0.0.1, the file store (and moto for
+//! the S3 path).
+
+mod cluster;
+mod failover;
+mod input;
+mod routing;

@@ -14,6 +14,9 @@
 //!   a machine that is restarting waits for it up to `replay_timeout`, then
 //!   the client gets 502/503 with a clear body.
 //!
+//! A client may name the first machine with Fly's `fly-force-instance-id`
+//! or `fly-prefer-instance-id` request headers.
+//!
 //! Responses carry `x-tenantd-edge-hops` (replays followed) and
 //! `fly-machine-id` (the machine that answered).
 
@@ -177,7 +180,14 @@ impl Edge {
         let mut chain: Vec<String> = Vec::new();
         let mut exclude: Vec<String> = Vec::new();
         // None: load balance; Some(id): the machine a replay named.
-        let mut target: Option<(String, bool)> = None;
+        // Fly's request headers that pick the first machine: forced (no
+        // fallback) or preferred (any machine if that one is unavailable).
+        let mut target: Option<(String, bool)> =
+            header_str(&parts.headers, "fly-force-instance-id")
+                .map(|id| (id, false))
+                .or_else(|| {
+                    header_str(&parts.headers, "fly-prefer-instance-id").map(|id| (id, true))
+                });
         let mut replay_src: Option<String> = None;
         let mut connect_failures = 0usize;
         loop {
@@ -339,6 +349,14 @@ fn respond(status: StatusCode, headers: HeaderMap, body: Bytes, id: &str, hops: 
     resp.headers_mut()
         .insert(HeaderName::from_static("fly-machine-id"), hv(id));
     resp
+}
+
+fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
 }
 
 fn hv(s: &str) -> HeaderValue {

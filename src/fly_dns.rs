@@ -135,7 +135,9 @@ impl FlyDns {
     /// Every started machine of the organisation from `_instances.internal`.
     pub async fn instances(&self) -> anyhow::Result<Vec<Instance>> {
         let resolver = self.resolver()?;
-        let lookup = match resolver.txt_lookup("_instances.internal.").await {
+        // from_ascii: the IDNA parsing of `&str` names rejects `_` labels.
+        let name = Name::from_ascii("_instances.internal.")?;
+        let lookup = match resolver.txt_lookup(name).await {
             Ok(lookup) => lookup,
             Err(e) if e.is_no_records_found() || e.is_nx_domain() => return Ok(Vec::new()),
             Err(e) => return Err(e).context("TXT _instances.internal"),
@@ -157,7 +159,7 @@ impl FlyDns {
     async fn lookup_metadata(&self, key: &str, value: &str) -> anyhow::Result<Vec<String>> {
         let resolver = self.resolver()?;
         let name = format!("{value}.{key}.kv._metadata.{}.internal.", self.inner.app);
-        let lookup = match resolver.ipv6_lookup(name.as_str()).await {
+        let lookup = match resolver.ipv6_lookup(Name::from_ascii(&name)?).await {
             Ok(lookup) => lookup,
             Err(e) if e.is_no_records_found() || e.is_nx_domain() => return Ok(Vec::new()),
             Err(e) => return Err(e).with_context(|| format!("AAAA {name}")),

@@ -266,3 +266,59 @@ fn txt_or_empty(name: Name, rtype: RecordType, strings: Vec<String>) -> Vec<Reco
 pub fn mapped(ip: std::net::Ipv4Addr) -> Ipv6Addr {
     ip.to_ipv6_mapped()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fly_dns::FlyDns;
+
+    fn machine(id: &str, last: u8, customer: &str) -> DnsMachine {
+        DnsMachine {
+            id: id.into(),
+            ip: mapped(std::net::Ipv4Addr::new(127, 0, 0, last)),
+            metadata: vec![("customer_id".into(), customer.into())],
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_metadata_ptr_and_instances() {
+        let table: DnsTable = Arc::new(RwLock::new(vec![
+            machine("aaaaaaaaaaaaa1", 2, "100"),
+            machine("bbbbbbbbbbbbb2", 3, "100"),
+            machine("ccccccccccccc3", 4, "200"),
+        ]));
+        let server = DnsServer::start("127.0.0.1:0".parse().unwrap(), "app", table.clone())
+            .await
+            .unwrap();
+        let dns = FlyDns::new("app", Some(server.addr()));
+        assert_eq!(
+            dns.machines_with_metadata("customer_id", "100")
+                .await
+                .unwrap(),
+            vec!["aaaaaaaaaaaaa1", "bbbbbbbbbbbbb2"]
+        );
+        assert_eq!(
+            dns.machines_with_metadata("customer_id", "200")
+                .await
+                .unwrap(),
+            vec!["ccccccccccccc3"]
+        );
+        assert!(
+            dns.machines_with_metadata("customer_id", "300")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(dns.instances().await.unwrap().len(), 3);
+        table.write().unwrap().clear();
+        let fresh = FlyDns::new("app", Some(server.addr()));
+        assert!(
+            fresh
+                .machines_with_metadata("customer_id", "100")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        server.stop().await;
+    }
+}

@@ -65,6 +65,8 @@ pub struct DevConfig {
     /// Extra env for every machine (e.g. `TENANTD_FAULTS`, `RUST_LOG`).
     pub extra_env: Vec<(String, String)>,
     pub log_sink: LogSink,
+    /// Let machines colour their log lines (only when stdout is a terminal).
+    pub color_logs: bool,
     /// Most `fly-replay` hops the edge follows for one request.
     pub max_hops: usize,
     /// Grace between SIGTERM and SIGKILL (Fly's `kill_timeout`).
@@ -98,6 +100,7 @@ impl DevConfig {
             machine_port: None,
             extra_env: Vec::new(),
             log_sink: LogSink::Stdout,
+            color_logs: false,
             max_hops: 5,
             kill_timeout: Duration::from_secs(5),
             replay_timeout: Duration::from_secs(10),
@@ -593,6 +596,7 @@ async fn run_cluster(args: RunArgs) -> anyhow::Result<()> {
     cfg.ip_base = args.ip_base;
     cfg.machine_port = args.machine_port;
     cfg.max_hops = args.max_hops;
+    cfg.color_logs = std::io::IsTerminal::is_terminal(&std::io::stdout());
 
     let cluster = Cluster::start(cfg).await?;
     print!("{}", banner(&cluster));

@@ -635,6 +635,8 @@ impl Supervisor {
 
     /// SIGKILL to every live child, synchronously (the last resort of Drop).
     pub fn kill_all(&self) {
+        // No restarts from here on.
+        self.shutdown.cancel();
         let inner = self.inner.lock().unwrap();
         for m in inner.machines.values() {
             if let Some(pid) = m.pid {
@@ -782,6 +784,10 @@ impl Supervisor {
             Some(c) => cmd.env("CUSTOMER_ID", c),
             None => cmd.env_remove("CUSTOMER_ID"),
         };
+        if !cfg.color_logs {
+            // Escape codes would only clutter the multiplexed, prefixed log.
+            cmd.env("NO_COLOR", "1");
+        }
         for (k, v) in &cfg.extra_env {
             cmd.env(k, v);
         }

@@ -403,7 +403,7 @@ pub struct DevArgs {
     #[command(subcommand)]
     pub command: Option<DevCommand>,
     #[command(flatten)]
-    pub run: RunArgs,
+    pub run: Box<RunArgs>,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -483,6 +483,7 @@ pub struct AdminArg {
 pub enum DevCommand {
     /// List machines: id, customer, state, address, lock holder, epoch.
     Ls {
+        /// Print JSON (one object per machine) instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -530,7 +531,7 @@ pub enum DevCommand {
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     match args.command {
         Some(command) => run_client(command).await,
-        None => run_cluster(args.run).await,
+        None => run_cluster(*args.run).await,
     }
 }
 

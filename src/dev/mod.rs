@@ -192,9 +192,10 @@ impl Cluster {
             TenantId::parse(c)?;
         }
         let cwd = std::env::current_dir()?;
-        cfg.data_dir = cwd.join(&cfg.data_dir);
+        // components() drops the `.` of `./data`, for readable paths in logs.
+        cfg.data_dir = cwd.join(&cfg.data_dir).components().collect();
         if let StoreUrl::File(path) = &cfg.store {
-            let abs = cwd.join(path);
+            let abs: PathBuf = cwd.join(path).components().collect();
             std::fs::create_dir_all(&abs)
                 .with_context(|| format!("creating the file store {}", abs.display()))?;
             cfg.store = StoreUrl::File(abs);
@@ -566,11 +567,15 @@ async fn run_client(command: DevCommand) -> anyhow::Result<()> {
 }
 
 async fn action(admin: &AdminArg, id: &str, what: &str) -> anyhow::Result<()> {
-    let machine = admin::Client::new(&admin.admin).action(id, what).await?;
-    match machine {
-        Some(m) => println!("{what}: machine {} is {:?}", m.id, m.state),
-        None => println!("{what}: machine {id} is gone"),
-    }
+    admin::Client::new(&admin.admin).action(id, what).await?;
+    let done = match what {
+        "kill" => "sent SIGKILL; it restarts after the restart delay",
+        "pause" => "sent SIGSTOP",
+        "resume" => "sent SIGCONT",
+        "stop" => "sent SIGTERM; it releases its lock and stays stopped",
+        _ => "started",
+    };
+    println!("machine {id}: {done}");
     Ok(())
 }
 

@@ -32,6 +32,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::Serialize;
 
+use super::DevConfig;
 use super::dns::REGION;
 use super::supervisor::{MachineError, Supervisor};
 
@@ -105,23 +106,18 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 impl Edge {
-    pub fn new(
-        sup: Arc<Supervisor>,
-        app: String,
-        max_hops: usize,
-        replay_timeout: Duration,
-    ) -> Arc<Edge> {
+    pub fn new(sup: Arc<Supervisor>, cfg: &DevConfig) -> Arc<Edge> {
         Arc::new(Edge {
             sup,
             http: reqwest::Client::builder()
                 .no_proxy()
                 .pool_idle_timeout(Duration::from_secs(30))
-                .timeout(Duration::from_secs(60))
+                .timeout(cfg.request_timeout)
                 .build()
                 .expect("HTTP client builds"),
-            app,
-            max_hops,
-            replay_timeout,
+            app: cfg.app_name.clone(),
+            max_hops: cfg.max_hops,
+            replay_timeout: cfg.replay_timeout,
             counters: Counters::default(),
         })
     }

@@ -75,6 +75,9 @@ pub struct DevConfig {
     pub replay_timeout: Duration,
     /// How long a machine may take to answer `/healthz` at start.
     pub start_timeout: Duration,
+    /// How long the edge waits for one machine's answer (a paused machine
+    /// holds requests this long).
+    pub request_timeout: Duration,
 }
 
 impl DevConfig {
@@ -105,6 +108,7 @@ impl DevConfig {
             kill_timeout: Duration::from_secs(5),
             replay_timeout: Duration::from_secs(10),
             start_timeout: Duration::from_secs(20),
+            request_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -210,12 +214,7 @@ impl Cluster {
         let admin_token = uuid::Uuid::new_v4().simple().to_string();
         let sup =
             supervisor::Supervisor::new(cfg.clone(), dns_addr, table, logs, admin_token.clone());
-        let edge = edge::Edge::new(
-            sup.clone(),
-            cfg.app_name.clone(),
-            cfg.max_hops,
-            cfg.replay_timeout,
-        );
+        let edge = edge::Edge::new(sup.clone(), &cfg);
         let cancel = CancellationToken::new();
 
         let edge_listener = tokio::net::TcpListener::bind(cfg.edge_addr)
@@ -611,9 +610,12 @@ async fn run_cluster(args: RunArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    println!("[dev] stopping: SIGTERM to every machine");
-    cluster.shutdown().await;
-    println!("[dev] stopped");
+    println!("[dev] stopping: SIGTERM to every machine (Ctrl-C again: SIGKILL)");
+    tokio::select! {
+        _ = cluster.shutdown() => println!("[dev] stopped"),
+        // Dropping the shutdown future drops the cluster, which SIGKILLs.
+        _ = tokio::signal::ctrl_c() => println!("[dev] SIGKILL to every machine"),
+    }
     Ok(())
 }
 

@@ -12,6 +12,9 @@
 //!   so that even a SIGKILLed `tenantd dev` leaves no orphans. Children run in
 //!   their own process group, so a terminal's Ctrl-C reaches only the parent,
 //!   which then stops them in order (SIGTERM, so they release their locks).
+//!   The death signal follows the *thread* that spawned the child: children
+//!   are spawned from runtime worker threads or the thread driving the
+//!   runtime, which live as long as the cluster (no `spawn_blocking` here).
 //! - `generation` increases with every start; exit and restart handlers act
 //!   only on the generation they were started for.
 

@@ -471,6 +471,8 @@ async fn dev_kill_holder_takeover_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), &["100"], 2);
     cfg.admin_addr = Some("127.0.0.1:0".parse().unwrap());
+    // Wide enough that polling `ls` sees the machine while it waits.
+    cfg.restart_delay = Some(Duration::from_secs(2));
     let cluster = Cluster::start(cfg).await.unwrap();
     let admin = tenantd::dev::admin::Client::new(&cluster.admin_url().unwrap());
     let traffic = Traffic::start(cluster.edge_url(), "100", 4);
@@ -481,7 +483,7 @@ async fn dev_kill_holder_takeover_and_restart() {
     let at_kill = traffic.acked();
     let killed_at = Instant::now();
     admin.action(&victim, "kill").await.unwrap();
-    // `ls` shows it restarting (restart delay 1 s).
+    // `ls` shows it restarting.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let ls = admin.machines().await.unwrap();

@@ -137,6 +137,8 @@ pub async fn read_lock(store: &DynStore, key: &str) -> StoreResult<LockState> {
 }
 
 /// The outcome of one acquisition attempt.
+// Short-lived and moved once: boxing the lease would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Acquire {
     Acquired(Lease),
     /// Held by a live (or not yet provably dead) machine; it may be taken

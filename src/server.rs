@@ -27,8 +27,9 @@ use crate::tenant::{Registry, RegistryConfig};
 /// How long the store check at start may take before giving up.
 const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(8);
 /// After the leases are released, keep answering (with replays) this long
-/// so that requests already on their way here are handed on, not refused.
-const DRAIN_LINGER: Duration = Duration::from_millis(300);
+/// beyond the other machines' lock cache, so that no machine replays to
+/// this one after it has gone.
+const DRAIN_LINGER_EXTRA: Duration = Duration::from_millis(500);
 
 pub async fn main(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
@@ -90,6 +91,7 @@ pub async fn run(
     let local = listener.local_addr()?;
     info!(%machine_id, listen = %local, %advertise, store = %url, customer_id = ?customer_id.as_ref().map(|c| c.as_str()), lease_ttl = ?args.lease_ttl, "tenantd serving");
 
+    let lock_cache_ttl = (args.lease_ttl / 5).min(Duration::from_secs(1));
     let registry = Registry::new(
         RegistryConfig {
             machine_id: machine_id.clone(),
@@ -97,7 +99,7 @@ pub async fn run(
             lease_ttl: args.lease_ttl,
             customer_id: customer_id.clone(),
             max_tenants: args.max_tenants.max(1),
-            lock_cache_ttl: (args.lease_ttl / 5).min(Duration::from_secs(1)),
+            lock_cache_ttl,
         },
         ActorContext {
             store: store.clone(),
@@ -131,7 +133,7 @@ pub async fn run(
             if tokio::time::timeout(Duration::from_secs(20), draining.drain()).await.is_err() {
                 warn!("tenants did not release within 20s; exiting anyway (their locks expire after the ttl)");
             }
-            tokio::time::sleep(DRAIN_LINGER).await;
+            tokio::time::sleep(lock_cache_ttl + DRAIN_LINGER_EXTRA).await;
             info!("leases released; closing the listener");
         })
         .await?;

@@ -287,7 +287,13 @@ impl FlyClient {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<Reply, String> {
-        let mut target = first.to_string();
+        // Fly Proxy only routes to machines that exist: a first pick that
+        // has gone is replaced by any other.
+        let mut target = if self.machines.lock().unwrap().contains_key(first) {
+            first.to_string()
+        } else {
+            self.ids().into_iter().next().ok_or("no machines")?
+        };
         let mut source: Option<String> = None;
         let mut excluded: Vec<String> = vec![];
         for hop in 0..8u32 {

@@ -13,6 +13,15 @@ use crate::routing::holder_of;
 /// Acknowledged counts per client, in the order each client saw them.
 type History = Arc<Mutex<BTreeMap<usize, Vec<u64>>>>;
 
+/// What concurrent clients recorded: counts per client, the instants of
+/// every success, the failures, and the client tasks.
+type Traffic = (
+    History,
+    Arc<Mutex<Vec<Instant>>>,
+    Arc<Mutex<Vec<String>>>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
 /// Runs `clients` loops of increments until `stop`; returns their history
 /// and the instants of every success.
 fn traffic(
@@ -21,12 +30,7 @@ fn traffic(
     ids: Vec<String>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     keyed: bool,
-) -> (
-    History,
-    Arc<Mutex<Vec<Instant>>>,
-    Arc<Mutex<Vec<String>>>,
-    Vec<tokio::task::JoinHandle<()>>,
-) {
+) -> Traffic {
     let history: History = Arc::default();
     let successes: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let failures: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -327,7 +331,9 @@ async fn sigterm_of_the_holder_under_traffic_fails_no_request() {
     let failures = failures.lock().unwrap().clone();
     assert!(
         failures.is_empty(),
-        "requests failed during the handoff: {failures:?}"
+        "requests failed during the handoff: {failures:?}\n--- leaving:\n{}\n--- staying:\n{}",
+        leaving.logs(),
+        staying.logs()
     );
     let lock = setup.lock("100").unwrap();
     assert_eq!(lock["holder"], staying.id.as_str());

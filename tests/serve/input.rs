@@ -47,7 +47,7 @@ async fn invalid_tenant_ids_are_rejected_and_create_nothing() {
         "/customers/a%2fb/count".to_string(),
         "/customers/a%00b".to_string(),
         "/customers/%00".to_string(),
-        "/customers/a.b/increment".to_string(),
+        "/customers/a.b/count".to_string(),
     ] {
         let (code, body) = raw_get(m.addr, &path);
         assert_eq!(code, 400, "{path} → {code} {body}");

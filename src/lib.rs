@@ -19,6 +19,7 @@ pub mod chaos;
 pub mod config;
 pub mod dev;
 pub mod fly;
+pub mod fly_dns;
 pub mod http;
 pub mod lease;
 pub mod metrics;

@@ -141,8 +141,11 @@ pub async fn run(
     Ok(())
 }
 
-fn finder(_args: &ServeArgs) -> Option<Arc<dyn http::MachineFinder>> {
-    None
+/// Fly's internal DNS, when the app name is known (on Fly, or under
+/// `tenantd dev`, which also sets TENANTD_DNS_SERVER).
+fn finder(args: &ServeArgs) -> Option<Arc<dyn http::MachineFinder>> {
+    let app = args.app_name.as_deref().filter(|a| !a.is_empty())?;
+    Some(Arc::new(crate::fly_dns::FlyDns::new(app, args.dns_server)))
 }
 
 /// Completes on the first SIGTERM or SIGINT; a second one exits at once.

@@ -22,7 +22,9 @@
 //! outlives its claim cannot overwrite its successor's writes.
 //!
 //! A lock object that cannot be parsed is treated as held by an unknown
-//! machine: it is only taken over by the observation rule.
+//! machine: it is only taken over by the observation rule. A lock naming
+//! this machine's own id (left by an earlier, crashed process of the same
+//! machine) is taken over at once: machine ids must be unique per process.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -230,7 +232,11 @@ impl Contender {
                     .signed_duration_since(record.renewed_at)
                     .to_std()
                     .unwrap_or(Duration::ZERO);
-                let stale = seen_for >= ttl || age > ttl + self.config.skew_allowance;
+                // A record naming this machine was written by an earlier
+                // process of it (machine ids are unique per process: Fly runs
+                // one per machine), which is gone: no need to wait it out.
+                let ours = record.holder == self.config.machine_id;
+                let stale = ours || seen_for >= ttl || age > ttl + self.config.skew_allowance;
                 if stale && may_write {
                     info!(key = %self.key, holder = %record.holder, epoch = record.epoch, ?seen_for, ?age, "lock is stale; taking over");
                     let epoch = record.epoch.max(self.max_epoch) + 1;

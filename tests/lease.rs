@@ -286,3 +286,18 @@ proptest! {
         });
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_machine_takes_its_own_stale_lock_at_once() {
+    let shared = Arc::new(MemoryStore::new());
+    let (mut first_life, _) = contender(&shared, "a");
+    drop(acquired(first_life.try_acquire().await.unwrap())); // killed
+    let (mut second_life, _) = contender(&shared, "a");
+    let lease = acquired(second_life.try_acquire().await.unwrap());
+    assert_eq!(lease.epoch(), 2);
+    let (mut other, _) = contender(&shared, "b");
+    assert!(matches!(
+        other.try_acquire().await.unwrap(),
+        Acquire::HeldBy { .. }
+    ));
+}

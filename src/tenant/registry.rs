@@ -220,19 +220,12 @@ impl Registry {
                     return self.start_actor(id, &slot, lease).await;
                 }
                 Ok(Acquire::HeldBy { record, stale_in }) => {
-                    let own_stale_record = record.holder == self.config.machine_id;
-                    let looks_dead = own_stale_record || !self.looks_live(&record);
-                    if looks_dead && Instant::now() + stale_in <= patience {
+                    if !self.looks_live(&record) && Instant::now() + stale_in <= patience {
                         tokio::time::sleep(stale_in.max(Duration::from_millis(50))).await;
                         continue;
                     }
                     slot.state.lock().unwrap().seen =
                         Some((Instant::now(), Seen::Held(record.clone())));
-                    if own_stale_record {
-                        return Route::Unavailable(format!(
-                            "customer {id}: the lock still names this machine from before a restart; it can be taken over in {stale_in:?}"
-                        ));
-                    }
                     return Route::Holder(record);
                 }
                 Ok(Acquire::Unknown { stale_in }) => {

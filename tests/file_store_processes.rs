@@ -30,7 +30,10 @@ async fn child_contender() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let body = format!("written by pid {}", std::process::id());
-    match store.put(&key, body.into(), Metadata::new(), condition).await {
+    match store
+        .put(&key, body.into(), Metadata::new(), condition)
+        .await
+    {
         Ok(_) => println!("RESULT WIN"),
         Err(StoreError::PreconditionFailed { .. }) => println!("RESULT LOSE"),
         Err(e) => panic!("unexpected error {e}"),
@@ -42,11 +45,18 @@ fn race(root: &std::path::Path, key: &str, etag: Option<&ETag>) -> usize {
     let children: Vec<_> = (0..PROCESSES)
         .map(|_| {
             let mut cmd = Command::new(std::env::current_exe().unwrap());
-            cmd.args(["--exact", "child_contender", "--ignored", "--nocapture", "--test-threads", "1"])
-                .env("CHILD_ROOT", root)
-                .env("CHILD_KEY", key)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null());
+            cmd.args([
+                "--exact",
+                "child_contender",
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("CHILD_ROOT", root)
+            .env("CHILD_KEY", key)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
             if let Some(etag) = etag {
                 cmd.env("CHILD_ETAG", &etag.0);
             }
@@ -77,7 +87,11 @@ async fn file_store_races_across_processes() {
         let key = format!("customer/{round}/machine.lock");
         assert_eq!(race(dir.path(), &key, None), 1, "round {round}: create");
         let etag = store.head(&key).await.unwrap().unwrap().etag;
-        assert_eq!(race(dir.path(), &key, Some(&etag)), 1, "round {round}: swap");
+        assert_eq!(
+            race(dir.path(), &key, Some(&etag)),
+            1,
+            "round {round}: swap"
+        );
         assert_ne!(store.head(&key).await.unwrap().unwrap().etag, etag);
     }
 }

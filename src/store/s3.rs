@@ -34,6 +34,7 @@ const CONSISTENT_HEADER: &str = "X-Tigris-Consistent";
 #[derive(Debug, Clone)]
 pub struct S3Store {
     client: Client,
+    credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
     bucket: String,
     prefix: String,
     endpoint: String,
@@ -51,7 +52,12 @@ macro_rules! consistent {
 impl S3Store {
     /// Builds a client from the standard AWS environment.
     pub async fn from_env(bucket: &str, prefix: &str) -> StoreResult<S3Store> {
-        let region = RegionProviderChain::default_provider().or_else("auto");
+        // Region from the environment, else "auto" (Tigris): the default
+        // chain would also probe EC2 metadata, which only delays a start.
+        let region = RegionProviderChain::first_try(
+            aws_config::environment::EnvironmentVariableRegionProvider::new(),
+        )
+        .or_else("auto");
         let shared = aws_config::defaults(BehaviorVersion::latest())
             .region(region)
             .retry_config(RetryConfig::disabled())
@@ -70,6 +76,7 @@ impl S3Store {
             .force_path_style(endpoint.is_some())
             .build();
         Ok(S3Store {
+            credentials: shared.credentials_provider(),
             client: Client::from_conf(config),
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
@@ -259,6 +266,20 @@ impl ObjectStore for S3Store {
     }
 
     async fn check(&self) -> StoreResult<()> {
+        use aws_sdk_s3::config::ProvideCredentials;
+        let no_credentials = |detail: String| StoreError::Fatal {
+            message: format!(
+                "no S3 credentials found ({detail}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (fly storage create sets them as secrets)"
+            ),
+        };
+        match &self.credentials {
+            None => return Err(no_credentials("no credentials provider".into())),
+            Some(provider) => {
+                if let Err(e) = provider.provide_credentials().await {
+                    return Err(no_credentials(e.to_string()));
+                }
+            }
+        }
         let request = self.client.head_bucket().bucket(&self.bucket);
         match consistent!(request).send().await {
             Ok(_) => Ok(()),

@@ -404,3 +404,83 @@ fn serve_refuses_an_invalid_customer_id() {
         "{stderr}"
     );
 }
+
+/// Starts `tenantd serve` on `store` with `env`, expecting it to refuse to
+/// start; returns its stderr and how long it took.
+fn failed_start(store: &str, env: Vec<(String, String)>) -> (String, Duration) {
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--store",
+            store,
+        ])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_ENDPOINT_URL_S3")
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve started on {store}");
+    (
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_missing_bucket_with_one_clear_line() {
+    crate::support::fresh_bucket().await; // moto is up
+    let (stderr, took) = failed_start("s3://tenantd-no-such-bucket", crate::support::s3_env());
+    assert!(
+        stderr.contains("\"tenantd-no-such-bucket\" does not exist")
+            && stderr.contains("BUCKET_NAME / --store"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[test]
+fn serve_refuses_an_unreachable_store_within_seconds() {
+    let mut env = vec![
+        ("AWS_REGION".to_string(), "us-east-1".to_string()),
+        ("AWS_ACCESS_KEY_ID".to_string(), "test".to_string()),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), "test".to_string()),
+    ];
+    env.push((
+        "AWS_ENDPOINT_URL_S3".into(),
+        format!("http://127.0.0.1:{}", free_port()),
+    ));
+    let (stderr, took) = failed_start("s3://tenantd-test", env);
+    assert!(
+        stderr.contains("cannot reach the store") && stderr.contains("AWS_ENDPOINT_URL_S3"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(
+        stderr
+            .trim()
+            .lines()
+            .filter(|l| l.contains("error"))
+            .count(),
+        1,
+        "one clear line: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_to_start_without_credentials() {
+    crate::support::fresh_bucket().await;
+    let env: Vec<(String, String)> = crate::support::s3_env()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET"))
+        .collect();
+    let (stderr, took) = failed_start("s3://tenantd-test", env);
+    assert!(
+        stderr.contains("no S3 credentials found") && stderr.contains("AWS_ACCESS_KEY_ID"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}

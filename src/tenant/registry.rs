@@ -214,7 +214,17 @@ impl Registry {
         // rather than sending it to a machine that will not answer.
         let patience = Instant::now() + self.config.lease_ttl + Duration::from_millis(500);
         loop {
-            match contender.try_acquire().await {
+            // A store that does not answer must not hold a request for the
+            // retrying layer's whole budget: give up after one ttl.
+            let attempt = tokio::time::timeout(self.config.lease_ttl, contender.try_acquire())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::store::StoreError::transient(
+                        &slot.lock_key,
+                        "no answer within one lease ttl",
+                    ))
+                });
+            match attempt {
                 Ok(Acquire::Acquired(lease)) => {
                     drop(contender);
                     return self.start_actor(id, &slot, lease).await;
@@ -239,6 +249,20 @@ impl Registry {
                     ));
                 }
                 Err(e) => {
+                    // Cut off from the store: the holder we saw last is the
+                    // best guess, and it may well still reach the store.
+                    let last = match &slot.state.lock().unwrap().seen {
+                        Some((_, Seen::Held(record)))
+                            if record.holder != self.config.machine_id =>
+                        {
+                            Some(record.clone())
+                        }
+                        _ => None,
+                    };
+                    if let Some(record) = last {
+                        warn!(customer_id = %id, error = %e, holder = %record.holder, "cannot read the lock; handing the request to the last known holder");
+                        return Route::Holder(record);
+                    }
                     return Route::Unavailable(format!("customer {id}: cannot read the lock: {e}"));
                 }
             }

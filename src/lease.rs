@@ -165,6 +165,9 @@ pub struct Contender {
     /// Highest epoch seen, so that a takeover of an unparsable lock still
     /// continues the sequence as far as this machine knows it.
     max_epoch: u64,
+    /// Tokens of this contender's own acquisitions: a lock carrying one of
+    /// them is this process's, never a crashed predecessor's.
+    own_tokens: Vec<Uuid>,
 }
 
 impl Contender {
@@ -175,6 +178,7 @@ impl Contender {
             config,
             observed: None,
             max_epoch: 0,
+            own_tokens: Vec::new(),
         }
     }
 
@@ -232,10 +236,12 @@ impl Contender {
                     .signed_duration_since(record.renewed_at)
                     .to_std()
                     .unwrap_or(Duration::ZERO);
-                // A record naming this machine was written by an earlier
-                // process of it (machine ids are unique per process: Fly runs
-                // one per machine), which is gone: no need to wait it out.
-                let ours = record.holder == self.config.machine_id;
+                // A record naming this machine but none of this process's
+                // acquisitions was written by an earlier process of it
+                // (machine ids are unique per process: Fly runs one per
+                // machine), which is gone: no need to wait it out.
+                let ours = record.holder == self.config.machine_id
+                    && !self.own_tokens.contains(&record.token);
                 let stale = ours || seen_for >= ttl || age > ttl + self.config.skew_allowance;
                 if stale && may_write {
                     info!(key = %self.key, holder = %record.holder, epoch = record.epoch, ?seen_for, ?age, "lock is stale; taking over");
@@ -280,6 +286,9 @@ impl Contender {
             released: false,
             extra: Default::default(),
         };
+        // Remembered before sending: if the write lands but its answer is
+        // lost, the lock is still recognised as this process's own.
+        self.own_tokens.push(record.token);
         let sent_at = Instant::now();
         match self
             .store

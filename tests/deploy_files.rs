@@ -10,11 +10,24 @@ fn repo_file(name: &str) -> String {
 }
 
 fn parses(args: &[&str]) -> bool {
-    Command::new(BIN).args(args).arg("--help").output().unwrap().status.success()
+    Command::new(BIN)
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap()
+        .status
+        .success()
 }
 
 fn serve_help() -> String {
-    String::from_utf8(Command::new(BIN).args(["serve", "--help"]).output().unwrap().stdout).unwrap()
+    String::from_utf8(
+        Command::new(BIN)
+            .args(["serve", "--help"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -24,12 +37,26 @@ fn dockerfile_builds_in_one_stage_and_runs_the_binary_as_non_root_in_another() {
     assert_eq!(froms.len(), 2, "a builder and a runtime stage: {froms:?}");
     assert!(froms[0].contains(" AS builder") && froms[1].contains(" AS runtime"));
     let runtime = &docker[docker.find(froms[1]).unwrap()..];
-    assert!(runtime.contains("COPY --from=builder /src/target/release/tenantd /usr/local/bin/tenantd"));
-    assert!(runtime.contains("ca-certificates"), "TLS to the bucket needs CA certificates");
-    let user = runtime.lines().find(|l| l.starts_with("USER ")).expect("a USER line");
+    assert!(
+        runtime.contains("COPY --from=builder /src/target/release/tenantd /usr/local/bin/tenantd")
+    );
+    assert!(
+        runtime.contains("ca-certificates"),
+        "TLS to the bucket needs CA certificates"
+    );
+    let user = runtime
+        .lines()
+        .find(|l| l.starts_with("USER "))
+        .expect("a USER line");
     assert!(!user.contains("root") && !user.ends_with(" 0"), "{user}");
-    let entrypoint = runtime.lines().find(|l| l.starts_with("ENTRYPOINT")).unwrap();
-    assert!(entrypoint.contains("\"/usr/local/bin/tenantd\""), "{entrypoint}");
+    let entrypoint = runtime
+        .lines()
+        .find(|l| l.starts_with("ENTRYPOINT"))
+        .unwrap();
+    assert!(
+        entrypoint.contains("\"/usr/local/bin/tenantd\""),
+        "{entrypoint}"
+    );
     let cmd = runtime.lines().find(|l| l.starts_with("CMD")).unwrap();
     let words: Vec<String> = serde_json::from_str(cmd.trim_start_matches("CMD").trim()).unwrap();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
@@ -43,33 +70,57 @@ fn fly_toml_matches_the_binary() {
     let fly: toml::Table = repo_file("fly.toml").parse().unwrap();
     let service = fly["http_service"].as_table().unwrap();
     let help = serve_help();
-    assert!(help.contains("[default: 0.0.0.0:3000]"), "the default listen port changed");
+    assert!(
+        help.contains("[default: 0.0.0.0:3000]"),
+        "the default listen port changed"
+    );
     assert_eq!(service["internal_port"].as_integer(), Some(3000));
     assert_eq!(service["auto_stop_machines"].as_str(), Some("stop"));
     assert_eq!(service["auto_start_machines"].as_bool(), Some(true));
     assert!(service.contains_key("min_machines_running"));
     let signal = fly["kill_signal"].as_str().unwrap();
-    assert!(["SIGINT", "SIGTERM"].contains(&signal), "tenantd drains on SIGINT and SIGTERM, not {signal}");
+    assert!(
+        ["SIGINT", "SIGTERM"].contains(&signal),
+        "tenantd drains on SIGINT and SIGTERM, not {signal}"
+    );
     let check = &service["checks"].as_array().unwrap()[0];
     assert_eq!(check["path"].as_str(), Some("/healthz"));
 
     let processes = fly["processes"].as_table().unwrap();
-    let served: Vec<&str> = service["processes"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let served: Vec<&str> = service["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert!(!processes.is_empty());
     for (name, command) in processes {
         let words: Vec<&str> = command.as_str().unwrap().split_whitespace().collect();
-        assert!(parses(&words), "process {name}: {words:?} is not a tenantd command");
-        assert!(served.contains(&name.as_str()), "process {name} gets no HTTP service");
+        assert!(
+            parses(&words),
+            "process {name}: {words:?} is not a tenantd command"
+        );
+        assert!(
+            served.contains(&name.as_str()),
+            "process {name} gets no HTTP service"
+        );
     }
     for key in fly["env"].as_table().unwrap().keys() {
-        assert!(key == "RUST_LOG" || help.contains(&format!("[env: {key}=")), "[env] {key} is not read by tenantd serve");
+        assert!(
+            key == "RUST_LOG" || help.contains(&format!("[env: {key}=")),
+            "[env] {key} is not read by tenantd serve"
+        );
     }
 }
 
 #[tokio::test]
 async fn the_health_check_path_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--store"])
         .arg(format!("file://{}", dir.path().display()))

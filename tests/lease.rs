@@ -301,3 +301,14 @@ async fn a_restarted_machine_takes_its_own_stale_lock_at_once() {
         Acquire::HeldBy { .. }
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_process_never_takes_over_its_own_live_lease() {
+    let shared = Arc::new(MemoryStore::new());
+    let (mut a, _) = contender(&shared, "a");
+    let lease = acquired(a.try_acquire().await.unwrap());
+    match a.try_acquire().await.unwrap() {
+        Acquire::HeldBy { record, .. } => assert_eq!(record.token, lease.token()),
+        _ => panic!("took over its own live lease"),
+    }
+}

@@ -131,7 +131,9 @@ impl TenantActor {
                 dir.display()
             ))
         })?;
-        let path = dir.join(format!("{id}.sqlite3"));
+        // One file per acquisition: nothing of an earlier holding (or a
+        // crashed process) can be mistaken for this one's copy.
+        let path = dir.join(format!("{id}.{}.sqlite3", lease.epoch()));
         let result = claim(&id, &ctx, &lease, &path).await;
         let (db, etag, count) = match result {
             Ok(claimed) => claimed,
@@ -440,6 +442,11 @@ async fn claim(
         remove_copy(path);
         let (condition, source) = match ctx.store.get(&key).await.map_err(unavailable)? {
             Some(object) => {
+                // SQLite would open an empty file as a new, empty database:
+                // starting the tenant over silently is the one thing not to do.
+                if object.body.is_empty() {
+                    return Err(corrupt(id, &key, "the object is empty"));
+                }
                 write_copy(path, &object.body)?;
                 (Precondition::IfMatch(object.etag), key.clone())
             }
@@ -464,9 +471,14 @@ async fn claim(
             // the ETag chain still fences writers, so carry on, but say so.
             warn!(customer_id = %id, previous, epoch = lease.epoch(), "database was written under a newer epoch than this lease's: was machine.lock deleted? epochs restart");
         }
-        let committed = db
-            .claim(lease.epoch())
-            .map_err(|e| corrupt(id, &source, &e.to_string()))?;
+        // The object opened fine, so a failure to write the local copy is
+        // this machine's problem, not the object's.
+        let committed = db.claim(lease.epoch()).map_err(|e| {
+            TenantError::Unavailable(format!(
+                "customer {id}: cannot write the working copy {}: {e}",
+                path.display()
+            ))
+        })?;
         let bytes = read_copy(path).map_err(unavailable)?;
         let metadata = upload_metadata(lease.epoch(), committed.seq, &ctx.machine_id);
         match ctx.store.put(&key, bytes, metadata, condition).await {

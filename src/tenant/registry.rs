@@ -226,8 +226,11 @@ impl Registry {
                 });
             match attempt {
                 Ok(Acquire::Acquired(lease)) => {
+                    // Keep the contender locked until the actor runs: no
+                    // other path of this machine may acquire meanwhile.
+                    let route = self.start_actor(id, &slot, lease).await;
                     drop(contender);
-                    return self.start_actor(id, &slot, lease).await;
+                    return route;
                 }
                 Ok(Acquire::HeldBy { record, stale_in }) => {
                     if !self.looks_live(&record) && Instant::now() + stale_in <= patience {
@@ -428,8 +431,9 @@ impl Registry {
                 }
                 match contender.try_acquire().await {
                     Ok(Acquire::Acquired(lease)) => {
+                        let route = self.start_actor(&id, &slot, lease).await;
                         drop(contender);
-                        Some(self.start_actor(&id, &slot, lease).await)
+                        Some(route)
                     }
                     Ok(Acquire::HeldBy { record, .. }) => {
                         slot.state.lock().unwrap().seen =

@@ -170,7 +170,9 @@ async fn shutdown_signal() {
 pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,aws_config=error,aws_smithy_runtime=warn,hyper=warn")
+        EnvFilter::new(
+            "info,aws_config=error,aws_smithy_runtime=warn,hyper=warn,hickory_server=warn",
+        )
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -1,0 +1,290 @@
+//! The checker: a pure function over a recorded history and the final
+//! counts read after the cluster was quiet.
+//!
+//! (a) no two acknowledged increments of a customer returned the same count;
+//! (b) final ≥ acknowledged increments, every acknowledged count ≤ final,
+//!     and final ≤ acknowledged + indeterminate (no phantom writes);
+//! (c) each client's acknowledged counts (per customer) strictly increase;
+//! (d) counts acknowledged under a higher epoch are above those under a
+//!     lower one;
+//! (e) availability: the longest stretch without a successful write per
+//!     customer, and for each kill the time to the customer's next success.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::history::{NemesisEvent, Op, Outcome};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CustomerReport {
+    pub acked: usize,
+    pub indeterminate: usize,
+    pub failed: usize,
+    pub final_count: u64,
+    pub longest_gap_ms: u64,
+    /// For each kill of this customer's holder: ms to the next success.
+    pub recovery_after_kill_ms: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub violations: Vec<String>,
+    pub acked: usize,
+    pub indeterminate: usize,
+    pub customers: BTreeMap<String, CustomerReport>,
+}
+
+pub fn check(
+    ops: &[Op],
+    finals: &BTreeMap<String, u64>,
+    nemeses: &[NemesisEvent],
+    run_ms: u64,
+) -> Report {
+    let mut report = Report::default();
+    let customers: BTreeSet<&str> = ops
+        .iter()
+        .map(|o| o.customer.as_str())
+        .chain(finals.keys().map(String::as_str))
+        .collect();
+    for customer in customers {
+        let mine: Vec<&Op> = ops.iter().filter(|o| o.customer == customer).collect();
+        let mut r = CustomerReport::default();
+        let mut acked: Vec<(u64, u64, &Op)> = Vec::new();
+        for op in &mine {
+            match &op.outcome {
+                Outcome::Ok { count, epoch, .. } => acked.push((*count, *epoch, op)),
+                Outcome::Indeterminate { .. } => r.indeterminate += 1,
+                Outcome::Failed { .. } => r.failed += 1,
+            }
+        }
+        r.acked = acked.len();
+        let Some(&final_count) = finals.get(customer) else {
+            report
+                .violations
+                .push(format!("customer {customer}: no final count could be read"));
+            report.customers.insert(customer.to_string(), r);
+            continue;
+        };
+        r.final_count = final_count;
+
+        // (a)
+        let mut by_count: BTreeMap<u64, Vec<&Op>> = BTreeMap::new();
+        for (count, _, op) in &acked {
+            by_count.entry(*count).or_default().push(op);
+        }
+        for (count, ops) in &by_count {
+            if ops.len() > 1 {
+                let keys: Vec<&str> = ops.iter().map(|o| o.key.as_str()).collect();
+                report.violations.push(format!(
+                    "customer {customer}: count {count} acknowledged {} times (keys {keys:?})",
+                    ops.len()
+                ));
+            }
+        }
+        // (b)
+        if (final_count as usize) < r.acked {
+            report.violations.push(format!("customer {customer}: lost writes: final count {final_count} < {} acknowledged increments", r.acked));
+        }
+        if let Some((max, _, op)) = acked.iter().max_by_key(|(c, _, _)| *c)
+            && *max > final_count
+        {
+            report.violations.push(format!("customer {customer}: lost writes: count {max} was acknowledged (key {}) but the final count is {final_count}", op.key));
+        }
+        if final_count as usize > r.acked + r.indeterminate {
+            report.violations.push(format!(
+                "customer {customer}: phantom writes: final count {final_count} > {} acknowledged + {} indeterminate",
+                r.acked, r.indeterminate
+            ));
+        }
+        // (c)
+        let mut per_client: BTreeMap<usize, Vec<&Op>> = BTreeMap::new();
+        for (_, _, op) in &acked {
+            per_client.entry(op.client).or_default().push(op);
+        }
+        for (client, mut ops) in per_client {
+            ops.sort_by_key(|o| o.start_ms);
+            for pair in ops.windows(2) {
+                let (a, b) = (pair[0].acked().unwrap().0, pair[1].acked().unwrap().0);
+                if b <= a {
+                    report.violations.push(format!("customer {customer}: client {client} saw count {b} (key {}) after {a} (key {})", pair[1].key, pair[0].key));
+                }
+            }
+        }
+        // (d)
+        let mut sorted = acked.clone();
+        sorted.sort_by_key(|(count, _, _)| *count);
+        let mut highest_epoch_below = 0;
+        for (count, epoch, op) in &sorted {
+            if *epoch < highest_epoch_below {
+                report.violations.push(format!(
+                    "customer {customer}: count {count} acknowledged under epoch {epoch} (key {}) above a count acknowledged under epoch {highest_epoch_below}",
+                    op.key
+                ));
+            }
+            highest_epoch_below = highest_epoch_below.max(*epoch);
+        }
+        // (e)
+        let mut ends: Vec<u64> = acked.iter().map(|(_, _, op)| op.end_ms).collect();
+        ends.sort();
+        let mut previous = 0;
+        for end in ends.iter().copied().chain(std::iter::once(run_ms)) {
+            r.longest_gap_ms = r.longest_gap_ms.max(end.saturating_sub(previous));
+            previous = end;
+        }
+        for kill in nemeses
+            .iter()
+            .filter(|n| n.kind == "kill_holder" && n.customer.as_deref() == Some(customer))
+        {
+            if let Some(next) = ends.iter().find(|end| **end > kill.start_ms) {
+                r.recovery_after_kill_ms.push(next - kill.start_ms);
+            }
+        }
+        report.acked += r.acked;
+        report.indeterminate += r.indeterminate;
+        report.customers.insert(customer.to_string(), r);
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(client: usize, key: &str, start: u64, outcome: Outcome) -> Op {
+        Op {
+            client,
+            customer: "1".into(),
+            key: key.into(),
+            start_ms: start,
+            end_ms: start + 5,
+            outcome,
+        }
+    }
+
+    fn ok(count: u64, epoch: u64) -> Outcome {
+        Outcome::Ok {
+            count,
+            epoch,
+            machine: "m".into(),
+        }
+    }
+
+    fn finals(n: u64) -> BTreeMap<String, u64> {
+        BTreeMap::from([("1".to_string(), n)])
+    }
+
+    fn clean() -> Vec<Op> {
+        vec![
+            op(0, "a", 0, ok(1, 1)),
+            op(1, "b", 1, ok(2, 1)),
+            op(
+                0,
+                "c",
+                10,
+                Outcome::Indeterminate {
+                    error: "timeout".into(),
+                },
+            ),
+            op(0, "d", 20, ok(4, 2)),
+            op(
+                1,
+                "e",
+                21,
+                Outcome::Failed {
+                    status: 400,
+                    error: "bad".into(),
+                },
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_clean_history_has_no_violation() {
+        // The indeterminate write landed (final 4) or not (final 3): both fine.
+        for final_count in [3, 4] {
+            let report = check(&clean(), &finals(final_count), &[], 100);
+            assert!(report.violations.is_empty(), "{:?}", report.violations);
+            assert_eq!((report.acked, report.indeterminate), (3, 1));
+        }
+    }
+
+    #[test]
+    fn a_lost_write_is_reported() {
+        let report = check(&clean(), &finals(2), &[], 100);
+        assert!(
+            report.violations.iter().any(|v| v.contains("lost writes")),
+            "{:?}",
+            report.violations
+        );
+    }
+
+    #[test]
+    fn a_duplicate_count_is_reported() {
+        let mut ops = clean();
+        ops.push(op(2, "f", 30, ok(4, 2)));
+        let report = check(&ops, &finals(5), &[], 100);
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v.contains("count 4 acknowledged 2 times")),
+            "{:?}",
+            report.violations
+        );
+    }
+
+    #[test]
+    fn a_phantom_write_is_reported() {
+        let report = check(&clean(), &finals(6), &[], 100);
+        assert!(
+            report.violations.iter().any(|v| v.contains("phantom")),
+            "{:?}",
+            report.violations
+        );
+    }
+
+    #[test]
+    fn a_client_seeing_counts_go_back_is_reported() {
+        let ops = vec![op(0, "a", 0, ok(2, 1)), op(0, "b", 10, ok(1, 1))];
+        let report = check(&ops, &finals(2), &[], 100);
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v.contains("client 0 saw count 1")),
+            "{:?}",
+            report.violations
+        );
+    }
+
+    #[test]
+    fn an_epoch_inversion_is_reported() {
+        let ops = vec![op(0, "a", 0, ok(1, 2)), op(1, "b", 10, ok(2, 1))];
+        let report = check(&ops, &finals(2), &[], 100);
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v.contains("under epoch 1")),
+            "{:?}",
+            report.violations
+        );
+    }
+
+    #[test]
+    fn availability_gaps_and_recovery_after_kills() {
+        let ops = vec![op(0, "a", 0, ok(1, 1)), op(0, "b", 1000, ok(2, 2))];
+        let kill = NemesisEvent {
+            kind: "kill_holder".into(),
+            customer: Some("1".into()),
+            machine: None,
+            start_ms: 100,
+            end_ms: 100,
+        };
+        let report = check(&ops, &finals(2), &[kill], 1200);
+        let r = &report.customers["1"];
+        assert_eq!(r.longest_gap_ms, 1000);
+        assert_eq!(r.recovery_after_kill_ms, vec![905]);
+    }
+}

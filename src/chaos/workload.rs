@@ -66,8 +66,7 @@ impl Workload {
         for task in self.tasks {
             let _ = task.await;
         }
-        let ops = self.ops.lock().unwrap().clone();
-        ops
+        self.ops.lock().unwrap().clone()
     }
 }
 

@@ -1,0 +1,335 @@
+//! Deterministic simulation of the lease and writer protocol: three
+//! machines, one shared in-memory store, tokio's paused clock, and one
+//! seeded RNG for every choice — so a seed is a reproducible schedule of
+//! requests, crashes, pauses, partitions and lost responses.
+//!
+//! The machines run the real lease (`crate::lease`) and the writer protocol
+//! of `tenant::actor` (download with ETag, claim with the new epoch, upload
+//! each batch with `If-Match`, acknowledge only after the upload). The
+//! database is a small JSON document instead of SQLite. The recorded
+//! history goes through the same checker as real chaos runs.
+//!
+//! `fencing: false` makes uploads unconditional: the simulation must then
+//! find lost writes (a paused ex-holder overwriting its successor).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::checker::{self, Report};
+use super::history::{Op, Outcome};
+use crate::lease::{Acquire, Contender, Lease, LeaseConfig};
+use crate::store::fault::FaultHandle;
+use crate::store::{
+    DynStore, ETag, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition,
+    StoreError,
+};
+
+const TTL: Duration = Duration::from_millis(1000);
+const DB_KEY: &str = "customer/sim/db.sqlite3";
+const LOCK_KEY: &str = "customer/sim/machine.lock";
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+struct SimDb {
+    count: u64,
+    epoch: u64,
+    seq: u64,
+}
+
+struct Machine {
+    store: DynStore,
+    faults: FaultHandle,
+    contender: Contender,
+    lease: Option<Lease>,
+    db: Option<(SimDb, ETag)>,
+    /// An upload prepared before the machine froze (SIGSTOP, GC pause): it
+    /// is sent when the machine wakes, however much later.
+    frozen: Option<Upload>,
+}
+
+struct Upload {
+    next: SimDb,
+    base: SimDb,
+    condition: Precondition,
+    keys: Vec<String>,
+    epoch: u64,
+    start_ms: u64,
+}
+
+impl Machine {
+    fn step_down(&mut self) {
+        self.lease = None;
+        self.db = None;
+    }
+}
+
+/// What one seed did.
+#[derive(Debug)]
+pub struct SimOutcome {
+    pub report: Report,
+    pub ops: usize,
+    pub takeovers: u64,
+}
+
+/// Runs one seed to completion on its own current-thread runtime.
+pub fn run_seed(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    runtime.block_on(simulate(seed, fencing, steps))
+}
+
+async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let shared = Arc::new(MemoryStore::new());
+    let mut machines: Vec<Machine> = (0..3)
+        .map(|i| {
+            let fault = FaultStore::new(shared.clone() as DynStore, FaultConfig::default());
+            let faults = fault.handle();
+            let store: DynStore = Arc::new(fault);
+            let contender = Contender::new(
+                store.clone(),
+                LOCK_KEY.into(),
+                LeaseConfig::new(format!("m{i}"), format!("m{i}:1"), TTL),
+            );
+            Machine {
+                store,
+                faults,
+                contender,
+                lease: None,
+                db: None,
+                frozen: None,
+            }
+        })
+        .collect();
+    let start = tokio::time::Instant::now();
+    let now_ms = || start.elapsed().as_millis() as u64;
+    let mut ops: Vec<Op> = Vec::new();
+    let mut next_key = 0u64;
+    let mut takeovers = 0;
+
+    for _ in 0..steps {
+        let i = rng.random_range(0..machines.len());
+        if let Some(upload) = machines[i].frozen.take() {
+            // The frozen machine wakes and sends what it had prepared.
+            machines[i].faults.partition(false);
+            send(
+                &mut machines[i],
+                i,
+                upload,
+                false,
+                false,
+                &mut ops,
+                now_ms(),
+            )
+            .await;
+            continue;
+        }
+        match rng.random_range(0..100) {
+            0..=59 => {
+                // A batch of increments arrives at machine i.
+                let batch = rng.random_range(1..=4u64);
+                let start_ms = now_ms();
+                let m = &mut machines[i];
+                if m.lease.as_ref().is_none_or(|l| !l.is_valid()) {
+                    m.step_down();
+                    if let Ok(Acquire::Acquired(lease)) = m.contender.try_acquire().await {
+                        takeovers += 1;
+                        m.db = claim(&m.store, &lease, fencing).await;
+                        m.lease = m.db.is_some().then_some(lease);
+                    }
+                }
+                let (Some(lease), Some((db, etag))) = (&m.lease, m.db.clone()) else {
+                    continue;
+                };
+                if !lease.is_valid() {
+                    continue;
+                }
+                let epoch = lease.epoch();
+                let next = SimDb {
+                    count: db.count + batch,
+                    epoch,
+                    seq: db.seq + 1,
+                };
+                let condition = if fencing {
+                    Precondition::IfMatch(etag.clone())
+                } else {
+                    Precondition::None
+                };
+                let keys: Vec<String> = (0..batch)
+                    .map(|_| {
+                        next_key += 1;
+                        format!("k{next_key}")
+                    })
+                    .collect();
+                let upload = Upload {
+                    next,
+                    base: db,
+                    condition,
+                    keys,
+                    epoch,
+                    start_ms,
+                };
+                // The dangerous window: the lease was checked, then the
+                // machine freezes before its upload goes out. Frozen, it
+                // renews nothing (cut off); others act meanwhile.
+                if rng.random_range(0..6) == 0 {
+                    m.faults.partition(true);
+                    m.frozen = Some(upload);
+                    continue;
+                }
+                let lose_response = rng.random_range(0..20) == 0;
+                let fail_before = rng.random_range(0..20) == 0;
+                send(m, i, upload, lose_response, fail_before, &mut ops, now_ms()).await;
+            }
+            60..=69 => machines[i].step_down(), // crash (a frozen one wakes first)
+            70..=79 => {
+                let m = &machines[i];
+                m.faults.partition(true);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..2500))).await;
+                m.faults.partition(false);
+            }
+            _ => tokio::time::sleep(Duration::from_millis(rng.random_range(10..800))).await,
+        }
+    }
+    for m in &mut machines {
+        m.faults.partition(false);
+        if let Some(upload) = m.frozen.take() {
+            for key in upload.keys {
+                let outcome = Outcome::Indeterminate {
+                    error: "never answered".into(),
+                };
+                ops.push(Op {
+                    client: 0,
+                    customer: "sim".into(),
+                    key,
+                    start_ms: upload.start_ms,
+                    end_ms: now_ms(),
+                    outcome,
+                });
+            }
+        }
+    }
+    let final_count = match shared.get(DB_KEY).await {
+        Ok(Some(object)) => decode(&object.body).map(|db| db.count).unwrap_or(0),
+        _ => 0,
+    };
+    let finals = BTreeMap::from([("sim".to_string(), final_count)]);
+    let report = checker::check(&ops, &finals, &[], now_ms());
+    SimOutcome {
+        report,
+        ops: ops.len(),
+        takeovers,
+    }
+}
+
+/// Sends a prepared upload and records its outcome for each key.
+async fn send(
+    m: &mut Machine,
+    i: usize,
+    upload: Upload,
+    lose_response: bool,
+    fail_before: bool,
+    ops: &mut Vec<Op>,
+    end_ms: u64,
+) {
+    let result = if fail_before {
+        Err(StoreError::transient(DB_KEY, "injected"))
+    } else {
+        let r = m
+            .store
+            .put(
+                DB_KEY,
+                encode(&upload.next),
+                Metadata::new(),
+                upload.condition.clone(),
+            )
+            .await;
+        if lose_response && r.is_ok() {
+            Err(StoreError::transient(DB_KEY, "response lost"))
+        } else {
+            r
+        }
+    };
+    match result {
+        Ok(new_etag) => {
+            m.db = Some((upload.next, new_etag));
+            for (n, key) in upload.keys.into_iter().enumerate() {
+                let outcome = Outcome::Ok {
+                    count: upload.base.count + n as u64 + 1,
+                    epoch: upload.epoch,
+                    machine: format!("m{i}"),
+                };
+                ops.push(Op {
+                    client: 0,
+                    customer: "sim".into(),
+                    key,
+                    start_ms: upload.start_ms,
+                    end_ms,
+                    outcome,
+                });
+            }
+        }
+        Err(e) => {
+            let outcome = if e.is_precondition() {
+                Outcome::Failed {
+                    status: 412,
+                    error: e.to_string(),
+                }
+            } else {
+                Outcome::Indeterminate {
+                    error: e.to_string(),
+                }
+            };
+            for key in upload.keys {
+                ops.push(Op {
+                    client: 0,
+                    customer: "sim".into(),
+                    key,
+                    start_ms: upload.start_ms,
+                    end_ms,
+                    outcome: outcome.clone(),
+                });
+            }
+            m.step_down();
+        }
+    }
+}
+
+/// A new holder's claim: download, write its epoch, upload at once.
+async fn claim(store: &DynStore, lease: &Lease, fencing: bool) -> Option<(SimDb, ETag)> {
+    let (db, condition) = match store.get(DB_KEY).await.ok()? {
+        Some(object) => (decode(&object.body)?, Precondition::IfMatch(object.etag)),
+        None => (SimDb::default(), Precondition::IfAbsent),
+    };
+    let claimed = SimDb {
+        epoch: lease.epoch(),
+        seq: db.seq + 1,
+        ..db
+    };
+    let condition = if fencing {
+        condition
+    } else {
+        Precondition::None
+    };
+    let etag = store
+        .put(DB_KEY, encode(&claimed), Metadata::new(), condition)
+        .await
+        .ok()?;
+    Some((claimed, etag))
+}
+
+fn encode(db: &SimDb) -> Bytes {
+    Bytes::from(serde_json::to_vec(db).expect("serializes"))
+}
+
+fn decode(bytes: &[u8]) -> Option<SimDb> {
+    serde_json::from_slice(bytes).ok()
+}

@@ -63,8 +63,13 @@ pub fn moto_endpoint() -> String {
             binary.display()
         );
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(&binary)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        // Serialised moto: its conditional PUTs are not atomic on its
+        // threaded server (see scripts/moto-s3-server.py).
+        let python = binary.with_file_name("python");
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/moto-s3-server.py");
+        let child = Command::new(&python)
+            .arg(&script)
+            .args(["127.0.0.1", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -136,7 +136,14 @@ pub fn check(
             .iter()
             .filter(|n| n.kind == "kill_holder" && n.customer.as_deref() == Some(customer))
         {
-            if let Some(next) = ends.iter().find(|end| **end > kill.start_ms) {
+            // The first success of a request sent after the kill: one the
+            // dying holder answered just before says nothing.
+            let next = acked
+                .iter()
+                .filter(|(_, _, op)| op.start_ms >= kill.start_ms)
+                .map(|(_, _, op)| op.end_ms)
+                .min();
+            if let Some(next) = next {
                 r.recovery_after_kill_ms.push(next - kill.start_ms);
             }
         }
@@ -272,7 +279,11 @@ mod tests {
 
     #[test]
     fn availability_gaps_and_recovery_after_kills() {
-        let ops = vec![op(0, "a", 0, ok(1, 1)), op(0, "b", 1000, ok(2, 2))];
+        let ops = vec![
+            op(0, "a", 0, ok(1, 1)),
+            op(1, "x", 95, ok(2, 1)),
+            op(0, "b", 1000, ok(3, 2)),
+        ];
         let kill = NemesisEvent {
             kind: "kill_holder".into(),
             customer: Some("1".into()),
@@ -280,9 +291,13 @@ mod tests {
             start_ms: 100,
             end_ms: 100,
         };
-        let report = check(&ops, &finals(2), &[kill], 1200);
+        let report = check(&ops, &finals(3), &[kill], 1200);
         let r = &report.customers["1"];
-        assert_eq!(r.longest_gap_ms, 1000);
-        assert_eq!(r.recovery_after_kill_ms, vec![905]);
+        assert_eq!(r.longest_gap_ms, 905);
+        assert_eq!(
+            r.recovery_after_kill_ms,
+            vec![905],
+            "the request sent before the kill does not count"
+        );
     }
 }

@@ -48,6 +48,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with(args, listener, shutdown, false).await
+}
+
+/// `run`, with the bench-only setting that answers before the upload.
+pub(crate) async fn run_with(
+    args: ServeArgs,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ack_before_upload: bool,
+) -> anyhow::Result<()> {
     let machine_id = args.machine_id();
     let customer_id = match &args.customer_id {
         Some(id) if !id.is_empty() => Some(
@@ -107,6 +117,7 @@ pub async fn run(
             machine_id: machine_id.clone(),
             data_dir: args.data_dir.clone(),
             idle_timeout: Some(args.idle_timeout),
+            ack_before_upload,
         },
     );
     if let Some(id) = customer_id.clone() {

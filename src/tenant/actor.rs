@@ -89,6 +89,9 @@ pub struct ActorContext {
     pub data_dir: PathBuf,
     /// Release the lease after this long without requests (pool mode).
     pub idle_timeout: Option<Duration>,
+    /// Bench-only: answer before the upload, as the original app did. Not
+    /// reachable from `tenantd serve` (no flag, no env var).
+    pub(crate) ack_before_upload: bool,
 }
 
 /// Why an actor ended.
@@ -254,27 +257,33 @@ impl TenantActor {
         };
         let batch_len = keys.len();
         drop(keys);
-        match self.upload(committed.seq).await {
-            Ok(()) => {}
-            Err(error) => {
-                let exit = if error.is_precondition() {
-                    Exit::Fenced
-                } else {
-                    Exit::StoreFailed
-                };
-                let answer = if error.is_precondition() {
-                    warn!(customer_id = %self.id, epoch, "upload fenced off (412): another machine took over; stepping down");
-                    Err(TenantError::NotHolder)
-                } else {
-                    warn!(customer_id = %self.id, epoch, error = %error, "upload failed; nothing of this batch was acknowledged; stepping down");
-                    Err(TenantError::Unavailable(format!(
-                        "customer {}: could not store the write ({error}); it was not acknowledged and may or may not be applied",
-                        self.id
-                    )))
-                };
+        let mut unanswered = Some((batch, answers));
+        if self.ctx.ack_before_upload {
+            // Bench-only (the original app's behaviour, an upper bound):
+            // answer before the write is durable.
+            let (batch, answers) = unanswered.take().expect("not answered yet");
+            respond(batch, answers, epoch, committed.count);
+        }
+        if let Err(error) = self.upload(committed.seq).await {
+            let exit = if error.is_precondition() {
+                Exit::Fenced
+            } else {
+                Exit::StoreFailed
+            };
+            let answer = if error.is_precondition() {
+                warn!(customer_id = %self.id, epoch, "upload fenced off (412): another machine took over; stepping down");
+                Err(TenantError::NotHolder)
+            } else {
+                warn!(customer_id = %self.id, epoch, error = %error, "upload failed; nothing of this batch was acknowledged; stepping down");
+                Err(TenantError::Unavailable(format!(
+                    "customer {}: could not store the write ({error}); it was not acknowledged and may or may not be applied",
+                    self.id
+                )))
+            };
+            if let Some((batch, _)) = unanswered {
                 answer_all(batch, answer);
-                return Err(exit);
             }
+            return Err(exit);
         }
         self.count = committed.count;
         self.ctx
@@ -282,24 +291,8 @@ impl TenantActor {
             .batch_size
             .with_label_values::<&str>(&[])
             .observe(batch_len as f64);
-        let mut answers = answers.into_iter();
-        for request in batch {
-            let answer = match request.op {
-                Op::Increment { .. } => {
-                    let (count, repeated) = answers.next().expect("one answer per increment");
-                    Answer {
-                        count,
-                        epoch,
-                        repeated,
-                    }
-                }
-                Op::Read => Answer {
-                    count: committed.count,
-                    epoch,
-                    repeated: false,
-                },
-            };
-            let _ = request.reply.send(Ok(answer));
+        if let Some((batch, answers)) = unanswered {
+            respond(batch, answers, epoch, committed.count);
         }
         Ok(())
     }
@@ -387,6 +380,30 @@ impl TenantActor {
             }
         }
         exit
+    }
+}
+
+/// Answers each request of a committed batch: increments with their own
+/// count, reads with the batch's final count.
+fn respond(batch: Vec<Request>, answers: Vec<(u64, bool)>, epoch: u64, count: u64) {
+    let mut answers = answers.into_iter();
+    for request in batch {
+        let answer = match request.op {
+            Op::Increment { .. } => {
+                let (count, repeated) = answers.next().expect("one answer per increment");
+                Answer {
+                    count,
+                    epoch,
+                    repeated,
+                }
+            }
+            Op::Read => Answer {
+                count,
+                epoch,
+                repeated: false,
+            },
+        };
+        let _ = request.reply.send(Ok(answer));
     }
 }
 

@@ -179,11 +179,16 @@ async fn shutdown_signal() {
 }
 
 pub fn init_tracing(format: LogFormat) {
+    init_tracing_at(format, "info");
+}
+
+/// Logging with `level` as the default (`RUST_LOG` overrides it).
+pub fn init_tracing_at(format: LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(
-            "info,aws_config=error,aws_smithy_runtime=warn,hyper=warn,hickory_server=warn",
-        )
+        EnvFilter::new(format!(
+            "{level},aws_config=error,aws_smithy_runtime=warn,hyper=warn,hickory_server=warn"
+        ))
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

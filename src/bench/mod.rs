@@ -1,10 +1,224 @@
-//! `tenantd bench`. TODO: not implemented yet.
+//! `tenantd bench`: durable throughput and latency against concurrency, side
+//! by side with the answer-before-upload upper bound, on the file store
+//! under the fault layer's added latency (like Tigris); the store's own PUT
+//! latency; PUTs per acknowledged write; the cost of an idle tenant;
+//! failover and handoff with real processes; cold starts by database size.
 
+mod cold_start;
+mod failover;
+mod idle;
+mod load;
+mod machines;
+mod report;
+mod svg;
+mod throughput;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
 use clap::Args;
 
-#[derive(Args, Clone, Debug)]
-pub struct BenchArgs {}
+use crate::config::parse_duration;
+use crate::store::retry::RetryPolicy;
+use crate::store::{FaultConfig, Metadata, Precondition, StoreUrl, open_store};
 
-pub async fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("tenantd bench is not implemented yet")
+pub use report::Report;
+
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Shorter runs (3 s per concurrency level, fewer samples): finishes
+    /// within 3 minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write an SVG plot of throughput and p99 against concurrency.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Latency added to every store request (Tigris: tens of milliseconds).
+    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    pub store_latency: Duration,
+    /// Uniform extra latency in [0, jitter] on every store request.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    pub store_jitter: Duration,
+    /// Concurrent clients, one level after the other.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64,256,512")]
+    pub concurrency: Vec<usize>,
+    /// Time per concurrency level [default: 10s, 3s with --quick].
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Lease ttl of the machines (the serve default).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// SIGKILLs of the holder to time failover over.
+    #[arg(long, default_value_t = 5)]
+    pub kills: usize,
+    /// SIGTERMs of the holder to time the handoff over [default: 3, 2 with --quick].
+    #[arg(long)]
+    pub stops: Option<usize>,
+    /// Database sizes for the cold-start figures, in MB.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    pub sizes_mb: Vec<u64>,
+    /// Where to put the scratch stores [default: a new folder under the
+    /// system's temporary folder, removed at the end].
+    #[arg(long)]
+    pub scratch: Option<PathBuf>,
+}
+
+/// The concurrency the headline figures (`durable_rps`, ...) are taken at.
+const HEADLINE_CLIENTS: usize = 256;
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    // The bench's own machines would drown the progress lines at info.
+    crate::server::init_tracing_at(crate::config::LogFormat::Text, "warn");
+    anyhow::ensure!(
+        !args.concurrency.is_empty() && args.concurrency.iter().all(|c| *c > 0),
+        "--concurrency needs at least one level, each above 0"
+    );
+    let duration = args.duration.unwrap_or(if args.quick {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(10)
+    });
+    let stops = args.stops.unwrap_or(if args.quick { 2 } else { 3 });
+    let samples = if args.quick { 50 } else { 200 };
+    let commits = if args.quick { 5 } else { 20 };
+    let faults = format!(
+        r#"{{"latency":"{}","jitter":"{}"}}"#,
+        humantime::format_duration(args.store_latency),
+        humantime::format_duration(args.store_jitter)
+    );
+    let scratch = match &args.scratch {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("tenantd-bench-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&scratch)
+        .with_context(|| format!("cannot create {}", scratch.display()))?;
+    let started = Instant::now();
+    eprintln!(
+        "bench: store latency {:?} ± {:?}, lease ttl {:?}, {:?} per level, scratch {}",
+        args.store_latency,
+        args.store_jitter,
+        args.lease_ttl,
+        duration,
+        scratch.display()
+    );
+
+    eprintln!("bench: [1/6] store PUT latency ({samples} PUTs of 16 KiB)");
+    let store_put_p50_ms = store_put_p50(&scratch.join("put"), &faults, samples).await?;
+    eprintln!("bench:   PUT p50 {store_put_p50_ms:.1} ms");
+
+    eprintln!("bench: [2/6] durable group commit");
+    let durable = throughput::run(
+        &scratch.join("durable"),
+        &faults,
+        args.lease_ttl,
+        false,
+        &args.concurrency,
+        duration,
+    )
+    .await?;
+    eprintln!("bench: [3/6] answer before upload (upper bound, bench-only)");
+    let unsafe_ = throughput::run(
+        &scratch.join("unsafe"),
+        &faults,
+        args.lease_ttl,
+        true,
+        &args.concurrency,
+        duration,
+    )
+    .await?;
+
+    let window = args.lease_ttl.max(Duration::from_secs(3));
+    eprintln!("bench: [4/6] idle tenant: store requests while held and after release");
+    let idle = idle::run(&scratch.join("idle"), &faults, args.lease_ttl, window).await?;
+    eprintln!(
+        "bench:   held: {:.0} store requests/hour; released after {} ms; then {} requests in {} ms",
+        idle.held_requests_per_hour,
+        idle.released_after_ms,
+        idle.requests_after_release,
+        idle.after_release_window_ms
+    );
+
+    eprintln!("bench: [5/6] cold start and commit cost by database size");
+    let cold = cold_start::run(
+        &scratch.join("cold"),
+        &faults,
+        args.lease_ttl,
+        &args.sizes_mb,
+        commits,
+    )
+    .await?;
+
+    eprintln!(
+        "bench: [6/6] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
+        args.kills
+    );
+    let failover = failover::run(
+        &scratch.join("failover"),
+        &faults,
+        args.lease_ttl,
+        args.kills,
+        stops,
+        16,
+    )
+    .await?;
+
+    let report = Report::new(
+        &args,
+        duration,
+        store_put_p50_ms,
+        durable,
+        unsafe_,
+        idle,
+        cold,
+        failover,
+        started.elapsed(),
+    );
+    println!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report.json())?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, report.svg())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    if args.scratch.is_none() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    Ok(())
+}
+
+/// The store's own PUT p50 under the configured faults: what one
+/// acknowledged write cannot beat.
+async fn store_put_p50(
+    root: &std::path::Path,
+    faults: &str,
+    samples: usize,
+) -> anyhow::Result<f64> {
+    let faults: FaultConfig = serde_json::from_str(faults)?;
+    let url = StoreUrl::File(root.to_path_buf());
+    let (store, _) = open_store(&url, faults, RetryPolicy::default(), None).await?;
+    let body = Bytes::from(vec![7u8; 16 * 1024]);
+    let mut latencies = Vec::with_capacity(samples);
+    for n in 0..samples {
+        let started = Instant::now();
+        store
+            .put(
+                &format!("put/{n}"),
+                body.clone(),
+                Metadata::new(),
+                Precondition::None,
+            )
+            .await?;
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies[latencies.len() / 2])
 }

@@ -192,30 +192,28 @@ impl Edge {
                     Ok(m) => m,
                     Err(e) => return self.error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
                 },
-                Some((id, preferred)) => {
-                    match self.sup.ensure_started(id, self.replay_timeout).await {
-                        Ok(addr) => (id.clone(), addr),
-                        Err(_) if *preferred => {
-                            target = None;
-                            continue;
-                        }
-                        Err(e @ MachineError::NotFound(_)) => {
-                            return self.error(
-                                StatusCode::BAD_GATEWAY,
-                                format!("replay target gone: {e} (chain: {})", chain.join(" -> ")),
-                            );
-                        }
-                        Err(e) => {
-                            return self.error(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                format!(
-                                    "replay target unavailable: {e} (chain: {})",
-                                    chain.join(" -> ")
-                                ),
-                            );
-                        }
+                Some((id, preferred)) => match self.sup.reachable(id, self.replay_timeout).await {
+                    Ok(addr) => (id.clone(), addr),
+                    Err(_) if *preferred => {
+                        target = None;
+                        continue;
                     }
-                }
+                    Err(e @ MachineError::NotFound(_)) => {
+                        return self.error(
+                            StatusCode::BAD_GATEWAY,
+                            format!("replay target gone: {e} (chain: {})", chain.join(" -> ")),
+                        );
+                    }
+                    Err(e) => {
+                        return self.error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "replay target unavailable: {e} (chain: {})",
+                                chain.join(" -> ")
+                            ),
+                        );
+                    }
+                },
             };
             let mut h = headers.clone();
             if let Some(src) = &replay_src {

@@ -288,6 +288,22 @@ impl Supervisor {
         }
     }
 
+    /// Where a request for `id` can go: a stopping machine still runs and
+    /// answers (it hands requests on while it drains), as on Fly; a stopped
+    /// one is started first.
+    pub async fn reachable(
+        self: &Arc<Self>,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<SocketAddr, MachineError> {
+        if let Some(m) = self.machine(id)
+            && m.state == MachineState::Stopping
+        {
+            return Ok(m.address);
+        }
+        self.ensure_started(id, timeout).await
+    }
+
     /// Waits until `id` is started (or paused), starting it if it is stopped
     /// (the edge's auto-start). Returns its address.
     pub async fn ensure_started(

@@ -1,0 +1,149 @@
+//! Cold start by database size: the first request on a fresh machine
+//! (acquire the lease, download the database, upload the new epoch), then
+//! the cost of each commit, which uploads the whole file.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use super::load;
+use super::machines::{Machine, Setup, metric_sum};
+use crate::store::retry::RetryPolicy;
+use crate::store::{FaultConfig, Precondition, StoreUrl, keys, open_store};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ColdStart {
+    pub size_mb: u64,
+    /// Size of the database object as stored.
+    pub object_bytes: u64,
+    pub first_request_ms: f64,
+    /// Median latency of one increment from one client (commit + upload).
+    pub commit_p50_ms: f64,
+    /// Mean database upload time per commit, from `tenantd_upload_seconds`.
+    pub upload_mean_ms: f64,
+}
+
+pub async fn run(
+    scratch: &Path,
+    faults: &str,
+    lease_ttl: Duration,
+    sizes_mb: &[u64],
+    commits: usize,
+) -> anyhow::Result<Vec<ColdStart>> {
+    let setup = Setup {
+        store_root: scratch.join("store"),
+        data_dir: scratch.join("local"),
+        customer: None,
+        faults: faults.into(),
+        lease_ttl,
+        idle_timeout: Duration::from_secs(600),
+        ack_before_upload: false,
+    };
+    let http = load::client();
+
+    // Each tenant gets its database from a first machine, which then leaves.
+    let seeder = Machine::start(&setup, "d0000000000004").await?;
+    let seeders = HashMap::from([(seeder.id.clone(), seeder.addr)]);
+    for size in sizes_mb {
+        if !load::increment(&http, &seeders, &seeder.id, &tenant(*size)).await {
+            bail!("could not create the {size} MB tenant's database");
+        }
+    }
+    seeder.stop().await?;
+    let mut object_bytes = HashMap::new();
+    for size in sizes_mb {
+        let bytes = grow(&setup.store_root, &tenant(*size), *size, scratch).await?;
+        object_bytes.insert(*size, bytes);
+    }
+
+    let machine = Machine::start(&setup, "e0000000000005").await?;
+    let machines = HashMap::from([(machine.id.clone(), machine.addr)]);
+    let mut results = Vec::new();
+    for size in sizes_mb {
+        let customer = tenant(*size);
+        let started = Instant::now();
+        if !load::increment(&http, &machines, &machine.id, &customer).await {
+            bail!("the first request to the {size} MB tenant failed");
+        }
+        let first_request_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let metrics = machine.metrics().await?;
+        let (sum_before, count_before) = upload_totals(&metrics);
+        let mut latencies = Vec::with_capacity(commits);
+        for _ in 0..commits {
+            let started = Instant::now();
+            if !load::increment(&http, &machines, &machine.id, &customer).await {
+                bail!("an increment of the {size} MB tenant failed");
+            }
+            latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        let metrics = machine.metrics().await?;
+        let (sum_after, count_after) = upload_totals(&metrics);
+        latencies.sort_by(f64::total_cmp);
+        let result = ColdStart {
+            size_mb: *size,
+            object_bytes: object_bytes[size],
+            first_request_ms,
+            commit_p50_ms: latencies.get(latencies.len() / 2).copied().unwrap_or(0.0),
+            upload_mean_ms: (sum_after - sum_before) * 1000.0
+                / (count_after - count_before).max(1.0),
+        };
+        eprintln!(
+            "bench:   {:>4} MB  first request {:>7.1} ms  commit p50 {:>7.1} ms  upload {:>7.1} ms",
+            size, result.first_request_ms, result.commit_p50_ms, result.upload_mean_ms
+        );
+        results.push(result);
+    }
+    machine.stop().await?;
+    Ok(results)
+}
+
+fn tenant(size_mb: u64) -> String {
+    format!("cold{size_mb}mb")
+}
+
+fn upload_totals(metrics: &str) -> (f64, f64) {
+    (
+        metric_sum(metrics, "tenantd_upload_seconds_sum", &[]),
+        metric_sum(metrics, "tenantd_upload_seconds_count", &[]),
+    )
+}
+
+/// Pads the tenant's stored database with a ballast table to `size_mb`
+/// (random bytes: nothing on the way compresses them), keeping its metadata.
+/// No machine holds the tenant meanwhile, so an unconditional put is safe.
+async fn grow(
+    store_root: &Path,
+    customer: &str,
+    size_mb: u64,
+    scratch: &Path,
+) -> anyhow::Result<u64> {
+    let url = StoreUrl::File(store_root.to_path_buf());
+    let (store, _) = open_store(&url, FaultConfig::default(), RetryPolicy::default(), None).await?;
+    let key = keys::database(customer);
+    let object = store
+        .get(&key)
+        .await?
+        .with_context(|| format!("{key} is missing"))?;
+    let path = scratch.join(format!("{customer}.sqlite3"));
+    std::fs::write(&path, &object.body)?;
+    {
+        let db = rusqlite::Connection::open(&path)?;
+        let chunks = (size_mb * 16) as i64; // 64 KiB each
+        db.execute_batch("CREATE TABLE ballast (b BLOB)")?;
+        db.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
+             INSERT INTO ballast SELECT randomblob(65536) FROM n",
+            [chunks],
+        )?;
+    }
+    let bytes = std::fs::read(&path)?;
+    let len = bytes.len() as u64;
+    store
+        .put(&key, bytes.into(), object.metadata, Precondition::None)
+        .await?;
+    std::fs::remove_file(&path)?;
+    Ok(len)
+}

@@ -1,0 +1,318 @@
+//! The bench's results: a table for people, JSON for tools, an SVG plot,
+//! and the targets each figure is held to.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::cold_start::ColdStart;
+use super::failover::FailoverResult;
+use super::idle::IdleResult;
+use super::svg::{Series, chart};
+use super::throughput::{Level, ModeResult};
+use super::{BenchArgs, HEADLINE_CLIENTS};
+
+pub struct Report {
+    store_latency_ms: f64,
+    store_jitter_ms: f64,
+    lease_ttl_ms: u64,
+    level_duration_ms: u64,
+    store_put_p50_ms: f64,
+    durable: ModeResult,
+    unsafe_: ModeResult,
+    idle: IdleResult,
+    cold: Vec<ColdStart>,
+    failover: FailoverResult,
+    elapsed: Duration,
+}
+
+/// A target and whether this run met it.
+struct Target {
+    what: String,
+    met: bool,
+}
+
+impl Report {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        args: &BenchArgs,
+        level_duration: Duration,
+        store_put_p50_ms: f64,
+        durable: ModeResult,
+        unsafe_: ModeResult,
+        idle: IdleResult,
+        cold: Vec<ColdStart>,
+        failover: FailoverResult,
+        elapsed: Duration,
+    ) -> Report {
+        Report {
+            store_latency_ms: args.store_latency.as_secs_f64() * 1000.0,
+            store_jitter_ms: args.store_jitter.as_secs_f64() * 1000.0,
+            lease_ttl_ms: args.lease_ttl.as_millis() as u64,
+            level_duration_ms: level_duration.as_millis() as u64,
+            store_put_p50_ms,
+            durable,
+            unsafe_,
+            idle,
+            cold,
+            failover,
+            elapsed,
+        }
+    }
+
+    /// The level the headline figures come from: 256 clients, or the
+    /// highest level run when 256 was not.
+    fn headline(mode: &ModeResult) -> &Level {
+        mode.levels
+            .iter()
+            .find(|l| l.clients == HEADLINE_CLIENTS)
+            .or(mode.levels.iter().max_by_key(|l| l.clients))
+            .expect("at least one level")
+    }
+
+    fn failover_p50(&self) -> u64 {
+        let mut sorted = self.failover.failover_ms.clone();
+        sorted.sort_unstable();
+        sorted.get(sorted.len() / 2).copied().unwrap_or(0)
+    }
+
+    fn failover_max(&self) -> u64 {
+        self.failover.failover_ms.iter().copied().max().unwrap_or(0)
+    }
+
+    fn handoff_max(&self) -> u64 {
+        self.failover
+            .handoff_gap_ms
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let durable = Self::headline(&self.durable);
+        let upper = Self::headline(&self.unsafe_);
+        let c = durable.clients;
+        vec![
+            Target {
+                what: format!(
+                    "durable throughput ≥ 50% of the upper bound at {c} clients: {:.0} / {:.0} = {:.0}%",
+                    durable.rps,
+                    upper.rps,
+                    100.0 * durable.rps / upper.rps.max(1e-9)
+                ),
+                met: durable.rps >= 0.5 * upper.rps,
+            },
+            Target {
+                what: format!(
+                    "durable p50 ≤ 2 × store PUT p50 at {c} clients: {:.1} ms ≤ {:.1} ms",
+                    durable.p50_ms,
+                    2.0 * self.store_put_p50_ms
+                ),
+                met: durable.p50_ms <= 2.0 * self.store_put_p50_ms,
+            },
+            Target {
+                what: format!(
+                    "≤ 20 store PUTs per 1,000 acknowledged writes at {c} clients: {:.1}",
+                    durable.puts_per_1000_writes
+                ),
+                met: durable.puts_per_1000_writes <= 20.0,
+            },
+            Target {
+                what: format!(
+                    "failover ≤ lease ttl + 1 s: max {} ms ≤ {} ms",
+                    self.failover_max(),
+                    self.lease_ttl_ms + 1000
+                ),
+                met: self.failover_max() <= self.lease_ttl_ms + 1000,
+            },
+            Target {
+                what: format!(
+                    "graceful handoff gap ≤ 300 ms: max {} ms",
+                    self.handoff_max()
+                ),
+                met: self.handoff_max() <= 300,
+            },
+            Target {
+                what: format!(
+                    "no store request from an idle tenant after its release: {}",
+                    self.idle.requests_after_release
+                ),
+                met: self.idle.requests_after_release == 0,
+            },
+            Target {
+                what: format!(
+                    "no acknowledged write lost: {} acknowledged, final count {}",
+                    self.durable.acked_total, self.durable.final_count
+                ),
+                met: self.durable.final_count >= self.durable.acked_total,
+            },
+        ]
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\ntenantd bench: store latency {} ms ± {} ms, lease ttl {} ms, {} ms per level, {:.0} s in all\n",
+            self.store_latency_ms,
+            self.store_jitter_ms,
+            self.lease_ttl_ms,
+            self.level_duration_ms,
+            self.elapsed.as_secs_f64()
+        );
+        let _ = writeln!(
+            out,
+            "| clients | durable/s | p50 ms | p99 ms | PUTs/1000 | upper bound/s | p50 ms | p99 ms | durable/upper |"
+        );
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (d, u) in self.durable.levels.iter().zip(&self.unsafe_.levels) {
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {:.0}% |",
+                d.clients,
+                d.rps,
+                d.p50_ms,
+                d.p99_ms,
+                d.puts_per_1000_writes,
+                u.rps,
+                u.p50_ms,
+                u.p99_ms,
+                100.0 * d.rps / u.rps.max(1e-9)
+            );
+        }
+        let _ = writeln!(out, "\n| figure | value |\n|---|---:|");
+        let rows = [
+            ("store PUT p50", format!("{:.1} ms", self.store_put_p50_ms)),
+            (
+                "failover after SIGKILL (p50 / max)",
+                format!(
+                    "{} / {} ms over {} kills",
+                    self.failover_p50(),
+                    self.failover_max(),
+                    self.failover.failover_ms.len()
+                ),
+            ),
+            (
+                "handoff gap after SIGTERM (max)",
+                format!(
+                    "{} ms over {} stops, {} failed requests",
+                    self.handoff_max(),
+                    self.failover.handoff_gap_ms.len(),
+                    self.failover.handoff_failed_requests
+                ),
+            ),
+            (
+                "idle held tenant",
+                format!(
+                    "{:.0} store requests/hour",
+                    self.idle.held_requests_per_hour
+                ),
+            ),
+            (
+                "idle tenant after release",
+                format!(
+                    "{} store requests in {} ms",
+                    self.idle.requests_after_release, self.idle.after_release_window_ms
+                ),
+            ),
+            (
+                "RSS per machine (idle / under load)",
+                format!(
+                    "{:.1} / {:.1} MiB",
+                    self.failover.rss_idle_mb, self.failover.rss_load_mb
+                ),
+            ),
+        ];
+        for (name, value) in rows {
+            let _ = writeln!(out, "| {name} | {value} |");
+        }
+        let _ = writeln!(
+            out,
+            "\n| database | first request (acquire + download + epoch upload) | commit p50 | upload per commit |\n|---:|---:|---:|---:|"
+        );
+        for c in &self.cold {
+            let _ = writeln!(
+                out,
+                "| {} MB | {:.0} ms | {:.0} ms | {:.0} ms |",
+                c.size_mb, c.first_request_ms, c.commit_p50_ms, c.upload_mean_ms
+            );
+        }
+        let _ = writeln!(out, "\nTargets:");
+        for target in self.targets() {
+            let mark = if target.met { "met   " } else { "MISSED" };
+            let _ = writeln!(out, "  {mark} {}", target.what);
+        }
+        out
+    }
+
+    pub fn json(&self) -> Value {
+        let durable = Self::headline(&self.durable);
+        let upper = Self::headline(&self.unsafe_);
+        let cold_start_ms: serde_json::Map<String, Value> = self
+            .cold
+            .iter()
+            .map(|c| (format!("{}mb", c.size_mb), json!(c.first_request_ms)))
+            .collect();
+        let commit_ms: serde_json::Map<String, Value> = self
+            .cold
+            .iter()
+            .map(|c| (format!("{}mb", c.size_mb), json!(c.upload_mean_ms)))
+            .collect();
+        json!({
+            "headline_clients": durable.clients,
+            "durable_rps": durable.rps,
+            "unsafe_rps": upper.rps,
+            "durable_p50_ms": durable.p50_ms,
+            "durable_p99_ms": durable.p99_ms,
+            "unsafe_p50_ms": upper.p50_ms,
+            "unsafe_p99_ms": upper.p99_ms,
+            "store_latency_ms": self.store_latency_ms,
+            "store_jitter_ms": self.store_jitter_ms,
+            "store_put_p50_ms": self.store_put_p50_ms,
+            "puts_per_1000_writes": durable.puts_per_1000_writes,
+            "lease_ttl_ms": self.lease_ttl_ms,
+            "failover_ms_p50": self.failover_p50(),
+            "failover_ms_max": self.failover_max(),
+            "failover_ms": self.failover.failover_ms,
+            "handoff_gap_ms": self.handoff_max(),
+            "handoff_gaps_ms": self.failover.handoff_gap_ms,
+            "handoff_failed_requests": self.failover.handoff_failed_requests,
+            "cold_start_ms": cold_start_ms,
+            "upload_per_commit_ms": commit_ms,
+            "cold_start": self.cold,
+            "rss_mb": { "idle": self.failover.rss_idle_mb, "load": self.failover.rss_load_mb },
+            "idle": self.idle,
+            "idle_store_requests_after_release": self.idle.requests_after_release,
+            "durable": self.durable,
+            "unsafe": self.unsafe_,
+            "targets": self.targets().iter().map(|t| json!({ "target": t.what, "met": t.met })).collect::<Vec<_>>(),
+            "elapsed_s": self.elapsed.as_secs_f64(),
+        })
+    }
+
+    pub fn svg(&self) -> String {
+        let series = |mode: &ModeResult, name, color, f: fn(&Level) -> f64| Series {
+            name,
+            color,
+            points: mode
+                .levels
+                .iter()
+                .map(|l| (l.clients as f64, f(l)))
+                .collect(),
+        };
+        chart(
+            &[
+                series(&self.durable, "durable", "#1f77b4", |l| l.rps),
+                series(&self.unsafe_, "answer before upload", "#ff7f0e", |l| l.rps),
+            ],
+            &[
+                series(&self.durable, "durable", "#1f77b4", |l| l.p99_ms),
+                series(&self.unsafe_, "answer before upload", "#ff7f0e", |l| {
+                    l.p99_ms
+                }),
+            ],
+        )
+    }
+}

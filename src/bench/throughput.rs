@@ -1,0 +1,106 @@
+//! Throughput and latency against concurrency: two machines of one tenant,
+//! clients spread over both (the non-holder replays to the holder), once
+//! with durable acknowledgements and once answering before the upload.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::load;
+use super::machines::{Machine, Setup, store_requests};
+
+/// One concurrency level of one mode.
+#[derive(Clone, Debug, Serialize)]
+pub struct Level {
+    pub clients: usize,
+    pub acked: usize,
+    pub errors: usize,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Store PUTs (database uploads and lock renewals) per 1,000 acks.
+    pub puts_per_1000_writes: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModeResult {
+    pub levels: Vec<Level>,
+    /// Acknowledged increments over all levels, and the count read back at
+    /// the end: durable mode must not have lost any.
+    pub acked_total: u64,
+    pub final_count: u64,
+}
+
+pub const CUSTOMER: &str = "bench";
+
+pub async fn run(
+    scratch: &Path,
+    faults: &str,
+    lease_ttl: Duration,
+    ack_before_upload: bool,
+    levels: &[usize],
+    duration: Duration,
+) -> anyhow::Result<ModeResult> {
+    let mode = if ack_before_upload {
+        "answer-before-upload"
+    } else {
+        "durable"
+    };
+    let setup = Setup {
+        store_root: scratch.join("store"),
+        data_dir: scratch.join("local"),
+        customer: Some(CUSTOMER.into()),
+        faults: faults.into(),
+        lease_ttl,
+        idle_timeout: Duration::from_secs(600),
+        ack_before_upload,
+    };
+    let machines = vec![
+        Machine::start(&setup, "a0000000000001").await?,
+        Machine::start(&setup, "b0000000000002").await?,
+    ];
+    let by_id: HashMap<String, _> = machines.iter().map(|m| (m.id.clone(), m.addr)).collect();
+    // The first request settles who holds the lease.
+    let http = load::client();
+    let mut acked_total = 0u64;
+    if load::increment(&http, &by_id, &machines[0].id, CUSTOMER).await {
+        acked_total += 1;
+    }
+    let mut results = Vec::new();
+    for &clients in levels {
+        let (_, puts_before) = store_requests(&machines).await?;
+        let samples = load::run(by_id.clone(), CUSTOMER, clients, duration).await;
+        let (_, puts_after) = store_requests(&machines).await?;
+        let acked = samples.latencies.len();
+        acked_total += acked as u64;
+        let level = Level {
+            clients,
+            acked,
+            errors: samples.errors,
+            rps: acked as f64 / duration.as_secs_f64(),
+            p50_ms: samples.percentile_ms(0.50),
+            p99_ms: samples.percentile_ms(0.99),
+            puts_per_1000_writes: if acked == 0 {
+                0.0
+            } else {
+                (puts_after - puts_before) * 1000.0 / acked as f64
+            },
+        };
+        eprintln!(
+            "bench:   {mode:<21} {clients:>4} clients  {:>8.0} increments/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} PUTs/1000  {} errors",
+            level.rps, level.p50_ms, level.p99_ms, level.puts_per_1000_writes, level.errors
+        );
+        results.push(level);
+    }
+    let final_count = load::read_count(&http, &by_id, &machines[0].id, CUSTOMER).await?;
+    for machine in machines {
+        machine.stop().await?;
+    }
+    Ok(ModeResult {
+        levels: results,
+        acked_total,
+        final_count,
+    })
+}

@@ -14,8 +14,13 @@ use crate::dev::{Cluster, DevConfig, LogSink};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct FailoverResult {
-    /// SIGKILL of the holder → next acknowledged write, per kill.
+    /// SIGKILL of the holder, which never comes back (destroyed, like a
+    /// dead host) → next acknowledged write (the other machine takes over
+    /// by the stale rule), per kill.
     pub failover_ms: Vec<u64>,
+    /// SIGKILL of the holder, restarted 500 ms later under the same machine
+    /// id like Fly's restart policy → next acknowledged write, per kill.
+    pub failover_restart_ms: Vec<u64>,
     /// SIGTERM of the holder → longest stretch without an acknowledged
     /// write until the new holder acknowledged one, per stop.
     pub handoff_gap_ms: Vec<u64>,
@@ -29,6 +34,7 @@ pub struct FailoverResult {
 
 const CUSTOMER: &str = "failover";
 const WAIT: Duration = Duration::from_secs(30);
+const RESTART_DELAY: Duration = Duration::from_millis(500);
 
 pub async fn run(
     scratch: &Path,
@@ -42,7 +48,8 @@ pub async fn run(
     config.customers = vec![CUSTOMER.into()];
     config.machines_per_customer = 2;
     config.lease_ttl = lease_ttl;
-    config.restart_delay = Some(Duration::from_millis(500));
+    // Restarts are done by hand below, to time both kinds of failover.
+    config.restart_delay = None;
     config.log_sink = LogSink::Quiet;
     config.extra_env = vec![("TENANTD_FAULTS".into(), faults.into())];
     let cluster = Cluster::start(config).await?;
@@ -64,18 +71,38 @@ pub async fn run(
     let rss_load_mb = max_rss_mb(&cluster);
 
     let mut failover_ms = Vec::new();
+    let mut failover_restart_ms = Vec::new();
     for n in 1..=kills {
-        let (holder, epoch) = holder(&cluster).await?;
-        let at = t0.elapsed().as_millis() as u64;
-        cluster.kill(&holder)?;
-        let next = next_ack(&load, at, epoch).await?;
-        eprintln!(
-            "bench:   kill {n}/{kills}: holder {holder} (epoch {epoch}) SIGKILLed; next acknowledged write after {} ms",
-            next - at
-        );
-        failover_ms.push(next - at);
-        cluster.wait_started(&holder, WAIT).await?;
-        tokio::time::sleep(lease_ttl / 2).await;
+        for restart in [false, true] {
+            let (holder, epoch) = holder(&cluster).await?;
+            let at = t0.elapsed().as_millis() as u64;
+            cluster.kill(&holder)?;
+            if !restart {
+                // As if its host died: the machine never comes back, so the
+                // other one must take over by the stale rule.
+                cluster.destroy(&holder)?;
+            } else {
+                tokio::time::sleep(RESTART_DELAY).await;
+                cluster.wait_started(&holder, WAIT).await?;
+            }
+            let next = next_ack(&load, at, epoch).await?;
+            let how = if restart {
+                "restarted after 500 ms"
+            } else {
+                "destroyed"
+            };
+            eprintln!(
+                "bench:   kill {n}/{kills}: holder {holder} (epoch {epoch}) SIGKILLed, {how}; next acknowledged write after {} ms",
+                next - at
+            );
+            if restart {
+                failover_restart_ms.push(next - at);
+            } else {
+                failover_ms.push(next - at);
+                cluster.scale(Some(CUSTOMER), 2).await?;
+            }
+            tokio::time::sleep(lease_ttl / 2).await;
+        }
     }
 
     let mut handoff_gap_ms = Vec::new();
@@ -108,6 +135,7 @@ pub async fn run(
         .count();
     Ok(FailoverResult {
         failover_ms,
+        failover_restart_ms,
         handoff_gap_ms,
         handoff_failed_requests,
         rss_idle_mb,

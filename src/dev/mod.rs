@@ -348,6 +348,12 @@ impl Cluster {
         self.shared.sup.stop(id)
     }
 
+    /// `fly machine destroy`: the machine is gone for good (after a kill:
+    /// as if its host had died).
+    pub fn destroy(&self, id: &str) -> Result<(), MachineError> {
+        self.shared.sup.destroy(id)
+    }
+
     pub async fn start_machine(&self, id: &str) -> Result<(), MachineError> {
         self.shared.sup.start(id).await
     }

@@ -30,6 +30,8 @@ use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, keys};
 
 /// Most requests applied in one transaction; bounds a batch's latency.
 const MAX_BATCH: usize = 4096;
+/// Longest wait for a batch to fill once its first request is in.
+const MAX_LINGER: Duration = Duration::from_millis(3);
 
 struct Request {
     op: Op,
@@ -112,6 +114,8 @@ pub struct TenantActor {
     path: PathBuf,
     etag: ETag,
     count: u64,
+    /// Requests in the previous batch: how many to expect in the next.
+    last_batch: usize,
     rx: mpsc::Receiver<Request>,
     stop: CancellationToken,
     done: CancellationToken,
@@ -172,6 +176,7 @@ impl TenantActor {
             path,
             etag,
             count,
+            last_batch: 1,
             rx,
             stop,
             done,
@@ -212,6 +217,21 @@ impl TenantActor {
                     Err(_) => break,
                 }
             }
+            // Clients answered together come back together, a little
+            // apart: without a short wait the first of them would start an
+            // upload alone and the rest would wait for two. A lone client
+            // (last batch of one) never waits.
+            let expected = self.last_batch.min(MAX_BATCH);
+            if batch.len() < expected {
+                let until = tokio::time::Instant::now() + MAX_LINGER;
+                while batch.len() < expected {
+                    match tokio::time::timeout_at(until, self.rx.recv()).await {
+                        Ok(Some(request)) => batch.push(request),
+                        _ => break,
+                    }
+                }
+            }
+            self.last_batch = batch.len();
             if let Err(exit) = self.process(batch).await {
                 break exit;
             }

@@ -411,7 +411,13 @@ impl Registry {
     /// as soon as it is absent, released or stale, so that a dead holder is
     /// replaced without waiting for a request.
     pub async fn standby(self: Arc<Self>, id: TenantId) {
-        let interval = (self.config.lease_ttl / 3).max(Duration::from_millis(50));
+        // A dead holder is noticed within one poll, then taken over one ttl
+        // after its last change was first seen: polling at most a second
+        // apart keeps failover near ttl + 1 s for any ttl, at one GET per
+        // second per standby machine.
+        let interval = (self.config.lease_ttl / 3)
+            .min(Duration::from_secs(1))
+            .max(Duration::from_millis(50));
         loop {
             if self.is_draining() {
                 return;
@@ -424,6 +430,7 @@ impl Registry {
                 }
                 continue;
             }
+            let mut wait = interval;
             let route = {
                 let mut contender = slot.contender.lock().await;
                 if self.is_draining() {
@@ -435,12 +442,17 @@ impl Registry {
                         drop(contender);
                         Some(route)
                     }
-                    Ok(Acquire::HeldBy { record, .. }) => {
+                    Ok(Acquire::HeldBy { record, stale_in }) => {
                         slot.state.lock().unwrap().seen =
                             Some((Instant::now(), Seen::Held(record)));
+                        // Try again the moment it may be taken over.
+                        wait = wait.min(stale_in.max(Duration::from_millis(10)));
                         None
                     }
-                    Ok(Acquire::Unknown { .. }) => None,
+                    Ok(Acquire::Unknown { stale_in }) => {
+                        wait = wait.min(stale_in.max(Duration::from_millis(10)));
+                        None
+                    }
                     Err(e) => {
                         warn!(customer_id = %id, error = %e, "standby cannot read the lock");
                         None
@@ -451,7 +463,7 @@ impl Registry {
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = self.draining.cancelled() => return,
             }
         }

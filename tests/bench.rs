@@ -1,0 +1,77 @@
+//! `tenantd bench` end to end at a small scale: every section runs, the JSON
+//! carries the contract keys, and the figures that are facts rather than
+//! timings hold (nothing acknowledged is lost, an idle tenant goes quiet
+//! after its release). Timings are printed by the bench, not asserted here.
+
+use std::process::Command;
+
+#[test]
+fn bench_runs_every_section_and_reports_the_contract_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let svg = dir.path().join("bench.svg");
+    let output = Command::new(env!("CARGO_BIN_EXE_tenantd"))
+        .args([
+            "bench",
+            "--concurrency",
+            "1,8",
+            "--duration",
+            "1s",
+            "--kills",
+            "2",
+            "--stops",
+            "1",
+            "--sizes-mb",
+            "1",
+            "--lease-ttl",
+            "1s",
+            "--store-latency",
+            "5ms",
+            "--scratch",
+        ])
+        .arg(dir.path().join("scratch"))
+        .arg("--json")
+        .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
+        .output()
+        .expect("tenantd bench runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed:\n{stderr}");
+    assert!(stderr.contains("[6/6]"), "no progress lines:\n{stderr}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in [
+        "durable_rps",
+        "unsafe_rps",
+        "durable_p50_ms",
+        "durable_p99_ms",
+        "store_put_p50_ms",
+        "puts_per_1000_writes",
+        "lease_ttl_ms",
+        "failover_ms_p50",
+        "failover_ms_max",
+        "handoff_gap_ms",
+    ] {
+        assert!(report[key].is_number(), "{key} missing: {report:#}");
+    }
+    assert!(report["durable_rps"].as_f64().unwrap() > 0.0);
+    assert!(report["cold_start_ms"]["1mb"].as_f64().unwrap() > 0.0);
+    assert!(report["rss_mb"]["idle"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["headline_clients"], 8, "headline from the top level");
+    assert_eq!(report["lease_ttl_ms"], 1000);
+    assert_eq!(report["failover_ms"].as_array().unwrap().len(), 2);
+    assert_eq!(report["durable"]["levels"].as_array().unwrap().len(), 2);
+
+    // Facts, not timings.
+    let acked = report["durable"]["acked_total"].as_u64().unwrap();
+    let last = report["durable"]["final_count"].as_u64().unwrap();
+    assert!(acked > 0 && last >= acked, "acked {acked}, final {last}");
+    assert_eq!(report["idle_store_requests_after_release"], 0);
+    let object = report["cold_start"][0]["object_bytes"].as_u64().unwrap();
+    assert!(object >= 1_000_000, "the 1 MB database is {object} bytes");
+
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("polyline"));
+}

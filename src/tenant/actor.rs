@@ -30,8 +30,9 @@ use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, keys};
 
 /// Most requests applied in one transaction; bounds a batch's latency.
 const MAX_BATCH: usize = 4096;
-/// Longest wait for a batch to fill once its first request is in.
-const MAX_LINGER: Duration = Duration::from_millis(3);
+/// Longest wait for a batch to fill once its first request is in; never
+/// more than half an upload either, so a fast store is not slowed down.
+const MAX_LINGER: Duration = Duration::from_millis(10);
 
 struct Request {
     op: Op,
@@ -116,6 +117,8 @@ pub struct TenantActor {
     count: u64,
     /// Requests in the previous batch: how many to expect in the next.
     last_batch: usize,
+    /// How long the last upload took.
+    last_upload: Duration,
     rx: mpsc::Receiver<Request>,
     stop: CancellationToken,
     done: CancellationToken,
@@ -177,6 +180,7 @@ impl TenantActor {
             etag,
             count,
             last_batch: 1,
+            last_upload: Duration::ZERO,
             rx,
             stop,
             done,
@@ -217,26 +221,40 @@ impl TenantActor {
                     Err(_) => break,
                 }
             }
-            // Clients answered together come back together, a little
-            // apart: without a short wait the first of them would start an
-            // upload alone and the rest would wait for two. A lone client
-            // (last batch of one) never waits.
-            let expected = self.last_batch.min(MAX_BATCH);
-            if batch.len() < expected {
-                let until = tokio::time::Instant::now() + MAX_LINGER;
-                while batch.len() < expected {
-                    match tokio::time::timeout_at(until, self.rx.recv()).await {
-                        Ok(Some(request)) => batch.push(request),
-                        _ => break,
-                    }
-                }
-            }
-            self.last_batch = batch.len();
+            self.linger(&mut batch).await;
             if let Err(exit) = self.process(batch).await {
                 break exit;
             }
         };
         self.finish(exit).await
+    }
+
+    /// Clients answered together come back together, a little apart:
+    /// without a short wait the first of them would start an upload alone,
+    /// the rest would wait for two, and the clients would stay split in two
+    /// cohorts. So wait for as many requests as the last batch had, but only
+    /// while they arrive fast enough to all be in within half an upload (a
+    /// longer wait costs more than it saves). A lone client never waits.
+    async fn linger(&mut self, batch: &mut Vec<Request>) {
+        let expected = self.last_batch.min(MAX_BATCH);
+        let cap = (self.last_upload / 2).min(MAX_LINGER);
+        let start = tokio::time::Instant::now();
+        let initial = batch.len();
+        while batch.len() < expected {
+            match tokio::time::timeout_at(start + cap, self.rx.recv()).await {
+                Ok(Some(request)) => batch.push(request),
+                _ => break,
+            }
+            let elapsed = start.elapsed();
+            if elapsed >= cap / 3 {
+                let rate = (batch.len() - initial) as f64 / elapsed.as_secs_f64();
+                let rest = Duration::from_secs_f64((expected - batch.len()) as f64 / rate);
+                if elapsed + rest > cap {
+                    break;
+                }
+            }
+        }
+        self.last_batch = batch.len();
     }
 
     /// Commits and uploads one batch, then answers it. An `Err` means this
@@ -345,6 +363,7 @@ impl TenantActor {
             match result {
                 Ok(etag) => {
                     self.etag = etag;
+                    self.last_upload = started.elapsed();
                     self.ctx
                         .metrics
                         .upload_seconds

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use rand::RngExt;
+use rand::seq::SliceRandom;
 use rand::rngs::StdRng;
 
 use super::history::NemesisEvent;
@@ -21,6 +22,8 @@ pub const KINDS: &[&str] = &[
 ];
 
 /// The schedule: (offset from start, kind, customer), from the seed alone.
+/// Kinds come in shuffled rounds, each kind once per round, so that a run
+/// long enough for one round (about 30 s) uses every nemesis.
 pub fn schedule(
     rng: &mut StdRng,
     duration: Duration,
@@ -29,8 +32,13 @@ pub fn schedule(
 ) -> Vec<(Duration, &'static str, String)> {
     let mut at = Duration::from_secs(2);
     let mut out = Vec::new();
+    let mut round: Vec<&'static str> = Vec::new();
     while at + Duration::from_secs(4) < duration {
-        let kind = kinds[rng.random_range(0..kinds.len())];
+        if round.is_empty() {
+            round = kinds.to_vec();
+            round.shuffle(rng);
+        }
+        let kind = round.pop().expect("refilled above");
         let customer = customers[rng.random_range(0..customers.len())].clone();
         out.push((at, kind, customer));
         at += Duration::from_millis(rng.random_range(3000..6000));
@@ -146,4 +154,37 @@ pub async fn apply(
         start_ms,
         end_ms: t0.elapsed().as_millis() as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    #[test]
+    fn a_one_minute_schedule_uses_every_nemesis_and_replays_from_its_seed() {
+        let customers = vec!["100".to_string(), "200".to_string()];
+        for seed in 0..50 {
+            let plan = schedule(
+                &mut StdRng::seed_from_u64(seed),
+                Duration::from_secs(60),
+                &customers,
+                KINDS,
+            );
+            for kind in KINDS {
+                assert!(
+                    plan.iter().any(|(_, k, _)| k == kind),
+                    "seed {seed}: no {kind} in {plan:?}"
+                );
+            }
+            let again = schedule(
+                &mut StdRng::seed_from_u64(seed),
+                Duration::from_secs(60),
+                &customers,
+                KINDS,
+            );
+            assert_eq!(plan, again);
+        }
+    }
 }

@@ -33,15 +33,7 @@ pub async fn run(
     sizes_mb: &[u64],
     commits: usize,
 ) -> anyhow::Result<Vec<ColdStart>> {
-    let setup = Setup {
-        store_root: scratch.join("store"),
-        data_dir: scratch.join("local"),
-        customer: None,
-        faults: faults.into(),
-        lease_ttl,
-        idle_timeout: Duration::from_secs(600),
-        ack_before_upload: false,
-    };
+    let setup = Setup::new(scratch, faults, lease_ttl);
     let http = load::client();
 
     // Each tenant gets its database from a first machine, which then leaves.

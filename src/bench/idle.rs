@@ -33,13 +33,8 @@ pub async fn run(
 ) -> anyhow::Result<IdleResult> {
     let idle_timeout = window + lease_ttl;
     let setup = Setup {
-        store_root: scratch.join("store"),
-        data_dir: scratch.join("local"),
-        customer: None,
-        faults: faults.into(),
-        lease_ttl,
         idle_timeout,
-        ack_before_upload: false,
+        ..Setup::new(scratch, faults, lease_ttl)
     };
     let machine = Machine::start(&setup, "c0000000000003").await?;
     let machines = HashMap::from([(machine.id.clone(), machine.addr)]);

@@ -37,6 +37,22 @@ pub struct Setup {
     pub ack_before_upload: bool,
 }
 
+impl Setup {
+    /// A durable pool machine storing under `scratch`, which keeps idle
+    /// tenants for the whole bench.
+    pub fn new(scratch: &Path, faults: &str, lease_ttl: Duration) -> Setup {
+        Setup {
+            store_root: scratch.join("store"),
+            data_dir: scratch.join("local"),
+            customer: None,
+            faults: faults.into(),
+            lease_ttl,
+            idle_timeout: Duration::from_secs(600),
+            ack_before_upload: false,
+        }
+    }
+}
+
 pub struct Machine {
     pub id: String,
     pub addr: SocketAddr,

@@ -49,13 +49,9 @@ pub async fn run(
         "durable"
     };
     let setup = Setup {
-        store_root: scratch.join("store"),
-        data_dir: scratch.join("local"),
         customer: Some(CUSTOMER.into()),
-        faults: faults.into(),
-        lease_ttl,
-        idle_timeout: Duration::from_secs(600),
         ack_before_upload,
+        ..Setup::new(scratch, faults, lease_ttl)
     };
     let machines = vec![
         Machine::start(&setup, "a0000000000001").await?,

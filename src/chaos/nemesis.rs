@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use rand::RngExt;
-use rand::seq::SliceRandom;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 
 use super::history::NemesisEvent;
 use crate::dev::Cluster;

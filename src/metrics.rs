@@ -14,6 +14,9 @@ pub struct Metrics {
     pub batch_size: HistogramVec,
     /// Seconds from the start of a database upload to its success.
     pub upload_seconds: HistogramVec,
+    /// Uploads sent before the previous one was confirmed, by outcome:
+    /// `ok`, or `resent` (out of order or mispredicted ETag, sent again).
+    pub pipelined_uploads: IntCounterVec,
     /// 1 when this machine holds the tenant's lease, else 0.
     pub lease_holder: IntGaugeVec,
     /// Epoch of the tenant's lease as last seen by this machine.
@@ -71,6 +74,14 @@ impl Metrics {
             &["customer_id"],
         )
         .unwrap();
+        let pipelined_uploads = IntCounterVec::new(
+            Opts::new(
+                "tenantd_pipelined_uploads_total",
+                "Database uploads sent before the previous one was confirmed, by outcome",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
         let store_requests = IntCounterVec::new(
             Opts::new(
                 "tenantd_store_requests_total",
@@ -88,7 +99,7 @@ impl Metrics {
             &["op"],
         )
         .unwrap();
-        for c in [&requests, &store_requests] {
+        for c in [&requests, &store_requests, &pipelined_uploads] {
             registry.register(Box::new(c.clone())).unwrap();
         }
         for h in [&batch_size, &upload_seconds, &store_seconds] {
@@ -100,6 +111,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            pipelined_uploads,
             batch_size,
             upload_seconds,
             lease_holder,

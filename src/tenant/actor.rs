@@ -3,8 +3,15 @@
 //! Requests arrive through a channel. The actor takes everything queued as
 //! one batch, applies it in one transaction, uploads the whole database with
 //! `If-Match: <etag it last wrote>`, and answers the batch only after that
-//! upload succeeded (group commit). While an upload is in flight the next
-//! batch queues up in the channel.
+//! upload succeeded (group commit).
+//!
+//! Pipelining: when the store's ETags are the MD5 of the body (checked on
+//! every confirmed upload), the next batch's upload is sent while the
+//! previous one is in flight, with `If-Match: <MD5 of the previous body>`.
+//! It can only succeed on top of exactly that body, so fencing is intact; if
+//! it overtook its predecessor on the way it fails with 412 and is sent
+//! again, in order, against the confirmed ETag. Batches are confirmed and
+//! answered strictly in order.
 //!
 //! Fencing: every upload is conditional on the ETag this actor last read or
 //! wrote, and every commit bumps `tenantd_meta.seq`, so the bytes (and the
@@ -12,6 +19,7 @@
 //! epoch and uploading at once; from then on an older holder's upload fails
 //! with 412 and that holder steps down without acknowledging anything.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -26,10 +34,13 @@ use super::{Answer, Op, TenantError};
 use crate::TenantId;
 use crate::lease::Lease;
 use crate::metrics::Metrics;
-use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, keys};
+use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, StoreResult, keys};
 
 /// Most requests applied in one transaction; bounds a batch's latency.
 const MAX_BATCH: usize = 4096;
+/// Uploads under way at once: the next batch's upload is sent while the
+/// previous one is in flight, against the ETag it will have.
+const PIPELINE_DEPTH: usize = 2;
 /// Longest wait for a batch to fill once its first request is in; never
 /// more than half an upload either, so a fast store is not slowed down.
 const MAX_LINGER: Duration = Duration::from_millis(10);
@@ -119,6 +130,12 @@ pub struct TenantActor {
     last_batch: usize,
     /// How long the last upload took.
     last_upload: Duration,
+    /// Committed batches whose uploads are under way, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// Whether the store's ETags are the MD5 of the body (S3 single-part
+    /// PUTs, the file and memory stores), as seen on the last upload: only
+    /// then may the next upload be sent before the last one is confirmed.
+    etags_predictable: bool,
     rx: mpsc::Receiver<Request>,
     stop: CancellationToken,
     done: CancellationToken,
@@ -181,6 +198,8 @@ impl TenantActor {
             count,
             last_batch: 1,
             last_upload: Duration::ZERO,
+            in_flight: VecDeque::new(),
+            etags_predictable: false,
             rx,
             stop,
             done,
@@ -198,17 +217,32 @@ impl TenantActor {
 
     async fn serve(mut self) -> Exit {
         let exit = loop {
+            let idle_after = match self.in_flight.is_empty() {
+                true => self.ctx.idle_timeout,
+                false => None,
+            };
             let idle = async {
-                match self.ctx.idle_timeout {
+                match idle_after {
                     Some(t) => tokio::time::sleep(t).await,
                     None => std::future::pending().await,
                 }
+            };
+            let depth = if self.etags_predictable {
+                PIPELINE_DEPTH
+            } else {
+                1
             };
             let first = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break Exit::Stopped,
                 _ = self.lease.lost() => break Exit::LeaseLost,
-                request = self.rx.recv() => match request {
+                result = front_upload(&mut self.in_flight) => {
+                    if let Err(exit) = self.confirm_front(result).await {
+                        break exit;
+                    }
+                    continue;
+                }
+                request = self.rx.recv(), if self.in_flight.len() < depth => match request {
                     Some(request) => request,
                     None => break Exit::Stopped,
                 },
@@ -257,8 +291,9 @@ impl TenantActor {
         self.last_batch = batch.len();
     }
 
-    /// Commits and uploads one batch, then answers it. An `Err` means this
-    /// actor must end; the batch has been answered by then.
+    /// Commits one batch and starts its upload; the batch is answered when
+    /// the upload is confirmed (`confirm_front`). An `Err` means this actor
+    /// must end; the batch has been answered by then.
     async fn process(&mut self, batch: Vec<Request>) -> Result<(), Exit> {
         if !self.lease.is_valid() {
             answer_all(batch, Err(TenantError::NotHolder));
@@ -271,6 +306,8 @@ impl TenantActor {
                 Op::Read => None,
             })
             .collect();
+        // Reads only: the last confirmed count is what every acknowledged
+        // increment has seen; uploads still under way are not acknowledged.
         if keys.is_empty() {
             let answer = Answer {
                 count: self.count,
@@ -295,6 +332,14 @@ impl TenantActor {
         };
         let batch_len = keys.len();
         drop(keys);
+        let bytes = match read_copy(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(customer_id = %self.id, error = %e, "cannot read the working copy");
+                answer_all(batch, Err(TenantError::Unavailable(e.to_string())));
+                return Err(Exit::StoreFailed);
+            }
+        };
         let mut unanswered = Some((batch, answers));
         if self.ctx.ack_before_upload {
             // Bench-only (the original app's behaviour, an upper bound):
@@ -302,98 +347,202 @@ impl TenantActor {
             let (batch, answers) = unanswered.take().expect("not answered yet");
             respond(batch, answers, epoch, committed.count);
         }
-        if let Err(error) = self.upload(committed.seq).await {
-            let exit = if error.is_precondition() {
-                Exit::Fenced
-            } else {
-                Exit::StoreFailed
-            };
-            let answer = if error.is_precondition() {
-                warn!(customer_id = %self.id, epoch, "upload fenced off (412): another machine took over; stepping down");
-                Err(TenantError::NotHolder)
-            } else {
-                warn!(customer_id = %self.id, epoch, error = %error, "upload failed; nothing of this batch was acknowledged; stepping down");
-                Err(TenantError::Unavailable(format!(
-                    "customer {}: could not store the write ({error}); it was not acknowledged and may or may not be applied",
-                    self.id
-                )))
-            };
-            if let Some((batch, _)) = unanswered {
-                answer_all(batch, answer);
-            }
-            return Err(exit);
-        }
-        self.count = committed.count;
-        self.ctx
-            .metrics
-            .batch_size
-            .with_label_values::<&str>(&[])
-            .observe(batch_len as f64);
-        if let Some((batch, answers)) = unanswered {
-            respond(batch, answers, epoch, committed.count);
-        }
+        // Sent before the previous upload is confirmed, against the ETag
+        // that upload will have: the MD5 of its body. Out of order or
+        // mispredicted, it fails with 412 and is sent again in order.
+        let (condition, pipelined) = match self.in_flight.back() {
+            Some(previous) => (previous.predicted.clone(), true),
+            None => (self.etag.clone(), false),
+        };
+        let metadata = upload_metadata(epoch, committed.seq, &self.ctx.machine_id);
+        let put = self.put(bytes.clone(), metadata.clone(), condition);
+        self.in_flight.push_back(InFlight {
+            unanswered,
+            epoch,
+            count: committed.count,
+            batch_len,
+            predicted: ETag::of(&bytes),
+            bytes,
+            metadata,
+            pipelined,
+            started: Instant::now(),
+            task: tokio::spawn(put),
+        });
         Ok(())
     }
 
-    /// Uploads the working copy with `If-Match`, retrying transient errors
-    /// while the lease lasts. The retrying store has already resolved any
-    /// ambiguous outcome by reading back.
-    async fn upload(&mut self, seq: u64) -> Result<(), StoreError> {
-        let bytes = read_copy(&self.path)?;
-        let metadata = upload_metadata(self.lease.epoch(), seq, &self.ctx.machine_id);
-        let started = std::time::Instant::now();
+    /// One conditional PUT of the database, given up at the lease's
+    /// deadline: past it another machine may be writing, and a request
+    /// must not wait on a store that does not answer.
+    fn put(
+        &self,
+        bytes: Bytes,
+        metadata: Metadata,
+        condition: ETag,
+    ) -> impl Future<Output = StoreResult<ETag>> + Send + 'static {
+        let store = self.ctx.store.clone();
         let key = keys::database(self.id.as_str());
-        loop {
-            let put = self.ctx.store.put(
-                &key,
-                bytes.clone(),
-                metadata.clone(),
-                Precondition::IfMatch(self.etag.clone()),
-            );
-            // Past the lease's deadline another machine may be writing: give
-            // up (the write's fate is then unknown, and said so) rather than
-            // keep a request waiting on a store that does not answer.
-            let result = match tokio::time::timeout_at(self.lease.deadline(), put).await {
+        let deadline = self.lease.deadline();
+        async move {
+            let put = store.put(&key, bytes, metadata, Precondition::IfMatch(condition));
+            match tokio::time::timeout_at(deadline, put).await {
                 Ok(result) => result,
                 Err(_) => Err(StoreError::transient(
                     &key,
                     "the store did not answer before the lease ran out",
                 )),
-            };
+            }
+        }
+    }
+
+    /// Settles the oldest upload: answers its batch when it is durable,
+    /// otherwise sends it again in order (pipelined out of order, or a
+    /// transient failure, within the lease) or ends the actor.
+    async fn confirm_front(&mut self, first: StoreResult<ETag>) -> Result<(), Exit> {
+        let mut upload = self.in_flight.pop_front().expect("an upload in flight");
+        // A 412 for an upload sent only against a predicted ETag says
+        // nothing yet: the previous upload is confirmed by now, so send it
+        // again against the real ETag, once.
+        let mut maybe_applied = false;
+        let mut result = first;
+        let mut retry_412 = upload.pipelined;
+        loop {
             match result {
                 Ok(etag) => {
-                    self.etag = etag;
-                    self.last_upload = started.elapsed();
-                    self.ctx
-                        .metrics
-                        .upload_seconds
-                        .with_label_values::<&str>(&[])
-                        .observe(started.elapsed().as_secs_f64());
+                    if upload.pipelined {
+                        self.pipelined_outcome("ok");
+                    }
+                    self.confirmed(upload, etag);
                     return Ok(());
+                }
+                Err(e) if e.is_precondition() && retry_412 => {
+                    retry_412 = false;
+                    self.pipelined_outcome("resent");
                 }
                 Err(e) if e.is_retryable() && self.lease.is_valid() => {
                     warn!(customer_id = %self.id, error = %e, "upload failed; retrying within the lease");
+                    maybe_applied = true;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(e) => return Err(e),
+                Err(error) => {
+                    let definitely_not_applied = error.is_precondition() && !maybe_applied;
+                    return Err(self.fail(upload, error, definitely_not_applied).await);
+                }
             }
+            result = self
+                .put(
+                    upload.bytes.clone(),
+                    upload.metadata.clone(),
+                    self.etag.clone(),
+                )
+                .await;
+            upload.pipelined = false;
         }
+    }
+
+    fn pipelined_outcome(&self, outcome: &str) {
+        self.ctx
+            .metrics
+            .pipelined_uploads
+            .with_label_values(&[outcome])
+            .inc();
+    }
+
+    fn confirmed(&mut self, upload: InFlight, etag: ETag) {
+        self.etags_predictable = etag == upload.predicted;
+        self.etag = etag;
+        self.count = upload.count;
+        self.last_upload = upload.started.elapsed();
+        self.ctx
+            .metrics
+            .upload_seconds
+            .with_label_values::<&str>(&[])
+            .observe(self.last_upload.as_secs_f64());
+        self.ctx
+            .metrics
+            .batch_size
+            .with_label_values::<&str>(&[])
+            .observe(upload.batch_len as f64);
+        if let Some((batch, answers)) = upload.unanswered {
+            respond(batch, answers, upload.epoch, upload.count);
+        }
+    }
+
+    /// The oldest upload failed for good: this actor steps down. Later
+    /// uploads were sent against its body, so one of them that succeeded
+    /// anyway (the failed one had been applied after all) carries every
+    /// batch up to it; the rest are answered with the failure.
+    async fn fail(&mut self, upload: InFlight, error: StoreError, not_applied: bool) -> Exit {
+        let epoch = upload.epoch;
+        let exit = if error.is_precondition() {
+            warn!(customer_id = %self.id, epoch, "upload fenced off (412): another machine took over; stepping down");
+            Exit::Fenced
+        } else {
+            warn!(customer_id = %self.id, epoch, error = %error, "upload failed; nothing of this batch was acknowledged; stepping down");
+            Exit::StoreFailed
+        };
+        let mut settled = vec![(upload, Err(error), not_applied)];
+        while !self.in_flight.is_empty() {
+            let result = front_upload(&mut self.in_flight).await;
+            let later = self.in_flight.pop_front().expect("awaited above");
+            let not_applied = matches!(&result, Err(e) if e.is_precondition());
+            settled.push((later, result, not_applied));
+        }
+        let durable_upto = settled.iter().rposition(|(_, result, _)| result.is_ok());
+        for (index, (upload, result, not_applied)) in settled.into_iter().enumerate() {
+            let Some((batch, answers)) = upload.unanswered else {
+                continue;
+            };
+            if durable_upto.is_some_and(|last| index <= last) {
+                respond(batch, answers, upload.epoch, upload.count);
+                continue;
+            }
+            let answer = match result {
+                // Definitely not written: the request may go to the new
+                // holder and be applied there.
+                Err(_) if not_applied => Err(TenantError::NotHolder),
+                Err(e) => Err(TenantError::Unavailable(format!(
+                    "customer {}: could not store the write ({e}); it was not acknowledged and may or may not be applied",
+                    self.id
+                ))),
+                Ok(_) => unreachable!("durable uploads are answered above"),
+            };
+            answer_all(batch, answer);
+        }
+        exit
+    }
+
+    /// Settles every upload under way, oldest first.
+    async fn drain_uploads(&mut self) -> Result<(), Exit> {
+        while !self.in_flight.is_empty() {
+            let result = front_upload(&mut self.in_flight).await;
+            self.confirm_front(result).await?;
+        }
+        Ok(())
     }
 
     /// Ends the actor: on a clean stop, commits what is queued and releases
     /// the lease; in every case drops the working copy.
     async fn finish(mut self, exit: Exit) -> Exit {
         let mut exit = exit;
+        // Uploads under way decide their batches' answers, whatever the exit.
+        if let Err(e) = self.drain_uploads().await {
+            exit = e;
+        }
         if matches!(exit, Exit::Stopped | Exit::Idle) {
             self.rx.close();
             let mut rest = Vec::new();
             while let Ok(request) = self.rx.try_recv() {
                 rest.push(request);
             }
-            if !rest.is_empty()
-                && let Err(e) = self.process(rest).await
-            {
-                exit = e;
+            if !rest.is_empty() {
+                let done = match self.process(rest).await {
+                    Ok(()) => self.drain_uploads().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = done {
+                    exit = e;
+                }
             }
         }
         self.rx.close();
@@ -419,6 +568,38 @@ impl TenantActor {
             }
         }
         exit
+    }
+}
+
+/// A batch's requests and the answers of its increments (count, repeated).
+type Unanswered = (Vec<Request>, Vec<(u64, bool)>);
+
+/// A committed batch and its upload.
+struct InFlight {
+    /// `None` when answered before the upload (bench-only setting).
+    unanswered: Option<Unanswered>,
+    epoch: u64,
+    count: u64,
+    batch_len: usize,
+    bytes: Bytes,
+    metadata: Metadata,
+    /// The ETag this upload will have if the store's ETags are body MD5s.
+    predicted: ETag,
+    /// Sent before the previous upload was confirmed.
+    pipelined: bool,
+    started: Instant,
+    task: tokio::task::JoinHandle<StoreResult<ETag>>,
+}
+
+/// The oldest upload's result; pending forever when none is under way.
+async fn front_upload(in_flight: &mut VecDeque<InFlight>) -> StoreResult<ETag> {
+    match in_flight.front_mut() {
+        Some(upload) => (&mut upload.task).await.unwrap_or_else(|e| {
+            Err(StoreError::Fatal {
+                message: format!("upload task failed: {e}"),
+            })
+        }),
+        None => std::future::pending().await,
     }
 }
 

@@ -5,6 +5,7 @@
 mod cluster;
 mod failover;
 mod input;
+mod pipeline;
 mod routing;
 #[path = "../support/mod.rs"]
 mod support;

@@ -256,6 +256,7 @@ impl TenantActor {
                 }
             }
             self.linger(&mut batch).await;
+            self.last_batch = batch.len();
             if let Err(exit) = self.process(batch).await {
                 break exit;
             }
@@ -288,7 +289,6 @@ impl TenantActor {
                 }
             }
         }
-        self.last_batch = batch.len();
     }
 
     /// Commits one batch and starts its upload; the batch is answered when
@@ -498,9 +498,11 @@ impl TenantActor {
                 continue;
             }
             let answer = match result {
-                // Definitely not written: the request may go to the new
-                // holder and be applied there.
-                Err(_) if not_applied => Err(TenantError::NotHolder),
+                // Definitely not written, and another machine holds the
+                // tenant: the request may go there and be applied.
+                Err(_) if not_applied && matches!(exit, Exit::Fenced) => {
+                    Err(TenantError::NotHolder)
+                }
                 Err(e) => Err(TenantError::Unavailable(format!(
                     "customer {}: could not store the write ({e}); it was not acknowledged and may or may not be applied",
                     self.id

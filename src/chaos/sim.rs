@@ -27,7 +27,7 @@ use crate::lease::{Acquire, Contender, Lease, LeaseConfig};
 use crate::store::fault::FaultHandle;
 use crate::store::{
     DynStore, ETag, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition,
-    StoreError,
+    StoreError, StoreResult,
 };
 
 const TTL: Duration = Duration::from_millis(1000);
@@ -187,6 +187,37 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
                 }
                 let lose_response = rng.random_range(0..20) == 0;
                 let fail_before = rng.random_range(0..20) == 0;
+                if fencing && rng.random_range(0..3) == 0 {
+                    // A second batch arrives while the first one's upload is
+                    // in flight: pipelined behind it, possibly overtaking it.
+                    let batch = rng.random_range(1..=4u64);
+                    let keys: Vec<String> = (0..batch)
+                        .map(|_| {
+                            next_key += 1;
+                            format!("k{next_key}")
+                        })
+                        .collect();
+                    let second = Upload {
+                        next: SimDb {
+                            count: upload.next.count + batch,
+                            epoch,
+                            seq: upload.next.seq + 1,
+                        },
+                        base: upload.next,
+                        condition: Precondition::IfMatch(ETag::of(&encode(&upload.next))),
+                        keys,
+                        epoch,
+                        start_ms: now_ms(),
+                    };
+                    let faults = [
+                        (lose_response, fail_before),
+                        (rng.random_range(0..20) == 0, rng.random_range(0..20) == 0),
+                    ];
+                    let overtake = rng.random_range(0..2) == 0;
+                    send_pipelined(m, i, [upload, second], faults, overtake, &mut ops, &now_ms)
+                        .await;
+                    continue;
+                }
                 send(m, i, upload, lose_response, fail_before, &mut ops, now_ms()).await;
             }
             60..=69 => machines[i].step_down(), // crash (a frozen one wakes first)
@@ -297,6 +328,124 @@ async fn send(
                     end_ms,
                     outcome: outcome.clone(),
                 });
+            }
+            m.step_down();
+        }
+    }
+}
+
+/// One PUT of a prepared upload, with injected failures: `fail_before`
+/// never reaches the store; `lose_response` reaches it, and succeeds, but
+/// the answer is lost.
+async fn put(
+    m: &Machine,
+    upload: &Upload,
+    condition: Precondition,
+    faults: (bool, bool),
+) -> StoreResult<ETag> {
+    let (lose_response, fail_before) = faults;
+    if fail_before {
+        return Err(StoreError::transient(DB_KEY, "injected"));
+    }
+    let result = m
+        .store
+        .put(DB_KEY, encode(&upload.next), Metadata::new(), condition)
+        .await;
+    match result {
+        Ok(_) if lose_response => Err(StoreError::transient(DB_KEY, "response lost")),
+        other => other,
+    }
+}
+
+/// Two uploads in flight at once, as the tenant actor pipelines them: the
+/// second is conditional on the first's body MD5 and may reach the store
+/// first. Confirmed in order: a 412 on the second after the first succeeded
+/// is resent once against the real ETag; if the first fails, the second
+/// still counts when it landed (it contains the first), and the machine
+/// steps down.
+async fn send_pipelined(
+    m: &mut Machine,
+    i: usize,
+    uploads: [Upload; 2],
+    faults: [(bool, bool); 2],
+    overtake: bool,
+    ops: &mut Vec<Op>,
+    now_ms: &impl Fn() -> u64,
+) {
+    let [first, second] = uploads;
+    let (r1, mut r2) = if overtake {
+        let r2 = put(m, &second, second.condition.clone(), faults[1]).await;
+        (put(m, &first, first.condition.clone(), faults[0]).await, r2)
+    } else {
+        let r1 = put(m, &first, first.condition.clone(), faults[0]).await;
+        (
+            r1,
+            put(m, &second, second.condition.clone(), faults[1]).await,
+        )
+    };
+    let end_ms = now_ms();
+    let record = |ops: &mut Vec<Op>, upload: &Upload, outcome: Option<Outcome>| {
+        for (n, key) in upload.keys.iter().enumerate() {
+            let outcome = outcome.clone().unwrap_or(Outcome::Ok {
+                count: upload.base.count + n as u64 + 1,
+                epoch: upload.epoch,
+                machine: format!("m{i}"),
+            });
+            ops.push(Op {
+                client: 0,
+                customer: "sim".into(),
+                key: key.clone(),
+                start_ms: upload.start_ms,
+                end_ms,
+                outcome,
+            });
+        }
+    };
+    let failed = |e: &StoreError| {
+        if e.is_precondition() {
+            Outcome::Failed {
+                status: 412,
+                error: e.to_string(),
+            }
+        } else {
+            Outcome::Indeterminate {
+                error: e.to_string(),
+            }
+        }
+    };
+    match r1 {
+        Ok(etag) => {
+            record(ops, &first, None);
+            if matches!(&r2, Err(e) if e.is_precondition()) {
+                r2 = put(
+                    m,
+                    &second,
+                    Precondition::IfMatch(etag.clone()),
+                    (false, false),
+                )
+                .await;
+            }
+            match r2 {
+                Ok(etag) => {
+                    record(ops, &second, None);
+                    m.db = Some((second.next, etag));
+                }
+                Err(e) => {
+                    record(ops, &second, Some(failed(&e)));
+                    m.step_down();
+                }
+            }
+        }
+        Err(e1) => {
+            match &r2 {
+                Ok(_) => {
+                    record(ops, &first, None);
+                    record(ops, &second, None);
+                }
+                Err(e2) => {
+                    record(ops, &first, Some(failed(&e1)));
+                    record(ops, &second, Some(failed(e2)));
+                }
             }
             m.step_down();
         }

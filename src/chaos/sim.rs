@@ -163,12 +163,7 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
                 } else {
                     Precondition::None
                 };
-                let keys: Vec<String> = (0..batch)
-                    .map(|_| {
-                        next_key += 1;
-                        format!("k{next_key}")
-                    })
-                    .collect();
+                let keys = fresh_keys(&mut next_key, batch);
                 let upload = Upload {
                     next,
                     base: db,
@@ -191,12 +186,7 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
                     // A second batch arrives while the first one's upload is
                     // in flight: pipelined behind it, possibly overtaking it.
                     let batch = rng.random_range(1..=4u64);
-                    let keys: Vec<String> = (0..batch)
-                        .map(|_| {
-                            next_key += 1;
-                            format!("k{next_key}")
-                        })
-                        .collect();
+                    let keys = fresh_keys(&mut next_key, batch);
                     let second = Upload {
                         next: SimDb {
                             count: upload.next.count + batch,
@@ -332,6 +322,16 @@ async fn send(
             m.step_down();
         }
     }
+}
+
+/// `n` idempotency keys never used before.
+fn fresh_keys(next_key: &mut u64, n: u64) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            *next_key += 1;
+            format!("k{next_key}")
+        })
+        .collect()
 }
 
 /// One PUT of a prepared upload, with injected failures: `fail_before`

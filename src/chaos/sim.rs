@@ -220,22 +220,13 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
             _ => tokio::time::sleep(Duration::from_millis(rng.random_range(10..800))).await,
         }
     }
-    for m in &mut machines {
+    for (i, m) in machines.iter_mut().enumerate() {
         m.faults.partition(false);
         if let Some(upload) = m.frozen.take() {
-            for key in upload.keys {
-                let outcome = Outcome::Indeterminate {
-                    error: "never answered".into(),
-                };
-                ops.push(Op {
-                    client: 0,
-                    customer: "sim".into(),
-                    key,
-                    start_ms: upload.start_ms,
-                    end_ms: now_ms(),
-                    outcome,
-                });
-            }
+            let never = Outcome::Indeterminate {
+                error: "never answered".into(),
+            };
+            record(&mut ops, i, &upload, now_ms(), Some(never));
         }
     }
     let final_count = match shared.get(DB_KEY).await {
@@ -261,65 +252,49 @@ async fn send(
     ops: &mut Vec<Op>,
     end_ms: u64,
 ) {
-    let result = if fail_before {
-        Err(StoreError::transient(DB_KEY, "injected"))
-    } else {
-        let r = m
-            .store
-            .put(
-                DB_KEY,
-                encode(&upload.next),
-                Metadata::new(),
-                upload.condition.clone(),
-            )
-            .await;
-        if lose_response && r.is_ok() {
-            Err(StoreError::transient(DB_KEY, "response lost"))
-        } else {
-            r
-        }
-    };
-    match result {
+    let condition = upload.condition.clone();
+    match put(m, &upload, condition, (lose_response, fail_before)).await {
         Ok(new_etag) => {
+            record(ops, i, &upload, end_ms, None);
             m.db = Some((upload.next, new_etag));
-            for (n, key) in upload.keys.into_iter().enumerate() {
-                let outcome = Outcome::Ok {
-                    count: upload.base.count + n as u64 + 1,
-                    epoch: upload.epoch,
-                    machine: format!("m{i}"),
-                };
-                ops.push(Op {
-                    client: 0,
-                    customer: "sim".into(),
-                    key,
-                    start_ms: upload.start_ms,
-                    end_ms,
-                    outcome,
-                });
-            }
         }
         Err(e) => {
-            let outcome = if e.is_precondition() {
-                Outcome::Failed {
-                    status: 412,
-                    error: e.to_string(),
-                }
-            } else {
-                Outcome::Indeterminate {
-                    error: e.to_string(),
-                }
-            };
-            for key in upload.keys {
-                ops.push(Op {
-                    client: 0,
-                    customer: "sim".into(),
-                    key,
-                    start_ms: upload.start_ms,
-                    end_ms,
-                    outcome: outcome.clone(),
-                });
-            }
+            record(ops, i, &upload, end_ms, Some(failed(&e)));
             m.step_down();
+        }
+    }
+}
+
+/// Records the outcome of each request of `upload`: acknowledged with its
+/// own count (`None`), or `outcome`.
+fn record(ops: &mut Vec<Op>, i: usize, upload: &Upload, end_ms: u64, outcome: Option<Outcome>) {
+    for (n, key) in upload.keys.iter().enumerate() {
+        let outcome = outcome.clone().unwrap_or(Outcome::Ok {
+            count: upload.base.count + n as u64 + 1,
+            epoch: upload.epoch,
+            machine: format!("m{i}"),
+        });
+        ops.push(Op {
+            client: 0,
+            customer: "sim".into(),
+            key: key.clone(),
+            start_ms: upload.start_ms,
+            end_ms,
+            outcome,
+        });
+    }
+}
+
+/// A 412 was definitely not applied; anything else may have been.
+fn failed(e: &StoreError) -> Outcome {
+    if e.is_precondition() {
+        Outcome::Failed {
+            status: 412,
+            error: e.to_string(),
+        }
+    } else {
+        Outcome::Indeterminate {
+            error: e.to_string(),
         }
     }
 }
@@ -384,38 +359,9 @@ async fn send_pipelined(
         )
     };
     let end_ms = now_ms();
-    let record = |ops: &mut Vec<Op>, upload: &Upload, outcome: Option<Outcome>| {
-        for (n, key) in upload.keys.iter().enumerate() {
-            let outcome = outcome.clone().unwrap_or(Outcome::Ok {
-                count: upload.base.count + n as u64 + 1,
-                epoch: upload.epoch,
-                machine: format!("m{i}"),
-            });
-            ops.push(Op {
-                client: 0,
-                customer: "sim".into(),
-                key: key.clone(),
-                start_ms: upload.start_ms,
-                end_ms,
-                outcome,
-            });
-        }
-    };
-    let failed = |e: &StoreError| {
-        if e.is_precondition() {
-            Outcome::Failed {
-                status: 412,
-                error: e.to_string(),
-            }
-        } else {
-            Outcome::Indeterminate {
-                error: e.to_string(),
-            }
-        }
-    };
     match r1 {
         Ok(etag) => {
-            record(ops, &first, None);
+            record(ops, i, &first, end_ms, None);
             if matches!(&r2, Err(e) if e.is_precondition()) {
                 r2 = put(
                     m,
@@ -427,11 +373,11 @@ async fn send_pipelined(
             }
             match r2 {
                 Ok(etag) => {
-                    record(ops, &second, None);
+                    record(ops, i, &second, end_ms, None);
                     m.db = Some((second.next, etag));
                 }
                 Err(e) => {
-                    record(ops, &second, Some(failed(&e)));
+                    record(ops, i, &second, end_ms, Some(failed(&e)));
                     m.step_down();
                 }
             }
@@ -439,12 +385,12 @@ async fn send_pipelined(
         Err(e1) => {
             match &r2 {
                 Ok(_) => {
-                    record(ops, &first, None);
-                    record(ops, &second, None);
+                    record(ops, i, &first, end_ms, None);
+                    record(ops, i, &second, end_ms, None);
                 }
                 Err(e2) => {
-                    record(ops, &first, Some(failed(&e1)));
-                    record(ops, &second, Some(failed(e2)));
+                    record(ops, i, &first, end_ms, Some(failed(&e1)));
+                    record(ops, i, &second, end_ms, Some(failed(e2)));
                 }
             }
             m.step_down();

@@ -133,9 +133,10 @@ pub struct TenantActor {
     /// Committed batches whose uploads are under way, oldest first.
     in_flight: VecDeque<InFlight>,
     /// Whether the store's ETags are the MD5 of the body (S3 single-part
-    /// PUTs, the file and memory stores), as seen on the last upload: only
-    /// then may the next upload be sent before the last one is confirmed.
-    etags_predictable: bool,
+    /// PUTs, the file and memory stores): only then may the next upload be
+    /// sent before the last one is confirmed. `None` until the first upload
+    /// is confirmed; checked again on every upload whose ETag was predicted.
+    etags_predictable: Option<bool>,
     rx: mpsc::Receiver<Request>,
     stop: CancellationToken,
     done: CancellationToken,
@@ -199,7 +200,7 @@ impl TenantActor {
             last_batch: 1,
             last_upload: Duration::ZERO,
             in_flight: VecDeque::new(),
-            etags_predictable: false,
+            etags_predictable: None,
             rx,
             stop,
             done,
@@ -227,7 +228,7 @@ impl TenantActor {
                     None => std::future::pending().await,
                 }
             };
-            let depth = if self.etags_predictable {
+            let depth = if self.etags_predictable == Some(true) {
                 PIPELINE_DEPTH
             } else {
                 1
@@ -350,8 +351,15 @@ impl TenantActor {
         // Sent before the previous upload is confirmed, against the ETag
         // that upload will have: the MD5 of its body. Out of order or
         // mispredicted, it fails with 412 and is sent again in order.
-        let (condition, pipelined) = match self.in_flight.back() {
-            Some(previous) => (previous.predicted.clone(), true),
+        // The MD5 pass over the body is paid only here, when it saves a
+        // store round trip.
+        let (condition, pipelined) = match self.in_flight.back_mut() {
+            Some(previous) => {
+                let predicted = previous
+                    .predicted
+                    .get_or_insert_with(|| ETag::of(&previous.bytes));
+                (predicted.clone(), true)
+            }
             None => (self.etag.clone(), false),
         };
         let metadata = upload_metadata(epoch, committed.seq, &self.ctx.machine_id);
@@ -361,7 +369,7 @@ impl TenantActor {
             epoch,
             count: committed.count,
             batch_len,
-            predicted: ETag::of(&bytes),
+            predicted: None,
             bytes,
             metadata,
             pipelined,
@@ -449,7 +457,14 @@ impl TenantActor {
     }
 
     fn confirmed(&mut self, upload: InFlight, etag: ETag) {
-        self.etags_predictable = etag == upload.predicted;
+        let predicted = upload.predicted.or_else(|| {
+            self.etags_predictable
+                .is_none()
+                .then(|| ETag::of(&upload.bytes))
+        });
+        if let Some(predicted) = predicted {
+            self.etags_predictable = Some(etag == predicted);
+        }
         self.etag = etag;
         self.count = upload.count;
         self.last_upload = upload.started.elapsed();
@@ -585,8 +600,9 @@ struct InFlight {
     batch_len: usize,
     bytes: Bytes,
     metadata: Metadata,
-    /// The ETag this upload will have if the store's ETags are body MD5s.
-    predicted: ETag,
+    /// The ETag this upload will have if the store's ETags are body MD5s;
+    /// computed when the next upload is pipelined behind this one.
+    predicted: Option<ETag>,
     /// Sent before the previous upload was confirmed.
     pipelined: bool,
     started: Instant,

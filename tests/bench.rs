@@ -37,7 +37,12 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
         .output()
         .expect("tenantd bench runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "bench failed:\n{stderr}");
+    // Shown by the test harness when an assertion below fails.
+    eprintln!("{stderr}");
+    assert!(
+        output.status.success(),
+        "bench failed (its output is above)"
+    );
     assert!(stderr.contains("[6/6]"), "no progress lines:\n{stderr}");
 
     let report: serde_json::Value =

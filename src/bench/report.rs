@@ -240,13 +240,13 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\n| database | first request (acquire + download + epoch upload) | commit p50 | upload per commit |\n|---:|---:|---:|---:|"
+            "\n| database | first request (acquire + download + epoch upload) | commit p50 | upload per commit | retries |\n|---:|---:|---:|---:|---:|"
         );
         for c in &self.cold {
             let _ = writeln!(
                 out,
-                "| {} MB | {:.0} ms | {:.0} ms | {:.0} ms |",
-                c.size_mb, c.first_request_ms, c.commit_p50_ms, c.upload_mean_ms
+                "| {} MB | {:.0} ms | {:.0} ms | {:.0} ms | {} |",
+                c.size_mb, c.first_request_ms, c.commit_p50_ms, c.upload_mean_ms, c.retries
             );
         }
         let _ = writeln!(out, "\nTargets:");

@@ -470,6 +470,32 @@ fn serve_refuses_an_unreachable_store_within_seconds() {
     );
 }
 
+#[test]
+fn serve_refuses_wrong_credentials_with_one_clear_line() {
+    let moto = crate::support::moto_checking_credentials();
+    let env = vec![
+        ("AWS_ENDPOINT_URL_S3".to_string(), moto.endpoint.clone()),
+        ("AWS_REGION".to_string(), "us-east-1".to_string()),
+        (
+            "AWS_ACCESS_KEY_ID".to_string(),
+            "AKIAWRONGWRONGWRONG0".to_string(),
+        ),
+        (
+            "AWS_SECRET_ACCESS_KEY".to_string(),
+            "not-the-secret".to_string(),
+        ),
+    ];
+    let (stderr, took) = failed_start("s3://tenantd-test", env);
+    assert!(
+        stderr.contains("the store rejected the credentials (403")
+            && stderr.contains("check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let error_lines = stderr.lines().filter(|l| l.contains("error")).count();
+    assert_eq!(error_lines, 1, "one clear line: {stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_refuses_to_start_without_credentials() {
     crate::support::fresh_bucket().await;

@@ -54,41 +54,75 @@ pub fn moto_endpoint() -> String {
         if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL_S3")
             && !endpoint.is_empty()
         {
-            return Moto { endpoint, _child: None };
+            return Moto {
+                endpoint,
+                _child: None,
+            };
         }
-        let binary = moto_binary();
-        assert!(
-            binary.exists(),
-            "moto is not installed at {}: run scripts/test (it installs moto into target/moto-venv)",
-            binary.display()
-        );
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        // Serialised moto: its conditional PUTs are not atomic on its
-        // threaded server (see scripts/moto-s3-server.py).
-        let python = binary.with_file_name("python");
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/moto-s3-server.py");
-        let child = Command::new(&python)
-            .arg(&script)
-            .args(["127.0.0.1", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        let _ = CHILD_PID.set(child.id());
+        let (endpoint, child) = spawn_moto(&[]);
+        let _ = CHILD_PID.set(child.0.lock().unwrap().id());
         // Statics are not dropped at exit: make sure moto does not outlive us.
         unsafe {
             atexit(kill_moto_at_exit);
         }
-        let endpoint = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start within 30 s");
-            std::thread::sleep(Duration::from_millis(100));
+        Moto {
+            endpoint,
+            _child: Some(child),
         }
-        Moto { endpoint, _child: Some(ChildGuard(Mutex::new(child))) }
     })
     .endpoint
     .clone()
+}
+
+/// Starts a serialised moto (its conditional PUTs are not atomic on its
+/// threaded server, see scripts/moto-s3-server.py) from target/moto-venv on
+/// a free port; it is killed when the guard is dropped.
+fn spawn_moto(env: &[(&str, &str)]) -> (String, ChildGuard) {
+    let binary = moto_binary();
+    assert!(
+        binary.exists(),
+        "moto is not installed at {}: run scripts/test (it installs moto into target/moto-venv)",
+        binary.display()
+    );
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let python = binary.with_file_name("python");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/moto-s3-server.py");
+    let child = Command::new(&python)
+        .arg(&script)
+        .args(["127.0.0.1", &port.to_string()])
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start moto_server");
+    let guard = ChildGuard(Mutex::new(child));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "moto did not start within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (format!("http://127.0.0.1:{port}"), guard)
+}
+
+/// A moto of its own that checks credentials, as S3 and Tigris do (the
+/// shared one accepts any): every request signed with an access key it
+/// does not know is refused with 403. Stopped when dropped.
+pub struct CheckingMoto {
+    pub endpoint: String,
+    _child: ChildGuard,
+}
+
+pub fn moto_checking_credentials() -> CheckingMoto {
+    // moto enforces IAM authentication after this many requests.
+    let (endpoint, child) = spawn_moto(&[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]);
+    CheckingMoto {
+        endpoint,
+        _child: child,
+    }
 }
 
 /// Environment for a process (or this one) talking to moto.

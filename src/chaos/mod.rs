@@ -7,6 +7,7 @@
 pub mod checker;
 pub mod history;
 pub mod nemesis;
+pub mod service_sim;
 pub mod sim;
 pub mod workload;
 

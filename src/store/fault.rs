@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use rand::RngExt;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -80,6 +81,7 @@ impl FaultHandle {
 pub struct FaultStore {
     inner: DynStore,
     handle: FaultHandle,
+    rng: Mutex<StdRng>,
 }
 
 enum Injected {
@@ -90,9 +92,18 @@ enum Injected {
 
 impl FaultStore {
     pub fn new(inner: DynStore, config: FaultConfig) -> FaultStore {
+        Self::seeded(inner, config, rand::rng().random())
+    }
+
+    /// With its dice seeded: a simulation replays the same faults.
+    pub fn seeded(inner: DynStore, config: FaultConfig, seed: u64) -> FaultStore {
         let handle = FaultHandle::default();
         handle.set(config);
-        FaultStore { inner, handle }
+        FaultStore {
+            inner,
+            handle,
+            rng: Mutex::new(StdRng::seed_from_u64(seed)),
+        }
     }
 
     pub fn handle(&self) -> FaultHandle {
@@ -103,7 +114,7 @@ impl FaultStore {
     async fn before(&self, key: &str, is_put: bool) -> Injected {
         let config = self.handle.get();
         let (delay, roll_error, roll_conflict, roll_lost) = {
-            let mut rng = rand::rng();
+            let mut rng = self.rng.lock().unwrap();
             let jitter = if config.jitter.is_zero() {
                 Duration::ZERO
             } else {

@@ -1,0 +1,453 @@
+//! Deterministic simulation of the service itself, not a model of it: three
+//! machines, each a real `Registry` with real tenant actors (SQLite working
+//! copies, group commit, pipelined uploads, standby takeover, idempotency
+//! keys), on one in-memory store seen through a seeded fault layer and the
+//! retrying layer per machine, as `tenantd serve` stacks them, under tokio's
+//! paused clock.
+//!
+//! Clients route like Fly Proxy (replay to the named holder, elsewhere when
+//! there is none), give up on an attempt after a timeout, and retry with the
+//! same idempotency key, as the contract tells clients to. Nemeses, drawn
+//! from the seed: crash a machine (cut off for good, restarted under the
+//! same machine id), pause one (its store traffic arrives seconds late:
+//! uploads sent before the pause land after the lease has moved on),
+//! partition it, lose responses of its writes, fail its requests, stop it
+//! gracefully. The history and the count in the stored database go through
+//! the same checker as real chaos runs.
+//!
+//! The nemesis schedule and every fault decision come from the seed; tokio
+//! randomises `select!` fairness itself, so a replayed seed runs the same
+//! faults but not always the same interleaving.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use tokio::time::Instant;
+
+use super::checker::{self, Report};
+use super::history::{NemesisEvent, Op, Outcome};
+use crate::TenantId;
+use crate::lease::{LockState, read_lock};
+use crate::metrics::Metrics;
+use crate::store::fault::FaultHandle;
+use crate::store::retry::RetryPolicy;
+use crate::store::{
+    DynStore, FaultConfig, FaultStore, MemoryStore, ObjectStore, RetryingStore, keys,
+};
+use crate::tenant::actor::ActorContext;
+use crate::tenant::db::Db;
+use crate::tenant::{Op as TenantOp, Registry, RegistryConfig, Route, TenantError};
+
+const TTL: Duration = Duration::from_secs(1);
+const CUSTOMER: &str = "sim";
+const MACHINES: usize = 3;
+const CLIENTS: u64 = 4;
+const ATTEMPTS: usize = 8;
+/// A client's patience with one attempt (an HTTP client timeout).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+const BASE_LATENCY: Duration = Duration::from_millis(5);
+const BASE_JITTER: Duration = Duration::from_millis(15);
+
+pub struct ServiceSimOutcome {
+    pub report: Report,
+    pub ops: usize,
+    pub acked: usize,
+    /// Epoch of the stored database at the end: one per holder change.
+    pub final_epoch: u64,
+    pub nemeses: Vec<NemesisEvent>,
+}
+
+/// Runs one seed for `duration` of simulated time, with working copies
+/// under `data_dir`. `ack_before_upload` is the bench's unsafe mode (answer
+/// at commit, before the upload): the simulation must then find lost writes.
+pub fn run_seed(
+    seed: u64,
+    duration: Duration,
+    data_dir: &Path,
+    ack_before_upload: bool,
+) -> ServiceSimOutcome {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    let world = World {
+        shared: Arc::new(MemoryStore::new()),
+        tenant: TenantId::parse(CUSTOMER).expect("valid tenant id"),
+        machines: Mutex::new(
+            (0..MACHINES)
+                .map(|i| Machine {
+                    id: format!("{:014x}", 0xa1 + i),
+                    up: None,
+                })
+                .collect(),
+        ),
+        data_dir: data_dir.to_path_buf(),
+        ack_before_upload,
+        start: runtime.block_on(async { Instant::now() }),
+        incarnations: Mutex::new(0),
+        graveyard: Mutex::new(Vec::new()),
+    };
+    let outcome = runtime.block_on(simulate(Arc::new(world), seed, duration));
+    // Crashed machines' tasks are still parked on the runtime; dropping it
+    // ends them.
+    drop(runtime);
+    outcome
+}
+
+/// One machine id and what currently runs under it.
+struct Machine {
+    id: String,
+    up: Option<Incarnation>,
+}
+
+#[derive(Clone)]
+struct Incarnation {
+    registry: Arc<Registry>,
+    faults: FaultHandle,
+}
+
+struct World {
+    shared: Arc<MemoryStore>,
+    tenant: TenantId,
+    machines: Mutex<Vec<Machine>>,
+    data_dir: PathBuf,
+    ack_before_upload: bool,
+    start: Instant,
+    incarnations: Mutex<u64>,
+    /// Crashed incarnations: cut off from the store for good, kept so that
+    /// their tasks stay parked rather than being dropped mid-flight.
+    graveyard: Mutex<Vec<Incarnation>>,
+}
+
+impl World {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn boot(&self, index: usize, seed: u64) {
+        let n = {
+            let mut count = self.incarnations.lock().unwrap();
+            *count += 1;
+            *count
+        };
+        let id = self.machines.lock().unwrap()[index].id.clone();
+        let fault = FaultStore::seeded(
+            self.shared.clone() as DynStore,
+            FaultConfig {
+                latency: BASE_LATENCY,
+                jitter: BASE_JITTER,
+                ..FaultConfig::default()
+            },
+            seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let faults = fault.handle();
+        let store: DynStore = Arc::new(RetryingStore::new(Arc::new(fault), RetryPolicy::default()));
+        let registry = Registry::new(
+            RegistryConfig {
+                machine_id: id.clone(),
+                advertise: format!("{id}:3000"),
+                lease_ttl: TTL,
+                customer_id: Some(self.tenant.clone()),
+                max_tenants: 1,
+                lock_cache_ttl: TTL / 5,
+            },
+            ActorContext {
+                store,
+                metrics: Metrics::new(),
+                machine_id: id,
+                data_dir: self.data_dir.join(format!("incarnation-{n}")),
+                idle_timeout: None,
+                ack_before_upload: self.ack_before_upload,
+            },
+        );
+        tokio::spawn(registry.clone().standby(self.tenant.clone()));
+        self.machines.lock().unwrap()[index].up = Some(Incarnation { registry, faults });
+    }
+
+    /// SIGKILL: nothing of this process reaches the store any more.
+    fn crash(&self, index: usize) {
+        let gone = self.machines.lock().unwrap()[index].up.take();
+        if let Some(gone) = gone {
+            gone.faults.partition(true);
+            self.graveyard.lock().unwrap().push(gone);
+        }
+    }
+
+    /// SIGTERM: stops taking requests, then commits, uploads and releases.
+    async fn stop(&self, index: usize) {
+        let gone = self.machines.lock().unwrap()[index].up.take();
+        if let Some(gone) = gone {
+            gone.registry.drain().await;
+        }
+    }
+
+    fn lock_key(&self) -> String {
+        keys::lock(CUSTOMER)
+    }
+
+    fn index_of(&self, id: &str) -> Option<usize> {
+        let machines = self.machines.lock().unwrap();
+        machines.iter().position(|m| m.id == id)
+    }
+
+    fn incarnation(&self, index: usize) -> Option<Incarnation> {
+        self.machines.lock().unwrap()[index].up.clone()
+    }
+
+    fn registry_of(&self, id: &str) -> Option<Arc<Registry>> {
+        let machines = self.machines.lock().unwrap();
+        let m = machines.iter().find(|m| m.id == id)?;
+        m.up.as_ref().map(|up| up.registry.clone())
+    }
+
+    /// A machine that is up, other than `not`, chosen like Fly Proxy would.
+    fn pick(&self, rng: &mut StdRng, not: Option<&str>) -> Option<String> {
+        let machines = self.machines.lock().unwrap();
+        let up: Vec<&Machine> = machines
+            .iter()
+            .filter(|m| m.up.is_some() && Some(m.id.as_str()) != not)
+            .collect();
+        (!up.is_empty()).then(|| up[rng.random_range(0..up.len())].id.clone())
+    }
+}
+
+async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSimOutcome {
+    for i in 0..MACHINES {
+        world.boot(i, seed);
+    }
+    let until = world.start + duration;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|n| tokio::spawn(client(world.clone(), n, seed, until)))
+        .collect();
+    let nemeses = nemeses(&world, seed, until).await;
+
+    let mut ops = Vec::new();
+    for client in clients {
+        ops.extend(client.await.expect("client task"));
+    }
+    // Quiet: every machine up and healthy, late uploads landed or refused.
+    for i in 0..MACHINES {
+        match world.incarnation(i) {
+            Some(up) => up.faults.set(FaultConfig::default()),
+            None => world.boot(i, seed),
+        }
+    }
+    tokio::time::sleep(4 * TTL).await;
+    let (final_count, final_epoch) = stored(&world).await;
+    let finals = BTreeMap::from([(CUSTOMER.to_string(), final_count)]);
+    let report = checker::check(&ops, &finals, &nemeses, world.now_ms());
+    ServiceSimOutcome {
+        acked: ops.iter().filter(|op| op.acked().is_some()).count(),
+        ops: ops.len(),
+        report,
+        final_epoch,
+        nemeses,
+    }
+}
+
+/// The count and epoch in the database object itself: what is durable.
+async fn stored(world: &World) -> (u64, u64) {
+    let object = world
+        .shared
+        .get(&keys::database(CUSTOMER))
+        .await
+        .expect("memory store")
+        .expect("the database object exists");
+    let path = world.data_dir.join("final.sqlite3");
+    std::fs::write(&path, &object.body).expect("write the final copy");
+    let db = Db::open(&path).expect("the stored database opens");
+    let result = (db.count().expect("count"), db.epoch().expect("epoch"));
+    drop(db);
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// Increments with unique keys until `until`, each retried with its key.
+async fn client(world: Arc<World>, n: u64, seed: u64, until: Instant) -> Vec<Op> {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(n));
+    let mut ops = Vec::new();
+    let mut k = 0;
+    while Instant::now() < until {
+        let key = format!("c{n}-{k}");
+        k += 1;
+        let start_ms = world.now_ms();
+        let mut outcome = None;
+        let mut maybe_applied = false;
+        let mut last_error = String::new();
+        for _ in 0..ATTEMPTS {
+            let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, increment(&world, &mut rng, &key));
+            match attempt.await {
+                Ok(Ok((count, epoch, machine))) => {
+                    outcome = Some(Outcome::Ok {
+                        count,
+                        epoch,
+                        machine,
+                    });
+                    break;
+                }
+                Ok(Err(Attempt::NotApplied(e))) => last_error = e,
+                Ok(Err(Attempt::Maybe(e))) => {
+                    maybe_applied = true;
+                    last_error = e;
+                }
+                Err(_) => {
+                    maybe_applied = true;
+                    last_error = "timed out".into();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+        }
+        let outcome = outcome.unwrap_or(if maybe_applied {
+            Outcome::Indeterminate { error: last_error }
+        } else {
+            Outcome::Failed {
+                status: 503,
+                error: last_error,
+            }
+        });
+        ops.push(Op {
+            client: n as usize,
+            customer: CUSTOMER.into(),
+            key,
+            start_ms,
+            end_ms: world.now_ms(),
+            outcome,
+        });
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
+    }
+    ops
+}
+
+enum Attempt {
+    /// Nothing of it was written (no machine, not the writer, no lock read).
+    NotApplied(String),
+    /// It may have been written (the store did not confirm in time).
+    Maybe(String),
+}
+
+/// One request through the proxy: to a random machine, then wherever the
+/// routing sends it, as `http.rs` does with `fly-replay`.
+async fn increment(
+    world: &World,
+    rng: &mut StdRng,
+    key: &str,
+) -> Result<(u64, u64, String), Attempt> {
+    let no_machine = || Attempt::NotApplied("no machine is up".into());
+    let mut target = world.pick(rng, None).ok_or_else(no_machine)?;
+    let mut fresh = false;
+    for _hop in 0..6 {
+        let registry = world
+            .registry_of(&target)
+            .ok_or_else(|| Attempt::NotApplied(format!("machine {target} is down")))?;
+        match registry.route(&world.tenant, fresh).await {
+            Route::Local(handle) => {
+                let op = TenantOp::Increment {
+                    idempotency_key: Some(key.to_string()),
+                };
+                match handle.call(op).await {
+                    Ok(answer) => return Ok((answer.count, answer.epoch, target)),
+                    Err(TenantError::NotHolder) => fresh = true,
+                    Err(TenantError::Unavailable(e) | TenantError::Corrupt(e)) => {
+                        return Err(Attempt::Maybe(e));
+                    }
+                }
+            }
+            Route::Holder(record) => {
+                target = record.holder;
+                fresh = true;
+            }
+            Route::Elsewhere => {
+                target = world.pick(rng, Some(&target)).ok_or_else(no_machine)?;
+                fresh = true;
+            }
+            Route::Lookup { .. } => return Err(Attempt::NotApplied("lookup".into())),
+            Route::Unavailable(e) | Route::Corrupt(e) => return Err(Attempt::NotApplied(e)),
+        }
+    }
+    Err(Attempt::NotApplied("too many hops".into()))
+}
+
+/// Faults drawn from the seed until `until`; returns what was done.
+async fn nemeses(world: &World, seed: u64, until: Instant) -> Vec<NemesisEvent> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut events = Vec::new();
+    loop {
+        let pause = Duration::from_millis(rng.random_range(200..1500));
+        tokio::time::sleep(pause).await;
+        if Instant::now() >= until {
+            return events;
+        }
+        // Mostly the holder: faults elsewhere rarely matter.
+        let holder = match read_lock(&(world.shared.clone() as DynStore), &world.lock_key()).await {
+            Ok(LockState::Held { record, .. }) => world.index_of(&record.holder),
+            _ => None,
+        };
+        let index = match holder {
+            Some(holder) if rng.random_range(0..3) > 0 => holder,
+            _ => rng.random_range(0..MACHINES),
+        };
+        let id = world.machines.lock().unwrap()[index].id.clone();
+        let start_ms = world.now_ms();
+        let Some(up) = world.incarnation(index) else {
+            continue;
+        };
+        let lasting = Duration::from_millis(rng.random_range(300..3000));
+        let kind = match rng.random_range(0..7) {
+            0 => {
+                world.crash(index);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..2000))).await;
+                world.boot(index, seed);
+                "kill"
+            }
+            1 => {
+                // Everything it sends in this window arrives late, after
+                // its lease ran out and another machine may have taken over.
+                let late = TTL.mul_f64(rng.random_range(1.2..3.0));
+                up.faults.update(|c| c.latency = late);
+                tokio::time::sleep(lasting).await;
+                up.faults.update(|c| c.latency = BASE_LATENCY);
+                "pause"
+            }
+            2 => {
+                up.faults.partition(true);
+                tokio::time::sleep(lasting).await;
+                up.faults.partition(false);
+                "partition"
+            }
+            3 => {
+                up.faults.update(|c| c.lost_response_rate = 0.3);
+                tokio::time::sleep(lasting).await;
+                up.faults.update(|c| c.lost_response_rate = 0.0);
+                "lost-responses"
+            }
+            4 => {
+                up.faults.update(|c| c.error_rate = 0.4);
+                tokio::time::sleep(lasting).await;
+                up.faults.update(|c| c.error_rate = 0.0);
+                "store-errors"
+            }
+            5 => {
+                world.stop(index).await;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
+                world.boot(index, seed);
+                "stop"
+            }
+            _ => {
+                tokio::time::sleep(lasting).await;
+                "none"
+            }
+        };
+        events.push(NemesisEvent {
+            kind: kind.into(),
+            customer: Some(CUSTOMER.into()),
+            machine: Some(id),
+            start_ms,
+            end_ms: world.now_ms(),
+        });
+    }
+}

@@ -1,36 +1,36 @@
 //! The real service (registries, actors, SQLite, retrying and fault layers)
 //! under a deterministic simulation: seeds of crashes, pauses, partitions,
 //! lost responses, store errors and graceful stops, each checked like a
-//! real chaos run against the count in the stored database.
+//! real chaos run against the counts in the stored databases.
 //! `TENANTD_SERVICE_SIM_SEED=N` runs one seed, `TENANTD_SERVICE_SIM_SEEDS=N`
-//! the first N (40 by default).
+//! the first N of each mode.
 
 use std::time::{Duration, Instant};
 
-use tenantd::chaos::service_sim::run_seed;
+use tenantd::chaos::service_sim::{Mode, run_seed};
 
 const SECONDS: u64 = 20;
 
-#[test]
-fn seeds_of_the_real_service_find_no_violation() {
-    let seeds: Vec<u64> = match std::env::var("TENANTD_SERVICE_SIM_SEED") {
-        Ok(seed) => vec![seed.parse().expect("TENANTD_SERVICE_SIM_SEED is a number")],
-        Err(_) => {
-            let count = std::env::var("TENANTD_SERVICE_SIM_SEEDS").map_or(40, |n| {
-                n.parse().expect("TENANTD_SERVICE_SIM_SEEDS is a number")
-            });
-            (0..count).collect()
-        }
-    };
+fn seeds(default: u64) -> Vec<u64> {
+    if let Ok(seed) = std::env::var("TENANTD_SERVICE_SIM_SEED") {
+        return vec![seed.parse().expect("TENANTD_SERVICE_SIM_SEED is a number")];
+    }
+    let count = std::env::var("TENANTD_SERVICE_SIM_SEEDS").map_or(default, |n| {
+        n.parse().expect("TENANTD_SERVICE_SIM_SEEDS is a number")
+    });
+    (0..count).collect()
+}
+
+fn no_violation_in_any_seed(mode: Mode, default_seeds: u64) {
     let started = Instant::now();
     let (mut ops, mut acked, mut epochs) = (0, 0, 0);
     let mut kinds = std::collections::BTreeSet::new();
-    for seed in seeds {
+    for seed in seeds(default_seeds) {
         let dir = tempfile::tempdir().unwrap();
-        let outcome = run_seed(seed, Duration::from_secs(SECONDS), dir.path(), false);
+        let outcome = run_seed(seed, Duration::from_secs(SECONDS), dir.path(), mode, false);
         assert!(
             outcome.report.violations.is_empty(),
-            "seed {seed} (replay: TENANTD_SERVICE_SIM_SEED={seed} cargo test --test service_sim): {:?}",
+            "{mode:?} seed {seed} (replay: TENANTD_SERVICE_SIM_SEED={seed} cargo test --test service_sim): {:?}",
             outcome.report.violations
         );
         ops += outcome.ops;
@@ -39,10 +39,21 @@ fn seeds_of_the_real_service_find_no_violation() {
         kinds.extend(outcome.nemeses.iter().map(|n| n.kind.clone()));
     }
     eprintln!(
-        "{ops} operations, {acked} acknowledged, {epochs} holder epochs, nemeses {kinds:?}, in {:?}",
+        "{mode:?}: {ops} operations, {acked} acknowledged, {epochs} holder epochs, nemeses {kinds:?}, in {:?}",
         started.elapsed()
     );
     assert!(acked > ops / 2, "mostly available: {acked} of {ops}");
+    assert!(kinds.len() >= 6, "every kind of nemesis ran: {kinds:?}");
+}
+
+#[test]
+fn single_tenant_machines_lose_nothing_under_simulated_chaos() {
+    no_violation_in_any_seed(Mode::Single, 30);
+}
+
+#[test]
+fn pool_machines_handing_tenants_back_and_forth_lose_nothing() {
+    no_violation_in_any_seed(Mode::Pool, 20);
 }
 
 #[test]
@@ -52,7 +63,8 @@ fn answering_before_the_upload_is_caught_as_lost_writes() {
     // simulation must see it.
     let found = (0..20u64).find_map(|seed| {
         let dir = tempfile::tempdir().unwrap();
-        let report = run_seed(seed, Duration::from_secs(SECONDS), dir.path(), true).report;
+        let secs = Duration::from_secs(SECONDS);
+        let report = run_seed(seed, secs, dir.path(), Mode::Single, true).report;
         (!report.violations.is_empty()).then_some((seed, report.violations))
     });
     let (seed, violations) = found.expect("some seed must lose an acknowledged write");

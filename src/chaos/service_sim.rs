@@ -43,7 +43,8 @@ use crate::tenant::db::Db;
 use crate::tenant::{Op as TenantOp, Registry, RegistryConfig, Route, TenantError};
 
 const TTL: Duration = Duration::from_secs(1);
-const CUSTOMER: &str = "sim";
+/// Single-tenant mode serves the first; pool mode all of them.
+const CUSTOMERS: [&str; 2] = ["sim", "simpool"];
 const MACHINES: usize = 3;
 const CLIENTS: u64 = 4;
 const ATTEMPTS: usize = 8;
@@ -68,6 +69,7 @@ pub fn run_seed(
     seed: u64,
     duration: Duration,
     data_dir: &Path,
+    mode: Mode,
     ack_before_upload: bool,
 ) -> ServiceSimOutcome {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -77,7 +79,14 @@ pub fn run_seed(
         .expect("runtime");
     let world = World {
         shared: Arc::new(MemoryStore::new()),
-        tenant: TenantId::parse(CUSTOMER).expect("valid tenant id"),
+        tenants: match mode {
+            Mode::Single => &CUSTOMERS[..1],
+            Mode::Pool => &CUSTOMERS[..],
+        }
+        .iter()
+        .map(|c| TenantId::parse(c).expect("valid tenant id"))
+        .collect(),
+        mode,
         machines: Mutex::new(
             (0..MACHINES)
                 .map(|i| Machine {
@@ -99,6 +108,16 @@ pub fn run_seed(
     outcome
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every machine serves one tenant (`CUSTOMER_ID` set), with standby
+    /// takeover.
+    Single,
+    /// Any machine serves two tenants but holds at most one at a time, and
+    /// releases it after 700 ms idle: leases change hands constantly.
+    Pool,
+}
+
 /// One machine id and what currently runs under it.
 struct Machine {
     id: String,
@@ -113,7 +132,8 @@ struct Incarnation {
 
 struct World {
     shared: Arc<MemoryStore>,
-    tenant: TenantId,
+    tenants: Vec<TenantId>,
+    mode: Mode,
     machines: Mutex<Vec<Machine>>,
     data_dir: PathBuf,
     ack_before_upload: bool,
@@ -152,7 +172,10 @@ impl World {
                 machine_id: id.clone(),
                 advertise: format!("{id}:3000"),
                 lease_ttl: TTL,
-                customer_id: Some(self.tenant.clone()),
+                customer_id: match self.mode {
+                    Mode::Single => Some(self.tenants[0].clone()),
+                    Mode::Pool => None,
+                },
                 max_tenants: 1,
                 lock_cache_ttl: TTL / 5,
             },
@@ -161,11 +184,16 @@ impl World {
                 metrics: Metrics::new(),
                 machine_id: id,
                 data_dir: self.data_dir.join(format!("incarnation-{n}")),
-                idle_timeout: None,
+                idle_timeout: match self.mode {
+                    Mode::Single => None,
+                    Mode::Pool => Some(Duration::from_millis(700)),
+                },
                 ack_before_upload: self.ack_before_upload,
             },
         );
-        tokio::spawn(registry.clone().standby(self.tenant.clone()));
+        if self.mode == Mode::Single {
+            tokio::spawn(registry.clone().standby(self.tenants[0].clone()));
+        }
         self.machines.lock().unwrap()[index].up = Some(Incarnation { registry, faults });
     }
 
@@ -184,10 +212,6 @@ impl World {
         if let Some(gone) = gone {
             gone.registry.drain().await;
         }
-    }
-
-    fn lock_key(&self) -> String {
-        keys::lock(CUSTOMER)
     }
 
     fn index_of(&self, id: &str) -> Option<usize> {
@@ -238,8 +262,13 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
         }
     }
     tokio::time::sleep(4 * TTL).await;
-    let (final_count, final_epoch) = stored(&world).await;
-    let finals = BTreeMap::from([(CUSTOMER.to_string(), final_count)]);
+    let mut finals = BTreeMap::new();
+    let mut final_epoch = 0;
+    for tenant in &world.tenants {
+        let (count, epoch) = stored(&world, tenant.as_str()).await;
+        finals.insert(tenant.to_string(), count);
+        final_epoch += epoch;
+    }
     let report = checker::check(&ops, &finals, &nemeses, world.now_ms());
     ServiceSimOutcome {
         acked: ops.iter().filter(|op| op.acked().is_some()).count(),
@@ -251,14 +280,16 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
 }
 
 /// The count and epoch in the database object itself: what is durable.
-async fn stored(world: &World) -> (u64, u64) {
+async fn stored(world: &World, customer: &str) -> (u64, u64) {
     let object = world
         .shared
-        .get(&keys::database(CUSTOMER))
+        .get(&keys::database(customer))
         .await
-        .expect("memory store")
-        .expect("the database object exists");
-    let path = world.data_dir.join("final.sqlite3");
+        .expect("memory store");
+    let Some(object) = object else {
+        return (0, 0);
+    };
+    let path = world.data_dir.join(format!("final-{customer}.sqlite3"));
     std::fs::write(&path, &object.body).expect("write the final copy");
     let db = Db::open(&path).expect("the stored database opens");
     let result = (db.count().expect("count"), db.epoch().expect("epoch"));
@@ -275,12 +306,14 @@ async fn client(world: Arc<World>, n: u64, seed: u64, until: Instant) -> Vec<Op>
     while Instant::now() < until {
         let key = format!("c{n}-{k}");
         k += 1;
+        let tenant = &world.tenants[rng.random_range(0..world.tenants.len())];
         let start_ms = world.now_ms();
         let mut outcome = None;
         let mut maybe_applied = false;
         let mut last_error = String::new();
         for _ in 0..ATTEMPTS {
-            let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, increment(&world, &mut rng, &key));
+            let attempt =
+                tokio::time::timeout(ATTEMPT_TIMEOUT, increment(&world, &mut rng, tenant, &key));
             match attempt.await {
                 Ok(Ok((count, epoch, machine))) => {
                     outcome = Some(Outcome::Ok {
@@ -312,7 +345,7 @@ async fn client(world: Arc<World>, n: u64, seed: u64, until: Instant) -> Vec<Op>
         });
         ops.push(Op {
             client: n as usize,
-            customer: CUSTOMER.into(),
+            customer: tenant.to_string(),
             key,
             start_ms,
             end_ms: world.now_ms(),
@@ -335,6 +368,7 @@ enum Attempt {
 async fn increment(
     world: &World,
     rng: &mut StdRng,
+    tenant: &TenantId,
     key: &str,
 ) -> Result<(u64, u64, String), Attempt> {
     let no_machine = || Attempt::NotApplied("no machine is up".into());
@@ -344,7 +378,7 @@ async fn increment(
         let registry = world
             .registry_of(&target)
             .ok_or_else(|| Attempt::NotApplied(format!("machine {target} is down")))?;
-        match registry.route(&world.tenant, fresh).await {
+        match registry.route(tenant, fresh).await {
             Route::Local(handle) => {
                 let op = TenantOp::Increment {
                     idempotency_key: Some(key.to_string()),
@@ -382,8 +416,10 @@ async fn nemeses(world: &World, seed: u64, until: Instant) -> Vec<NemesisEvent> 
         if Instant::now() >= until {
             return events;
         }
-        // Mostly the holder: faults elsewhere rarely matter.
-        let holder = match read_lock(&(world.shared.clone() as DynStore), &world.lock_key()).await {
+        // Mostly a holder: faults elsewhere rarely matter.
+        let customer = &world.tenants[rng.random_range(0..world.tenants.len())];
+        let lock = keys::lock(customer.as_str());
+        let holder = match read_lock(&(world.shared.clone() as DynStore), &lock).await {
             Ok(LockState::Held { record, .. }) => world.index_of(&record.holder),
             _ => None,
         };
@@ -444,7 +480,7 @@ async fn nemeses(world: &World, seed: u64, until: Instant) -> Vec<NemesisEvent> 
         };
         events.push(NemesisEvent {
             kind: kind.into(),
-            customer: Some(CUSTOMER.into()),
+            customer: holder.map(|_| customer.to_string()),
             machine: Some(id),
             start_ms,
             end_ms: world.now_ms(),

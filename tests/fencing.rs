@@ -83,7 +83,7 @@ async fn a_paused_holders_late_upload_is_refused_and_the_new_holders_data_surviv
         .await
         .unwrap();
     let (answers, _) = db_b.apply(lease_b.epoch(), &[None, None]).unwrap();
-    assert_eq!(answers.last().unwrap().0, 3);
+    assert_eq!(answers.last().unwrap().count, 3);
     let etag_b = store
         .put(
             &db_key,

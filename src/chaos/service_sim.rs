@@ -149,7 +149,11 @@ impl World {
         self.start.elapsed().as_millis() as u64
     }
 
+    /// Starts the machine unless it is up: one process per machine id.
     fn boot(&self, index: usize, seed: u64) {
+        if self.incarnation(index).is_some() {
+            return;
+        }
         let n = {
             let mut count = self.incarnations.lock().unwrap();
             *count += 1;
@@ -248,7 +252,15 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
     let clients: Vec<_> = (0..CLIENTS)
         .map(|n| tokio::spawn(client(world.clone(), n, seed, until)))
         .collect();
-    let nemeses = nemeses(&world, seed, until).await;
+    // Two independent streams, so faults overlap: a holder paused while
+    // its successor crashes, a partition during a graceful stop.
+    let second = tokio::spawn({
+        let world = world.clone();
+        async move { nemeses(&world, seed ^ 0x5eed, until).await }
+    });
+    let mut nemeses = nemeses(&world, seed, until).await;
+    nemeses.extend(second.await.expect("nemesis task"));
+    nemeses.sort_by_key(|n| n.start_ms);
 
     let mut ops = Vec::new();
     for client in clients {

@@ -588,8 +588,8 @@ impl TenantActor {
     }
 }
 
-/// A batch's requests and the answers of its increments (count, repeated).
-type Unanswered = (Vec<Request>, Vec<(u64, bool)>);
+/// A batch's requests and the answers of its increments.
+type Unanswered = (Vec<Request>, Vec<Answer>);
 
 /// A committed batch and its upload.
 struct InFlight {
@@ -623,18 +623,13 @@ async fn front_upload(in_flight: &mut VecDeque<InFlight>) -> StoreResult<ETag> {
 
 /// Answers each request of a committed batch: increments with their own
 /// count, reads with the batch's final count.
-fn respond(batch: Vec<Request>, answers: Vec<(u64, bool)>, epoch: u64, count: u64) {
+/// Answers a batch: each increment with its own answer, reads with the
+/// batch's count.
+fn respond(batch: Vec<Request>, answers: Vec<Answer>, epoch: u64, count: u64) {
     let mut answers = answers.into_iter();
     for request in batch {
         let answer = match request.op {
-            Op::Increment { .. } => {
-                let (count, repeated) = answers.next().expect("one answer per increment");
-                Answer {
-                    count,
-                    epoch,
-                    repeated,
-                }
-            }
+            Op::Increment { .. } => answers.next().expect("one answer per increment"),
             Op::Read => Answer {
                 count,
                 epoch,

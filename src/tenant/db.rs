@@ -15,6 +15,8 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
+use super::Answer;
+
 /// How many idempotency keys a tenant remembers (oldest out first).
 pub const IDEMPOTENCY_KEYS_KEPT: i64 = 10_000;
 
@@ -89,13 +91,13 @@ impl Db {
     }
 
     /// Applies a batch of increments in one transaction. `keys[i]` is the
-    /// idempotency key of the i-th increment, if any. Returns, for each, the
-    /// count it answers with and whether it was a repeat of an earlier key.
+    /// idempotency key of the i-th increment, if any. Returns the answer of
+    /// each: a repeated key gets its first answer (count and epoch).
     pub fn apply(
         &mut self,
         epoch: u64,
         keys: &[Option<&str>],
-    ) -> rusqlite::Result<(Vec<(u64, bool)>, Committed)> {
+    ) -> rusqlite::Result<(Vec<Answer>, Committed)> {
         let tx = self.conn.transaction()?;
         if tx.query_row("SELECT count(*) FROM welcome", [], |r| r.get::<_, i64>(0))? == 0 {
             tx.execute("INSERT INTO welcome (count) VALUES (0)", [])?;
@@ -104,16 +106,19 @@ impl Db {
         let mut answers = Vec::with_capacity(keys.len());
         for key in keys {
             if let Some(key) = key {
-                let seen: Option<u64> = tx
+                let seen = tx
                     .query_row(
-                        "SELECT count FROM tenantd_idempotency WHERE key = ?1",
+                        "SELECT count, epoch FROM tenantd_idempotency WHERE key = ?1",
                         [key],
-                        |r| r.get::<_, i64>(0),
+                        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
                     )
-                    .optional()?
-                    .map(|c| c as u64);
-                if let Some(seen) = seen {
-                    answers.push((seen, true));
+                    .optional()?;
+                if let Some((count, first_epoch)) = seen {
+                    answers.push(Answer {
+                        count: count as u64,
+                        epoch: first_epoch as u64,
+                        repeated: true,
+                    });
                     continue;
                 }
                 current += 1;
@@ -124,7 +129,11 @@ impl Db {
             } else {
                 current += 1;
             }
-            answers.push((current, false));
+            answers.push(Answer {
+                count: current,
+                epoch,
+                repeated: false,
+            });
         }
         tx.execute("UPDATE welcome SET count = ?1", [current as i64])?;
         tx.execute(
@@ -185,6 +194,10 @@ fn bump_seq(tx: &Transaction) -> rusqlite::Result<u64> {
 mod tests {
     use super::*;
 
+    fn counts(answers: &[Answer]) -> Vec<(u64, bool)> {
+        answers.iter().map(|a| (a.count, a.repeated)).collect()
+    }
+
     fn fresh() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("db.sqlite3")).unwrap();
@@ -195,7 +208,7 @@ mod tests {
     fn increments_count_and_bump_seq() {
         let (_dir, mut db) = fresh();
         let (answers, c) = db.apply(3, &[None, None, None]).unwrap();
-        assert_eq!(answers, vec![(1, false), (2, false), (3, false)]);
+        assert_eq!(counts(&answers), vec![(1, false), (2, false), (3, false)]);
         assert_eq!(c.count, 3);
         let (_, c2) = db.apply(3, &[]).unwrap();
         assert_eq!(c2.count, 3);
@@ -207,10 +220,29 @@ mod tests {
     fn idempotency_key_counts_once_even_within_a_batch() {
         let (_dir, mut db) = fresh();
         let (answers, _) = db.apply(1, &[Some("k"), None, Some("k")]).unwrap();
-        assert_eq!(answers, vec![(1, false), (2, false), (1, true)]);
+        assert_eq!(counts(&answers), vec![(1, false), (2, false), (1, true)]);
         let (answers, c) = db.apply(1, &[Some("k")]).unwrap();
-        assert_eq!(answers, vec![(1, true)]);
+        assert_eq!(counts(&answers), vec![(1, true)]);
         assert_eq!(c.count, 2);
+    }
+
+    #[test]
+    fn a_repeated_key_answers_with_the_epoch_it_was_first_applied_under() {
+        let (_dir, mut db) = fresh();
+        db.apply(4, &[Some("k")]).unwrap();
+        db.claim(5).unwrap();
+        let (answers, _) = db.apply(5, &[Some("k"), Some("new")]).unwrap();
+        let first = Answer {
+            count: 1,
+            epoch: 4,
+            repeated: true,
+        };
+        let new = Answer {
+            count: 2,
+            epoch: 5,
+            repeated: false,
+        };
+        assert_eq!(answers, vec![first, new]);
     }
 
     #[test]
@@ -224,8 +256,11 @@ mod tests {
         let (answers, _) = db
             .apply(1, &[Some("k0"), Some(keys.last().unwrap())])
             .unwrap();
-        assert!(!answers[0].1, "the oldest key must have been dropped");
-        assert!(answers[1].1, "the newest key must be remembered");
+        assert!(
+            !answers[0].repeated,
+            "the oldest key must have been dropped"
+        );
+        assert!(answers[1].repeated, "the newest key must be remembered");
     }
 
     #[test]
@@ -253,6 +288,6 @@ mod tests {
         drop(conn);
         let mut db = Db::open(&path).unwrap();
         let (answers, _) = db.apply(1, &[None]).unwrap();
-        assert_eq!(answers[0].0, 42);
+        assert_eq!(answers[0].count, 42);
     }
 }

@@ -8,7 +8,7 @@
 //! sidecar `<root>/.tenantd/meta/<key>.json` written under the same lock.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use async_trait::async_trait;
@@ -113,43 +113,50 @@ impl FileStore {
             .map_err(|(_, e)| Self::io_error(key, "flock", e.into()))
     }
 
-    fn read_meta(
-        key: &str,
-        paths: &KeyPaths,
-        body: Option<&[u8]>,
-    ) -> StoreResult<Option<(ETag, Metadata, u64)>> {
+    /// The object's sidecar; `None` for a file put there by hand.
+    fn read_sidecar(key: &str, paths: &KeyPaths) -> StoreResult<Option<Sidecar>> {
+        match fs::read(&paths.sidecar) {
+            Ok(bytes) => Ok(serde_json::from_slice::<Sidecar>(&bytes).ok()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Self::io_error(key, "reading metadata", e)),
+        }
+    }
+
+    fn read_meta(key: &str, paths: &KeyPaths) -> StoreResult<Option<(ETag, Metadata, u64)>> {
         let size = match fs::metadata(&paths.data) {
             Ok(m) => m.len(),
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Self::io_error(key, "stat", e)),
         };
-        match fs::read(&paths.sidecar) {
-            Ok(bytes) => {
-                if let Ok(sidecar) = serde_json::from_slice::<Sidecar>(&bytes) {
-                    return Ok(Some((ETag(sidecar.etag), sidecar.metadata, size)));
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(Self::io_error(key, "reading metadata", e)),
+        if let Some(sidecar) = Self::read_sidecar(key, paths)? {
+            return Ok(Some((ETag(sidecar.etag), sidecar.metadata, size)));
         }
         // A file put there by hand (no sidecar): its ETag is its hash.
-        let etag = match body {
-            Some(body) => ETag::of(body),
-            None => ETag::of(&fs::read(&paths.data).map_err(|e| Self::io_error(key, "read", e))?),
-        };
-        Ok(Some((etag, Metadata::new(), size)))
+        let body = fs::read(&paths.data).map_err(|e| Self::io_error(key, "read", e))?;
+        Ok(Some((ETag::of(&body), Metadata::new(), size)))
     }
 
     fn get_blocking(&self, key: &str) -> StoreResult<Option<Object>> {
         let paths = self.paths(key)?;
-        let _guard = Self::lock(key, &paths)?;
-        let body = match fs::read(&paths.data) {
-            Ok(body) => body,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Self::io_error(key, "read", e)),
+        // Under the lock only open the file and read its sidecar: the open
+        // handle keeps these bytes even if a put renames new ones over them,
+        // so the body is read after the lock is released. (A process stopped
+        // while holding the lock stalls everyone: keep that window short.)
+        let (mut file, sidecar) = {
+            let _guard = Self::lock(key, &paths)?;
+            let file = match File::open(&paths.data) {
+                Ok(file) => file,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(Self::io_error(key, "open", e)),
+            };
+            (file, Self::read_sidecar(key, &paths)?)
         };
-        let Some((etag, metadata, _)) = Self::read_meta(key, &paths, Some(&body))? else {
-            return Ok(None);
+        let mut body = Vec::new();
+        file.read_to_end(&mut body)
+            .map_err(|e| Self::io_error(key, "read", e))?;
+        let (etag, metadata) = match sidecar {
+            Some(sidecar) => (ETag(sidecar.etag), sidecar.metadata),
+            None => (ETag::of(&body), Metadata::new()),
         };
         Ok(Some(Object {
             body: Bytes::from(body),
@@ -162,7 +169,7 @@ impl FileStore {
         let paths = self.paths(key)?;
         let _guard = Self::lock(key, &paths)?;
         Ok(
-            Self::read_meta(key, &paths, None)?.map(|(etag, metadata, size)| ObjectMeta {
+            Self::read_meta(key, &paths)?.map(|(etag, metadata, size)| ObjectMeta {
                 etag,
                 size,
                 metadata,
@@ -178,19 +185,35 @@ impl FileStore {
         condition: &Precondition,
     ) -> StoreResult<ETag> {
         let paths = self.paths(key)?;
-        let _guard = Self::lock(key, &paths)?;
-        let current = Self::read_meta(key, &paths, None)?.map(|(etag, _, _)| etag);
-        check_condition(key, current.as_ref(), condition)?;
-
         let etag = ETag::of(body);
         let sidecar = serde_json::to_vec(&Sidecar {
             etag: etag.0.clone(),
             metadata,
         })
         .expect("sidecar serializes");
-        write_atomically(&paths.sidecar, &sidecar)
+        // Written and synced before taking the lock, which then covers only
+        // the condition check and two renames: a process stopped (SIGSTOP)
+        // or slowed by the disk while holding it would stall every other
+        // process's requests for this key, which S3 never does.
+        let data_tmp =
+            Temp::write(&paths.data, body).map_err(|e| Self::io_error(key, "write", e))?;
+        let sidecar_tmp = Temp::write(&paths.sidecar, &sidecar)
             .map_err(|e| Self::io_error(key, "writing metadata", e))?;
-        write_atomically(&paths.data, body).map_err(|e| Self::io_error(key, "write", e))?;
+        {
+            let _guard = Self::lock(key, &paths)?;
+            let current = Self::read_meta(key, &paths)?.map(|(etag, _, _)| etag);
+            check_condition(key, current.as_ref(), condition)?;
+            sidecar_tmp
+                .rename()
+                .map_err(|e| Self::io_error(key, "writing metadata", e))?;
+            data_tmp
+                .rename()
+                .map_err(|e| Self::io_error(key, "write", e))?;
+        }
+        // Durable before the put returns, visible to others already.
+        for path in [&paths.sidecar, &paths.data] {
+            sync_parent(path).map_err(|e| Self::io_error(key, "fsync", e))?;
+        }
         Ok(etag)
     }
 }
@@ -206,27 +229,51 @@ fn md5_digest(bytes: &[u8]) -> Vec<u8> {
     Md5::digest(bytes).to_vec()
 }
 
-/// Write-temp-then-rename, with fsync, so a reader (or a crash) sees either
-/// the old or the new bytes, never a mix.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().expect("object paths have a parent");
-    fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        uuid::Uuid::new_v4().simple()
-    ));
-    let result = (|| {
-        let mut file = File::create(&tmp)?;
+/// New bytes for `path`, written and synced beside it under a temporary
+/// name; `rename` puts them in place atomically, so a reader (or a crash)
+/// sees the old or the new bytes, never a mix. Removed if never renamed.
+struct Temp {
+    tmp: PathBuf,
+    path: PathBuf,
+    renamed: bool,
+}
+
+impl Temp {
+    fn write(path: &Path, bytes: &[u8]) -> std::io::Result<Temp> {
+        let dir = path.parent().expect("object paths have a parent");
+        fs::create_dir_all(dir)?;
+        let temp = Temp {
+            tmp: dir.join(format!(
+                ".{}.{}.tmp",
+                path.file_name().unwrap_or_default().to_string_lossy(),
+                uuid::Uuid::new_v4().simple()
+            )),
+            path: path.to_path_buf(),
+            renamed: false,
+        };
+        let mut file = File::create(&temp.tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        Ok(temp)
     }
-    result
+
+    fn rename(mut self) -> std::io::Result<()> {
+        fs::rename(&self.tmp, &self.path)?;
+        self.renamed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    File::open(path.parent().expect("object paths have a parent"))?.sync_all()
 }
 
 async fn blocking<T: Send + 'static>(

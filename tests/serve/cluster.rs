@@ -237,6 +237,14 @@ impl Drop for Machine {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A failed test shows what each machine was doing (its log file
+        // goes with the test's temporary folder).
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let lines: Vec<&str> = logs.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            eprintln!("--- last lines of machine {}'s log ---\n{tail}", self.id);
+        }
     }
 }
 

@@ -192,9 +192,11 @@ impl FileStore {
         })
         .expect("sidecar serializes");
         // Written and synced before taking the lock, which then covers only
-        // the condition check and two renames: a process stopped (SIGSTOP)
-        // or slowed by the disk while holding it would stall every other
-        // process's requests for this key, which S3 never does.
+        // the condition check, two renames and the directory syncs: a
+        // process stopped (SIGSTOP) or slowed by the disk while holding it
+        // stalls every other process's requests for this key, which S3
+        // never does. The directory syncs stay inside, so that nobody sees
+        // a write before it would survive a power cut.
         let data_tmp =
             Temp::write(&paths.data, body).map_err(|e| Self::io_error(key, "write", e))?;
         let sidecar_tmp = Temp::write(&paths.sidecar, &sidecar)
@@ -209,10 +211,9 @@ impl FileStore {
             data_tmp
                 .rename()
                 .map_err(|e| Self::io_error(key, "write", e))?;
-        }
-        // Durable before the put returns, visible to others already.
-        for path in [&paths.sidecar, &paths.data] {
-            sync_parent(path).map_err(|e| Self::io_error(key, "fsync", e))?;
+            for path in [&paths.sidecar, &paths.data] {
+                sync_parent(path).map_err(|e| Self::io_error(key, "fsync", e))?;
+            }
         }
         Ok(etag)
     }

@@ -1,9 +1,10 @@
 //! The embedded store: each object is a plain file at `<root>/<key>`, so the
 //! `sqlite3` shell opens a database object directly.
 //!
-//! Conditional writes are atomic across processes: every operation on a key
-//! holds an exclusive `flock` on `<root>/.tenantd/locks/<hash>` while it checks
-//! the condition, writes a temporary file and renames it over the object.
+//! Conditional writes are atomic across processes: a put writes and syncs
+//! temporary files, then holds an exclusive `flock` on
+//! `<root>/.tenantd/locks/<hash>` while it checks the condition and renames
+//! them over the object; reads open the object under the same lock.
 //! ETags are the MD5 of the bytes, as on S3, and live with the metadata in a
 //! sidecar `<root>/.tenantd/meta/<key>.json` written under the same lock.
 

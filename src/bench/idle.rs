@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -10,6 +11,8 @@ use serde::Serialize;
 
 use super::load;
 use super::machines::{Machine, Setup, store_requests};
+use crate::lease::{LockState, read_lock};
+use crate::store::{DynStore, FileStore, keys};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct IdleResult {
@@ -53,12 +56,19 @@ pub async fn run(
     let (after, _) = store_requests(one).await?;
     let held_requests_per_hour = (after - before) * 3600.0 / started.elapsed().as_secs_f64();
 
+    // Released means the lock object says so: the machine stops reporting
+    // itself as holder a moment before its release reaches the store.
+    let store: DynStore = Arc::new(FileStore::new(&setup.store_root)?);
+    let lock = keys::lock("idle");
     let deadline = last_request + idle_timeout + lease_ttl + Duration::from_secs(5);
-    while machine.held().await? > 0 {
+    while !matches!(read_lock(&store, &lock).await?, LockState::Released { .. }) {
         if Instant::now() > deadline {
             bail!("the pool machine still holds the idle tenant after {idle_timeout:?} idle");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if machine.held().await? > 0 {
+        bail!("the lock of the idle tenant is released but the machine reports it as held");
     }
     let released_after_ms = last_request.elapsed().as_millis() as u64;
 

@@ -253,13 +253,28 @@ async fn send(
     end_ms: u64,
 ) {
     let condition = upload.condition.clone();
-    match put(m, &upload, condition, (lose_response, fail_before)).await {
-        Ok(new_etag) => {
-            record(ops, i, &upload, end_ms, None);
-            m.db = Some((upload.next, new_etag));
+    let result = put(m, &upload, condition, (lose_response, fail_before)).await;
+    settle(m, i, &upload, result, ops, end_ms);
+}
+
+/// The last upload in flight is settled: acknowledged and the machine's new
+/// state when it landed, otherwise recorded as failed and the machine steps
+/// down.
+fn settle(
+    m: &mut Machine,
+    i: usize,
+    upload: &Upload,
+    result: StoreResult<ETag>,
+    ops: &mut Vec<Op>,
+    end_ms: u64,
+) {
+    match result {
+        Ok(etag) => {
+            record(ops, i, upload, end_ms, None);
+            m.db = Some((upload.next, etag));
         }
         Err(e) => {
-            record(ops, i, &upload, end_ms, Some(failed(&e)));
+            record(ops, i, upload, end_ms, Some(failed(&e)));
             m.step_down();
         }
     }
@@ -371,16 +386,7 @@ async fn send_pipelined(
                 )
                 .await;
             }
-            match r2 {
-                Ok(etag) => {
-                    record(ops, i, &second, end_ms, None);
-                    m.db = Some((second.next, etag));
-                }
-                Err(e) => {
-                    record(ops, i, &second, end_ms, Some(failed(&e)));
-                    m.step_down();
-                }
-            }
+            settle(m, i, &second, r2, ops, end_ms);
         }
         Err(e1) => {
             match &r2 {

@@ -12,8 +12,7 @@ use serde::Serialize;
 
 use super::load;
 use super::machines::{Machine, Setup, metric_sum};
-use crate::store::retry::RetryPolicy;
-use crate::store::{FaultConfig, Precondition, StoreUrl, keys, open_store};
+use crate::store::{DynStore, Precondition, keys};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ColdStart {
@@ -51,7 +50,7 @@ pub async fn run(
     seeder.stop().await?;
     let mut object_bytes = HashMap::new();
     for size in sizes_mb {
-        let bytes = grow(&setup.store_root, &tenant(*size), *size, scratch).await?;
+        let bytes = grow(&setup.store()?, &tenant(*size), *size, scratch).await?;
         object_bytes.insert(*size, bytes);
     }
 
@@ -131,13 +130,11 @@ fn upload_totals(metrics: &str) -> (f64, f64) {
 /// (random bytes: nothing on the way compresses them), keeping its metadata.
 /// No machine holds the tenant meanwhile, so an unconditional put is safe.
 async fn grow(
-    store_root: &Path,
+    store: &DynStore,
     customer: &str,
     size_mb: u64,
     scratch: &Path,
 ) -> anyhow::Result<u64> {
-    let url = StoreUrl::File(store_root.to_path_buf());
-    let (store, _) = open_store(&url, FaultConfig::default(), RetryPolicy::default(), None).await?;
     let key = keys::database(customer);
     let object = store
         .get(&key)

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -12,7 +11,7 @@ use serde::Serialize;
 use super::load;
 use super::machines::{Machine, Setup, store_requests};
 use crate::lease::{LockState, read_lock};
-use crate::store::{DynStore, FileStore, keys};
+use crate::store::keys;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct IdleResult {
@@ -58,7 +57,7 @@ pub async fn run(
 
     // Released means the lock object says so: the machine stops reporting
     // itself as holder a moment before its release reaches the store.
-    let store: DynStore = Arc::new(FileStore::new(&setup.store_root)?);
+    let store = setup.store()?;
     let lock = keys::lock("idle");
     let deadline = last_request + idle_timeout + lease_ttl + Duration::from_secs(5);
     while !matches!(read_lock(&store, &lock).await?, LockState::Released { .. }) {

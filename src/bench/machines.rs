@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -13,6 +14,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::config::ServeArgs;
+use crate::store::{DynStore, FileStore, StoreResult};
 
 /// Parses `tenantd serve` flags, so the bench configures its machines with
 /// exactly the flags an operator would use.
@@ -50,6 +52,12 @@ impl Setup {
             idle_timeout: Duration::from_secs(600),
             ack_before_upload: false,
         }
+    }
+
+    /// The machines' store, opened directly (no faults), to look at or
+    /// prepare objects behind their backs.
+    pub fn store(&self) -> StoreResult<DynStore> {
+        Ok(Arc::new(FileStore::new(&self.store_root)?))
     }
 }
 

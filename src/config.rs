@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::store::StoreUrl;
+use crate::tenant::sql::SqlLimits;
 
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
@@ -79,6 +80,24 @@ pub struct ServeArgs {
     #[arg(long, env = "TENANTD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// Token that enables the SQL API (`POST /customers/<id>/sql` with
+    /// `Authorization: Bearer <token>`); unset = no SQL API.
+    #[arg(long, env = "TENANTD_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Largest size a tenant's database may grow to through the SQL API.
+    #[arg(long, env = "TENANTD_MAX_DB_BYTES", default_value_t = 1 << 30)]
+    pub max_db_bytes: u64,
+
+    /// Longest a SQL request's statements may run before they are
+    /// interrupted and the request rolled back.
+    #[arg(long, env = "TENANTD_SQL_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub sql_timeout: Duration,
+
+    /// Most rows a SQL request may return (all statements together).
+    #[arg(long, env = "TENANTD_SQL_MAX_ROWS", default_value_t = 10_000)]
+    pub sql_max_rows: usize,
+
     /// Fault injection at start: JSON of FaultConfig, e.g.
     /// '{"latency":"20ms","jitter":"5ms"}' (for benchmarks and chaos tests).
     #[arg(long, env = "TENANTD_FAULTS")]
@@ -119,6 +138,15 @@ impl ServeArgs {
             Ok(bucket) if !bucket.is_empty() => StoreUrl::parse(&format!("s3://{bucket}"))
                 .map_err(|e| format!("{e} (from BUCKET_NAME)")),
             _ => Ok(StoreUrl::File(PathBuf::from("./data/store"))),
+        }
+    }
+
+    pub fn sql_limits(&self) -> SqlLimits {
+        SqlLimits {
+            max_db_bytes: self.max_db_bytes,
+            timeout: self.sql_timeout,
+            max_rows: self.sql_max_rows,
+            ..SqlLimits::default()
         }
     }
 

@@ -118,6 +118,7 @@ pub(crate) async fn run_with(
             data_dir: args.data_dir.clone(),
             idle_timeout: Some(args.idle_timeout),
             ack_before_upload,
+            sql: args.sql_limits(),
         },
     );
     if let Some(id) = customer_id.clone() {
@@ -131,6 +132,8 @@ pub(crate) async fn run_with(
         finder: finder(&args),
         faults: fault_handle,
         admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
+        api_token: args.api_token.clone().filter(|t| !t.is_empty()),
+        sql_limits: args.sql_limits(),
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()?,

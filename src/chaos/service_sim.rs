@@ -193,6 +193,7 @@ impl World {
                     Mode::Pool => Some(Duration::from_millis(700)),
                 },
                 ack_before_upload: self.ack_before_upload,
+                sql: Default::default(),
             },
         );
         if self.mode == Mode::Single {
@@ -401,6 +402,7 @@ async fn increment(
                     Err(TenantError::Unavailable(e) | TenantError::Corrupt(e)) => {
                         return Err(Attempt::Maybe(e));
                     }
+                    Err(TenantError::Sql(e)) => unreachable!("increments run no SQL: {e}"),
                 }
             }
             Route::Holder(record) => {

@@ -21,6 +21,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,8 +30,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::db::{Corrupt, Db};
-use super::{Answer, Op, TenantError};
+use super::db::{Applied, Corrupt, Db, Work};
+use super::sql::{SqlLimits, SqlRequest};
+use super::{Answer, Op, Reply, SqlAnswer, TenantError};
 use crate::TenantId;
 use crate::lease::Lease;
 use crate::metrics::Metrics;
@@ -47,8 +49,10 @@ const MAX_LINGER: Duration = Duration::from_millis(10);
 
 struct Request {
     op: Op,
-    reply: oneshot::Sender<Result<Answer, TenantError>>,
+    reply: Replier,
 }
+
+type Replier = oneshot::Sender<Result<Reply, TenantError>>;
 
 /// A cheap handle to a running actor.
 #[derive(Clone, Debug)]
@@ -61,7 +65,31 @@ pub struct TenantHandle {
 }
 
 impl TenantHandle {
+    /// A counter operation (increment or read).
     pub async fn call(&self, op: Op) -> Result<Answer, TenantError> {
+        match self.request(op).await? {
+            Reply::Count(answer) => Ok(answer),
+            Reply::Sql(_) => unreachable!("only SQL requests answer with results"),
+        }
+    }
+
+    /// A SQL request.
+    pub async fn sql(
+        &self,
+        request: Arc<SqlRequest>,
+        idempotency_key: Option<String>,
+    ) -> Result<SqlAnswer, TenantError> {
+        let op = Op::Sql {
+            request,
+            idempotency_key,
+        };
+        match self.request(op).await? {
+            Reply::Sql(answer) => Ok(answer),
+            Reply::Count(_) => unreachable!("SQL requests answer with results"),
+        }
+    }
+
+    pub async fn request(&self, op: Op) -> Result<Reply, TenantError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request { op, reply })
@@ -103,6 +131,8 @@ pub struct ActorContext {
     pub data_dir: PathBuf,
     /// Release the lease after this long without requests (pool mode).
     pub idle_timeout: Option<Duration>,
+    /// Bounds on SQL requests.
+    pub sql: SqlLimits,
     /// Bench-only: answer before the upload, as the original app did. Not
     /// reachable from `tenantd serve` (no flag, no env var).
     pub(crate) ack_before_upload: bool,
@@ -122,7 +152,10 @@ pub struct TenantActor {
     id: TenantId,
     ctx: ActorContext,
     lease: Lease,
-    db: Db,
+    /// Used only inside `spawn_blocking`, one call at a time: SQLite work
+    /// (a batch, a request's statements) must not hold a runtime worker
+    /// that lease renewals need.
+    db: Arc<Mutex<Db>>,
     path: PathBuf,
     etag: ETag,
     count: u64,
@@ -193,7 +226,7 @@ impl TenantActor {
             id,
             ctx,
             lease,
-            db,
+            db: Arc::new(Mutex::new(db)),
             path,
             etag,
             count,
@@ -293,60 +326,62 @@ impl TenantActor {
     }
 
     /// Commits one batch and starts its upload; the batch is answered when
-    /// the upload is confirmed (`confirm_front`). An `Err` means this actor
-    /// must end; the batch has been answered by then.
+    /// the upload is confirmed (`confirm_front`). A batch that changed
+    /// nothing is answered once every upload before it is. An `Err` means
+    /// this actor must end; the batch has been answered by then.
     async fn process(&mut self, batch: Vec<Request>) -> Result<(), Exit> {
         if !self.lease.is_valid() {
             answer_all(batch, Err(TenantError::NotHolder));
             return Err(Exit::LeaseLost);
         }
-        let keys: Vec<Option<&str>> = batch
-            .iter()
-            .filter_map(|r| match &r.op {
-                Op::Increment { idempotency_key } => Some(idempotency_key.as_deref()),
-                Op::Read => None,
-            })
-            .collect();
-        // Reads only: the last confirmed count is what every acknowledged
-        // increment has seen; uploads still under way are not acknowledged.
-        if keys.is_empty() {
+        let epoch = self.lease.epoch();
+        // Counter reads only: the last confirmed count is what every
+        // acknowledged increment has seen; uploads still under way are not
+        // acknowledged.
+        if batch.iter().all(|r| matches!(r.op, Op::Read)) {
             let answer = Answer {
                 count: self.count,
-                epoch: self.lease.epoch(),
+                epoch,
                 repeated: false,
             };
-            answer_all(batch, Ok(answer));
+            answer_all(batch, Ok(Reply::Count(answer)));
             return Ok(());
         }
-        let epoch = self.lease.epoch();
-        let (answers, committed) = match self.db.apply(epoch, &keys) {
+        let (applied, bytes) = match self.apply(epoch, &batch).await {
             Ok(applied) => applied,
-            Err(e) => {
-                let message = format!(
-                    "customer {}: SQLite error while applying a batch: {e}",
-                    self.id
-                );
-                warn!(customer_id = %self.id, error = %e, "batch failed");
+            Err(message) => {
+                warn!(customer_id = %self.id, error = %message, "batch failed");
+                let message = format!("customer {}: {message}", self.id);
                 answer_all(batch, Err(TenantError::Unavailable(message)));
                 return Err(Exit::StoreFailed);
             }
         };
-        let batch_len = keys.len();
-        drop(keys);
-        let bytes = match read_copy(&self.path) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                warn!(customer_id = %self.id, error = %e, "cannot read the working copy");
-                answer_all(batch, Err(TenantError::Unavailable(e.to_string())));
-                return Err(Exit::StoreFailed);
+        // A refused SQL request applied nothing: it is answered at once.
+        let mut pending = Vec::with_capacity(batch.len());
+        for (request, reply) in batch.into_iter().zip(applied.replies) {
+            match reply {
+                Ok(reply) => pending.push((request.reply, reply)),
+                Err(refused) => {
+                    let _ = request.reply.send(Err(TenantError::Sql(refused)));
+                }
             }
+        }
+        let (Some(committed), Some(bytes)) = (applied.committed, bytes) else {
+            match self.in_flight.back_mut() {
+                Some(InFlight {
+                    unanswered: Some(waiting),
+                    ..
+                }) => waiting.extend(pending),
+                _ => send_all(pending),
+            }
+            return Ok(());
         };
-        let mut unanswered = Some((batch, answers));
+        let batch_len = pending.len();
+        let mut unanswered = Some(pending);
         if self.ctx.ack_before_upload {
             // Bench-only (the original app's behaviour, an upper bound):
             // answer before the write is durable.
-            let (batch, answers) = unanswered.take().expect("not answered yet");
-            respond(batch, answers, epoch, committed.count);
+            send_all(unanswered.take().expect("not answered yet"));
         }
         // Sent before the previous upload is confirmed, against the ETag
         // that upload will have: the MD5 of its body. Out of order or
@@ -377,6 +412,44 @@ impl TenantActor {
             task: tokio::spawn(put),
         });
         Ok(())
+    }
+
+    /// Applies a batch to the working copy off the runtime, and reads the
+    /// copy back when it changed.
+    async fn apply(
+        &self,
+        epoch: u64,
+        batch: &[Request],
+    ) -> Result<(Applied, Option<Bytes>), String> {
+        let ops: Vec<Op> = batch.iter().map(|r| r.op.clone()).collect();
+        let db = self.db.clone();
+        let path = self.path.clone();
+        let limits = self.ctx.sql.clone();
+        let work = move || {
+            let mut db = db.lock().unwrap_or_else(|e| e.into_inner());
+            let work: Vec<Work> = ops
+                .iter()
+                .map(|op| match op {
+                    Op::Increment { idempotency_key } => Work::Increment(idempotency_key.as_deref()),
+                    Op::Read => Work::Read,
+                    Op::Sql {
+                        request,
+                        idempotency_key,
+                    } => Work::Sql(request, idempotency_key.as_deref()),
+                })
+                .collect();
+            let applied = db
+                .apply_batch(epoch, &work, &limits, false)
+                .map_err(|e| format!("SQLite error while applying a batch: {e}"))?;
+            let bytes = match applied.committed {
+                Some(_) => Some(read_copy(&path).map_err(|e| e.to_string())?),
+                None => None,
+            };
+            Ok((applied, bytes))
+        };
+        tokio::task::spawn_blocking(work)
+            .await
+            .unwrap_or_else(|e| Err(format!("the batch's SQLite work failed: {e}")))
     }
 
     /// One conditional PUT of the database, given up at the lease's
@@ -478,8 +551,8 @@ impl TenantActor {
             .batch_size
             .with_label_values::<&str>(&[])
             .observe(upload.batch_len as f64);
-        if let Some((batch, answers)) = upload.unanswered {
-            respond(batch, answers, upload.epoch, upload.count);
+        if let Some(pending) = upload.unanswered {
+            send_all(pending);
         }
     }
 
@@ -505,11 +578,11 @@ impl TenantActor {
         }
         let durable_upto = settled.iter().rposition(|(_, result, _)| result.is_ok());
         for (index, (upload, result, not_applied)) in settled.into_iter().enumerate() {
-            let Some((batch, answers)) = upload.unanswered else {
+            let Some(pending) = upload.unanswered else {
                 continue;
             };
             if durable_upto.is_some_and(|last| index <= last) {
-                respond(batch, answers, upload.epoch, upload.count);
+                send_all(pending);
                 continue;
             }
             let answer = match result {
@@ -524,7 +597,9 @@ impl TenantActor {
                 ))),
                 Ok(_) => unreachable!("durable uploads are answered above"),
             };
-            answer_all(batch, answer);
+            for (reply, _) in pending {
+                let _ = reply.send(answer.clone());
+            }
         }
         exit
     }
@@ -588,8 +663,8 @@ impl TenantActor {
     }
 }
 
-/// A batch's requests and the answers of its increments.
-type Unanswered = (Vec<Request>, Vec<Answer>);
+/// A batch's requests with their answers, sent once the batch is durable.
+type Unanswered = Vec<(Replier, Reply)>;
 
 /// A committed batch and its upload.
 struct InFlight {
@@ -621,26 +696,13 @@ async fn front_upload(in_flight: &mut VecDeque<InFlight>) -> StoreResult<ETag> {
     }
 }
 
-/// Answers each request of a committed batch: increments with their own
-/// count, reads with the batch's final count.
-/// Answers a batch: each increment with its own answer, reads with the
-/// batch's count.
-fn respond(batch: Vec<Request>, answers: Vec<Answer>, epoch: u64, count: u64) {
-    let mut answers = answers.into_iter();
-    for request in batch {
-        let answer = match request.op {
-            Op::Increment { .. } => answers.next().expect("one answer per increment"),
-            Op::Read => Answer {
-                count,
-                epoch,
-                repeated: false,
-            },
-        };
-        let _ = request.reply.send(Ok(answer));
+fn send_all(pending: Unanswered) {
+    for (reply, answer) in pending {
+        let _ = reply.send(Ok(answer));
     }
 }
 
-fn answer_all(batch: Vec<Request>, result: Result<Answer, TenantError>) {
+fn answer_all(batch: Vec<Request>, result: Result<Reply, TenantError>) {
     for request in batch {
         let _ = request.reply.send(result.clone());
     }
@@ -689,47 +751,42 @@ async fn claim(
         if !lease.is_valid() || Instant::now() > deadline {
             return Err(TenantError::NotHolder);
         }
-        remove_copy(path);
-        let (condition, source) = match ctx.store.get(&key).await.map_err(unavailable)? {
+        let (body, condition, source) = match ctx.store.get(&key).await.map_err(unavailable)? {
             Some(object) => {
                 // SQLite would open an empty file as a new, empty database:
                 // starting the tenant over silently is the one thing not to do.
                 if object.body.is_empty() {
                     return Err(corrupt(id, &key, "the object is empty"));
                 }
-                write_copy(path, &object.body)?;
-                (Precondition::IfMatch(object.etag), key.clone())
+                (
+                    Some(object.body),
+                    Precondition::IfMatch(object.etag),
+                    key.clone(),
+                )
             }
             None => {
                 let legacy = keys::legacy_database(id.as_str());
                 match ctx.store.get(&legacy).await.map_err(unavailable)? {
                     Some(object) => {
                         info!(customer_id = %id, legacy_key = %legacy, "importing the original app's database");
-                        write_copy(path, &object.body)?;
-                        (Precondition::IfAbsent, legacy)
+                        (Some(object.body), Precondition::IfAbsent, legacy)
                     }
-                    None => (Precondition::IfAbsent, key.clone()),
+                    None => (None, Precondition::IfAbsent, key.clone()),
                 }
             }
         };
-        let mut db = Db::open(path).map_err(|Corrupt(reason)| corrupt(id, &source, &reason))?;
-        let previous = db
-            .epoch()
-            .map_err(|e| corrupt(id, &source, &e.to_string()))?;
-        if previous >= lease.epoch() {
-            // Only possible if the lock object was deleted or reset by hand:
-            // the ETag chain still fences writers, so carry on, but say so.
-            warn!(customer_id = %id, previous, epoch = lease.epoch(), "database was written under a newer epoch than this lease's: was machine.lock deleted? epochs restart");
-        }
-        // The object opened fine, so a failure to write the local copy is
-        // this machine's problem, not the object's.
-        let committed = db.claim(lease.epoch()).map_err(|e| {
-            TenantError::Unavailable(format!(
-                "customer {id}: cannot write the working copy {}: {e}",
-                path.display()
-            ))
-        })?;
-        let bytes = read_copy(path).map_err(unavailable)?;
+        // Writing, checking and reading back a database of any size is
+        // work for a blocking thread, not for a runtime worker that other
+        // tenants' renewals need.
+        let (db, committed, bytes) = {
+            let (owned_id, path, source, epoch) =
+                (id.clone(), path.to_path_buf(), source.clone(), lease.epoch());
+            tokio::task::spawn_blocking(move || {
+                open_and_claim(&owned_id, &path, body, &source, epoch)
+            })
+                .await
+                .map_err(|e| TenantError::Unavailable(format!("customer {id}: taking over failed: {e}")))??
+        };
         let metadata = upload_metadata(lease.epoch(), committed.seq, &ctx.machine_id);
         match ctx.store.put(&key, bytes, metadata, condition).await {
             Ok(etag) => return Ok((db, etag, committed.count)),
@@ -742,6 +799,38 @@ async fn claim(
             Err(e) => return Err(unavailable(e)),
         }
     }
+}
+
+/// Writes the downloaded body as the working copy (none: a new tenant),
+/// opens and checks it, and writes this holder's epoch into it.
+fn open_and_claim(
+    id: &TenantId,
+    path: &std::path::Path,
+    body: Option<Bytes>,
+    source: &str,
+    epoch: u64,
+) -> Result<(Db, super::db::Committed, Bytes), TenantError> {
+    remove_copy(path);
+    if let Some(body) = body {
+        write_copy(path, &body)?;
+    }
+    let mut db = Db::open(path).map_err(|Corrupt(reason)| corrupt(id, source, &reason))?;
+    let previous = db.epoch().map_err(|e| corrupt(id, source, &e.to_string()))?;
+    if previous >= epoch {
+        // Only possible if the lock object was deleted or reset by hand:
+        // the ETag chain still fences writers, so carry on, but say so.
+        warn!(customer_id = %id, previous, epoch, "database was written under a newer epoch than this lease's: was machine.lock deleted? epochs restart");
+    }
+    // The object opened fine, so a failure to write the local copy is
+    // this machine's problem, not the object's.
+    let committed = db.claim(epoch).map_err(|e| {
+        TenantError::Unavailable(format!(
+            "customer {id}: cannot write the working copy {}: {e}",
+            path.display()
+        ))
+    })?;
+    let bytes = read_copy(path).map_err(|e| TenantError::Unavailable(format!("customer {id}: {e}")))?;
+    Ok((db, committed, bytes))
 }
 
 fn corrupt(id: &TenantId, key: &str, reason: &str) -> TenantError {

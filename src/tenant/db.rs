@@ -7,18 +7,30 @@
 //!   succeed).
 //! - `tenantd_idempotency(key, count, epoch)`: answers of increments made
 //!   with an `Idempotency-Key`, the oldest dropped beyond a bound.
+//! - `tenantd_sql_answers(key, epoch, results)`: the same for SQL requests
+//!   that wrote.
+//!
+//! Everything else belongs to the tenant's application, reached through
+//! the SQL API ([`super::sql`]) under the rules of its guard.
 //!
 //! Only the tenant actor calls into this module, so a connection is never
 //! shared between tasks.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::Answer;
+use super::sql::{self, ExecError, Guard, SqlError, SqlLimits, SqlRequest};
+use super::{Answer, Reply, SqlAnswer};
 
 /// How many idempotency keys a tenant remembers (oldest out first).
 pub const IDEMPOTENCY_KEYS_KEPT: i64 = 10_000;
+
+/// How many SQL answers are kept for idempotency keys: fewer than for
+/// increments, since each holds a whole result.
+pub const SQL_ANSWERS_KEPT: i64 = 1_000;
 
 /// A database that could not be opened as tenantd's: not SQLite at all, or
 /// SQLite with an incompatible `welcome` table.
@@ -28,6 +40,27 @@ pub struct Corrupt(pub String);
 
 pub struct Db {
     conn: Connection,
+    guard: Guard,
+}
+
+/// One request of a batch, as the database sees it.
+#[derive(Clone, Copy, Debug)]
+pub enum Work<'a> {
+    /// An increment, with its idempotency key if any.
+    Increment(Option<&'a str>),
+    /// The count after the batch.
+    Read,
+    Sql(&'a SqlRequest, Option<&'a str>),
+}
+
+/// A batch applied: one result per request, in order, and the committed
+/// state when anything changed (`None`: nothing to upload).
+#[derive(Debug)]
+pub struct Applied {
+    pub replies: Vec<Result<Reply, SqlError>>,
+    pub committed: Option<Committed>,
+    /// The count after the batch, committed or not.
+    pub count: u64,
 }
 
 /// The state of a committed batch.
@@ -59,12 +92,17 @@ impl Db {
              CREATE TABLE IF NOT EXISTS welcome (count INTEGER);
              CREATE TABLE IF NOT EXISTS tenantd_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS tenantd_idempotency (
-                 key TEXT PRIMARY KEY, count INTEGER NOT NULL, epoch INTEGER NOT NULL);",
+                 key TEXT PRIMARY KEY, count INTEGER NOT NULL, epoch INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS tenantd_sql_answers (
+                 key TEXT PRIMARY KEY, epoch INTEGER NOT NULL, results TEXT NOT NULL);",
         )
         .map_err(|e| Corrupt(format!("cannot prepare the schema: {e}")))?;
         conn.query_row("SELECT count(*) FROM welcome", [], |r| r.get::<_, i64>(0))
             .map_err(|e| Corrupt(format!("table welcome is not the counter table: {e}")))?;
-        Ok(Db { conn })
+        let mut conn = conn;
+        let guard = Guard::install(&mut conn)
+            .map_err(|e| Corrupt(format!("cannot install the SQL guard: {e}")))?;
+        Ok(Db { conn, guard })
     }
 
     /// The epoch written by the last holder (0 for a new database).
@@ -90,67 +128,224 @@ impl Db {
         Ok(Committed { count, seq })
     }
 
-    /// Applies a batch of increments in one transaction. `keys[i]` is the
-    /// idempotency key of the i-th increment, if any. Returns the answer of
-    /// each: a repeated key gets its first answer (count and epoch).
+    /// Applies a batch of increments in one transaction, and commits even
+    /// when it is empty. `keys[i]` is the idempotency key of the i-th
+    /// increment, if any. Returns the answer of each: a repeated key gets
+    /// its first answer (count and epoch).
     pub fn apply(
         &mut self,
         epoch: u64,
         keys: &[Option<&str>],
     ) -> rusqlite::Result<(Vec<Answer>, Committed)> {
+        let work: Vec<Work> = keys.iter().map(|k| Work::Increment(*k)).collect();
+        let applied = self.apply_batch(epoch, &work, &SqlLimits::default(), true)?;
+        let answers = applied
+            .replies
+            .into_iter()
+            .map(|reply| match reply {
+                Ok(Reply::Count(answer)) => answer,
+                other => unreachable!("an increment answers with a count: {other:?}"),
+            })
+            .collect();
+        Ok((answers, applied.committed.expect("forced commit")))
+    }
+
+    /// Applies a batch in one transaction. Each SQL request runs in a
+    /// savepoint of it: a failing one leaves nothing behind and is answered
+    /// with its error, the others commit together. The transaction commits
+    /// (epoch written, seq bumped) only when something may have changed, or
+    /// when `force_commit`; otherwise it is rolled back and there is nothing
+    /// to upload. An `Err` is a failure of the database itself.
+    pub fn apply_batch(
+        &mut self,
+        epoch: u64,
+        work: &[Work],
+        limits: &SqlLimits,
+        force_commit: bool,
+    ) -> rusqlite::Result<Applied> {
+        let mut refused = BTreeMap::new();
+        loop {
+            match self.try_apply(epoch, work, limits, force_commit, &refused)? {
+                Ok(applied) => return Ok(applied),
+                // SQLite rolled the transaction back: again, without it.
+                Err((index, error)) => {
+                    refused.insert(index, error);
+                }
+            }
+        }
+    }
+
+    /// One attempt of [`Db::apply_batch`], answering the requests in
+    /// `refused` with their errors without running them.
+    fn try_apply(
+        &mut self,
+        epoch: u64,
+        work: &[Work],
+        limits: &SqlLimits,
+        force_commit: bool,
+        refused: &BTreeMap<usize, SqlError>,
+    ) -> rusqlite::Result<Result<Applied, (usize, SqlError)>> {
         let tx = self.conn.transaction()?;
         if tx.query_row("SELECT count(*) FROM welcome", [], |r| r.get::<_, i64>(0))? == 0 {
             tx.execute("INSERT INTO welcome (count) VALUES (0)", [])?;
         }
         let mut current = count(&tx)?;
-        let mut answers = Vec::with_capacity(keys.len());
-        for key in keys {
-            if let Some(key) = key {
-                let seen = tx
-                    .query_row(
-                        "SELECT count, epoch FROM tenantd_idempotency WHERE key = ?1",
-                        [key],
-                        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
-                    )
-                    .optional()?;
-                if let Some((count, first_epoch)) = seen {
-                    answers.push(Answer {
-                        count: count as u64,
-                        epoch: first_epoch as u64,
-                        repeated: true,
-                    });
-                    continue;
-                }
-                current += 1;
-                tx.execute(
-                    "INSERT INTO tenantd_idempotency (key, count, epoch) VALUES (?1, ?2, ?3)",
-                    params![key, current as i64, epoch as i64],
-                )?;
-            } else {
-                current += 1;
+        let mut dirty = force_commit;
+        let mut increments_pending = false;
+        let mut replies = Vec::with_capacity(work.len());
+        // Reads answer with the count after the batch: filled in below.
+        let mut reads = Vec::new();
+        for (index, item) in work.iter().enumerate() {
+            if let Some(error) = refused.get(&index) {
+                replies.push(Err(error.clone()));
+                continue;
             }
-            answers.push(Answer {
-                count: current,
-                epoch,
-                repeated: false,
-            });
+            match *item {
+                Work::Read => {
+                    reads.push(replies.len());
+                    replies.push(Ok(Reply::Count(Answer {
+                        count: 0,
+                        epoch,
+                        repeated: false,
+                    })));
+                }
+                Work::Increment(key) => {
+                    let answer = increment(&tx, epoch, key, &mut current)?;
+                    if !answer.repeated {
+                        dirty = true;
+                        increments_pending = true;
+                    }
+                    replies.push(Ok(Reply::Count(answer)));
+                }
+                Work::Sql(request, key) => {
+                    if let Some(key) = key
+                        && let Some(answer) = sql_answer(&tx, key)?
+                    {
+                        replies.push(Ok(Reply::Sql(answer)));
+                        continue;
+                    }
+                    // The request may read or change the counter's row:
+                    // show it the increments before it, take its changes.
+                    if increments_pending {
+                        tx.execute("UPDATE welcome SET count = ?1", [current as i64])?;
+                        increments_pending = false;
+                    }
+                    let executed = match sql::execute(&tx, &self.guard, request, limits) {
+                        Ok(executed) => executed,
+                        Err(ExecError::Refused(error)) => {
+                            replies.push(Err(error));
+                            continue;
+                        }
+                        Err(ExecError::TransactionLost(error)) => return Ok(Err((index, error))),
+                        Err(ExecError::Db(e)) => return Err(e),
+                    };
+                    current = count(&tx)?;
+                    let wrote = executed.wrote && !request.read_only;
+                    if wrote && let Some(key) = key {
+                        tx.execute(
+                            "INSERT INTO tenantd_sql_answers (key, epoch, results) VALUES (?1, ?2, ?3)",
+                            params![key, epoch as i64, executed.results.to_string()],
+                        )?;
+                    }
+                    dirty |= wrote;
+                    replies.push(Ok(Reply::Sql(SqlAnswer {
+                        epoch,
+                        repeated: false,
+                        results: Arc::new(executed.results),
+                    })));
+                }
+            }
         }
-        tx.execute("UPDATE welcome SET count = ?1", [current as i64])?;
+        if increments_pending {
+            tx.execute("UPDATE welcome SET count = ?1", [current as i64])?;
+        }
+        for index in reads {
+            if let Ok(Reply::Count(answer)) = &mut replies[index] {
+                answer.count = current;
+            }
+        }
+        if !dirty {
+            tx.rollback()?;
+            return Ok(Ok(Applied {
+                replies,
+                committed: None,
+                count: current,
+            }));
+        }
         tx.execute(
             "DELETE FROM tenantd_idempotency WHERE rowid <= (SELECT max(rowid) FROM tenantd_idempotency) - ?1",
             [IDEMPOTENCY_KEYS_KEPT],
         )?;
+        tx.execute(
+            "DELETE FROM tenantd_sql_answers WHERE rowid <= (SELECT max(rowid) FROM tenantd_sql_answers) - ?1",
+            [SQL_ANSWERS_KEPT],
+        )?;
         set_meta(&tx, "epoch", epoch)?;
         let seq = bump_seq(&tx)?;
         tx.commit()?;
-        Ok((
-            answers,
-            Committed {
+        Ok(Ok(Applied {
+            replies,
+            committed: Some(Committed {
                 count: current,
                 seq,
-            },
-        ))
+            }),
+            count: current,
+        }))
     }
+}
+
+/// One increment; a repeated key answers with its first answer.
+fn increment(
+    tx: &Transaction,
+    epoch: u64,
+    key: Option<&str>,
+    current: &mut u64,
+) -> rusqlite::Result<Answer> {
+    if let Some(key) = key {
+        let seen = tx
+            .query_row(
+                "SELECT count, epoch FROM tenantd_idempotency WHERE key = ?1",
+                [key],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()?;
+        if let Some((count, first_epoch)) = seen {
+            return Ok(Answer {
+                count: count as u64,
+                epoch: first_epoch as u64,
+                repeated: true,
+            });
+        }
+        *current += 1;
+        tx.execute(
+            "INSERT INTO tenantd_idempotency (key, count, epoch) VALUES (?1, ?2, ?3)",
+            params![key, *current as i64, epoch as i64],
+        )?;
+    } else {
+        *current += 1;
+    }
+    Ok(Answer {
+        count: *current,
+        epoch,
+        repeated: false,
+    })
+}
+
+/// The first answer of a SQL request made with `key`, if it wrote.
+fn sql_answer(tx: &Transaction, key: &str) -> rusqlite::Result<Option<SqlAnswer>> {
+    let stored = tx
+        .query_row(
+            "SELECT epoch, results FROM tenantd_sql_answers WHERE key = ?1",
+            [key],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+        )
+        .optional()?;
+    Ok(stored.map(|(epoch, results)| SqlAnswer {
+        epoch: epoch as u64,
+        repeated: true,
+        // Written by this module from a serde_json::Value.
+        results: Arc::new(serde_json::from_str(&results).unwrap_or(serde_json::Value::Null)),
+    }))
 }
 
 fn count(conn: &Connection) -> rusqlite::Result<u64> {

@@ -5,17 +5,44 @@
 pub mod actor;
 pub mod db;
 pub mod registry;
+pub mod sql;
+
+use std::sync::Arc;
 
 pub use actor::TenantHandle;
 pub use registry::{Registry, RegistryConfig, Route};
 
 /// What a request asks of a tenant.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// Add one to the counter; with a key, at most once per key.
     Increment { idempotency_key: Option<String> },
     /// Read the durable count.
     Read,
+    /// Run statements in one transaction; with a key, at most once per key.
+    Sql {
+        request: Arc<sql::SqlRequest>,
+        idempotency_key: Option<String>,
+    },
+}
+
+/// What a tenant answers: a count for the counter's operations, results
+/// for SQL.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    Count(Answer),
+    Sql(SqlAnswer),
+}
+
+/// A SQL request's durable answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SqlAnswer {
+    pub epoch: u64,
+    /// True when an idempotency key was seen before and this is its first answer.
+    pub repeated: bool,
+    /// The `results` array: one `{columns, rows, rows_affected,
+    /// last_insert_rowid}` per statement.
+    pub results: Arc<serde_json::Value>,
 }
 
 /// A durable answer: given only after the state it reports is in the store.
@@ -40,4 +67,7 @@ pub enum TenantError {
     /// The tenant's database object is unusable; it is left untouched.
     #[error("{0}")]
     Corrupt(String),
+    /// A SQL request was refused; nothing of it was applied.
+    #[error("{0}")]
+    Sql(sql::SqlError),
 }

@@ -344,6 +344,7 @@ impl Registry {
             }
             Err(TenantError::NotHolder) => Route::Elsewhere,
             Err(TenantError::Unavailable(reason)) => Route::Unavailable(reason),
+            Err(TenantError::Sql(refused)) => Route::Unavailable(refused.message),
         }
     }
 

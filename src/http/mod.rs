@@ -1,5 +1,6 @@
-//! HTTP routes: the counter (HTML or JSON), `/healthz`, `/metrics`,
-//! `/_status`, and the token-guarded `/_admin` endpoints.
+//! HTTP routes: the counter (HTML or JSON), the SQL API ([`sql`]),
+//! `/healthz`, `/metrics`, `/_status`, and the token-guarded `/_admin`
+//! endpoints.
 //!
 //! A counter request is routed by the [`Registry`]: served here when this
 //! machine holds the tenant, otherwise handed to the holder with
@@ -23,7 +24,10 @@ use crate::metrics::Metrics;
 use crate::replay::{self, ReplaySource, Target};
 use crate::store::FaultConfig;
 use crate::store::fault::FaultHandle;
-use crate::tenant::{Answer, Op, Registry, Route, TenantError};
+use crate::tenant::sql::SqlLimits;
+use crate::tenant::{Answer, Op, Registry, Route, TenantError, TenantHandle};
+
+mod sql;
 
 /// Finds started machines of a tenant (Fly's internal DNS).
 #[async_trait::async_trait]
@@ -40,6 +44,9 @@ pub struct AppState {
     pub finder: Option<Arc<dyn MachineFinder>>,
     pub faults: FaultHandle,
     pub admin_token: Option<String>,
+    /// Enables the SQL API; `None`: `/customers/<id>/sql` answers 404.
+    pub api_token: Option<String>,
+    pub sql_limits: SqlLimits,
     pub client: reqwest::Client,
 }
 
@@ -48,6 +55,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/customers/{id}", get(page))
         .route("/customers/{id}/increment", post(increment))
         .route("/customers/{id}/count", get(count))
+        .route("/customers/{id}/sql", post(sql::sql))
         .route("/customers/", any(empty_id))
         .route("/customers/{id}/{*rest}", any(bad_path))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -173,7 +181,7 @@ async fn bad_path(
         Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Ok(_) => error(
             StatusCode::NOT_FOUND,
-            "no such route: use /customers/<id>, /customers/<id>/increment or /customers/<id>/count",
+            "no such route: use /customers/<id>, /customers/<id>/increment, /customers/<id>/count or /customers/<id>/sql",
         ),
     }
 }
@@ -232,6 +240,41 @@ async fn counter_inner(
             Err(message) => return (error(StatusCode::BAD_REQUEST, &message), "bad_request"),
         },
     };
+    match serve(state, &id, request, |handle| {
+        let op = op.clone();
+        async move { handle.call(op).await }
+    })
+    .await
+    {
+        Served::Here(answer) => (
+            render(state, &id, answer, format),
+            if answer.repeated {
+                "repeated"
+            } else {
+                "served"
+            },
+        ),
+        Served::Done(response, outcome) => (response, outcome),
+    }
+}
+
+/// How a request for a tenant ended.
+enum Served<T> {
+    /// This machine holds the tenant and it answered.
+    Here(T),
+    /// Handed to another machine, or refused: the response to send.
+    Done(Response, &'static str),
+}
+
+/// Routes a request for `id`: runs `call` on the tenant's actor when this
+/// machine holds it, otherwise hands the request to the holder
+/// (`fly-replay`, or proxied in forward mode) or says why it cannot.
+async fn serve<T, F, Fut>(state: &AppState, id: &TenantId, request: Forwardable, call: F) -> Served<T>
+where
+    F: Fn(TenantHandle) -> Fut,
+    Fut: Future<Output = Result<T, TenantError>>,
+{
+    let done = |(response, outcome)| Served::Done(response, outcome);
     let source = request
         .headers
         .get(replay::FLY_REPLAY_SRC)
@@ -251,65 +294,55 @@ async fn counter_inner(
     // or it is leaving: look at the lock itself, not at a cached copy.
     let mut fresh = hops > 0;
     for _ in 0..3 {
-        match state.registry.route(&id, fresh).await {
-            Route::Local(handle) => match handle.call(op.clone()).await {
-                Ok(answer) => {
-                    return (
-                        render(state, &id, answer, format),
-                        if answer.repeated {
-                            "repeated"
-                        } else {
-                            "served"
-                        },
-                    );
-                }
+        match state.registry.route(id, fresh).await {
+            Route::Local(handle) => match call(handle).await {
+                Ok(answer) => return Served::Here(answer),
                 // Nothing was written: route again from the lock.
                 Err(TenantError::NotHolder) => fresh = true,
                 Err(TenantError::Unavailable(message)) => {
-                    return (
+                    return done((
                         error(StatusCode::SERVICE_UNAVAILABLE, &message),
                         "unavailable",
-                    );
+                    ));
                 }
                 Err(TenantError::Corrupt(message)) => {
-                    return (
+                    return done((
                         error(StatusCode::INTERNAL_SERVER_ERROR, &message),
                         "corrupt",
-                    );
+                    ));
                 }
+                Err(TenantError::Sql(refused)) => return done(sql::refused(&refused)),
             },
             Route::Holder(record) => {
                 if record.holder == state.machine_id {
                     fresh = true;
                     continue;
                 }
-                return handoff(
-                    state,
-                    Target::Instance(record.holder),
-                    Some(record.addr),
-                    hops,
-                    request,
-                )
-                .await;
+                return done(
+                    handoff(
+                        state,
+                        Target::Instance(record.holder),
+                        Some(record.addr),
+                        hops,
+                        request,
+                    )
+                    .await,
+                );
             }
             Route::Elsewhere => {
-                return handoff(state, Target::Elsewhere, None, hops, request).await;
+                return done(handoff(state, Target::Elsewhere, None, hops, request).await);
             }
             Route::Lookup { last_holder } => {
                 if let Some(finder) = &state.finder {
-                    match finder.machines_of(&id).await {
+                    match finder.machines_of(id).await {
                         Ok(machines) => {
                             if let Some(machine) =
                                 machines.into_iter().find(|m| *m != state.machine_id)
                             {
-                                return handoff(
-                                    state,
-                                    Target::Instance(machine),
-                                    None,
-                                    hops,
-                                    request,
-                                )
-                                .await;
+                                return done(
+                                    handoff(state, Target::Instance(machine), None, hops, request)
+                                        .await,
+                                );
                             }
                         }
                         Err(e) => {
@@ -320,41 +353,43 @@ async fn counter_inner(
                 if let Some(record) = last_holder
                     && record.holder != state.machine_id
                 {
-                    return handoff(
-                        state,
-                        Target::Instance(record.holder),
-                        Some(record.addr),
-                        hops,
-                        request,
-                    )
-                    .await;
+                    return done(
+                        handoff(
+                            state,
+                            Target::Instance(record.holder),
+                            Some(record.addr),
+                            hops,
+                            request,
+                        )
+                        .await,
+                    );
                 }
                 let message = format!(
                     "customer {id} is not served here and no machine of it is known (no lock object, no machine in DNS)"
                 );
-                return (error(StatusCode::NOT_FOUND, &message), "not_found");
+                return done((error(StatusCode::NOT_FOUND, &message), "not_found"));
             }
             Route::Unavailable(message) => {
-                return (
+                return done((
                     error(StatusCode::SERVICE_UNAVAILABLE, &message),
                     "unavailable",
-                );
+                ));
             }
             Route::Corrupt(message) => {
-                return (
+                return done((
                     error(StatusCode::INTERNAL_SERVER_ERROR, &message),
                     "corrupt",
-                );
+                ));
             }
         }
     }
-    (
+    done((
         error(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("customer {id}: the holder changed several times while routing; retry"),
         ),
         "unavailable",
-    )
+    ))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
@@ -517,17 +552,24 @@ fn admin_denied(state: &AppState, headers: &HeaderMap) -> Option<Response> {
             "admin endpoints are disabled: set TENANTD_ADMIN_TOKEN to enable them",
         ));
     };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if presented != Some(token.as_str()) {
+    if !bearer_matches(headers, token) {
         return Some(error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong admin token: send Authorization: Bearer $TENANTD_ADMIN_TOKEN",
         ));
     }
     None
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared
+/// in constant time.
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|presented| bool::from(presented.as_bytes().ct_eq(token.as_bytes())))
 }
 
 async fn get_faults(State(state): State<AppState>, headers: HeaderMap) -> Response {

@@ -1,0 +1,112 @@
+//! `POST /customers/<id>/sql`: statements run in one transaction on the
+//! tenant's holder, answered once what they wrote is durable in the store.
+//!
+//! The request is checked here (token, id, body) before it is routed, so
+//! a malformed one is refused by whichever machine it reaches first; a
+//! well-formed one is routed exactly like a counter request.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::{AppState, Forwardable, Served, bearer_matches, error, idempotency_key, serve};
+use crate::TenantId;
+use crate::tenant::SqlAnswer;
+use crate::tenant::sql::{SqlError, SqlErrorKind, SqlRequest};
+
+pub(super) async fn sql(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request = Forwardable {
+        method,
+        uri,
+        headers,
+        body,
+    };
+    let (response, outcome) = sql_inner(&state, &id, request).await;
+    state
+        .metrics
+        .requests
+        .with_label_values(&["sql", outcome])
+        .inc();
+    response
+}
+
+async fn sql_inner(state: &AppState, id: &str, request: Forwardable) -> (Response, &'static str) {
+    let Some(token) = &state.api_token else {
+        let message = "the SQL API is disabled on this machine: set TENANTD_API_TOKEN (--api-token) to enable it";
+        return (error(StatusCode::NOT_FOUND, message), "not_found");
+    };
+    if !bearer_matches(&request.headers, token) {
+        let message = "missing or wrong API token: send Authorization: Bearer $TENANTD_API_TOKEN";
+        return (error(StatusCode::UNAUTHORIZED, message), "unauthorized");
+    }
+    let id = match TenantId::parse(id) {
+        Ok(id) => id,
+        Err(e) => return (error(StatusCode::BAD_REQUEST, &e.to_string()), "bad_request"),
+    };
+    let key = match idempotency_key(&request.headers) {
+        Ok(key) => key,
+        Err(message) => return (error(StatusCode::BAD_REQUEST, &message), "bad_request"),
+    };
+    let parsed = match SqlRequest::parse(&request.body, &state.sql_limits) {
+        Ok(parsed) => Arc::new(parsed),
+        Err(e) => return refused(&e),
+    };
+    let served = serve(state, &id, request, |handle| {
+        let (parsed, key) = (parsed.clone(), key.clone());
+        async move { handle.sql(parsed, key).await }
+    })
+    .await;
+    match served {
+        Served::Here(answer) => {
+            let outcome = if answer.repeated { "repeated" } else { "served" };
+            (render(state, &id, answer), outcome)
+        }
+        Served::Done(response, outcome) => (response, outcome),
+    }
+}
+
+fn render(state: &AppState, id: &TenantId, answer: SqlAnswer) -> Response {
+    let mut response = Json(json!({
+        "customer_id": id.as_str(),
+        "machine_id": state.machine_id,
+        "epoch": answer.epoch,
+        "results": &*answer.results,
+    }))
+    .into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        "x-tenantd-machine",
+        HeaderValue::from_str(&state.machine_id).expect("machine ids are header-safe"),
+    );
+    if answer.repeated {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// A refused request: 403 when a rule denied it, 400 otherwise; the body
+/// names the statement at fault.
+pub(super) fn refused(refused: &SqlError) -> (Response, &'static str) {
+    let (status, outcome) = match refused.kind {
+        SqlErrorKind::Denied => (StatusCode::FORBIDDEN, "denied"),
+        SqlErrorKind::Invalid | SqlErrorKind::Limit => (StatusCode::BAD_REQUEST, "bad_request"),
+    };
+    let body = json!({
+        "error": refused.message,
+        "statement": refused.statement,
+        "code": refused.kind.as_str(),
+    });
+    ((status, Json(body)).into_response(), outcome)
+}

@@ -269,7 +269,12 @@ enum Served<T> {
 /// Routes a request for `id`: runs `call` on the tenant's actor when this
 /// machine holds it, otherwise hands the request to the holder
 /// (`fly-replay`, or proxied in forward mode) or says why it cannot.
-async fn serve<T, F, Fut>(state: &AppState, id: &TenantId, request: Forwardable, call: F) -> Served<T>
+async fn serve<T, F, Fut>(
+    state: &AppState,
+    id: &TenantId,
+    request: Forwardable,
+    call: F,
+) -> Served<T>
 where
     F: Fn(TenantHandle) -> Fut,
     Fut: Future<Output = Result<T, TenantError>>,

@@ -7,11 +7,11 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde_json::json;
 
 use super::{AppState, Forwardable, Served, bearer_matches, error, idempotency_key, serve};
@@ -53,7 +53,12 @@ async fn sql_inner(state: &AppState, id: &str, request: Forwardable) -> (Respons
     }
     let id = match TenantId::parse(id) {
         Ok(id) => id,
-        Err(e) => return (error(StatusCode::BAD_REQUEST, &e.to_string()), "bad_request"),
+        Err(e) => {
+            return (
+                error(StatusCode::BAD_REQUEST, &e.to_string()),
+                "bad_request",
+            );
+        }
     };
     let key = match idempotency_key(&request.headers) {
         Ok(key) => key,
@@ -70,7 +75,11 @@ async fn sql_inner(state: &AppState, id: &str, request: Forwardable) -> (Respons
     .await;
     match served {
         Served::Here(answer) => {
-            let outcome = if answer.repeated { "repeated" } else { "served" };
+            let outcome = if answer.repeated {
+                "repeated"
+            } else {
+                "served"
+            };
             (render(state, &id, answer), outcome)
         }
         Served::Done(response, outcome) => (response, outcome),

@@ -430,7 +430,9 @@ impl TenantActor {
             let work: Vec<Work> = ops
                 .iter()
                 .map(|op| match op {
-                    Op::Increment { idempotency_key } => Work::Increment(idempotency_key.as_deref()),
+                    Op::Increment { idempotency_key } => {
+                        Work::Increment(idempotency_key.as_deref())
+                    }
                     Op::Read => Work::Read,
                     Op::Sql {
                         request,
@@ -779,13 +781,19 @@ async fn claim(
         // work for a blocking thread, not for a runtime worker that other
         // tenants' renewals need.
         let (db, committed, bytes) = {
-            let (owned_id, path, source, epoch) =
-                (id.clone(), path.to_path_buf(), source.clone(), lease.epoch());
+            let (owned_id, path, source, epoch) = (
+                id.clone(),
+                path.to_path_buf(),
+                source.clone(),
+                lease.epoch(),
+            );
             tokio::task::spawn_blocking(move || {
                 open_and_claim(&owned_id, &path, body, &source, epoch)
             })
-                .await
-                .map_err(|e| TenantError::Unavailable(format!("customer {id}: taking over failed: {e}")))??
+            .await
+            .map_err(|e| {
+                TenantError::Unavailable(format!("customer {id}: taking over failed: {e}"))
+            })??
         };
         let metadata = upload_metadata(lease.epoch(), committed.seq, &ctx.machine_id);
         match ctx.store.put(&key, bytes, metadata, condition).await {
@@ -815,7 +823,9 @@ fn open_and_claim(
         write_copy(path, &body)?;
     }
     let mut db = Db::open(path).map_err(|Corrupt(reason)| corrupt(id, source, &reason))?;
-    let previous = db.epoch().map_err(|e| corrupt(id, source, &e.to_string()))?;
+    let previous = db
+        .epoch()
+        .map_err(|e| corrupt(id, source, &e.to_string()))?;
     if previous >= epoch {
         // Only possible if the lock object was deleted or reset by hand:
         // the ETag chain still fences writers, so carry on, but say so.
@@ -829,7 +839,8 @@ fn open_and_claim(
             path.display()
         ))
     })?;
-    let bytes = read_copy(path).map_err(|e| TenantError::Unavailable(format!("customer {id}: {e}")))?;
+    let bytes =
+        read_copy(path).map_err(|e| TenantError::Unavailable(format!("customer {id}: {e}")))?;
     Ok((db, committed, bytes))
 }
 

@@ -430,8 +430,9 @@ fn run_statements(
         let rows_affected = if changed { conn.changes() } else { 0 };
         let inserted = changed
             && (conn.last_insert_rowid() != rowid_before
-                || guard::first_keyword(&statement.sql)
-                    .is_some_and(|k| k.eq_ignore_ascii_case("insert") || k.eq_ignore_ascii_case("replace")));
+                || guard::first_keyword(&statement.sql).is_some_and(|k| {
+                    k.eq_ignore_ascii_case("insert") || k.eq_ignore_ascii_case("replace")
+                }));
         let mut result = Map::new();
         result.insert("columns".into(), Json::from(columns));
         result.insert("rows".into(), Json::Array(rows));
@@ -465,26 +466,24 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, index: usize, params: &Params) -> Re
                 if i >= expected {
                     break;
                 }
-                stmt.raw_bind_parameter(i + 1, value)
-                    .map_err(|e| SqlError::invalid(Some(index), format!("statement {index}: {e}")))?;
+                stmt.raw_bind_parameter(i + 1, value).map_err(|e| {
+                    SqlError::invalid(Some(index), format!("statement {index}: {e}"))
+                })?;
             }
             values.len()
         }
         Params::Named(values) => {
             let mut seen = BTreeMap::new();
             for (name, value) in values {
-                let position = stmt
-                    .parameter_index(name)
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| {
-                        SqlError::invalid(
-                            Some(index),
-                            format!("statement {index} has no parameter named {name}"),
-                        )
-                    })?;
-                stmt.raw_bind_parameter(position, value)
-                    .map_err(|e| SqlError::invalid(Some(index), format!("statement {index}: {e}")))?;
+                let position = stmt.parameter_index(name).ok().flatten().ok_or_else(|| {
+                    SqlError::invalid(
+                        Some(index),
+                        format!("statement {index} has no parameter named {name}"),
+                    )
+                })?;
+                stmt.raw_bind_parameter(position, value).map_err(|e| {
+                    SqlError::invalid(Some(index), format!("statement {index}: {e}"))
+                })?;
                 seen.insert(position, ());
             }
             seen.len()

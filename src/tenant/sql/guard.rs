@@ -44,12 +44,7 @@ const ALLOWED_PRAGMAS: &[&str] = &[
 ];
 
 /// Pragmas that set a value when given one (rather than take an argument).
-const SETTING_PRAGMAS: &[&str] = &[
-    "application_id",
-    "encoding",
-    "page_size",
-    "schema_version",
-];
+const SETTING_PRAGMAS: &[&str] = &["application_id", "encoding", "page_size", "schema_version"];
 
 /// Virtual table modules a request may create: they keep their data in
 /// ordinary tables of the same database file.
@@ -148,14 +143,15 @@ fn rule(state: &State, ctx: &AuthContext<'_>) -> Option<String> {
     if !state.user {
         return None;
     }
-    if let Some(db) = ctx.database_name
-        && db != "main"
-    {
-        return Some(format!(
-            "only the tenant's own database (\"main\") can be used, not {db:?}"
-        ));
-    }
-    match &ctx.action {
+    action_rule(&ctx.action).or_else(|| {
+        ctx.database_name.filter(|db| *db != "main").map(|db| {
+            format!("only the tenant's own database (\"main\") can be used, not {db:?}: temporary and attached databases live outside it and never reach the store")
+        })
+    })
+}
+
+fn action_rule(action: &AuthAction<'_>) -> Option<String> {
+    match action {
         AuthAction::Attach { .. } | AuthAction::Detach { .. } => Some(
             "ATTACH and DETACH are not allowed: a request works on its tenant's database only"
                 .into(),

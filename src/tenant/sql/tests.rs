@@ -119,25 +119,40 @@ fn the_guard_denies_what_reaches_outside_the_tenants_data() {
     let dir = tempfile::tempdir().unwrap();
     let outside = dir.path().join("outside.db");
     let cases = [
-        (format!("ATTACH DATABASE '{}' AS x", outside.display()), "ATTACH"),
+        (
+            format!("ATTACH DATABASE '{}' AS x", outside.display()),
+            "ATTACH",
+        ),
         ("DETACH DATABASE main".to_string(), "DETACH"),
         (format!("VACUUM INTO '{}'", outside.display()), "VACUUM"),
         ("/* hidden */ vacuum".to_string(), "VACUUM"),
-        ("SELECT load_extension('/tmp/x.so')".to_string(), "load_extension"),
+        (
+            "SELECT load_extension('/tmp/x.so')".to_string(),
+            "load_extension",
+        ),
         ("SELECT * FROM tenantd_meta".to_string(), "tenantd_meta"),
-        ("UPDATE tenantd_meta SET value = 0".to_string(), "tenantd_meta"),
-        ("DELETE FROM tenantd_idempotency".to_string(), "tenantd_idempotency"),
+        (
+            "UPDATE tenantd_meta SET value = 0".to_string(),
+            "tenantd_meta",
+        ),
+        (
+            "DELETE FROM tenantd_idempotency".to_string(),
+            "tenantd_idempotency",
+        ),
         ("CREATE TABLE tenantd_mine(x)".to_string(), "tenantd_mine"),
         ("PRAGMA journal_mode = WAL".to_string(), "journal_mode"),
         ("PRAGMA synchronous = FULL".to_string(), "synchronous"),
         ("PRAGMA writable_schema = ON".to_string(), "writable_schema"),
         ("PRAGMA page_size = 1024".to_string(), "page_size"),
         ("PRAGMA database_list".to_string(), "database_list"),
-        ("CREATE TEMP TABLE t(x)".to_string(), "temporary"),
+        ("CREATE TEMP TABLE t(x)".to_string(), "temp"),
         ("BEGIN".to_string(), "transaction control"),
         ("SAVEPOINT s".to_string(), "transaction control"),
         ("DROP TABLE welcome".to_string(), "welcome"),
-        ("CREATE TRIGGER t AFTER UPDATE ON welcome BEGIN SELECT 1; END".to_string(), "welcome"),
+        (
+            "CREATE TRIGGER t AFTER UPDATE ON welcome BEGIN SELECT 1; END".to_string(),
+            "welcome",
+        ),
         ("SELECT * FROM temp.sqlite_master".to_string(), "\"temp\""),
     ];
     for (sql, rule) in cases {
@@ -154,16 +169,27 @@ fn the_guard_denies_what_reaches_outside_the_tenants_data() {
         assert_eq!(error.kind, SqlErrorKind::Denied, "{sql}: {error}");
         assert_eq!(error.statement, Some(1), "{sql}");
         assert!(error.message.contains(rule), "{sql}: {error}");
-        assert_eq!(query(&mut db, "SELECT count(*) FROM notes"), json!([[0]]), "{sql}");
+        assert_eq!(
+            query(&mut db, "SELECT count(*) FROM notes"),
+            json!([[0]]),
+            "{sql}"
+        );
     }
-    assert!(!outside.exists(), "nothing may be written outside the tenant's file");
+    assert!(
+        !outside.exists(),
+        "nothing may be written outside the tenant's file"
+    );
 }
 
 #[test]
 fn a_view_over_tenantds_tables_cannot_be_read() {
     let (_dir, mut db) = fresh();
     // SQLite checks a view's reads when it is used, not when it is made.
-    run(&mut db, json!({"statements": [{"sql": "CREATE VIEW v AS SELECT * FROM tenantd_meta"}]})).unwrap();
+    run(
+        &mut db,
+        json!({"statements": [{"sql": "CREATE VIEW v AS SELECT * FROM tenantd_meta"}]}),
+    )
+    .unwrap();
     let error = run(&mut db, json!({"statements": [{"sql": "SELECT * FROM v"}]})).unwrap_err();
     assert_eq!(error.kind, SqlErrorKind::Denied, "{error}");
     assert!(error.message.contains("tenantd_meta"), "{error}");
@@ -217,7 +243,8 @@ fn a_runaway_query_is_interrupted_and_the_rest_of_the_batch_commits() {
         ..SqlLimits::default()
     };
     let forever = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) ";
-    let runaway_read = request(json!({"statements": [{"sql": format!("{forever} SELECT max(x) FROM c")}]}));
+    let runaway_read =
+        request(json!({"statements": [{"sql": format!("{forever} SELECT max(x) FROM c")}]}));
     // An interrupted write makes SQLite roll back the whole transaction:
     // the batch is applied again without it.
     let runaway_write = request(
@@ -252,8 +279,11 @@ fn the_database_cannot_grow_past_its_limit() {
         max_db_bytes: 256 * 1024,
         ..SqlLimits::default()
     };
-    let big = request(json!({"statements": [{"sql": "INSERT INTO notes(data) VALUES (zeroblob(1048576))"}]}));
-    let small = request(json!({"statements": [{"sql": "INSERT INTO notes(body) VALUES ('small')"}]}));
+    let big = request(
+        json!({"statements": [{"sql": "INSERT INTO notes(data) VALUES (zeroblob(1048576))"}]}),
+    );
+    let small =
+        request(json!({"statements": [{"sql": "INSERT INTO notes(body) VALUES ('small')"}]}));
     let applied = run_with(&mut db, &limits, &[small, big]);
     let error = applied.replies[1].clone().unwrap_err();
     assert_eq!(error.kind, SqlErrorKind::Limit, "{error}");
@@ -270,8 +300,12 @@ fn results_are_bounded() {
         max_rows: 10,
         ..SqlLimits::default()
     };
-    let many = request(json!({"statements": [{"sql": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 11) SELECT x FROM c"}]}));
-    let error = run_with(&mut db, &limits, &[many]).replies[0].clone().unwrap_err();
+    let many = request(
+        json!({"statements": [{"sql": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 11) SELECT x FROM c"}]}),
+    );
+    let error = run_with(&mut db, &limits, &[many]).replies[0]
+        .clone()
+        .unwrap_err();
     assert_eq!(error.kind, SqlErrorKind::Limit);
     assert!(error.message.contains("LIMIT"), "{error}");
 }
@@ -280,13 +314,24 @@ fn results_are_bounded() {
 fn a_repeated_idempotency_key_gets_the_first_answer_and_writes_once() {
     let (_dir, mut db) = fresh();
     setup(&mut db);
-    let insert = request(json!({"statements": [{"sql": "INSERT INTO notes(body) VALUES ('once')"}]}));
+    let insert =
+        request(json!({"statements": [{"sql": "INSERT INTO notes(body) VALUES ('once')"}]}));
     let first = db
-        .apply_batch(3, &[Work::Sql(&insert, Some("k"))], &SqlLimits::default(), false)
+        .apply_batch(
+            3,
+            &[Work::Sql(&insert, Some("k"))],
+            &SqlLimits::default(),
+            false,
+        )
         .unwrap();
     db.claim(4).unwrap();
     let again = db
-        .apply_batch(4, &[Work::Sql(&insert, Some("k"))], &SqlLimits::default(), false)
+        .apply_batch(
+            4,
+            &[Work::Sql(&insert, Some("k"))],
+            &SqlLimits::default(),
+            false,
+        )
         .unwrap();
     let (Ok(Reply::Sql(a)), Ok(Reply::Sql(b))) = (&first.replies[0], &again.replies[0]) else {
         panic!("SQL answers expected");
@@ -309,7 +354,9 @@ fn the_counter_and_sql_see_each_others_writes_within_a_batch() {
         Work::Increment(None),
         Work::Read,
     ];
-    let applied = db.apply_batch(1, &work, &SqlLimits::default(), false).unwrap();
+    let applied = db
+        .apply_batch(1, &work, &SqlLimits::default(), false)
+        .unwrap();
     let Ok(Reply::Sql(seen)) = &applied.replies[1] else {
         panic!("SQL answer expected")
     };
@@ -329,14 +376,36 @@ fn malformed_requests_name_the_problem() {
     };
     let cases = [
         (json!({"statements": []}).to_string(), "no statements"),
-        (json!({"statements": {"sql": "x"}}).to_string(), "invalid request body"),
-        (json!({"statements": [{"sql": "SELECT 1"}], "extra": 1}).to_string(), "unknown field"),
-        (json!({"statements": [{"sql": "SELECT ?", "params": [true]}]}).to_string(), "booleans"),
-        (json!({"statements": [{"sql": "SELECT ?", "params": "x"}]}).to_string(), "array"),
-        (json!({"statements": [{"sql": "SELECT :a", "params": {"a": 1}}]}).to_string(), "as in the SQL"),
-        (json!({"statements": [{"sql": "SELECT ?", "params": [{"base64": "!!"}]}]}).to_string(), "base64"),
+        (
+            json!({"statements": {"sql": "x"}}).to_string(),
+            "invalid request body",
+        ),
+        (
+            json!({"statements": [{"sql": "SELECT 1"}], "extra": 1}).to_string(),
+            "unknown field",
+        ),
+        (
+            json!({"statements": [{"sql": "SELECT ?", "params": [true]}]}).to_string(),
+            "booleans",
+        ),
+        (
+            json!({"statements": [{"sql": "SELECT ?", "params": "x"}]}).to_string(),
+            "array",
+        ),
+        (
+            json!({"statements": [{"sql": "SELECT :a", "params": {"a": 1}}]}).to_string(),
+            "as in the SQL",
+        ),
+        (
+            json!({"statements": [{"sql": "SELECT ?", "params": [{"base64": "!!"}]}]}).to_string(),
+            "base64",
+        ),
         (json!({"statements": [{"sql": " "}]}).to_string(), "empty"),
-        (json!({"statements": [{"sql": "SELECT 1"}, {"sql": "SELECT 1"}, {"sql": "SELECT 1"}]}).to_string(), "at most 2"),
+        (
+            json!({"statements": [{"sql": "SELECT 1"}, {"sql": "SELECT 1"}, {"sql": "SELECT 1"}]})
+                .to_string(),
+            "at most 2",
+        ),
         ("{not json".to_string(), "invalid request body"),
     ];
     for (body, expected) in cases {
@@ -349,11 +418,23 @@ fn malformed_requests_name_the_problem() {
 fn wrong_parameter_counts_and_names_are_errors() {
     let (_dir, mut db) = fresh();
     for (body, expected) in [
-        (json!({"statements": [{"sql": "SELECT ?, ?", "params": [1]}]}), "takes 2 parameter(s), 1 given"),
-        (json!({"statements": [{"sql": "SELECT ?", "params": [1, 2]}]}), "takes 1 parameter(s), 2 given"),
-        (json!({"statements": [{"sql": "SELECT :a", "params": {":b": 1}}]}), "no parameter named :b"),
+        (
+            json!({"statements": [{"sql": "SELECT ?, ?", "params": [1]}]}),
+            "takes 2 parameter(s), 1 given",
+        ),
+        (
+            json!({"statements": [{"sql": "SELECT ?", "params": [1, 2]}]}),
+            "takes 1 parameter(s), 2 given",
+        ),
+        (
+            json!({"statements": [{"sql": "SELECT :a", "params": {":b": 1}}]}),
+            "no parameter named :b",
+        ),
         (json!({"statements": [{"sql": "SELEC 1"}]}), "syntax error"),
-        (json!({"statements": [{"sql": "SELECT 1; SELECT 2"}]}), "Multiple statements"),
+        (
+            json!({"statements": [{"sql": "SELECT 1; SELECT 2"}]}),
+            "Multiple statements",
+        ),
     ] {
         let error = run(&mut db, body.clone()).expect_err(&body.to_string());
         assert_eq!(error.kind, SqlErrorKind::Invalid);

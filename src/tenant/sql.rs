@@ -398,7 +398,7 @@ fn run_statements(
             )));
         }
         bind(&mut stmt, index, &statement.params).map_err(Failure::Other)?;
-        let columns: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
+        let columns: Vec<String> = stmt.column_names().map(String::from).collect();
         let total_before = conn.total_changes();
         let rowid_before = conn.last_insert_rowid();
         let mut rows = Vec::new();

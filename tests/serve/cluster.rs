@@ -330,6 +330,19 @@ impl FlyClient {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<Reply, String> {
+        self.send_body(first, method, path, headers, Vec::new())
+            .await
+    }
+
+    /// Like `send`, with a body (replayed with the request, as Fly Proxy does).
+    pub async fn send_body(
+        &self,
+        first: &str,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<Reply, String> {
         // Fly Proxy only routes to machines that exist: a first pick that
         // has gone is replaced by any other.
         let mut target = if self.machines.lock().unwrap().contains_key(first) {
@@ -347,7 +360,8 @@ impl FlyClient {
             let mut req = self
                 .http
                 .request(method.clone(), format!("http://{addr}{path}"))
-                .header("accept", "application/json");
+                .header("accept", "application/json")
+                .body(body.clone());
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }

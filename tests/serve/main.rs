@@ -7,5 +7,6 @@ mod failover;
 mod input;
 mod pipeline;
 mod routing;
+mod sql;
 #[path = "../support/mod.rs"]
 mod support;

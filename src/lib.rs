@@ -9,7 +9,7 @@
 //! - [`tenant`]: one actor per held tenant: the SQLite file, group commit,
 //!   fenced uploads, idempotency keys.
 //! - [`router`]: per request, serve here, replay to the holder, acquire, or 404.
-//! - [`http`]: routes, content negotiation, `/metrics`, `/_status`.
+//! - [`http`]: routes, content negotiation, the SQL API, `/metrics`, `/_status`.
 //! - [`server`]: wires it all together for `tenantd serve`.
 //! - [`dev`], [`chaos`], [`bench`], [`fly`]: the local Fly stand-in, the
 //!   chaos checker, the benchmark and the Machines API client.
@@ -25,6 +25,7 @@ pub mod lease;
 pub mod metrics;
 pub mod replay;
 pub mod server;
+pub mod sql_client;
 pub mod store;
 pub mod tenant;
 pub mod tenant_id;

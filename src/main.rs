@@ -26,6 +26,8 @@ enum Command {
     Bench(tenantd::bench::BenchArgs),
     /// Provision and scale tenants' machines through the Fly Machines API.
     Fly(tenantd::fly::FlyArgs),
+    /// Run SQL against a tenant's database through the app's URL.
+    Sql(tenantd::sql_client::SqlArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +40,7 @@ fn main() -> std::process::ExitCode {
             Command::Chaos(args) => tenantd::chaos::run(args).await,
             Command::Bench(args) => tenantd::bench::run(args).await,
             Command::Fly(args) => tenantd::fly::run(args).await,
+            Command::Sql(args) => tenantd::sql_client::run(args).await,
         }
     });
     match result {

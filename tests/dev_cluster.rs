@@ -779,3 +779,62 @@ async fn dev_sigkilled_parent_leaves_no_orphans() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `tenantd dev` gives its machines an API token, and `tenantd sql`
+/// through the edge reaches the tenant's holder with it: a script on
+/// stdin in one request, then a statement with parameters, as a table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_machines_serve_sql_through_the_edge_with_tenantd_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(config(dir.path(), &["300"], 2))
+        .await
+        .unwrap();
+    holder_of(&cluster, "300").await;
+    let edge = cluster.edge_url();
+    let sql = |args: &[&str], stdin: &str, token: &str| {
+        let mut child = Command::new(BIN)
+            .args(["sql", "--url", &edge, "--customer-id", "300"])
+            .args(args)
+            .env("TENANTD_API_TOKEN", token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let token = cluster.api_token().to_string();
+    let script = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT);\n\
+                  INSERT INTO notes(body) VALUES ('first; with a semicolon');\n";
+    let (ok, out, err) = tokio::task::block_in_place(|| sql(&[], script, &token));
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("last insert rowid: 1"), "{out}");
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        sql(
+            &["SELECT id, body FROM notes WHERE id >= ?", "1"],
+            "",
+            &token,
+        )
+    });
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        out,
+        "id | body\n---+------------------------\n1  | first; with a semicolon\n(1 row)\n"
+    );
+    let (ok, _, err) = tokio::task::block_in_place(|| sql(&["SELECT 1"], "", "not-the-token"));
+    assert!(!ok);
+    assert!(err.contains("401"), "{err}");
+    cluster.shutdown().await;
+}

@@ -64,6 +64,9 @@ pub struct DevConfig {
     pub machine_port: Option<u16>,
     /// Extra env for every machine (e.g. `TENANTD_FAULTS`, `RUST_LOG`).
     pub extra_env: Vec<(String, String)>,
+    /// `TENANTD_API_TOKEN` of every machine (the SQL API); `None`: a
+    /// random one is made at start ([`Cluster::api_token`]).
+    pub api_token: Option<String>,
     pub log_sink: LogSink,
     /// Let machines colour their log lines (only when stdout is a terminal).
     pub color_logs: bool,
@@ -102,6 +105,7 @@ impl DevConfig {
             ip_base: Ipv4Addr::new(127, 0, 0, 2),
             machine_port: None,
             extra_env: Vec::new(),
+            api_token: None,
             log_sink: LogSink::Stdout,
             color_logs: false,
             max_hops: 5,
@@ -206,6 +210,13 @@ impl Cluster {
         }
         std::fs::create_dir_all(cfg.data_dir.join("machines"))
             .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        let api_token = cfg
+            .api_token
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        cfg.extra_env
+            .push(("TENANTD_API_TOKEN".into(), api_token.clone()));
+        cfg.api_token = Some(api_token);
         let cfg = Arc::new(cfg);
         let logs = logs::Logs::new(cfg.log_sink);
         let table = Arc::new(RwLock::new(Vec::new()));
@@ -312,6 +323,11 @@ impl Cluster {
 
     pub fn app_name(&self) -> &str {
         &self.shared.cfg.app_name
+    }
+
+    /// The `TENANTD_API_TOKEN` every machine was started with.
+    pub fn api_token(&self) -> &str {
+        self.shared.cfg.api_token.as_deref().expect("set at start")
     }
 
     /// The `TENANTD_ADMIN_TOKEN` every machine was started with.
@@ -608,6 +624,9 @@ async fn run_cluster(args: RunArgs) -> anyhow::Result<()> {
     cfg.machine_port = args.machine_port;
     cfg.max_hops = args.max_hops;
     cfg.color_logs = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    cfg.api_token = std::env::var("TENANTD_API_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
 
     let cluster = Cluster::start(cfg).await?;
     print!("{}", banner(&cluster));
@@ -649,8 +668,17 @@ fn banner(cluster: &Cluster) -> String {
     out.push_str(&format!("  edge (the app's URL): {edge}\n"));
     out.push_str(&format!("  admin API:            {admin}\n"));
     out.push_str(&format!(
-        "  internal DNS:         {} (UDP+TCP)\n\n",
+        "  internal DNS:         {} (UDP+TCP)\n",
         cluster.dns_addr()
+    ));
+    out.push_str(&format!(
+        "  SQL API token:        {} (TENANTD_API_TOKEN{})\n\n",
+        cluster.api_token(),
+        if std::env::var("TENANTD_API_TOKEN").is_ok_and(|t| !t.is_empty()) {
+            ", from the environment"
+        } else {
+            ", made up for this run: set TENANTD_API_TOKEN to choose it"
+        }
     ));
     out.push_str("Try:\n");
     out.push_str(&format!("  curl {edge}/customers/{example}\n"));
@@ -658,6 +686,10 @@ fn banner(cluster: &Cluster) -> String {
         "  curl -H 'Accept: application/json' -X POST {edge}/customers/{example}/increment\n"
     ));
     out.push_str(&format!("  curl {edge}/customers/{example}/count\n"));
+    out.push_str(&format!(
+        "  TENANTD_API_TOKEN={} tenantd sql --url {edge} --customer-id {example} \"SELECT count FROM welcome\"\n",
+        cluster.api_token()
+    ));
     out.push_str(&format!("  tenantd dev ls{admin_flag}\n"));
     out.push_str(&format!("  tenantd dev scale {example} 3{admin_flag}\n"));
     out.push_str(&format!("  tenantd dev kill <machine id>{admin_flag}\n"));

@@ -23,11 +23,16 @@
 //!
 //! A lock object that cannot be parsed is treated as held by an unknown
 //! machine: it is only taken over by the observation rule. A lock naming
-//! this machine's own id (left by an earlier, crashed process of the same
-//! machine) is taken over at once: machine ids must be unique per process.
+//! this machine's own id is taken over at once unless this process holds
+//! it through a live [`Lease`]: it was left by an earlier, crashed process
+//! of the same machine (machine ids are unique per process), or by an
+//! acquisition of this process whose lease has ended. A lease ends only
+//! after its holder has settled every upload it made, and every database
+//! write is fenced by the ETag chain anyway, so retaking it at once spares
+//! the tenant a ttl-long outage and risks nothing.
 
 use std::fmt::Debug;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -165,9 +170,10 @@ pub struct Contender {
     /// Highest epoch seen, so that a takeover of an unparsable lock still
     /// continues the sequence as far as this machine knows it.
     max_epoch: u64,
-    /// Tokens of this contender's own acquisitions: a lock carrying one of
-    /// them is this process's, never a crashed predecessor's.
-    own_tokens: Vec<Uuid>,
+    /// Tokens of this contender's acquisitions, each with a handle that
+    /// lives as long as its [`Lease`] (dead for an attempt whose answer was
+    /// lost): a lock carrying a live one is this process's current lease.
+    own_tokens: Vec<(Uuid, Weak<()>)>,
 }
 
 impl Contender {
@@ -236,12 +242,16 @@ impl Contender {
                     .signed_duration_since(record.renewed_at)
                     .to_std()
                     .unwrap_or(Duration::ZERO);
-                // A record naming this machine but none of this process's
-                // acquisitions was written by an earlier process of it
-                // (machine ids are unique per process: Fly runs one per
-                // machine), which is gone: no need to wait it out.
-                let ours = record.holder == self.config.machine_id
-                    && !self.own_tokens.contains(&record.token);
+                // A record naming this machine but no live lease of this
+                // process was written by an earlier process of it (machine
+                // ids are unique per process: Fly runs one per machine),
+                // which is gone, or by a lease of ours that has ended: no
+                // need to wait it out.
+                let live_here = self
+                    .own_tokens
+                    .iter()
+                    .any(|(token, alive)| *token == record.token && alive.strong_count() > 0);
+                let ours = record.holder == self.config.machine_id && !live_here;
                 let stale = ours || seen_for >= ttl || age > ttl + self.config.skew_allowance;
                 if stale && may_write {
                     info!(key = %self.key, holder = %record.holder, epoch = record.epoch, ?seen_for, ?age, "lock is stale; taking over");
@@ -287,8 +297,11 @@ impl Contender {
             extra: Default::default(),
         };
         // Remembered before sending: if the write lands but its answer is
-        // lost, the lock is still recognised as this process's own.
-        self.own_tokens.push(record.token);
+        // lost, the lock is still recognised as this process's own (and,
+        // with no lease alive, taken back at once).
+        self.own_tokens
+            .retain(|(_, alive)| alive.strong_count() > 0);
+        self.own_tokens.push((record.token, Weak::new()));
         let sent_at = Instant::now();
         match self
             .store
@@ -299,6 +312,10 @@ impl Contender {
                 self.observed = None;
                 self.max_epoch = epoch;
                 info!(key = %self.key, epoch, holder = %record.holder, "lease acquired");
+                let alive = Arc::new(());
+                if let Some(entry) = self.own_tokens.iter_mut().find(|(t, _)| *t == record.token) {
+                    entry.1 = Arc::downgrade(&alive);
+                }
                 Ok(Acquire::Acquired(Lease::start(
                     self.store.clone(),
                     self.key.clone(),
@@ -307,6 +324,7 @@ impl Contender {
                     etag,
                     sent_at,
                     previous,
+                    alive,
                 )))
             }
             Err(StoreError::PreconditionFailed { .. }) => {
@@ -357,9 +375,12 @@ pub struct Lease {
     renewal: tokio::task::JoinHandle<()>,
     previous: Option<LockRecord>,
     record: LockRecord,
+    /// Tells this process's contender that the lease is still held.
+    _alive: Arc<()>,
 }
 
 impl Lease {
+    #[allow(clippy::too_many_arguments)]
     fn start(
         store: DynStore,
         key: String,
@@ -368,6 +389,7 @@ impl Lease {
         etag: ETag,
         sent_at: Instant,
         previous: Option<LockRecord>,
+        alive: Arc<()>,
     ) -> Lease {
         let status = LeaseStatus {
             deadline: sent_at + config.ttl.saturating_sub(config.margin),
@@ -391,6 +413,7 @@ impl Lease {
             renewal,
             previous,
             record,
+            _alive: alive,
         }
     }
 

@@ -312,3 +312,21 @@ async fn a_process_never_takes_over_its_own_live_lease() {
         _ => panic!("took over its own live lease"),
     }
 }
+
+/// After a lease of this process ends without a release (its holder failed
+/// on the store and stepped down), the process takes its own lock back at
+/// once instead of waiting out a ttl as if another machine held it.
+#[tokio::test(start_paused = true)]
+async fn a_process_takes_its_own_lock_back_at_once_when_its_lease_ended() {
+    let shared = Arc::new(MemoryStore::new());
+    let (mut a, _) = contender(&shared, "a");
+    let first = acquired(a.try_acquire().await.unwrap());
+    drop(first); // ended without a release
+    let second = acquired(a.try_acquire().await.unwrap());
+    assert_eq!(second.epoch(), 2);
+    // And the new lease is this process's live one.
+    match a.try_acquire().await.unwrap() {
+        Acquire::HeldBy { record, .. } => assert_eq!(record.token, second.token()),
+        _ => panic!("took over its own live lease"),
+    }
+}

@@ -152,6 +152,8 @@ pub struct TenantActor {
     id: TenantId,
     ctx: ActorContext,
     lease: Lease,
+    /// The lease's ttl: the base of every upload's time budget.
+    ttl: Duration,
     /// Used only inside `spawn_blocking`, one call at a time: SQLite work
     /// (a batch, a request's statements) must not hold a runtime worker
     /// that lease renewals need.
@@ -225,6 +227,7 @@ impl TenantActor {
         let actor = TenantActor {
             id,
             ctx,
+            ttl: Duration::from_millis(lease.record().ttl_ms),
             lease,
             db: Arc::new(Mutex::new(db)),
             path,
@@ -390,10 +393,12 @@ impl TenantActor {
         // store round trip.
         let (condition, pipelined) = match self.in_flight.back_mut() {
             Some(previous) => {
-                let predicted = previous
-                    .predicted
-                    .get_or_insert_with(|| ETag::of(&previous.bytes));
-                (predicted.clone(), true)
+                let predicted = match &previous.predicted {
+                    Some(predicted) => predicted.clone(),
+                    None => etag_off_runtime(previous.bytes.clone()).await,
+                };
+                previous.predicted = Some(predicted.clone());
+                (predicted, true)
             }
             None => (self.etag.clone(), false),
         };
@@ -402,6 +407,7 @@ impl TenantActor {
         self.in_flight.push_back(InFlight {
             unanswered,
             epoch,
+            seq: committed.seq,
             count: committed.count,
             batch_len,
             predicted: None,
@@ -454,9 +460,11 @@ impl TenantActor {
             .unwrap_or_else(|e| Err(format!("the batch's SQLite work failed: {e}")))
     }
 
-    /// One conditional PUT of the database, given up at the lease's
-    /// deadline: past it another machine may be writing, and a request
-    /// must not wait on a store that does not answer.
+    /// One conditional PUT of the database, given up after a time that
+    /// fits its size ([`upload_budget`]). Not at the lease's deadline: the
+    /// upload is fenced by its ETag condition, so one that lands after the
+    /// lease ended is still correct (and read back as such), while cutting
+    /// a big upload at every deadline would never let it finish.
     fn put(
         &self,
         bytes: Bytes,
@@ -465,22 +473,30 @@ impl TenantActor {
     ) -> impl Future<Output = StoreResult<ETag>> + Send + 'static {
         let store = self.ctx.store.clone();
         let key = keys::database(self.id.as_str());
-        let deadline = self.lease.deadline();
+        let budget = upload_budget(self.ttl, bytes.len());
         async move {
             let put = store.put(&key, bytes, metadata, Precondition::IfMatch(condition));
-            match tokio::time::timeout_at(deadline, put).await {
+            match tokio::time::timeout(budget, put).await {
                 Ok(result) => result,
                 Err(_) => Err(StoreError::transient(
                     &key,
-                    "the store did not answer before the lease ran out",
+                    format!("the store did not confirm the upload within {budget:?}"),
                 )),
             }
         }
     }
 
     /// Settles the oldest upload: answers its batch when it is durable,
-    /// otherwise sends it again in order (pipelined out of order, or a
-    /// transient failure, within the lease) or ends the actor.
+    /// otherwise sends it again in order or ends the actor.
+    ///
+    /// An unclear outcome (a transient error, an ambiguous write, a 412
+    /// after an attempt that may have landed late) is resolved by reading
+    /// the object back: this epoch and this upload's seq or a later one in
+    /// the object's metadata mean it landed; the object still at the last
+    /// confirmed ETag means it did not, and it is sent again against that
+    /// ETag (which can land at most once, whatever an earlier attempt
+    /// does); a newer epoch means another machine took over. Only then,
+    /// or when the lease is gone and nothing is known, does the actor end.
     async fn confirm_front(&mut self, first: StoreResult<ETag>) -> Result<(), Exit> {
         let mut upload = self.in_flight.pop_front().expect("an upload in flight");
         // A 412 for an upload sent only against a predicted ETag says
@@ -489,27 +505,53 @@ impl TenantActor {
         let mut maybe_applied = false;
         let mut result = first;
         let mut retry_412 = upload.pipelined;
+        let mut pause = Duration::from_millis(25);
         loop {
             match result {
                 Ok(etag) => {
                     if upload.pipelined {
                         self.pipelined_outcome("ok");
                     }
-                    self.confirmed(upload, etag);
+                    let predicted = match &upload.predicted {
+                        Some(predicted) => Some(predicted.clone()),
+                        None if self.etags_predictable.is_none() => {
+                            Some(etag_off_runtime(upload.bytes.clone()).await)
+                        }
+                        None => None,
+                    };
+                    self.confirmed(upload, etag, predicted);
                     return Ok(());
                 }
                 Err(e) if e.is_precondition() && retry_412 => {
                     retry_412 = false;
                     self.pipelined_outcome("resent");
                 }
-                Err(e) if e.is_retryable() && self.lease.is_valid() => {
-                    warn!(customer_id = %self.id, error = %e, "upload failed; retrying within the lease");
-                    maybe_applied = true;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(e) if e.is_precondition() && !maybe_applied => {
+                    return Err(self.fail(upload, e, true).await);
                 }
-                Err(error) => {
-                    let definitely_not_applied = error.is_precondition() && !maybe_applied;
-                    return Err(self.fail(upload, error, definitely_not_applied).await);
+                Err(e) => {
+                    maybe_applied = true;
+                    match self.read_back(&upload).await {
+                        ReadBack::Landed(etag) => {
+                            info!(customer_id = %self.id, seq = upload.seq, error = %e, "upload outcome was unclear; read back: it landed");
+                            result = Ok(etag);
+                            continue;
+                        }
+                        ReadBack::Superseded => {
+                            return Err(self.fail(upload, e, false).await);
+                        }
+                        ReadBack::NotLanded | ReadBack::Unknown(_) if !self.lease.is_valid() => {
+                            return Err(self.fail(upload, e, false).await);
+                        }
+                        ReadBack::NotLanded => {
+                            warn!(customer_id = %self.id, seq = upload.seq, error = %e, "upload failed and did not land; sending it again");
+                        }
+                        ReadBack::Unknown(read) => {
+                            warn!(customer_id = %self.id, seq = upload.seq, error = %e, read_back = %read, "upload outcome unknown; sending it again against the confirmed ETag");
+                        }
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
             }
             result = self
@@ -523,6 +565,45 @@ impl TenantActor {
         }
     }
 
+    /// Reads the database object's metadata to learn whether `upload`
+    /// landed (see `confirm_front`).
+    async fn read_back(&self, upload: &InFlight) -> ReadBack {
+        let key = keys::database(self.id.as_str());
+        let meta = match self.ctx.store.head(&key).await {
+            Ok(Some(meta)) => meta,
+            Ok(None) => {
+                return ReadBack::Unknown(StoreError::Fatal {
+                    message: format!("{key} is missing"),
+                });
+            }
+            Err(e) => return ReadBack::Unknown(e),
+        };
+        let number = |name: &str| meta.metadata.get(name).and_then(|v| v.parse::<u64>().ok());
+        match (number("tenantd-epoch"), number("tenantd-seq")) {
+            (Some(epoch), Some(seq)) if epoch == upload.epoch && seq == upload.seq => {
+                ReadBack::Landed(meta.etag)
+            }
+            // A later upload of this actor landed, and it was sent against
+            // this one's ETag (pipelined), so this one landed before it.
+            (Some(epoch), Some(seq)) if epoch == upload.epoch && seq > upload.seq => {
+                ReadBack::Landed(
+                    upload
+                        .predicted
+                        .clone()
+                        .unwrap_or_else(|| ETag::of(&upload.bytes)),
+                )
+            }
+            (Some(epoch), _) if epoch > upload.epoch => ReadBack::Superseded,
+            _ if meta.etag == self.etag => ReadBack::NotLanded,
+            _ => ReadBack::Unknown(StoreError::Fatal {
+                message: format!(
+                    "{key} is at ETag {} with metadata {:?}, neither this upload nor the one before it",
+                    meta.etag, meta.metadata
+                ),
+            }),
+        }
+    }
+
     fn pipelined_outcome(&self, outcome: &str) {
         self.ctx
             .metrics
@@ -531,12 +612,7 @@ impl TenantActor {
             .inc();
     }
 
-    fn confirmed(&mut self, upload: InFlight, etag: ETag) {
-        let predicted = upload.predicted.or_else(|| {
-            self.etags_predictable
-                .is_none()
-                .then(|| ETag::of(&upload.bytes))
-        });
+    fn confirmed(&mut self, upload: InFlight, etag: ETag, predicted: Option<ETag>) {
         if let Some(predicted) = predicted {
             self.etags_predictable = Some(etag == predicted);
         }
@@ -665,6 +741,33 @@ impl TenantActor {
     }
 }
 
+/// The slowest store throughput an upload is given time for.
+const MIN_UPLOAD_BYTES_PER_SEC: f64 = 4.0 * 1024.0 * 1024.0;
+
+/// How long one upload attempt of `len` bytes may take: a lease ttl for
+/// the round trip, plus the body at [`MIN_UPLOAD_BYTES_PER_SEC`].
+fn upload_budget(ttl: Duration, len: usize) -> Duration {
+    ttl + Duration::from_secs_f64(len as f64 / MIN_UPLOAD_BYTES_PER_SEC)
+}
+
+/// What a read-back says of an upload whose outcome was unclear.
+enum ReadBack {
+    Landed(ETag),
+    NotLanded,
+    /// Another machine wrote the database under a newer epoch.
+    Superseded,
+    Unknown(StoreError),
+}
+
+/// The ETag a body will have on a store whose ETags are MD5s, computed
+/// off the runtime (a pass over the whole database).
+async fn etag_off_runtime(bytes: Bytes) -> ETag {
+    let copy = bytes.clone();
+    tokio::task::spawn_blocking(move || ETag::of(&copy))
+        .await
+        .unwrap_or_else(|_| ETag::of(&bytes))
+}
+
 /// A batch's requests with their answers, sent once the batch is durable.
 type Unanswered = Vec<(Replier, Reply)>;
 
@@ -673,6 +776,8 @@ struct InFlight {
     /// `None` when answered before the upload (bench-only setting).
     unanswered: Option<Unanswered>,
     epoch: u64,
+    /// `tenantd_meta.seq` of this commit, also in the upload's metadata.
+    seq: u64,
     count: u64,
     batch_len: usize,
     bytes: Bytes,

@@ -166,10 +166,18 @@ impl Registry {
                 state.last_used = Some(Instant::now());
                 Some(h)
             }
-            _ => {
-                state.handle = None;
-                None
-            }
+            _ => None,
+        }
+    }
+
+    /// Waits (at most one ttl) for this machine's last actor of the tenant
+    /// to finish ending: settling its uploads, releasing or dropping its
+    /// lease. Until then its lock is still this process's live lease, and a
+    /// request would be routed to this very machine.
+    async fn await_ended(&self, slot: &Slot) {
+        let ending = slot.state.lock().unwrap().handle.take();
+        if let Some(handle) = ending {
+            let _ = tokio::time::timeout(self.config.lease_ttl, handle.ended()).await;
         }
     }
 
@@ -189,10 +197,7 @@ impl Registry {
         if self.is_draining() {
             // Our own actor may still be committing and releasing: wait for
             // it, so that the lock names the next holder or none.
-            let ours = slot.state.lock().unwrap().handle.clone();
-            if let Some(handle) = ours {
-                let _ = tokio::time::timeout(Duration::from_secs(10), handle.ended()).await;
-            }
+            self.await_ended(&slot).await;
             return match self.read_lock_cached(&slot, true).await {
                 Ok(Seen::Held(record)) if record.holder != self.config.machine_id => {
                     Route::Holder(record)
@@ -206,6 +211,7 @@ impl Registry {
         if let Some(handle) = Self::live_handle(&slot) {
             return Route::Local(handle);
         }
+        self.await_ended(&slot).await;
         if let Some(route) = self.cached_route(&slot, fresh) {
             return route;
         }
@@ -437,6 +443,7 @@ impl Registry {
                 if self.is_draining() {
                     return;
                 }
+                self.await_ended(&slot).await;
                 match contender.try_acquire().await {
                     Ok(Acquire::Acquired(lease)) => {
                         let route = self.start_actor(&id, &slot, lease).await;

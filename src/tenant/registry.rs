@@ -175,7 +175,10 @@ impl Registry {
     /// lease. Until then its lock is still this process's live lease, and a
     /// request would be routed to this very machine.
     async fn await_ended(&self, slot: &Slot) {
-        let ending = slot.state.lock().unwrap().handle.take();
+        let ending = {
+            let state = slot.state.lock().unwrap();
+            state.handle.clone().filter(|h| !h.is_alive())
+        };
         if let Some(handle) = ending {
             let _ = tokio::time::timeout(self.config.lease_ttl, handle.ended()).await;
         }

@@ -64,3 +64,48 @@ async fn out_of_order_pipelined_uploads_are_resent_and_lose_nothing() {
     drop(m);
     assert_eq!(setup.stored_count("100"), total as i64);
 }
+
+/// Transient store errors, including on uploads pipelined behind one not
+/// yet landed (whose retry cannot tell at once whether the predecessor will
+/// land), are resolved by reading back, never by stepping down: every
+/// request is acknowledged, by the same holder in the same epoch, and
+/// nothing is counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_on_pipelined_uploads_cost_no_step_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::file_store(dir.path());
+    let faults = r#"{"latency":"1ms","jitter":"100ms","error_rate":0.1}"#;
+    let m = setup.machine("a0000000000008", Some("100"), &["--faults", faults]);
+    holder_of(&setup, "100").await;
+    let epoch = setup.lock("100").unwrap()["epoch"].clone();
+
+    let client = FlyClient::new(&[&m]);
+    let (workers, each) = (16, 25);
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (client, id) = (client.clone(), m.id.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..each {
+                let key = format!("w{w}-{i}");
+                let reply = client
+                    .send(
+                        &id,
+                        reqwest::Method::POST,
+                        "/customers/100/increment",
+                        &[("idempotency-key", key.as_str())],
+                    )
+                    .await
+                    .expect("request");
+                assert_eq!(reply.status, 200, "{:?}", reply.json);
+                assert_eq!(reply.json["machine_id"], id.as_str());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let lock = setup.lock("100").unwrap();
+    assert_eq!(lock["epoch"], epoch, "the holder stepped down: {lock}");
+    drop(m);
+    assert_eq!(setup.stored_count("100"), (workers * each) as i64);
+}

@@ -387,3 +387,74 @@ async fn sigint_releases_the_lock_and_exits_zero() {
         "the local copy is dropped with the lease: {held_copies:?}"
     );
 }
+
+/// A holder cut off from the store past its lease steps down without
+/// releasing (it cannot write the lock). Once the store is back, the same
+/// machine takes its own lock over at once instead of treating it as
+/// another machine's and waiting out a ttl of observation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_takes_its_own_lock_back_at_once_after_its_actor_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut setup = Setup::file_store(dir.path());
+    setup.ttl = "4s".into();
+    let m = setup.machine("a00000000000r1", Some("100"), &["--admin-token", "sesame"]);
+    holder_of(&setup, "100").await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let faults = |body: &'static str| {
+        http.put(m.url("/_admin/faults"))
+            .bearer_auth("sesame")
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        http.post(m.url("/customers/100/increment"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    faults(r#"{"partitioned":true}"#).await.unwrap();
+    let r = http
+        .post(m.url("/customers/100/increment"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "nothing can be stored while cut off");
+    eventually(
+        Duration::from_secs(10),
+        "the holder to step down",
+        async || {
+            let status = m.status();
+            (status["tenants"][0]["role"] != "holder").then_some(())
+        },
+    )
+    .await;
+    faults("{}").await.unwrap();
+    let healed = Instant::now();
+    let body: serde_json::Value = eventually(
+        Duration::from_secs(10),
+        "service after healing",
+        async || {
+            let r = http
+                .post(m.url("/customers/100/increment"))
+                .header("accept", "application/json")
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 200).then_some(())?;
+            r.json().await.ok()
+        },
+    )
+    .await;
+    let waited = healed.elapsed();
+    assert!(
+        waited < Duration::from_secs(2),
+        "served again only after {waited:?}: the machine waited out its own lock"
+    );
+    assert_eq!(body["count"], 2);
+    assert_eq!(body["epoch"], 2, "retaken under a new epoch");
+}

@@ -26,6 +26,8 @@ fn flaky(inner: DynStore, rate: f64) -> DynStore {
         max_elapsed: Duration::from_secs(60),
         initial_interval: Duration::from_millis(1),
         max_interval: Duration::from_millis(20),
+        throttle_initial_interval: Duration::from_millis(2),
+        throttle_max_interval: Duration::from_millis(40),
     };
     Arc::new(RetryingStore::new(
         Arc::new(FaultStore::new(inner, faults)),

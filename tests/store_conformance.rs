@@ -19,6 +19,10 @@ fn flaky(inner: DynStore, rate: f64) -> DynStore {
         error_rate: rate,
         conflict_rate: rate,
         lost_response_rate: rate,
+        late_apply_rate: rate,
+        late_apply_delay: Duration::from_millis(20),
+        internal_error_rate: rate / 4.0,
+        slowdown_rate: rate / 4.0,
         ..FaultConfig::default()
     };
     let policy = RetryPolicy {

@@ -350,3 +350,118 @@ impl ObjectStore for FaultStore {
         format!("fault({})", self.inner.describe())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn the_json_form_takes_every_new_field_and_refuses_typos() {
+        let config: FaultConfig = serde_json::from_str(
+            r#"{"latency":"20ms","late_apply_rate":0.1,"late_apply_delay":"2s",
+                "slowdown_rate":0.05,"internal_error_rate":0.01,"error_burst":"3s",
+                "bandwidth_bytes_per_sec":20000000}"#,
+        )
+        .unwrap();
+        assert_eq!(config.late_apply_delay, Duration::from_secs(2));
+        assert_eq!(config.error_burst, Duration::from_secs(3));
+        assert_eq!(config.bandwidth_bytes_per_sec, 20_000_000);
+        assert_eq!(
+            serde_json::from_str::<FaultConfig>("{}").unwrap(),
+            FaultConfig::default()
+        );
+        let typo = serde_json::from_str::<FaultConfig>(r#"{"late_aply_rate":0.1}"#);
+        assert!(typo.unwrap_err().to_string().contains("late_aply_rate"));
+        let round: FaultConfig =
+            serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
+        assert_eq!(round, config);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bodies_move_at_the_bandwidth_cap() {
+        let store = FaultStore::new(
+            Arc::new(MemoryStore::new()),
+            FaultConfig {
+                bandwidth_bytes_per_sec: 1_000_000,
+                ..FaultConfig::default()
+            },
+        );
+        let started = Instant::now();
+        store
+            .put(
+                "k",
+                Bytes::from(vec![0; 2_000_000]),
+                Metadata::new(),
+                Precondition::None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        let started = Instant::now();
+        store.get("k").await.unwrap().unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        let started = Instant::now();
+        store.head("k").await.unwrap().unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_write_lands_after_the_caller_was_told_it_failed() {
+        let inner = Arc::new(MemoryStore::new());
+        let store = FaultStore::new(
+            inner.clone(),
+            FaultConfig {
+                late_apply_rate: 1.0,
+                late_apply_delay: Duration::from_millis(500),
+                ..FaultConfig::default()
+            },
+        );
+        let e = store
+            .put("k", "v".into(), Metadata::new(), Precondition::IfAbsent)
+            .await
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        // Not there when the caller hears of the failure (unless the dice
+        // chose no delay at all) ...
+        tokio::time::sleep(Duration::from_millis(501)).await;
+        // ... and there within the delay.
+        assert_eq!(
+            inner.get("k").await.unwrap().unwrap().body,
+            Bytes::from("v")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slowdown_bursts_last_their_length() {
+        let store = FaultStore::new(
+            Arc::new(MemoryStore::new()),
+            FaultConfig {
+                slowdown_rate: 1.0,
+                error_burst: Duration::from_secs(2),
+                ..FaultConfig::default()
+            },
+        );
+        let e = store.head("k").await.unwrap_err();
+        assert!(
+            e.is_throttle() && e.to_string().contains("503 SlowDown"),
+            "{e}"
+        );
+        store.handle().update(|c| c.slowdown_rate = 0.0);
+        tokio::time::sleep(Duration::from_millis(1900)).await;
+        assert!(
+            store.head("k").await.unwrap_err().is_throttle(),
+            "still in the burst"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            store.head("k").await.unwrap().is_none(),
+            "the burst is over"
+        );
+        store.handle().update(|c| c.internal_error_rate = 1.0);
+        let e = store.head("k").await.unwrap_err();
+        assert!(
+            e.is_retryable() && !e.is_throttle() && e.to_string().contains("500 InternalError")
+        );
+    }
+}

@@ -297,3 +297,67 @@ pub mod keys {
         format!("/customer/{customer_id}/db.sqlite3")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn etags_compare_after_normalising_quotes_and_weakness() {
+        let strong = ETag("\"0123abcd\"".into());
+        for same in [
+            "0123abcd",
+            "W/\"0123abcd\"",
+            " \"0123abcd\"\t",
+            "W/0123abcd",
+        ] {
+            assert_eq!(ETag(same.into()), strong, "{same:?}");
+            assert_eq!(ETag(same.into()).normalized(), "0123abcd");
+        }
+        for other in ["\"0123abce\"", "\"0123ABCD\"", "\"\"", ""] {
+            assert_ne!(ETag(other.into()), strong, "{other:?}");
+        }
+        let set: HashSet<ETag> = ["\"a\"", "a", "W/\"a\""]
+            .into_iter()
+            .map(|t| ETag(t.into()))
+            .collect();
+        assert_eq!(set.len(), 1, "hashing agrees with equality");
+        assert_eq!(ETag("W/\"a\"".into()).to_header(), "\"a\"");
+        assert_eq!(
+            ETag::of(b"x"),
+            ETag(hex::encode(<md5::Md5 as md5::Digest>::digest(b"x")))
+        );
+    }
+
+    #[test]
+    fn etag_headers_are_checked() {
+        assert!(ETag::parse_header("\"abc\"").is_ok());
+        assert!(ETag::parse_header("abc-12").is_ok());
+        for bad in ["", "\"\"", "W/\"\"", "\"a\"b\"", "a b", "caf\u{e9}"] {
+            assert!(ETag::parse_header(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// Conditions are checked with normalised ETags by the memory store (and
+    /// the file store, which shares the check).
+    #[tokio::test]
+    async fn conditions_match_an_etag_in_another_form() {
+        let store = MemoryStore::new();
+        let etag = store
+            .put("k", "v".into(), Metadata::new(), Precondition::IfAbsent)
+            .await
+            .unwrap();
+        let unquoted = ETag(etag.normalized().to_string());
+        store
+            .put(
+                "k",
+                "w".into(),
+                Metadata::new(),
+                Precondition::IfMatch(unquoted),
+            )
+            .await
+            .expect("an unquoted ETag matches");
+    }
+}

@@ -3,6 +3,8 @@
 //! page that is not S3's XML, a malformed ETag, ...). The S3 backend must
 //! turn each into a clear error naming the key and the problem, and never
 //! into a verdict about a write ("absent", "written", "someone else wrote").
+//! Also: slow answers, to check that an attempt's time limit grows with its
+//! body.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +22,8 @@ struct Canned {
     status: u16,
     headers: Vec<(&'static str, String)>,
     body: &'static str,
+    /// Answer this long after the request's body has arrived.
+    delay: Duration,
 }
 
 struct Fake {
@@ -33,18 +37,22 @@ impl Fake {
             status: 200,
             headers: vec![],
             body: "",
+            delay: Duration::ZERO,
         }));
         let shared = answer.clone();
-        let app = Router::new().fallback(move || {
-            let canned = shared.lock().unwrap().clone();
-            async move {
-                let mut response = Response::builder().status(canned.status);
-                for (name, value) in canned.headers {
-                    response = response.header(name, value);
+        let app = Router::new()
+            .fallback(move |_body: axum::body::Bytes| {
+                let canned = shared.lock().unwrap().clone();
+                async move {
+                    tokio::time::sleep(canned.delay).await;
+                    let mut response = Response::builder().status(canned.status);
+                    for (name, value) in canned.headers {
+                        response = response.header(name, value);
+                    }
+                    response.body(Body::from(canned.body)).unwrap()
                 }
-                response.body(Body::from(canned.body)).unwrap()
-            }
-        });
+            })
+            .layer(axum::extract::DefaultBodyLimit::disable());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -59,6 +67,7 @@ impl Fake {
             status,
             headers: headers.iter().map(|(k, v)| (*k, v.to_string())).collect(),
             body,
+            delay: Duration::ZERO,
         };
     }
 }
@@ -227,4 +236,34 @@ async fn an_etag_that_changes_form_is_the_same_etag() {
     }
     fake.answer(200, &[("etag", "\"ffff\"")], "");
     assert_ne!(fake.store.head("k").await.unwrap().unwrap().etag, put);
+}
+
+/// An attempt's time limit is a base plus the body's size at 5 MB/s: a slow
+/// answer to a small request is cut at the base, the same wait for a big
+/// upload is not.
+#[tokio::test]
+async fn attempt_time_limits_grow_with_the_body() {
+    let fake = Fake::start().await;
+    let store = fake
+        .store
+        .clone()
+        .with_attempt_timeout(Duration::from_millis(300));
+    fake.answer(200, &[("etag", "\"abc\"")], "");
+    fake.answer.lock().unwrap().delay = Duration::from_millis(700);
+    let small = store
+        .put("k", "x".into(), Metadata::new(), Precondition::None)
+        .await;
+    let text = transient_naming(small, "a slow small PUT");
+    assert!(text.contains("timed out"), "{text}");
+    transient_naming(store.head("k").await, "a slow HEAD");
+    // 5 MB: 300 ms + 1 s.
+    store
+        .put(
+            "k",
+            vec![7u8; 5_000_000].into(),
+            Metadata::new(),
+            Precondition::None,
+        )
+        .await
+        .expect("a big upload gets the time its size needs");
 }

@@ -56,7 +56,11 @@ pub const PATH_STYLE_ENV: &str = "TENANTD_S3_PATH_STYLE";
 
 /// The time limit of one attempt that moves `body_len` bytes.
 pub fn attempt_timeout(body_len: u64) -> Duration {
-    ATTEMPT_TIMEOUT + transfer_allowance(body_len)
+    attempt_timeout_from(ATTEMPT_TIMEOUT, body_len)
+}
+
+fn attempt_timeout_from(base: Duration, body_len: u64) -> Duration {
+    base + transfer_allowance(body_len)
 }
 
 /// Path-style addressing or virtual-hosted? `setting` is
@@ -95,6 +99,8 @@ pub struct S3Store {
     bucket: String,
     prefix: String,
     endpoint: String,
+    /// The time limit of an attempt without a body ([`ATTEMPT_TIMEOUT`]).
+    attempt_base: Duration,
 }
 
 /// Marks a request to be served by Tigris' leader (ignored by S3 and moto).
@@ -159,7 +165,7 @@ impl S3Store {
             .map_err(|message| StoreError::Fatal { message })?;
         let shared = loader
             .retry_config(RetryConfig::disabled())
-            .timeout_config(Self::timeouts(0))
+            .timeout_config(Self::timeouts(ATTEMPT_TIMEOUT, 0))
             .load()
             .await;
         let config = aws_sdk_s3::config::Builder::from(&shared)
@@ -172,14 +178,28 @@ impl S3Store {
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             endpoint: endpoint.unwrap_or_else(|| "the default AWS endpoint".to_string()),
+            attempt_base: ATTEMPT_TIMEOUT,
         })
     }
 
+    /// With another time limit for an attempt without a body (tests; the
+    /// body's allowance is added as usual).
+    pub fn with_attempt_timeout(mut self, base: Duration) -> S3Store {
+        self.attempt_base = base;
+        self
+    }
+
+    /// Per-request timeouts for an attempt that moves `body_len` bytes.
+    fn overrides(&self, body_len: u64) -> aws_sdk_s3::config::Builder {
+        aws_sdk_s3::config::Builder::new()
+            .timeout_config(Self::timeouts(self.attempt_base, body_len))
+    }
+
     /// Timeouts of one attempt that moves `body_len` bytes.
-    fn timeouts(body_len: u64) -> TimeoutConfig {
+    fn timeouts(base: Duration, body_len: u64) -> TimeoutConfig {
         TimeoutConfig::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .operation_attempt_timeout(attempt_timeout(body_len))
+            .connect_timeout(CONNECT_TIMEOUT.min(base))
+            .operation_attempt_timeout(attempt_timeout_from(base, body_len))
             .build()
     }
 
@@ -287,9 +307,7 @@ impl S3Store {
                     },
                     408 | 429 | 500..=599 => transient(answer.clone()),
                     _ => StoreError::Fatal {
-                        message: format!(
-                            "the store refused a request on key={key}: {status} {code} {message}"
-                        ),
+                        message: format!("the store refused a request on key={key}: {answer}"),
                     },
                 }
             }
@@ -326,7 +344,11 @@ impl ObjectStore for S3Store {
             .key(self.full_key(key));
         // The attempt timeout covers the answer's head; the body is read
         // below under its own allowance.
-        let output = match consistent!(request).send().await {
+        let output = match consistent!(request)
+            .config_override(self.overrides(0))
+            .send()
+            .await
+        {
             Ok(output) => output,
             Err(e) => {
                 if let SdkError::ServiceError(service) = &e
@@ -345,7 +367,7 @@ impl ObjectStore for S3Store {
             .into_iter()
             .collect();
         let length = output.content_length().unwrap_or(0).max(0) as u64;
-        let allowance = attempt_timeout(length);
+        let allowance = attempt_timeout_from(self.attempt_base, length);
         let body = match tokio::time::timeout(allowance, output.body.collect()).await {
             Ok(Ok(body)) => body.into_bytes(),
             Ok(Err(e)) => {
@@ -383,7 +405,11 @@ impl ObjectStore for S3Store {
             .head_object()
             .bucket(&self.bucket)
             .key(self.full_key(key));
-        match consistent!(request).send().await {
+        match consistent!(request)
+            .config_override(self.overrides(0))
+            .send()
+            .await
+        {
             Ok(output) => Ok(Some(ObjectMeta {
                 etag: self.etag_of(key, "a HEAD", output.e_tag())?,
                 size: output.content_length().unwrap_or(0).max(0) as u64,
@@ -428,8 +454,11 @@ impl ObjectStore for S3Store {
                 true
             }
         };
-        let overrides = aws_sdk_s3::config::Builder::new().timeout_config(Self::timeouts(len));
-        match consistent!(request).config_override(overrides).send().await {
+        match consistent!(request)
+            .config_override(self.overrides(len))
+            .send()
+            .await
+        {
             // Without a usable ETag the write happened but cannot be built
             // on: a transient error, which the retrying layer resolves by
             // reading the object back.

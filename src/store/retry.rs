@@ -649,6 +649,43 @@ mod tests {
         }
     }
 
+    /// A 200 MB upload through a 20 MB/s store takes 10 s per attempt; one
+    /// failed attempt must leave time for another (the budget grows with
+    /// the body), where a fixed 10 s budget gave up after the first.
+    #[tokio::test(start_paused = true)]
+    async fn a_big_upload_through_a_slow_store_gets_a_budget_for_its_size() {
+        let memory = Arc::new(MemoryStore::new());
+        let fault = FaultStore::seeded(
+            memory.clone(),
+            FaultConfig {
+                bandwidth_bytes_per_sec: 20_000_000,
+                error_rate: 1.0,
+                ..FaultConfig::default()
+            },
+            3,
+        );
+        let handle = fault.handle();
+        let store = RetryingStore::new(Arc::new(fault), RetryPolicy::default());
+        let body = Bytes::from(vec![1u8; 200_000_000]);
+        let started = Instant::now();
+        let heal = async {
+            // The first attempt has started (and will fail after its 10 s).
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            handle.update(|c| c.error_rate = 0.0);
+        };
+        let (result, ()) = tokio::join!(
+            store.put("db", body.clone(), Metadata::new(), Precondition::IfAbsent),
+            heal
+        );
+        let etag = result.expect("the second attempt has time to finish");
+        assert!(
+            started.elapsed() >= Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(memory.head("db").await.unwrap().unwrap().etag, etag);
+    }
+
     #[test]
     fn throttling_answers_are_told_apart() {
         for message in [

@@ -15,8 +15,10 @@
 //! - Answers that are not a working S3 API's (no or malformed ETag header,
 //!   an error body that is not S3's XML) are errors that name the key and
 //!   what was wrong; they never read as "absent" or "written".
-//! - Every request carries `X-Tigris-Consistent: true`, so Tigris answers
-//!   lock and database requests from the leader, not a stale replica.
+//! - Every request carries `X-Tigris-Consistent: true`. Tigris no longer
+//!   documents it (Feb 2026) and sending it is harmless; what makes
+//!   conditional writes consistent is the bucket's location type (Single-
+//!   or Multi-region, not the default Global: see docs/deploy.md).
 //! - The SDK's own retries are off: a blind retry of a conditional PUT whose
 //!   response was lost is exactly what must not happen. The
 //!   [`RetryingStore`](super::RetryingStore) above retries and resolves

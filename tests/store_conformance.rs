@@ -19,6 +19,10 @@ fn flaky(inner: DynStore, rate: f64) -> DynStore {
         error_rate: rate,
         conflict_rate: rate,
         lost_response_rate: rate,
+        late_apply_rate: rate,
+        late_apply_delay: Duration::from_millis(20),
+        internal_error_rate: rate / 4.0,
+        slowdown_rate: rate / 4.0,
         ..FaultConfig::default()
     };
     let policy = RetryPolicy {
@@ -26,6 +30,8 @@ fn flaky(inner: DynStore, rate: f64) -> DynStore {
         max_elapsed: Duration::from_secs(60),
         initial_interval: Duration::from_millis(1),
         max_interval: Duration::from_millis(20),
+        throttle_initial_interval: Duration::from_millis(2),
+        throttle_max_interval: Duration::from_millis(40),
     };
     Arc::new(RetryingStore::new(
         Arc::new(FaultStore::new(inner, faults)),

@@ -447,7 +447,7 @@ async fn nemeses(world: &World, seed: u64, until: Instant) -> Vec<NemesisEvent> 
             continue;
         };
         let lasting = Duration::from_millis(rng.random_range(300..3000));
-        let kind = match rng.random_range(0..7) {
+        let kind = match rng.random_range(0..9) {
             0 => {
                 world.crash(index);
                 tokio::time::sleep(Duration::from_millis(rng.random_range(100..2000))).await;
@@ -480,6 +480,30 @@ async fn nemeses(world: &World, seed: u64, until: Instant) -> Vec<NemesisEvent> 
                 tokio::time::sleep(lasting).await;
                 up.faults.update(|c| c.error_rate = 0.0);
                 "store-errors"
+            }
+            6 => {
+                // Writes applied after the machine was told they failed.
+                up.faults.update(|c| {
+                    c.late_apply_rate = 0.3;
+                    c.late_apply_delay = Duration::from_millis(300);
+                });
+                tokio::time::sleep(lasting).await;
+                up.faults.update(|c| c.late_apply_rate = 0.0);
+                "late-writes"
+            }
+            7 => {
+                // Throttling and server errors, in bursts.
+                up.faults.update(|c| {
+                    c.slowdown_rate = 0.1;
+                    c.internal_error_rate = 0.05;
+                    c.error_burst = Duration::from_millis(200);
+                });
+                tokio::time::sleep(lasting).await;
+                up.faults.update(|c| {
+                    c.slowdown_rate = 0.0;
+                    c.internal_error_rate = 0.0;
+                });
+                "slowdown-bursts"
             }
             5 => {
                 world.stop(index).await;

@@ -1,7 +1,9 @@
 //! Deterministic simulation of the lease and writer protocol: three
 //! machines, one shared in-memory store, tokio's paused clock, and one
 //! seeded RNG for every choice — so a seed is a reproducible schedule of
-//! requests, crashes, pauses, partitions and lost responses.
+//! requests, crashes, pauses, partitions, lost responses and late-applied
+//! writes (2% of every machine's puts land up to 500 ms after it was told
+//! they failed).
 //!
 //! The machines run the real lease (`crate::lease`) and the writer protocol
 //! of `tenant::actor` (download with ETag, claim with the new epoch, upload
@@ -91,7 +93,18 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
     let shared = Arc::new(MemoryStore::new());
     let mut machines: Vec<Machine> = (0..3)
         .map(|i| {
-            let fault = FaultStore::new(shared.clone() as DynStore, FaultConfig::default());
+            // Now and then a write lands after its sender was told it
+            // failed (a request that sat in the store's queue): the
+            // fencing must hold against those too.
+            let fault = FaultStore::seeded(
+                shared.clone() as DynStore,
+                FaultConfig {
+                    late_apply_rate: 0.02,
+                    late_apply_delay: Duration::from_millis(500),
+                    ..FaultConfig::default()
+                },
+                seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
             let faults = fault.handle();
             let store: DynStore = Arc::new(fault);
             let contender = Contender::new(

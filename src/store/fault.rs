@@ -1,7 +1,24 @@
-//! A wrapper that makes any store misbehave on purpose: added latency with
-//! jitter, a rate of transient errors, lost responses (the write happens but
-//! the caller sees a transient error), and a partition switch. All settings
-//! change at run time, so a running machine can be cut off from its store.
+//! A wrapper that makes any store misbehave on purpose, the way a real S3 or
+//! Tigris does now and then:
+//!
+//! - added latency with jitter;
+//! - a bandwidth cap: a body of N bytes takes N / cap longer (per request;
+//!   concurrent requests do not share the cap);
+//! - transient errors that never reach the store (`error_rate`), 503
+//!   SlowDown and 500 InternalError answers (`slowdown_rate`,
+//!   `internal_error_rate`), optionally in bursts (`error_burst`: after one,
+//!   every request fails the same way for that long);
+//! - 409 Conflicts;
+//! - lost responses: the write happens but the caller sees a transient error;
+//! - late-applied writes: the caller sees a transient error *first*, and the
+//!   write is applied afterwards (within `late_apply_delay`), as a request
+//!   that sat in a server's queue after the client gave up on it;
+//! - a partition switch.
+//!
+//! All settings change at run time, so a running machine can be cut off from
+//! its store. Configured as JSON (`TENANTD_FAULTS`, `PUT /_admin/faults`):
+//! every field is optional, unknown fields are refused; see
+//! docs/operations.md.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,6 +28,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
 use super::{
     DynStore, ETag, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError,
@@ -19,7 +37,7 @@ use super::{
 
 /// What the fault layer does to each request.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct FaultConfig {
     /// Added to every request before it reaches the inner store.
     #[serde(with = "humantime_serde_opt")]
@@ -33,6 +51,26 @@ pub struct FaultConfig {
     /// Probability in [0, 1] that a `put` reaches the store and succeeds but
     /// the caller is told it failed (a lost response: the ambiguous case).
     pub lost_response_rate: f64,
+    /// Probability in [0, 1] that a `put` fails with a transient error and is
+    /// applied *afterwards*, at a uniform time in `[0, late_apply_delay]`
+    /// after the caller was told it failed.
+    pub late_apply_rate: f64,
+    /// Longest delay of a late-applied write (see `late_apply_rate`).
+    #[serde(with = "humantime_serde_opt")]
+    pub late_apply_delay: Duration,
+    /// Probability in [0, 1] that a request is answered 503 SlowDown (not
+    /// applied).
+    pub slowdown_rate: f64,
+    /// Probability in [0, 1] that a request is answered 500 InternalError
+    /// (not applied).
+    pub internal_error_rate: f64,
+    /// After an injected SlowDown or InternalError, every request fails the
+    /// same way for this long (zero: errors are independent).
+    #[serde(with = "humantime_serde_opt")]
+    pub error_burst: Duration,
+    /// Bodies move at this many bytes per second (0: unlimited): a `put` or
+    /// `get` of N bytes takes N / cap longer.
+    pub bandwidth_bytes_per_sec: u64,
     /// Probability in [0, 1] that a request fails with 409 Conflict.
     pub conflict_rate: f64,
     /// When true every request fails with a transient "partitioned" error.
@@ -82,12 +120,53 @@ pub struct FaultStore {
     inner: DynStore,
     handle: FaultHandle,
     rng: Mutex<StdRng>,
+    /// A burst of SlowDown/InternalError answers in progress: until when,
+    /// and which.
+    burst: Mutex<Option<(Instant, Burst)>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Burst {
+    SlowDown,
+    InternalError,
+}
+
+impl Burst {
+    fn error(self, key: &str) -> StoreError {
+        match self {
+            Burst::SlowDown => StoreError::transient(
+                key,
+                "503 SlowDown: Please reduce your request rate. (fault injection)",
+            ),
+            Burst::InternalError => StoreError::transient(
+                key,
+                "500 InternalError: We encountered an internal error. Please try again. (fault injection)",
+            ),
+        }
+    }
 }
 
 enum Injected {
     Pass,
     Fail(StoreError),
     LoseResponse,
+    /// Fail now, apply after this delay.
+    LateApply(Duration),
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Read,
+    Put,
+}
+
+/// How long `bytes` take at `bytes_per_sec` (0: no cap).
+fn transfer_time(bytes: u64, bytes_per_sec: u64) -> Duration {
+    if bytes_per_sec == 0 || bytes == 0 {
+        Duration::ZERO
+    } else {
+        Duration::from_secs_f64(bytes as f64 / bytes_per_sec as f64)
+    }
 }
 
 impl FaultStore {
@@ -103,6 +182,7 @@ impl FaultStore {
             inner,
             handle,
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            burst: Mutex::new(None),
         }
     }
 
@@ -110,25 +190,35 @@ impl FaultStore {
         self.handle.clone()
     }
 
-    /// Sleeps the configured latency, then decides this request's fate.
-    async fn before(&self, key: &str, is_put: bool) -> Injected {
+    /// Sleeps the configured latency (and, for a put, the upload time of
+    /// `body_len` bytes), then decides this request's fate.
+    async fn before(&self, key: &str, op: Op, body_len: u64) -> Injected {
         let config = self.handle.get();
-        let (delay, roll_error, roll_conflict, roll_lost) = {
+        let (delay, rolls, late_delay) = {
             let mut rng = self.rng.lock().unwrap();
             let jitter = if config.jitter.is_zero() {
                 Duration::ZERO
             } else {
                 config.jitter.mul_f64(rng.random::<f64>())
             };
-            (
-                config.latency + jitter,
-                rng.random::<f64>(),
-                rng.random::<f64>(),
-                rng.random::<f64>(),
-            )
+            let rolls: [f64; 5] = std::array::from_fn(|_| rng.random::<f64>());
+            let late_delay = config.late_apply_delay.mul_f64(rng.random::<f64>());
+            (config.latency + jitter, rolls, late_delay)
         };
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+        let [
+            roll_error,
+            roll_conflict,
+            roll_lost,
+            roll_throttle,
+            roll_late,
+        ] = rolls;
+        let upload = if op == Op::Put {
+            transfer_time(body_len, config.bandwidth_bytes_per_sec)
+        } else {
+            Duration::ZERO
+        };
+        if !(delay + upload).is_zero() {
+            tokio::time::sleep(delay + upload).await;
         }
         // Read the switch again after the delay: a partition that starts
         // while a request is in flight cuts that request off too.
@@ -137,6 +227,9 @@ impl FaultStore {
                 key,
                 "partitioned from the store (fault injection)",
             ));
+        }
+        if let Some(burst) = self.burst_now(&config, roll_throttle) {
+            return Injected::Fail(burst.error(key));
         }
         if roll_error < config.error_rate {
             return Injected::Fail(StoreError::transient(
@@ -149,24 +242,64 @@ impl FaultStore {
                 key: key.to_string(),
             });
         }
-        if is_put && roll_lost < config.lost_response_rate {
+        if op == Op::Put && roll_lost < config.lost_response_rate {
             return Injected::LoseResponse;
         }
+        if op == Op::Put && roll_late < config.late_apply_rate {
+            return Injected::LateApply(late_delay);
+        }
         Injected::Pass
+    }
+
+    /// A SlowDown or InternalError for this request: one in progress
+    /// (a burst), or a new one by the dice (which may start a burst).
+    fn burst_now(&self, config: &FaultConfig, roll: f64) -> Option<Burst> {
+        let mut burst = self.burst.lock().unwrap();
+        let now = Instant::now();
+        match *burst {
+            Some((until, kind)) if now < until => return Some(kind),
+            Some(_) => *burst = None,
+            None => {}
+        }
+        let kind = if roll < config.slowdown_rate {
+            Burst::SlowDown
+        } else if roll < config.slowdown_rate + config.internal_error_rate {
+            Burst::InternalError
+        } else {
+            return None;
+        };
+        if !config.error_burst.is_zero() {
+            *burst = Some((now + config.error_burst, kind));
+        }
+        Some(kind)
+    }
+
+    /// The download time of `bytes` at the configured cap.
+    async fn download(&self, bytes: u64) {
+        let time = transfer_time(bytes, self.handle.get().bandwidth_bytes_per_sec);
+        if !time.is_zero() {
+            tokio::time::sleep(time).await;
+        }
     }
 }
 
 #[async_trait]
 impl ObjectStore for FaultStore {
     async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
-        match self.before(key, false).await {
+        match self.before(key, Op::Read, 0).await {
             Injected::Fail(e) => Err(e),
-            _ => self.inner.get(key).await,
+            _ => {
+                let object = self.inner.get(key).await?;
+                if let Some(object) = &object {
+                    self.download(object.body.len() as u64).await;
+                }
+                Ok(object)
+            }
         }
     }
 
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        match self.before(key, false).await {
+        match self.before(key, Op::Read, 0).await {
             Injected::Fail(e) => Err(e),
             _ => self.inner.head(key).await,
         }
@@ -179,7 +312,7 @@ impl ObjectStore for FaultStore {
         metadata: Metadata,
         condition: Precondition,
     ) -> StoreResult<ETag> {
-        match self.before(key, true).await {
+        match self.before(key, Op::Put, body.len() as u64).await {
             Injected::Fail(e) => Err(e),
             Injected::Pass => self.inner.put(key, body, metadata, condition).await,
             Injected::LoseResponse => {
@@ -189,11 +322,25 @@ impl ObjectStore for FaultStore {
                     "response lost (fault injection)",
                 ))
             }
+            Injected::LateApply(delay) => {
+                let (inner, owned_key) = (self.inner.clone(), key.to_string());
+                tokio::spawn(async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let result = inner.put(&owned_key, body, metadata, condition).await;
+                    tracing::debug!(key = %owned_key, ?delay, ok = result.is_ok(), "late-applied write (fault injection)");
+                });
+                Err(StoreError::transient(
+                    key,
+                    "timed out; the request may still be applied (fault injection: late apply)",
+                ))
+            }
         }
     }
 
     async fn check(&self) -> StoreResult<()> {
-        match self.before("", false).await {
+        match self.before("", Op::Read, 0).await {
             Injected::Fail(e) => Err(e),
             _ => self.inner.check().await,
         }
@@ -201,5 +348,120 @@ impl ObjectStore for FaultStore {
 
     fn describe(&self) -> String {
         format!("fault({})", self.inner.describe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn the_json_form_takes_every_new_field_and_refuses_typos() {
+        let config: FaultConfig = serde_json::from_str(
+            r#"{"latency":"20ms","late_apply_rate":0.1,"late_apply_delay":"2s",
+                "slowdown_rate":0.05,"internal_error_rate":0.01,"error_burst":"3s",
+                "bandwidth_bytes_per_sec":20000000}"#,
+        )
+        .unwrap();
+        assert_eq!(config.late_apply_delay, Duration::from_secs(2));
+        assert_eq!(config.error_burst, Duration::from_secs(3));
+        assert_eq!(config.bandwidth_bytes_per_sec, 20_000_000);
+        assert_eq!(
+            serde_json::from_str::<FaultConfig>("{}").unwrap(),
+            FaultConfig::default()
+        );
+        let typo = serde_json::from_str::<FaultConfig>(r#"{"late_aply_rate":0.1}"#);
+        assert!(typo.unwrap_err().to_string().contains("late_aply_rate"));
+        let round: FaultConfig =
+            serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
+        assert_eq!(round, config);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bodies_move_at_the_bandwidth_cap() {
+        let store = FaultStore::new(
+            Arc::new(MemoryStore::new()),
+            FaultConfig {
+                bandwidth_bytes_per_sec: 1_000_000,
+                ..FaultConfig::default()
+            },
+        );
+        let started = Instant::now();
+        store
+            .put(
+                "k",
+                Bytes::from(vec![0; 2_000_000]),
+                Metadata::new(),
+                Precondition::None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        let started = Instant::now();
+        store.get("k").await.unwrap().unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        let started = Instant::now();
+        store.head("k").await.unwrap().unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_write_lands_after_the_caller_was_told_it_failed() {
+        let inner = Arc::new(MemoryStore::new());
+        let store = FaultStore::new(
+            inner.clone(),
+            FaultConfig {
+                late_apply_rate: 1.0,
+                late_apply_delay: Duration::from_millis(500),
+                ..FaultConfig::default()
+            },
+        );
+        let e = store
+            .put("k", "v".into(), Metadata::new(), Precondition::IfAbsent)
+            .await
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        // Not there when the caller hears of the failure (unless the dice
+        // chose no delay at all) ...
+        tokio::time::sleep(Duration::from_millis(501)).await;
+        // ... and there within the delay.
+        assert_eq!(
+            inner.get("k").await.unwrap().unwrap().body,
+            Bytes::from("v")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slowdown_bursts_last_their_length() {
+        let store = FaultStore::new(
+            Arc::new(MemoryStore::new()),
+            FaultConfig {
+                slowdown_rate: 1.0,
+                error_burst: Duration::from_secs(2),
+                ..FaultConfig::default()
+            },
+        );
+        let e = store.head("k").await.unwrap_err();
+        assert!(
+            e.is_throttle() && e.to_string().contains("503 SlowDown"),
+            "{e}"
+        );
+        store.handle().update(|c| c.slowdown_rate = 0.0);
+        tokio::time::sleep(Duration::from_millis(1900)).await;
+        assert!(
+            store.head("k").await.unwrap_err().is_throttle(),
+            "still in the burst"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            store.head("k").await.unwrap().is_none(),
+            "the burst is over"
+        );
+        store.handle().update(|c| c.internal_error_rate = 1.0);
+        let e = store.head("k").await.unwrap_err();
+        assert!(
+            e.is_retryable() && !e.is_throttle() && e.to_string().contains("500 InternalError")
+        );
     }
 }

@@ -7,9 +7,21 @@
 //! them over the object; reads open the object under the same lock.
 //! ETags are the MD5 of the bytes, as on S3, and live with the metadata in a
 //! sidecar `<root>/.tenantd/meta/<key>.json` written under the same lock.
+//!
+//! A put renames two files (sidecar, then data), and can stop between them
+//! (a failed rename, a full disk, `kill -9`). So a sidecar names the data
+//! file it describes (device, inode, size) and keeps the one before it
+//! (`previous`); a reader takes the sidecar that matches the data file
+//! actually there. A half-done put — new sidecar, old data — therefore reads
+//! as not landed: the old ETag and metadata, never the new write id, which
+//! would make a read-back acknowledge bytes that were never stored. A
+//! sidecar that matches nothing (the store folder was copied, so inodes
+//! changed) is checked against the data's MD5 instead; failing that, the
+//! object reads like a file put there by hand (its MD5, no metadata).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use async_trait::async_trait;
@@ -25,12 +37,94 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct FileStore {
     root: PathBuf,
+    /// Test hook: the next put fails to rename its data file into place,
+    /// after its sidecar was renamed (a half-done put).
+    #[cfg(test)]
+    fail_next_data_rename: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Sidecar {
     etag: String,
     metadata: Metadata,
+    /// The data file this sidecar describes; absent in sidecars written
+    /// before it was recorded (trusted as they are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data: Option<DataId>,
+    /// The sidecar this one replaced (without its own `previous`): what the
+    /// object still is when the put stopped before renaming its data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous: Option<Box<Sidecar>>,
+}
+
+/// A data file's identity: which file (device, inode) and its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct DataId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+}
+
+impl DataId {
+    fn of(meta: &fs::Metadata) -> DataId {
+        DataId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+        }
+    }
+}
+
+impl Sidecar {
+    /// This sidecar if it describes the data file `id`: by identity, or,
+    /// when the identity differs (a copied folder) or was never recorded, by
+    /// the data's hash. `hash` is computed at most once, by the caller.
+    fn describes(
+        &self,
+        id: DataId,
+        hash: &mut impl FnMut() -> StoreResult<ETag>,
+    ) -> StoreResult<bool> {
+        match self.data {
+            Some(recorded) if recorded == id => Ok(true),
+            None => Ok(true),
+            Some(recorded) if recorded.size != id.size => Ok(false),
+            Some(_) => Ok(hash()? == ETag(self.etag.clone())),
+        }
+    }
+
+    /// The ETag and metadata of the data file `id`, from `sidecar` (or the
+    /// one it replaced) when one describes it, else from the data's hash.
+    fn resolve(
+        sidecar: Option<Sidecar>,
+        id: DataId,
+        mut hash: impl FnMut() -> StoreResult<ETag>,
+    ) -> StoreResult<Sidecar> {
+        let mut cached: Option<ETag> = None;
+        let mut hash_once = || -> StoreResult<ETag> {
+            if cached.is_none() {
+                cached = Some(hash()?);
+            }
+            Ok(cached.clone().expect("just computed"))
+        };
+        if let Some(mut sidecar) = sidecar {
+            if sidecar.describes(id, &mut hash_once)? {
+                return Ok(sidecar);
+            }
+            if let Some(previous) = sidecar.previous.take()
+                && previous.describes(id, &mut hash_once)?
+            {
+                return Ok(*previous);
+            }
+        }
+        // A file put there by hand, or a sidecar that matches nothing: its
+        // ETag is its hash.
+        Ok(Sidecar {
+            etag: hash_once()?.0,
+            metadata: Metadata::new(),
+            data: Some(id),
+            previous: None,
+        })
+    }
 }
 
 /// Keys from the original app start with `/`; they live under this folder so
@@ -47,7 +141,11 @@ impl FileStore {
                 root.display()
             ),
         })?;
-        Ok(FileStore { root })
+        Ok(FileStore {
+            root,
+            #[cfg(test)]
+            fail_next_data_rename: Default::default(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -123,18 +221,22 @@ impl FileStore {
         }
     }
 
-    fn read_meta(key: &str, paths: &KeyPaths) -> StoreResult<Option<(ETag, Metadata, u64)>> {
-        let size = match fs::metadata(&paths.data) {
-            Ok(m) => m.len(),
+    /// The object's current ETag, metadata and size (validated sidecar),
+    /// and that sidecar, to be kept as `previous` by a put.
+    fn read_meta(key: &str, paths: &KeyPaths) -> StoreResult<Option<(Sidecar, u64)>> {
+        let stat = match fs::metadata(&paths.data) {
+            Ok(m) => m,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Self::io_error(key, "stat", e)),
         };
-        if let Some(sidecar) = Self::read_sidecar(key, paths)? {
-            return Ok(Some((ETag(sidecar.etag), sidecar.metadata, size)));
-        }
-        // A file put there by hand (no sidecar): its ETag is its hash.
-        let body = fs::read(&paths.data).map_err(|e| Self::io_error(key, "read", e))?;
-        Ok(Some((ETag::of(&body), Metadata::new(), size)))
+        let sidecar = Self::read_sidecar(key, paths)?;
+        let hash = || {
+            fs::read(&paths.data)
+                .map(|body| ETag::of(&body))
+                .map_err(|e| Self::io_error(key, "read", e))
+        };
+        let current = Sidecar::resolve(sidecar, DataId::of(&stat), hash)?;
+        Ok(Some((current, stat.len())))
     }
 
     fn get_blocking(&self, key: &str) -> StoreResult<Option<Object>> {
@@ -152,17 +254,19 @@ impl FileStore {
             };
             (file, Self::read_sidecar(key, &paths)?)
         };
+        let id = DataId::of(
+            &file
+                .metadata()
+                .map_err(|e| Self::io_error(key, "stat", e))?,
+        );
         let mut body = Vec::new();
         file.read_to_end(&mut body)
             .map_err(|e| Self::io_error(key, "read", e))?;
-        let (etag, metadata) = match sidecar {
-            Some(sidecar) => (ETag(sidecar.etag), sidecar.metadata),
-            None => (ETag::of(&body), Metadata::new()),
-        };
+        let current = Sidecar::resolve(sidecar, id, || Ok(ETag::of(&body)))?;
         Ok(Some(Object {
             body: Bytes::from(body),
-            etag,
-            metadata,
+            etag: ETag(current.etag),
+            metadata: current.metadata,
         }))
     }
 
@@ -170,10 +274,10 @@ impl FileStore {
         let paths = self.paths(key)?;
         let _guard = Self::lock(key, &paths)?;
         Ok(
-            Self::read_meta(key, &paths)?.map(|(etag, metadata, size)| ObjectMeta {
-                etag,
+            Self::read_meta(key, &paths)?.map(|(current, size)| ObjectMeta {
+                etag: ETag(current.etag),
                 size,
-                metadata,
+                metadata: current.metadata,
             }),
         )
     }
@@ -187,28 +291,54 @@ impl FileStore {
     ) -> StoreResult<ETag> {
         let paths = self.paths(key)?;
         let etag = ETag::of(body);
-        let sidecar = serde_json::to_vec(&Sidecar {
-            etag: etag.0.clone(),
-            metadata,
-        })
-        .expect("sidecar serializes");
-        // Written and synced before taking the lock, which then covers only
-        // the condition check, two renames and the directory syncs: a
-        // process stopped (SIGSTOP) or slowed by the disk while holding it
-        // stalls every other process's requests for this key, which S3
-        // never does. The directory syncs stay inside, so that nobody sees
-        // a write before it would survive a power cut.
+        // The data is written and synced before taking the lock, which then
+        // covers only the condition check, the small sidecar, two renames
+        // and the directory syncs: a process stopped (SIGSTOP) or slowed by
+        // the disk while holding it stalls every other process's requests
+        // for this key, which S3 never does. The directory syncs stay
+        // inside, so that nobody sees a write before it would survive a
+        // power cut.
         let data_tmp =
             Temp::write(&paths.data, body).map_err(|e| Self::io_error(key, "write", e))?;
-        let sidecar_tmp = Temp::write(&paths.sidecar, &sidecar)
-            .map_err(|e| Self::io_error(key, "writing metadata", e))?;
+        let data_id =
+            DataId::of(&fs::metadata(&data_tmp.tmp).map_err(|e| Self::io_error(key, "stat", e))?);
         {
             let _guard = Self::lock(key, &paths)?;
-            let current = Self::read_meta(key, &paths)?.map(|(etag, _, _)| etag);
-            check_condition(key, current.as_ref(), condition)?;
+            let current = Self::read_meta(key, &paths)?.map(|(current, _)| current);
+            check_condition(
+                key,
+                current.as_ref().map(|c| ETag(c.etag.clone())).as_ref(),
+                condition,
+            )?;
+            let sidecar = Sidecar {
+                etag: etag.0.clone(),
+                metadata,
+                data: Some(data_id),
+                previous: current.map(|mut c| {
+                    c.previous = None;
+                    Box::new(c)
+                }),
+            };
+            let sidecar = serde_json::to_vec(&sidecar).expect("sidecar serializes");
+            let sidecar_tmp = Temp::write(&paths.sidecar, &sidecar)
+                .map_err(|e| Self::io_error(key, "writing metadata", e))?;
+            // Sidecar first: until the data is renamed too, the new sidecar
+            // does not describe the data file there, and readers fall back to
+            // its `previous` (module doc).
             sidecar_tmp
                 .rename()
                 .map_err(|e| Self::io_error(key, "writing metadata", e))?;
+            #[cfg(test)]
+            if self
+                .fail_next_data_rename
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(Self::io_error(
+                    key,
+                    "write",
+                    std::io::Error::other("injected rename failure"),
+                ));
+            }
             data_tmp
                 .rename()
                 .map_err(|e| Self::io_error(key, "write", e))?;
@@ -337,7 +467,145 @@ fn tempfile_probe(dir: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
     use super::*;
+    use crate::store::retry::{RetryPolicy, RetryingStore};
+    use crate::store::{DynStore, WRITE_ID_KEY};
+
+    fn tagged(k: &str, v: &str) -> Metadata {
+        Metadata::from([(k.to_string(), v.to_string())])
+    }
+
+    /// The sidecar is renamed, the data rename fails: the object is still
+    /// the old one, with its ETag and metadata, and the new write id is
+    /// nowhere to be read back.
+    #[tokio::test]
+    async fn a_put_whose_data_rename_failed_reads_as_not_landed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        let v1 = store
+            .put("k", "one".into(), tagged("n", "1"), Precondition::IfAbsent)
+            .await
+            .unwrap();
+        store.fail_next_data_rename.store(true, Ordering::SeqCst);
+        let failed = store
+            .put(
+                "k",
+                "two".into(),
+                tagged(WRITE_ID_KEY, "mine"),
+                Precondition::IfMatch(v1.clone()),
+            )
+            .await;
+        assert!(
+            matches!(failed, Err(StoreError::Transient { .. })),
+            "{failed:?}"
+        );
+        let head = store.head("k").await.unwrap().unwrap();
+        assert_eq!(head.etag, v1);
+        assert_eq!(
+            head.metadata,
+            tagged("n", "1"),
+            "the half-done put's metadata shows"
+        );
+        let object = store.get("k").await.unwrap().unwrap();
+        assert_eq!((object.body, object.etag), (Bytes::from("one"), v1.clone()));
+        // The condition of the failed put still holds: a resend succeeds.
+        let v2 = store
+            .put(
+                "k",
+                "two".into(),
+                tagged("n", "2"),
+                Precondition::IfMatch(v1.clone()),
+            )
+            .await
+            .expect("the object is still v1");
+        let object = store.get("k").await.unwrap().unwrap();
+        assert_eq!((object.body, object.etag), (Bytes::from("two"), v2));
+        // Also with bodies of equal size (the check cannot rely on sizes).
+        store.fail_next_data_rename.store(true, Ordering::SeqCst);
+        let v2 = store.head("k").await.unwrap().unwrap().etag;
+        assert!(
+            store
+                .put(
+                    "k",
+                    "owt".into(),
+                    Metadata::new(),
+                    Precondition::IfMatch(v2.clone())
+                )
+                .await
+                .is_err()
+        );
+        let head = store.head("k").await.unwrap().unwrap();
+        assert_eq!((head.etag, head.metadata), (v2, tagged("n", "2")));
+    }
+
+    /// Through the retrying layer, which reads back after the failure:
+    /// before the sidecar named its data file, the read-back found our write
+    /// id and acknowledged bytes that were never stored.
+    #[tokio::test]
+    async fn a_half_done_put_is_never_acknowledged_by_a_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = FileStore::new(dir.path()).unwrap();
+        let hook = file.fail_next_data_rename.clone();
+        let store = RetryingStore::new(Arc::new(file.clone()) as DynStore, RetryPolicy::default());
+        let v1 = store
+            .put("k", "one".into(), Metadata::new(), Precondition::IfAbsent)
+            .await
+            .unwrap();
+        hook.store(true, Ordering::SeqCst);
+        let etag = store
+            .put(
+                "k",
+                "two".into(),
+                Metadata::new(),
+                Precondition::IfMatch(v1),
+            )
+            .await
+            .expect("resent after the read-back");
+        let object = file.get("k").await.unwrap().unwrap();
+        assert_eq!(
+            object.body,
+            Bytes::from("two"),
+            "acknowledged but not stored"
+        );
+        assert_eq!(object.etag, etag);
+    }
+
+    /// A copied store folder (new inodes) keeps its ETags and metadata: the
+    /// sidecar is checked against the data's hash instead.
+    #[tokio::test]
+    async fn a_copied_store_keeps_its_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("a")).unwrap();
+        let etag = store
+            .put(
+                "x/k",
+                "body".into(),
+                tagged("n", "1"),
+                Precondition::IfAbsent,
+            )
+            .await
+            .unwrap();
+        let status = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(dir.path().join("a"))
+            .arg(dir.path().join("b"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let copy = FileStore::new(dir.path().join("b")).unwrap();
+        let head = copy.head("x/k").await.unwrap().unwrap();
+        assert_eq!((head.etag, head.metadata), (etag, tagged("n", "1")));
+        // A file replaced by hand reads as itself, without the stale sidecar.
+        fs::write(dir.path().join("b/x/k"), "edited").unwrap();
+        let head = copy.head("x/k").await.unwrap().unwrap();
+        assert_eq!(
+            (head.etag, head.metadata),
+            (ETag::of(b"edited"), Metadata::new())
+        );
+    }
 
     #[test]
     fn keys_never_escape_the_root() {

@@ -46,9 +46,47 @@ pub type Metadata = BTreeMap<String, String>;
 /// that an ambiguous outcome can be resolved by reading the object back.
 pub const WRITE_ID_KEY: &str = "tenantd-write-id";
 
+/// The metadata key the retrying layer records a conditional write's
+/// condition under: `absent` for [`Precondition::IfAbsent`], `etag:<opaque
+/// ETag>` for [`Precondition::IfMatch`]. A write that carries the same base
+/// as ours replaced the very state ours needed, which proves that ours did
+/// not land (see [`retry`]).
+pub const WRITE_BASE_KEY: &str = "tenantd-write-base";
+
+/// The slowest upload or download rate a store request is allowed before it
+/// counts as stalled: per-attempt timeouts and retry budgets grow by
+/// `size / MIN_THROUGHPUT_BYTES_PER_SEC` (a 200 MB body gets 40 s more).
+pub const MIN_THROUGHPUT_BYTES_PER_SEC: u64 = 5_000_000;
+
+/// Extra time a body of `bytes` is allowed at [`MIN_THROUGHPUT_BYTES_PER_SEC`].
+pub fn transfer_allowance(bytes: u64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(bytes as f64 / MIN_THROUGHPUT_BYTES_PER_SEC as f64)
+}
+
 /// An entity tag as the store returns it (quotes included, as S3 sends them).
-#[derive(Clone, PartialEq, Eq, Hash)]
+///
+/// Equality (and hashing) ignore the form: surrounding whitespace, a weak
+/// `W/` prefix and the quotes are dropped before comparing (see
+/// [`ETag::normalized`]), so `"abc"`, `abc` and `W/"abc"` are one ETag. A
+/// store, a proxy or an SDK version may send any of them for the same object,
+/// and a spurious mismatch would read as "someone else wrote" (a wrong
+/// verdict about a write).
+#[derive(Clone)]
 pub struct ETag(pub String);
+
+impl PartialEq for ETag {
+    fn eq(&self, other: &ETag) -> bool {
+        self.normalized() == other.normalized()
+    }
+}
+
+impl Eq for ETag {}
+
+impl std::hash::Hash for ETag {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.normalized().hash(state);
+    }
+}
 
 impl ETag {
     /// The ETag of `bytes` as S3 computes it for single-part uploads: the
@@ -60,6 +98,38 @@ impl ETag {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The opaque part: without surrounding whitespace, a `W/` prefix and
+    /// the surrounding quotes. What every comparison uses.
+    pub fn normalized(&self) -> &str {
+        let text = self.0.trim();
+        let text = text.strip_prefix("W/").unwrap_or(text);
+        text.strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .unwrap_or(text)
+    }
+
+    /// The form to send in `If-Match`: the opaque part in quotes, as S3
+    /// returns it (a strong ETag: `If-Match` never matches a weak one).
+    pub fn to_header(&self) -> String {
+        format!("\"{}\"", self.normalized())
+    }
+
+    /// Checks that a store's ETag header is usable: non-empty once
+    /// normalised, visible ASCII, no stray quotes. Anything else is an
+    /// answer from something that is not a working S3 API (a proxy's error
+    /// page, a broken gateway), and must not be compared as if it were one.
+    pub fn parse_header(text: &str) -> Result<ETag, String> {
+        let etag = ETag(text.to_string());
+        let opaque = etag.normalized();
+        if opaque.is_empty() {
+            return Err(format!("an empty ETag ({text:?})"));
+        }
+        if opaque.len() > 1024 || !opaque.bytes().all(|b| b.is_ascii_graphic() && b != b'"') {
+            return Err(format!("a malformed ETag ({text:?})"));
+        }
+        Ok(etag)
     }
 }
 
@@ -152,6 +222,27 @@ impl StoreError {
         }
     }
 
+    /// True for a store asking us to slow down (503 SlowDown, 429): retried
+    /// with a longer backoff. Read from the message, which every backend
+    /// starts with the HTTP status and S3 error code.
+    pub fn is_throttle(&self) -> bool {
+        match self {
+            StoreError::Transient { message, .. } => {
+                message.starts_with("503")
+                    || message.starts_with("429")
+                    || [
+                        "SlowDown",
+                        "TooManyRequests",
+                        "RequestLimitExceeded",
+                        "Throttl",
+                    ]
+                    .iter()
+                    .any(|code| message.contains(code))
+            }
+            _ => false,
+        }
+    }
+
     pub fn transient(key: &str, message: impl Into<String>) -> StoreError {
         StoreError::Transient {
             key: key.to_string(),
@@ -204,5 +295,69 @@ pub mod keys {
     /// leading slash. Imported once when `database()` is absent.
     pub fn legacy_database(customer_id: &str) -> String {
         format!("/customer/{customer_id}/db.sqlite3")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn etags_compare_after_normalising_quotes_and_weakness() {
+        let strong = ETag("\"0123abcd\"".into());
+        for same in [
+            "0123abcd",
+            "W/\"0123abcd\"",
+            " \"0123abcd\"\t",
+            "W/0123abcd",
+        ] {
+            assert_eq!(ETag(same.into()), strong, "{same:?}");
+            assert_eq!(ETag(same.into()).normalized(), "0123abcd");
+        }
+        for other in ["\"0123abce\"", "\"0123ABCD\"", "\"\"", ""] {
+            assert_ne!(ETag(other.into()), strong, "{other:?}");
+        }
+        let set: HashSet<ETag> = ["\"a\"", "a", "W/\"a\""]
+            .into_iter()
+            .map(|t| ETag(t.into()))
+            .collect();
+        assert_eq!(set.len(), 1, "hashing agrees with equality");
+        assert_eq!(ETag("W/\"a\"".into()).to_header(), "\"a\"");
+        assert_eq!(
+            ETag::of(b"x"),
+            ETag(hex::encode(<md5::Md5 as md5::Digest>::digest(b"x")))
+        );
+    }
+
+    #[test]
+    fn etag_headers_are_checked() {
+        assert!(ETag::parse_header("\"abc\"").is_ok());
+        assert!(ETag::parse_header("abc-12").is_ok());
+        for bad in ["", "\"\"", "W/\"\"", "\"a\"b\"", "a b", "caf\u{e9}"] {
+            assert!(ETag::parse_header(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// Conditions are checked with normalised ETags by the memory store (and
+    /// the file store, which shares the check).
+    #[tokio::test]
+    async fn conditions_match_an_etag_in_another_form() {
+        let store = MemoryStore::new();
+        let etag = store
+            .put("k", "v".into(), Metadata::new(), Precondition::IfAbsent)
+            .await
+            .unwrap();
+        let unquoted = ETag(etag.normalized().to_string());
+        store
+            .put(
+                "k",
+                "w".into(),
+                Metadata::new(),
+                Precondition::IfMatch(unquoted),
+            )
+            .await
+            .expect("an unquoted ETag matches");
     }
 }

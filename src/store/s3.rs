@@ -2,10 +2,23 @@
 //!
 //! - Endpoint, region and credentials come from the standard AWS
 //!   environment (`AWS_ENDPOINT_URL_S3`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
-//!   ...); with an explicit endpoint, path-style addressing is used (local
-//!   servers and Tigris accept it).
-//! - Every request carries `X-Tigris-Consistent: true`, so Tigris answers
-//!   lock and database requests from the leader, not a stale replica.
+//!   ...).
+//! - Addressing is virtual-hosted (`https://<bucket>.<endpoint host>/key`),
+//!   which Tigris requires for buckets created since Feb 2025, except for a
+//!   local endpoint (an IP address or `localhost`: moto, `tenantd dev`),
+//!   which gets path-style. `TENANTD_S3_PATH_STYLE=true|false` overrides
+//!   the choice ([`use_path_style`]).
+//! - Each attempt has a time limit that grows with the body: 10 s plus the
+//!   body's size at [`MIN_THROUGHPUT_BYTES_PER_SEC`] (5 MB/s), so a 200 MB
+//!   upload gets 50 s, while a stalled small request is cut after 10 s. A
+//!   download's body gets the same allowance from its `Content-Length`.
+//! - Answers that are not a working S3 API's (no or malformed ETag header,
+//!   an error body that is not S3's XML) are errors that name the key and
+//!   what was wrong; they never read as "absent" or "written".
+//! - Every request carries `X-Tigris-Consistent: true`. Tigris no longer
+//!   documents it (Feb 2026) and sending it is harmless; what makes
+//!   conditional writes consistent is the bucket's location type (Single-
+//!   or Multi-region, not the default Global: see docs/deploy.md).
 //! - The SDK's own retries are off: a blind retry of a conditional PUT whose
 //!   response was lost is exactly what must not happen. The
 //!   [`RetryingStore`](super::RetryingStore) above retries and resolves
@@ -26,10 +39,60 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use bytes::Bytes;
 
 use super::{
-    ETag, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError, StoreResult,
+    ETag, MIN_THROUGHPUT_BYTES_PER_SEC, Metadata, Object, ObjectMeta, ObjectStore, Precondition,
+    StoreError, StoreResult, transfer_allowance,
 };
 
 const CONSISTENT_HEADER: &str = "X-Tigris-Consistent";
+
+/// Connecting may take this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One attempt of a request without a body may take this long; a body adds
+/// its size at [`MIN_THROUGHPUT_BYTES_PER_SEC`].
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The env var that forces path-style (`true`) or virtual-hosted (`false`)
+/// addressing.
+pub const PATH_STYLE_ENV: &str = "TENANTD_S3_PATH_STYLE";
+
+/// The time limit of one attempt that moves `body_len` bytes.
+pub fn attempt_timeout(body_len: u64) -> Duration {
+    attempt_timeout_from(ATTEMPT_TIMEOUT, body_len)
+}
+
+fn attempt_timeout_from(base: Duration, body_len: u64) -> Duration {
+    base + transfer_allowance(body_len)
+}
+
+/// Path-style addressing or virtual-hosted? `setting` is
+/// `TENANTD_S3_PATH_STYLE` (`true`/`false`, also `1`/`0`, `yes`/`no`);
+/// unset or empty, path-style is used only for a local endpoint: a host
+/// that is an IP address or `localhost` (Tigris and AWS want virtual-hosted
+/// addressing; a local server usually has no DNS for `<bucket>.<host>`).
+pub fn use_path_style(endpoint: Option<&str>, setting: Option<&str>) -> Result<bool, String> {
+    if let Some(value) = setting.map(str::trim).filter(|v| !v.is_empty()) {
+        return match value.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(format!(
+                "{PATH_STYLE_ENV}={value:?} is not a boolean: set it to true (path-style URLs) or false (virtual-hosted URLs), or unset it"
+            )),
+        };
+    }
+    Ok(endpoint.and_then(endpoint_host).is_some_and(|host| {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.parse::<std::net::IpAddr>().is_ok()
+            || host.eq_ignore_ascii_case("localhost")
+            || host.to_ascii_lowercase().ends_with(".localhost")
+    }))
+}
+
+/// The host of an endpoint URL (`http://127.0.0.1:9000` → `127.0.0.1`).
+fn endpoint_host(endpoint: &str) -> Option<String> {
+    let uri: http::Uri = endpoint.trim().parse().ok()?;
+    uri.host().map(str::to_string)
+}
 
 #[derive(Debug, Clone)]
 pub struct S3Store {
@@ -38,6 +101,8 @@ pub struct S3Store {
     bucket: String,
     prefix: String,
     endpoint: String,
+    /// The time limit of an attempt without a body ([`ATTEMPT_TIMEOUT`]).
+    attempt_base: Duration,
 }
 
 /// Marks a request to be served by Tigris' leader (ignored by S3 and moto).
@@ -58,30 +123,104 @@ impl S3Store {
             aws_config::environment::EnvironmentVariableRegionProvider::new(),
         )
         .or_else("auto");
-        let shared = aws_config::defaults(BehaviorVersion::latest())
-            .region(region)
-            .retry_config(RetryConfig::disabled())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(2))
-                    .operation_attempt_timeout(Duration::from_secs(10))
-                    .build(),
-            )
-            .load()
-            .await;
+        let loader = aws_config::defaults(BehaviorVersion::latest()).region(region);
         let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
             .iter()
             .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()));
+        let setting = std::env::var(PATH_STYLE_ENV).ok();
+        Self::build(loader, bucket, prefix, endpoint, setting.as_deref()).await
+    }
+
+    /// A client for `endpoint` with fixed credentials, nothing from the
+    /// environment (tests against local servers).
+    pub async fn with_endpoint(
+        bucket: &str,
+        prefix: &str,
+        endpoint: &str,
+        path_style: Option<bool>,
+    ) -> StoreResult<S3Store> {
+        let loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(endpoint)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "test", "test", None, None, "static",
+            ));
+        let setting = path_style.map(|p| p.to_string());
+        Self::build(
+            loader,
+            bucket,
+            prefix,
+            Some(endpoint.to_string()),
+            setting.as_deref(),
+        )
+        .await
+    }
+
+    async fn build(
+        loader: aws_config::ConfigLoader,
+        bucket: &str,
+        prefix: &str,
+        endpoint: Option<String>,
+        path_style_setting: Option<&str>,
+    ) -> StoreResult<S3Store> {
+        let path_style = use_path_style(endpoint.as_deref(), path_style_setting)
+            .map_err(|message| StoreError::Fatal { message })?;
+        let shared = loader
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(Self::timeouts(ATTEMPT_TIMEOUT, 0))
+            .load()
+            .await;
         let config = aws_sdk_s3::config::Builder::from(&shared)
-            .force_path_style(endpoint.is_some())
+            .force_path_style(path_style)
             .build();
+        tracing::debug!(endpoint = ?endpoint, path_style, "S3 client");
         Ok(S3Store {
             credentials: shared.credentials_provider(),
             client: Client::from_conf(config),
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             endpoint: endpoint.unwrap_or_else(|| "the default AWS endpoint".to_string()),
+            attempt_base: ATTEMPT_TIMEOUT,
         })
+    }
+
+    /// With another time limit for an attempt without a body (tests; the
+    /// body's allowance is added as usual).
+    pub fn with_attempt_timeout(mut self, base: Duration) -> S3Store {
+        self.attempt_base = base;
+        self
+    }
+
+    /// Per-request timeouts for an attempt that moves `body_len` bytes.
+    fn overrides(&self, body_len: u64) -> aws_sdk_s3::config::Builder {
+        aws_sdk_s3::config::Builder::new()
+            .timeout_config(Self::timeouts(self.attempt_base, body_len))
+    }
+
+    /// Timeouts of one attempt that moves `body_len` bytes.
+    fn timeouts(base: Duration, body_len: u64) -> TimeoutConfig {
+        TimeoutConfig::builder()
+            .connect_timeout(CONNECT_TIMEOUT.min(base))
+            .operation_attempt_timeout(attempt_timeout_from(base, body_len))
+            .build()
+    }
+
+    /// An ETag header from an answer, checked (see [`ETag::parse_header`]).
+    fn etag_of(&self, key: &str, what: &str, header: Option<&str>) -> StoreResult<ETag> {
+        let problem = match header {
+            None => "no ETag header".to_string(),
+            Some(text) => match ETag::parse_header(text) {
+                Ok(etag) => return Ok(etag),
+                Err(problem) => problem,
+            },
+        };
+        Err(StoreError::transient(
+            key,
+            format!(
+                "the store at {} answered {what} with {problem}; it does not behave like S3 (a proxy or gateway in the way?)",
+                self.endpoint
+            ),
+        ))
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -120,7 +259,30 @@ impl S3Store {
             SdkError::ServiceError(service) => {
                 let status = service.raw().status().as_u16();
                 let code = service.err().code().unwrap_or("").to_string();
-                let message = service.err().message().unwrap_or("").to_string();
+                let message = match service.err().message() {
+                    Some(message) => message.to_string(),
+                    None if code.is_empty() => {
+                        format!(
+                            "(no S3 error in the answer: {})",
+                            body_excerpt(service.raw())
+                        )
+                    }
+                    None => String::new(),
+                };
+                let answer = [status.to_string(), code.clone(), message.clone()]
+                    .into_iter()
+                    .filter(|part| !part.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                // Throttling and server errors by code too, whatever the
+                // status a gateway put on them.
+                if matches!(
+                    code.as_str(),
+                    "SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout"
+                ) && status != 412
+                {
+                    return transient(answer.clone());
+                }
                 match status {
                     412 => StoreError::PreconditionFailed {
                         key: key.to_string(),
@@ -129,6 +291,12 @@ impl S3Store {
                         key: key.to_string(),
                     },
                     404 if code == "NoSuchBucket" => self.missing_bucket(),
+                    // A 404 that is not S3's (no error code): never read it
+                    // as "absent"; it is most likely the wrong host.
+                    404 if code.is_empty() => transient(format!(
+                        "404 from {} without an S3 error code {message}; check AWS_ENDPOINT_URL_S3 and {PATH_STYLE_ENV}",
+                        self.endpoint
+                    )),
                     404 if conditional_put => StoreError::PreconditionFailed {
                         key: key.to_string(),
                     },
@@ -139,11 +307,9 @@ impl S3Store {
                             self.bucket
                         ),
                     },
-                    408 | 429 | 500..=599 => transient(format!("{status} {code} {message}")),
+                    408 | 429 | 500..=599 => transient(answer.clone()),
                     _ => StoreError::Fatal {
-                        message: format!(
-                            "the store refused a request on key={key}: {status} {code} {message}"
-                        ),
+                        message: format!("the store refused a request on key={key}: {answer}"),
                     },
                 }
             }
@@ -178,7 +344,13 @@ impl ObjectStore for S3Store {
             .get_object()
             .bucket(&self.bucket)
             .key(self.full_key(key));
-        let output = match consistent!(request).send().await {
+        // The attempt timeout covers the answer's head; the body is read
+        // below under its own allowance.
+        let output = match consistent!(request)
+            .config_override(self.overrides(0))
+            .send()
+            .await
+        {
             Ok(output) => output,
             Err(e) => {
                 if let SdkError::ServiceError(service) = &e
@@ -189,19 +361,39 @@ impl ObjectStore for S3Store {
                 return Err(self.map_error(key, e, false));
             }
         };
-        let etag = ETag(output.e_tag().unwrap_or_default().to_string());
+        let etag = self.etag_of(key, "a GET", output.e_tag())?;
         let metadata: Metadata = output
             .metadata()
             .cloned()
             .unwrap_or_default()
             .into_iter()
             .collect();
-        let body = output
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::transient(key, format!("reading the body failed: {e}")))?
-            .into_bytes();
+        let length = output.content_length().unwrap_or(0).max(0) as u64;
+        let allowance = attempt_timeout_from(self.attempt_base, length);
+        let body = match tokio::time::timeout(allowance, output.body.collect()).await {
+            Ok(Ok(body)) => body.into_bytes(),
+            Ok(Err(e)) => {
+                return Err(StoreError::transient(
+                    key,
+                    format!("reading the body failed: {e}"),
+                ));
+            }
+            Err(_) => {
+                return Err(StoreError::transient(
+                    key,
+                    format!(
+                        "reading a {length}-byte body took longer than {allowance:?} (under {} MB/s)",
+                        MIN_THROUGHPUT_BYTES_PER_SEC / 1_000_000
+                    ),
+                ));
+            }
+        };
+        if output_length_mismatch(length, body.len()) {
+            return Err(StoreError::transient(
+                key,
+                format!("the body ended after {} of {length} bytes", body.len()),
+            ));
+        }
         Ok(Some(Object {
             body,
             etag,
@@ -215,9 +407,13 @@ impl ObjectStore for S3Store {
             .head_object()
             .bucket(&self.bucket)
             .key(self.full_key(key));
-        match consistent!(request).send().await {
+        match consistent!(request)
+            .config_override(self.overrides(0))
+            .send()
+            .await
+        {
             Ok(output) => Ok(Some(ObjectMeta {
-                etag: ETag(output.e_tag().unwrap_or_default().to_string()),
+                etag: self.etag_of(key, "a HEAD", output.e_tag())?,
                 size: output.content_length().unwrap_or(0).max(0) as u64,
                 metadata: output
                     .metadata()
@@ -241,6 +437,7 @@ impl ObjectStore for S3Store {
         metadata: Metadata,
         condition: Precondition,
     ) -> StoreResult<ETag> {
+        let len = body.len() as u64;
         let mut request = self
             .client
             .put_object()
@@ -255,12 +452,23 @@ impl ObjectStore for S3Store {
                 true
             }
             Precondition::IfMatch(etag) => {
-                request = request.if_match(etag.as_str());
+                request = request.if_match(etag.to_header());
                 true
             }
         };
-        match consistent!(request).send().await {
-            Ok(output) => Ok(ETag(output.e_tag().unwrap_or_default().to_string())),
+        match consistent!(request)
+            .config_override(self.overrides(len))
+            .send()
+            .await
+        {
+            // Without a usable ETag the write happened but cannot be built
+            // on: a transient error, which the retrying layer resolves by
+            // reading the object back.
+            Ok(output) => self.etag_of(
+                key,
+                "a successful PUT (the write may have landed)",
+                output.e_tag(),
+            ),
             Err(e) => Err(self.map_error(key, e, conditional)),
         }
     }
@@ -335,6 +543,24 @@ impl ObjectStore for S3Store {
     }
 }
 
+/// A body shorter than its `Content-Length` (a cut connection that the
+/// client did not notice).
+fn output_length_mismatch(content_length: u64, received: usize) -> bool {
+    content_length != 0 && content_length != received as u64
+}
+
+/// The start of an error answer's body, for a message about an answer that
+/// is not S3's.
+fn body_excerpt(response: &HttpResponse) -> String {
+    match response.body().bytes() {
+        Some(bytes) if !bytes.is_empty() => {
+            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(120)]);
+            format!("body {:?}", text.trim())
+        }
+        _ => "empty body".to_string(),
+    }
+}
+
 fn dispatch_cause(e: &aws_smithy_runtime_api::client::result::DispatchFailure) -> &'static str {
     if e.is_timeout() {
         "connection timed out"
@@ -344,5 +570,52 @@ fn dispatch_cause(e: &aws_smithy_runtime_api::client::result::DispatchFailure) -
         "invalid request settings"
     } else {
         "connection failed"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_style_only_for_local_endpoints_unless_configured() {
+        let cases = [
+            (Some("http://127.0.0.1:9000"), None, true),
+            (Some("http://localhost:4566"), None, true),
+            (Some("http://[::1]:9000"), None, true),
+            (Some("http://[fdaa::3]:9000"), None, true),
+            (Some("http://10.0.0.5"), None, true),
+            (Some("http://minio.localhost:9000"), None, true),
+            (Some("https://fly.storage.tigris.dev"), None, false),
+            (Some("https://t3.storage.dev"), None, false),
+            (Some("https://s3.us-east-1.amazonaws.com"), None, false),
+            (None, None, false),
+            (Some("https://fly.storage.tigris.dev"), Some("true"), true),
+            (Some("https://fly.storage.tigris.dev"), Some("1"), true),
+            (Some("http://127.0.0.1:9000"), Some("false"), false),
+            (Some("http://127.0.0.1:9000"), Some(" FALSE "), false),
+            (Some("http://127.0.0.1:9000"), Some(""), true),
+            (None, Some("true"), true),
+        ];
+        for (endpoint, setting, expected) in cases {
+            assert_eq!(
+                use_path_style(endpoint, setting),
+                Ok(expected),
+                "{endpoint:?} with {setting:?}"
+            );
+        }
+        let error = use_path_style(None, Some("maybe")).unwrap_err();
+        assert!(
+            error.contains("TENANTD_S3_PATH_STYLE") && error.contains("maybe"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn attempt_timeouts_grow_with_the_body() {
+        assert_eq!(attempt_timeout(0), Duration::from_secs(10));
+        // 200 MB needs ~10 s at 20 MB/s: it gets 10 s + 40 s.
+        assert_eq!(attempt_timeout(200_000_000), Duration::from_secs(50));
+        assert!(attempt_timeout(1_000_000) < Duration::from_secs(11));
     }
 }

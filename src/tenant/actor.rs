@@ -138,6 +138,22 @@ pub struct ActorContext {
     pub(crate) ack_before_upload: bool,
 }
 
+impl ActorContext {
+    /// A context with the defaults of `tenantd serve`: no idle release,
+    /// default SQL limits.
+    pub fn new(store: DynStore, metrics: Metrics, machine_id: String, data_dir: PathBuf) -> Self {
+        ActorContext {
+            store,
+            metrics,
+            machine_id,
+            data_dir,
+            idle_timeout: None,
+            sql: SqlLimits::default(),
+            ack_before_upload: false,
+        }
+    }
+}
+
 /// Why an actor ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {

@@ -83,6 +83,19 @@ fn fly_toml_matches_the_binary() {
         ["SIGINT", "SIGTERM"].contains(&signal),
         "tenantd drains on SIGINT and SIGTERM, not {signal}"
     );
+    let env = fly["env"].as_table().unwrap();
+    if let Some(listen) = env.get("TENANTD_LISTEN") {
+        let listen: std::net::SocketAddr = listen.as_str().unwrap().parse().unwrap();
+        assert_eq!(
+            listen.ip(),
+            std::net::Ipv6Addr::UNSPECIFIED,
+            "listen on [::]: the 6PN network is IPv6"
+        );
+        assert_eq!(
+            Some(listen.port() as i64),
+            service["internal_port"].as_integer()
+        );
+    }
     let check = &service["checks"].as_array().unwrap()[0];
     assert_eq!(check["path"].as_str(), Some("/healthz"));
 
@@ -111,6 +124,46 @@ fn fly_toml_matches_the_binary() {
             "[env] {key} is not read by tenantd serve"
         );
     }
+}
+
+/// `"10s"`, or an integer number of seconds.
+fn toml_duration(value: &toml::Value) -> std::time::Duration {
+    match value {
+        toml::Value::Integer(secs) => std::time::Duration::from_secs(*secs as u64),
+        toml::Value::String(text) => humantime::parse_duration(text).unwrap(),
+        other => panic!("not a duration: {other}"),
+    }
+}
+
+/// The value in `[default: ...]` of a `serve --help` flag.
+fn help_default(help: &str, flag: &str) -> String {
+    let at = help
+        .find(flag)
+        .unwrap_or_else(|| panic!("{flag} not in help"));
+    let rest = &help[at..];
+    let start = rest.find("[default: ").unwrap() + "[default: ".len();
+    rest[start..start + rest[start..].find(']').unwrap()].to_string()
+}
+
+#[test]
+fn the_drain_ends_before_fly_kills_the_machine() {
+    let fly: toml::Table = repo_file("fly.toml").parse().unwrap();
+    // Fly's default kill_timeout is 5 s, its maximum 300 s.
+    let kill_timeout = fly
+        .get("kill_timeout")
+        .map(toml_duration)
+        .unwrap_or(std::time::Duration::from_secs(5));
+    assert!(kill_timeout <= std::time::Duration::from_secs(300));
+    let help = serve_help();
+    let drain = match fly["env"].get("TENANTD_DRAIN_TIMEOUT") {
+        Some(value) => toml_duration(value),
+        None => humantime::parse_duration(&help_default(&help, "--drain-timeout")).unwrap(),
+    };
+    // A second for the signal to arrive and the process to exit.
+    assert!(
+        drain + std::time::Duration::from_secs(1) <= kill_timeout,
+        "drain timeout {drain:?} does not end a second before kill_timeout {kill_timeout:?}"
+    );
 }
 
 #[tokio::test]

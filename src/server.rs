@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info, warn};
 
 use crate::TenantId;
-use crate::config::{LogFormat, ServeArgs};
+use crate::config::{LogFormat, ReplayMode, ServeArgs};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::store::retry::RetryPolicy;
@@ -30,6 +30,8 @@ use crate::store::{FaultConfig, open_store};
 use crate::tenant::actor::ActorContext;
 use crate::tenant::{Registry, RegistryConfig};
 
+/// Fly Proxy does not replay request bodies over 1 MB.
+const FLY_REPLAY_MAX_BODY: usize = 1024 * 1024;
 /// How long the store check at start may take before giving up.
 const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(8);
 /// After the leases are released, keep answering (with replays) this long
@@ -156,6 +158,12 @@ pub(crate) async fn run_with(
             args.drain_timeout,
             linger + IN_FLIGHT_GRACE + Duration::from_millis(500),
             args.lease_ttl
+        );
+    }
+    if args.replay_mode == ReplayMode::Fly && args.max_body_bytes > FLY_REPLAY_MAX_BODY {
+        warn!(
+            max_body = args.max_body_bytes,
+            "TENANTD_MAX_BODY is over 1 MiB: Fly Proxy cannot replay such bodies to the holder"
         );
     }
     let metrics = Metrics::new();

@@ -75,7 +75,28 @@ fn fly_toml_matches_the_binary() {
         "the default listen port changed"
     );
     assert_eq!(service["internal_port"].as_integer(), Some(3000));
-    assert_eq!(service["auto_stop_machines"].as_str(), Some("stop"));
+    // Per-customer groups: autostop would stop the standbys first, and a
+    // holder lost for good would then leave its tenant down (issue 13).
+    let per_customer = fly["processes"]
+        .as_table()
+        .unwrap()
+        .values()
+        .any(|c| c.as_str().unwrap().contains("--customer-id"));
+    if per_customer {
+        assert_eq!(service["auto_stop_machines"].as_str(), Some("off"));
+    }
+    let http_options = service.get("http_options");
+    assert!(
+        http_options.is_none_or(|o| o.get("replay_cache").is_none()),
+        "replay_cache drops fly-replay-src and replays to stale holders"
+    );
+    if let Some(max_body) = fly["env"].get("TENANTD_MAX_BODY") {
+        let bytes: usize = max_body.as_str().unwrap().parse().unwrap();
+        assert!(
+            bytes <= 1024 * 1024,
+            "Fly Proxy cannot replay bodies over 1 MB"
+        );
+    }
     assert_eq!(service["auto_start_machines"].as_bool(), Some(true));
     assert!(service.contains_key("min_machines_running"));
     let signal = fly["kill_signal"].as_str().unwrap();

@@ -786,7 +786,7 @@ impl Supervisor {
             .env("FLY_APP_NAME", &cfg.app_name)
             .env("FLY_PRIVATE_IP", mapped(m.ip).to_string())
             .env("FLY_REGION", super::dns::REGION)
-            .env("FLY_PROCESS_GROUP", "app")
+            .env("FLY_PROCESS_GROUP", process_group(m.customer.as_deref()))
             .env("TENANTD_LISTEN", &listen)
             // Explicit, so that the lock names an address any client here
             // can connect to, whatever the platform's IPv6 settings.
@@ -956,7 +956,10 @@ impl Supervisor {
                 .values()
                 .filter(|m| matches!(m.state, MachineState::Started | MachineState::Paused))
                 .map(|m| {
-                    let mut metadata = vec![("fly_process_group".to_string(), "app".to_string())];
+                    let mut metadata = vec![(
+                        "fly_process_group".to_string(),
+                        process_group(m.customer.as_deref()),
+                    )];
                     if let Some(c) = &m.customer {
                         metadata.push(("customer_id".to_string(), c.clone()));
                     }
@@ -970,6 +973,15 @@ impl Supervisor {
         };
         *self.table.write().unwrap() = table;
         self.changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// The process group of a machine, as fly.toml names them: `customer<ID>`
+/// for a tenant's machines, `app` (flyctl's default) for pool machines.
+pub fn process_group(customer: Option<&str>) -> String {
+    match customer {
+        Some(c) => format!("customer{c}"),
+        None => "app".to_string(),
     }
 }
 

@@ -264,10 +264,18 @@ fn release_budget(drain_timeout: Duration, linger: Duration) -> Duration {
 }
 
 /// Fly's internal DNS, when the app name is known (on Fly, or under
-/// `tenantd dev`, which also sets TENANTD_DNS_SERVER).
+/// `tenantd dev`, which also sets TENANTD_DNS_SERVER), and the Machines API
+/// for stopped machines when FLY_API_TOKEN is set (FLY_API_URL, else the
+/// API's address inside Fly's network).
 fn finder(args: &ServeArgs) -> Option<Arc<dyn http::MachineFinder>> {
     let app = args.app_name.as_deref().filter(|a| !a.is_empty())?;
-    Some(Arc::new(crate::fly_dns::FlyDns::new(app, args.dns_server)))
+    let dns = crate::fly_dns::FlyDns::new(app, args.dns_server);
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let api = env("FLY_API_TOKEN").map(|token| {
+        let url = env("FLY_API_URL").unwrap_or_else(|| crate::fly::INTERNAL_API_URL.to_string());
+        (url, token)
+    });
+    Some(Arc::new(crate::fly::TenantFinder::new(dns, api)))
 }
 
 /// Completes on the first SIGTERM or SIGINT; a second one exits at once.

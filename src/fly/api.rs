@@ -77,9 +77,19 @@ pub enum Created {
 
 impl Api {
     pub fn new(base: &str, app: &str, token: &str) -> anyhow::Result<Api> {
+        Api::with_timeout(base, app, token, std::time::Duration::from_secs(60))
+    }
+
+    pub fn with_timeout(
+        base: &str,
+        app: &str,
+        token: &str,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Api> {
         Ok(Api {
             http: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(60))
+                .no_proxy()
+                .timeout(timeout)
                 .build()?,
             base: base.trim_end_matches('/').to_string(),
             app: app.to_string(),

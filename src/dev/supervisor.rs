@@ -580,7 +580,8 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Auto-stop: SIGTERM machines without requests for `idle`.
+    /// Auto-stop: every round, SIGTERM the one machine idle longest (no
+    /// requests for at least `idle`), whatever its group, like Fly Proxy.
     pub fn spawn_auto_stop(self: &Arc<Self>, idle: Duration) {
         let sup = self.clone();
         let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
@@ -591,7 +592,9 @@ impl Supervisor {
                     _ = sup.shutdown.cancelled() => return,
                     _ = interval.tick() => {}
                 }
-                let idle_ids: Vec<String> = sup
+                // Like Fly Proxy: at most one machine per round (the one
+                // idle longest), whatever its process group or tenant.
+                let idle_id: Option<String> = sup
                     .inner
                     .lock()
                     .unwrap()
@@ -602,9 +605,9 @@ impl Supervisor {
                             && m.in_flight == 0
                             && m.last_active.elapsed() >= idle
                     })
-                    .map(|m| m.id.clone())
-                    .collect();
-                for id in idle_ids {
+                    .min_by_key(|m| m.last_active)
+                    .map(|m| m.id.clone());
+                if let Some(id) = idle_id {
                     sup.logs.event(format!(
                         "auto-stopping machine {id}: no requests for {}",
                         humantime::format_duration(idle)

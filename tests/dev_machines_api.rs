@@ -205,3 +205,45 @@ async fn fly_provision_adds_machines_and_fly_destroy_drains_the_holder_first() {
     );
     cluster.shutdown().await;
 }
+
+/// tenantd's replays name a timeout and `fallback=prefer_self`: a replay to
+/// a holder that is gone comes back to the sender with `fly-replay-failed`,
+/// which answers 503 + Retry-After itself instead of replaying again (and
+/// instead of the proxy's generic error after its own timeout). The lease
+/// ttl is long so that the lock still names the lost holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_to_a_lost_holder_comes_back_and_is_answered_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["a", "b"], 1);
+    cfg.lease_ttl = Duration::from_secs(60);
+    let cluster = Cluster::start(cfg).await.unwrap();
+    let first = increment(&cluster, "a", "k1", Duration::from_secs(30)).await;
+    let holder = first["machine_id"].as_str().unwrap().to_string();
+    let other = machines_of(&cluster, "b").pop().unwrap();
+    cluster.kill(&holder).unwrap();
+    wait_state(&cluster, &holder, |s| s == Some(MachineState::Stopped)).await;
+    cluster.destroy(&holder).unwrap();
+    wait_state(&cluster, &holder, |s| s.is_none()).await;
+
+    let resp = client()
+        .get(format!("{}/customers/a/count", cluster.edge_url()))
+        .header("accept", "application/json")
+        .header("fly-force-instance-id", &other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["fly-machine-id"], other.as_str());
+    assert!(
+        resp.headers().get("x-tenantd-edge-error").is_none(),
+        "the edge answered, not the sender"
+    );
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: Value = resp.json().await.unwrap();
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("instance={holder}")) && message.contains("reason="),
+        "{message}"
+    );
+    cluster.shutdown().await;
+}

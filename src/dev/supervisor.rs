@@ -806,6 +806,13 @@ impl Supervisor {
             Some(c) => cmd.env("CUSTOMER_ID", c),
             None => cmd.env_remove("CUSTOMER_ID"),
         };
+        // As fly.toml pairs them: the drain ends a second before the kill.
+        if cfg.kill_timeout >= Duration::from_secs(4) {
+            cmd.env(
+                "TENANTD_DRAIN_TIMEOUT",
+                humantime::format_duration(cfg.kill_timeout - Duration::from_secs(1)).to_string(),
+            );
+        }
         if !cfg.color_logs {
             // Escape codes would only clutter the multiplexed, prefixed log.
             cmd.env("NO_COLOR", "1");

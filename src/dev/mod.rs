@@ -680,10 +680,15 @@ fn banner(cluster: &Cluster) -> String {
     out.push_str(&format!("  tenantd dev scale {example} 3{admin_flag}\n"));
     out.push_str(&format!("  tenantd dev kill <machine id>{admin_flag}\n"));
     out.push_str(&format!(
-        "  dig @{} -p {} AAAA {example}.customer_id.kv._metadata.{}.internal\n",
+        "  dig @{} -p {} AAAA customer{example}.process.{}.internal\n",
         cluster.dns_addr().ip(),
         cluster.dns_addr().port(),
         cfg.app_name
+    ));
+    out.push_str(&format!(
+        "  FLY_API_URL={admin} FLY_APP_NAME={} FLY_API_TOKEN={} tenantd fly ls\n",
+        cfg.app_name,
+        cluster.admin_token()
     ));
     out.push_str("Ctrl-C stops every machine (they release their locks).\n\n");
     out

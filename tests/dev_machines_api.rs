@@ -247,3 +247,86 @@ async fn a_replay_to_a_lost_holder_comes_back_and_is_answered_503() {
     );
     cluster.shutdown().await;
 }
+
+/// Issue 13, item 1, as it happens on Fly: autostop (which ignores groups)
+/// stops tenant a's idle standby while a's traffic keeps the holder and
+/// the machine it lands on busy; then the holder is lost for good. The
+/// tenant serves again from the standby, started by a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_autostop_a_lost_holder_is_replaced_by_its_autostopped_standby() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["a", "b"], 1);
+    cfg.auto_stop = Some(Duration::from_millis(1500));
+    let cluster = Cluster::start(cfg).await.unwrap();
+    // A second machine for a, made like `fly scale count`.
+    cluster.scale(Some("a"), 2).await.unwrap();
+    let entry = machines_of(&cluster, "b").pop().unwrap();
+    let http = client();
+    let send = |key: String| {
+        let http = http.clone();
+        let url = format!("{}/customers/a/increment", cluster.edge_url());
+        let entry = entry.clone();
+        async move {
+            let r = http
+                .post(url)
+                .header("accept", "application/json")
+                .header("idempotency-key", key)
+                .header("fly-force-instance-id", entry)
+                .send()
+                .await
+                .ok()?;
+            if r.status().is_success() {
+                r.json::<Value>().await.ok()
+            } else {
+                None
+            }
+        }
+    };
+    // Traffic for a enters through b's machine until a's standby is stopped.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut n = 0;
+    let (holder, standby, last) = loop {
+        n += 1;
+        let answer = send(format!("warm-{n}")).await;
+        if let Some(answer) = answer {
+            let holder = answer["machine_id"].as_str().unwrap().to_string();
+            let stopped = cluster.machines().into_iter().find(|m| {
+                m.customer_id.as_deref() == Some("a")
+                    && m.id != holder
+                    && m.state == MachineState::Stopped
+            });
+            if let Some(standby) = stopped {
+                break (holder, standby.id, answer);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a's standby was never autostopped"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    cluster.kill(&holder).unwrap();
+    wait_state(&cluster, &holder, |s| s == Some(MachineState::Stopped)).await;
+    cluster.destroy(&holder).unwrap();
+    wait_state(&cluster, &holder, |s| s.is_none()).await;
+
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let answer = loop {
+        if let Some(answer) = send("after".into()).await {
+            break answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a not served again:\n{}",
+            cluster.recent_logs(60).join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(answer["machine_id"], standby.as_str(), "{answer}");
+    assert_eq!(
+        answer["count"].as_u64(),
+        last["count"].as_u64().map(|c| c + 1),
+        "{last} then {answer}"
+    );
+    cluster.shutdown().await;
+}

@@ -138,6 +138,16 @@ fn fly_toml_matches_the_binary() {
             served.contains(&name.as_str()),
             "process {name} gets no HTTP service"
         );
+        // `tenantd fly provision` and DNS routing name a tenant's group
+        // `customer<ID>`.
+        if let Some(at) = words.iter().position(|w| *w == "--customer-id") {
+            assert_eq!(
+                name.as_str(),
+                format!("customer{}", words[at + 1]),
+                "process group of customer {}",
+                words[at + 1]
+            );
+        }
     }
     for key in fly["env"].as_table().unwrap().keys() {
         assert!(

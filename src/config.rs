@@ -13,7 +13,8 @@ use crate::tenant::sql::SqlLimits;
 
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
-    /// Address to listen on for HTTP.
+    /// Address to listen on for HTTP (on Fly, 0.0.0.0 is widened to `[::]`,
+    /// both IPv4 and IPv6: the 6PN network is IPv6).
     #[arg(long, env = "TENANTD_LISTEN", default_value = "0.0.0.0:3000")]
     pub listen: SocketAddr,
 
@@ -38,6 +39,11 @@ pub struct ServeArgs {
     /// Lease time-to-live of machine.lock (renewed every ttl/3).
     #[arg(long, env = "TENANTD_LEASE_TTL", default_value = "5s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
+
+    /// Longest time from SIGTERM/SIGINT to exit: keep it below fly.toml's
+    /// `kill_timeout` (leases are released, then the listener closes).
+    #[arg(long, env = "TENANTD_DRAIN_TIMEOUT", default_value = "8s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 
     /// Address other machines use to reach this one (forward mode, lock
     /// object) [default: [$FLY_PRIVATE_IP]:port on Fly, else the listen address].

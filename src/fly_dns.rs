@@ -1,13 +1,21 @@
 //! Client side of Fly's internal DNS, as `tenantd serve`'s router uses it to
 //! find the machines of another tenant.
 //!
-//! A lookup is `<value>.<key>.kv._metadata.<app>.internal` AAAA (the started
-//! machines whose metadata has `key=value`), then for every address the PTR
-//! `<machine id>.vm.<app>.internal.`. Fly does not document PTR records for
-//! 6PN addresses, so when a PTR lookup fails the `_instances.internal` TXT
-//! records (`instance=<id>,app=<app>,ip=<addr>,region=<r>`) map addresses to
-//! machine ids instead. Answers are cached briefly: the router asks on the
-//! cross-tenant path, which is the common case on Fly.
+//! Only documented names come first (https://fly.io/docs/networking/private-networking/):
+//! - AAAA `customer<ID>.process.<app>.internal` (the started machines of the
+//!   tenant's process group, as fly.toml and `tenantd fly provision` make
+//!   them: no per-machine step) and `<ID>.customer_id.kv._metadata.<app>.internal`
+//!   (machines carrying `customer_id` metadata), together;
+//! - their addresses mapped to machine ids through the TXT records of
+//!   `_instances.internal` (`instance=<id>,app=<app>,ip=<addr>,region=<r>;`
+//!   entries; several records are joined before parsing), else through
+//!   `vms.<app>.internal` TXT (`<id> <region>` pairs) and the AAAA of each
+//!   `<id>.vm.<app>.internal`;
+//! - a PTR of a 6PN address is not documented: asked last, only for
+//!   addresses nothing else mapped.
+//!
+//! DNS lists started machines only. Answers are cached briefly: the router
+//! asks on the cross-tenant path, which is the common case on Fly.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -119,17 +127,48 @@ impl FlyDns {
         Ok(ids)
     }
 
-    /// Machine id of the machine with `addr`, through PTR, else
-    /// `_instances.internal`. `None` when neither knows it.
-    pub async fn machine_id_of(&self, addr: IpAddr) -> anyhow::Result<Option<String>> {
-        if let Some(id) = self.ptr_machine_id(addr).await {
-            return Ok(Some(id));
+    /// Ids of the started machines of tenant `id`, sorted: its process group
+    /// `customer<ID>` and its `customer_id` metadata. `id` must be a
+    /// validated tenant id (`TenantId::as_str()`).
+    pub async fn machines_of_customer(&self, id: &str) -> anyhow::Result<Vec<String>> {
+        anyhow::ensure!(is_label(id), "tenant id {id:?} is not a DNS label");
+        let cache_key = ("customer".to_string(), id.to_string());
+        if let Some((at, ids)) = self.inner.cache.lock().unwrap().get(&cache_key)
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok(ids.clone());
         }
-        let instances = self.instances().await?;
-        Ok(instances
-            .into_iter()
-            .find(|i| same_ip(i.ip, addr) && i.app == self.inner.app)
-            .map(|i| i.id))
+        let app = &self.inner.app;
+        let group = format!("customer{id}");
+        let mut names = Vec::new();
+        // A label has at most 63 bytes; a longer group name cannot exist.
+        if is_label(&group) {
+            names.push(format!("{group}.process.{app}.internal."));
+        }
+        names.push(format!("{id}.customer_id.kv._metadata.{app}.internal."));
+        let mut addrs = Vec::new();
+        for name in &names {
+            addrs.extend(self.aaaa(name).await?);
+        }
+        addrs.sort();
+        addrs.dedup();
+        let ids = self.ids_of(addrs).await?;
+        self.inner
+            .cache
+            .lock()
+            .unwrap()
+            .insert(cache_key, (Instant::now(), ids.clone()));
+        Ok(ids)
+    }
+
+    /// Machine id of the machine with `addr`, through `_instances.internal`,
+    /// else `vms.<app>.internal`, else PTR. `None` when none knows it.
+    pub async fn machine_id_of(&self, addr: IpAddr) -> anyhow::Result<Option<String>> {
+        let v6 = match addr {
+            IpAddr::V4(a) => a.to_ipv6_mapped(),
+            IpAddr::V6(a) => a,
+        };
+        Ok(self.ids_of(vec![v6]).await?.into_iter().next())
     }
 
     /// Every started machine of the organisation from `_instances.internal`.
@@ -142,58 +181,119 @@ impl FlyDns {
             Err(e) if e.is_no_records_found() || e.is_nx_domain() => return Ok(Vec::new()),
             Err(e) => return Err(e).context("TXT _instances.internal"),
         };
-        let mut out = Vec::new();
-        for record in lookup.answers() {
-            if let RData::TXT(txt) = &record.data {
-                let joined: String = txt
-                    .txt_data
-                    .iter()
-                    .map(|s| String::from_utf8_lossy(s))
-                    .collect();
-                out.extend(parse_instances(&joined));
-            }
-        }
-        Ok(out)
+        // The list may span several TXT records (and strings): join them.
+        let joined: String = lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::TXT(txt) => Some(
+                    txt.txt_data
+                        .iter()
+                        .map(|s| String::from_utf8_lossy(s).into_owned())
+                        .collect::<String>(),
+                ),
+                _ => None,
+            })
+            .collect();
+        Ok(parse_instances(&joined))
     }
 
-    async fn lookup_metadata(&self, key: &str, value: &str) -> anyhow::Result<Vec<String>> {
+    /// Ids of the started machines of this app from `vms.<app>.internal`.
+    pub async fn vms(&self) -> anyhow::Result<Vec<String>> {
         let resolver = self.resolver()?;
-        let name = format!("{value}.{key}.kv._metadata.{}.internal.", self.inner.app);
-        let lookup = match resolver.ipv6_lookup(Name::from_ascii(&name)?).await {
+        let name = format!("vms.{}.internal.", self.inner.app);
+        let lookup = match resolver.txt_lookup(Name::from_ascii(&name)?).await {
+            Ok(lookup) => lookup,
+            Err(e) if e.is_no_records_found() || e.is_nx_domain() => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("TXT {name}")),
+        };
+        let joined: Vec<String> = lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::TXT(txt) => Some(
+                    txt.txt_data
+                        .iter()
+                        .map(|s| String::from_utf8_lossy(s).into_owned())
+                        .collect::<String>(),
+                ),
+                _ => None,
+            })
+            .collect();
+        Ok(parse_vms(&joined.join(",")))
+    }
+
+    /// AAAA addresses of `name`; empty when it does not exist.
+    async fn aaaa(&self, name: &str) -> anyhow::Result<Vec<Ipv6Addr>> {
+        let resolver = self.resolver()?;
+        let lookup = match resolver.ipv6_lookup(Name::from_ascii(name)?).await {
             Ok(lookup) => lookup,
             Err(e) if e.is_no_records_found() || e.is_nx_domain() => return Ok(Vec::new()),
             Err(e) => return Err(e).with_context(|| format!("AAAA {name}")),
         };
-        let addrs: Vec<Ipv6Addr> = lookup
+        Ok(lookup
             .answers()
             .iter()
             .filter_map(|r| match &r.data {
                 RData::AAAA(a) => Some(a.0),
                 _ => None,
             })
-            .collect();
+            .collect())
+    }
+
+    /// Machine ids of `addrs` (sorted, deduplicated): `_instances.internal`
+    /// first, then `vms.<app>.internal` with `<id>.vm.<app>.internal`, and a
+    /// PTR only for what neither mapped.
+    async fn ids_of(&self, addrs: Vec<Ipv6Addr>) -> anyhow::Result<Vec<String>> {
         let mut ids = Vec::new();
-        let mut unresolved = Vec::new();
-        for addr in addrs {
-            match self.ptr_machine_id(IpAddr::V6(addr)).await {
-                Some(id) => ids.push(id),
-                None => unresolved.push(addr),
-            }
-        }
-        if !unresolved.is_empty() {
+        let mut unmapped = Vec::new();
+        if !addrs.is_empty() {
             let instances = self.instances().await?;
-            for addr in unresolved {
-                if let Some(i) = instances
+            for addr in addrs {
+                match instances
                     .iter()
                     .find(|i| same_ip(i.ip, IpAddr::V6(addr)) && i.app == self.inner.app)
                 {
-                    ids.push(i.id.clone());
+                    Some(i) => ids.push(i.id.clone()),
+                    None => unmapped.push(addr),
                 }
+            }
+        }
+        if !unmapped.is_empty() {
+            for id in self.vms().await? {
+                let name = format!("{id}.vm.{}.internal.", self.inner.app);
+                if !is_label(&id) {
+                    continue;
+                }
+                let of_vm = self.aaaa(&name).await?;
+                let before = unmapped.len();
+                unmapped.retain(|a| {
+                    !of_vm
+                        .iter()
+                        .any(|v| same_ip(IpAddr::V6(*v), IpAddr::V6(*a)))
+                });
+                if unmapped.len() < before {
+                    ids.push(id);
+                }
+                if unmapped.is_empty() {
+                    break;
+                }
+            }
+        }
+        for addr in unmapped {
+            if let Some(id) = self.ptr_machine_id(IpAddr::V6(addr)).await {
+                ids.push(id);
             }
         }
         ids.sort();
         ids.dedup();
         Ok(ids)
+    }
+
+    async fn lookup_metadata(&self, key: &str, value: &str) -> anyhow::Result<Vec<String>> {
+        let name = format!("{value}.{key}.kv._metadata.{}.internal.", self.inner.app);
+        let addrs = self.aaaa(&name).await?;
+        self.ids_of(addrs).await
     }
 
     async fn ptr_machine_id(&self, addr: IpAddr) -> Option<String> {
@@ -220,8 +320,7 @@ impl FlyDns {
 #[async_trait::async_trait]
 impl crate::http::MachineFinder for FlyDns {
     async fn machines_of(&self, id: &crate::TenantId) -> anyhow::Result<Vec<String>> {
-        self.machines_with_metadata("customer_id", id.as_str())
-            .await
+        self.machines_of_customer(id.as_str()).await
     }
 }
 
@@ -260,6 +359,15 @@ pub fn parse_instances(text: &str) -> Vec<Instance> {
                 region,
             })
         })
+        .collect()
+}
+
+/// Parses `vms.<app>.internal` text: `<id> <region>` pairs separated by `,`.
+pub fn parse_vms(text: &str) -> Vec<String> {
+    text.split(',')
+        .filter_map(|pair| pair.split_whitespace().next())
+        .filter(|id| is_label(id))
+        .map(str::to_string)
         .collect()
 }
 

@@ -7,6 +7,12 @@
 
 pub const FLY_REPLAY: &str = "fly-replay";
 pub const FLY_REPLAY_SRC: &str = "fly-replay-src";
+/// Request header of a replay that came back to its sender (`fallback=`).
+pub const FLY_REPLAY_FAILED: &str = "fly-replay-failed";
+/// How long Fly Proxy may try a named machine (starting it if stopped)
+/// before it hands the request back with `fly-replay-failed`, instead of
+/// answering the client with a generic error after its own, longer, time.
+pub const REPLAY_TIMEOUT: &str = "5s";
 /// Hop counter header used in `--replay-mode forward`.
 pub const FORWARD_HOPS: &str = "x-tenantd-hops";
 
@@ -69,7 +75,9 @@ pub enum Target {
 pub fn replay_header(target: &Target, hops: u32) -> String {
     let state = format!("state=hops-{}", hops + 1);
     match target {
-        Target::Instance(id) => format!("instance={id};{state}"),
+        Target::Instance(id) => {
+            format!("instance={id};timeout={REPLAY_TIMEOUT};fallback=prefer_self;{state}")
+        }
         Target::Elsewhere => format!("elsewhere=true;{state}"),
     }
 }

@@ -5,18 +5,24 @@
 //! being accepted but are handed to other machines; every held tenant
 //! commits what it has queued, uploads, and releases its lease; then the
 //! listener closes and in-flight requests finish. A second signal exits at
-//! once.
+//! once. The whole shutdown ends within `--drain-timeout` (keep it below
+//! fly.toml's `kill_timeout`): leases that could not be released by then
+//! expire after their ttl.
+//!
+//! On Fly (FLY_APP_NAME or FLY_MACHINE_ID set) a store must be configured:
+//! the local file store default would give each machine its own.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info, warn};
 
 use crate::TenantId;
-use crate::config::{LogFormat, ServeArgs};
+use crate::config::{LogFormat, ReplayMode, ServeArgs};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::store::retry::RetryPolicy;
@@ -24,6 +30,8 @@ use crate::store::{FaultConfig, open_store};
 use crate::tenant::actor::ActorContext;
 use crate::tenant::{Registry, RegistryConfig};
 
+/// Fly Proxy does not replay request bodies over 1 MB.
+const FLY_REPLAY_MAX_BODY: usize = 1024 * 1024;
 /// How long the store check at start may take before giving up.
 const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(8);
 /// After the leases are released, keep answering (with replays) this long
@@ -33,13 +41,76 @@ const DRAIN_LINGER_EXTRA: Duration = Duration::from_millis(500);
 
 pub async fn main(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
-    let listener = TcpListener::bind(args.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {}: fix --listen / TENANTD_LISTEN",
-            args.listen
-        )
-    })?;
+    check_store_configured(&args)?;
+    let listen = listen_addr(&args);
+    let listener = bind(listen)
+        .with_context(|| format!("cannot listen on {listen}: fix --listen / TENANTD_LISTEN"))?;
+    if listen != args.listen {
+        info!(listen = %listen, "on Fly: listening on IPv6 and IPv4 (the 6PN network is IPv6)");
+    }
     run(args, listener, shutdown_signal()).await
+}
+
+/// Whether this process runs on a Fly machine (or under `tenantd dev`,
+/// which sets the same variables).
+fn on_fly() -> bool {
+    ["FLY_APP_NAME", "FLY_MACHINE_ID"]
+        .iter()
+        .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()))
+}
+
+/// On Fly, the file store default would give every machine a store of its
+/// own (split brain, and writes lost at the next deploy): refuse instead.
+fn check_store_configured(args: &ServeArgs) -> anyhow::Result<()> {
+    let bucket = std::env::var("BUCKET_NAME").is_ok_and(|b| !b.is_empty());
+    if args.store.is_none() && !bucket && on_fly() {
+        bail!(
+            "running on Fly (FLY_APP_NAME / FLY_MACHINE_ID are set) but no store is configured: \
+             set BUCKET_NAME (`fly storage create` does) or TENANTD_STORE / --store; \
+             refusing to use a local file store that no other machine sees"
+        );
+    }
+    Ok(())
+}
+
+/// `--listen`, except that on Fly (FLY_PRIVATE_IP set) `0.0.0.0` becomes
+/// `[::]`: other machines reach this one at its 6PN (IPv6) address.
+fn listen_addr(args: &ServeArgs) -> SocketAddr {
+    let on_6pn = args.private_ip.as_deref().is_some_and(|ip| !ip.is_empty());
+    if on_6pn && args.listen.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), args.listen.port())
+    } else {
+        args.listen
+    }
+}
+
+/// Binds `addr`; `[::]` accepts IPv4 too (IPV6_V6ONLY off, whatever the
+/// system default).
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        use std::os::fd::AsRawFd;
+        let off: nix::libc::c_int = 0;
+        // SAFETY: a valid socket descriptor and an int option of the right size.
+        let rc = unsafe {
+            nix::libc::setsockopt(
+                socket.as_raw_fd(),
+                nix::libc::IPPROTO_IPV6,
+                nix::libc::IPV6_V6ONLY,
+                (&off as *const nix::libc::c_int).cast(),
+                std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// Runs a server on `listener` until `shutdown` completes.
@@ -78,6 +149,21 @@ pub(crate) async fn run_with(
         bail!(
             "--lease-ttl {:?} is too short: at least 300ms (renewals every ttl/3 need a few store round trips)",
             args.lease_ttl
+        );
+    }
+    let linger = (args.lease_ttl / 5).min(Duration::from_secs(1)) + DRAIN_LINGER_EXTRA;
+    if release_budget(args.drain_timeout, linger) < Duration::from_millis(500) {
+        bail!(
+            "--drain-timeout / TENANTD_DRAIN_TIMEOUT {:?} leaves no time to release leases: at least {:?} with --lease-ttl {:?}",
+            args.drain_timeout,
+            linger + IN_FLIGHT_GRACE + Duration::from_millis(500),
+            args.lease_ttl
+        );
+    }
+    if args.replay_mode == ReplayMode::Fly && args.max_body_bytes > FLY_REPLAY_MAX_BODY {
+        warn!(
+            max_body = args.max_body_bytes,
+            "TENANTD_MAX_BODY is over 1 MiB: Fly Proxy cannot replay such bodies to the holder"
         );
     }
     let metrics = Metrics::new();
@@ -140,26 +226,59 @@ pub(crate) async fn run_with(
     };
     let app = http::router(state, args.max_body_bytes);
     let draining = registry.clone();
-    axum::serve(listener, app)
+    let linger = lock_cache_ttl + DRAIN_LINGER_EXTRA;
+    let release_budget = release_budget(args.drain_timeout, linger);
+    let drain_timeout = args.drain_timeout;
+    let (began_tx, began_rx) = tokio::sync::oneshot::channel::<tokio::time::Instant>();
+    let serve = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
-            info!("shutting down: handing tenants over");
-            if tokio::time::timeout(Duration::from_secs(20), draining.drain()).await.is_err() {
-                warn!("tenants did not release within 20s; exiting anyway (their locks expire after the ttl)");
+            let _ = began_tx.send(tokio::time::Instant::now());
+            info!(?drain_timeout, "shutting down: handing tenants over");
+            if tokio::time::timeout(release_budget, draining.drain()).await.is_err() {
+                warn!("tenants did not release within {release_budget:?}; exiting anyway (their locks expire after the ttl)");
             }
-            tokio::time::sleep(lock_cache_ttl + DRAIN_LINGER_EXTRA).await;
+            tokio::time::sleep(linger).await;
             info!("leases released; closing the listener");
         })
-        .await?;
+        .into_future();
+    // The whole shutdown ends within --drain-timeout, whatever in-flight
+    // requests still do: past fly.toml's kill_timeout the machine is killed.
+    let deadline = async move {
+        match began_rx.await {
+            Ok(began) => tokio::time::sleep_until(began + drain_timeout).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = serve => served?,
+        _ = deadline => warn!("drain budget of {drain_timeout:?} used up: closing the remaining connections"),
+    }
     info!("stopped");
     Ok(())
 }
 
+/// Time from the signal until in-flight requests must be done, of which the
+/// leases get what the linger and a short grace for requests leave.
+const IN_FLIGHT_GRACE: Duration = Duration::from_millis(500);
+
+fn release_budget(drain_timeout: Duration, linger: Duration) -> Duration {
+    drain_timeout.saturating_sub(linger + IN_FLIGHT_GRACE)
+}
+
 /// Fly's internal DNS, when the app name is known (on Fly, or under
-/// `tenantd dev`, which also sets TENANTD_DNS_SERVER).
+/// `tenantd dev`, which also sets TENANTD_DNS_SERVER), and the Machines API
+/// for stopped machines when FLY_API_TOKEN is set (FLY_API_URL, else the
+/// API's address inside Fly's network).
 fn finder(args: &ServeArgs) -> Option<Arc<dyn http::MachineFinder>> {
     let app = args.app_name.as_deref().filter(|a| !a.is_empty())?;
-    Some(Arc::new(crate::fly_dns::FlyDns::new(app, args.dns_server)))
+    let dns = crate::fly_dns::FlyDns::new(app, args.dns_server);
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let api = env("FLY_API_TOKEN").map(|token| {
+        let url = env("FLY_API_URL").unwrap_or_else(|| crate::fly::INTERNAL_API_URL.to_string());
+        (url, token)
+    });
+    Some(Arc::new(crate::fly::TenantFinder::new(dns, api)))
 }
 
 /// Completes on the first SIGTERM or SIGINT; a second one exits at once.

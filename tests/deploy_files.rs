@@ -75,7 +75,28 @@ fn fly_toml_matches_the_binary() {
         "the default listen port changed"
     );
     assert_eq!(service["internal_port"].as_integer(), Some(3000));
-    assert_eq!(service["auto_stop_machines"].as_str(), Some("stop"));
+    // Per-customer groups: autostop would stop the standbys first, and a
+    // holder lost for good would then leave its tenant down (issue 13).
+    let per_customer = fly["processes"]
+        .as_table()
+        .unwrap()
+        .values()
+        .any(|c| c.as_str().unwrap().contains("--customer-id"));
+    if per_customer {
+        assert_eq!(service["auto_stop_machines"].as_str(), Some("off"));
+    }
+    let http_options = service.get("http_options");
+    assert!(
+        http_options.is_none_or(|o| o.get("replay_cache").is_none()),
+        "replay_cache drops fly-replay-src and replays to stale holders"
+    );
+    if let Some(max_body) = fly["env"].get("TENANTD_MAX_BODY") {
+        let bytes: usize = max_body.as_str().unwrap().parse().unwrap();
+        assert!(
+            bytes <= 1024 * 1024,
+            "Fly Proxy cannot replay bodies over 1 MB"
+        );
+    }
     assert_eq!(service["auto_start_machines"].as_bool(), Some(true));
     assert!(service.contains_key("min_machines_running"));
     let signal = fly["kill_signal"].as_str().unwrap();
@@ -83,6 +104,19 @@ fn fly_toml_matches_the_binary() {
         ["SIGINT", "SIGTERM"].contains(&signal),
         "tenantd drains on SIGINT and SIGTERM, not {signal}"
     );
+    let env = fly["env"].as_table().unwrap();
+    if let Some(listen) = env.get("TENANTD_LISTEN") {
+        let listen: std::net::SocketAddr = listen.as_str().unwrap().parse().unwrap();
+        assert_eq!(
+            listen.ip(),
+            std::net::Ipv6Addr::UNSPECIFIED,
+            "listen on [::]: the 6PN network is IPv6"
+        );
+        assert_eq!(
+            Some(listen.port() as i64),
+            service["internal_port"].as_integer()
+        );
+    }
     let check = &service["checks"].as_array().unwrap()[0];
     assert_eq!(check["path"].as_str(), Some("/healthz"));
 
@@ -104,6 +138,16 @@ fn fly_toml_matches_the_binary() {
             served.contains(&name.as_str()),
             "process {name} gets no HTTP service"
         );
+        // `tenantd fly provision` and DNS routing name a tenant's group
+        // `customer<ID>`.
+        if let Some(at) = words.iter().position(|w| *w == "--customer-id") {
+            assert_eq!(
+                name.as_str(),
+                format!("customer{}", words[at + 1]),
+                "process group of customer {}",
+                words[at + 1]
+            );
+        }
     }
     for key in fly["env"].as_table().unwrap().keys() {
         assert!(
@@ -111,6 +155,46 @@ fn fly_toml_matches_the_binary() {
             "[env] {key} is not read by tenantd serve"
         );
     }
+}
+
+/// `"10s"`, or an integer number of seconds.
+fn toml_duration(value: &toml::Value) -> std::time::Duration {
+    match value {
+        toml::Value::Integer(secs) => std::time::Duration::from_secs(*secs as u64),
+        toml::Value::String(text) => humantime::parse_duration(text).unwrap(),
+        other => panic!("not a duration: {other}"),
+    }
+}
+
+/// The value in `[default: ...]` of a `serve --help` flag.
+fn help_default(help: &str, flag: &str) -> String {
+    let at = help
+        .find(flag)
+        .unwrap_or_else(|| panic!("{flag} not in help"));
+    let rest = &help[at..];
+    let start = rest.find("[default: ").unwrap() + "[default: ".len();
+    rest[start..start + rest[start..].find(']').unwrap()].to_string()
+}
+
+#[test]
+fn the_drain_ends_before_fly_kills_the_machine() {
+    let fly: toml::Table = repo_file("fly.toml").parse().unwrap();
+    // Fly's default kill_timeout is 5 s, its maximum 300 s.
+    let kill_timeout = fly
+        .get("kill_timeout")
+        .map(toml_duration)
+        .unwrap_or(std::time::Duration::from_secs(5));
+    assert!(kill_timeout <= std::time::Duration::from_secs(300));
+    let help = serve_help();
+    let drain = match fly["env"].get("TENANTD_DRAIN_TIMEOUT") {
+        Some(value) => toml_duration(value),
+        None => humantime::parse_duration(&help_default(&help, "--drain-timeout")).unwrap(),
+    };
+    // A second for the signal to arrive and the process to exit.
+    assert!(
+        drain + std::time::Duration::from_secs(1) <= kill_timeout,
+        "drain timeout {drain:?} does not end a second before kill_timeout {kill_timeout:?}"
+    );
 }
 
 #[tokio::test]

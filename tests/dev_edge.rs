@@ -1,7 +1,9 @@
 //! The dev edge and supervisor against stand-in machines: a small Python
 //! HTTP server (the child command is configurable) that answers
-//! `/to/<id>/...` with `fly-replay: instance=<id>` unless it is `<id>`, and
-//! `/loop` with `fly-replay: elsewhere=true`. This pins the edge's replay
+//! `/to/<id>/...` with `fly-replay: instance=<id>` unless it is `<id>`,
+//! `/fallback/<id>/<timeout>[/again]` with a replay that asks for a
+//! fallback (and, as the fallback request, with another replay when the
+//! path ends in `again`), and `/loop` with `fly-replay: elsewhere=true`. This pins the edge's replay
 //! semantics without depending on `tenantd serve`.
 
 use std::path::Path;
@@ -26,6 +28,13 @@ class H(http.server.BaseHTTPRequestHandler):
             return self.reply({})
         if parts[0] == "to" and parts[1] != ID:
             return self.reply({"replayed_by": ID}, {"fly-replay": "instance=%s;state=s1" % parts[1]})
+        if parts[0] == "fallback":
+            failed = self.headers.get("fly-replay-failed")
+            if failed is None and parts[1] != ID:
+                return self.reply({"replayed_by": ID}, {"fly-replay": "instance=%s;timeout=%s;fallback=prefer_self" % (parts[1], parts[2])})
+            if failed is not None and parts[-1] == "again":
+                return self.reply({}, {"fly-replay": "elsewhere=true"})
+            return self.reply({"machine_id": ID, "failed": failed, "src": self.headers.get("fly-replay-src")})
         if parts[0] == "loop":
             return self.reply({}, {"fly-replay": "elsewhere=true"})
         self.reply({"machine_id": ID, "method": self.command, "body": body.decode(),
@@ -275,5 +284,80 @@ async fn dev_edge_auto_stop_and_auto_start() {
         m.state,
         MachineState::Started | MachineState::Stopping | MachineState::Stopped
     ));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_edge_returns_a_failed_replay_to_its_sender_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(config(dir.path(), 3)).await.unwrap();
+    let ids: Vec<String> = cluster.machines().into_iter().map(|m| m.id).collect();
+    let base = cluster.edge_url();
+    let http = client();
+
+    // A destroyed target: the sender gets the request back.
+    let gone = &ids[2];
+    cluster.destroy(gone).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.machines().iter().any(|m| &m.id == gone) {
+        assert!(Instant::now() < deadline, "{gone} not destroyed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resp = http
+        .get(format!("{base}/fallback/{gone}/2s"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let json: Value = resp.json().await.unwrap();
+    let sender = json["machine_id"].as_str().unwrap();
+    let failed = json["failed"].as_str().unwrap_or_else(|| panic!("{json}"));
+    for field in [
+        format!("instance={gone}"),
+        format!("replay_source={sender}"),
+        "reason=no_candidate".to_string(),
+        "app=".to_string(),
+        "elapsed_ms=".to_string(),
+    ] {
+        assert!(failed.contains(&field), "{field} not in {failed}");
+    }
+    assert!(json["src"].is_null(), "{json}");
+
+    // A fallback request may not replay again.
+    let resp = http
+        .get(format!("{base}/fallback/{gone}/2s/again"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert!(resp.text().await.unwrap().contains("fallback request"));
+
+    // A target that is not started within the replay's timeout (a stopped
+    // machine takes far longer than 1 ms to start).
+    let stopped = &ids[1];
+    cluster.stop(stopped).unwrap();
+    wait_state(&cluster, stopped, MachineState::Stopped, 0).await;
+    let resp = http
+        .get(format!("{base}/fallback/{stopped}/1ms"))
+        .header("fly-force-instance-id", &ids[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let json: Value = resp.json().await.unwrap();
+    assert_eq!(json["machine_id"], ids[0].as_str());
+    let failed = json["failed"].as_str().unwrap_or_else(|| panic!("{json}"));
+    assert!(failed.contains("reason=timeout"), "{failed}");
+
+    // Clients cannot forge the header.
+    let resp = http
+        .get(format!("{base}/fallback/{}/2s", ids[0]))
+        .header("fly-force-instance-id", &ids[0])
+        .header("fly-replay-failed", "forged")
+        .send()
+        .await
+        .unwrap();
+    let json: Value = resp.json().await.unwrap();
+    assert!(json["failed"].is_null(), "{json}");
     cluster.shutdown().await;
 }

@@ -5,11 +5,14 @@
 //! Names served (case-insensitive), all with a 1 s TTL because machines come
 //! and go:
 //! - AAAA `<app>.internal`, `global.<app>.internal`, `<region>.<app>.internal`,
-//!   `<id>.vm.<app>.internal`, `<value>.<key>.kv._metadata.<app>.internal`;
+//!   `<id>.vm.<app>.internal`, `<group>.process.<app>.internal` (metadata
+//!   `fly_process_group`), `<value>.<key>.kv._metadata.<app>.internal`;
 //! - PTR of a machine's address (`*.ip6.arpa`, and `*.in-addr.arpa` for its
-//!   IPv4 loopback address) → `<id>.vm.<app>.internal.`;
+//!   IPv4 loopback address) → `<id>.vm.<app>.internal.` (Fly does not
+//!   document these: [`DnsOptions::ptr`] turns them off);
 //! - TXT `_instances.internal` (`instance=<id>,app=<app>,ip=<addr>,region=dev;`
-//!   per machine) and `vms.<app>.internal` (`<id> dev`, comma separated).
+//!   per machine, spread over several TXT records like a long list on Fly)
+//!   and `vms.<app>.internal` (`<id> dev`, comma separated).
 //!
 //! Machines listen on IPv4 loopback addresses; their "6PN" addresses are the
 //! IPv4-mapped IPv6 form `::ffff:127.x.y.z`, which Linux connects to.
@@ -44,6 +47,25 @@ pub struct DnsMachine {
 /// The records' source of truth, replaced as a whole by the supervisor.
 pub type DnsTable = Arc<RwLock<Vec<DnsMachine>>>;
 
+/// Which of the record kinds the server answers (tests turn some off to
+/// check that a client does without them).
+#[derive(Clone, Copy, Debug)]
+pub struct DnsOptions {
+    /// PTR records of machines' addresses (undocumented on Fly).
+    pub ptr: bool,
+    /// `_instances.internal` TXT.
+    pub instances: bool,
+}
+
+impl Default for DnsOptions {
+    fn default() -> DnsOptions {
+        DnsOptions {
+            ptr: true,
+            instances: true,
+        }
+    }
+}
+
 /// A running DNS server; dropping it does not stop it, [`DnsServer::stop`] does.
 pub struct DnsServer {
     addr: SocketAddr,
@@ -53,11 +75,21 @@ pub struct DnsServer {
 impl DnsServer {
     /// Binds UDP and TCP on `addr` (port 0: a free port, the same for both).
     pub async fn start(addr: SocketAddr, app: &str, table: DnsTable) -> anyhow::Result<DnsServer> {
+        DnsServer::start_with(addr, app, table, DnsOptions::default()).await
+    }
+
+    pub async fn start_with(
+        addr: SocketAddr,
+        app: &str,
+        table: DnsTable,
+        options: DnsOptions,
+    ) -> anyhow::Result<DnsServer> {
         let (udp, tcp) = bind_pair(addr).await?;
         let addr = udp.local_addr()?;
         let mut server = Server::new(Handler {
             app: app.to_ascii_lowercase(),
             table,
+            options,
         });
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 64);
@@ -99,6 +131,7 @@ async fn bind_pair(
 struct Handler {
     app: String,
     table: DnsTable,
+    options: DnsOptions,
 }
 
 #[async_trait::async_trait]
@@ -156,6 +189,9 @@ impl Handler {
         let fqdn = Name::from_ascii(format!("{text}.")).map_err(|_| ResponseCode::FormErr)?;
 
         if text.ends_with(".arpa") {
+            if !self.options.ptr {
+                return Err(ResponseCode::NXDomain);
+            }
             let ip = match name.parse_arpa_name() {
                 Ok(net) => net.addr(),
                 Err(_) => return Err(ResponseCode::NXDomain),
@@ -178,6 +214,9 @@ impl Handler {
         }
 
         if text == "_instances.internal" || text == "all._instances.internal" {
+            if !self.options.instances {
+                return Err(ResponseCode::NXDomain);
+            }
             let entries: Vec<String> = machines
                 .iter()
                 .map(|m| {
@@ -187,7 +226,7 @@ impl Handler {
                     )
                 })
                 .collect();
-            return Ok(txt_or_empty(fqdn, rtype, entries));
+            return Ok(txt_records(fqdn, rtype, entries));
         }
         let app_suffix = format!(".{}.internal", self.app);
         let Some(prefix) = text
@@ -211,6 +250,15 @@ impl Handler {
                 machines.iter().collect()
             } else if let Some(id) = prefix.strip_suffix(".vm") {
                 machines.iter().filter(|m| m.id == id).collect()
+            } else if let Some(group) = prefix.strip_suffix(".process") {
+                machines
+                    .iter()
+                    .filter(|m| {
+                        m.metadata
+                            .iter()
+                            .any(|(k, v)| k == "fly_process_group" && v.eq_ignore_ascii_case(group))
+                    })
+                    .collect()
             } else if let Some(kv) = prefix
                 .strip_suffix("._metadata")
                 .and_then(|p| p.strip_suffix(".kv"))
@@ -262,6 +310,15 @@ fn txt_or_empty(name: Name, rtype: RecordType, strings: Vec<String>) -> Vec<Reco
     vec![Record::from_rdata(name, TTL, RData::TXT(TXT::new(strings)))]
 }
 
+/// Whole entries, two per TXT record (each record a few character-strings
+/// of at most 255 bytes): a client must join every record of the answer.
+fn txt_records(name: Name, rtype: RecordType, entries: Vec<String>) -> Vec<Record> {
+    entries
+        .chunks(2)
+        .flat_map(|pair| txt_or_empty(name.clone(), rtype, vec![pair.concat()]))
+        .collect()
+}
+
 /// The "6PN" address of a machine listening on an IPv4 loopback address.
 pub fn mapped(ip: std::net::Ipv4Addr) -> Ipv6Addr {
     ip.to_ipv6_mapped()
@@ -277,6 +334,65 @@ mod tests {
             id: id.into(),
             ip: mapped(std::net::Ipv4Addr::new(127, 0, 0, last)),
             metadata: vec![("customer_id".into(), customer.into())],
+        }
+    }
+
+    /// A machine of process group `customer<c>` without `customer_id`
+    /// metadata, as `fly deploy` / `fly scale count` make them.
+    fn grouped(id: &str, last: u8, customer: &str) -> DnsMachine {
+        DnsMachine {
+            id: id.into(),
+            ip: mapped(std::net::Ipv4Addr::new(127, 0, 0, last)),
+            metadata: vec![("fly_process_group".into(), format!("customer{customer}"))],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tenants_machines_are_found_through_documented_names_only() {
+        let table: DnsTable = Arc::new(RwLock::new(vec![
+            grouped("aaaaaaaaaaaaa1", 2, "100"),
+            grouped("bbbbbbbbbbbbb2", 3, "100"),
+            grouped("ccccccccccccc3", 4, "200"),
+            machine("ddddddddddddd4", 5, "100"),
+            grouped("eeeeeeeeeeeee5", 6, "300"),
+            grouped("fffffffffffff6", 7, "300"),
+        ]));
+        for options in [
+            // _instances.internal (over several TXT records), no PTR.
+            DnsOptions {
+                ptr: false,
+                instances: true,
+            },
+            // vms.<app>.internal and <id>.vm.<app>.internal only.
+            DnsOptions {
+                ptr: false,
+                instances: false,
+            },
+        ] {
+            let server = DnsServer::start_with(
+                "127.0.0.1:0".parse().unwrap(),
+                "app",
+                table.clone(),
+                options,
+            )
+            .await
+            .unwrap();
+            let dns = FlyDns::new("app", Some(server.addr()));
+            assert_eq!(
+                dns.machines_of_customer("100").await.unwrap(),
+                vec!["aaaaaaaaaaaaa1", "bbbbbbbbbbbbb2", "ddddddddddddd4"],
+                "{options:?}"
+            );
+            assert_eq!(
+                dns.machines_of_customer("300").await.unwrap(),
+                vec!["eeeeeeeeeeeee5", "fffffffffffff6"],
+                "{options:?}"
+            );
+            assert!(dns.machines_of_customer("999").await.unwrap().is_empty());
+            if options.instances {
+                assert_eq!(dns.instances().await.unwrap().len(), 6, "records joined");
+            }
+            server.stop().await;
         }
     }
 

@@ -14,6 +14,12 @@
 //!   a machine that is restarting waits for it up to `replay_timeout`, then
 //!   the client gets 502/503 with a clear body.
 //!
+//! A replay with `fallback=prefer_self` (or `force_self`) whose target
+//! cannot be reached (destroyed, or not started within the replay's
+//! `timeout=`) goes back to the machine that sent it, with a
+//! `fly-replay-failed: instance=..;app=..;region=..;replay_source=..;reason=..;elapsed_ms=..`
+//! header; such a fallback request may not replay again (502).
+//!
 //! A client may name the first machine with Fly's `fly-force-instance-id`
 //! or `fly-prefer-instance-id` request headers.
 //!
@@ -71,6 +77,11 @@ pub struct Replay {
     pub app: Option<String>,
     pub elsewhere: bool,
     pub state: Option<String>,
+    /// How long to try the target (`timeout=10s`, `800ms`).
+    pub timeout: Option<Duration>,
+    /// `fallback=prefer_self|force_self`: when the target cannot be reached,
+    /// the request goes back to the sender with `fly-replay-failed`.
+    pub fallback: Option<String>,
 }
 
 /// Parses a `fly-replay` value: `key=value` fields separated by `;` (or `,`,
@@ -88,6 +99,8 @@ pub fn parse_fly_replay(value: &str) -> Replay {
             "app" => replay.app = Some(v),
             "elsewhere" => replay.elsewhere = v == "true",
             "state" => replay.state = Some(v),
+            "timeout" => replay.timeout = humantime::parse_duration(&v).ok(),
+            "fallback" => replay.fallback = Some(v),
             _ => {}
         }
     }
@@ -162,6 +175,7 @@ impl Edge {
         }
         // Fly Proxy sets these; a client cannot forge the replay source.
         headers.remove("fly-replay-src");
+        headers.remove("fly-replay-failed");
         let client_ip = client.ip().to_canonical().to_string();
         headers.insert("fly-client-ip", hv(&client_ip));
         headers.insert("x-forwarded-for", hv(&client_ip));
@@ -186,16 +200,42 @@ impl Edge {
                 });
         let mut replay_src: Option<String> = None;
         let mut connect_failures = 0usize;
+        // How long to wait for the current replay target to be reachable.
+        let mut target_wait = self.replay_timeout;
+        // Set while following a replay that asked for a fallback: the
+        // sender, and when the replay began.
+        let mut fallback: Option<(String, std::time::Instant)> = None;
+        // The request in flight is a fallback request: it may not replay.
+        let mut fallback_sent = false;
         loop {
             let (id, addr) = match &target {
                 None => match self.sup.pick(&exclude, self.replay_timeout).await {
                     Ok(m) => m,
                     Err(e) => return self.error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
                 },
-                Some((id, preferred)) => match self.sup.reachable(id, self.replay_timeout).await {
+                Some((id, preferred)) => match self.sup.reachable(id, target_wait).await {
                     Ok(addr) => (id.clone(), addr),
                     Err(_) if *preferred => {
                         target = None;
+                        continue;
+                    }
+                    // No connection was made: back to the sender.
+                    Err(e) if fallback.is_some() => {
+                        let (sender, began) = fallback.take().expect("checked");
+                        let reason = match e {
+                            MachineError::NotFound(_) => "no_candidate",
+                            _ => "timeout",
+                        };
+                        let failed = format!(
+                            "instance={id};app={};region={REGION};replay_source={sender};reason={reason};elapsed_ms={}",
+                            self.app,
+                            began.elapsed().as_millis()
+                        );
+                        headers.insert("fly-replay-failed", hv(&failed));
+                        replay_src = None;
+                        fallback_sent = true;
+                        target_wait = self.replay_timeout;
+                        target = Some((sender, false));
                         continue;
                     }
                     Err(e @ MachineError::NotFound(_)) => {
@@ -276,6 +316,15 @@ impl Edge {
                 return respond(status, resp_headers, body, &id, chain.len() - 1);
             };
             drop(guard);
+            if fallback_sent {
+                return self.error(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "machine {id} answered a fallback request (fly-replay-failed) with another fly-replay, which Fly Proxy does not follow (chain: {})",
+                        chain.join(" -> ")
+                    ),
+                );
+            }
             self.counters.replays.fetch_add(1, Ordering::Relaxed);
             if chain.len() > self.max_hops {
                 return self.error(
@@ -311,6 +360,12 @@ impl Edge {
             if replay.elsewhere {
                 exclude.push(id.clone());
             }
+            target_wait = replay.timeout.unwrap_or(self.replay_timeout);
+            fallback = replay
+                .fallback
+                .as_deref()
+                .filter(|f| matches!(*f, "prefer_self" | "force_self"))
+                .map(|_| (id.clone(), std::time::Instant::now()));
             target = match (replay.instance, replay.prefer_instance) {
                 (Some(instance), _) => Some((instance, false)),
                 (None, Some(preferred)) => Some((preferred, true)),

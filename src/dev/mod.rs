@@ -15,6 +15,7 @@ pub mod admin;
 pub mod dns;
 pub mod edge;
 pub mod logs;
+pub mod machines_api;
 pub mod supervisor;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -125,6 +126,8 @@ pub struct ClusterShared {
     pub edge_addr: SocketAddr,
     pub dns_addr: SocketAddr,
     pub admin_token: String,
+    /// Machine names given through the Machines API (id → name).
+    pub names: std::sync::Mutex<std::collections::HashMap<String, String>>,
     http: reqwest::Client,
 }
 
@@ -217,12 +220,28 @@ impl Cluster {
         cfg.extra_env
             .push(("TENANTD_API_TOKEN".into(), api_token.clone()));
         cfg.api_token = Some(api_token);
+        let admin_token = uuid::Uuid::new_v4().simple().to_string();
+        // Bound before the machines exist, so that they can be told where
+        // the Machines API is (FLY_API_URL, FLY_API_TOKEN): they look up
+        // stopped machines of a tenant there.
+        let admin_listener = match cfg.admin_addr {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("admin API: bind {addr}"))?;
+                let url = format!("http://{}", listener.local_addr()?);
+                cfg.extra_env.push(("FLY_API_URL".into(), url));
+                cfg.extra_env
+                    .push(("FLY_API_TOKEN".into(), admin_token.clone()));
+                Some(listener)
+            }
+            None => None,
+        };
         let cfg = Arc::new(cfg);
         let logs = logs::Logs::new(cfg.log_sink);
         let table = Arc::new(RwLock::new(Vec::new()));
         let dns = dns::DnsServer::start(cfg.dns_addr, &cfg.app_name, table.clone()).await?;
         let dns_addr = dns.addr();
-        let admin_token = uuid::Uuid::new_v4().simple().to_string();
         let sup =
             supervisor::Supervisor::new(cfg.clone(), dns_addr, table, logs, admin_token.clone());
         let edge = edge::Edge::new(sup.clone(), &cfg);
@@ -249,19 +268,18 @@ impl Cluster {
             edge_addr,
             dns_addr,
             admin_token,
+            names: Default::default(),
             http: reqwest::Client::builder()
                 .no_proxy()
                 .timeout(Duration::from_millis(800))
                 .build()?,
         });
 
-        let admin_addr = match cfg.admin_addr {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("admin API: bind {addr}"))?;
+        let admin_addr = match admin_listener {
+            Some(listener) => {
                 let addr = listener.local_addr()?;
-                let router = admin::router(shared.clone());
+                let router =
+                    admin::router(shared.clone()).merge(machines_api::router(shared.clone()));
                 let token = cancel.clone();
                 tokio::spawn(async move {
                     let _ = axum::serve(listener, router)
@@ -694,10 +712,15 @@ fn banner(cluster: &Cluster) -> String {
     out.push_str(&format!("  tenantd dev scale {example} 3{admin_flag}\n"));
     out.push_str(&format!("  tenantd dev kill <machine id>{admin_flag}\n"));
     out.push_str(&format!(
-        "  dig @{} -p {} AAAA {example}.customer_id.kv._metadata.{}.internal\n",
+        "  dig @{} -p {} AAAA customer{example}.process.{}.internal\n",
         cluster.dns_addr().ip(),
         cluster.dns_addr().port(),
         cfg.app_name
+    ));
+    out.push_str(&format!(
+        "  FLY_API_URL={admin} FLY_APP_NAME={} FLY_API_TOKEN={} tenantd fly ls\n",
+        cfg.app_name,
+        cluster.admin_token()
     ));
     out.push_str("Ctrl-C stops every machine (they release their locks).\n\n");
     out

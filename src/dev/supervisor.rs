@@ -580,7 +580,8 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Auto-stop: SIGTERM machines without requests for `idle`.
+    /// Auto-stop: every round, SIGTERM the one machine idle longest (no
+    /// requests for at least `idle`), whatever its group, like Fly Proxy.
     pub fn spawn_auto_stop(self: &Arc<Self>, idle: Duration) {
         let sup = self.clone();
         let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
@@ -591,7 +592,9 @@ impl Supervisor {
                     _ = sup.shutdown.cancelled() => return,
                     _ = interval.tick() => {}
                 }
-                let idle_ids: Vec<String> = sup
+                // Like Fly Proxy: at most one machine per round (the one
+                // idle longest), whatever its process group or tenant.
+                let idle_id: Option<String> = sup
                     .inner
                     .lock()
                     .unwrap()
@@ -602,9 +605,9 @@ impl Supervisor {
                             && m.in_flight == 0
                             && m.last_active.elapsed() >= idle
                     })
-                    .map(|m| m.id.clone())
-                    .collect();
-                for id in idle_ids {
+                    .min_by_key(|m| m.last_active)
+                    .map(|m| m.id.clone());
+                if let Some(id) = idle_id {
                     sup.logs.event(format!(
                         "auto-stopping machine {id}: no requests for {}",
                         humantime::format_duration(idle)
@@ -786,7 +789,7 @@ impl Supervisor {
             .env("FLY_APP_NAME", &cfg.app_name)
             .env("FLY_PRIVATE_IP", mapped(m.ip).to_string())
             .env("FLY_REGION", super::dns::REGION)
-            .env("FLY_PROCESS_GROUP", "app")
+            .env("FLY_PROCESS_GROUP", process_group(m.customer.as_deref()))
             .env("TENANTD_LISTEN", &listen)
             // Explicit, so that the lock names an address any client here
             // can connect to, whatever the platform's IPv6 settings.
@@ -803,6 +806,13 @@ impl Supervisor {
             Some(c) => cmd.env("CUSTOMER_ID", c),
             None => cmd.env_remove("CUSTOMER_ID"),
         };
+        // As fly.toml pairs them: the drain ends a second before the kill.
+        if cfg.kill_timeout >= Duration::from_secs(4) {
+            cmd.env(
+                "TENANTD_DRAIN_TIMEOUT",
+                humantime::format_duration(cfg.kill_timeout - Duration::from_secs(1)).to_string(),
+            );
+        }
         if !cfg.color_logs {
             // Escape codes would only clutter the multiplexed, prefixed log.
             cmd.env("NO_COLOR", "1");
@@ -956,7 +966,10 @@ impl Supervisor {
                 .values()
                 .filter(|m| matches!(m.state, MachineState::Started | MachineState::Paused))
                 .map(|m| {
-                    let mut metadata = vec![("fly_process_group".to_string(), "app".to_string())];
+                    let mut metadata = vec![(
+                        "fly_process_group".to_string(),
+                        process_group(m.customer.as_deref()),
+                    )];
                     if let Some(c) = &m.customer {
                         metadata.push(("customer_id".to_string(), c.clone()));
                     }
@@ -970,6 +983,15 @@ impl Supervisor {
         };
         *self.table.write().unwrap() = table;
         self.changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// The process group of a machine, as fly.toml names them: `customer<ID>`
+/// for a tenant's machines, `app` (flyctl's default) for pool machines.
+pub fn process_group(customer: Option<&str>) -> String {
+    match customer {
+        Some(c) => format!("customer{c}"),
+        None => "app".to_string(),
     }
 }
 

@@ -1,7 +1,9 @@
 //! A small client for the Fly Machines API (https://api.machines.dev).
-//! Fields relied on: a machine's `id`, `state`, `region`, `created_at` and
-//! `config` (of which `config.metadata.customer_id`, `config.env`,
-//! `config.init.cmd`; the rest is copied as is when cloning).
+//! Fields relied on: a machine's `id`, `name`, `state`, `region`,
+//! `instance_id`, `created_at` and `config` (of which `config.metadata`,
+//! `config.env`, `config.init.cmd`; the rest is copied as is when cloning).
+//! Endpoints: list, create (with a `name`, unique within the app), stop,
+//! wait (`state=stopped` with the `instance_id`), delete.
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -11,7 +13,11 @@ use serde_json::Value;
 pub struct Machine {
     pub id: String,
     #[serde(default)]
+    pub name: String,
+    #[serde(default)]
     pub state: String,
+    #[serde(default)]
+    pub instance_id: String,
     #[serde(default)]
     pub region: String,
     #[serde(default)]
@@ -22,8 +28,17 @@ pub struct Machine {
 
 impl Machine {
     pub fn customer_id(&self) -> Option<&str> {
+        self.metadata("customer_id")
+    }
+
+    pub fn process_group(&self) -> Option<&str> {
+        self.metadata("fly_process_group")
+    }
+
+    fn metadata(&self, key: &str) -> Option<&str> {
         self.config
-            .pointer("/metadata/customer_id")
+            .get("metadata")
+            .and_then(|m| m.get(key))
             .and_then(Value::as_str)
     }
 }
@@ -32,18 +47,53 @@ pub struct Api {
     http: reqwest::Client,
     base: String,
     app: String,
-    token: String,
+    /// The whole `Authorization` header value.
+    authorization: String,
+}
+
+/// The `Authorization` header for a token as `fly tokens create` prints it
+/// (`FlyV1 fm2_...`, macaroons, sent with the `FlyV1` scheme) or without
+/// that prefix, or an older plain token (sent as `Bearer`).
+pub fn authorization(token: &str) -> String {
+    let token = token.trim();
+    let bare = token
+        .strip_prefix("FlyV1 ")
+        .or_else(|| token.strip_prefix("Bearer "))
+        .unwrap_or(token)
+        .trim();
+    if token.starts_with("FlyV1 ") || bare.starts_with("fm1") || bare.starts_with("fm2") {
+        format!("FlyV1 {bare}")
+    } else {
+        format!("Bearer {bare}")
+    }
+}
+
+/// What a create call ended with.
+pub enum Created {
+    New(Machine),
+    /// A machine of that name exists already (a concurrent run made it).
+    Exists(Machine),
 }
 
 impl Api {
     pub fn new(base: &str, app: &str, token: &str) -> anyhow::Result<Api> {
+        Api::with_timeout(base, app, token, std::time::Duration::from_secs(60))
+    }
+
+    pub fn with_timeout(
+        base: &str,
+        app: &str,
+        token: &str,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Api> {
         Ok(Api {
             http: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(60))
+                .no_proxy()
+                .timeout(timeout)
                 .build()?,
             base: base.trim_end_matches('/').to_string(),
             app: app.to_string(),
-            token: token.to_string(),
+            authorization: authorization(token),
         })
     }
 
@@ -53,7 +103,7 @@ impl Api {
 
     async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Value> {
         let response = request
-            .bearer_auth(&self.token)
+            .header(reqwest::header::AUTHORIZATION, &self.authorization)
             .send()
             .await
             .with_context(|| {
@@ -84,30 +134,77 @@ impl Api {
         serde_json::from_value(value).context("unexpected answer to list machines")
     }
 
-    pub async fn create(&self, region: Option<&str>, config: Value) -> anyhow::Result<Machine> {
-        let mut body = serde_json::json!({ "config": config });
+    /// Creates a machine named `name`; when the API refuses because the
+    /// name is taken (names are unique within an app), the machine of that
+    /// name is returned instead, so that concurrent runs converge.
+    pub async fn create(
+        &self,
+        name: &str,
+        region: Option<&str>,
+        config: Value,
+    ) -> anyhow::Result<Created> {
+        let mut body = serde_json::json!({ "name": name, "config": config });
         if let Some(region) = region {
             body["region"] = Value::String(region.to_string());
         }
-        let value = self
+        match self
             .send(self.http.post(self.url("")).json(&body), "create machine")
-            .await?;
-        serde_json::from_value(value).context("unexpected answer to create machine")
+            .await
+        {
+            Ok(value) => Ok(Created::New(
+                serde_json::from_value(value).context("unexpected answer to create machine")?,
+            )),
+            Err(e) => match self.list().await?.into_iter().find(|m| m.name == name) {
+                Some(existing) => Ok(Created::Exists(existing)),
+                None => Err(e),
+            },
+        }
     }
 
-    pub async fn destroy(&self, id: &str) -> anyhow::Result<()> {
-        // Stop first so that the machine gets its kill signal and releases
-        // its lease; a forced destroy of a running machine would not.
+    /// Stops the machine unless it is stopped already, waits until it is
+    /// `stopped` (its kill signal made it release its leases), then deletes
+    /// it without force.
+    pub async fn destroy(&self, machine: &Machine) -> anyhow::Result<()> {
+        let id = &machine.id;
+        if machine.state != "stopped" {
+            self.send(
+                self.http.post(self.url(&format!("/{id}/stop"))),
+                "stop machine",
+            )
+            .await?;
+        }
+        self.wait_stopped(machine).await?;
         self.send(
-            self.http.post(self.url(&format!("/{id}/stop"))),
-            "stop machine",
-        )
-        .await?;
-        self.send(
-            self.http.delete(self.url(&format!("/{id}?force=true"))),
+            self.http.delete(self.url(&format!("/{id}"))),
             "destroy machine",
         )
         .await?;
         Ok(())
+    }
+
+    /// `GET .../wait?state=stopped&instance_id=..&timeout=50`, a few times
+    /// (the API answers 408 when its timeout passes first).
+    async fn wait_stopped(&self, machine: &Machine) -> anyhow::Result<()> {
+        let mut url = self.url(&format!("/{}/wait?state=stopped&timeout=50", machine.id));
+        if !machine.instance_id.is_empty()
+            && machine
+                .instance_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric())
+        {
+            url.push_str(&format!("&instance_id={}", machine.instance_id));
+        }
+        for _ in 0..5 {
+            let request = self.http.get(&url);
+            match self.send(request, "wait for machine to stop").await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.to_string().contains("408") => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        bail!(
+            "machine {} did not reach `stopped` within 5 minutes: not destroying it",
+            machine.id
+        )
     }
 }

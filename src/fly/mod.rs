@@ -1,16 +1,32 @@
-//! `tenantd fly`: provision and scale tenants' machines through the Fly
-//! Machines API, as the original article suggests: each tenant's machines
-//! carry metadata `customer_id=<id>` (for DNS routing) and env
-//! `CUSTOMER_ID=<id>` (for `tenantd serve`).
+//! `tenantd fly`: provision, scale and destroy tenants' machines through the
+//! Fly Machines API.
+//!
+//! Machines are created only in a process group that fly.toml declares
+//! (`customer<ID> = "serve --customer-id <ID>"`, served by `http_service`):
+//! `fly deploy` destroys the machines of every group fly.toml does not list
+//! and replaces their env, so a machine outside fly.toml's groups would not
+//! survive the next deploy. Provision refuses until fly.toml has the group,
+//! printing the lines to add. New machines run the group's command from
+//! fly.toml and carry metadata `fly_process_group=customer<ID>` and
+//! `customer_id=<ID>`, under the deterministic names `customer<ID>-<n>`, so
+//! that two concurrent runs create each machine once.
+//!
+//! Destroying stops a machine (skipped when it is stopped already), waits
+//! for `stopped` (its kill signal made it release its leases), then deletes
+//! it without force.
 
 mod api;
+
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::TenantId;
-use api::{Api, Machine};
+use api::{Api, Created, Machine};
+
+pub use api::authorization;
 
 #[derive(Args, Clone, Debug)]
 pub struct FlyArgs {
@@ -27,9 +43,12 @@ pub struct FlyArgs {
         global = true
     )]
     api_url: String,
-    /// API token (`fly tokens create deploy`).
+    /// API token (`fly tokens create deploy`), with or without its `FlyV1 ` prefix.
     #[arg(long, env = "FLY_API_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// The app's fly.toml: machines are created only in its process groups.
+    #[arg(long, default_value = "fly.toml", global = true)]
+    config: PathBuf,
 }
 
 #[derive(Subcommand, Clone, Debug)]
@@ -57,6 +76,14 @@ enum FlyCommand {
         #[arg(long)]
         region: Option<String>,
     },
+    /// Destroy every machine of a tenant, or one machine: each is stopped,
+    /// waited for until `stopped`, then deleted.
+    Destroy {
+        #[arg(long, required_unless_present = "machine", conflicts_with = "machine")]
+        customer: Option<String>,
+        #[arg(long)]
+        machine: Option<String>,
+    },
     /// List the app's machines with their tenant.
     Ls {
         #[arg(long)]
@@ -82,12 +109,14 @@ pub async fn run(args: FlyArgs) -> anyhow::Result<()> {
             region,
         } => {
             let customer = TenantId::parse(&customer)?;
+            let cmd = group_command(&args.config, &app, &customer)?;
             let machines = api.list().await?;
             let have = of_customer(&machines, &customer).len();
             let created = create(
                 &api,
                 &machines,
                 &customer,
+                &cmd,
                 count.saturating_sub(have),
                 image,
                 region,
@@ -95,7 +124,7 @@ pub async fn run(args: FlyArgs) -> anyhow::Result<()> {
             .await?;
             println!(
                 "customer {customer}: {} machine(s), {created} created",
-                have + created
+                have.max(count)
             );
             Ok(())
         }
@@ -109,10 +138,12 @@ pub async fn run(args: FlyArgs) -> anyhow::Result<()> {
             let machines = api.list().await?;
             let mut mine = of_customer(&machines, &customer);
             if mine.len() < count {
+                let cmd = group_command(&args.config, &app, &customer)?;
                 let created = create(
                     &api,
                     &machines,
                     &customer,
+                    &cmd,
                     count - mine.len(),
                     image,
                     region,
@@ -131,26 +162,129 @@ pub async fn run(args: FlyArgs) -> anyhow::Result<()> {
             });
             let excess = mine.len() - count;
             for machine in mine.iter().take(excess) {
-                api.destroy(&machine.id).await?;
+                api.destroy(machine).await?;
                 println!("destroyed {} ({})", machine.id, machine.state);
             }
             println!("customer {customer}: {count} machine(s), {excess} destroyed");
             Ok(())
         }
+        FlyCommand::Destroy { customer, machine } => {
+            let machines = api.list().await?;
+            let targets: Vec<&Machine> = match (&customer, &machine) {
+                (Some(customer), _) => {
+                    let customer = TenantId::parse(customer)?;
+                    of_customer(&machines, &customer)
+                }
+                (None, Some(id)) => machines.iter().filter(|m| &m.id == id).collect(),
+                (None, None) => bail!("pass --customer or --machine"),
+            };
+            if targets.is_empty() {
+                println!("nothing to destroy");
+            }
+            for machine in targets {
+                api.destroy(machine).await?;
+                println!("destroyed {} ({})", machine.id, machine.state);
+            }
+            Ok(())
+        }
     }
 }
 
+/// The process group of a tenant's machines.
+fn group_of(customer: &TenantId) -> String {
+    format!("customer{customer}")
+}
+
+/// The command of `customer<ID>` in fly.toml's `[processes]`, as words; an
+/// error that prints the lines to add when fly.toml lacks the group (or
+/// does not give it the HTTP service).
+fn group_command(config: &Path, app: &str, customer: &TenantId) -> anyhow::Result<Vec<String>> {
+    let group = group_of(customer);
+    let text = std::fs::read_to_string(config).with_context(|| {
+        format!(
+            "cannot read {}: run in the app's folder or pass --config (machines are created only in a process group of fly.toml, since `fly deploy` destroys the others)",
+            config.display()
+        )
+    })?;
+    let toml: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", config.display()))?;
+    if let Some(name) = toml.get("app").and_then(|a| a.as_str())
+        && name != app
+    {
+        bail!(
+            "{} is for app {name:?}, not {app:?}: pass the app's own fly.toml with --config",
+            config.display()
+        );
+    }
+    let line = format!("{group} = \"serve --customer-id {customer}\"");
+    let command = toml
+        .get("processes")
+        .and_then(|p| p.get(&group))
+        .and_then(|c| c.as_str());
+    let Some(command) = command else {
+        bail!(
+            "{} has no process group {group}: the next `fly deploy` would destroy machines created for customer {customer}. Add under [processes]:\n  {line}\nand \"{group}\" to http_service.processes, then run `fly deploy` (it creates the group's first machines) and provision again",
+            config.display()
+        );
+    };
+    let words: Vec<String> = command.split_whitespace().map(str::to_string).collect();
+    let names_customer = words
+        .windows(2)
+        .any(|w| w[0] == "--customer-id" && w[1] == customer.as_str())
+        || words
+            .iter()
+            .any(|w| *w == format!("--customer-id={customer}"));
+    if words.first().map(String::as_str) != Some("serve") || !names_customer {
+        bail!(
+            "process group {group} in {} runs {command:?}, not `serve --customer-id {customer}`: make it\n  {line}",
+            config.display()
+        );
+    }
+    let served = toml
+        .get("http_service")
+        .and_then(|s| s.get("processes"))
+        .and_then(|p| p.as_array())
+        .is_none_or(|p| p.iter().any(|g| g.as_str() == Some(group.as_str())));
+    if !served {
+        bail!(
+            "process group {group} gets no HTTP service in {}: add \"{group}\" to http_service.processes and run `fly deploy`",
+            config.display()
+        );
+    }
+    Ok(words)
+}
+
 fn of_customer<'a>(machines: &'a [Machine], customer: &TenantId) -> Vec<&'a Machine> {
+    let group = group_of(customer);
     machines
         .iter()
-        .filter(|m| m.customer_id() == Some(customer.as_str()) && m.state != "destroyed")
+        .filter(|m| {
+            m.process_group() == Some(group.as_str()) || m.customer_id() == Some(customer.as_str())
+        })
+        .filter(|m| !matches!(m.state.as_str(), "destroyed" | "destroying"))
         .collect()
+}
+
+/// `customer<ID>-<n>`, as a machine name allows (lower case, digits, dashes).
+fn machine_name(customer: &TenantId, n: usize) -> String {
+    let id: String = customer
+        .as_str()
+        .chars()
+        .map(|c| match c {
+            'A'..='Z' => c.to_ascii_lowercase(),
+            'a'..='z' | '0'..='9' | '-' => c,
+            _ => '-',
+        })
+        .collect();
+    format!("customer{id}-{n}")
 }
 
 async fn create(
     api: &Api,
     machines: &[Machine],
     customer: &TenantId,
+    cmd: &[String],
     count: usize,
     image: Option<String>,
     region: Option<String>,
@@ -159,7 +293,7 @@ async fn create(
         return Ok(0);
     }
     // Clone a machine of the same tenant if there is one (same image,
-    // services, size), else any machine of the app.
+    // services, size, release metadata), else any machine of the app.
     let template = of_customer(machines, customer)
         .first()
         .copied()
@@ -183,15 +317,105 @@ async fn create(
         config["metadata"] = json!({});
     }
     config["metadata"]["customer_id"] = Value::String(customer.to_string());
-    config["metadata"]["fly_process_group"] = Value::String(format!("customer{customer}"));
-    // A cloned process command may name another customer; CUSTOMER_ID decides.
-    config["init"]["cmd"] = json!(["serve"]);
+    config["metadata"]["fly_process_group"] = Value::String(group_of(customer));
+    // fly.toml's command for the group: what `fly deploy` will set too (a
+    // cloned command may name another customer).
+    config["init"]["cmd"] = json!(cmd);
     let region = region.or_else(|| template.map(|t| t.region.clone()).filter(|r| !r.is_empty()));
-    for _ in 0..count {
-        let machine = api.create(region.as_deref(), config.clone()).await?;
-        println!("created {} for customer {customer}", machine.id);
+    let taken: Vec<&str> = machines.iter().map(|m| m.name.as_str()).collect();
+    let mut created = 0;
+    let mut n = 0;
+    while created < count {
+        n += 1;
+        let name = machine_name(customer, n);
+        if taken.contains(&name.as_str()) {
+            continue;
+        }
+        match api.create(&name, region.as_deref(), config.clone()).await? {
+            Created::New(machine) => {
+                println!("created {} ({name}) for customer {customer}", machine.id)
+            }
+            Created::Exists(machine) => {
+                if machine.process_group() != Some(group_of(customer).as_str()) {
+                    bail!(
+                        "machine name {name} is taken by {} of another group: rename or destroy it",
+                        machine.id
+                    );
+                }
+                println!("{} ({name}) was created by a concurrent run", machine.id)
+            }
+        }
+        created += 1;
     }
-    Ok(count)
+    Ok(created)
+}
+
+/// Where `tenantd serve` finds the machines of a tenant it does not serve:
+/// the started ones through Fly's internal DNS and, when DNS lists none
+/// (all stopped, or the holder gone for good while its standbys were
+/// autostopped), every machine of the tenant's group that the Machines API
+/// knows, stopped ones first: Fly Proxy starts a stopped machine that a
+/// replay names. The API is used only with a token (`FLY_API_TOKEN`, a
+/// read-only one is enough: `fly tokens create readonly`).
+pub struct TenantFinder {
+    dns: crate::fly_dns::FlyDns,
+    api: Option<Api>,
+    cache: std::sync::Mutex<Option<(std::time::Instant, Vec<Machine>)>>,
+}
+
+/// The Machines API from inside a Fly machine.
+pub const INTERNAL_API_URL: &str = "http://_api.internal:4280";
+
+impl TenantFinder {
+    pub fn new(dns: crate::fly_dns::FlyDns, api: Option<(String, String)>) -> TenantFinder {
+        let api = api.and_then(|(url, token)| {
+            Api::with_timeout(&url, dns.app(), &token, std::time::Duration::from_secs(5))
+                .map_err(|e| tracing::warn!("Machines API client: {e:#}"))
+                .ok()
+        });
+        TenantFinder {
+            dns,
+            api,
+            cache: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The app's machines, listed at most every 2 s.
+    async fn machines(&self, api: &Api) -> anyhow::Result<Vec<Machine>> {
+        if let Some((at, machines)) = &*self.cache.lock().unwrap()
+            && at.elapsed() < std::time::Duration::from_secs(2)
+        {
+            return Ok(machines.clone());
+        }
+        let machines = api.list().await?;
+        *self.cache.lock().unwrap() = Some((std::time::Instant::now(), machines.clone()));
+        Ok(machines)
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::http::MachineFinder for TenantFinder {
+    async fn machines_of(&self, id: &TenantId) -> anyhow::Result<Vec<String>> {
+        let started = self.dns.machines_of_customer(id.as_str()).await;
+        match (&started, &self.api) {
+            (Ok(ids), _) if !ids.is_empty() => return started,
+            (_, None) => return started,
+            (Err(e), Some(_)) => {
+                tracing::warn!(customer_id = %id, error = %e, "DNS lookup failed; asking the Machines API")
+            }
+            _ => {}
+        }
+        let api = self.api.as_ref().expect("checked above");
+        let machines = self.machines(api).await?;
+        let mut mine: Vec<&Machine> = of_customer(&machines, id)
+            .into_iter()
+            .filter(|m| !matches!(m.state.as_str(), "destroying" | "destroyed" | "replacing"))
+            .collect();
+        // DNS lists no started machine: one the API still calls started is
+        // likely on a dead host; a stopped one is started by the replay.
+        mine.sort_by_key(|m| (m.state != "stopped" && m.state != "suspended", m.id.clone()));
+        Ok(mine.into_iter().map(|m| m.id.clone()).collect())
+    }
 }
 
 async fn ls(api: &Api, as_json: bool) -> anyhow::Result<()> {

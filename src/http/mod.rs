@@ -426,6 +426,22 @@ async fn handoff(
         return (error(StatusCode::SERVICE_UNAVAILABLE, &message), "loop");
     }
     match state.replay_mode {
+        // A replay that came back (Fly Proxy could not reach its target):
+        // a fallback request may not replay again.
+        ReplayMode::Fly if request.headers.contains_key(replay::FLY_REPLAY_FAILED) => {
+            let failed = request
+                .headers
+                .get(replay::FLY_REPLAY_FAILED)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let message =
+                format!("the tenant's machine could not be reached ({failed}); retry shortly");
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, &message);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            (response, "replay_failed")
+        }
         ReplayMode::Fly => {
             let value = replay::replay_header(&target, hops);
             let mut response = (

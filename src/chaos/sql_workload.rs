@@ -289,7 +289,7 @@ impl SqlWorkload {
                         n += 1;
                         let customer = customers[rng.random_range(0..customers.len())].clone();
                         let start_ms = t0.elapsed().as_millis() as u64;
-                        if n % 8 == 0 {
+                        if n.is_multiple_of(8) {
                             let seen = read_sum(&http, &customer).await;
                             reads.lock().unwrap().push(ReadOp {
                                 customer,

@@ -43,7 +43,7 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
         output.status.success(),
         "bench failed (its output is above)"
     );
-    assert!(stderr.contains("[6/6]"), "no progress lines:\n{stderr}");
+    assert!(stderr.contains("[7/7]"), "no progress lines:\n{stderr}");
 
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -58,10 +58,15 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
         "failover_ms_p50",
         "failover_ms_max",
         "handoff_gap_ms",
+        "sql_durable_rps",
+        "sql_p50_ms",
     ] {
         assert!(report[key].is_number(), "{key} missing: {report:#}");
     }
     assert!(report["durable_rps"].as_f64().unwrap() > 0.0);
+    assert!(report["sql_durable_rps"].as_f64().unwrap() > 0.0);
+    assert!(report["sql_p50_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["sql_clients"], 8, "SQL at the headline level");
     assert!(report["cold_start_ms"]["1mb"].as_f64().unwrap() > 0.0);
     assert!(report["rss_mb"]["idle"].as_f64().unwrap() > 0.0);
     assert_eq!(report["headline_clients"], 8, "headline from the top level");
@@ -73,6 +78,16 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
     let acked = report["durable"]["acked_total"].as_u64().unwrap();
     let last = report["durable"]["final_count"].as_u64().unwrap();
     assert!(acked > 0 && last >= acked, "acked {acked}, final {last}");
+    let sql = &report["sql"];
+    let (acked, stored) = (
+        sql["acked_total"].as_u64().unwrap(),
+        sql["transfers_stored"].as_u64().unwrap(),
+    );
+    assert!(
+        acked > 0 && stored >= acked,
+        "SQL: acked {acked}, stored {stored}"
+    );
+    assert_eq!(sql["sum_conserved"], true);
     assert_eq!(report["idle_store_requests_after_release"], 0);
     let object = report["cold_start"][0]["object_bytes"].as_u64().unwrap();
     assert!(object >= 1_000_000, "the 1 MB database is {object} bytes");

@@ -1,11 +1,51 @@
 //! A closed-loop load generator: `clients` tasks, each sending increments
-//! one after the other for a fixed time, following `fly-replay` to the named
-//! machine like Fly Proxy.
+//! (or SQL transfers) one after the other for a fixed time, following
+//! `fly-replay` to the named machine like Fly Proxy.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::machines::API_TOKEN;
+
+/// What each client sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// `POST /customers/<id>/increment`.
+    Increment,
+    /// `POST /customers/<id>/sql`: a transfer of three statements (debit,
+    /// credit, a row in `bench_transfers`) in one transaction, on the
+    /// tables [`SQL_SETUP`] creates.
+    SqlTransfer,
+}
+
+/// Accounts the SQL transfers move money between.
+pub const SQL_ACCOUNTS: i64 = 64;
+/// What every account starts with.
+pub const SQL_INITIAL_BALANCE: i64 = 1_000_000;
+
+/// The SQL tables of [`Work::SqlTransfer`], created in one request.
+pub fn sql_setup() -> Value {
+    json!({"statements": [
+        {"sql": "CREATE TABLE bench_accounts (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL)"},
+        {"sql": "CREATE TABLE bench_transfers (id TEXT PRIMARY KEY, src INTEGER NOT NULL, dst INTEGER NOT NULL, amount INTEGER NOT NULL)"},
+        {"sql": "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?) INSERT INTO bench_accounts (id, balance) SELECT i, ? FROM n",
+         "params": [SQL_ACCOUNTS, SQL_INITIAL_BALANCE]},
+    ]})
+}
+
+/// One transfer of `amount` from account `from` to the next one.
+pub fn sql_transfer(id: &str, from: i64, amount: i64) -> Value {
+    let to = (from + 1) % SQL_ACCOUNTS;
+    json!({"statements": [
+        {"sql": "UPDATE bench_accounts SET balance = balance - ? WHERE id = ?", "params": [amount, from]},
+        {"sql": "UPDATE bench_accounts SET balance = balance + ? WHERE id = ?", "params": [amount, to]},
+        {"sql": "INSERT INTO bench_transfers (id, src, dst, amount) VALUES (?, ?, ?, ?)", "params": [id, from, to, amount]},
+    ]})
+}
 
 /// Latencies of successful requests, and the instants they completed.
 #[derive(Default)]
@@ -43,10 +83,34 @@ pub async fn increment(
     customer: &str,
 ) -> bool {
     let path = format!("/customers/{customer}/increment");
-    match send(http, machines, first, reqwest::Method::POST, &path).await {
+    match send(http, machines, first, reqwest::Method::POST, &path, None).await {
         Some(reply) => reply.status().is_success(),
         None => false,
     }
+}
+
+/// One SQL request through `machines`; its answer's JSON when it was a 200.
+pub async fn sql(
+    http: &reqwest::Client,
+    machines: &HashMap<String, SocketAddr>,
+    first: &str,
+    customer: &str,
+    body: &Value,
+) -> Option<Value> {
+    let path = format!("/customers/{customer}/sql");
+    let reply = send(
+        http,
+        machines,
+        first,
+        reqwest::Method::POST,
+        &path,
+        Some(body),
+    )
+    .await?;
+    if !reply.status().is_success() {
+        return None;
+    }
+    reply.json().await.ok()
 }
 
 /// The tenant's count, read from its holder.
@@ -57,7 +121,7 @@ pub async fn read_count(
     customer: &str,
 ) -> anyhow::Result<u64> {
     let path = format!("/customers/{customer}/count");
-    let reply = send(http, machines, first, reqwest::Method::GET, &path)
+    let reply = send(http, machines, first, reqwest::Method::GET, &path, None)
         .await
         .ok_or_else(|| anyhow::anyhow!("no machine answered GET {path}"))?;
     let body: serde_json::Value = reply.json().await?;
@@ -74,17 +138,19 @@ async fn send(
     first: &str,
     method: reqwest::Method,
     path: &str,
+    body: Option<&Value>,
 ) -> Option<reqwest::Response> {
     let mut target = first.to_string();
     let other = |id: &str| machines.keys().find(|other| *other != id).cloned();
     for _ in 0..4 {
         let addr = machines.get(&target)?;
-        let Ok(reply) = http
+        let mut request = http
             .request(method.clone(), format!("http://{addr}{path}"))
-            .header("accept", "application/json")
-            .send()
-            .await
-        else {
+            .header("accept", "application/json");
+        if let Some(body) = body {
+            request = request.bearer_auth(API_TOKEN).json(body);
+        }
+        let Ok(reply) = request.send().await else {
             target = other(&target)?;
             continue;
         };
@@ -105,6 +171,7 @@ pub async fn run(
     customer: &str,
     clients: usize,
     duration: Duration,
+    work: Work,
 ) -> Samples {
     let samples = Arc::new(Mutex::new(Samples::default()));
     let machines = Arc::new(machines);
@@ -117,9 +184,20 @@ pub async fn run(
             let first = ids[c % ids.len()].clone();
             let customer = customer.to_string();
             tokio::spawn(async move {
+                let mut n: i64 = 0;
                 while Instant::now() < deadline {
+                    n += 1;
                     let started = Instant::now();
-                    let ok = increment(&http, &machines, &first, &customer).await;
+                    let ok = match work {
+                        Work::Increment => increment(&http, &machines, &first, &customer).await,
+                        Work::SqlTransfer => {
+                            let from = (c as i64 + n) % SQL_ACCOUNTS;
+                            let body = sql_transfer(&format!("{clients}-{c}-{n}"), from, 1);
+                            sql(&http, &machines, &first, &customer, &body)
+                                .await
+                                .is_some()
+                        }
+                    };
                     let mut s = samples.lock().unwrap();
                     if ok {
                         s.latencies.push(started.elapsed());

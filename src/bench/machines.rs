@@ -16,6 +16,10 @@ use tokio::task::JoinHandle;
 use crate::config::ServeArgs;
 use crate::store::{DynStore, FileStore, StoreResult};
 
+/// The SQL API token every bench machine is started with
+/// (`--api-token`).
+pub const API_TOKEN: &str = "tenantd-bench";
+
 /// Parses `tenantd serve` flags, so the bench configures its machines with
 /// exactly the flags an operator would use.
 #[derive(Parser)]
@@ -90,6 +94,8 @@ impl Machine {
             &humantime::format_duration(setup.idle_timeout).to_string(),
             "--faults",
             &setup.faults,
+            "--api-token",
+            API_TOKEN,
         ]
         .iter()
         .map(|s| s.to_string())

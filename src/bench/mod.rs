@@ -1,7 +1,7 @@
 //! `tenantd bench`: durable throughput and latency against concurrency, side
 //! by side with the answer-before-upload upper bound, on the file store
-//! under the fault layer's added latency (like Tigris); the store's own PUT
-//! latency; PUTs per acknowledged write; the cost of an idle tenant;
+//! under the fault layer's added latency (like Tigris); durable SQL
+//! transactions of three statements; the store's own PUT latency; PUTs per acknowledged write; the cost of an idle tenant;
 //! failover and handoff with real processes; cold starts by database size.
 
 mod cold_start;
@@ -107,11 +107,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         scratch.display()
     );
 
-    eprintln!("bench: [1/6] store PUT latency ({samples} PUTs of 16 KiB)");
+    eprintln!("bench: [1/7] store PUT latency ({samples} PUTs of 16 KiB)");
     let store_put_p50_ms = store_put_p50(&scratch.join("put"), &faults, samples).await?;
     eprintln!("bench:   PUT p50 {store_put_p50_ms:.1} ms");
 
-    eprintln!("bench: [2/6] durable group commit");
+    eprintln!("bench: [2/7] durable group commit");
     let durable = throughput::run(
         &scratch.join("durable"),
         &faults,
@@ -121,7 +121,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         duration,
     )
     .await?;
-    eprintln!("bench: [3/6] answer before upload (upper bound, bench-only)");
+    eprintln!("bench: [3/7] answer before upload (upper bound, bench-only)");
     let unsafe_ = throughput::run(
         &scratch.join("unsafe"),
         &faults,
@@ -132,8 +132,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     )
     .await?;
 
+    let sql_clients = if args.concurrency.contains(&HEADLINE_CLIENTS) {
+        HEADLINE_CLIENTS
+    } else {
+        *args.concurrency.iter().max().expect("checked above")
+    };
+    eprintln!("bench: [4/7] durable SQL transactions (3 statements) at {sql_clients} clients");
+    let sql = throughput::run_sql(
+        &scratch.join("sql"),
+        &faults,
+        args.lease_ttl,
+        sql_clients,
+        duration,
+    )
+    .await?;
+
     let window = args.lease_ttl.max(Duration::from_secs(3));
-    eprintln!("bench: [4/6] idle tenant: store requests while held and after release");
+    eprintln!("bench: [5/7] idle tenant: store requests while held and after release");
     let idle = idle::run(&scratch.join("idle"), &faults, args.lease_ttl, window).await?;
     eprintln!(
         "bench:   held: {:.0} store requests/hour; released after {} ms; then {} requests in {} ms",
@@ -143,7 +158,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         idle.after_release_window_ms
     );
 
-    eprintln!("bench: [5/6] cold start and commit cost by database size");
+    eprintln!("bench: [6/7] cold start and commit cost by database size");
     let cold = cold_start::run(
         &scratch.join("cold"),
         &faults,
@@ -154,7 +169,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
 
     eprintln!(
-        "bench: [6/6] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
+        "bench: [7/7] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
         args.kills
     );
     let failover = failover::run(
@@ -173,6 +188,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         store_put_p50_ms,
         durable,
         unsafe_,
+        sql,
         idle,
         cold,
         failover,

@@ -10,7 +10,7 @@ use super::cold_start::ColdStart;
 use super::failover::FailoverResult;
 use super::idle::IdleResult;
 use super::svg::{Series, chart};
-use super::throughput::{Level, ModeResult};
+use super::throughput::{Level, ModeResult, SqlResult};
 use super::{BenchArgs, HEADLINE_CLIENTS};
 
 pub struct Report {
@@ -21,6 +21,7 @@ pub struct Report {
     store_put_p50_ms: f64,
     durable: ModeResult,
     unsafe_: ModeResult,
+    sql: SqlResult,
     idle: IdleResult,
     cold: Vec<ColdStart>,
     failover: FailoverResult,
@@ -41,6 +42,7 @@ impl Report {
         store_put_p50_ms: f64,
         durable: ModeResult,
         unsafe_: ModeResult,
+        sql: SqlResult,
         idle: IdleResult,
         cold: Vec<ColdStart>,
         failover: FailoverResult,
@@ -54,6 +56,7 @@ impl Report {
             store_put_p50_ms,
             durable,
             unsafe_,
+            sql,
             idle,
             cold,
             failover,
@@ -149,6 +152,19 @@ impl Report {
                 ),
                 met: self.durable.final_count >= self.durable.acked_total,
             },
+            Target {
+                what: format!(
+                    "no acknowledged SQL transaction lost, sum of balances conserved: {} acknowledged, {} stored, sum {}",
+                    self.sql.acked_total,
+                    self.sql.transfers_stored,
+                    if self.sql.sum_conserved {
+                        "conserved"
+                    } else {
+                        "NOT conserved"
+                    }
+                ),
+                met: self.sql.transfers_stored >= self.sql.acked_total && self.sql.sum_conserved,
+            },
         ]
     }
 
@@ -184,8 +200,21 @@ impl Report {
             );
         }
         let _ = writeln!(out, "\n| figure | value |\n|---|---:|");
+        let sql = &self.sql.level;
         let rows = [
             ("store PUT p50", format!("{:.1} ms", self.store_put_p50_ms)),
+            (
+                "durable SQL transaction (3 statements) at the headline level",
+                format!(
+                    "{:.0}/s, p50 {:.1} ms, p99 {:.1} ms at {} clients ({:.1} PUTs/1000, {} errors)",
+                    sql.rps,
+                    sql.p50_ms,
+                    sql.p99_ms,
+                    sql.clients,
+                    sql.puts_per_1000_writes,
+                    sql.errors
+                ),
+            ),
             (
                 "failover after SIGKILL, holder gone for good (p50 / max)",
                 format!(
@@ -282,6 +311,11 @@ impl Report {
             "store_jitter_ms": self.store_jitter_ms,
             "store_put_p50_ms": self.store_put_p50_ms,
             "puts_per_1000_writes": durable.puts_per_1000_writes,
+            "sql_durable_rps": self.sql.level.rps,
+            "sql_p50_ms": self.sql.level.p50_ms,
+            "sql_p99_ms": self.sql.level.p99_ms,
+            "sql_clients": self.sql.level.clients,
+            "sql": self.sql,
             "lease_ttl_ms": self.lease_ttl_ms,
             "failover_ms_p50": self.failover_p50(),
             "failover_ms_max": self.failover_max(),

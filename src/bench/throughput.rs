@@ -35,6 +35,97 @@ pub struct ModeResult {
 
 pub const CUSTOMER: &str = "bench";
 
+/// Durable SQL transactions: one level of closed-loop clients, each request
+/// a transfer of three statements in one transaction.
+#[derive(Clone, Debug, Serialize)]
+pub struct SqlResult {
+    pub statements_per_request: usize,
+    pub level: Level,
+    /// Transfers acknowledged, and those read back at the end (all of them
+    /// must be there), and whether the sum of balances is what it was.
+    pub acked_total: u64,
+    pub transfers_stored: u64,
+    pub sum_conserved: bool,
+}
+
+/// Durable SQL transfers at `clients`: two machines of one tenant (fresh,
+/// like the counter's), the tables created in one request, then the level.
+pub async fn run_sql(
+    scratch: &Path,
+    faults: &str,
+    lease_ttl: Duration,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<SqlResult> {
+    let setup = Setup {
+        customer: Some(CUSTOMER.into()),
+        ..Setup::new(scratch, faults, lease_ttl)
+    };
+    let machines = vec![
+        Machine::start(&setup, "a0000000000001").await?,
+        Machine::start(&setup, "b0000000000002").await?,
+    ];
+    let by_id: HashMap<String, _> = machines.iter().map(|m| (m.id.clone(), m.addr)).collect();
+    let http = load::client();
+    let first = &machines[0].id;
+    load::sql(&http, &by_id, first, CUSTOMER, &load::sql_setup())
+        .await
+        .ok_or_else(|| anyhow::anyhow!("the SQL API did not create the bench tables"))?;
+    let (_, puts_before) = store_requests(&machines).await?;
+    let samples = load::run(
+        by_id.clone(),
+        CUSTOMER,
+        clients,
+        duration,
+        load::Work::SqlTransfer,
+    )
+    .await;
+    let (_, puts_after) = store_requests(&machines).await?;
+    let acked = samples.latencies.len();
+    let level = Level {
+        clients,
+        acked,
+        errors: samples.errors,
+        rps: acked as f64 / duration.as_secs_f64(),
+        p50_ms: samples.percentile_ms(0.50),
+        p99_ms: samples.percentile_ms(0.99),
+        puts_per_1000_writes: if acked == 0 {
+            0.0
+        } else {
+            (puts_after - puts_before) * 1000.0 / acked as f64
+        },
+    };
+    eprintln!(
+        "bench:   {:<21} {clients:>4} clients  {:>8.0} transactions/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} PUTs/1000  {} errors",
+        "durable SQL (3 stmts)",
+        level.rps,
+        level.p50_ms,
+        level.p99_ms,
+        level.puts_per_1000_writes,
+        level.errors
+    );
+    let check = serde_json::json!({"statements": [
+        {"sql": "SELECT count(*) FROM bench_transfers"},
+        {"sql": "SELECT sum(balance) FROM bench_accounts"},
+    ], "read_only": true});
+    let answer = load::sql(&http, &by_id, first, CUSTOMER, &check)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("could not read the bench tables back"))?;
+    let cell = |i: usize| answer["results"][i]["rows"][0][0].as_i64();
+    let transfers_stored = cell(0).unwrap_or(0) as u64;
+    let sum_conserved = cell(1) == Some(load::SQL_ACCOUNTS * load::SQL_INITIAL_BALANCE);
+    for machine in machines {
+        machine.stop().await?;
+    }
+    Ok(SqlResult {
+        statements_per_request: 3,
+        level,
+        acked_total: acked as u64,
+        transfers_stored,
+        sum_conserved,
+    })
+}
+
 pub async fn run(
     scratch: &Path,
     faults: &str,
@@ -67,7 +158,14 @@ pub async fn run(
     let mut results = Vec::new();
     for &clients in levels {
         let (_, puts_before) = store_requests(&machines).await?;
-        let samples = load::run(by_id.clone(), CUSTOMER, clients, duration).await;
+        let samples = load::run(
+            by_id.clone(),
+            CUSTOMER,
+            clients,
+            duration,
+            load::Work::Increment,
+        )
+        .await;
         let (_, puts_after) = store_requests(&machines).await?;
         let acked = samples.latencies.len();
         acked_total += acked as u64;

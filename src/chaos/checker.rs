@@ -125,33 +125,54 @@ pub fn check(
             highest_epoch_below = highest_epoch_below.max(*epoch);
         }
         // (e)
-        let mut ends: Vec<u64> = acked.iter().map(|(_, _, op)| op.end_ms).collect();
-        ends.sort();
-        let mut previous = 0;
-        for end in ends.iter().copied().chain(std::iter::once(run_ms)) {
-            r.longest_gap_ms = r.longest_gap_ms.max(end.saturating_sub(previous));
-            previous = end;
-        }
-        for kill in nemeses
+        let spans: Vec<(u64, u64)> = acked
             .iter()
-            .filter(|n| n.kind == "kill_holder" && n.customer.as_deref() == Some(customer))
-        {
-            // The first success of a request sent after the kill: one the
-            // dying holder answered just before says nothing.
-            let next = acked
-                .iter()
-                .filter(|(_, _, op)| op.start_ms >= kill.start_ms)
-                .map(|(_, _, op)| op.end_ms)
-                .min();
-            if let Some(next) = next {
-                r.recovery_after_kill_ms.push(next - kill.start_ms);
-            }
-        }
+            .map(|(_, _, op)| (op.start_ms, op.end_ms))
+            .collect();
+        (r.longest_gap_ms, r.recovery_after_kill_ms) =
+            availability(customer, &spans, nemeses, run_ms);
         report.acked += r.acked;
         report.indeterminate += r.indeterminate;
         report.customers.insert(customer.to_string(), r);
     }
     report
+}
+
+/// Availability from the (start, end) of a customer's acknowledged
+/// operations: the longest stretch without a success, and for each kill of
+/// the customer's holder the time to the next success of a request sent
+/// after it.
+pub fn availability(
+    customer: &str,
+    acked: &[(u64, u64)],
+    nemeses: &[NemesisEvent],
+    run_ms: u64,
+) -> (u64, Vec<u64>) {
+    let mut ends: Vec<u64> = acked.iter().map(|(_, end)| *end).collect();
+    ends.sort();
+    let mut longest_gap_ms = 0;
+    let mut previous = 0;
+    for end in ends.iter().copied().chain(std::iter::once(run_ms)) {
+        longest_gap_ms = longest_gap_ms.max(end.saturating_sub(previous));
+        previous = end;
+    }
+    let mut recovery = Vec::new();
+    for kill in nemeses
+        .iter()
+        .filter(|n| n.kind == "kill_holder" && n.customer.as_deref() == Some(customer))
+    {
+        // The first success of a request sent after the kill: one the
+        // dying holder answered just before says nothing.
+        let next = acked
+            .iter()
+            .filter(|(start, _)| *start >= kill.start_ms)
+            .map(|(_, end)| *end)
+            .min();
+        if let Some(next) = next {
+            recovery.push(next - kill.start_ms);
+        }
+    }
+    (longest_gap_ms, recovery)
 }
 
 #[cfg(test)]

@@ -3,12 +3,16 @@
 //! targets a deployed app), runs a recorded workload while nemeses
 //! scheduled from a seed kill, pause, partition and scale machines, reads
 //! the final counts once the cluster is quiet, and checks the history.
+//! `--workload sql` runs transfers between the rows of an accounts table
+//! through the SQL API instead ([`sql_workload`], [`sql_checker`]).
 
 pub mod checker;
 pub mod history;
 pub mod nemesis;
 pub mod service_sim;
 pub mod sim;
+pub mod sql_checker;
+pub mod sql_workload;
 pub mod workload;
 
 use std::collections::BTreeMap;
@@ -16,7 +20,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::json;
@@ -25,6 +29,19 @@ use crate::config::parse_duration;
 use crate::dev::{Cluster, DevConfig};
 use checker::Report;
 use history::NemesisEvent;
+use sql_checker::{Accounts, SqlReport};
+
+/// What the clients do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadKind {
+    /// Increments with unique `Idempotency-Key`s; the checker reasons
+    /// about counts.
+    Counter,
+    /// Transfers between the rows of an accounts table through the SQL API,
+    /// three statements in one request; the checker verifies that the sum
+    /// is conserved and every transfer applied exactly once or not at all.
+    Sql,
+}
 
 #[derive(Args, Clone, Debug)]
 pub struct ChaosArgs {
@@ -56,6 +73,18 @@ pub struct ChaosArgs {
     /// local cluster.
     #[arg(long)]
     pub target: Option<String>,
+    /// What the clients do: `counter` (increments) or `sql` (transfers
+    /// between accounts through the SQL API).
+    #[arg(long, value_enum, default_value = "counter")]
+    pub workload: WorkloadKind,
+    /// Accounts per customer for `--workload sql`.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(i64).range(2..=1000))]
+    pub accounts: i64,
+    /// Token of the SQL API (`--workload sql`): the local cluster's machines
+    /// are started with it (a random one when unset); with `--target` it
+    /// must be the app's.
+    #[arg(long, env = "TENANTD_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
 }
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
@@ -77,6 +106,15 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?
     };
+    let api_token = match (&args.api_token, args.workload, &args.target) {
+        (Some(token), _, _) if !token.is_empty() => token.clone(),
+        (_, WorkloadKind::Sql, Some(_)) => {
+            anyhow::bail!(
+                "--workload sql with --target needs the app's --api-token (TENANTD_API_TOKEN)"
+            )
+        }
+        _ => uuid::Uuid::new_v4().simple().to_string(),
+    };
     let scratch = tempdir()?;
     let cluster = match &args.target {
         Some(_) => None,
@@ -87,6 +125,11 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             config.lease_ttl = args.lease_ttl;
             config.restart_delay = Some(Duration::from_millis(1500));
             config.log_sink = crate::dev::logs::LogSink::Quiet;
+            if args.workload == WorkloadKind::Sql {
+                config
+                    .extra_env
+                    .push(("TENANTD_API_TOKEN".into(), api_token.clone()));
+            }
             Some(Cluster::start(config).await?)
         }
     };
@@ -96,9 +139,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         _ => unreachable!(),
     };
     eprintln!(
-        "chaos: {} for {:?}, seed {}, {} clients, customers {:?}",
-        base, args.duration, args.seed, args.clients, args.customers
+        "chaos: {} for {:?}, seed {}, {} clients, customers {:?}, {:?} workload",
+        base, args.duration, args.seed, args.clients, args.customers, args.workload
     );
+    if args.workload == WorkloadKind::Sql {
+        let outcome = run_sql(&args, &api_token, &base, cluster, &kinds, &scratch).await;
+        let _ = std::fs::remove_dir_all(&scratch);
+        return outcome;
+    }
 
     let mut rng = StdRng::seed_from_u64(args.seed);
     let plan = match &cluster {
@@ -107,21 +155,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     };
     let t0 = Instant::now();
     let load = workload::Workload::start(&base, &args.customers, args.clients, args.seed, t0);
-    let mut nemeses: Vec<NemesisEvent> = Vec::new();
-    for (at, kind, customer) in plan {
-        tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + at)).await;
-        let cluster = cluster.as_ref().expect("nemeses only with a local cluster");
-        if let Some(event) = nemesis::apply(cluster, kind, &customer, args.lease_ttl, t0).await {
-            eprintln!(
-                "chaos: {:>6} ms  {:<18} customer {} {}",
-                event.start_ms,
-                event.kind,
-                customer,
-                event.machine.as_deref().unwrap_or("")
-            );
-            nemeses.push(event);
-        }
-    }
+    let nemeses = run_nemeses(cluster.as_ref(), plan, args.lease_ttl, t0).await;
     tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + args.duration)).await;
     let ops = load.stop().await;
     let run_ms = t0.elapsed().as_millis() as u64;
@@ -151,6 +185,143 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         cluster.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&scratch);
+    if !report.violations.is_empty() {
+        anyhow::bail!(
+            "{} violation(s) found (seed {})",
+            report.violations.len(),
+            args.seed
+        );
+    }
+    Ok(())
+}
+
+/// Applies the nemeses of `plan`, each at its time, and returns what was
+/// done.
+async fn run_nemeses(
+    cluster: Option<&Cluster>,
+    plan: Vec<(Duration, &'static str, String)>,
+    ttl: Duration,
+    t0: Instant,
+) -> Vec<NemesisEvent> {
+    let mut nemeses: Vec<NemesisEvent> = Vec::new();
+    for (at, kind, customer) in plan {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + at)).await;
+        let cluster = cluster.expect("nemeses only with a local cluster");
+        if let Some(event) = nemesis::apply(cluster, kind, &customer, ttl, t0).await {
+            eprintln!(
+                "chaos: {:>6} ms  {:<18} customer {} {}",
+                event.start_ms,
+                event.kind,
+                customer,
+                event.machine.as_deref().unwrap_or("")
+            );
+            nemeses.push(event);
+        }
+    }
+    nemeses
+}
+
+/// The SQL workload: set up each customer's accounts, run transfers under
+/// the nemeses, read the tables back through the API, stop the cluster,
+/// read them from the store, and check.
+async fn run_sql(
+    args: &ChaosArgs,
+    token: &str,
+    base: &str,
+    cluster: Option<Cluster>,
+    kinds: &[&'static str],
+    scratch: &std::path::Path,
+) -> anyhow::Result<()> {
+    let accounts = Accounts {
+        count: args.accounts,
+        initial_balance: 500,
+    };
+    let client = sql_workload::Client::new(base, token);
+    let run = format!("r{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    for customer in &args.customers {
+        if let Err(e) = client.setup(customer, accounts, &run).await {
+            if let Some(cluster) = cluster {
+                cluster.shutdown().await;
+            }
+            return Err(e);
+        }
+    }
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let plan = match &cluster {
+        Some(_) => nemesis::schedule(&mut rng, args.duration, &args.customers, kinds),
+        None => Vec::new(),
+    };
+    let t0 = Instant::now();
+    let load = sql_workload::SqlWorkload::start(sql_workload::Start {
+        client: &client,
+        customers: &args.customers,
+        clients: args.clients,
+        seed: args.seed,
+        accounts,
+        run: &run,
+        t0,
+    });
+    let nemeses = run_nemeses(cluster.as_ref(), plan, args.lease_ttl, t0).await;
+    tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + args.duration)).await;
+    let (transfers, reads) = load.stop().await;
+    let run_ms = t0.elapsed().as_millis() as u64;
+    eprintln!(
+        "chaos: workload stopped after {} transfers and {} reads; reading the tables back",
+        transfers.len(),
+        reads.len()
+    );
+    let mut api = sql_checker::Finals {
+        source: "api".into(),
+        states: BTreeMap::new(),
+    };
+    for customer in &args.customers {
+        match client.final_state(customer).await {
+            Ok(state) => {
+                api.states.insert(customer.clone(), state);
+            }
+            Err(e) => eprintln!("chaos: customer {customer}: final read through the API: {e}"),
+        }
+    }
+    let mut finals = vec![api];
+    if let Some(cluster) = cluster {
+        // Stopped machines hold nothing: the stored object is the database.
+        let store = cluster.config().store.clone();
+        cluster.shutdown().await;
+        finals.insert(
+            0,
+            sql_workload::store_finals(&store, &args.customers, scratch).await,
+        );
+    }
+    let report = sql_checker::check(
+        accounts,
+        &args.customers,
+        &transfers,
+        &reads,
+        &finals,
+        &nemeses,
+        run_ms,
+    );
+    print_sql_report(&report, &nemeses);
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "workload": "sql",
+            "seed": args.seed,
+            "duration_ms": run_ms,
+            "violations": report.violations,
+            "acked": report.acked,
+            "indeterminate": report.indeterminate,
+            "refused": report.refused,
+            "reads": report.reads,
+            "success_ratio": report.success_ratio(),
+            "longest_gap_ms": report.longest_gap_ms(),
+            "accounts": accounts,
+            "sources": report.sources,
+            "customers": report.customers,
+            "nemeses": nemeses,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if !report.violations.is_empty() {
         anyhow::bail!(
             "{} violation(s) found (seed {})",
@@ -227,6 +398,56 @@ fn print_report(report: &Report, nemeses: &[NemesisEvent]) {
     if report.violations.is_empty() {
         println!(
             "no violations: every acknowledged write is in the final state, no count was given twice, no phantom writes"
+        );
+    } else {
+        println!("VIOLATIONS ({}):", report.violations.len());
+        for v in &report.violations {
+            println!("  - {v}");
+        }
+    }
+}
+
+fn print_sql_report(report: &SqlReport, nemeses: &[NemesisEvent]) {
+    println!();
+    println!(
+        "{:<10} {:>7} {:>19} {:>7} {:>7} {:>8} {:>7} {:>9} {:>7} {:>15} {:>22}",
+        "customer",
+        "acked",
+        "indeterminate (app)",
+        "refused",
+        "retried",
+        "replayed",
+        "reads",
+        "transfers",
+        "sum",
+        "longest gap ms",
+        "recovery after kill ms"
+    );
+    for (customer, r) in &report.customers {
+        println!(
+            "{:<10} {:>7} {:>19} {:>7} {:>7} {:>8} {:>7} {:>9} {:>7} {:>15} {:>22}",
+            customer,
+            r.acked,
+            format!("{} ({})", r.indeterminate, r.indeterminate_applied),
+            r.refused,
+            r.retried,
+            r.replayed,
+            r.reads,
+            r.transfers_stored,
+            format!("{}/{}", r.sum_of_balances, r.expected_sum),
+            r.longest_gap_ms,
+            format!("{:?}", r.recovery_after_kill_ms)
+        );
+    }
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in nemeses {
+        *kinds.entry(n.kind.as_str()).or_default() += 1;
+    }
+    println!("nemeses: {kinds:?}");
+    println!("final state read from: {}", report.sources.join(", "));
+    if report.violations.is_empty() {
+        println!(
+            "no violations: the sum of balances is conserved, every acknowledged transfer is stored exactly once, none twice or in part, no refused one, every read saw the whole sum"
         );
     } else {
         println!("VIOLATIONS ({}):", report.violations.len());

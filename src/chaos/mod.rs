@@ -125,11 +125,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             config.lease_ttl = args.lease_ttl;
             config.restart_delay = Some(Duration::from_millis(1500));
             config.log_sink = crate::dev::logs::LogSink::Quiet;
-            if args.workload == WorkloadKind::Sql {
-                config
-                    .extra_env
-                    .push(("TENANTD_API_TOKEN".into(), api_token.clone()));
-            }
+            config.api_token = Some(api_token.clone());
             Some(Cluster::start(config).await?)
         }
     };

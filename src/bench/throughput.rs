@@ -24,6 +24,27 @@ pub struct Level {
     pub puts_per_1000_writes: f64,
 }
 
+impl Level {
+    /// The figures of one run of `clients` closed-loop clients for
+    /// `duration`, during which the machines sent `puts` store PUTs.
+    fn measured(clients: usize, samples: &load::Samples, duration: Duration, puts: f64) -> Level {
+        let acked = samples.latencies.len();
+        Level {
+            clients,
+            acked,
+            errors: samples.errors,
+            rps: acked as f64 / duration.as_secs_f64(),
+            p50_ms: samples.percentile_ms(0.50),
+            p99_ms: samples.percentile_ms(0.99),
+            puts_per_1000_writes: if acked == 0 {
+                0.0
+            } else {
+                puts * 1000.0 / acked as f64
+            },
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ModeResult {
     pub levels: Vec<Level>,
@@ -81,20 +102,7 @@ pub async fn run_sql(
     )
     .await;
     let (_, puts_after) = store_requests(&machines).await?;
-    let acked = samples.latencies.len();
-    let level = Level {
-        clients,
-        acked,
-        errors: samples.errors,
-        rps: acked as f64 / duration.as_secs_f64(),
-        p50_ms: samples.percentile_ms(0.50),
-        p99_ms: samples.percentile_ms(0.99),
-        puts_per_1000_writes: if acked == 0 {
-            0.0
-        } else {
-            (puts_after - puts_before) * 1000.0 / acked as f64
-        },
-    };
+    let level = Level::measured(clients, &samples, duration, puts_after - puts_before);
     eprintln!(
         "bench:   {:<21} {clients:>4} clients  {:>8.0} transactions/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} PUTs/1000  {} errors",
         "durable SQL (3 stmts)",
@@ -119,8 +127,8 @@ pub async fn run_sql(
     }
     Ok(SqlResult {
         statements_per_request: 3,
+        acked_total: level.acked as u64,
         level,
-        acked_total: acked as u64,
         transfers_stored,
         sum_conserved,
     })
@@ -167,21 +175,8 @@ pub async fn run(
         )
         .await;
         let (_, puts_after) = store_requests(&machines).await?;
-        let acked = samples.latencies.len();
-        acked_total += acked as u64;
-        let level = Level {
-            clients,
-            acked,
-            errors: samples.errors,
-            rps: acked as f64 / duration.as_secs_f64(),
-            p50_ms: samples.percentile_ms(0.50),
-            p99_ms: samples.percentile_ms(0.99),
-            puts_per_1000_writes: if acked == 0 {
-                0.0
-            } else {
-                (puts_after - puts_before) * 1000.0 / acked as f64
-            },
-        };
+        let level = Level::measured(clients, &samples, duration, puts_after - puts_before);
+        acked_total += level.acked as u64;
         eprintln!(
             "bench:   {mode:<21} {clients:>4} clients  {:>8.0} increments/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} PUTs/1000  {} errors",
             level.rps, level.p50_ms, level.p99_ms, level.puts_per_1000_writes, level.errors

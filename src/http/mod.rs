@@ -528,15 +528,21 @@ fn render(state: &AppState, id: &TenantId, answer: Answer, format: Format) -> Re
         ))
         .into_response(),
     };
+    answered_by(&mut response, &state.machine_id, answer.repeated);
+    response
+}
+
+/// Names the answering machine, and marks the first answer of a repeated
+/// idempotency key.
+fn answered_by(response: &mut Response, machine_id: &str, repeated: bool) {
     let headers = response.headers_mut();
     headers.insert(
         "x-tenantd-machine",
-        HeaderValue::from_str(&state.machine_id).expect("machine ids are header-safe"),
+        HeaderValue::from_str(machine_id).expect("machine ids are header-safe"),
     );
-    if answer.repeated {
+    if repeated {
         headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-    response
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

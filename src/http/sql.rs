@@ -10,11 +10,13 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::{AppState, Forwardable, Served, bearer_matches, error, idempotency_key, serve};
+use super::{
+    AppState, Forwardable, Served, answered_by, bearer_matches, error, idempotency_key, serve,
+};
 use crate::TenantId;
 use crate::tenant::SqlAnswer;
 use crate::tenant::sql::{SqlError, SqlErrorKind, SqlRequest};
@@ -94,14 +96,7 @@ fn render(state: &AppState, id: &TenantId, answer: SqlAnswer) -> Response {
         "results": &*answer.results,
     }))
     .into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        "x-tenantd-machine",
-        HeaderValue::from_str(&state.machine_id).expect("machine ids are header-safe"),
-    );
-    if answer.repeated {
-        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
+    answered_by(&mut response, &state.machine_id, answer.repeated);
     response
 }
 

@@ -7,21 +7,29 @@
 //! (c) each client's acknowledged counts (per customer) strictly increase;
 //! (d) counts acknowledged under a higher epoch are above those under a
 //!     lower one;
-//! (e) availability: the longest stretch without a successful write per
-//!     customer, and for each kill the time to the customer's next success.
+//! (e) availability (src/chaos/availability.rs): acknowledged / sent, the
+//!     longest stretch without a successful write per customer outside the
+//!     windows in which a nemesis stopped its holder, and for each kill the
+//!     time to the customer's next success.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::availability;
 use super::history::{NemesisEvent, Op, Outcome};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CustomerReport {
+    pub sent: usize,
     pub acked: usize,
     pub indeterminate: usize,
     pub failed: usize,
     pub final_count: u64,
+    /// acknowledged / sent.
+    pub success_ratio: f64,
+    /// Longest stretch without an acknowledgement, outside the windows in
+    /// which a nemesis stopped this customer's holder.
     pub longest_gap_ms: u64,
     /// For each kill of this customer's holder: ms to the next success.
     pub recovery_after_kill_ms: Vec<u64>,
@@ -30,8 +38,13 @@ pub struct CustomerReport {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
     pub violations: Vec<String>,
+    pub sent: usize,
     pub acked: usize,
     pub indeterminate: usize,
+    /// acknowledged / sent, over all customers.
+    pub success_ratio: f64,
+    /// The largest customer's `longest_gap_ms`.
+    pub longest_gap_ms: u64,
     pub customers: BTreeMap<String, CustomerReport>,
 }
 
@@ -59,6 +72,8 @@ pub fn check(
             }
         }
         r.acked = acked.len();
+        r.sent = mine.len();
+        r.success_ratio = availability::ratio(r.acked, r.sent);
         let Some(&final_count) = finals.get(customer) else {
             report
                 .violations
@@ -125,13 +140,9 @@ pub fn check(
             highest_epoch_below = highest_epoch_below.max(*epoch);
         }
         // (e)
-        let mut ends: Vec<u64> = acked.iter().map(|(_, _, op)| op.end_ms).collect();
-        ends.sort();
-        let mut previous = 0;
-        for end in ends.iter().copied().chain(std::iter::once(run_ms)) {
-            r.longest_gap_ms = r.longest_gap_ms.max(end.saturating_sub(previous));
-            previous = end;
-        }
+        let ends: Vec<u64> = acked.iter().map(|(_, _, op)| op.end_ms).collect();
+        let holder_down = availability::holder_down_windows(nemeses, customer);
+        r.longest_gap_ms = availability::longest_gap_ms(&ends, &holder_down, run_ms);
         for kill in nemeses
             .iter()
             .filter(|n| n.kind == "kill_holder" && n.customer.as_deref() == Some(customer))
@@ -147,10 +158,13 @@ pub fn check(
                 r.recovery_after_kill_ms.push(next - kill.start_ms);
             }
         }
+        report.sent += r.sent;
         report.acked += r.acked;
         report.indeterminate += r.indeterminate;
+        report.longest_gap_ms = report.longest_gap_ms.max(r.longest_gap_ms);
         report.customers.insert(customer.to_string(), r);
     }
+    report.success_ratio = availability::ratio(report.acked, report.sent);
     report
 }
 
@@ -212,6 +226,8 @@ mod tests {
         let report = check(&clean(), &finals(4), &[], 100);
         assert!(report.violations.is_empty(), "{:?}", report.violations);
         assert_eq!((report.acked, report.indeterminate), (3, 1));
+        assert_eq!(report.sent, 5);
+        assert_eq!(report.success_ratio, 0.6);
     }
 
     #[test]
@@ -291,9 +307,15 @@ mod tests {
             start_ms: 100,
             end_ms: 100,
         };
-        let report = check(&ops, &finals(3), &[kill], 1200);
+        let report = check(&ops, &finals(3), std::slice::from_ref(&kill), 1200);
         let r = &report.customers["1"];
-        assert_eq!(r.longest_gap_ms, 905);
+        // The gap from 100 to 1005 falls in the killed holder's window
+        // (until its restart): not charged.
+        assert_eq!(r.longest_gap_ms, 95);
+        assert_eq!((report.sent, report.success_ratio), (3, 1.0));
+        let without_kill = check(&ops, &finals(3), &[], 1200);
+        assert_eq!(without_kill.customers["1"].longest_gap_ms, 905);
+        assert_eq!(without_kill.longest_gap_ms, 905);
         assert_eq!(
             r.recovery_after_kill_ms,
             vec![905],

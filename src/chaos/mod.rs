@@ -4,6 +4,7 @@
 //! scheduled from a seed kill, pause, partition and scale machines, reads
 //! the final counts once the cluster is quiet, and checks the history.
 
+pub mod availability;
 pub mod checker;
 pub mod history;
 pub mod nemesis;
@@ -46,9 +47,16 @@ pub struct ChaosArgs {
     /// Lease ttl of the local cluster.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
-    /// Nemeses to use (default: all).
+    /// Nemeses to use (default: all; `none` for none).
     #[arg(long, value_delimiter = ',')]
     pub nemeses: Vec<String>,
+    /// Store faults on every machine from the start (JSON, as
+    /// TENANTD_FAULTS); store nemeses are layered over them.
+    #[arg(long)]
+    pub faults: Option<String>,
+    /// Print the machines' logs (stdout) instead of keeping them quiet.
+    #[arg(long)]
+    pub logs: bool,
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -65,6 +73,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     }
     let kinds: Vec<&'static str> = if args.nemeses.is_empty() {
         nemesis::KINDS.to_vec()
+    } else if args.nemeses.iter().all(|n| n == "none") {
+        Vec::new()
     } else {
         args.nemeses
             .iter()
@@ -77,6 +87,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?
     };
+    let baseline = match &args.faults {
+        Some(json) => {
+            serde_json::from_str::<crate::store::FaultConfig>(json)
+                .with_context(|| format!("invalid --faults {json:?}"))?;
+            json.clone()
+        }
+        None => "{}".to_string(),
+    };
     let scratch = tempdir()?;
     let cluster = match &args.target {
         Some(_) => None,
@@ -85,8 +103,17 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             config.customers = args.customers.clone();
             config.machines_per_customer = args.machines_per_customer;
             config.lease_ttl = args.lease_ttl;
-            config.restart_delay = Some(Duration::from_millis(1500));
-            config.log_sink = crate::dev::logs::LogSink::Quiet;
+            config.restart_delay = Some(Duration::from_millis(availability::KILLED_FOR_MS));
+            config.log_sink = if args.logs {
+                crate::dev::logs::LogSink::Stdout
+            } else {
+                crate::dev::logs::LogSink::Quiet
+            };
+            if args.faults.is_some() {
+                config
+                    .extra_env
+                    .push(("TENANTD_FAULTS".into(), baseline.clone()));
+            }
             Some(Cluster::start(config).await?)
         }
     };
@@ -102,8 +129,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
 
     let mut rng = StdRng::seed_from_u64(args.seed);
     let plan = match &cluster {
-        Some(_) => nemesis::schedule(&mut rng, args.duration, &args.customers, &kinds),
-        None => Vec::new(),
+        Some(_) if !kinds.is_empty() => {
+            nemesis::schedule(&mut rng, args.duration, &args.customers, &kinds)
+        }
+        _ => Vec::new(),
     };
     let t0 = Instant::now();
     let load = workload::Workload::start(&base, &args.customers, args.clients, args.seed, t0);
@@ -111,7 +140,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     for (at, kind, customer) in plan {
         tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + at)).await;
         let cluster = cluster.as_ref().expect("nemeses only with a local cluster");
-        if let Some(event) = nemesis::apply(cluster, kind, &customer, args.lease_ttl, t0).await {
+        if let Some(event) =
+            nemesis::apply(cluster, kind, &customer, args.lease_ttl, &baseline, t0).await
+        {
             eprintln!(
                 "chaos: {:>6} ms  {:<18} customer {} {}",
                 event.start_ms,
@@ -133,14 +164,21 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     );
     let finals = final_counts(&base, &args.customers).await;
     let report = checker::check(&ops, &finals, &nemeses, run_ms);
+    let throughput = availability::throughput(&ops, run_ms);
     print_report(&report, &nemeses);
+    print_availability(&report, &throughput);
     if let Some(path) = &args.json {
         let doc = json!({
             "seed": args.seed,
             "duration_ms": run_ms,
             "violations": report.violations,
+            "sent": report.sent,
             "acked": report.acked,
             "indeterminate": report.indeterminate,
+            "success_ratio": report.success_ratio,
+            "longest_gap_ms": report.longest_gap_ms,
+            "throughput": throughput,
+            "faults": serde_json::from_str::<serde_json::Value>(&baseline)?,
             "customers": report.customers,
             "nemeses": nemeses,
         });
@@ -193,6 +231,26 @@ async fn final_counts(base: &str, customers: &[String]) -> BTreeMap<String, u64>
         }
     }
     finals
+}
+
+fn print_availability(report: &Report, t: &availability::Throughput) {
+    for (customer, r) in &report.customers {
+        println!(
+            "customer {customer}: success_ratio {:.4} ({} of {} acknowledged), longest_gap_ms {}",
+            r.success_ratio, r.acked, r.sent, r.longest_gap_ms
+        );
+    }
+    println!(
+        "overall: success_ratio {:.4} ({} of {} acknowledged), longest_gap_ms {} (outside kills/pauses/partitions/stops of the holder), {:.1} acknowledged/s, latency p50 {} ms p99 {} ms max {} ms",
+        report.success_ratio,
+        report.acked,
+        report.sent,
+        report.longest_gap_ms,
+        t.acked_per_sec,
+        t.p50_ms,
+        t.p99_ms,
+        t.max_ms
+    );
 }
 
 fn print_report(report: &Report, nemeses: &[NemesisEvent]) {

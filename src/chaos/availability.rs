@@ -4,10 +4,13 @@
 //! - `longest_gap_ms`: the longest stretch with no acknowledgement for a
 //!   customer, *outside* the windows in which a nemesis legitimately stopped
 //!   that customer's holder (killed until its restart, paused, partitioned
-//!   from the store, stopped). Store faults (errors, lost responses,
-//!   late-applied writes, SlowDown, a bandwidth cap, latency) are not
-//!   excluded: the service is expected to ride them out. Overall: the
-//!   largest customer's figure;
+//!   from the store, stopped), and outside the times when no request of the
+//!   customer was in flight (closed-loop clients pick customers at random:
+//!   while another customer's holder is paused every client may be waiting
+//!   on it, and a customer nobody asks cannot acknowledge anything). Store
+//!   faults (errors, lost responses, late-applied writes, SlowDown, a
+//!   bandwidth cap, latency) are not excluded: the service is expected to
+//!   ride them out. Overall: the largest customer's figure;
 //! - throughput (acknowledged per second) and the latency percentiles of
 //!   acknowledged requests.
 
@@ -57,25 +60,54 @@ pub fn holder_down_windows(nemeses: &[NemesisEvent], customer: &str) -> Vec<(u64
     windows
 }
 
+/// The parts of `[0, run_ms]` in which none of the requests `[start, end]`
+/// was in flight, sorted.
+pub fn idle_windows(requests: &[(u64, u64)], run_ms: u64) -> Vec<(u64, u64)> {
+    let mut requests = requests.to_vec();
+    requests.sort();
+    let mut idle = Vec::new();
+    let mut busy_until = 0;
+    for (start, end) in requests {
+        if start > busy_until {
+            idle.push((busy_until, start));
+        }
+        busy_until = busy_until.max(end);
+    }
+    if run_ms > busy_until {
+        idle.push((busy_until, run_ms));
+    }
+    idle
+}
+
 /// The longest stretch of `[0, run_ms]` between consecutive
 /// acknowledgements (`ack_ends`, ms, any order) once `excluded` windows are
 /// cut out of it: a gap that a window splits counts as its pieces.
 pub fn longest_gap_ms(ack_ends: &[u64], excluded: &[(u64, u64)], run_ms: u64) -> u64 {
+    longest_gap(ack_ends, excluded, run_ms).1
+}
+
+/// Like [`longest_gap_ms`], with where the longest stretch starts:
+/// `(start_ms, length_ms)`.
+pub fn longest_gap(ack_ends: &[u64], excluded: &[(u64, u64)], run_ms: u64) -> (u64, u64) {
     let mut ends: Vec<u64> = ack_ends.to_vec();
     ends.sort_unstable();
-    let mut longest = 0;
+    let mut longest = (0, 0);
     let mut previous = 0;
     for end in ends.into_iter().chain(std::iter::once(run_ms)) {
         let end = end.max(previous);
-        longest = longest.max(longest_piece(previous, end, excluded));
+        let piece = longest_piece(previous, end, excluded);
+        if piece.1 > longest.1 {
+            longest = piece;
+        }
         previous = end;
     }
     longest
 }
 
-/// The longest part of `[from, to]` outside every window.
-fn longest_piece(from: u64, to: u64, excluded: &[(u64, u64)]) -> u64 {
-    let mut longest = 0;
+/// The longest part of `[from, to]` outside every window, as
+/// `(start, length)`.
+fn longest_piece(from: u64, to: u64, excluded: &[(u64, u64)]) -> (u64, u64) {
+    let mut longest = (from, 0);
     let mut cursor = from;
     let mut windows: Vec<(u64, u64)> = excluded
         .iter()
@@ -84,15 +116,18 @@ fn longest_piece(from: u64, to: u64, excluded: &[(u64, u64)]) -> u64 {
         .collect();
     windows.sort();
     for (start, end) in windows {
-        if start > cursor {
-            longest = longest.max(start - cursor);
+        if start > cursor && start - cursor > longest.1 {
+            longest = (cursor, start - cursor);
         }
         cursor = cursor.max(end);
         if cursor >= to {
             return longest;
         }
     }
-    longest.max(to.saturating_sub(cursor))
+    if to.saturating_sub(cursor) > longest.1 {
+        longest = (cursor, to - cursor);
+    }
+    longest
 }
 
 /// Rates and latencies of a run.
@@ -171,6 +206,19 @@ mod tests {
         );
         // A window outside every gap changes nothing.
         assert_eq!(longest_gap_ms(&[0, 1000], &[(5000, 6000)], 1000), 1000);
+        // Where: the piece after the window.
+        assert_eq!(longest_gap(&[100, 1100], &[(50, 600)], 1100), (600, 500));
+        assert_eq!(longest_gap(&[100, 400, 450], &[], 600), (100, 300));
+    }
+
+    #[test]
+    fn idle_time_is_the_complement_of_requests_in_flight() {
+        assert_eq!(
+            idle_windows(&[(10, 50), (20, 40), (60, 70), (65, 90)], 100),
+            vec![(0, 10), (50, 60), (90, 100)]
+        );
+        assert_eq!(idle_windows(&[], 100), vec![(0, 100)]);
+        assert_eq!(idle_windows(&[(0, 100)], 100), vec![]);
     }
 
     #[test]

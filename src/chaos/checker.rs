@@ -9,8 +9,9 @@
 //!     lower one;
 //! (e) availability (src/chaos/availability.rs): acknowledged / sent, the
 //!     longest stretch without a successful write per customer outside the
-//!     windows in which a nemesis stopped its holder, and for each kill the
-//!     time to the customer's next success.
+//!     windows in which a nemesis stopped its holder or no request of the
+//!     customer was in flight, and for each kill the time to the customer's
+//!     next success.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -29,8 +30,11 @@ pub struct CustomerReport {
     /// acknowledged / sent.
     pub success_ratio: f64,
     /// Longest stretch without an acknowledgement, outside the windows in
-    /// which a nemesis stopped this customer's holder.
+    /// which a nemesis stopped this customer's holder or none of its
+    /// requests was in flight.
     pub longest_gap_ms: u64,
+    /// When (ms into the run) that stretch began.
+    pub longest_gap_from_ms: u64,
     /// For each kill of this customer's holder: ms to the next success.
     pub recovery_after_kill_ms: Vec<u64>,
 }
@@ -141,8 +145,11 @@ pub fn check(
         }
         // (e)
         let ends: Vec<u64> = acked.iter().map(|(_, _, op)| op.end_ms).collect();
-        let holder_down = availability::holder_down_windows(nemeses, customer);
-        r.longest_gap_ms = availability::longest_gap_ms(&ends, &holder_down, run_ms);
+        let requests: Vec<(u64, u64)> = mine.iter().map(|o| (o.start_ms, o.end_ms)).collect();
+        let mut excluded = availability::holder_down_windows(nemeses, customer);
+        excluded.extend(availability::idle_windows(&requests, run_ms));
+        (r.longest_gap_from_ms, r.longest_gap_ms) =
+            availability::longest_gap(&ends, &excluded, run_ms);
         for kill in nemeses
             .iter()
             .filter(|n| n.kind == "kill_holder" && n.customer.as_deref() == Some(customer))
@@ -295,11 +302,21 @@ mod tests {
 
     #[test]
     fn availability_gaps_and_recovery_after_kills() {
-        let ops = vec![
+        let mut ops = vec![
             op(0, "a", 0, ok(1, 1)),
             op(1, "x", 95, ok(2, 1)),
             op(0, "b", 1000, ok(3, 2)),
+            // In flight the whole time, never answered.
+            op(
+                2,
+                "y",
+                0,
+                Outcome::Indeterminate {
+                    error: "timeout".into(),
+                },
+            ),
         ];
+        ops[3].end_ms = 1200;
         let kill = NemesisEvent {
             kind: "kill_holder".into(),
             customer: Some("1".into()),
@@ -312,10 +329,16 @@ mod tests {
         // The gap from 100 to 1005 falls in the killed holder's window
         // (until its restart): not charged.
         assert_eq!(r.longest_gap_ms, 95);
-        assert_eq!((report.sent, report.success_ratio), (3, 1.0));
+        assert_eq!((report.sent, report.success_ratio), (4, 0.75));
         let without_kill = check(&ops, &finals(3), &[], 1200);
         assert_eq!(without_kill.customers["1"].longest_gap_ms, 905);
         assert_eq!(without_kill.longest_gap_ms, 905);
+        assert_eq!(without_kill.customers["1"].longest_gap_from_ms, 100);
+        // Nothing in flight between 5 and 95 and between 100 and 1000: no
+        // gap is charged there.
+        ops.pop();
+        let idle = check(&ops, &finals(3), &[], 1200);
+        assert_eq!(idle.customers["1"].longest_gap_ms, 5);
         assert_eq!(
             r.recovery_after_kill_ms,
             vec![905],

@@ -236,8 +236,8 @@ async fn final_counts(base: &str, customers: &[String]) -> BTreeMap<String, u64>
 fn print_availability(report: &Report, t: &availability::Throughput) {
     for (customer, r) in &report.customers {
         println!(
-            "customer {customer}: success_ratio {:.4} ({} of {} acknowledged), longest_gap_ms {}",
-            r.success_ratio, r.acked, r.sent, r.longest_gap_ms
+            "customer {customer}: success_ratio {:.4} ({} of {} acknowledged), longest_gap_ms {} (from {} ms)",
+            r.success_ratio, r.acked, r.sent, r.longest_gap_ms, r.longest_gap_from_ms
         );
     }
     println!(

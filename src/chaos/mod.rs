@@ -241,7 +241,7 @@ fn print_availability(report: &Report, t: &availability::Throughput) {
         );
     }
     println!(
-        "overall: success_ratio {:.4} ({} of {} acknowledged), longest_gap_ms {} (outside kills/pauses/partitions/stops of the holder), {:.1} acknowledged/s, latency p50 {} ms p99 {} ms max {} ms",
+        "overall: success_ratio {:.4} ({} of {} acknowledged), longest_gap_ms {} (outside kills/pauses/partitions/stops of the holder and idle time), {:.1} acknowledged/s, latency p50 {} ms p99 {} ms max {} ms",
         report.success_ratio,
         report.acked,
         report.sent,

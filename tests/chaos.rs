@@ -98,3 +98,56 @@ fn a_short_sql_chaos_run_finds_no_violation() {
     );
     assert!(stdout.contains("no violations"), "{stdout}");
 }
+
+/// A few seconds of store trouble (5% transient errors on the customer's
+/// machines, over a baseline fault setting): nothing lost or doubled, and
+/// the report carries the availability figures (no thresholds: timing
+/// depends on the machine).
+#[test]
+fn a_store_error_burst_finds_no_violation_and_reports_availability() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenantd"))
+        .args([
+            "chaos",
+            "--duration",
+            "8s",
+            "--seed",
+            "3",
+            "--clients",
+            "4",
+            "--customers",
+            "100",
+            "--nemeses",
+            "store_errors",
+            "--faults",
+            r#"{"latency":"5ms","jitter":"2ms"}"#,
+            "--json",
+        ])
+        .arg(&json)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "chaos failed:\n{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        report["violations"].as_array().unwrap().len(),
+        0,
+        "{report}"
+    );
+    let nemeses = report["nemeses"].as_array().unwrap();
+    assert!(
+        nemeses.iter().any(|n| n["kind"] == "store_errors"),
+        "the store nemesis did not run: {stderr}"
+    );
+    assert!(report["acked"].as_u64().unwrap() > 0, "no work: {report}");
+    let ratio = report["success_ratio"].as_f64().expect("success_ratio");
+    assert!((0.0..=1.0).contains(&ratio), "{report}");
+    assert!(report["longest_gap_ms"].is_u64(), "{report}");
+    let customer = &report["customers"]["100"];
+    assert!(customer["success_ratio"].is_f64(), "{report}");
+    assert!(customer["longest_gap_ms"].is_u64(), "{report}");
+    assert!(stdout.contains("success_ratio") && stdout.contains("longest_gap_ms"));
+}

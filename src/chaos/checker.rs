@@ -7,22 +7,34 @@
 //! (c) each client's acknowledged counts (per customer) strictly increase;
 //! (d) counts acknowledged under a higher epoch are above those under a
 //!     lower one;
-//! (e) availability: the longest stretch without a successful write per
-//!     customer, and for each kill the time to the customer's next success.
+//! (e) availability (src/chaos/availability.rs): acknowledged / sent, the
+//!     longest stretch without a successful write per customer outside the
+//!     windows in which a nemesis stopped its holder or no request of the
+//!     customer was in flight, and for each kill the time to the customer's
+//!     next success.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::availability;
 use super::history::{NemesisEvent, Op, Outcome};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CustomerReport {
+    pub sent: usize,
     pub acked: usize,
     pub indeterminate: usize,
     pub failed: usize,
     pub final_count: u64,
+    /// acknowledged / sent.
+    pub success_ratio: f64,
+    /// Longest stretch without an acknowledgement, outside the windows in
+    /// which a nemesis stopped this customer's holder or none of its
+    /// requests was in flight.
     pub longest_gap_ms: u64,
+    /// When (ms into the run) that stretch began.
+    pub longest_gap_from_ms: u64,
     /// For each kill of this customer's holder: ms to the next success.
     pub recovery_after_kill_ms: Vec<u64>,
 }
@@ -30,8 +42,13 @@ pub struct CustomerReport {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
     pub violations: Vec<String>,
+    pub sent: usize,
     pub acked: usize,
     pub indeterminate: usize,
+    /// acknowledged / sent, over all customers.
+    pub success_ratio: f64,
+    /// The largest customer's `longest_gap_ms`.
+    pub longest_gap_ms: u64,
     pub customers: BTreeMap<String, CustomerReport>,
 }
 
@@ -59,6 +76,8 @@ pub fn check(
             }
         }
         r.acked = acked.len();
+        r.sent = mine.len();
+        r.success_ratio = availability::ratio(r.acked, r.sent);
         let Some(&final_count) = finals.get(customer) else {
             report
                 .violations
@@ -125,16 +144,22 @@ pub fn check(
             highest_epoch_below = highest_epoch_below.max(*epoch);
         }
         // (e)
-        let spans: Vec<(u64, u64)> = acked
+        let acked_spans: Vec<(u64, u64)> = acked
             .iter()
             .map(|(_, _, op)| (op.start_ms, op.end_ms))
             .collect();
-        (r.longest_gap_ms, r.recovery_after_kill_ms) =
-            availability(customer, &spans, nemeses, run_ms);
+        let requests: Vec<(u64, u64)> = mine.iter().map(|o| (o.start_ms, o.end_ms)).collect();
+        let seen = availability(customer, &acked_spans, &requests, nemeses, run_ms);
+        r.longest_gap_from_ms = seen.longest_gap_from_ms;
+        r.longest_gap_ms = seen.longest_gap_ms;
+        r.recovery_after_kill_ms = seen.recovery_after_kill_ms;
+        report.sent += r.sent;
         report.acked += r.acked;
         report.indeterminate += r.indeterminate;
+        report.longest_gap_ms = report.longest_gap_ms.max(r.longest_gap_ms);
         report.customers.insert(customer.to_string(), r);
     }
+    report.success_ratio = availability::ratio(report.acked, report.sent);
     report
 }
 
@@ -142,21 +167,32 @@ pub fn check(
 /// operations: the longest stretch without a success, and for each kill of
 /// the customer's holder the time to the next success of a request sent
 /// after it.
+/// A customer's availability over a run.
+pub struct Availability {
+    /// Longest time without an acknowledgement, leaving out windows in
+    /// which a nemesis stopped the customer's holder and windows in which
+    /// none of its requests was in flight.
+    pub longest_gap_ms: u64,
+    pub longest_gap_from_ms: u64,
+    /// For each kill of the customer's holder, how long until a request
+    /// sent after it was acknowledged.
+    pub recovery_after_kill_ms: Vec<u64>,
+}
+
+/// Availability from the spans (start, end) of a customer's acknowledged
+/// requests and of all its requests; shared by both workloads.
 pub fn availability(
     customer: &str,
     acked: &[(u64, u64)],
+    requests: &[(u64, u64)],
     nemeses: &[NemesisEvent],
     run_ms: u64,
-) -> (u64, Vec<u64>) {
-    let mut ends: Vec<u64> = acked.iter().map(|(_, end)| *end).collect();
-    ends.sort();
-    let mut longest_gap_ms = 0;
-    let mut previous = 0;
-    for end in ends.iter().copied().chain(std::iter::once(run_ms)) {
-        longest_gap_ms = longest_gap_ms.max(end.saturating_sub(previous));
-        previous = end;
-    }
-    let mut recovery = Vec::new();
+) -> Availability {
+    let ends: Vec<u64> = acked.iter().map(|(_, end)| *end).collect();
+    let mut excluded = availability::holder_down_windows(nemeses, customer);
+    excluded.extend(availability::idle_windows(requests, run_ms));
+    let (longest_gap_from_ms, longest_gap_ms) = availability::longest_gap(&ends, &excluded, run_ms);
+    let mut recovery_after_kill_ms = Vec::new();
     for kill in nemeses
         .iter()
         .filter(|n| n.kind == "kill_holder" && n.customer.as_deref() == Some(customer))
@@ -169,10 +205,14 @@ pub fn availability(
             .map(|(_, end)| *end)
             .min();
         if let Some(next) = next {
-            recovery.push(next - kill.start_ms);
+            recovery_after_kill_ms.push(next - kill.start_ms);
         }
     }
-    (longest_gap_ms, recovery)
+    Availability {
+        longest_gap_ms,
+        longest_gap_from_ms,
+        recovery_after_kill_ms,
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +273,8 @@ mod tests {
         let report = check(&clean(), &finals(4), &[], 100);
         assert!(report.violations.is_empty(), "{:?}", report.violations);
         assert_eq!((report.acked, report.indeterminate), (3, 1));
+        assert_eq!(report.sent, 5);
+        assert_eq!(report.success_ratio, 0.6);
     }
 
     #[test]
@@ -300,11 +342,21 @@ mod tests {
 
     #[test]
     fn availability_gaps_and_recovery_after_kills() {
-        let ops = vec![
+        let mut ops = vec![
             op(0, "a", 0, ok(1, 1)),
             op(1, "x", 95, ok(2, 1)),
             op(0, "b", 1000, ok(3, 2)),
+            // In flight the whole time, never answered.
+            op(
+                2,
+                "y",
+                0,
+                Outcome::Indeterminate {
+                    error: "timeout".into(),
+                },
+            ),
         ];
+        ops[3].end_ms = 1200;
         let kill = NemesisEvent {
             kind: "kill_holder".into(),
             customer: Some("1".into()),
@@ -312,9 +364,21 @@ mod tests {
             start_ms: 100,
             end_ms: 100,
         };
-        let report = check(&ops, &finals(3), &[kill], 1200);
+        let report = check(&ops, &finals(3), std::slice::from_ref(&kill), 1200);
         let r = &report.customers["1"];
-        assert_eq!(r.longest_gap_ms, 905);
+        // The gap from 100 to 1005 falls in the killed holder's window
+        // (until its restart): not charged.
+        assert_eq!(r.longest_gap_ms, 95);
+        assert_eq!((report.sent, report.success_ratio), (4, 0.75));
+        let without_kill = check(&ops, &finals(3), &[], 1200);
+        assert_eq!(without_kill.customers["1"].longest_gap_ms, 905);
+        assert_eq!(without_kill.longest_gap_ms, 905);
+        assert_eq!(without_kill.customers["1"].longest_gap_from_ms, 100);
+        // Nothing in flight between 5 and 95 and between 100 and 1000: no
+        // gap is charged there.
+        ops.pop();
+        let idle = check(&ops, &finals(3), &[], 1200);
+        assert_eq!(idle.customers["1"].longest_gap_ms, 5);
         assert_eq!(
             r.recovery_after_kill_ms,
             vec![905],

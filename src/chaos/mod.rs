@@ -6,6 +6,7 @@
 //! `--workload sql` runs transfers between the rows of an accounts table
 //! through the SQL API instead ([`sql_workload`], [`sql_checker`]).
 
+pub mod availability;
 pub mod checker;
 pub mod history;
 pub mod nemesis;
@@ -63,9 +64,16 @@ pub struct ChaosArgs {
     /// Lease ttl of the local cluster.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
-    /// Nemeses to use (default: all).
+    /// Nemeses to use (default: all; `none` for none).
     #[arg(long, value_delimiter = ',')]
     pub nemeses: Vec<String>,
+    /// Store faults on every machine from the start (JSON, as
+    /// TENANTD_FAULTS); store nemeses are layered over them.
+    #[arg(long)]
+    pub faults: Option<String>,
+    /// Print the machines' logs (stdout) instead of keeping them quiet.
+    #[arg(long)]
+    pub logs: bool,
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -94,6 +102,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     }
     let kinds: Vec<&'static str> = if args.nemeses.is_empty() {
         nemesis::KINDS.to_vec()
+    } else if args.nemeses.iter().all(|n| n == "none") {
+        Vec::new()
     } else {
         args.nemeses
             .iter()
@@ -115,6 +125,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         }
         _ => uuid::Uuid::new_v4().simple().to_string(),
     };
+    let baseline = match &args.faults {
+        Some(json) => {
+            serde_json::from_str::<crate::store::FaultConfig>(json)
+                .with_context(|| format!("invalid --faults {json:?}"))?;
+            json.clone()
+        }
+        None => "{}".to_string(),
+    };
     let scratch = tempdir()?;
     let cluster = match &args.target {
         Some(_) => None,
@@ -123,9 +141,18 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             config.customers = args.customers.clone();
             config.machines_per_customer = args.machines_per_customer;
             config.lease_ttl = args.lease_ttl;
-            config.restart_delay = Some(Duration::from_millis(1500));
-            config.log_sink = crate::dev::logs::LogSink::Quiet;
+            config.restart_delay = Some(Duration::from_millis(availability::KILLED_FOR_MS));
+            config.log_sink = if args.logs {
+                crate::dev::logs::LogSink::Stdout
+            } else {
+                crate::dev::logs::LogSink::Quiet
+            };
             config.api_token = Some(api_token.clone());
+            if args.faults.is_some() {
+                config
+                    .extra_env
+                    .push(("TENANTD_FAULTS".into(), baseline.clone()));
+            }
             Some(Cluster::start(config).await?)
         }
     };
@@ -146,12 +173,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
 
     let mut rng = StdRng::seed_from_u64(args.seed);
     let plan = match &cluster {
-        Some(_) => nemesis::schedule(&mut rng, args.duration, &args.customers, &kinds),
-        None => Vec::new(),
+        Some(_) if !kinds.is_empty() => {
+            nemesis::schedule(&mut rng, args.duration, &args.customers, &kinds)
+        }
+        _ => Vec::new(),
     };
     let t0 = Instant::now();
     let load = workload::Workload::start(&base, &args.customers, args.clients, args.seed, t0);
-    let nemeses = run_nemeses(cluster.as_ref(), plan, args.lease_ttl, t0).await;
+    let nemeses = run_nemeses(cluster.as_ref(), plan, args.lease_ttl, &baseline, t0).await;
     tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + args.duration)).await;
     let ops = load.stop().await;
     let run_ms = t0.elapsed().as_millis() as u64;
@@ -163,14 +192,21 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     );
     let finals = final_counts(&base, &args.customers).await;
     let report = checker::check(&ops, &finals, &nemeses, run_ms);
+    let throughput = availability::throughput(&ops, run_ms);
     print_report(&report, &nemeses);
+    print_availability(&report, &throughput);
     if let Some(path) = &args.json {
         let doc = json!({
             "seed": args.seed,
             "duration_ms": run_ms,
             "violations": report.violations,
+            "sent": report.sent,
             "acked": report.acked,
             "indeterminate": report.indeterminate,
+            "success_ratio": report.success_ratio,
+            "longest_gap_ms": report.longest_gap_ms,
+            "throughput": throughput,
+            "faults": serde_json::from_str::<serde_json::Value>(&baseline)?,
             "customers": report.customers,
             "nemeses": nemeses,
         });
@@ -197,13 +233,14 @@ async fn run_nemeses(
     cluster: Option<&Cluster>,
     plan: Vec<(Duration, &'static str, String)>,
     ttl: Duration,
+    baseline: &str,
     t0: Instant,
 ) -> Vec<NemesisEvent> {
     let mut nemeses: Vec<NemesisEvent> = Vec::new();
     for (at, kind, customer) in plan {
         tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + at)).await;
         let cluster = cluster.expect("nemeses only with a local cluster");
-        if let Some(event) = nemesis::apply(cluster, kind, &customer, ttl, t0).await {
+        if let Some(event) = nemesis::apply(cluster, kind, &customer, ttl, baseline, t0).await {
             eprintln!(
                 "chaos: {:>6} ms  {:<18} customer {} {}",
                 event.start_ms,
@@ -257,7 +294,8 @@ async fn run_sql(
         run: &run,
         t0,
     });
-    let nemeses = run_nemeses(cluster.as_ref(), plan, args.lease_ttl, t0).await;
+    let baseline = args.faults.clone().unwrap_or_else(|| "{}".to_string());
+    let nemeses = run_nemeses(cluster.as_ref(), plan, args.lease_ttl, &baseline, t0).await;
     tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + args.duration)).await;
     let (transfers, reads) = load.stop().await;
     let run_ms = t0.elapsed().as_millis() as u64;
@@ -360,6 +398,26 @@ async fn final_counts(base: &str, customers: &[String]) -> BTreeMap<String, u64>
         }
     }
     finals
+}
+
+fn print_availability(report: &Report, t: &availability::Throughput) {
+    for (customer, r) in &report.customers {
+        println!(
+            "customer {customer}: success_ratio {:.4} ({} of {} acknowledged), longest_gap_ms {} (from {} ms)",
+            r.success_ratio, r.acked, r.sent, r.longest_gap_ms, r.longest_gap_from_ms
+        );
+    }
+    println!(
+        "overall: success_ratio {:.4} ({} of {} acknowledged), longest_gap_ms {} (outside kills/pauses/partitions/stops of the holder and idle time), {:.1} acknowledged/s, latency p50 {} ms p99 {} ms max {} ms",
+        report.success_ratio,
+        report.acked,
+        report.sent,
+        report.longest_gap_ms,
+        t.acked_per_sec,
+        t.p50_ms,
+        t.p99_ms,
+        t.max_ms
+    );
 }
 
 fn print_report(report: &Report, nemeses: &[NemesisEvent]) {

@@ -1,6 +1,11 @@
 //! Nemeses: faults scheduled from the seed and applied to a `tenantd dev`
 //! cluster — SIGKILL or SIGSTOP of a holder, a partition from the store,
-//! store latency and error bursts, scaling, graceful stop, restart.
+//! store latency and error bursts, scaling, graceful stop, restart — and the
+//! faults of a real S3 or Tigris, on all of a customer's machines for a few
+//! seconds: transient errors, lost responses, late-applied writes, SlowDown
+//! bursts, a bandwidth cap. Store faults go through each machine's
+//! `/_admin/faults` and are layered over the run's baseline faults
+//! (`tenantd chaos --faults`), which healing restores.
 
 use std::time::{Duration, Instant};
 
@@ -19,7 +24,60 @@ pub const KINDS: &[&str] = &[
     "scale",
     "stop_holder",
     "restart_follower",
+    "store_errors",
+    "lost_responses",
+    "late_writes",
+    "slowdown_burst",
+    "bandwidth_cap",
 ];
+
+/// The store nemeses: fault settings (layered over the baseline) held on
+/// every machine of the customer for a while, then healed.
+pub const STORE_FAULTS: &[(&str, &str, Duration)] = &[
+    // 5% transient errors (never reach the store).
+    (
+        "store_errors",
+        r#"{"error_rate":0.05}"#,
+        Duration::from_secs(3),
+    ),
+    // 2% of puts land but the answer is lost.
+    (
+        "lost_responses",
+        r#"{"lost_response_rate":0.02}"#,
+        Duration::from_secs(3),
+    ),
+    // 5% of puts are answered with an error and land up to 500 ms later.
+    (
+        "late_writes",
+        r#"{"late_apply_rate":0.05,"late_apply_delay":"500ms"}"#,
+        Duration::from_secs(3),
+    ),
+    // 503 SlowDown and 500 InternalError, each followed by 200 ms of the same.
+    (
+        "slowdown_burst",
+        r#"{"slowdown_rate":0.05,"internal_error_rate":0.02,"error_burst":"200ms"}"#,
+        Duration::from_secs(3),
+    ),
+    // Bodies at 1 MB/s (per request).
+    (
+        "bandwidth_cap",
+        r#"{"bandwidth_bytes_per_sec":1000000}"#,
+        Duration::from_secs(4),
+    ),
+];
+
+/// `baseline` with the fields of `overlay` set over it (both JSON objects,
+/// as `/_admin/faults` takes them).
+pub fn layered(baseline: &str, overlay: &str) -> String {
+    let mut merged = match serde_json::from_str::<serde_json::Value>(baseline) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(overlay) {
+        merged.extend(fields);
+    }
+    serde_json::Value::Object(merged).to_string()
+}
 
 /// The schedule: (offset from start, kind, customer), from the seed alone.
 /// Kinds come in shuffled rounds, each kind once per round, so that a run
@@ -55,24 +113,48 @@ async fn holder(cluster: &Cluster, customer: &str) -> Option<String> {
         .map(|s| s.machine.id)
 }
 
+fn customer_machines(cluster: &Cluster, customer: &str) -> Vec<String> {
+    cluster
+        .machines()
+        .into_iter()
+        .filter(|m| m.customer_id.as_deref() == Some(customer))
+        .map(|m| m.id)
+        .collect()
+}
+
 async fn set_faults(http: &reqwest::Client, cluster: &Cluster, machine: &str, faults: &str) {
     if let Some(m) = cluster.machines().into_iter().find(|m| m.id == machine) {
-        let _ = http
+        let reply = http
             .put(format!("http://{}/_admin/faults", m.address))
             .bearer_auth(cluster.admin_token())
             .body(faults.to_string())
             .send()
             .await;
+        // A machine that is down (killed, paused, restarting) cannot take
+        // it: the nemesis goes on with the others. A refused setting is a
+        // bug of the nemesis, so say so.
+        if let Ok(reply) = reply
+            && !reply.status().is_success()
+        {
+            eprintln!(
+                "chaos: machine {machine} refused faults {faults}: {} {}",
+                reply.status(),
+                reply.text().await.unwrap_or_default()
+            );
+        }
     }
 }
 
 /// Applies one nemesis and undoes it; returns what was done, or None when
-/// there was nothing to act on (e.g. no holder at that moment).
+/// there was nothing to act on (e.g. no holder at that moment). `baseline`
+/// is the run's fault setting (JSON, `{}` for none): healing a store fault
+/// restores it.
 pub async fn apply(
     cluster: &Cluster,
     kind: &str,
     customer: &str,
     ttl: Duration,
+    baseline: &str,
     t0: Instant,
 ) -> Option<NemesisEvent> {
     let http = reqwest::Client::builder()
@@ -96,24 +178,36 @@ pub async fn apply(
         }
         "partition_holder" => {
             let id = holder(cluster, customer).await?;
-            set_faults(&http, cluster, &id, r#"{"partitioned":true}"#).await;
+            let partitioned = layered(baseline, r#"{"partitioned":true}"#);
+            set_faults(&http, cluster, &id, &partitioned).await;
             tokio::time::sleep(ttl * 2).await;
-            set_faults(&http, cluster, &id, "{}").await;
+            set_faults(&http, cluster, &id, baseline).await;
             machine = Some(id);
         }
         "slow_store" => {
-            let ids: Vec<String> = cluster
-                .machines()
-                .into_iter()
-                .filter(|m| m.customer_id.as_deref() == Some(customer))
-                .map(|m| m.id)
-                .collect();
+            let ids = customer_machines(cluster, customer);
+            let slow = layered(
+                baseline,
+                r#"{"latency":"100ms","jitter":"100ms","error_rate":0.2,"lost_response_rate":0.1}"#,
+            );
             for id in &ids {
-                set_faults(&http, cluster, id, r#"{"latency":"100ms","jitter":"100ms","error_rate":0.2,"lost_response_rate":0.1}"#).await;
+                set_faults(&http, cluster, id, &slow).await;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
             for id in &ids {
-                set_faults(&http, cluster, id, "{}").await;
+                set_faults(&http, cluster, id, baseline).await;
+            }
+        }
+        kind if STORE_FAULTS.iter().any(|(k, _, _)| *k == kind) => {
+            let (_, faults, hold) = STORE_FAULTS.iter().find(|(k, _, _)| *k == kind)?;
+            let ids = customer_machines(cluster, customer);
+            let faulty = layered(baseline, faults);
+            for id in &ids {
+                set_faults(&http, cluster, id, &faulty).await;
+            }
+            tokio::time::sleep(*hold).await;
+            for id in &ids {
+                set_faults(&http, cluster, id, baseline).await;
             }
         }
         "scale" => {
@@ -186,5 +280,21 @@ mod tests {
             );
             assert_eq!(plan, again);
         }
+    }
+
+    #[test]
+    fn store_nemeses_are_valid_fault_settings_layered_over_the_baseline() {
+        for (kind, faults, _) in STORE_FAULTS {
+            assert!(KINDS.contains(kind), "{kind} is not in KINDS");
+            let layered = layered(r#"{"latency":"20ms","error_rate":0.02}"#, faults);
+            let config: crate::store::fault::FaultConfig =
+                serde_json::from_str(&layered).unwrap_or_else(|e| panic!("{kind}: {layered}: {e}"));
+            assert_eq!(config.latency, Duration::from_millis(20), "{kind}");
+            assert_ne!(config, crate::store::fault::FaultConfig::default());
+        }
+        let errors = layered(r#"{"latency":"20ms","error_rate":0.02}"#, STORE_FAULTS[0].1);
+        let config: crate::store::fault::FaultConfig = serde_json::from_str(&errors).unwrap();
+        assert_eq!(config.error_rate, 0.05, "the nemesis' setting wins");
+        assert_eq!(layered("{}", "{}"), "{}");
     }
 }

@@ -278,8 +278,10 @@ pub fn check(
             .filter(|o| matches!(o.outcome, TransferOutcome::Ok { .. }))
             .map(|o| (o.start_ms, o.end_ms))
             .collect();
-        (r.longest_gap_ms, r.recovery_after_kill_ms) =
-            availability(customer, &acked, nemeses, run_ms);
+        let requests: Vec<(u64, u64)> = mine.iter().map(|o| (o.start_ms, o.end_ms)).collect();
+        let seen = availability(customer, &acked, &requests, nemeses, run_ms);
+        r.longest_gap_ms = seen.longest_gap_ms;
+        r.recovery_after_kill_ms = seen.recovery_after_kill_ms;
         report.acked += r.acked;
         report.indeterminate += r.indeterminate;
         report.refused += r.refused;

@@ -362,7 +362,18 @@ impl ObjectStore for RetryingStore {
     }
 
     async fn check(&self) -> StoreResult<()> {
-        self.inner.check().await
+        // A store that errs now and then must not stop a machine at start
+        // (it would crash-loop): a few retries of transient errors; a store
+        // that keeps failing, or answers for good (credentials, bucket),
+        // still fails at once with its own message.
+        let mut attempts = Attempts::new(&self.policy, 0);
+        let mut left = 4;
+        loop {
+            match self.inner.check().await {
+                Err(e) if left > 1 && attempts.wait(&e).await => left -= 1,
+                result => return result,
+            }
+        }
     }
 
     fn describe(&self) -> String {
@@ -519,6 +530,69 @@ mod tests {
         fn describe(&self) -> String {
             "recording".into()
         }
+    }
+
+    /// A store whose check fails transiently a given number of times.
+    #[derive(Debug)]
+    struct FlakyCheck {
+        inner: MemoryStore,
+        failures: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait]
+    impl ObjectStore for FlakyCheck {
+        async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
+            self.inner.get(key).await
+        }
+        async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+            self.inner.head(key).await
+        }
+        async fn put(
+            &self,
+            key: &str,
+            body: Bytes,
+            metadata: Metadata,
+            condition: Precondition,
+        ) -> StoreResult<ETag> {
+            self.inner.put(key, body, metadata, condition).await
+        }
+        async fn check(&self) -> StoreResult<()> {
+            use std::sync::atomic::Ordering;
+            match self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            {
+                Ok(_) => Err(StoreError::transient("", "503 SlowDown at start")),
+                Err(_) => Ok(()),
+            }
+        }
+        fn describe(&self) -> String {
+            "flaky check".into()
+        }
+    }
+
+    /// A transient error in the check at start is retried (a machine must
+    /// not refuse to start over one 503); one that persists is reported.
+    #[tokio::test(start_paused = true)]
+    async fn the_start_check_rides_out_transient_errors_but_not_persistent_ones() {
+        let flaky = |failures| {
+            RetryingStore::new(
+                Arc::new(FlakyCheck {
+                    inner: MemoryStore::new(),
+                    failures: std::sync::atomic::AtomicU32::new(failures),
+                }),
+                RetryPolicy::default(),
+            )
+        };
+        flaky(2)
+            .check()
+            .await
+            .expect("two transient errors are ridden out");
+        let error = flaky(100)
+            .check()
+            .await
+            .expect_err("a store that keeps failing");
+        assert!(error.to_string().contains("SlowDown"), "{error}");
     }
 
     /// Three writers racing, with late-applied writes: every `Ok` landed,

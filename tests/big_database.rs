@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tenantd::TenantId;
 use tenantd::metrics::Metrics;
+use tenantd::store::fault::FaultHandle;
 use tenantd::store::retry::RetryPolicy;
 use tenantd::store::{DynStore, FaultConfig, Metadata, Precondition, StoreUrl, keys, open_store};
 use tenantd::tenant::actor::ActorContext;
@@ -37,6 +38,29 @@ fn big_database(dir: &Path, mb: usize) -> Bytes {
     .unwrap();
     drop(conn);
     Bytes::from(std::fs::read(&path).unwrap())
+}
+
+/// A memory store, layered as the service uses it, holding tenant "big"
+/// with a database of `mb` megabytes (put before any fault applies).
+async fn store_with_big_tenant(dir: &Path, mb: usize) -> (DynStore, FaultHandle) {
+    let (store, faults) = open_store(
+        &StoreUrl::Memory,
+        FaultConfig::default(),
+        RetryPolicy::default(),
+        None,
+    )
+    .await
+    .unwrap();
+    store
+        .put(
+            &keys::database("big"),
+            big_database(dir, mb),
+            Metadata::new(),
+            Precondition::IfAbsent,
+        )
+        .await
+        .unwrap();
+    (store, faults)
 }
 
 fn registry(store: DynStore, dir: &Path, ttl: Duration) -> Arc<Registry> {
@@ -67,25 +91,8 @@ async fn local(registry: &Arc<Registry>, id: &TenantId) -> tenantd::tenant::Tena
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200_mb_database_commits_through_a_20_mb_per_s_store() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, faults) = open_store(
-        &StoreUrl::Memory,
-        FaultConfig::default(),
-        RetryPolicy::default(),
-        None,
-    )
-    .await
-    .unwrap();
+    let (store, faults) = store_with_big_tenant(dir.path(), 200).await;
     let id = TenantId::parse("big").unwrap();
-    let body = big_database(dir.path(), 200);
-    store
-        .put(
-            &keys::database("big"),
-            body,
-            Metadata::new(),
-            Precondition::IfAbsent,
-        )
-        .await
-        .unwrap();
     faults.set(FaultConfig {
         bandwidth_bytes_per_sec: 20_000_000,
         ..FaultConfig::default()
@@ -119,24 +126,7 @@ async fn claiming_a_100_mb_tenant_on_one_worker_costs_no_other_tenant_its_lease(
     let dir = tempfile::tempdir().unwrap();
     // The memory store: no disk shared between the big tenant's uploads
     // and the small one's renewals, so only the runtime is tested.
-    let (store, _) = open_store(
-        &StoreUrl::Memory,
-        FaultConfig::default(),
-        RetryPolicy::default(),
-        None,
-    )
-    .await
-    .unwrap();
-    let body = big_database(dir.path(), 100);
-    store
-        .put(
-            &keys::database("big"),
-            body,
-            Metadata::new(),
-            Precondition::IfAbsent,
-        )
-        .await
-        .unwrap();
+    let (store, _) = store_with_big_tenant(dir.path(), 100).await;
     let ttl = Duration::from_millis(1500);
     let registry = registry(store.clone(), dir.path(), ttl);
     let small = TenantId::parse("small").unwrap();

@@ -1,7 +1,8 @@
 //! The deterministic simulation in CI: 1,000 seeds of the lease and writer
 //! protocol under crashes, pauses, partitions and lost responses find no
 //! violation; with fencing switched off the same simulation finds lost
-//! writes. `TENANTD_SIM_SEED=N` replays one seed.
+//! writes. `TENANTD_SIM_SEED=N` replays one seed, `TENANTD_SIM_SEEDS=N` runs
+//! the first N (for longer runs than CI's).
 
 use tenantd::chaos::sim::run_seed;
 
@@ -11,7 +12,11 @@ const STEPS: usize = 120;
 fn a_thousand_seeds_find_no_violation() {
     let seeds: Vec<u64> = match std::env::var("TENANTD_SIM_SEED") {
         Ok(seed) => vec![seed.parse().expect("TENANTD_SIM_SEED is a number")],
-        Err(_) => (0..1000).collect(),
+        Err(_) => {
+            let count = std::env::var("TENANTD_SIM_SEEDS")
+                .map_or(1000, |n| n.parse().expect("TENANTD_SIM_SEEDS is a number"));
+            (0..count).collect()
+        }
     };
     let (mut ops, mut takeovers) = (0, 0);
     for seed in seeds {

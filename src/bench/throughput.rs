@@ -25,11 +25,21 @@ pub struct Level {
 }
 
 impl Level {
-    /// The figures of one run of `clients` closed-loop clients for
-    /// `duration`, during which the machines sent `puts` store PUTs.
-    fn measured(clients: usize, samples: &load::Samples, duration: Duration, puts: f64) -> Level {
+    /// Runs `clients` closed-loop clients doing `work` for `duration`
+    /// against the tenant's machines, and counts the store PUTs they cost.
+    async fn measure(
+        machines: &[Machine],
+        by_id: &HashMap<String, std::net::SocketAddr>,
+        clients: usize,
+        duration: Duration,
+        work: load::Work,
+    ) -> anyhow::Result<Level> {
+        let (_, puts_before) = store_requests(machines).await?;
+        let samples = load::run(by_id.clone(), CUSTOMER, clients, duration, work).await;
+        let (_, puts_after) = store_requests(machines).await?;
+        let puts = puts_after - puts_before;
         let acked = samples.latencies.len();
-        Level {
+        Ok(Level {
             clients,
             acked,
             errors: samples.errors,
@@ -41,7 +51,7 @@ impl Level {
             } else {
                 puts * 1000.0 / acked as f64
             },
-        }
+        })
     }
 }
 
@@ -92,17 +102,14 @@ pub async fn run_sql(
     load::sql(&http, &by_id, first, CUSTOMER, &load::sql_setup())
         .await
         .ok_or_else(|| anyhow::anyhow!("the SQL API did not create the bench tables"))?;
-    let (_, puts_before) = store_requests(&machines).await?;
-    let samples = load::run(
-        by_id.clone(),
-        CUSTOMER,
+    let level = Level::measure(
+        &machines,
+        &by_id,
         clients,
         duration,
         load::Work::SqlTransfer,
     )
-    .await;
-    let (_, puts_after) = store_requests(&machines).await?;
-    let level = Level::measured(clients, &samples, duration, puts_after - puts_before);
+    .await?;
     eprintln!(
         "bench:   {:<21} {clients:>4} clients  {:>8.0} transactions/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} PUTs/1000  {} errors",
         "durable SQL (3 stmts)",
@@ -165,17 +172,8 @@ pub async fn run(
     }
     let mut results = Vec::new();
     for &clients in levels {
-        let (_, puts_before) = store_requests(&machines).await?;
-        let samples = load::run(
-            by_id.clone(),
-            CUSTOMER,
-            clients,
-            duration,
-            load::Work::Increment,
-        )
-        .await;
-        let (_, puts_after) = store_requests(&machines).await?;
-        let level = Level::measured(clients, &samples, duration, puts_after - puts_before);
+        let level =
+            Level::measure(&machines, &by_id, clients, duration, load::Work::Increment).await?;
         acked_total += level.acked as u64;
         eprintln!(
             "bench:   {mode:<21} {clients:>4} clients  {:>8.0} increments/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} PUTs/1000  {} errors",

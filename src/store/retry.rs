@@ -496,11 +496,13 @@ mod tests {
         }
     }
 
-    /// Records the body of every write that landed.
+    /// Records the body of every write that landed; its check fails
+    /// transiently `check_failures` times first.
     #[derive(Debug, Default)]
     struct Recording {
         inner: MemoryStore,
         landed: std::sync::Mutex<Vec<Bytes>>,
+        check_failures: std::sync::atomic::AtomicU32,
     }
 
     #[async_trait]
@@ -525,49 +527,17 @@ mod tests {
             result
         }
         async fn check(&self) -> StoreResult<()> {
-            Ok(())
-        }
-        fn describe(&self) -> String {
-            "recording".into()
-        }
-    }
-
-    /// A store whose check fails transiently a given number of times.
-    #[derive(Debug)]
-    struct FlakyCheck {
-        inner: MemoryStore,
-        failures: std::sync::atomic::AtomicU32,
-    }
-
-    #[async_trait]
-    impl ObjectStore for FlakyCheck {
-        async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
-            self.inner.get(key).await
-        }
-        async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-            self.inner.head(key).await
-        }
-        async fn put(
-            &self,
-            key: &str,
-            body: Bytes,
-            metadata: Metadata,
-            condition: Precondition,
-        ) -> StoreResult<ETag> {
-            self.inner.put(key, body, metadata, condition).await
-        }
-        async fn check(&self) -> StoreResult<()> {
             use std::sync::atomic::Ordering;
-            match self
-                .failures
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            {
+            let left = self
+                .check_failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            match left {
                 Ok(_) => Err(StoreError::transient("", "503 SlowDown at start")),
                 Err(_) => Ok(()),
             }
         }
         fn describe(&self) -> String {
-            "flaky check".into()
+            "recording".into()
         }
     }
 
@@ -575,11 +545,11 @@ mod tests {
     /// not refuse to start over one 503); one that persists is reported.
     #[tokio::test(start_paused = true)]
     async fn the_start_check_rides_out_transient_errors_but_not_persistent_ones() {
-        let flaky = |failures| {
+        let flaky = |failures: u32| {
             RetryingStore::new(
-                Arc::new(FlakyCheck {
-                    inner: MemoryStore::new(),
-                    failures: std::sync::atomic::AtomicU32::new(failures),
+                Arc::new(Recording {
+                    check_failures: failures.into(),
+                    ..Recording::default()
                 }),
                 RetryPolicy::default(),
             )

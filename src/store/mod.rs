@@ -161,6 +161,15 @@ pub struct ObjectMeta {
     pub metadata: Metadata,
 }
 
+/// One key of a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    /// When the object was last written, as the store says.
+    pub last_modified: Option<std::time::SystemTime>,
+}
+
 /// The condition a `put` is made under.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Precondition {
@@ -271,6 +280,23 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         condition: Precondition,
     ) -> StoreResult<ETag>;
 
+    /// Every key that starts with `prefix` and sorts after `start_after`
+    /// (when given), in ascending byte order, across all pages of the
+    /// listing. Strongly consistent on S3 and Tigris.
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        let _ = (prefix, start_after);
+        Err(StoreError::Fatal {
+            message: format!("{} cannot list keys", self.describe()),
+        })
+    }
+
+    /// Deletes `key`. Deleting a key that does not exist succeeds.
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        Err(StoreError::Fatal {
+            message: format!("{} cannot delete {key}", self.describe()),
+        })
+    }
+
     /// Checks that the store is reachable and usable (bucket exists,
     /// credentials valid) without writing anything.
     async fn check(&self) -> StoreResult<()>;
@@ -289,6 +315,49 @@ pub mod keys {
 
     pub fn lock(customer_id: &str) -> String {
         format!("customer/{customer_id}/machine.lock")
+    }
+
+    /// Everything of one tenant lives under this prefix.
+    pub fn tenant_prefix(customer_id: &str) -> String {
+        format!("customer/{customer_id}/")
+    }
+
+    /// The tenant's commit log: one object per slot.
+    pub fn log_prefix(customer_id: &str) -> String {
+        format!("customer/{customer_id}/log/")
+    }
+
+    /// Slot `seq` of the commit log; zero-padded so that keys sort by
+    /// number and a listing can start after any slot.
+    pub fn log_slot(customer_id: &str, seq: u64) -> String {
+        format!("customer/{customer_id}/log/{seq:020}")
+    }
+
+    /// The slot number of a log key, if it is one.
+    pub fn log_seq(key: &str) -> Option<u64> {
+        let (_, tail) = key.rsplit_once("/log/")?;
+        (tail.len() == 20).then(|| tail.parse().ok())?
+    }
+
+    /// Older snapshots kept for point-in-time restore.
+    pub fn archive_prefix(customer_id: &str) -> String {
+        format!("customer/{customer_id}/snapshots/")
+    }
+
+    pub fn archive(customer_id: &str, seq: u64) -> String {
+        format!("customer/{customer_id}/snapshots/{seq:020}.sqlite3")
+    }
+
+    /// The slot number an archived snapshot covers, if `key` is one.
+    pub fn archive_seq(key: &str) -> Option<u64> {
+        let (_, tail) = key.rsplit_once("/snapshots/")?;
+        let digits = tail.strip_suffix(".sqlite3")?;
+        (digits.len() == 20).then(|| digits.parse().ok())?
+    }
+
+    /// One heartbeat object per machine (session leases).
+    pub fn heartbeat(machine_id: &str) -> String {
+        format!("machines/{machine_id}/heartbeat.json")
     }
 
     /// Where the original (pre-tenantd) app kept the database: a key with a

@@ -14,9 +14,11 @@ pub struct Metrics {
     pub batch_size: HistogramVec,
     /// Seconds from the start of a database upload to its success.
     pub upload_seconds: HistogramVec,
-    /// Uploads sent before the previous one was confirmed, by outcome:
-    /// `ok`, or `resent` (out of order or mispredicted ETag, sent again).
-    pub pipelined_uploads: IntCounterVec,
+    /// Bytes written to the store by kind: `delta` (commits), `snapshot`
+    /// (compactions, conversions, archives).
+    pub upload_bytes: IntCounterVec,
+    /// Compactions by outcome (`ok`, `failed`).
+    pub compactions: IntCounterVec,
     /// 1 when this machine holds the tenant's lease, else 0.
     pub lease_holder: IntGaugeVec,
     /// Epoch of the tenant's lease as last seen by this machine.
@@ -74,11 +76,16 @@ impl Metrics {
             &["customer_id"],
         )
         .unwrap();
-        let pipelined_uploads = IntCounterVec::new(
+        let upload_bytes = IntCounterVec::new(
             Opts::new(
-                "tenantd_pipelined_uploads_total",
-                "Database uploads sent before the previous one was confirmed, by outcome",
+                "tenantd_upload_bytes_total",
+                "Bytes written to the store by kind (delta, snapshot)",
             ),
+            &["kind"],
+        )
+        .unwrap();
+        let compactions = IntCounterVec::new(
+            Opts::new("tenantd_compactions_total", "Compactions by outcome"),
             &["outcome"],
         )
         .unwrap();
@@ -99,7 +106,7 @@ impl Metrics {
             &["op"],
         )
         .unwrap();
-        for c in [&requests, &store_requests, &pipelined_uploads] {
+        for c in [&requests, &store_requests, &upload_bytes, &compactions] {
             registry.register(Box::new(c.clone())).unwrap();
         }
         for h in [&batch_size, &upload_seconds, &store_seconds] {
@@ -111,7 +118,8 @@ impl Metrics {
         Metrics {
             registry,
             requests,
-            pipelined_uploads,
+            upload_bytes,
+            compactions,
             batch_size,
             upload_seconds,
             lease_holder,

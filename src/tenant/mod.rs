@@ -3,7 +3,10 @@
 //! registry decides which tenants this machine holds.
 
 pub mod actor;
+mod claim;
+mod copy;
 pub mod db;
+pub mod log;
 pub mod registry;
 pub mod sql;
 

@@ -4,8 +4,10 @@
 
 pub mod actor;
 pub mod db;
+pub mod delta;
 pub mod registry;
 pub mod sql;
+pub mod wal;
 
 use std::sync::Arc;
 

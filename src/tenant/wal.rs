@@ -463,6 +463,32 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_log_ignores_the_frames_of_the_generation_before() {
+        let (db, commits, _) = three_commits();
+        // A complete passive checkpoint leaves the file in place; the next
+        // write starts the log over with new salts from its first frame.
+        db.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .unwrap();
+        let before = db.copy_main("before.sqlite3");
+        db.conn
+            .execute_batch("UPDATE t SET v = 'again' WHERE id = 1")
+            .unwrap();
+        let wal_len = std::fs::metadata(db.wal()).unwrap().len() as usize;
+        let frame = FRAME_HEADER_BYTES + 4096;
+        assert_eq!(
+            wal_len,
+            HEADER_BYTES + frame * commits[2],
+            "the file was reused, not cut"
+        );
+        let commit = read_committed(&db.wal()).unwrap().unwrap();
+        assert!(commit.frames < commits[0], "{} frames", commit.frames);
+        apply_to_file(&before, &as_delta(&commit)).unwrap();
+        db.checkpoint();
+        assert!(std::fs::read(&before).unwrap() == std::fs::read(db.main()).unwrap());
+    }
+
+    #[test]
     fn missing_and_empty_logs_have_nothing_committed_and_bad_headers_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x-wal");

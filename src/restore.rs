@@ -63,7 +63,9 @@ pub fn parse_at(text: Option<&str>) -> anyhow::Result<Until> {
         return Ok(Until::Seq(seq));
     }
     let time = chrono::DateTime::parse_from_rfc3339(text).with_context(|| {
-        format!("--at {text:?} is neither a slot number nor an RFC 3339 time (2026-11-30T12:00:00Z)")
+        format!(
+            "--at {text:?} is neither a slot number nor an RFC 3339 time (2026-11-30T12:00:00Z)"
+        )
     })?;
     let ms = time.timestamp_millis();
     if ms < 0 {
@@ -141,8 +143,8 @@ pub async fn materialize_retrying(
 /// Leaves a plain SQLite file (no WAL beside it) that passes
 /// `PRAGMA integrity_check`.
 fn check_database(path: &Path) -> anyhow::Result<()> {
-    let conn = rusqlite::Connection::open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let conn =
+        rusqlite::Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
     let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
     if check != "ok" {
         bail!("{} fails PRAGMA integrity_check: {check}", path.display());
@@ -151,11 +153,9 @@ fn check_database(path: &Path) -> anyhow::Result<()> {
 }
 
 fn count_of(path: &Path) -> Option<i64> {
-    let conn = rusqlite::Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .ok()?;
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
     conn.query_row("SELECT count FROM welcome", [], |r| r.get(0))
         .ok()
 }
@@ -170,10 +170,16 @@ async fn in_place(
         bail!("--in-place needs --at: restoring the newest commit in place changes nothing");
     }
     let scratch = tempfile_dir()?;
-    let (current, target) = (scratch.join("current.sqlite3"), scratch.join("target.sqlite3"));
+    let (current, target) = (
+        scratch.join("current.sqlite3"),
+        scratch.join("target.sqlite3"),
+    );
     let wanted = materialize_retrying(store, id.as_str(), &target, until).await?;
     // Hold the lease: no machine serves the tenant while it is rewritten.
-    let machine = format!("restore-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let machine = format!(
+        "restore-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let config = LeaseConfig::new(machine.clone(), "restore", Duration::from_secs(10));
     let mut contender = Contender::new(store.clone(), keys::lock(id.as_str()), config);
     let until_time = tokio::time::Instant::now() + args.wait;
@@ -218,7 +224,10 @@ async fn rewrite(
         rolled_back,
     );
     if !args.yes {
-        bail!("nothing written: run again with --yes to make slot {} the current state", wanted.seq);
+        bail!(
+            "nothing written: run again with --yes to make slot {} the current state",
+            wanted.seq
+        );
     }
     let epoch = lease.epoch();
     // Fence like a new holder: a machine that lost the tenant without
@@ -236,7 +245,14 @@ async fn rewrite(
             let (db_pages, pages) = delta::diff_files(&cur, &tgt)?;
             let page_size = pages.first().map_or(4096, |(_, p)| p.len() as u32);
             let body = std::fs::read(&tgt)?;
-            Ok((pre.checksum(), post.checksum(), db_pages, pages, page_size, body))
+            Ok((
+                pre.checksum(),
+                post.checksum(),
+                db_pages,
+                pages,
+                page_size,
+                body,
+            ))
         })
         .await??;
     let delta = Delta {
@@ -284,10 +300,8 @@ async fn rewrite(
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "tenantd-restore-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("tenantd-restore-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }

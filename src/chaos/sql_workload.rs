@@ -426,7 +426,9 @@ pub async fn store_finals(store: &StoreUrl, customers: &[String], scratch: &Path
     };
     for customer in customers {
         let path = scratch.join(format!("final-{customer}.sqlite3"));
-        if let Err(e) = crate::restore::materialize_retrying(&store, customer, &path, Until::End).await {
+        if let Err(e) =
+            crate::restore::materialize_retrying(&store, customer, &path, Until::End).await
+        {
             tracing::warn!(customer, "rebuilding the stored database: {e:#}");
             continue;
         }

@@ -480,9 +480,9 @@ impl TenantActor {
             let delta = match applied.committed {
                 Some(_) => {
                     let now = log::unix_ms(SystemTime::now());
-                    let delta = copy.capture(epoch, seq, now)?.ok_or_else(|| {
-                        "a committed batch left nothing in the WAL".to_string()
-                    })?;
+                    let delta = copy
+                        .capture(epoch, seq, now)?
+                        .ok_or_else(|| "a committed batch left nothing in the WAL".to_string())?;
                     Some(delta.encode())
                 }
                 None => None,

@@ -35,7 +35,10 @@ enum Source {
     Snapshot,
     /// `db.sqlite3` written before the commit log, the original app's copy,
     /// or nothing (a new tenant): converted by writing a snapshot at once.
-    Convert { key: String, condition: Precondition },
+    Convert {
+        key: String,
+        condition: Precondition,
+    },
 }
 
 /// Rebuilds the tenant's database at `path` and claims it for `lease`.
@@ -77,9 +80,9 @@ impl Attempt {
                 "customer {id}: {why}; tenantd will not overwrite anything of this tenant"
             ))),
             LogError::Store(e) => Attempt::Failed(unavailable(id, e)),
-            LogError::Local(why) => Attempt::Failed(TenantError::Unavailable(format!(
-                "customer {id}: {why}"
-            ))),
+            LogError::Local(why) => {
+                Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {why}")))
+            }
         }
     }
 }
@@ -155,9 +158,8 @@ async fn attempt(
     let mut sums = blocking(move || {
         remove_copy(&owned);
         if let Some(body) = body {
-            std::fs::write(&owned, &body).map_err(|e| {
-                format!("cannot write the working copy {}: {e}", owned.display())
-            })?;
+            std::fs::write(&owned, &body)
+                .map_err(|e| format!("cannot write the working copy {}: {e}", owned.display()))?;
         }
         PageSums::of_file(&owned).map_err(|e| format!("cannot read {}: {e}", owned.display()))
     })
@@ -213,15 +215,24 @@ async fn attempt(
     let owned_id = id.clone();
     let converting = matches!(source, Source::Convert { .. });
     let copy = blocking(move || {
-        open_and_claim(&owned_id, &owned, &source_key, epoch, sums, applied, converting)
+        open_and_claim(
+            &owned_id,
+            &owned,
+            &source_key,
+            epoch,
+            sums,
+            applied,
+            converting,
+        )
     })
-        .await
-        .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?
-        .map_err(Attempt::Failed)?;
+    .await
+    .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?
+    .map_err(Attempt::Failed)?;
     let mut copy = copy;
-    let count = copy.db.count().map_err(|e| {
-        Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}")))
-    })?;
+    let count = copy
+        .db
+        .count()
+        .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?;
     let Source::Convert { condition, .. } = source else {
         return Ok(Claimed {
             copy,
@@ -298,7 +309,8 @@ fn open_and_claim(
     // header in place: a conversion uploads the whole file anyway, but a
     // commit-log snapshot must come out of it unchanged, or the next delta
     // would not chain onto what the log holds.
-    let actual = PageSums::of_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let actual =
+        PageSums::of_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let sums = if converting {
         actual
     } else if actual.checksum() != sums.checksum() {

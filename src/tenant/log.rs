@@ -175,15 +175,20 @@ pub async fn list_slots(
 }
 
 /// Fetches and decodes log objects, in slot order, a few at a time.
-pub async fn fetch_slots(store: &DynStore, id: &str, slots: &[u64]) -> Result<Vec<Delta>, LogError> {
+pub async fn fetch_slots(
+    store: &DynStore,
+    id: &str,
+    slots: &[u64],
+) -> Result<Vec<Delta>, LogError> {
     futures::stream::iter(slots.iter().copied())
         .map(|seq| {
             let store = store.clone();
             let key = keys::log_slot(id, seq);
             async move {
-                let object = store.get(&key).await?.ok_or_else(|| {
-                    LogError::Raced(format!("{key} was listed but is gone"))
-                })?;
+                let object = store
+                    .get(&key)
+                    .await?
+                    .ok_or_else(|| LogError::Raced(format!("{key} was listed but is gone")))?;
                 let body = object.body;
                 tokio::task::spawn_blocking(move || {
                     Delta::decode(&key, &body).map_err(|e| LogError::Corrupt(e.to_string()))
@@ -303,7 +308,9 @@ pub async fn replay(
             })
             .await
             .map_err(|e| LogError::Local(format!("applying {key} failed: {e}")))?
-            .map_err(|e| LogError::Local(format!("cannot apply {key} to {}: {e}", path.display())))?;
+            .map_err(|e| {
+                LogError::Local(format!("cannot apply {key} to {}: {e}", path.display()))
+            })?;
             *sums = owned_sums;
             if delta.post_checksum != sums.checksum() {
                 return Err(LogError::Corrupt(format!(
@@ -337,7 +344,10 @@ pub async fn fence(
         let body = Delta::fence(epoch, seq, now).encode();
         let metadata = slot_metadata(epoch, seq, holder);
         async move {
-            match store.put(&key, body, metadata, Precondition::IfAbsent).await {
+            match store
+                .put(&key, body, metadata, Precondition::IfAbsent)
+                .await
+            {
                 Ok(_) => Ok(()),
                 Err(e) if e.is_precondition() => Err(LogError::Raced(format!(
                     "{key} was written while this holder fenced it"
@@ -460,7 +470,9 @@ pub async fn compact(
     let base = if retention.keep.is_zero() {
         Some(snapshot.seq.min(job.seq))
     } else {
-        let horizon = now.checked_sub(retention.keep).unwrap_or(SystemTime::UNIX_EPOCH);
+        let horizon = now
+            .checked_sub(retention.keep)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         archives
             .iter()
             .filter(|a| a.last_modified.is_some_and(|t| t <= horizon))
@@ -527,20 +539,34 @@ async fn write_snapshot(
                 // Someone else wrote the snapshot: a deposed holder of this
                 // tenant compacting what it had confirmed, or a newer holder.
                 let Some(current) = store.head(key).await? else {
-                    return Err(LogError::Raced(format!("{key} disappeared (tenant deleted?)")));
+                    return Err(LogError::Raced(format!(
+                        "{key} disappeared (tenant deleted?)"
+                    )));
                 };
                 let theirs = describe_snapshot(key, current.etag.clone(), &current.metadata)?;
                 if theirs.seq >= job.seq {
-                    info!(key, ours = job.seq, theirs = theirs.seq, "snapshot already covers this compaction");
+                    info!(
+                        key,
+                        ours = job.seq,
+                        theirs = theirs.seq,
+                        "snapshot already covers this compaction"
+                    );
                     return Ok(theirs);
                 }
-                warn!(key, ours = job.seq, theirs = theirs.seq, "snapshot changed under this holder; writing over the older one");
+                warn!(
+                    key,
+                    ours = job.seq,
+                    theirs = theirs.seq,
+                    "snapshot changed under this holder; writing over the older one"
+                );
                 condition = Precondition::IfMatch(current.etag);
             }
             Err(e) => return Err(e.into()),
         }
     }
-    Err(LogError::Raced(format!("{key} kept changing while it was written")))
+    Err(LogError::Raced(format!(
+        "{key} kept changing while it was written"
+    )))
 }
 
 /// A database rebuilt from the store: what `tenantd restore` and the
@@ -588,19 +614,26 @@ pub async fn materialize(
         if let (Until::Time(_), Some(meta)) = (until, &current) {
             let snapshot = describe_snapshot(&key, meta.etag.clone(), &meta.metadata)?;
             let listed = store.list(&key, None).await?;
-            let modified = listed.iter().find(|l| l.key == key).and_then(|l| l.last_modified);
+            let modified = listed
+                .iter()
+                .find(|l| l.key == key)
+                .and_then(|l| l.last_modified);
             candidates.push((snapshot.seq, key.clone(), modified));
         }
         candidates.sort();
-        let chosen = candidates.into_iter().rev().find(|(seq, _, modified)| match until {
-            Until::End => true,
-            Until::Seq(target) => *seq <= target,
-            Until::Time(at) => modified.is_some_and(|m| unix_ms(m) <= at),
-        });
+        let chosen = candidates
+            .into_iter()
+            .rev()
+            .find(|(seq, _, modified)| match until {
+                Until::End => true,
+                Until::Seq(target) => *seq <= target,
+                Until::Time(at) => modified.is_some_and(|m| unix_ms(m) <= at),
+            });
         if let Some((_, archive, _)) = chosen {
-            let meta = store.head(&archive).await?.ok_or_else(|| {
-                LogError::Raced(format!("{archive} was listed but is gone"))
-            })?;
+            let meta = store
+                .head(&archive)
+                .await?
+                .ok_or_else(|| LogError::Raced(format!("{archive} was listed but is gone")))?;
             let snapshot = describe_snapshot(&archive, meta.etag.clone(), &meta.metadata)?;
             base = Some((archive, snapshot));
         }

@@ -6,9 +6,11 @@ pub mod actor;
 mod claim;
 mod copy;
 pub mod db;
+pub mod delta;
 pub mod log;
 pub mod registry;
 pub mod sql;
+pub mod wal;
 
 use std::sync::Arc;
 

@@ -137,7 +137,14 @@ impl Setup {
             uuid::Uuid::new_v4().simple()
         ));
         let out = Command::new(BIN)
-            .args(["restore", "--store", &self.store, "--customer-id", customer, "--output"])
+            .args([
+                "restore",
+                "--store",
+                &self.store,
+                "--customer-id",
+                customer,
+                "--output",
+            ])
             .arg(&copy)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()

@@ -202,6 +202,10 @@ pub struct TenantActor {
     done: CancellationToken,
 }
 
+/// A finished compaction with the log counters it clears, or why its task
+/// failed.
+type CompactionOutcome = Result<(Result<Compacted, LogError>, (u64, u64)), String>;
+
 /// A compaction under way, and the log counters it will clear.
 struct Running {
     covers: (u64, u64),
@@ -738,7 +742,7 @@ impl TenantActor {
         self.compaction = Some(Running { covers, task });
     }
 
-    fn compacted(&mut self, result: Result<(Result<Compacted, LogError>, (u64, u64)), String>) {
+    fn compacted(&mut self, result: CompactionOutcome) {
         let outcome = match result {
             Ok((Ok(done), covers)) => {
                 info!(customer_id = %self.id, seq = done.snapshot.seq, archived = done.archived, deleted = done.deleted, "snapshot written");
@@ -884,9 +888,7 @@ async fn front_upload(in_flight: &mut VecDeque<InFlight>) -> StoreResult<()> {
 }
 
 /// The running compaction's result; pending forever when none runs.
-async fn compaction_result(
-    running: &mut Option<Running>,
-) -> Result<(Result<Compacted, LogError>, (u64, u64)), String> {
+async fn compaction_result(running: &mut Option<Running>) -> CompactionOutcome {
     let Some(current) = running.as_mut() else {
         return std::future::pending().await;
     };

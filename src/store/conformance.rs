@@ -415,7 +415,7 @@ pub async fn delete_removes(store: &DynStore, prefix: &str) {
     );
     assert_eq!(
         keys_of(&store.list(&dir, None).await.unwrap()),
-        [kept.clone()],
+        [kept.as_str()],
         "list after delete"
     );
     assert_eq!(
@@ -453,7 +453,7 @@ pub async fn leading_slash_keys_list_apart(store: &DynStore, prefix: &str) {
                 .await
                 .unwrap()
         ),
-        [key.clone()]
+        [key.as_str()]
     );
     assert_eq!(
         keys_of(
@@ -462,7 +462,7 @@ pub async fn leading_slash_keys_list_apart(store: &DynStore, prefix: &str) {
                 .await
                 .unwrap()
         ),
-        [legacy.clone()]
+        [legacy.as_str()]
     );
     store.delete(&legacy).await.expect("delete a legacy key");
     assert!(store.get(&legacy).await.unwrap().is_none());

@@ -321,6 +321,12 @@ impl S3Store {
                         ),
                     },
                     408 | 429 | 500..=599 => transient(answer.clone()),
+                    // A success whose body the client could not read as
+                    // S3's (a listing page that is a proxy's HTML).
+                    200..=299 => transient(format!(
+                        "the store at {} answered {answer}, which is not an S3 answer; a proxy or gateway in the way?",
+                        self.endpoint
+                    )),
                     _ => StoreError::Fatal {
                         message: format!("the store refused a request on key={key}: {answer}"),
                     },

@@ -540,14 +540,17 @@ impl ObjectStore for S3Store {
                 .await
                 .map_err(|e| self.listing_error(prefix, self.map_error(prefix, e, false)))?;
             for object in page.contents() {
-                let full = object.key().unwrap_or_default();
-                let Some(key) = self.key_of_listed(full) else {
+                let full = object.key();
+                let Some(key) = full
+                    .and_then(|full| self.key_of_listed(full))
+                    .filter(|key| key.starts_with(prefix))
+                else {
                     return Err(self.listing_error(
                         prefix,
                         StoreError::transient(
                             prefix,
                             format!(
-                                "the store at {} listed {full:?}, which is outside the prefix asked for; it does not behave like S3",
+                                "the store at {} listed the key {full:?}, which is not under the prefix asked for; it does not behave like S3",
                                 self.endpoint
                             ),
                         ),

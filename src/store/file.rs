@@ -405,18 +405,29 @@ impl FileStore {
                 let rel = rel.join(name);
                 let Some(key) = key_of(&rel) else { continue };
                 let path = self.root.join(&rel);
-                // Follow a symlink put there by hand, as `get` would.
-                let meta = match fs::metadata(&path) {
-                    Ok(meta) => meta,
+                let kind = match entry.file_type() {
+                    Ok(kind) => kind,
                     Err(e) if is_absent(&e) => continue, // deleted meanwhile
                     Err(e) => return Err(failed(&path, e)),
                 };
-                if meta.is_dir() {
+                if kind.is_dir() {
                     let dir_key = if key.ends_with('/') { key } else { key + "/" };
                     if wanted_dir(&dir_key) {
                         folders.push(rel);
                     }
-                } else if meta.is_file() && wanted_key(&key) {
+                    continue;
+                }
+                if !wanted_key(&key) {
+                    continue;
+                }
+                // A symlink put there by hand is followed, as `get` would;
+                // one to a folder is not walked (it could loop).
+                let meta = match fs::metadata(&path) {
+                    Ok(meta) => meta,
+                    Err(e) if is_absent(&e) => continue,
+                    Err(e) => return Err(failed(&path, e)),
+                };
+                if meta.is_file() {
                     listed.push(Listed {
                         key,
                         size: meta.len(),

@@ -14,6 +14,9 @@ pub struct Metrics {
     pub batch_size: HistogramVec,
     /// Seconds from the start of a database upload to its success.
     pub upload_seconds: HistogramVec,
+    /// Uploads sent while earlier ones were still under way, by outcome
+    /// (`ok`, `failed`).
+    pub pipelined_uploads: IntCounterVec,
     /// Bytes written to the store by kind: `delta` (commits), `snapshot`
     /// (compactions, conversions, archives).
     pub upload_bytes: IntCounterVec,
@@ -76,6 +79,14 @@ impl Metrics {
             &["customer_id"],
         )
         .unwrap();
+        let pipelined_uploads = IntCounterVec::new(
+            Opts::new(
+                "tenantd_pipelined_uploads_total",
+                "Log uploads sent while earlier ones were under way, by outcome",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
         let upload_bytes = IntCounterVec::new(
             Opts::new(
                 "tenantd_upload_bytes_total",
@@ -106,7 +117,13 @@ impl Metrics {
             &["op"],
         )
         .unwrap();
-        for c in [&requests, &store_requests, &upload_bytes, &compactions] {
+        for c in [
+            &requests,
+            &store_requests,
+            &pipelined_uploads,
+            &upload_bytes,
+            &compactions,
+        ] {
             registry.register(Box::new(c.clone())).unwrap();
         }
         for h in [&batch_size, &upload_seconds, &store_seconds] {
@@ -118,6 +135,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            pipelined_uploads,
             upload_bytes,
             compactions,
             batch_size,

@@ -436,7 +436,9 @@ impl TenantActor {
         }
         let metadata = log::slot_metadata(epoch, seq, &self.ctx.machine_id);
         let put = self.put(seq, delta.clone(), metadata.clone());
+        let pipelined = !self.in_flight.is_empty();
         self.in_flight.push_back(InFlight {
+            pipelined,
             unanswered,
             epoch,
             seq,
@@ -602,6 +604,9 @@ impl TenantActor {
         self.since_snapshot.1 += upload.bytes.len() as u64;
         self.confirmed.send_replace(upload.seq);
         let metrics = &self.ctx.metrics;
+        if upload.pipelined {
+            metrics.pipelined_uploads.with_label_values(&["ok"]).inc();
+        }
         metrics
             .upload_seconds
             .with_label_values::<&str>(&[])
@@ -639,6 +644,13 @@ impl TenantActor {
             settled.push((later, result, not_applied));
         }
         for (upload, result, not_applied) in settled {
+            if upload.pipelined {
+                self.ctx
+                    .metrics
+                    .pipelined_uploads
+                    .with_label_values(&["failed"])
+                    .inc();
+            }
             let Some(pending) = upload.unanswered else {
                 continue;
             };
@@ -871,6 +883,8 @@ struct InFlight {
     batch_len: usize,
     bytes: Bytes,
     metadata: Metadata,
+    /// Sent while earlier uploads were under way.
+    pipelined: bool,
     started: Instant,
     task: tokio::task::JoinHandle<StoreResult<()>>,
 }

@@ -155,16 +155,32 @@ async fn attempt(
     // Writing and hashing a database of any size is work for a blocking
     // thread, not for a runtime worker that lease renewals need.
     let owned = path.to_path_buf();
-    let mut sums = blocking(move || {
+    let sums = blocking(move || {
         remove_copy(&owned);
         if let Some(body) = body {
             std::fs::write(&owned, &body)
                 .map_err(|e| format!("cannot write the working copy {}: {e}", owned.display()))?;
         }
-        PageSums::of_file(&owned).map_err(|e| format!("cannot read {}: {e}", owned.display()))
+        // The file was written: what cannot be read as pages is the
+        // object's fault.
+        Ok(PageSums::of_file(&owned).map_err(|e| e.to_string()))
     })
     .await
     .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?;
+    let mut sums = match sums {
+        Ok(sums) => sums,
+        Err(reason) => {
+            let source = match &source {
+                Source::Snapshot => key,
+                Source::Convert { key, .. } => key,
+            };
+            return Err(Attempt::Failed(corrupt(
+                id,
+                source,
+                &format!("not a SQLite database: {reason}"),
+            )));
+        }
+    };
     if let Some(recorded) = recorded
         && recorded != sums.checksum()
     {

@@ -137,6 +137,10 @@ async fn a_200_mb_database_commits_through_a_20_mb_per_s_store() {
 /// its upload — does not stop another tenant's renewals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn claiming_a_100_mb_tenant_on_one_worker_costs_no_other_tenant_its_lease() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     // The memory store: no disk shared between the big tenant's uploads
     // and the small one's renewals, so only the runtime is tested.

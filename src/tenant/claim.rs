@@ -201,7 +201,16 @@ async fn attempt(
                 .map_err(|e| Attempt::from_log(id, e))?;
             let end = replayed.contiguous_end;
             let clean = lease.previous().is_some_and(|r| r.released);
-            let next = if clean && replayed.stray.is_empty() {
+            if clean && let Some(stray) = replayed.stray.first() {
+                // A holder releases only once all its uploads are settled:
+                // after a clean release the log has no holes to fence.
+                return Err(Attempt::Failed(TenantError::Corrupt(format!(
+                    "customer {id}: gap in the log: {} is missing while {} exists, and the last holder released cleanly; restore the missing object, or make the state before the gap current with `tenantd restore --customer-id {id} --at {end} --in-place --yes`",
+                    keys::log_slot(id.as_str(), end + 1),
+                    keys::log_slot(id.as_str(), *stray),
+                ))));
+            }
+            let next = if clean {
                 end + 1
             } else {
                 // The previous holder may still be uploading: take every

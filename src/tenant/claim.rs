@@ -103,7 +103,33 @@ async fn attempt(
 ) -> Result<Claimed, Attempt> {
     let store = &ctx.store;
     let failed = |e: StoreError| Attempt::Failed(unavailable(id, e));
-    let (body, snapshot, source, recorded) = match store.get(key).await.map_err(failed)? {
+    // A commit-log snapshot: list and fetch the log after it while the
+    // snapshot downloads (cold start ~ the download, not download + log).
+    let head = store.head(key).await.map_err(failed)?;
+    let early = match &head {
+        Some(meta) if meta.metadata.contains_key(log::FORMAT_KEY) => Some(
+            log::describe_snapshot(key, meta.etag.clone(), &meta.metadata)
+                .map_err(|e| Attempt::from_log(id, e))?,
+        ),
+        _ => None,
+    };
+    let (object, mut plan) = match &early {
+        Some(snapshot) => {
+            let (object, plan) = tokio::join!(
+                store.get(key),
+                log::plan(store, id.as_str(), snapshot, Until::End)
+            );
+            (object, Some(plan))
+        }
+        None => (store.get(key).await, None),
+    };
+    let object = object.map_err(failed)?;
+    if let (Some(meta), Some(object)) = (&head, &object)
+        && meta.etag != object.etag
+    {
+        return Err(Attempt::Again(format!("{key} changed while it was read")));
+    }
+    let (body, snapshot, source, recorded) = match object {
         Some(object) => {
             // SQLite would open an empty file as a new, empty database:
             // starting the tenant over silently is the one thing not to do.
@@ -196,9 +222,23 @@ async fn attempt(
     let epoch = lease.epoch();
     let (applied, next_slot, since) = match &source {
         Source::Snapshot => {
-            let replayed = log::replay(store, id.as_str(), path, &snapshot, &mut sums, Until::End)
-                .await
-                .map_err(|e| Attempt::from_log(id, e))?;
+            let plan = match plan.take() {
+                Some(plan) => plan.map_err(|e| Attempt::from_log(id, e))?,
+                None => log::plan(store, id.as_str(), &snapshot, Until::End)
+                    .await
+                    .map_err(|e| Attempt::from_log(id, e))?,
+            };
+            let replayed = log::replay_planned(
+                store,
+                id.as_str(),
+                path,
+                &snapshot,
+                &mut sums,
+                Until::End,
+                plan,
+            )
+            .await
+            .map_err(|e| Attempt::from_log(id, e))?;
             let end = replayed.contiguous_end;
             let clean = lease.previous().is_some_and(|r| r.released);
             if clean && let Some(stray) = replayed.stray.first() {

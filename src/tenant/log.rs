@@ -43,7 +43,7 @@ use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, keys};
 pub const WINDOW: u64 = 4;
 
 /// Log objects fetched at once while recovering.
-const FETCH_PARALLELISM: usize = 32;
+const FETCH_PARALLELISM: usize = 64;
 
 /// Snapshot metadata: the format marker (absent on databases written by
 /// tenantd before the commit log), the slot covered, and the checksum.
@@ -239,6 +239,33 @@ pub async fn replay(
     sums: &mut PageSums,
     until: Until,
 ) -> Result<Replayed, LogError> {
+    let plan = plan(store, id, snapshot, until).await?;
+    replay_planned(store, id, path, snapshot, sums, until, plan).await
+}
+
+/// The log after a snapshot as listed, with the first deltas to replay
+/// already fetched: a new holder gets this while the snapshot downloads.
+pub struct Plan {
+    listed: Vec<(u64, u64)>,
+    contiguous_end: u64,
+    stray: Vec<u64>,
+    /// Slots to replay, in order.
+    wanted: Vec<u64>,
+    /// The first of them, fetched.
+    fetched: Vec<Delta>,
+}
+
+/// Slots replayed per round of fetches: bounds memory for a long log.
+const CHUNK: usize = 256;
+
+/// Lists the log after `snapshot`, checks it for gaps and fetches the
+/// first deltas to replay.
+pub async fn plan(
+    store: &DynStore,
+    id: &str,
+    snapshot: &Snapshot,
+    until: Until,
+) -> Result<Plan, LogError> {
     let listed = list_slots(store, id, snapshot.seq).await?;
     let mut contiguous_end = snapshot.seq;
     for (seq, _) in &listed {
@@ -265,6 +292,34 @@ pub async fn replay(
         _ => contiguous_end,
     };
     let wanted: Vec<u64> = ((snapshot.seq + 1)..=last).collect();
+    let first = &wanted[..wanted.len().min(CHUNK)];
+    let fetched = fetch_slots(store, id, first).await?;
+    Ok(Plan {
+        listed,
+        contiguous_end,
+        stray,
+        wanted,
+        fetched,
+    })
+}
+
+/// [`replay`] from a plan made beforehand (see [`plan`]).
+pub async fn replay_planned(
+    store: &DynStore,
+    id: &str,
+    path: &Path,
+    snapshot: &Snapshot,
+    sums: &mut PageSums,
+    until: Until,
+    plan: Plan,
+) -> Result<Replayed, LogError> {
+    let Plan {
+        listed,
+        contiguous_end,
+        stray,
+        wanted,
+        fetched,
+    } = plan;
     let mut replayed = Replayed {
         applied: snapshot.seq,
         contiguous_end,
@@ -275,9 +330,12 @@ pub async fn replay(
     };
     let sizes: std::collections::HashMap<u64, u64> = listed.into_iter().collect();
     let mut max_epoch = snapshot.epoch;
-    // Bounded batches keep memory flat for a long log.
-    for chunk in wanted.chunks(256) {
-        let deltas = fetch_slots(store, id, chunk).await?;
+    let mut prefetched = Some(fetched);
+    for chunk in wanted.chunks(CHUNK) {
+        let deltas = match prefetched.take() {
+            Some(deltas) => deltas,
+            None => fetch_slots(store, id, chunk).await?,
+        };
         for delta in deltas {
             if delta.epoch < max_epoch {
                 continue;

@@ -121,7 +121,10 @@ async fn attempt(
             );
             (object, Some(plan))
         }
-        None => (store.get(key).await, None),
+        None if head.is_some() => (store.get(key).await, None),
+        // Absent a moment ago: a new tenant (a creation racing this one
+        // makes the conversion's If-None-Match fail, and this read again).
+        None => (Ok(None), None),
     };
     let object = object.map_err(failed)?;
     if let (Some(meta), Some(object)) = (&head, &object)

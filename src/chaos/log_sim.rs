@@ -39,8 +39,9 @@
 //! every increment acknowledged so far; at the end a clean writer recovers
 //! the log, and its state holds every acknowledged increment, only
 //! attempted ones, each once, and every state any claim recovered is a
-//! prefix of it (one history). `fences: false` and `keep_fences: false`
-//! are negative controls: the simulation must find lost writes with them.
+//! prefix of it (one history). `fences: false`, `keep_fences: false` and
+//! `window_from_acked: false` are negative controls: the simulation must
+//! find violations with them.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -75,6 +76,11 @@ pub struct LogSimConfig {
     pub fences: bool,
     /// Compaction keeps fences. Off: negative control.
     pub keep_fences: bool,
+    /// A writer sends slot `s` only once every slot up to `s - WINDOW` is
+    /// confirmed. Off (negative control): only while fewer than `WINDOW`
+    /// uploads are unconfirmed, so that it can run past a hole further
+    /// than a successor's fences reach.
+    pub window_from_acked: bool,
     pub steps: usize,
     /// Record every event in [`LogSimOutcome::trace`] (to debug a seed).
     pub trace: bool,
@@ -85,6 +91,7 @@ impl Default for LogSimConfig {
         LogSimConfig {
             fences: true,
             keep_fences: true,
+            window_from_acked: true,
             steps: 1000,
             trace: false,
         }
@@ -492,10 +499,12 @@ impl Sim {
         let committed_at_ms = self.now_ms();
         let n = self.rng.random_range(1..=3u64);
         let writer = &self.writers[w];
-        if !matches!(writer.phase, Phase::Active)
-            || writer.paused
-            || writer.slots.len() as u64 >= WINDOW
-        {
+        let in_window = if self.config.window_from_acked {
+            writer.slots.len()
+        } else {
+            writer.slots.values().filter(|s| !s.confirmed).count()
+        };
+        if !matches!(writer.phase, Phase::Active) || writer.paused || in_window as u64 >= WINDOW {
             return;
         }
         let ids: Vec<u64> = (0..n).map(|i| self.next_id + i + 1).collect();

@@ -141,3 +141,22 @@ impl ObjectStore for MemoryStore {
         "memory://".to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::{DynStore, conformance};
+
+    /// The list and delete properties of the conformance suite (run for
+    /// every backend by tests/store_conformance.rs), here without moto.
+    #[tokio::test]
+    async fn lists_and_deletes_conform() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        conformance::list_filters_and_orders(&store, "t").await;
+        conformance::delete_removes(&store, "t").await;
+        conformance::leading_slash_keys_list_apart(&store, "t").await;
+        conformance::list_spans_pages(&store, "t", 10).await;
+    }
+}

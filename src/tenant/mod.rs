@@ -3,8 +3,11 @@
 //! registry decides which tenants this machine holds.
 
 pub mod actor;
+mod claim;
+mod copy;
 pub mod db;
 pub mod delta;
+pub mod log;
 pub mod registry;
 pub mod sql;
 pub mod wal;

@@ -39,9 +39,9 @@
 //! every increment acknowledged so far; at the end a clean writer recovers
 //! the log, and its state holds every acknowledged increment, only
 //! attempted ones, each once, and every state any claim recovered is a
-//! prefix of it (one history). `fences: false`, `keep_fences: false` and
-//! `window_from_acked: false` are negative controls: the simulation must
-//! find violations with them.
+//! prefix of it (one history). `fences: false`, `keep_fences: false`,
+//! `window_from_acked: false` and `recheck_snapshot: false` are negative
+//! controls: the simulation must find violations with each.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -81,6 +81,11 @@ pub struct LogSimConfig {
     /// uploads are unconfirmed, so that it can run past a hole further
     /// than a successor's fences reach.
     pub window_from_acked: bool,
+    /// A claim checks, after listing and reading the log, that the
+    /// snapshot it started from is still the current one. Off (negative
+    /// control): a compaction that replaced the snapshot and deleted the
+    /// slots it covers meanwhile makes the listing look like an older log.
+    pub recheck_snapshot: bool,
     pub steps: usize,
     /// Record every event in [`LogSimOutcome::trace`] (to debug a seed).
     pub trace: bool,
@@ -92,6 +97,7 @@ impl Default for LogSimConfig {
             fences: true,
             keep_fences: true,
             window_from_acked: true,
+            recheck_snapshot: true,
             steps: 1000,
             trace: false,
         }
@@ -778,7 +784,10 @@ impl Sim {
                 prefix_end,
                 occupied,
             } => match store.head(&db_key).await {
-                Ok(current) if current.as_ref().map(|m| &m.etag) == etag.as_ref() => {
+                Ok(current)
+                    if !self.config.recheck_snapshot
+                        || current.as_ref().map(|m| &m.etag) == etag.as_ref() =>
+                {
                     // Only now is the listing known to be whole: a
                     // compaction that ran meanwhile may have deleted slots
                     // after the snapshot read, and would have changed it.

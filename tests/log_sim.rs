@@ -10,7 +10,7 @@
 //! runs the first N, `TENANTD_LOG_SIM_TRACE=1` prints a failing seed's
 //! events.
 
-use tenantd::chaos::log_sim::{LogSimConfig, LogSimOutcome, run_seed};
+use tenantd::chaos::log_sim::{LogSimConfig, LogSimOutcome, Recheck, run_seed};
 
 fn seeds() -> Vec<u64> {
     match std::env::var("TENANTD_LOG_SIM_SEED") {
@@ -133,7 +133,7 @@ fn a_window_counting_only_unconfirmed_uploads_outruns_the_fences() {
 #[test]
 fn a_claim_that_does_not_recheck_the_snapshot_is_fooled_by_a_compaction() {
     let config = LogSimConfig {
-        recheck_snapshot: false,
+        recheck: Recheck::Never,
         ..LogSimConfig::default()
     };
     let (seed, violations) = first_violation(config);

@@ -40,7 +40,7 @@
 //! the log, and its state holds every acknowledged increment, only
 //! attempted ones, each once, and every state any claim recovered is a
 //! prefix of it (one history). `fences: false`, `keep_fences: false`,
-//! `window_from_acked: false` and `recheck_snapshot: false` are negative
+//! `window_from_acked: false` and `recheck` other than `AfterFences` are negative
 //! controls: the simulation must find violations with each.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -81,11 +81,9 @@ pub struct LogSimConfig {
     /// uploads are unconfirmed, so that it can run past a hole further
     /// than a successor's fences reach.
     pub window_from_acked: bool,
-    /// A claim checks, after listing and reading the log, that the
-    /// snapshot it started from is still the current one. Off (negative
-    /// control): a compaction that replaced the snapshot and deleted the
-    /// slots it covers meanwhile makes the listing look like an older log.
-    pub recheck_snapshot: bool,
+    /// When a claim checks that the snapshot it started from is still the
+    /// current one.
+    pub recheck: Recheck,
     pub steps: usize,
     /// Record every event in [`LogSimOutcome::trace`] (to debug a seed).
     pub trace: bool,
@@ -97,11 +95,29 @@ impl Default for LogSimConfig {
             fences: true,
             keep_fences: true,
             window_from_acked: true,
-            recheck_snapshot: true,
+            recheck: Recheck::AfterFences,
             steps: 1000,
             trace: false,
         }
     }
+}
+
+/// When a claim re-reads the snapshot's ETag. A compaction writes the
+/// snapshot before it deletes the slots it covers, so an unchanged ETag
+/// proves that nothing after the snapshot the claim started from was
+/// deleted up to that moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recheck {
+    /// After its fences landed: the listing, the reads and the fences all
+    /// saw a log no compaction had cut. The protocol.
+    AfterFences,
+    /// After reading the log, before fencing (negative control): a
+    /// compaction between the check and the fences deletes slots that the
+    /// fences then fill, under the old holder's acknowledged commits.
+    BeforeFences,
+    /// Never (negative control): the listing may miss slots a compaction
+    /// deleted, and look like an older log or a log with a gap.
+    Never,
 }
 
 /// What one seed did.
@@ -178,11 +194,19 @@ enum ClaimStep {
         occupied: BTreeSet<u64>,
         objects: Vec<Delta>,
     },
+    /// Re-reads the snapshot's ETag; then, by what is known: reports a
+    /// gap, fences, or completes.
     Recheck {
         state: Position,
         etag: Option<ETag>,
         prefix_end: u64,
         occupied: BTreeSet<u64>,
+        /// A slot listed beyond the prefix end plus the window.
+        gap: Option<u64>,
+        fenced: bool,
+        /// Increments acknowledged when the last fence landed: from then
+        /// on no older holder can acknowledge anything the claim misses.
+        acked_before: usize,
     },
     Fence {
         state: Position,
@@ -206,8 +230,10 @@ impl ClaimStep {
                 "reads slot {} of the prefix ending at {prefix_end}",
                 snap.seq + objects.len() as u64 + 1
             ),
-            ClaimStep::Recheck { state, .. } => {
-                format!("rechecks the snapshot, recovered {state:?}")
+            ClaimStep::Recheck {
+                state, gap, fenced, ..
+            } => {
+                format!("rechecks the snapshot (recovered {state:?}, gap {gap:?}, fenced {fenced})")
             }
             ClaimStep::Fence { todo, .. } => format!("fences slot {:?}", todo.first()),
         }
@@ -300,8 +326,9 @@ impl Checker {
 
     /// The checks a recovered state must pass: it is a history some
     /// writers made, holds each increment once, its counter is its
-    /// increments, and it holds every increment acknowledged so far.
-    fn recovered(&mut self, who: &str, state: Position) {
+    /// increments, and it holds the first `acked_before` increments
+    /// acknowledged (those acknowledged before the claim took hold).
+    fn recovered(&mut self, who: &str, state: Position, acked_before: usize) {
         let ids = match self.ids(state.digest) {
             Ok(ids) => ids,
             Err(e) => return self.violations.push(format!("{who}: {e}")),
@@ -318,8 +345,7 @@ impl Checker {
                 ids.len()
             ));
         }
-        let lost: Vec<u64> = self
-            .acked
+        let lost: Vec<u64> = self.acked[..acked_before]
             .iter()
             .copied()
             .filter(|id| !set.contains(id))
@@ -715,12 +741,27 @@ impl Sim {
                         while occupied.contains(&(prefix_end + 1)) {
                             prefix_end += 1;
                         }
-                        ClaimStep::Read {
-                            snap,
-                            etag,
-                            prefix_end,
-                            occupied,
-                            objects: vec![],
+                        // No holder leaves a wider hole: corrupt, unless a
+                        // compaction deleted slots under the listing.
+                        let gap = occupied.range(prefix_end + WINDOW + 1..).next().copied();
+                        if gap.is_some() {
+                            ClaimStep::Recheck {
+                                state: snap,
+                                etag,
+                                prefix_end,
+                                occupied,
+                                gap,
+                                fenced: false,
+                                acked_before: 0,
+                            }
+                        } else {
+                            ClaimStep::Read {
+                                snap,
+                                etag,
+                                prefix_end,
+                                occupied,
+                                objects: vec![],
+                            }
                         }
                     }
                     Err(_) => ClaimStep::List { snap, etag },
@@ -738,14 +779,22 @@ impl Sim {
                     let Some(state) = self.replay(w, snap, &objects) else {
                         return;
                     };
-                    ClaimStep::Recheck {
-                        state: Position {
-                            seq: prefix_end,
-                            ..state
-                        },
-                        etag,
-                        prefix_end,
-                        occupied,
+                    let state = Position {
+                        seq: prefix_end,
+                        ..state
+                    };
+                    if self.config.recheck == Recheck::BeforeFences {
+                        ClaimStep::Recheck {
+                            state,
+                            etag,
+                            prefix_end,
+                            occupied,
+                            gap: None,
+                            fenced: false,
+                            acked_before: 0,
+                        }
+                    } else {
+                        self.fence_or_recheck(state, etag, prefix_end, &occupied)
                     }
                 } else {
                     let key = keys::log_slot(TENANT, seq);
@@ -783,44 +832,45 @@ impl Sim {
                 etag,
                 prefix_end,
                 occupied,
-            } => match store.head(&db_key).await {
-                Ok(current)
-                    if !self.config.recheck_snapshot
-                        || current.as_ref().map(|m| &m.etag) == etag.as_ref() =>
-                {
-                    // Only now is the listing known to be whole: a
-                    // compaction that ran meanwhile may have deleted slots
-                    // after the snapshot read, and would have changed it.
-                    if let Some(beyond) = occupied.range(prefix_end + WINDOW + 1..).next() {
-                        self.violation(format!(
-                            "claim by epoch {epoch}: slot {beyond} is in the log beyond the prefix end {prefix_end} + window {WINDOW}"
-                        ));
-                        return self.stop(w, "gap");
+                gap,
+                fenced,
+                acked_before,
+            } => {
+                let unchanged = match self.config.recheck {
+                    Recheck::Never => Ok(true),
+                    _ => store
+                        .head(&db_key)
+                        .await
+                        .map(|current| current.as_ref().map(|m| &m.etag) == etag.as_ref()),
+                };
+                match unchanged {
+                    Ok(true) => {
+                        if let Some(beyond) = gap {
+                            self.violation(format!(
+                                "claim by epoch {epoch}: slot {beyond} is in the log beyond the prefix end {prefix_end} + window {WINDOW}"
+                            ));
+                            return self.stop(w, "gap");
+                        }
+                        if fenced {
+                            return self.complete_claim(w, state, etag, prefix_end, acked_before);
+                        }
+                        self.fence_or_recheck(state, etag, prefix_end, &occupied)
                     }
-                    let todo = if self.config.fences {
-                        (prefix_end + 1..=prefix_end + WINDOW)
-                            .filter(|s| !occupied.contains(s))
-                            .collect()
-                    } else {
-                        vec![]
-                    };
-                    ClaimStep::Fence {
+                    // A compaction replaced the snapshot: what was listed
+                    // may be gone, and fences may sit in deleted slots
+                    // (below the new snapshot, where they are harmless).
+                    Ok(false) => ClaimStep::ReadSnapshot,
+                    Err(_) => ClaimStep::Recheck {
                         state,
                         etag,
                         prefix_end,
-                        todo,
-                    }
+                        occupied,
+                        gap,
+                        fenced,
+                        acked_before,
+                    },
                 }
-                // A compaction replaced the snapshot: what was listed may
-                // be gone.
-                Ok(_) => ClaimStep::ReadSnapshot,
-                Err(_) => ClaimStep::Recheck {
-                    state,
-                    etag,
-                    prefix_end,
-                    occupied,
-                },
-            },
+            }
             ClaimStep::Fence {
                 state,
                 etag,
@@ -847,39 +897,94 @@ impl Sim {
                     }
                     Err(_) => {}
                 }
-                ClaimStep::Fence {
-                    state,
-                    etag,
-                    prefix_end,
-                    todo,
+                if todo.is_empty() {
+                    if self.config.recheck == Recheck::BeforeFences {
+                        let acked = self.check.acked.len();
+                        return self.complete_claim(w, state, etag, prefix_end, acked);
+                    }
+                    ClaimStep::Recheck {
+                        state,
+                        etag,
+                        prefix_end,
+                        occupied: BTreeSet::new(),
+                        gap: None,
+                        fenced: true,
+                        acked_before: self.check.acked.len(),
+                    }
+                } else {
+                    ClaimStep::Fence {
+                        state,
+                        etag,
+                        prefix_end,
+                        todo,
+                    }
                 }
             }
         };
-        match next {
-            // The claim holds from the moment its last fence landed.
+        self.writers[w].phase = Phase::Claiming(next);
+    }
+
+    /// The next step once the log is read (and, if wanted, rechecked):
+    /// fence the empty slots of the window, or go on without fences.
+    fn fence_or_recheck(
+        &mut self,
+        state: Position,
+        etag: Option<ETag>,
+        prefix_end: u64,
+        occupied: &BTreeSet<u64>,
+    ) -> ClaimStep {
+        let todo: Vec<u64> = if self.config.fences {
+            (prefix_end + 1..=prefix_end + WINDOW)
+                .filter(|s| !occupied.contains(s))
+                .collect()
+        } else {
+            vec![]
+        };
+        if todo.is_empty() {
+            ClaimStep::Recheck {
+                state,
+                etag,
+                prefix_end,
+                occupied: BTreeSet::new(),
+                gap: None,
+                fenced: true,
+                acked_before: self.check.acked.len(),
+            }
+        } else {
             ClaimStep::Fence {
                 state,
                 etag,
                 prefix_end,
                 todo,
-            } if todo.is_empty() => {
-                let start = Position {
-                    seq: prefix_end + WINDOW,
-                    epoch,
-                    ..state
-                };
-                let writer = &mut self.writers[w];
-                writer.head = start;
-                writer.acked = start;
-                writer.snapshot_etag = etag;
-                writer.snapshot_seq = prefix_end;
-                writer.phase = Phase::Active;
-                self.outcome.claims += 1;
-                self.check
-                    .recovered(&format!("claim by epoch {epoch}"), state);
             }
-            next => self.writers[w].phase = Phase::Claiming(next),
         }
+    }
+
+    /// The claim holds from its last store request on: the writer is active
+    /// from the slot after the window.
+    fn complete_claim(
+        &mut self,
+        w: usize,
+        state: Position,
+        etag: Option<ETag>,
+        prefix_end: u64,
+        acked_before: usize,
+    ) {
+        let epoch = self.writers[w].epoch;
+        let start = Position {
+            seq: prefix_end + WINDOW,
+            epoch,
+            ..state
+        };
+        let writer = &mut self.writers[w];
+        writer.head = start;
+        writer.acked = start;
+        writer.snapshot_etag = etag;
+        writer.snapshot_seq = prefix_end;
+        writer.phase = Phase::Active;
+        self.outcome.claims += 1;
+        self.check
+            .recovered(&format!("claim by epoch {epoch}"), state, acked_before);
     }
 
     /// The state after the snapshot and the log prefix read by a claim, or

@@ -25,10 +25,12 @@
 //!   read the snapshot, LIST the log after it, read the contiguous prefix
 //!   `(S, P]`, replay it (objects of an epoch below the running maximum
 //!   are a deposed writer's garbage; fences raise the maximum; a higher
-//!   maximum than its own means it is deposed itself), check that the
-//!   snapshot did not change meanwhile (a compaction may have deleted what
-//!   was listed), fence every empty slot of `(P, P + WINDOW]` (any 412:
-//!   start over), and write from `P + WINDOW + 1`.
+//!   maximum than its own means it is deposed itself), fence every empty
+//!   slot of `(P, P + WINDOW]` (any 412: start over), check that the
+//!   snapshot is still the one it read (else a compaction may have deleted
+//!   what it listed, and its fences may sit in deleted slots: start over),
+//!   and write from `P + WINDOW + 1`. A slot listed more than `WINDOW`
+//!   past the hole at `P + 1` is a gap only if the snapshot is unchanged.
 //! - Compaction by any writer, abandoned at any step: write the snapshot of
 //!   its acknowledged prefix (`If-Match` the ETag it knows; on 412 re-read
 //!   and replace only an older one), then delete the log slots it covers,
@@ -36,12 +38,12 @@
 //!   the snapshot, where no reader looks, and the outcome counts those.
 //!
 //! The checker: every claim that completes recovers a state containing
-//! every increment acknowledged so far; at the end a clean writer recovers
+//! every increment acknowledged before its last fence landed; at the end a clean writer recovers
 //! the log, and its state holds every acknowledged increment, only
 //! attempted ones, each once, and every state any claim recovered is a
 //! prefix of it (one history). `fences: false`, `keep_fences: false`,
-//! `window_from_acked: false` and `recheck` other than `AfterFences` are negative
-//! controls: the simulation must find violations with each.
+//! `window_from_acked: false` and `recheck: Never` are negative controls:
+//! the simulation must find violations with each.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -102,19 +104,17 @@ impl Default for LogSimConfig {
     }
 }
 
-/// When a claim re-reads the snapshot's ETag. A compaction writes the
-/// snapshot before it deletes the slots it covers, so an unchanged ETag
-/// proves that nothing after the snapshot the claim started from was
-/// deleted up to that moment.
+/// Whether a claim re-reads the snapshot's ETag once its fences landed. A
+/// compaction writes the snapshot before it deletes the slots it covers,
+/// so an unchanged ETag proves that nothing after the snapshot the claim
+/// started from was deleted while it listed, read and fenced. Checked
+/// after the fences, not before: a compaction between the check and the
+/// fences could delete slots the fences then fill, under the old holder's
+/// acknowledged commits (argued; this schedule has not produced it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recheck {
-    /// After its fences landed: the listing, the reads and the fences all
-    /// saw a log no compaction had cut. The protocol.
+    /// The protocol.
     AfterFences,
-    /// After reading the log, before fencing (negative control): a
-    /// compaction between the check and the fences deletes slots that the
-    /// fences then fill, under the old holder's acknowledged commits.
-    BeforeFences,
     /// Never (negative control): the listing may miss slots a compaction
     /// deleted, and look like an older log or a log with a gap.
     Never,
@@ -783,19 +783,7 @@ impl Sim {
                         seq: prefix_end,
                         ..state
                     };
-                    if self.config.recheck == Recheck::BeforeFences {
-                        ClaimStep::Recheck {
-                            state,
-                            etag,
-                            prefix_end,
-                            occupied,
-                            gap: None,
-                            fenced: false,
-                            acked_before: 0,
-                        }
-                    } else {
-                        self.fence_or_recheck(state, etag, prefix_end, &occupied)
-                    }
+                    self.fence_or_recheck(state, etag, prefix_end, &occupied)
                 } else {
                     let key = keys::log_slot(TENANT, seq);
                     match store.get(&key).await {
@@ -898,10 +886,6 @@ impl Sim {
                     Err(_) => {}
                 }
                 if todo.is_empty() {
-                    if self.config.recheck == Recheck::BeforeFences {
-                        let acked = self.check.acked.len();
-                        return self.complete_claim(w, state, etag, prefix_end, acked);
-                    }
                     ClaimStep::Recheck {
                         state,
                         etag,

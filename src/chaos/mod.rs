@@ -9,6 +9,7 @@
 pub mod availability;
 pub mod checker;
 pub mod history;
+pub mod log_sim;
 pub mod nemesis;
 pub mod service_sim;
 pub mod sim;

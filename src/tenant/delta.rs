@@ -441,7 +441,9 @@ pub fn apply_to_file(path: &Path, delta: &Delta) -> io::Result<()> {
 
 /// The pages in which two database files differ, plus `b`'s size in pages:
 /// a delta that turns `a` into `b` (restore --in-place). Both must have the
-/// same page size; a missing or empty `a` yields all of `b`.
+/// same page size; a missing or empty `a` yields all of `b`. Identical
+/// files yield no pages: there is nothing to ship then (a delta without
+/// pages is not a valid log object).
 pub fn diff_files(a: &Path, b: &Path) -> io::Result<(u32, Vec<(u32, Bytes)>)> {
     let Some((b_file, page_size, b_pages)) = open_database(b)? else {
         return Ok((0, vec![]));

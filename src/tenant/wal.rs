@@ -488,6 +488,70 @@ mod tests {
         assert!(std::fs::read(&before).unwrap() == std::fs::read(db.main()).unwrap());
     }
 
+    #[derive(Clone, Debug)]
+    enum Change {
+        Insert(usize),
+        Update(u8),
+        Delete(u8),
+        Blob(usize),
+        RolledBack,
+    }
+
+    fn change() -> impl proptest::strategy::Strategy<Value = Change> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (1usize..2000).prop_map(Change::Insert),
+            any::<u8>().prop_map(Change::Update),
+            any::<u8>().prop_map(Change::Delete),
+            (1usize..30_000).prop_map(Change::Blob),
+            Just(Change::RolledBack),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Any run of transactions: the committed pages turn the file as it
+        /// was into the file a checkpoint makes, and the sums follow.
+        #[test]
+        fn any_transactions_apply_like_a_checkpoint(
+            changes in proptest::collection::vec(change(), 1..12),
+        ) {
+            let db = WalDb::new();
+            let before = db.copy_main("before.sqlite3");
+            let mut sums = PageSums::of_file(&before).unwrap();
+            for change in changes {
+                let c = &db.conn;
+                match change {
+                    Change::Insert(len) => c
+                        .execute("INSERT INTO t(v) VALUES (?1)", [&"i".repeat(len)])
+                        .map(drop),
+                    Change::Update(m) => c
+                        .execute("UPDATE t SET v = v || 'u' WHERE id % 256 = ?1", [m])
+                        .map(drop),
+                    Change::Delete(m) => c
+                        .execute("DELETE FROM t WHERE id % 7 = ?1 % 7", [m])
+                        .map(drop),
+                    Change::Blob(len) => c
+                        .execute("INSERT INTO doomed(b) VALUES (zeroblob(?1))", [len as i64])
+                        .map(drop),
+                    Change::RolledBack => c.execute_batch(
+                        "BEGIN; DELETE FROM doomed; UPDATE t SET v = 'gone'; ROLLBACK;",
+                    ),
+                }
+                .unwrap();
+            }
+            if let Some(commit) = read_committed(&db.wal()).unwrap() {
+                let delta = as_delta(&commit);
+                apply_to_file(&before, &delta).unwrap();
+                sums.apply(delta.db_pages, &delta.pages);
+            }
+            db.checkpoint();
+            proptest::prop_assert!(std::fs::read(&before).unwrap() == std::fs::read(db.main()).unwrap());
+            proptest::prop_assert_eq!(sums, PageSums::of_file(&db.main()).unwrap());
+        }
+    }
+
     #[test]
     fn missing_and_empty_logs_have_nothing_committed_and_bad_headers_are_errors() {
         let dir = tempfile::tempdir().unwrap();

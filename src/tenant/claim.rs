@@ -225,26 +225,50 @@ async fn attempt(
     let epoch = lease.epoch();
     let (applied, next_slot, since) = match &source {
         Source::Snapshot => {
-            let plan = match plan.take() {
-                Some(plan) => plan.map_err(|e| Attempt::from_log(id, e))?,
-                None => log::plan(store, id.as_str(), &snapshot, Until::End)
-                    .await
-                    .map_err(|e| Attempt::from_log(id, e))?,
+            // A deposed holder may compact while this takeover reads: its
+            // snapshot write comes before its deletes, so a log that looks
+            // broken, or a snapshot that changed by the time the fences
+            // are in, means "read again", not "corrupt".
+            let recheck = async || -> Result<(), Attempt> {
+                let now = store.head(key).await.map_err(failed)?;
+                match now {
+                    Some(meta) if Some(&meta.etag) == snapshot.etag.as_ref() => Ok(()),
+                    _ => Err(Attempt::Again(format!(
+                        "{key} was rewritten while the tenant was taken over"
+                    ))),
+                }
             };
-            let replayed = log::replay_planned(
-                store,
-                id.as_str(),
-                path,
-                &snapshot,
-                &mut sums,
-                Until::End,
-                plan,
-            )
-            .await
-            .map_err(|e| Attempt::from_log(id, e))?;
+            let planned = match plan.take() {
+                Some(plan) => plan,
+                None => log::plan(store, id.as_str(), &snapshot, Until::End).await,
+            };
+            let replayed = match planned {
+                Ok(plan) => {
+                    log::replay_planned(
+                        store,
+                        id.as_str(),
+                        path,
+                        &snapshot,
+                        &mut sums,
+                        Until::End,
+                        plan,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            let replayed = match replayed {
+                Ok(replayed) => replayed,
+                Err(e @ LogError::Corrupt(_)) => {
+                    recheck().await?;
+                    return Err(Attempt::from_log(id, e));
+                }
+                Err(e) => return Err(Attempt::from_log(id, e)),
+            };
             let end = replayed.contiguous_end;
             let clean = lease.previous().is_some_and(|r| r.released);
             if clean && let Some(stray) = replayed.stray.first() {
+                recheck().await?;
                 // A holder releases only once all its uploads are settled:
                 // after a clean release the log has no holes to fence.
                 return Err(Attempt::Failed(TenantError::Corrupt(format!(
@@ -265,6 +289,10 @@ async fn attempt(
                 info!(customer_id = %id, from = end + 1, to = end + WINDOW, "fenced the log after a takeover");
                 end + WINDOW + 1
             };
+            // After the fences, the old holder can confirm nothing past
+            // `end`, so it can compact nothing newer than what was read: a
+            // snapshot unchanged now means nothing read was compacted away.
+            recheck().await?;
             (
                 replayed.applied,
                 next,

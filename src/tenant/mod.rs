@@ -4,6 +4,7 @@
 
 pub mod actor;
 pub mod db;
+pub mod lifecycle;
 pub mod registry;
 pub mod sql;
 

@@ -72,6 +72,8 @@ fn registry(store: DynStore, dir: &Path, ttl: Duration) -> Arc<Registry> {
             customer_id: None,
             max_tenants: 10,
             lock_cache_ttl: ttl / 5,
+            max_known_tenants: 100,
+            create_on_first_request: false,
         },
         ActorContext::new(store, Metrics::new(), "m1".into(), dir.join("local")),
     )

@@ -182,6 +182,8 @@ impl World {
                 },
                 max_tenants: 1,
                 lock_cache_ttl: TTL / 5,
+                max_known_tenants: 10_000,
+                create_on_first_request: false,
             },
             ActorContext {
                 store,
@@ -414,7 +416,9 @@ async fn increment(
                 fresh = true;
             }
             Route::Lookup { .. } => return Err(Attempt::NotApplied("lookup".into())),
-            Route::Unavailable(e) | Route::Corrupt(e) => return Err(Attempt::NotApplied(e)),
+            Route::Unavailable(e) | Route::Corrupt(e) | Route::NotFound(e) => {
+                return Err(Attempt::NotApplied(e));
+            }
         }
     }
     Err(Attempt::NotApplied("too many hops".into()))

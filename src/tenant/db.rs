@@ -312,8 +312,8 @@ pub fn new_database_bytes() -> anyhow::Result<bytes::Bytes> {
         // Closing the connection checkpoints a WAL into the main file, so
         // that the file alone is the whole database.
         drop(db);
-        let bytes = std::fs::read(&path)
-            .with_context(|| format!("cannot read back {}", path.display()))?;
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read back {}", path.display()))?;
         Ok(bytes::Bytes::from(bytes))
     })();
     let _ = std::fs::remove_dir_all(&dir);
@@ -322,10 +322,7 @@ pub fn new_database_bytes() -> anyhow::Result<bytes::Bytes> {
 
 /// A private folder under the system's temporary folder.
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "tenantd-new-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let dir = std::env::temp_dir().join(format!("tenantd-new-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).map_err(|e| {
         anyhow::anyhow!(
             "cannot create a temporary folder {}: {e}; set TMPDIR to a writable folder",
@@ -553,7 +550,11 @@ mod tests {
         let long = "k".repeat(200);
         db.apply(1, &[Some(long.as_str())]).unwrap();
         let (answers, c) = db.apply(1, &[Some(long.as_str())]).unwrap();
-        assert_eq!(counts(&answers), vec![(1, true)], "the repeat is deduplicated");
+        assert_eq!(
+            counts(&answers),
+            vec![(1, true)],
+            "the repeat is deduplicated"
+        );
         assert_eq!(c.count, 1);
         drop(db);
         let conn = Connection::open(dir.path().join("db.sqlite3")).unwrap();
@@ -595,7 +596,11 @@ mod tests {
         assert_eq!((answers[1].count, answers[1].repeated), (8, false));
         assert_eq!(c.count, 8);
         let (answers, _) = db.apply(3, &[Some("new-key")]).unwrap();
-        assert_eq!(counts(&answers), vec![(8, true)], "new rows in an old table");
+        assert_eq!(
+            counts(&answers),
+            vec![(8, true)],
+            "new rows in an old table"
+        );
         let tx = db.conn.transaction().unwrap();
         let answer = sql_answer(&tx, "old-sql").unwrap().expect("old SQL answer");
         assert_eq!((answer.epoch, answer.repeated), (2, true));

@@ -181,15 +181,19 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
         .map(|l| l.key)
         .filter(|k| *k != lock)
         .collect();
-    let mut deletions = futures::stream::iter(rest.iter().map(|key| delete_key(store, key)))
-        .buffer_unordered(8);
+    let objects = rest.len() + 2;
+    let mut deletions = futures::stream::iter(rest.into_iter().map(|key| {
+        let store = store.clone();
+        async move { delete_key(&store, &key).await }
+    }))
+    .buffer_unordered(8);
     while let Some(done) = deletions.next().await {
         done?;
     }
     // Stop renewing (no release: the lock goes), then delete it.
     drop(lease);
     delete_key(store, &lock).await?;
-    info!(customer_id = %id, objects = rest.len() + 2, "tenant deleted");
+    info!(customer_id = %id, objects, "tenant deleted");
     Ok(Deleted::Deleted)
 }
 
@@ -236,17 +240,9 @@ pub async fn list(store: &DynStore) -> anyhow::Result<Vec<TenantInfo>> {
             found.insert(id, (entry.size, entry.last_modified));
         }
     }
-    let infos = futures::stream::iter(found.into_iter().map(|(id, (bytes, modified))| async move {
-        let holder = match read_lock(store, &keys::lock(id.as_str())).await? {
-            LockState::Held { record, .. } => Some(record.holder),
-            _ => None,
-        };
-        Ok::<_, StoreError>(TenantInfo {
-            customer_id: id.to_string(),
-            bytes,
-            last_modified: modified.map(rfc3339),
-            holder,
-        })
+    let infos = futures::stream::iter(found.into_iter().map(|(id, (bytes, modified))| {
+        let store = store.clone();
+        async move { info_of(&store, id, bytes, modified).await }
     }))
     .buffered(16)
     .collect::<Vec<_>>()
@@ -255,6 +251,24 @@ pub async fn list(store: &DynStore) -> anyhow::Result<Vec<TenantInfo>> {
         .into_iter()
         .map(|i| i.context("cannot read a tenant's lock"))
         .collect()
+}
+
+async fn info_of(
+    store: &DynStore,
+    id: TenantId,
+    bytes: u64,
+    modified: Option<SystemTime>,
+) -> StoreResult<TenantInfo> {
+    let holder = match read_lock(store, &keys::lock(id.as_str())).await? {
+        LockState::Held { record, .. } => Some(record.holder),
+        _ => None,
+    };
+    Ok(TenantInfo {
+        customer_id: id.to_string(),
+        bytes,
+        last_modified: modified.map(rfc3339),
+        holder,
+    })
 }
 
 fn rfc3339(at: SystemTime) -> String {
@@ -281,7 +295,10 @@ mod tests {
         let first = store.head(&keys::database("7")).await.unwrap().unwrap();
         assert_eq!(create(&store, &id("7")).await.unwrap(), Created::Exists);
         let second = store.head(&keys::database("7")).await.unwrap().unwrap();
-        assert_eq!(first.etag, second.etag, "an existing tenant is not rewritten");
+        assert_eq!(
+            first.etag, second.etag,
+            "an existing tenant is not rewritten"
+        );
         assert_eq!(first.metadata["tenantd-epoch"], "0");
         assert_eq!(first.metadata["tenantd-seq"], "0");
     }

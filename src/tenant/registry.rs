@@ -605,14 +605,7 @@ impl Registry {
                     // Under the contender lock, so that no new actor of the
                     // tenant is being started: its series stay.
                     let _contender = slot.contender.lock().await;
-                    let mut state = slot.state.lock().unwrap();
-                    if state.handle.as_ref().is_some_and(|h| !h.is_alive()) {
-                        state.handle = None;
-                        // A tenant no longer held leaves no series behind
-                        // (thousands of tenants pass through a machine).
-                        let _ = metrics.lease_holder.remove_label_values(&[id.as_str()]);
-                        let _ = metrics.lease_epoch.remove_label_values(&[id.as_str()]);
-                    }
+                    Self::clear_ended(&metrics, &id, &slot);
                 });
                 Route::Local(handle)
             }
@@ -799,9 +792,23 @@ impl Registry {
             if let Some(handle) = handle {
                 handle.stop();
                 handle.ended().await;
+                Self::clear_ended(&self.actor.metrics, id, &slot);
             }
         }
         guard
+    }
+
+    /// Forgets an actor that has ended; call with the contender locked, so
+    /// that no new actor of the tenant is being started (its series stay).
+    fn clear_ended(metrics: &crate::metrics::Metrics, id: &TenantId, slot: &Slot) {
+        let mut state = slot.state.lock().unwrap();
+        if state.handle.as_ref().is_some_and(|h| !h.is_alive()) {
+            state.handle = None;
+            // A tenant no longer held leaves no series behind (thousands
+            // of tenants pass through a machine).
+            let _ = metrics.lease_holder.remove_label_values(&[id.as_str()]);
+            let _ = metrics.lease_epoch.remove_label_values(&[id.as_str()]);
+        }
     }
 
     /// Is this machine holding the tenant right now?
@@ -890,5 +897,207 @@ impl DeleteGuard {
 impl Drop for DeleteGuard {
     fn drop(&mut self) {
         self.registry.deleting.lock().unwrap().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::store::{InstrumentedStore, MemoryStore};
+    use crate::tenant::Op;
+    use crate::tenant::lifecycle::Deleter;
+
+    struct Fixture {
+        memory: Arc<MemoryStore>,
+        metrics: Metrics,
+        registry: Arc<Registry>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture(config: impl FnOnce(&mut RegistryConfig)) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = Arc::new(MemoryStore::new());
+        let metrics = Metrics::new();
+        let store: DynStore = Arc::new(InstrumentedStore::new(memory.clone(), metrics.clone()));
+        let mut registry_config =
+            RegistryConfig::new("m1", "127.0.0.1:1", Duration::from_secs(2), None);
+        config(&mut registry_config);
+        let registry = Registry::new(
+            registry_config,
+            ActorContext::new(store, metrics.clone(), "m1".into(), dir.path().into()),
+        );
+        Fixture {
+            memory,
+            metrics,
+            registry,
+            _dir: dir,
+        }
+    }
+
+    fn id(text: &str) -> TenantId {
+        TenantId::parse(text).unwrap()
+    }
+
+    fn store_writes(metrics: &Metrics) -> u64 {
+        let text = metrics.render();
+        text.lines()
+            .filter(|l| l.starts_with("tenantd_store_requests_total{"))
+            .filter(|l| l.contains("op=\"put") || l.contains("op=\"delete"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    async fn increment(registry: &Arc<Registry>, tenant: &TenantId) -> u64 {
+        match registry.route(tenant, false).await {
+            Route::Local(handle) => {
+                handle
+                    .call(Op::Increment {
+                        idempotency_key: None,
+                    })
+                    .await
+                    .unwrap()
+                    .count
+            }
+            other => panic!("expected to hold {tenant}, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_tenants_are_not_found_write_nothing_and_leave_no_slot() {
+        let f = fixture(|_| {});
+        for n in 0..50 {
+            let tenant = id(&format!("nobody-{n}"));
+            match f.registry.route(&tenant, n % 2 == 0).await {
+                Route::NotFound(message) => {
+                    assert!(message.contains("does not exist"), "{message}");
+                    assert!(message.contains("tenantd tenants create"), "{message}");
+                }
+                other => panic!("expected NotFound, got {other:?}"),
+            }
+        }
+        assert!(f.memory.keys().is_empty(), "{:?}", f.memory.keys());
+        assert_eq!(store_writes(&f.metrics), 0);
+        assert_eq!(f.registry.known_tenants(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_created_tenant_is_served_and_its_series_go_when_it_is_released() {
+        let f = fixture(|_| {});
+        let tenant = id("42");
+        assert!(matches!(
+            f.registry.route(&tenant, false).await,
+            Route::NotFound(_)
+        ));
+        lifecycle::create(f.registry.store(), &tenant)
+            .await
+            .unwrap();
+        f.registry.created(&tenant);
+        assert_eq!(increment(&f.registry, &tenant).await, 1);
+        assert!(f.metrics.render().contains("customer_id=\"42\""));
+        assert_eq!(f.registry.status(false).len(), 1);
+        f.registry.begin_delete(&tenant).await;
+        // The actor released; its watcher forgets it under the contender lock.
+        let mut tries = 0;
+        while f.metrics.render().contains("customer_id=\"42\"") {
+            tries += 1;
+            assert!(tries < 200, "series still there: {}", f.metrics.render());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(f.registry.status(false).is_empty(), "only held tenants");
+        assert_eq!(f.registry.status(true).len(), 1, "all known tenants");
+    }
+
+    #[tokio::test]
+    async fn create_on_first_request_creates_in_pool_mode() {
+        let f = fixture(|c| c.create_on_first_request = true);
+        let tenant = id("demo");
+        assert_eq!(increment(&f.registry, &tenant).await, 1);
+        assert!(f.memory.keys().contains(&keys::database("demo")));
+    }
+
+    #[tokio::test]
+    async fn slots_of_tenants_not_held_are_pruned_to_the_bound() {
+        let f = fixture(|c| {
+            c.max_known_tenants = 20;
+            c.max_tenants = 5;
+        });
+        for n in 0..60 {
+            let tenant = id(&format!("t{n}"));
+            lifecycle::create(f.registry.store(), &tenant)
+                .await
+                .unwrap();
+            increment(&f.registry, &tenant).await;
+            assert!(
+                f.registry.known_tenants() <= 20,
+                "{} known after {n}",
+                f.registry.known_tenants()
+            );
+        }
+        let held = f.registry.status(false).len();
+        assert!((1..=5).contains(&held), "held {held}");
+    }
+
+    #[tokio::test]
+    async fn a_tenant_deleted_while_known_is_not_recreated() {
+        let f = fixture(|_| {});
+        let tenant = id("gone");
+        lifecycle::create(f.registry.store(), &tenant)
+            .await
+            .unwrap();
+        assert_eq!(increment(&f.registry, &tenant).await, 1);
+        // Deleted through this machine: its actor stops first.
+        let guard = f.registry.begin_delete(&tenant).await;
+        assert!(matches!(
+            f.registry.route(&tenant, false).await,
+            Route::NotFound(_)
+        ));
+        let deleter = Deleter {
+            lease: f.registry.lease_settings(),
+            wait: Duration::from_secs(5),
+        };
+        let deleted = lifecycle::delete(f.registry.store(), &tenant, &deleter)
+            .await
+            .unwrap();
+        assert_eq!(deleted, lifecycle::Deleted::Deleted);
+        guard.deleted();
+        drop(guard);
+        assert!(f.memory.keys().is_empty(), "{:?}", f.memory.keys());
+        let writes = store_writes(&f.metrics);
+        for fresh in [false, true] {
+            assert!(matches!(
+                f.registry.route(&tenant, fresh).await,
+                Route::NotFound(_)
+            ));
+        }
+        assert!(f.memory.keys().is_empty(), "{:?}", f.memory.keys());
+        assert_eq!(store_writes(&f.metrics), writes, "{}", f.metrics.render());
+    }
+
+    /// Deleted by someone else (the CLI) while this machine still knows
+    /// the tenant: the takeover finds no database under its new lease and
+    /// leaves nothing behind.
+    #[tokio::test]
+    async fn a_tenant_deleted_elsewhere_is_not_recreated_by_a_takeover() {
+        let f = fixture(|_| {});
+        let tenant = id("elsewhere");
+        lifecycle::create(f.registry.store(), &tenant)
+            .await
+            .unwrap();
+        assert_eq!(increment(&f.registry, &tenant).await, 1);
+        drop(f.registry.begin_delete(&tenant).await);
+        let deleter = Deleter {
+            lease: LeaseConfig::new("tenantd-cli-test", "cli", Duration::from_secs(2)),
+            wait: Duration::from_secs(5),
+        };
+        let deleted = lifecycle::delete(f.registry.store(), &tenant, &deleter)
+            .await
+            .unwrap();
+        assert_eq!(deleted, lifecycle::Deleted::Deleted);
+        assert!(matches!(
+            f.registry.route(&tenant, false).await,
+            Route::NotFound(_)
+        ));
+        assert!(f.memory.keys().is_empty(), "{:?}", f.memory.keys());
     }
 }

@@ -18,6 +18,14 @@
 //! sidecar that matches nothing (the store folder was copied, so inodes
 //! changed) is checked against the data's MD5 instead; failing that, the
 //! object reads like a file put there by hand (its MD5, no metadata).
+//!
+//! A listing walks the folders under the prefix and returns every data
+//! file (a file put there by hand too, as `get` reads it), never the
+//! private `.tenantd` folder or a put's temporary file; size and time are
+//! the data file's. A delete removes the data file, then the sidecar,
+//! under the key's lock, so a concurrent read sees the object or nothing.
+//! Emptied folders are left in place (a put may be creating a file in
+//! them); they hold no keys.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -31,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::memory::check_condition;
 use super::{
-    ETag, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError, StoreResult,
+    ETag, Listed, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError, StoreResult,
 };
 
 #[derive(Debug, Clone)]
@@ -350,6 +358,141 @@ impl FileStore {
     }
 }
 
+/// Listing and deleting.
+impl FileStore {
+    fn list_blocking(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        let Some(start) = Self::listing_start(prefix) else {
+            // No valid key lives there ("..", ".tenantd", ...).
+            return Ok(Vec::new());
+        };
+        // Whether a folder whose keys all start with `dir` may hold a key
+        // of the listing: it agrees with the prefix, and does not sort
+        // wholly before `start_after`.
+        let wanted_dir = |dir: &str| {
+            (dir.starts_with(prefix) || prefix.starts_with(dir))
+                && start_after.is_none_or(|after| dir >= after || after.starts_with(dir))
+        };
+        let wanted_key =
+            |key: &str| key.starts_with(prefix) && start_after.is_none_or(|after| key > after);
+        let failed = |path: &Path, e: std::io::Error| {
+            StoreError::transient(
+                prefix,
+                format!(
+                    "file store listing of prefix {prefix:?} failed at {}: {e}",
+                    path.display()
+                ),
+            )
+        };
+        let mut listed = Vec::new();
+        let mut folders = vec![start];
+        while let Some(rel) = folders.pop() {
+            let dir = self.root.join(&rel);
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                // Gone, or never there: no keys.
+                Err(e) if is_absent(&e) => continue,
+                Err(e) => return Err(failed(&dir, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| failed(&dir, e))?;
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else {
+                    continue; // not a key: keys are UTF-8
+                };
+                if name.starts_with(".tenantd") || is_temp_file(name) {
+                    continue;
+                }
+                let rel = rel.join(name);
+                let Some(key) = key_of(&rel) else { continue };
+                let path = self.root.join(&rel);
+                // Follow a symlink put there by hand, as `get` would.
+                let meta = match fs::metadata(&path) {
+                    Ok(meta) => meta,
+                    Err(e) if is_absent(&e) => continue, // deleted meanwhile
+                    Err(e) => return Err(failed(&path, e)),
+                };
+                if meta.is_dir() {
+                    let dir_key = if key.ends_with('/') { key } else { key + "/" };
+                    if wanted_dir(&dir_key) {
+                        folders.push(rel);
+                    }
+                } else if meta.is_file() && wanted_key(&key) {
+                    listed.push(Listed {
+                        key,
+                        size: meta.len(),
+                        last_modified: meta.modified().ok(),
+                    });
+                }
+            }
+        }
+        listed.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        Ok(listed)
+    }
+
+    /// The folder (relative to the root) that holds every key starting
+    /// with `prefix`: the prefix's folder part, mapped as keys are. `None`
+    /// when that folder is no valid key's.
+    fn listing_start(prefix: &str) -> Option<PathBuf> {
+        let folder = prefix.rfind('/').map_or("", |end| &prefix[..end]);
+        match folder {
+            "" if prefix.starts_with('/') => Some(PathBuf::from(LEADING_SLASH_DIR)),
+            "" => Some(PathBuf::new()),
+            folder => Self::relative(folder).ok(),
+        }
+    }
+
+    fn delete_blocking(&self, key: &str) -> StoreResult<()> {
+        let paths = self.paths(key)?;
+        let _guard = Self::lock(key, &paths)?;
+        // The data first: a delete stopped halfway leaves a sidecar without
+        // data, which reads as absent (the other order would leave the data
+        // without its ETag and metadata). Each removal is synced before
+        // the next, so a power cut cannot keep the data and lose the sidecar.
+        for (path, what) in [
+            (&paths.data, "delete"),
+            (&paths.sidecar, "deleting metadata"),
+        ] {
+            match fs::remove_file(path) {
+                Ok(()) => sync_parent(path).map_err(|e| Self::io_error(key, "fsync", e))?,
+                // Already gone, or a folder of other keys: not an object.
+                Err(e) if is_absent(&e) || e.kind() == ErrorKind::IsADirectory => {}
+                Err(e) => return Err(Self::io_error(key, what, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The key of a path relative to the root (the inverse of
+/// [`FileStore::relative`]); `None` for a name that is not UTF-8.
+fn key_of(rel: &Path) -> Option<String> {
+    let mut parts = Vec::new();
+    for component in rel.components() {
+        match component {
+            Component::Normal(part) => parts.push(part.to_str()?),
+            _ => return None,
+        }
+    }
+    match parts.split_first() {
+        Some((&LEADING_SLASH_DIR, rest)) => Some(format!("/{}", rest.join("/"))),
+        _ => Some(parts.join("/")),
+    }
+}
+
+/// A put's temporary file (`.<name>.<32 hex digits>.tmp`, see [`Temp`]):
+/// never an object, even when a crash left it behind.
+fn is_temp_file(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".tmp"))
+        .and_then(|n| n.rsplit_once('.'))
+        .is_some_and(|(_, id)| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Not found, or a path through a file ("a/b" where "a" is an object).
+fn is_absent(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory)
+}
+
 struct KeyPaths {
     data: PathBuf,
     sidecar: PathBuf,
@@ -439,6 +582,17 @@ impl ObjectStore for FileStore {
     ) -> StoreResult<ETag> {
         let (store, key) = (self.clone(), key.to_string());
         blocking(move || store.put_blocking(&key, &body, metadata, &condition)).await
+    }
+
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        let (store, prefix) = (self.clone(), prefix.to_string());
+        let start_after = start_after.map(str::to_string);
+        blocking(move || store.list_blocking(&prefix, start_after.as_deref())).await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        let (store, key) = (self.clone(), key.to_string());
+        blocking(move || store.delete_blocking(&key)).await
     }
 
     async fn check(&self) -> StoreResult<()> {

@@ -283,19 +283,10 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     /// Every key that starts with `prefix` and sorts after `start_after`
     /// (when given), in ascending byte order, across all pages of the
     /// listing. Strongly consistent on S3 and Tigris.
-    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
-        let _ = (prefix, start_after);
-        Err(StoreError::Fatal {
-            message: format!("{} cannot list keys", self.describe()),
-        })
-    }
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>>;
 
     /// Deletes `key`. Deleting a key that does not exist succeeds.
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        Err(StoreError::Fatal {
-            message: format!("{} cannot delete {key}", self.describe()),
-        })
-    }
+    async fn delete(&self, key: &str) -> StoreResult<()>;
 
     /// Checks that the store is reachable and usable (bucket exists,
     /// credentials valid) without writing anything.

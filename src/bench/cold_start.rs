@@ -37,6 +37,10 @@ pub async fn run(
     commits: usize,
 ) -> anyhow::Result<Vec<ColdStart>> {
     let setup = Setup::new(scratch, faults, lease_ttl);
+    let tenants: Vec<String> = sizes_mb.iter().map(|size| tenant(*size)).collect();
+    setup
+        .create_tenants(&tenants.iter().map(String::as_str).collect::<Vec<_>>())
+        .await?;
     let http = load::client();
 
     // Each tenant gets its database from a first machine, which then leaves.

@@ -248,6 +248,15 @@ impl World {
 }
 
 async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSimOutcome {
+    // The tenants exist before any machine starts, as an operator (or a
+    // single-tenant machine at start) creates them: machines answer 404
+    // for tenants that do not.
+    let store: DynStore = world.shared.clone();
+    for tenant in &world.tenants {
+        crate::tenant::lifecycle::create(&store, tenant)
+            .await
+            .expect("creating a tenant in the memory store");
+    }
     for i in 0..MACHINES {
         world.boot(i, seed);
     }

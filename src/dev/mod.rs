@@ -740,6 +740,10 @@ fn banner(cluster: &Cluster) -> String {
         "  TENANTD_API_TOKEN={} tenantd sql --url {edge} --customer-id {example} \"SELECT count FROM welcome\"\n",
         cluster.api_token()
     ));
+    out.push_str(&format!(
+        "  tenantd tenants create --store {} <id>   (other ids are 404)\n",
+        cfg.store
+    ));
     out.push_str(&format!("  tenantd dev ls{admin_flag}\n"));
     out.push_str(&format!("  tenantd dev scale {example} 3{admin_flag}\n"));
     out.push_str(&format!("  tenantd dev kill <machine id>{admin_flag}\n"));

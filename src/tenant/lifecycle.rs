@@ -73,10 +73,13 @@ fn new_database_metadata() -> Metadata {
 /// Creates the tenant with a new, empty database (`If-None-Match: *`).
 /// Idempotent: a tenant that exists is left as it is.
 pub async fn create(store: &DynStore, id: &TenantId) -> anyhow::Result<Created> {
-    // The original app's copy is imported by the first holder; a new
-    // database here would hide it.
-    let legacy = keys::legacy_database(id.as_str());
-    if store.head(&legacy).await?.is_some() {
+    // Reads first: a single-tenant machine creates its tenant at every
+    // start, and the tenant nearly always exists. The original app's copy
+    // is imported by the first holder; a new database would hide it.
+    if tenant_exists(store, id)
+        .await
+        .with_context(|| format!("cannot tell whether customer {id} exists"))?
+    {
         return Ok(Created::Exists);
     }
     let bytes = tokio::task::spawn_blocking(super::db::new_database_bytes)

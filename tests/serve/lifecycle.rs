@@ -236,6 +236,28 @@ async fn unknown_tenants_are_404_write_nothing_and_are_not_remembered() {
     let (code, all) = status(&m, true, Some(ADMIN)).await;
     assert_eq!(code, 200);
     assert_eq!(all["known_tenants"], 0, "{all}");
+
+    // A single-tenant machine answers the same for other tenants that do
+    // not exist, and writes nothing for them.
+    let single = setup.machine("a000000000un02", Some("own"), &["--admin-token", ADMIN]);
+    for id in ids.iter().take(300) {
+        let r = http
+            .get(single.url(&format!("/customers/{id}/count")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        let body = r.text().await.unwrap();
+        assert!(body.contains("does not exist"), "{body}");
+    }
+    let keys = stored_keys(&dir.path().join("store"));
+    assert!(
+        keys.iter()
+            .all(|k| k.starts_with("customer/own/") || k.starts_with(".tenantd/")),
+        "{keys:?}"
+    );
+    let (_, all) = status(&single, true, Some(ADMIN)).await;
+    assert!(all["known_tenants"].as_u64().unwrap() <= 1, "{all}");
 }
 
 /// Single-tenant mode creates its own tenant at start, as the original app
@@ -355,4 +377,49 @@ async fn admin_routes_and_status_views() {
     assert_eq!(status(&m, true, None).await.0, 401);
     let (_, all) = status(&m, true, Some(ADMIN)).await;
     assert!(all["tenants"].as_array().unwrap().len() >= held.len());
+}
+
+/// A DELETE that reaches a machine not holding the tenant is handed to the
+/// holder (fly-replay, followed like Fly Proxy), which stops the tenant and
+/// deletes it; the other machine then answers 404 too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_reaching_another_machine_is_carried_out_by_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::file_store(dir.path());
+    setup.create_tenants(&["d1"]);
+    let a = setup.machine("a000000000dh01", None, &["--admin-token", ADMIN]);
+    let b = setup.machine("b000000000dh02", None, &["--admin-token", ADMIN]);
+    assert_eq!(increment(&a, "d1").await.0, 200);
+    assert_eq!(setup.lock("d1").unwrap()["holder"], a.id.as_str());
+
+    let client = crate::cluster::FlyClient::new(&[&a, &b]);
+    let auth = format!("Bearer {ADMIN}");
+    let reply = client
+        .send(
+            &b.id,
+            reqwest::Method::DELETE,
+            "/_admin/tenants/d1",
+            &[("authorization", auth.as_str())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.json);
+    assert_eq!(reply.hops, 1, "carried out by the holder");
+    assert_eq!(reply.json["result"], "deleted");
+    assert_eq!(
+        stored_keys(&dir.path().join("store"))
+            .iter()
+            .filter(|k| k.starts_with("customer/"))
+            .count(),
+        0
+    );
+    for m in [&a, &b] {
+        let (code, body) = increment(m, "d1").await;
+        assert_eq!(code, 404, "{body}");
+    }
+    assert_eq!(
+        setup.object("customer/d1/db.sqlite3"),
+        None,
+        "not recreated"
+    );
 }

@@ -132,7 +132,9 @@ async fn claiming_a_100_mb_tenant_on_one_worker_costs_no_other_tenant_its_lease(
     let ttl = Duration::from_millis(1500);
     let registry = registry(store.clone(), dir.path(), ttl);
     let small = TenantId::parse("small").unwrap();
-    tenantd::tenant::lifecycle::create(&store, &small).await.unwrap();
+    tenantd::tenant::lifecycle::create(&store, &small)
+        .await
+        .unwrap();
     let held = local(&registry, &small).await;
     held.call(Op::Increment {
         idempotency_key: None,

@@ -64,6 +64,13 @@ pub(super) async fn delete_tenant(
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     let registry = &state.registry;
+    if registry.config().customer_id.as_ref() == Some(&id) {
+        let message = format!(
+            "customer {id} is this machine's CUSTOMER_ID: its machines would take it back (and recreate it) at once; \
+             destroy them first (tenantd fly destroy --customer {id}), then run `tenantd tenants delete {id}`"
+        );
+        return error(StatusCode::CONFLICT, &message);
+    }
     if !registry.holds(&id) {
         match registry.other_holder(&id).await {
             Ok(Some(holder)) => {

@@ -274,6 +274,17 @@ async fn a_single_tenant_machine_creates_its_tenant_and_the_demo_flag_creates_on
     let (code, out, _) = setup.tenants(&["create", "77"]);
     assert_eq!((code, out.as_str()), (0, "77 exists\n"));
     drop(single);
+    // Its own tenant is not deleted through it: its machines would take it back.
+    let single = setup.machine("a000000000st02", Some("77"), &["--admin-token", ADMIN]);
+    let r = reqwest::Client::new()
+        .delete(single.url("/_admin/tenants/77"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("tenantd fly destroy"));
+    drop(single);
 
     let demo = setup.machine("a000000000dm01", None, &["--create-on-first-request"]);
     let (code, body) = increment(&demo, "fresh").await;

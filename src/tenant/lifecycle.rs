@@ -325,4 +325,92 @@ mod tests {
             "creating must not hide the original app's copy"
         );
     }
+
+    fn deleter(machine: &str, wait: Duration) -> Deleter {
+        Deleter {
+            lease: LeaseConfig::new(machine, "cli", Duration::from_secs(2)),
+            wait,
+        }
+    }
+
+    async fn put(store: &DynStore, key: &str) {
+        store
+            .put(key, "x".into(), Metadata::new(), Precondition::None)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn list_finds_database_and_legacy_tenants_only() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        create(&store, &id("a")).await.unwrap();
+        put(&store, &keys::legacy_database("old")).await;
+        put(&store, &keys::log_slot("a", 1)).await;
+        put(&store, "customer/b/machine.lock").await;
+        put(&store, "machines/m1/heartbeat.json").await;
+        let listed = list(&store).await.unwrap();
+        let ids: Vec<&str> = listed.iter().map(|t| t.customer_id.as_str()).collect();
+        assert_eq!(ids, ["a", "old"]);
+        assert!(listed.iter().all(|t| t.holder.is_none() && t.bytes > 0));
+    }
+
+    #[tokio::test]
+    async fn delete_removes_every_object_of_the_tenant_and_nothing_else() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        create(&store, &id("a")).await.unwrap();
+        create(&store, &id("ab")).await.unwrap();
+        put(&store, &keys::legacy_database("a")).await;
+        for seq in 1..=3 {
+            put(&store, &keys::log_slot("a", seq)).await;
+        }
+        put(&store, &keys::archive("a", 2)).await;
+        let wait = Duration::from_secs(1);
+        let deleted = delete(&store, &id("a"), &deleter("cli-1", wait))
+            .await
+            .unwrap();
+        assert_eq!(deleted, Deleted::Deleted);
+        assert!(!tenant_exists(&store, &id("a")).await.unwrap());
+        assert!(store.list("customer/a/", None).await.unwrap().is_empty());
+        assert!(
+            tenant_exists(&store, &id("ab")).await.unwrap(),
+            "a neighbour survives"
+        );
+        let again = delete(&store, &id("a"), &deleter("cli-1", wait))
+            .await
+            .unwrap();
+        assert_eq!(again, Deleted::Absent);
+    }
+
+    #[tokio::test]
+    async fn delete_waits_for_a_live_holder_and_then_names_it() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        create(&store, &id("a")).await.unwrap();
+        let config = LeaseConfig::new("m-holder", "10.0.0.1:3000", Duration::from_secs(2));
+        let mut holder = Contender::new(store.clone(), keys::lock("a"), config);
+        let Acquire::Acquired(lease) = holder.try_acquire().await.unwrap() else {
+            panic!("the holder must acquire");
+        };
+        let error = delete(
+            &store,
+            &id("a"),
+            &deleter("cli-2", Duration::from_millis(300)),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("m-holder") && error.contains("DELETE /_admin/tenants/a"),
+            "{error}"
+        );
+        assert!(
+            tenant_exists(&store, &id("a")).await.unwrap(),
+            "nothing deleted"
+        );
+        // Once the holder lets go, the delete goes through.
+        lease.release().await.unwrap();
+        let deleted = delete(&store, &id("a"), &deleter("cli-2", Duration::from_secs(1)))
+            .await
+            .unwrap();
+        assert_eq!(deleted, Deleted::Deleted);
+    }
 }

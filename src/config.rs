@@ -123,6 +123,17 @@ pub struct ServeArgs {
     #[arg(long, env = "TENANTD_SQL_MAX_ROWS", default_value_t = 10_000)]
     pub sql_max_rows: usize,
 
+    /// How far back point-in-time restore reaches: deltas and old
+    /// snapshots younger than this are kept (`0s`: keep only what the
+    /// current snapshot needs).
+    #[arg(long, env = "TENANTD_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Rewrite the snapshot after this many commits (or once the deltas
+    /// after it reach a quarter of the database, at least 16 MiB).
+    #[arg(long, env = "TENANTD_COMPACT_AFTER", default_value_t = 1000)]
+    pub compact_after: u64,
+
     /// Fault injection at start: JSON of FaultConfig, e.g.
     /// '{"latency":"20ms","jitter":"5ms"}' (for benchmarks and chaos tests).
     #[arg(long, env = "TENANTD_FAULTS")]
@@ -152,24 +163,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("invalid duration {text:?}: {e} (examples: 5s, 500ms)"))
 }
 
-/// The store URL after defaults: `--store`, else `s3://$BUCKET_NAME`, else
-/// `file://./data/store`.
-pub fn store_url_or_default(store: Option<&StoreUrl>) -> Result<StoreUrl, String> {
-    if let Some(url) = store {
-        return Ok(url.clone());
-    }
-    match std::env::var("BUCKET_NAME") {
-        Ok(bucket) if !bucket.is_empty() => StoreUrl::parse(&format!("s3://{bucket}"))
-            .map_err(|e| format!("{e} (from BUCKET_NAME)")),
-        _ => Ok(StoreUrl::File(PathBuf::from("./data/store"))),
-    }
-}
-
 impl ServeArgs {
     /// The store URL after defaults: `--store`, else `s3://$BUCKET_NAME`, else
     /// `file://./data/store`.
     pub fn store_url(&self) -> Result<StoreUrl, String> {
-        store_url_or_default(self.store.as_ref())
+        store_url(self.store.as_ref())
     }
 
     pub fn sql_limits(&self) -> SqlLimits {
@@ -178,6 +176,14 @@ impl ServeArgs {
             timeout: self.sql_timeout,
             max_rows: self.sql_max_rows,
             ..SqlLimits::default()
+        }
+    }
+
+    pub fn retention(&self) -> crate::tenant::log::Retention {
+        crate::tenant::log::Retention {
+            keep: self.retention,
+            max_deltas: self.compact_after.max(1),
+            ..Default::default()
         }
     }
 
@@ -194,6 +200,20 @@ impl ServeArgs {
             Some(ip) if !ip.is_empty() => format!("[{ip}]:{}", self.listen.port()),
             _ => self.listen.to_string(),
         }
+    }
+}
+
+/// The store URL after defaults: `explicit` (`--store`), else
+/// `s3://$BUCKET_NAME`, else `file://./data/store`. Shared by every command
+/// that reads the store, so they all find the same bucket.
+pub fn store_url(explicit: Option<&StoreUrl>) -> Result<StoreUrl, String> {
+    if let Some(url) = explicit {
+        return Ok(url.clone());
+    }
+    match std::env::var("BUCKET_NAME") {
+        Ok(bucket) if !bucket.is_empty() => StoreUrl::parse(&format!("s3://{bucket}"))
+            .map_err(|e| format!("{e} (from BUCKET_NAME)")),
+        _ => Ok(StoreUrl::File(PathBuf::from("./data/store"))),
     }
 }
 

@@ -26,6 +26,7 @@ pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod replay;
+pub mod restore;
 pub mod server;
 pub mod sql_client;
 pub mod store;

@@ -217,6 +217,7 @@ pub(crate) async fn run_with(
             idle_timeout: Some(args.idle_timeout),
             ack_before_upload,
             sql: args.sql_limits(),
+            retention: args.retention(),
         },
     );
     if let Some(id) = customer_id.clone() {

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::TenantId;
-use crate::config::{parse_duration, store_url_or_default};
+use crate::config::{parse_duration, store_url};
 use crate::lease::LeaseConfig;
 use crate::store::retry::RetryPolicy;
 use crate::store::{DynStore, FaultConfig, StoreUrl, open_store};
@@ -61,7 +61,7 @@ pub async fn run(args: TenantsArgs) -> anyhow::Result<()> {
              set BUCKET_NAME or TENANTD_STORE / --store; refusing to act on a local file store that no machine reads"
         );
     }
-    let url = store_url_or_default(args.store.as_ref())
+    let url = store_url(args.store.as_ref())
         .map_err(|e| anyhow::anyhow!("{e}: fix --store / TENANTD_STORE"))?;
     let (store, _) = open_store(&url, FaultConfig::default(), RetryPolicy::default(), None)
         .await

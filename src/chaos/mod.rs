@@ -148,6 +148,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
                 crate::dev::logs::LogSink::Quiet
             };
             config.api_token = Some(api_token.clone());
+            // Compaction and garbage collection every few commits, so that
+            // kills, pauses and store faults land in the middle of them too.
+            config.extra_env.extend([
+                ("TENANTD_COMPACT_AFTER".into(), "50".into()),
+                ("TENANTD_RETENTION".into(), "0s".into()),
+            ]);
             if args.faults.is_some() {
                 config
                     .extra_env

@@ -419,18 +419,29 @@ impl FileStore {
                 let rel = rel.join(name);
                 let Some(key) = key_of(&rel) else { continue };
                 let path = self.root.join(&rel);
-                // Follow a symlink put there by hand, as `get` would.
-                let meta = match fs::metadata(&path) {
-                    Ok(meta) => meta,
+                let kind = match entry.file_type() {
+                    Ok(kind) => kind,
                     Err(e) if is_absent(&e) => continue, // deleted meanwhile
                     Err(e) => return Err(failed(&path, e)),
                 };
-                if meta.is_dir() {
+                if kind.is_dir() {
                     let dir_key = if key.ends_with('/') { key } else { key + "/" };
                     if wanted_dir(&dir_key) {
                         folders.push(rel);
                     }
-                } else if meta.is_file() && wanted_key(&key) {
+                    continue;
+                }
+                if !wanted_key(&key) {
+                    continue;
+                }
+                // A symlink put there by hand is followed, as `get` would;
+                // one to a folder is not walked (it could loop).
+                let meta = match fs::metadata(&path) {
+                    Ok(meta) => meta,
+                    Err(e) if is_absent(&e) => continue,
+                    Err(e) => return Err(failed(&path, e)),
+                };
+                if meta.is_file() {
                     listed.push(Listed {
                         key,
                         size: meta.len(),
@@ -796,5 +807,119 @@ mod tests {
             FileStore::relative("/customer/1/db.sqlite3").unwrap(),
             PathBuf::from("_slash_/customer/1/db.sqlite3")
         );
+    }
+
+    fn listed_keys(listed: &[Listed]) -> Vec<&str> {
+        listed.iter().map(|l| l.key.as_str()).collect()
+    }
+
+    /// A listing is of objects only: files put there by hand count (as
+    /// `get` reads them), a crashed put's temporary file, the sidecars and
+    /// the lock files do not.
+    #[tokio::test]
+    async fn a_listing_holds_objects_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        for key in [
+            "customer/a/db.sqlite3",
+            "customer/a/log/00000000000000000001",
+        ] {
+            store
+                .put(key, "body".into(), tagged("n", "1"), Precondition::IfAbsent)
+                .await
+                .unwrap();
+        }
+        let folder = dir.path().join("customer/a");
+        // What a put killed between writing and renaming leaves behind.
+        fs::write(
+            folder.join(format!(".db.sqlite3.{}.tmp", uuid::Uuid::new_v4().simple())),
+            "half",
+        )
+        .unwrap();
+        fs::write(folder.join("by-hand"), "hand").unwrap();
+        fs::create_dir_all(folder.join("empty/folder")).unwrap();
+        let listed = store.list("customer/a/", None).await.unwrap();
+        assert_eq!(
+            listed_keys(&listed),
+            [
+                "customer/a/by-hand",
+                "customer/a/db.sqlite3",
+                "customer/a/log/00000000000000000001"
+            ]
+        );
+        assert_eq!(listed[0].size, 4);
+        let everything = store.list("", None).await.unwrap();
+        assert_eq!(everything.len(), 3, "{everything:?}");
+        assert!(!is_temp_file("db.sqlite3") && !is_temp_file(".hidden.tmp"));
+    }
+
+    /// A delete under the key's lock: a reader racing it sees the whole
+    /// object (bytes, ETag and metadata that belong together) or nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_read_racing_a_delete_sees_the_object_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (store, done) = (store.clone(), done.clone());
+            tokio::spawn(async move {
+                let (mut seen, mut missed) = (0, 0);
+                while !done.load(Ordering::SeqCst) {
+                    match store.get("x/k").await.unwrap() {
+                        Some(object) => {
+                            assert_eq!(object.etag, ETag::of(&object.body));
+                            let n = std::str::from_utf8(&object.body).unwrap();
+                            assert_eq!(object.metadata, tagged("n", n), "metadata of {n}");
+                            seen += 1;
+                        }
+                        None => missed += 1,
+                    }
+                }
+                (seen, missed)
+            })
+        };
+        for n in 0..50 {
+            let n = n.to_string();
+            store
+                .put(
+                    "x/k",
+                    n.clone().into(),
+                    tagged("n", &n),
+                    Precondition::IfAbsent,
+                )
+                .await
+                .expect("absent after the delete");
+            store.delete("x/k").await.unwrap();
+        }
+        done.store(true, Ordering::SeqCst);
+        let (seen, missed) = reader.await.unwrap();
+        tracing::debug!(seen, missed, "reads racing deletes");
+        assert!(store.list("x/", None).await.unwrap().is_empty());
+        assert!(
+            !dir.path().join(".tenantd/meta/x/k.json").exists(),
+            "the sidecar goes with the data"
+        );
+    }
+
+    /// Deleting a "key" that is a folder of other keys, or one below a
+    /// file, deletes nothing and succeeds (no such object).
+    #[tokio::test]
+    async fn deleting_a_folder_or_below_a_file_is_deleting_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        store
+            .put("a/b", "v".into(), Metadata::new(), Precondition::IfAbsent)
+            .await
+            .unwrap();
+        store.delete("a").await.expect("a folder is no object");
+        store.delete("a/b/c").await.expect("below a file");
+        assert_eq!(listed_keys(&store.list("a", None).await.unwrap()), ["a/b"]);
+        for bad in ["../x", ".tenantd/locks/x"] {
+            assert!(
+                matches!(store.delete(bad).await, Err(StoreError::Fatal { .. })),
+                "{bad}"
+            );
+            assert!(store.list(bad, None).await.unwrap().is_empty(), "{bad}");
+        }
     }
 }

@@ -9,6 +9,9 @@
 //!   current ETag equals the given one.
 //! - The ETag changes whenever the bytes change.
 //! - `get`/`head` of a missing key is `Ok(None)`, never an error.
+//! - `list` returns every key with the prefix after `start_after`, in byte
+//!   order, however many pages the backend needs; `delete` of a missing
+//!   key succeeds, and after a delete the key is absent for every call.
 //!
 //! Wrappers stack over any backend: [`fault::FaultStore`] injects latency,
 //! errors and partitions; [`retry::RetryingStore`] retries what is safe to

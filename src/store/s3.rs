@@ -321,6 +321,12 @@ impl S3Store {
                         ),
                     },
                     408 | 429 | 500..=599 => transient(answer.clone()),
+                    // A success whose body the client could not read as
+                    // S3's (a listing page that is a proxy's HTML).
+                    200..=299 => transient(format!(
+                        "the store at {} answered {answer}, which is not an S3 answer; a proxy or gateway in the way?",
+                        self.endpoint
+                    )),
                     _ => StoreError::Fatal {
                         message: format!("the store refused a request on key={key}: {answer}"),
                     },
@@ -534,14 +540,17 @@ impl ObjectStore for S3Store {
                 .await
                 .map_err(|e| self.listing_error(prefix, self.map_error(prefix, e, false)))?;
             for object in page.contents() {
-                let full = object.key().unwrap_or_default();
-                let Some(key) = self.key_of_listed(full) else {
+                let full = object.key();
+                let Some(key) = full
+                    .and_then(|full| self.key_of_listed(full))
+                    .filter(|key| key.starts_with(prefix))
+                else {
                     return Err(self.listing_error(
                         prefix,
                         StoreError::transient(
                             prefix,
                             format!(
-                                "the store at {} listed {full:?}, which is outside the prefix asked for; it does not behave like S3",
+                                "the store at {} listed the key {full:?}, which is not under the prefix asked for; it does not behave like S3",
                                 self.endpoint
                             ),
                         ),

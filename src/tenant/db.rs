@@ -89,9 +89,21 @@ impl Db {
         }
         // The store, not this file, is what makes a write durable: a crash
         // drops the local copy anyway, so fsyncs here would buy nothing.
+        // WAL mode lets each commit's pages be read back from the WAL (the
+        // delta to upload); exclusive locking keeps the WAL index in memory
+        // (no -shm file: one descriptor less per tenant), and no automatic
+        // checkpoint may fold frames into the file before they are read.
+        conn.query_row("PRAGMA locking_mode = EXCLUSIVE", [], |_| Ok(()))
+            .map_err(|e| Corrupt(format!("cannot lock: {e}")))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| Corrupt(format!("cannot switch to WAL mode: {e}")))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Corrupt(format!("cannot switch to WAL mode (got {mode})")));
+        }
         conn.execute_batch(
             "PRAGMA synchronous = OFF;
-             PRAGMA journal_mode = DELETE;
+             PRAGMA wal_autocheckpoint = 0;
              CREATE TABLE IF NOT EXISTS welcome (count INTEGER);
              CREATE TABLE IF NOT EXISTS tenantd_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS tenantd_idempotency (
@@ -106,6 +118,22 @@ impl Db {
         let guard = Guard::install(&mut conn)
             .map_err(|e| Corrupt(format!("cannot install the SQL guard: {e}")))?;
         Ok(Db { conn, guard })
+    }
+
+    /// Folds the WAL into the main file and empties it.
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        let (busy, _, _): (i64, i64, i64) =
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+        if busy != 0 {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                Some("checkpoint could not complete".into()),
+            ));
+        }
+        Ok(())
     }
 
     /// The epoch written by the last holder (0 for a new database).

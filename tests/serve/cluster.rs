@@ -157,17 +157,37 @@ impl Setup {
             .join("db.sqlite3")
     }
 
-    /// The count in the stored database, read with SQLite itself.
-    /// The count in the stored database, downloaded and read with SQLite.
-    pub fn stored_count(&self, customer: &str) -> i64 {
-        let bytes = self
-            .object(&format!("customer/{customer}/db.sqlite3"))
-            .expect("db.sqlite3 exists");
+    /// The tenant's database as the store holds it (snapshot and log),
+    /// rebuilt by `tenantd restore`: what a new holder would start from.
+    pub fn stored_db(&self, customer: &str) -> PathBuf {
         let copy = self.root.join(format!(
-            "downloaded-{customer}-{}.sqlite3",
+            "restored-{customer}-{}.sqlite3",
             uuid::Uuid::new_v4().simple()
         ));
-        std::fs::write(&copy, bytes).unwrap();
+        let out = Command::new(BIN)
+            .args([
+                "restore",
+                "--store",
+                &self.store,
+                "--customer-id",
+                customer,
+                "--output",
+            ])
+            .arg(&copy)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("tenantd restore runs");
+        assert!(
+            out.status.success(),
+            "tenantd restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        copy
+    }
+
+    /// The count in the stored database, rebuilt and read with SQLite.
+    pub fn stored_count(&self, customer: &str) -> i64 {
+        let copy = self.stored_db(customer);
         let conn = rusqlite::Connection::open_with_flags(
             &copy,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,

@@ -158,8 +158,12 @@ async fn grow(
     }
     let bytes = std::fs::read(&path)?;
     let len = bytes.len() as u64;
+    // The pages changed, so the snapshot's recorded checksum no longer
+    // holds: drop it (a snapshot without one is accepted), keep the rest.
+    let mut metadata = object.metadata;
+    metadata.remove(crate::tenant::log::CHECKSUM_KEY);
     store
-        .put(&key, bytes.into(), object.metadata, Precondition::None)
+        .put(&key, bytes.into(), metadata, Precondition::None)
         .await?;
     std::fs::remove_file(&path)?;
     Ok(len)

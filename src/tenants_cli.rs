@@ -118,6 +118,7 @@ async fn ls(store: &DynStore, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&tenants)?);
         return Ok(());
     }
+    println!("customer_id\tbytes\tlast_modified\tholder");
     for t in tenants {
         println!(
             "{}\t{}\t{}\t{}",

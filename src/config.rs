@@ -75,8 +75,27 @@ pub struct ServeArgs {
     pub idle_timeout: Duration,
 
     /// Pool mode: most tenants held at once (least recently used released first).
-    #[arg(long, env = "TENANTD_MAX_TENANTS", default_value_t = 100)]
+    #[arg(long, env = "TENANTD_MAX_TENANTS", default_value_t = 2_000)]
     pub max_tenants: usize,
+
+    /// Most tenants this machine remembers (held or not: lock reads,
+    /// routing state); those not held are forgotten beyond it, least
+    /// recently used first. Also bounds the DNS cache.
+    #[arg(long, env = "TENANTD_MAX_KNOWN_TENANTS", default_value_t = 10_000)]
+    pub max_known_tenants: usize,
+
+    /// Pool mode: create a tenant that does not exist on its first valid
+    /// request instead of answering 404 (for demos: anyone who can reach
+    /// the app can then create tenants).
+    #[arg(
+        long,
+        env = "TENANTD_CREATE_ON_FIRST_REQUEST",
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub create_on_first_request: bool,
 
     /// Largest accepted request body.
     #[arg(long, env = "TENANTD_MAX_BODY", default_value_t = 64 * 1024)]

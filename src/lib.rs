@@ -11,6 +11,8 @@
 //! - [`router`]: per request, serve here, replay to the holder, acquire, or 404.
 //! - [`http`]: routes, content negotiation, the SQL API, `/metrics`, `/_status`.
 //! - [`server`]: wires it all together for `tenantd serve`.
+//! - [`tenants_cli`]: `tenantd tenants create|delete|ls` (the lifecycle in
+//!   [`tenant::lifecycle`]).
 //! - [`dev`], [`chaos`], [`bench`], [`fly`]: the local Fly stand-in, the
 //!   chaos checker, the benchmark and the Machines API client.
 
@@ -30,5 +32,6 @@ pub mod sql_client;
 pub mod store;
 pub mod tenant;
 pub mod tenant_id;
+pub mod tenants_cli;
 
 pub use tenant_id::TenantId;

@@ -31,6 +31,8 @@ enum Command {
     /// Write a tenant's database as of any kept commit, or make that state
     /// the current one (`--in-place`).
     Restore(tenantd::restore::RestoreArgs),
+    /// Create, delete and list tenants in the store.
+    Tenants(tenantd::tenants_cli::TenantsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +47,7 @@ fn main() -> std::process::ExitCode {
             Command::Fly(args) => tenantd::fly::run(args).await,
             Command::Sql(args) => tenantd::sql_client::run(args).await,
             Command::Restore(args) => tenantd::restore::run(args).await,
+            Command::Tenants(args) => tenantd::tenants_cli::run(args).await,
         }
     });
     match result {

@@ -1,7 +1,8 @@
 //! `tenantd bench` end to end at a small scale: every section runs, the JSON
 //! carries the contract keys, and the figures that are facts rather than
 //! timings hold (nothing acknowledged is lost, an idle tenant goes quiet
-//! after its release). Timings are printed by the bench, not asserted here.
+//! after its release, requests for tenants that do not exist write
+//! nothing). Timings are printed by the bench, not asserted here.
 
 use std::process::Command;
 
@@ -43,7 +44,7 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
         output.status.success(),
         "bench failed (its output is above)"
     );
-    assert!(stderr.contains("[7/7]"), "no progress lines:\n{stderr}");
+    assert!(stderr.contains("[8/8]"), "no progress lines:\n{stderr}");
 
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -89,6 +90,12 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
     );
     assert_eq!(sql["sum_conserved"], true);
     assert_eq!(report["idle_store_requests_after_release"], 0);
+    assert_eq!(
+        report["unknown_tenant_store_writes"], 0,
+        "{:#}",
+        report["unknown_tenants"]
+    );
+    assert_eq!(report["unknown_tenants"]["not_found"], 1000);
     let object = report["cold_start"][0]["object_bytes"].as_u64().unwrap();
     assert!(object >= 1_000_000, "the 1 MB database is {object} bytes");
 

@@ -72,6 +72,8 @@ fn registry(store: DynStore, dir: &Path, ttl: Duration) -> Arc<Registry> {
             customer_id: None,
             max_tenants: 10,
             lock_cache_ttl: ttl / 5,
+            max_known_tenants: 100,
+            create_on_first_request: false,
         },
         ActorContext::new(store, Metrics::new(), "m1".into(), dir.join("local")),
     )
@@ -148,6 +150,9 @@ async fn claiming_a_100_mb_tenant_on_one_worker_costs_no_other_tenant_its_lease(
     let ttl = Duration::from_millis(1500);
     let registry = registry(store.clone(), dir.path(), ttl);
     let small = TenantId::parse("small").unwrap();
+    tenantd::tenant::lifecycle::create(&store, &small)
+        .await
+        .unwrap();
     let held = local(&registry, &small).await;
     held.call(Op::Increment {
         idempotency_key: None,

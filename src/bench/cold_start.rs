@@ -37,6 +37,10 @@ pub async fn run(
     commits: usize,
 ) -> anyhow::Result<Vec<ColdStart>> {
     let setup = Setup::new(scratch, faults, lease_ttl);
+    let tenants: Vec<String> = sizes_mb.iter().map(|size| tenant(*size)).collect();
+    setup
+        .create_tenants(&tenants.iter().map(String::as_str).collect::<Vec<_>>())
+        .await?;
     let http = load::client();
 
     // Each tenant gets its database from a first machine, which then leaves.
@@ -154,8 +158,12 @@ async fn grow(
     }
     let bytes = std::fs::read(&path)?;
     let len = bytes.len() as u64;
+    // The pages changed, so the snapshot's recorded checksum no longer
+    // holds: drop it (a snapshot without one is accepted), keep the rest.
+    let mut metadata = object.metadata;
+    metadata.remove(crate::tenant::log::CHECKSUM_KEY);
     store
-        .put(&key, bytes.into(), object.metadata, Precondition::None)
+        .put(&key, bytes.into(), metadata, Precondition::None)
         .await?;
     std::fs::remove_file(&path)?;
     Ok(len)

@@ -63,6 +63,17 @@ impl Setup {
     pub fn store(&self) -> StoreResult<DynStore> {
         Ok(Arc::new(FileStore::new(&self.store_root)?))
     }
+
+    /// Creates the tenants a pool machine is to serve, as an operator
+    /// would (`tenantd tenants create`).
+    pub async fn create_tenants(&self, ids: &[&str]) -> anyhow::Result<()> {
+        let store = self.store()?;
+        for id in ids {
+            let id = crate::TenantId::parse(id).map_err(|e| anyhow::anyhow!("{e}"))?;
+            crate::tenant::lifecycle::create(&store, &id).await?;
+        }
+        Ok(())
+    }
 }
 
 pub struct Machine {

@@ -2,7 +2,8 @@
 //! by side with the answer-before-upload upper bound, on the file store
 //! under the fault layer's added latency (like Tigris); durable SQL
 //! transactions of three statements; the store's own PUT latency; PUTs per acknowledged write; the cost of an idle tenant;
-//! failover and handoff with real processes; cold starts by database size.
+//! failover and handoff with real processes; cold starts by database size;
+//! store writes caused by requests for tenants that do not exist.
 
 mod cold_start;
 mod failover;
@@ -12,6 +13,7 @@ mod machines;
 mod report;
 mod svg;
 mod throughput;
+mod unknown;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -107,11 +109,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         scratch.display()
     );
 
-    eprintln!("bench: [1/7] store PUT latency ({samples} PUTs of 16 KiB)");
+    eprintln!("bench: [1/8] store PUT latency ({samples} PUTs of 16 KiB)");
     let store_put_p50_ms = store_put_p50(&scratch.join("put"), &faults, samples).await?;
     eprintln!("bench:   PUT p50 {store_put_p50_ms:.1} ms");
 
-    eprintln!("bench: [2/7] durable group commit");
+    eprintln!("bench: [2/8] durable group commit");
     let durable = throughput::run(
         &scratch.join("durable"),
         &faults,
@@ -121,7 +123,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         duration,
     )
     .await?;
-    eprintln!("bench: [3/7] answer before upload (upper bound, bench-only)");
+    eprintln!("bench: [3/8] answer before upload (upper bound, bench-only)");
     let unsafe_ = throughput::run(
         &scratch.join("unsafe"),
         &faults,
@@ -137,7 +139,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         *args.concurrency.iter().max().expect("checked above")
     };
-    eprintln!("bench: [4/7] durable SQL transactions (3 statements) at {sql_clients} clients");
+    eprintln!("bench: [4/8] durable SQL transactions (3 statements) at {sql_clients} clients");
     let sql = throughput::run_sql(
         &scratch.join("sql"),
         &faults,
@@ -148,7 +150,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
 
     let window = args.lease_ttl.max(Duration::from_secs(3));
-    eprintln!("bench: [5/7] idle tenant: store requests while held and after release");
+    eprintln!("bench: [5/8] idle tenant: store requests while held and after release");
     let idle = idle::run(&scratch.join("idle"), &faults, args.lease_ttl, window).await?;
     eprintln!(
         "bench:   held: {:.0} store requests/hour; released after {} ms; then {} requests in {} ms",
@@ -158,7 +160,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         idle.after_release_window_ms
     );
 
-    eprintln!("bench: [6/7] cold start and commit cost by database size");
+    eprintln!("bench: [6/8] cold start and commit cost by database size");
     let cold = cold_start::run(
         &scratch.join("cold"),
         &faults,
@@ -169,7 +171,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
 
     eprintln!(
-        "bench: [7/7] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
+        "bench: [7/8] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
         args.kills
     );
     let failover = failover::run(
@@ -182,7 +184,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    let report = Report::new(
+    eprintln!("bench: [8/8] 1,000 requests for tenants that do not exist (a real tenantd serve)");
+    let unknown = unknown::run(&scratch.join("unknown"), 1_000).await?;
+    eprintln!(
+        "bench:   {} of {} answered 404; {} store writes, {} store reads",
+        unknown.not_found, unknown.requests, unknown.store_writes, unknown.store_reads
+    );
+
+    let mut report = Report::new(
         &args,
         duration,
         store_put_p50_ms,
@@ -194,6 +203,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         failover,
         started.elapsed(),
     );
+    report.set_unknown_tenants(unknown);
     println!("{}", report.table());
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report.json())?)

@@ -11,6 +11,7 @@ use super::failover::FailoverResult;
 use super::idle::IdleResult;
 use super::svg::{Series, chart};
 use super::throughput::{Level, ModeResult, SqlResult};
+use super::unknown::UnknownResult;
 use super::{BenchArgs, HEADLINE_CLIENTS};
 
 pub struct Report {
@@ -26,6 +27,7 @@ pub struct Report {
     cold: Vec<ColdStart>,
     failover: FailoverResult,
     elapsed: Duration,
+    unknown: Option<UnknownResult>,
 }
 
 /// A target and whether this run met it.
@@ -61,7 +63,13 @@ impl Report {
             cold,
             failover,
             elapsed,
+            unknown: None,
         }
+    }
+
+    /// The requests for tenants that do not exist, and what they wrote.
+    pub fn set_unknown_tenants(&mut self, unknown: UnknownResult) {
+        self.unknown = Some(unknown);
     }
 
     /// The level the headline figures come from: 256 clients, or the
@@ -95,7 +103,14 @@ impl Report {
         let durable = Self::headline(&self.durable);
         let upper = Self::headline(&self.unsafe_);
         let c = durable.clients;
-        vec![
+        let unknown = self.unknown.iter().map(|u| Target {
+            what: format!(
+                "no store write for requests for tenants that do not exist: {} writes for {} requests ({} answered 404)",
+                u.store_writes, u.requests, u.not_found
+            ),
+            met: u.store_writes == 0 && u.not_found == u.requests,
+        });
+        let mut targets = vec![
             Target {
                 what: format!(
                     "durable throughput ≥ 50% of the upper bound at {c} clients: {:.0} / {:.0} = {:.0}%",
@@ -165,7 +180,9 @@ impl Report {
                 ),
                 met: self.sql.transfers_stored >= self.sql.acked_total && self.sql.sum_conserved,
             },
-        ]
+        ];
+        targets.extend(unknown);
+        targets
     }
 
     pub fn table(&self) -> String {
@@ -264,7 +281,16 @@ impl Report {
                 ),
             ),
         ];
-        for (name, value) in rows {
+        let unknown = self.unknown.as_ref().map(|u| {
+            (
+                "requests for tenants that do not exist",
+                format!(
+                    "{} store writes, {} reads for {} requests ({} answered 404)",
+                    u.store_writes, u.store_reads, u.requests, u.not_found
+                ),
+            )
+        });
+        for (name, value) in rows.into_iter().chain(unknown) {
             let _ = writeln!(out, "| {name} | {value} |");
         }
         let _ = writeln!(
@@ -330,6 +356,8 @@ impl Report {
             "rss_mb": { "idle": self.failover.rss_idle_mb, "load": self.failover.rss_load_mb },
             "idle": self.idle,
             "idle_store_requests_after_release": self.idle.requests_after_release,
+            "unknown_tenant_store_writes": self.unknown.as_ref().map(|u| u.store_writes),
+            "unknown_tenants": self.unknown,
             "durable": self.durable,
             "unsafe": self.unsafe_,
             "targets": self.targets().iter().map(|t| json!({ "target": t.what, "met": t.met })).collect::<Vec<_>>(),

@@ -182,6 +182,8 @@ impl World {
                 },
                 max_tenants: 1,
                 lock_cache_ttl: TTL / 5,
+                max_known_tenants: 10_000,
+                create_on_first_request: false,
             },
             ActorContext {
                 store,
@@ -253,6 +255,15 @@ impl World {
 }
 
 async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSimOutcome {
+    // The tenants exist before any machine starts, as an operator (or a
+    // single-tenant machine at start) creates them: machines answer 404
+    // for tenants that do not.
+    let store: DynStore = world.shared.clone();
+    for tenant in &world.tenants {
+        crate::tenant::lifecycle::create(&store, tenant)
+            .await
+            .expect("creating a tenant in the memory store");
+    }
     for i in 0..MACHINES {
         world.boot(i, seed);
     }
@@ -426,7 +437,9 @@ async fn increment(
                 fresh = true;
             }
             Route::Lookup { .. } => return Err(Attempt::NotApplied("lookup".into())),
-            Route::Unavailable(e) | Route::Corrupt(e) => return Err(Attempt::NotApplied(e)),
+            Route::Unavailable(e) | Route::Corrupt(e) | Route::NotFound(e) => {
+                return Err(Attempt::NotApplied(e));
+            }
         }
     }
     Err(Attempt::NotApplied("too many hops".into()))

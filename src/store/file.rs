@@ -247,8 +247,19 @@ impl FileStore {
         Ok(Some((current, stat.len())))
     }
 
+    /// A key with no data file reads as absent without taking its lock: a
+    /// put makes the data file appear in one rename, so this is a read from
+    /// before that rename. It also keeps reads of keys that never existed
+    /// (requests for unknown tenants) from leaving a lock file each.
+    fn surely_absent(paths: &KeyPaths) -> bool {
+        matches!(fs::symlink_metadata(&paths.data), Err(e) if e.kind() == ErrorKind::NotFound)
+    }
+
     fn get_blocking(&self, key: &str) -> StoreResult<Option<Object>> {
         let paths = self.paths(key)?;
+        if Self::surely_absent(&paths) {
+            return Ok(None);
+        }
         // Under the lock only open the file and read its sidecar: the open
         // handle keeps these bytes even if a put renames new ones over them,
         // so the body is read after the lock is released. (A process stopped
@@ -280,6 +291,9 @@ impl FileStore {
 
     fn head_blocking(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         let paths = self.paths(key)?;
+        if Self::surely_absent(&paths) {
+            return Ok(None);
+        }
         let _guard = Self::lock(key, &paths)?;
         Ok(
             Self::read_meta(key, &paths)?.map(|(current, size)| ObjectMeta {

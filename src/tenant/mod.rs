@@ -7,6 +7,7 @@ mod claim;
 mod copy;
 pub mod db;
 pub mod delta;
+pub mod lifecycle;
 pub mod log;
 pub mod registry;
 pub mod sql;

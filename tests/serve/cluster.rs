@@ -117,6 +117,34 @@ impl Setup {
         m
     }
 
+    /// Runs `tenantd tenants <args>` on this setup's store, as an operator
+    /// would: (exit code, stdout, stderr).
+    pub fn tenants(&self, args: &[&str]) -> (i32, String, String) {
+        let output = Command::new(BIN)
+            .arg("tenants")
+            .args(args)
+            .arg("--store")
+            .arg(&self.store)
+            .envs(self.env.iter().cloned())
+            .env_remove("BUCKET_NAME")
+            .env_remove("TENANTD_STORE")
+            .output()
+            .expect("run tenantd tenants");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Creates the tenants with `tenantd tenants create`.
+    pub fn create_tenants(&self, ids: &[&str]) {
+        let mut args = vec!["create"];
+        args.extend_from_slice(ids);
+        let (code, out, err) = self.tenants(&args);
+        assert_eq!(code, 0, "tenants create failed:\n{out}\n{err}");
+    }
+
     pub fn lock(&self, customer: &str) -> Option<Value> {
         self.object(&format!("customer/{customer}/machine.lock"))
             .map(|b| serde_json::from_slice(&b).expect("lock is JSON"))

@@ -5,6 +5,7 @@
 mod cluster;
 mod failover;
 mod input;
+mod lifecycle;
 mod pipeline;
 mod routing;
 mod sql;

@@ -2,9 +2,8 @@
 //! tenantd's own bookkeeping.
 //!
 //! - `tenantd_meta(key, value)`: `epoch` of the holder that last wrote, and
-//!   `seq`, bumped by every commit so that every upload changes the bytes
-//!   (S3 ETags are content hashes: equal bytes would make a stale `If-Match`
-//!   succeed).
+//!   `seq`, a count of commits (every commit changes the database, so no
+//!   two snapshots of different commits have equal bytes or ETags).
 //! - `tenantd_idempotency(key, count, epoch)`: answers of increments made
 //!   with an `Idempotency-Key`, the oldest dropped beyond a bound. `key` is
 //!   the SHA-256 of the header (a 32-byte BLOB, whatever the header's
@@ -15,6 +14,9 @@
 //!
 //! Everything else belongs to the tenant's application, reached through
 //! the SQL API ([`super::sql`]) under the rules of its guard.
+//!
+//! The file is kept in WAL mode (see [`super::copy`]): each commit's pages
+//! are read from the WAL and shipped as one log slot.
 //!
 //! Only the tenant actor calls into this module, so a connection is never
 //! shared between tasks.

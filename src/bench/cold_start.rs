@@ -61,7 +61,11 @@ pub async fn run(
     lease_ttl: Duration,
     sizes_mb: &[u64],
 ) -> anyhow::Result<Vec<ColdStart>> {
-    let setup = Setup::new(scratch, faults, lease_ttl);
+    let mut setup = Setup::new(scratch, faults, lease_ttl);
+    // A release uploads the whole snapshot: at 1 GB that outlasts the
+    // serve default, and a lease left behind would put a lease ttl into
+    // the next cold start.
+    setup.drain_timeout = Duration::from_secs(600);
     let http = load::client();
     let fault_config: FaultConfig = serde_json::from_str(faults)?;
     let (faulty_store, _) = open_store(
@@ -109,6 +113,13 @@ pub async fn run(
         // snapshot and every delta after it (nothing deletes them before
         // the retention runs out).
         writer.stop().await?;
+        let lock = store.get(&keys::lock(&customer)).await?;
+        let released = lock
+            .and_then(|l| serde_json::from_slice::<serde_json::Value>(&l.body).ok())
+            .is_some_and(|l| l["released"] == true);
+        if !released {
+            bail!("the {size} MB tenant's holder stopped without releasing it");
+        }
         let deltas_replayed = log_slots_after(&store, &customer, &converted.metadata).await?;
         store
             .put(

@@ -194,7 +194,7 @@ async fn acknowledged_counts_survive_sigkills_with_deltas_and_compaction_interle
     }
     let compacted = [&a, &b]
         .iter()
-        .any(|m| m.logs().contains("compact") || m.logs().contains("snapshot"));
+        .any(|m| m.logs().contains("snapshot written"));
     drop((a, b));
     let acked: usize = history.lock().unwrap().values().map(Vec::len).sum();
     let stored = setup.stored_count("100");

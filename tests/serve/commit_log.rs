@@ -163,7 +163,7 @@ async fn acknowledged_counts_survive_sigkills_with_deltas_and_compaction_interle
                     .iter()
                     .filter(|t| **t > since)
                     .count()
-                    >= 8)
+                    >= 20)
                     .then_some(())
             },
         )

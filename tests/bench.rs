@@ -100,6 +100,13 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
     );
     assert_eq!(sql["sum_conserved"], true);
     assert_eq!(report["idle_store_requests_after_release"], 0);
+    // The cold start replays the snapshot and every commit after it, and a
+    // single increment uploads a few pages, not the database.
+    assert_eq!(report["cold_start"][0]["deltas_replayed"], 101);
+    let per_commit = report["upload_bytes_per_commit_by_size_mb"]["1"]
+        .as_f64()
+        .unwrap();
+    assert!(per_commit <= 65536.0, "{per_commit} bytes per commit");
     let object = report["cold_start"][0]["object_bytes"].as_u64().unwrap();
     assert!(object >= 1_000_000, "the 1 MB database is {object} bytes");
 

@@ -22,7 +22,8 @@ use super::machines::{Machine, Setup, metric_sum};
 use crate::store::retry::RetryPolicy;
 use crate::store::{DynStore, FaultConfig, Metadata, Precondition, StoreUrl, keys, open_store};
 
-/// Increments after the snapshot: the deltas a cold start replays.
+/// Increments measured after the first one (whose commit is a delta
+/// too): a cold start replays one more delta than this.
 pub const DELTAS_AFTER_SNAPSHOT: usize = 100;
 
 #[derive(Clone, Debug, Serialize)]

@@ -16,6 +16,9 @@
 //! - [`dev`], [`chaos`], [`bench`], [`fly`]: the local Fly stand-in, the
 //!   chaos checker, the benchmark and the Machines API client.
 
+// The bench report is one `json!` literal with many keys.
+#![recursion_limit = "256"]
+
 pub mod bench;
 pub mod chaos;
 pub mod config;

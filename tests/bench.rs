@@ -69,6 +69,17 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
     assert!(report["sql_p50_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(report["sql_clients"], 8, "SQL at the headline level");
     assert!(report["cold_start_ms"]["1mb"].as_f64().unwrap() > 0.0);
+    for key in [
+        "commit_p50_ms_by_size_mb",
+        "upload_bytes_per_commit_by_size_mb",
+        "cold_start_ms_by_size_mb",
+        "snapshot_download_ms_by_size_mb",
+    ] {
+        assert!(
+            report[key]["1"].as_f64().unwrap() > 0.0,
+            "{key}: {report:#}"
+        );
+    }
     assert!(report["rss_mb"]["idle"].as_f64().unwrap() > 0.0);
     assert_eq!(report["headline_clients"], 8, "headline from the top level");
     assert_eq!(report["lease_ttl_ms"], 1000);
@@ -96,6 +107,13 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
         report["unknown_tenants"]
     );
     assert_eq!(report["unknown_tenants"]["not_found"], 1000);
+    // The cold start replays the snapshot and every commit after it, and a
+    // single increment uploads a few pages, not the database.
+    assert_eq!(report["cold_start"][0]["deltas_replayed"], 101);
+    let per_commit = report["upload_bytes_per_commit_by_size_mb"]["1"]
+        .as_f64()
+        .unwrap();
+    assert!(per_commit <= 65536.0, "{per_commit} bytes per commit");
     let object = report["cold_start"][0]["object_bytes"].as_u64().unwrap();
     assert!(object >= 1_000_000, "the 1 MB database is {object} bytes");
 

@@ -39,6 +39,8 @@ pub struct Setup {
     pub faults: String,
     pub lease_ttl: Duration,
     pub idle_timeout: Duration,
+    /// `--drain-timeout`: how long a stop may take to release its tenants.
+    pub drain_timeout: Duration,
     /// Bench-only: answer before the upload (the upper bound).
     pub ack_before_upload: bool,
 }
@@ -54,6 +56,7 @@ impl Setup {
             faults: faults.into(),
             lease_ttl,
             idle_timeout: Duration::from_secs(600),
+            drain_timeout: Duration::from_secs(8),
             ack_before_upload: false,
         }
     }
@@ -103,6 +106,8 @@ impl Machine {
             &humantime::format_duration(setup.lease_ttl).to_string(),
             "--idle-timeout",
             &humantime::format_duration(setup.idle_timeout).to_string(),
+            "--drain-timeout",
+            &humantime::format_duration(setup.drain_timeout).to_string(),
             "--faults",
             &setup.faults,
             "--api-token",

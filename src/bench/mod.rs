@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Write an SVG plot of throughput and p99 against concurrency.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Write an SVG plot of commit cost (p50 and bytes uploaded) against
+    /// database size.
+    #[arg(long)]
+    pub commit_svg: Option<PathBuf>,
     /// Latency added to every store request (Tigris: tens of milliseconds).
     #[arg(long, default_value = "20ms", value_parser = parse_duration)]
     pub store_latency: Duration,
@@ -61,9 +65,10 @@ pub struct BenchArgs {
     /// SIGTERMs of the holder to time the handoff over [default: 3, 2 with --quick].
     #[arg(long)]
     pub stops: Option<usize>,
-    /// Database sizes for the cold-start figures, in MB.
-    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
-    pub sizes_mb: Vec<u64>,
+    /// Database sizes for the commit-cost and cold-start figures, in MB
+    /// [default: 1,10,100,1000; 1,10,100 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    pub sizes_mb: Option<Vec<u64>>,
     /// Where to put the scratch stores [default: a new folder under the
     /// system's temporary folder, removed at the end].
     #[arg(long)]
@@ -87,7 +92,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     });
     let stops = args.stops.unwrap_or(if args.quick { 2 } else { 3 });
     let samples = if args.quick { 50 } else { 200 };
-    let commits = if args.quick { 5 } else { 20 };
+    let sizes_mb = args.sizes_mb.clone().unwrap_or(if args.quick {
+        vec![1, 10, 100]
+    } else {
+        vec![1, 10, 100, 1000]
+    });
     let faults = format!(
         r#"{{"latency":"{}","jitter":"{}"}}"#,
         humantime::format_duration(args.store_latency),
@@ -160,15 +169,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         idle.after_release_window_ms
     );
 
-    eprintln!("bench: [6/8] cold start and commit cost by database size");
-    let cold = cold_start::run(
-        &scratch.join("cold"),
-        &faults,
-        args.lease_ttl,
-        &args.sizes_mb,
-        commits,
-    )
-    .await?;
+    eprintln!("bench: [6/8] commit cost and cold start by database size");
+    let cold = cold_start::run(&scratch.join("cold"), &faults, args.lease_ttl, &sizes_mb).await?;
 
     eprintln!(
         "bench: [7/8] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
@@ -212,6 +214,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.svg {
         std::fs::write(path, report.svg())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    if let Some(path) = &args.commit_svg {
+        std::fs::write(path, report.commit_svg())
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("bench: wrote {}", path.display());
     }

@@ -3,6 +3,7 @@
 //! the S3 path).
 
 mod cluster;
+mod commit_log;
 mod failover;
 mod input;
 mod lifecycle;

@@ -85,10 +85,10 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
     if let Some(output) = &args.output {
         let done = materialize_retrying(&store, id.as_str(), output, until).await?;
         println!(
-            "customer {id}: wrote {} as of slot {} ({} from {} and {} deltas{})",
+            "customer {id}: wrote {} as of slot {} (--at {} from {} and {} deltas{})",
             output.display(),
             done.seq,
-            describe_until(until),
+            until,
             done.base,
             done.deltas,
             done.last_committed_at_ms
@@ -98,14 +98,6 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     in_place(&store, &id, until, &args).await
-}
-
-fn describe_until(until: Until) -> String {
-    match until {
-        Until::End => "the newest commit".into(),
-        Until::Seq(seq) => format!("--at slot {seq}"),
-        Until::Time(ms) => format!("--at {}", rfc3339(ms)),
-    }
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -175,6 +167,16 @@ async fn in_place(
         scratch.join("target.sqlite3"),
     );
     let wanted = materialize_retrying(store, id.as_str(), &target, until).await?;
+    if !args.yes {
+        // A preview touches nothing, not even the lock.
+        let now = materialize_retrying(store, id.as_str(), &current, Until::End).await?;
+        report(id, &now, &current, &wanted, &target);
+        let _ = std::fs::remove_dir_all(&scratch);
+        bail!(
+            "nothing written: run again with --yes to make slot {} the current state",
+            wanted.seq
+        );
+    }
     // Hold the lease: no machine serves the tenant while it is rewritten.
     let machine = format!(
         "restore-{}",
@@ -195,7 +197,7 @@ async fn in_place(
             args.wait
         ),
     };
-    let result = rewrite(store, id, &lease, &current, &target, &wanted, args).await;
+    let result = rewrite(store, id, &lease, &current, &target, &wanted).await;
     let released = lease.release().await;
     let _ = std::fs::remove_dir_all(&scratch);
     result?;
@@ -203,7 +205,6 @@ async fn in_place(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn rewrite(
     store: &DynStore,
     id: &TenantId,
@@ -211,24 +212,10 @@ async fn rewrite(
     current: &Path,
     target: &Path,
     wanted: &Materialized,
-    args: &RestoreArgs,
 ) -> anyhow::Result<()> {
+    // Read again under the lease: what it rolls back is what is there now.
     let now = materialize_retrying(store, id.as_str(), current, Until::End).await?;
-    let rolled_back = now.seq.saturating_sub(wanted.seq);
-    println!(
-        "customer {id}: now at slot {} (count {}); restoring slot {} (count {}) rolls back {} slot(s) of commits after it",
-        now.seq,
-        count_of(current).map_or("?".into(), |c| c.to_string()),
-        wanted.seq,
-        count_of(target).map_or("?".into(), |c| c.to_string()),
-        rolled_back,
-    );
-    if !args.yes {
-        bail!(
-            "nothing written: run again with --yes to make slot {} the current state",
-            wanted.seq
-        );
-    }
+    let rolled_back = report(id, &now, current, wanted, target);
     let epoch = lease.epoch();
     // Fence like a new holder: a machine that lost the tenant without
     // releasing it may still be uploading.
@@ -297,6 +284,27 @@ async fn rewrite(
         wanted.seq
     );
     Ok(())
+}
+
+/// Says what restoring `wanted` over `now` rolls back; returns how many
+/// slots.
+fn report(
+    id: &TenantId,
+    now: &Materialized,
+    current: &Path,
+    wanted: &Materialized,
+    target: &Path,
+) -> u64 {
+    let rolled_back = now.seq.saturating_sub(wanted.seq);
+    println!(
+        "customer {id}: now at slot {} (count {}); restoring slot {} (count {}) rolls back {} slot(s) of commits after it",
+        now.seq,
+        count_of(current).map_or("?".into(), |c| c.to_string()),
+        wanted.seq,
+        count_of(target).map_or("?".into(), |c| c.to_string()),
+        rolled_back,
+    );
+    rolled_back
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {

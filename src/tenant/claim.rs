@@ -309,21 +309,18 @@ async fn attempt(
         },
     );
     let owned_id = id.clone();
-    let converting = matches!(source, Source::Convert { .. });
-    let copy = blocking(move || {
-        open_and_claim(
-            &owned_id,
-            &owned,
-            &source_key,
-            epoch,
-            sums,
-            applied,
-            converting,
-        )
-    })
-    .await
-    .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?
-    .map_err(Attempt::Failed)?;
+    let how = match (&source, recorded) {
+        (Source::Convert { .. }, _) => Opening::Convert,
+        // A snapshot that matched its recorded checksum was sound when
+        // written, and every delta since was checked the same way.
+        (Source::Snapshot, Some(_)) => Opening::Verified,
+        (Source::Snapshot, None) => Opening::Unverified,
+    };
+    let copy =
+        blocking(move || open_and_claim(&owned_id, &owned, &source_key, epoch, sums, applied, how))
+            .await
+            .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?
+            .map_err(Attempt::Failed)?;
     let mut copy = copy;
     let count = copy
         .db
@@ -386,6 +383,16 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| format!("taking over failed: {e}"))?
 }
 
+/// How much of a rebuilt file is already known to be sound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Opening {
+    /// Not in the commit-log format yet: checked, and uploaded whole.
+    Convert,
+    /// Its snapshot matched the recorded checksum.
+    Verified,
+    Unverified,
+}
+
 /// Opens and checks the rebuilt file, and writes this holder's epoch into
 /// it (a commit that the first batch's delta carries).
 fn open_and_claim(
@@ -395,26 +402,36 @@ fn open_and_claim(
     epoch: u64,
     sums: PageSums,
     slot: u64,
-    converting: bool,
+    how: Opening,
 ) -> Result<Result<WorkingCopy, TenantError>, String> {
-    let mut db = match Db::open(path) {
+    let converting = how == Opening::Convert;
+    // Opening switches a database that is not in WAL mode yet, which
+    // rewrites its header in place: a conversion uploads the whole file
+    // anyway, but a commit-log snapshot must come out of it unchanged, or
+    // the next delta would not chain onto what the log holds. A file in WAL
+    // mode already is left as it is (changes go to the WAL), so only other
+    // files are hashed again after opening.
+    let wal_mode = wal_mode(path);
+    let opened = if how == Opening::Verified && wal_mode {
+        Db::open_verified(path)
+    } else {
+        Db::open(path)
+    };
+    let mut db = match opened {
         Ok(db) => db,
         Err(Corrupt(reason)) => return Ok(Err(corrupt(id, source, &reason))),
     };
-    // Opening switches an old database to WAL mode, which rewrites its
-    // header in place: a conversion uploads the whole file anyway, but a
-    // commit-log snapshot must come out of it unchanged, or the next delta
-    // would not chain onto what the log holds.
-    let actual =
-        PageSums::of_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let sums = if converting {
+    let sums = if converting || !wal_mode {
+        let actual =
+            PageSums::of_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if !converting && actual.checksum() != sums.checksum() {
+            return Ok(Err(TenantError::Unavailable(format!(
+                "customer {id}: opening the rebuilt database changed it (checksum {:016x} -> {:016x}); this is a tenantd bug, nothing was written",
+                sums.checksum(),
+                actual.checksum()
+            ))));
+        }
         actual
-    } else if actual.checksum() != sums.checksum() {
-        return Ok(Err(TenantError::Unavailable(format!(
-            "customer {id}: opening the rebuilt database changed it (checksum {:016x} -> {:016x}); this is a tenantd bug, nothing was written",
-            sums.checksum(),
-            actual.checksum()
-        ))));
     } else {
         sums
     };
@@ -436,6 +453,16 @@ fn open_and_claim(
         ))));
     }
     Ok(Ok(WorkingCopy::new(db, sums, path, slot)))
+}
+
+/// Whether a database file's header says WAL mode (read and write
+/// versions 2, bytes 18 and 19).
+fn wal_mode(path: &Path) -> bool {
+    use std::io::Read;
+    let mut header = [0u8; 20];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .is_ok_and(|_| header[18] == 2 && header[19] == 2)
 }
 
 pub fn corrupt(id: &TenantId, key: &str, reason: &str) -> TenantError {

@@ -213,6 +213,23 @@ pub enum Until {
     Time(u64),
 }
 
+impl std::fmt::Display for Until {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Until::End => f.write_str("the newest commit"),
+            Until::Seq(seq) => write!(f, "slot {seq}"),
+            Until::Time(ms) => match chrono::DateTime::from_timestamp_millis(*ms as i64) {
+                Some(t) => write!(
+                    f,
+                    "{}",
+                    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                ),
+                None => write!(f, "{ms} ms after 1970"),
+            },
+        }
+    }
+}
+
 /// The result of replaying a log onto a snapshot.
 pub struct Replayed {
     pub applied: u64,
@@ -502,6 +519,27 @@ pub async fn compact(
         store.list(&keys::archive_prefix(id), None).await?
     };
     let now = SystemTime::now();
+    if !retention.keep.is_zero() && archives.is_empty() && known.seq < job.seq {
+        // The snapshot about to be replaced is the only base for restoring
+        // the commits between it and this one: keep it (once per tenant;
+        // later compactions archive their own snapshots).
+        if let Some(current) = store.get(&key).await? {
+            let seq = number(&current.metadata, SEQ_KEY).unwrap_or(known.seq);
+            match store
+                .put(
+                    &keys::archive(id, seq),
+                    current.body,
+                    current.metadata,
+                    Precondition::IfAbsent,
+                )
+                .await
+            {
+                Ok(_) => archived = true,
+                Err(e) if e.is_precondition() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     if !retention.keep.is_zero() {
         let newest = archives
             .iter()
@@ -700,7 +738,8 @@ pub async fn materialize(
         return Err(LogError::Corrupt(match current {
             None => format!("customer {id} has no snapshot ({key}): it does not exist"),
             Some(_) => format!(
-                "customer {id} has no snapshot old enough for {until:?}: the retention has removed it"
+                "customer {id} has no snapshot at or before {until}: nothing kept reaches back that far (--retention decides how far back restore reaches; {} holds the archived snapshots)",
+                keys::archive_prefix(id)
             ),
         }));
     };

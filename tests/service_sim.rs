@@ -22,6 +22,11 @@ fn seeds(default: u64) -> Vec<u64> {
 }
 
 fn no_violation_in_any_seed(mode: Mode, default_seeds: u64) {
+    // RUST_LOG=tenantd=info shows what the machines did (with a failing seed).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let started = Instant::now();
     let (mut ops, mut acked, mut epochs) = (0, 0, 0);
     let mut kinds = std::collections::BTreeSet::new();

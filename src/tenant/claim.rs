@@ -265,6 +265,23 @@ async fn attempt(
                 }
                 Err(e) => return Err(Attempt::from_log(id, e)),
             };
+            if replayed.max_epoch > epoch {
+                // Another holder took the tenant after this lease was
+                // granted (the lease has ended, or machine.lock was reset
+                // by hand): writing now would put this epoch's commits
+                // after a newer one's, where every reader skips them.
+                if lease.previous().is_none() {
+                    return Err(Attempt::Failed(TenantError::Corrupt(format!(
+                        "customer {id}: {} was absent, so this lease got epoch {epoch}, but the log was written under epoch {}: the lock was deleted by hand; put it back as released with an epoch of at least {} (e.g. {{\"holder\":\"none\",\"addr\":\"\",\"epoch\":{},\"token\":\"00000000-0000-0000-0000-000000000000\",\"ttl_ms\":1,\"renewed_at\":\"1970-01-01T00:00:00Z\",\"released\":true}})",
+                        keys::lock(id.as_str()),
+                        replayed.max_epoch,
+                        replayed.max_epoch,
+                        replayed.max_epoch,
+                    ))));
+                }
+                warn!(customer_id = %id, epoch, newer = replayed.max_epoch, "the log was written under a newer epoch than this lease's; not taking over");
+                return Err(Attempt::Failed(TenantError::NotHolder));
+            }
             let end = replayed.contiguous_end;
             let clean = lease.previous().is_some_and(|r| r.released);
             if clean && let Some(stray) = replayed.stray.first() {

@@ -239,6 +239,9 @@ pub struct Replayed {
     pub delta_bytes: u64,
     /// Commit time of the last delta applied (Unix ms), if any.
     pub last_committed_at_ms: Option<u64>,
+    /// The newest epoch the snapshot or any object replayed carries: a
+    /// holder with an older epoch has been superseded.
+    pub max_epoch: u64,
 }
 
 /// Replays the log after `snapshot` onto the database file at `path`
@@ -344,6 +347,7 @@ pub async fn replay_planned(
         deltas: 0,
         delta_bytes: 0,
         last_committed_at_ms: None,
+        max_epoch: snapshot.epoch,
     };
     let sizes: std::collections::HashMap<u64, u64> = listed.into_iter().collect();
     let mut max_epoch = snapshot.epoch;
@@ -358,6 +362,7 @@ pub async fn replay_planned(
                 continue;
             }
             max_epoch = delta.epoch;
+            replayed.max_epoch = max_epoch;
             if delta.kind == Kind::Fence {
                 continue;
             }

@@ -22,6 +22,15 @@ use crate::routing::holder_of;
 
 /// Compaction every three commits, nothing retained: deltas are written,
 /// folded into the snapshot and deleted all the time.
+/// Pool machines in these tests create tenants on their first request:
+/// the tests are about the log, not about the tenant lifecycle.
+const COMPACT_OFTEN_CREATING: &[&str] = &[
+    "--compact-after",
+    "3",
+    "--retention",
+    "0s",
+    "--create-on-first-request",
+];
 const COMPACT_OFTEN: &[&str] = &["--compact-after", "3", "--retention", "0s"];
 
 fn tenantd(setup: &Setup, args: &[&str]) -> Output {
@@ -213,7 +222,11 @@ async fn acknowledged_counts_survive_sigkills_with_deltas_and_compaction_interle
 async fn the_snapshot_after_sigterm_is_a_sound_sqlite_file_with_the_last_count() {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::file_store(dir.path());
-    let mut m = setup.machine("a00000000000g1", None, &["--compact-after", "3"]);
+    let mut m = setup.machine(
+        "a00000000000g1",
+        None,
+        &["--compact-after", "3", "--create-on-first-request"],
+    );
     let client = FlyClient::new(&[&m]);
     let mut last = 0;
     for _ in 0..7 {
@@ -246,7 +259,7 @@ async fn the_snapshot_after_sigterm_is_a_sound_sqlite_file_with_the_last_count()
 async fn restore_gives_the_count_acknowledged_at_each_slot_and_time() {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::file_store(dir.path());
-    let m = setup.machine("a00000000000r1", None, &[]);
+    let m = setup.machine("a00000000000r1", None, &["--create-on-first-request"]);
     let client = FlyClient::new(&[&m]);
     let mut acked = Vec::new();
     for _ in 0..6 {
@@ -280,7 +293,7 @@ async fn restore_gives_the_count_acknowledged_at_each_slot_and_time() {
 async fn restore_reaches_commits_before_the_first_compaction_within_the_retention() {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::file_store(dir.path());
-    let mut m = setup.machine("a00000000000r3", None, &[]);
+    let mut m = setup.machine("a00000000000r3", None, &["--create-on-first-request"]);
     let client = FlyClient::new(&[&m]);
     let mut acked = Vec::new();
     for _ in 0..4 {
@@ -302,7 +315,7 @@ async fn restore_reaches_commits_before_the_first_compaction_within_the_retentio
 async fn restore_before_the_snapshot_without_retention_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::file_store(dir.path());
-    let mut m = setup.machine("a00000000000r2", None, COMPACT_OFTEN);
+    let mut m = setup.machine("a00000000000r2", None, COMPACT_OFTEN_CREATING);
     let client = FlyClient::new(&[&m]);
     let mut first_slot = None;
     for _ in 0..8 {
@@ -323,7 +336,7 @@ async fn restore_before_the_snapshot_without_retention_fails_clearly() {
 async fn restore_in_place_asks_first_then_rolls_back_and_serving_continues() {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::file_store(dir.path());
-    let mut m = setup.machine("a00000000000i1", None, &[]);
+    let mut m = setup.machine("a00000000000i1", None, &["--create-on-first-request"]);
     // Two sessions: the first release archives a snapshot that the slots
     // of the second can be restored from.
     let mut slots = Vec::new();
@@ -388,7 +401,7 @@ async fn restore_in_place_asks_first_then_rolls_back_and_serving_continues() {
 async fn bad_log(customer: &str, damage: impl FnOnce(&FileStore, &[u64]) -> String) {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::file_store(dir.path());
-    let mut a = setup.machine("a00000000000b1", None, &[]);
+    let mut a = setup.machine("a00000000000b1", None, &["--create-on-first-request"]);
     let client = FlyClient::new(&[&a]);
     for _ in 0..10 {
         increment_ok(&client, &a.id, customer).await;
@@ -400,7 +413,7 @@ async fn bad_log(customer: &str, damage: impl FnOnce(&FileStore, &[u64]) -> Stri
     let named = damage(&file_store(&setup), &slots);
     let before = store_files(&setup);
 
-    let b = setup.machine("b00000000000b2", None, &[]);
+    let b = setup.machine("b00000000000b2", None, &["--create-on-first-request"]);
     let client = FlyClient::new(&[&b]);
     // Until the killed holder's lease is stale, b sends the request to it.
     let reply = eventually(Duration::from_secs(15), "an answer from b", async || {
@@ -513,7 +526,7 @@ async fn a_tenant_stored_the_old_way_is_served_and_converted_on_its_first_claim(
         .await
         .unwrap();
 
-    let mut m = setup.machine("a00000000000o1", None, &[]);
+    let mut m = setup.machine("a00000000000o1", None, &["--create-on-first-request"]);
     let client = FlyClient::new(&[&m]);
     assert_eq!(increment_ok(&client, &m.id, "old").await, 42);
     let converted = store.head(key).await.unwrap().expect("the snapshot");

@@ -25,6 +25,10 @@ pub struct Metrics {
     pub store_requests: IntCounterVec,
     /// Store request latency by operation.
     pub store_seconds: HistogramVec,
+    /// Writes of this machine's session heartbeat by outcome: `started`
+    /// (a new incarnation), `ok`, `error`, `timeout` (retried), `expired`,
+    /// `lost` (every lease of the session ended).
+    pub heartbeat_writes: IntCounterVec,
 }
 
 impl Metrics {
@@ -99,7 +103,20 @@ impl Metrics {
             &["op"],
         )
         .unwrap();
-        for c in [&requests, &store_requests, &pipelined_uploads] {
+        let heartbeat_writes = IntCounterVec::new(
+            Opts::new(
+                "tenantd_heartbeat_writes_total",
+                "Writes of this machine's session heartbeat by outcome",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
+        for c in [
+            &requests,
+            &store_requests,
+            &pipelined_uploads,
+            &heartbeat_writes,
+        ] {
             registry.register(Box::new(c.clone())).unwrap();
         }
         for h in [&batch_size, &upload_seconds, &store_seconds] {
@@ -118,6 +135,7 @@ impl Metrics {
             lease_epoch,
             store_requests,
             store_seconds,
+            heartbeat_writes,
         }
     }
 

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tenantd::lease::{Acquire, Contender, LeaseConfig};
+use tenantd::lease::{Acquire, Contender, LeaseConfig, Session};
 use tenantd::store::{Metadata, Precondition, StoreError, keys};
 use tenantd::tenant::db::Db;
 
@@ -28,7 +28,7 @@ async fn a_paused_holders_late_upload_is_refused_and_the_new_holders_data_surviv
     let mut a = Contender::new(
         store.clone(),
         lock_key.clone(),
-        LeaseConfig::new("a", "a:1", ttl),
+        Session::new(store.clone(), LeaseConfig::new("a", "a:1", ttl)),
     );
     let Acquire::Acquired(lease_a) = a.try_acquire().await.unwrap() else {
         panic!("a must acquire")
@@ -57,7 +57,7 @@ async fn a_paused_holders_late_upload_is_refused_and_the_new_holders_data_surviv
     let mut b = Contender::new(
         store.clone(),
         lock_key.clone(),
-        LeaseConfig::new("b", "b:1", ttl),
+        Session::new(store.clone(), LeaseConfig::new("b", "b:1", ttl)),
     );
     let lease_b = match b
         .acquire_until(tokio::time::Instant::now() + ttl * 4)

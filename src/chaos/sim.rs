@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checker::{self, Report};
 use super::history::{Op, Outcome};
-use crate::lease::{Acquire, Contender, Lease, LeaseConfig};
+use crate::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
 use crate::store::fault::FaultHandle;
 use crate::store::{
     DynStore, ETag, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition,
@@ -110,7 +110,10 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
             let contender = Contender::new(
                 store.clone(),
                 LOCK_KEY.into(),
-                LeaseConfig::new(format!("m{i}"), format!("m{i}:1"), TTL),
+                Session::new(
+                    store.clone(),
+                    LeaseConfig::new(format!("m{i}"), format!("m{i}:1"), TTL),
+                ),
             );
             Machine {
                 store,

@@ -21,8 +21,14 @@ use tracing::{debug, info, warn};
 use super::actor::{ActorContext, TenantActor};
 use super::{TenantError, TenantHandle};
 use crate::TenantId;
-use crate::lease::{Acquire, Contender, LeaseConfig, LockRecord, LockState, read_lock};
+use crate::lease::{
+    Acquire, Beat, Contender, LeaseConfig, LockRecord, LockState, Session, read_lock,
+};
 use crate::store::{DynStore, keys};
+
+/// A standby reads the lock itself at least once every this many polls,
+/// even while the holder's heartbeat vouches for it.
+const LOCK_REREAD_TICKS: u32 = 30;
 
 /// Where a request for a tenant goes.
 #[derive(Debug, Clone)]
@@ -105,14 +111,26 @@ pub struct Registry {
     config: RegistryConfig,
     actor: ActorContext,
     store: DynStore,
+    /// This process's heartbeat, and its cache of other machines'.
+    session: Session,
     slots: Mutex<HashMap<TenantId, Arc<Slot>>>,
     draining: CancellationToken,
 }
 
 impl Registry {
     pub fn new(config: RegistryConfig, actor: ActorContext) -> Arc<Registry> {
+        let session = Session::with_metrics(
+            actor.store.clone(),
+            LeaseConfig::new(
+                config.machine_id.clone(),
+                config.advertise.clone(),
+                config.lease_ttl,
+            ),
+            Some(actor.metrics.clone()),
+        );
         Arc::new(Registry {
             store: actor.store.clone(),
+            session,
             config,
             actor,
             slots: Mutex::new(HashMap::new()),
@@ -133,12 +151,9 @@ impl Registry {
         self.draining.is_cancelled()
     }
 
-    fn lease_config(&self) -> LeaseConfig {
-        LeaseConfig::new(
-            self.config.machine_id.clone(),
-            self.config.advertise.clone(),
-            self.config.lease_ttl,
-        )
+    /// This machine's session (one heartbeat for every tenant it holds).
+    pub fn session(&self) -> &Session {
+        &self.session
     }
 
     fn slot(&self, id: &TenantId) -> Arc<Slot> {
@@ -151,7 +166,7 @@ impl Registry {
                     contender: tokio::sync::Mutex::new(Contender::new(
                         self.store.clone(),
                         keys::lock(id.as_str()),
-                        self.lease_config(),
+                        self.session.clone(),
                     )),
                     state: Mutex::new(SlotState::default()),
                 })
@@ -281,15 +296,34 @@ impl Registry {
         }
     }
 
-    /// A lock written recently by its holder's clock, and not released.
+    /// A lock not released whose holder wrote recently by its own clock:
+    /// the lock itself, or for a session lock the holder's heartbeat as
+    /// last seen here (a holder whose heartbeat was not looked at yet gets
+    /// the benefit of the doubt).
     fn looks_live(&self, record: &LockRecord) -> bool {
         if record.released {
             return false;
         }
-        let age = chrono::Utc::now().signed_duration_since(record.renewed_at);
-        age.to_std()
-            .map(|age| age < Duration::from_millis(record.ttl_ms))
-            .unwrap_or(true)
+        let ttl = Duration::from_millis(record.ttl_ms);
+        let recent = |at: chrono::DateTime<chrono::Utc>| {
+            chrono::Utc::now()
+                .signed_duration_since(at)
+                .to_std()
+                .map(|age| age < ttl)
+                .unwrap_or(true)
+        };
+        if !record.session {
+            return recent(record.renewed_at);
+        }
+        match self.session.observer().peek(&record.holder) {
+            None => true,
+            Some(seen) => match &seen.beat {
+                Beat::Live(beat) if Some(beat.incarnation) == record.incarnation => {
+                    seen.unchanged_for() < ttl && recent(beat.renewed_at)
+                }
+                _ => false,
+            },
+        }
     }
 
     fn cached_route(&self, slot: &Slot, fresh: bool) -> Option<Route> {
@@ -417,17 +451,19 @@ impl Registry {
         Ok(seen)
     }
 
-    /// Single-tenant mode: keep watching the tenant's lock and take it over
-    /// as soon as it is absent, released or stale, so that a dead holder is
-    /// replaced without waiting for a request.
+    /// Single-tenant mode: keep watching the tenant's holder and take the
+    /// lock over as soon as it is absent, released or stale, so that a dead
+    /// holder is replaced without waiting for a request.
+    ///
+    /// Cost: one store request per ttl/3: the holder's heartbeat (a read
+    /// shared with every other tenant of that holder this machine watches),
+    /// and the lock only when the heartbeat stops vouching for it or every
+    /// [`LOCK_REREAD_TICKS`] polls. Nothing is written while the holder is
+    /// healthy. A dead holder is noticed within one poll and taken over one
+    /// ttl after its heartbeat's last change was first seen.
     pub async fn standby(self: Arc<Self>, id: TenantId) {
-        // A dead holder is noticed within one poll, then taken over one ttl
-        // after its last change was first seen: polling at most a second
-        // apart keeps failover near ttl + 1 s for any ttl, at one GET per
-        // second per standby machine.
-        let interval = (self.config.lease_ttl / 3)
-            .min(Duration::from_secs(1))
-            .max(Duration::from_millis(50));
+        let interval = (self.config.lease_ttl / 3).max(Duration::from_millis(50));
+        let reread = interval * LOCK_REREAD_TICKS;
         loop {
             if self.is_draining() {
                 return;
@@ -447,7 +483,7 @@ impl Registry {
                     return;
                 }
                 self.await_ended(&slot).await;
-                match contender.try_acquire().await {
+                match contender.watch(reread).await {
                     Ok(Acquire::Acquired(lease)) => {
                         let route = self.start_actor(&id, &slot, lease).await;
                         drop(contender);

@@ -127,13 +127,21 @@ impl Held {
 /// A machine's view of the store in which its own heartbeat can be cut off
 /// while everything else still answers.
 #[derive(Debug)]
-struct HeartbeatCut {
+pub(crate) struct HeartbeatCut {
     inner: DynStore,
     key: String,
     cut: Arc<AtomicBool>,
 }
 
 impl HeartbeatCut {
+    pub(crate) fn new(inner: DynStore, machine_id: &str, cut: Arc<AtomicBool>) -> HeartbeatCut {
+        HeartbeatCut {
+            inner,
+            key: keys::heartbeat(machine_id),
+            cut,
+        }
+    }
+
     fn check_key(&self, key: &str) -> StoreResult<()> {
         if key == self.key && self.cut.load(Ordering::SeqCst) {
             return Err(StoreError::transient(key, "heartbeat partitioned"));
@@ -212,11 +220,7 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
             let faults = fault.handle();
             let id = format!("m{i}");
             let cut = Arc::new(AtomicBool::new(false));
-            let store: DynStore = Arc::new(HeartbeatCut {
-                inner: Arc::new(fault),
-                key: keys::heartbeat(&id),
-                cut: cut.clone(),
-            });
+            let store: DynStore = Arc::new(HeartbeatCut::new(Arc::new(fault), &id, cut.clone()));
             Machine::start(id, store, faults, cut)
         })
         .collect();
@@ -338,11 +342,30 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
                         (rng.random_range(0..20) == 0, rng.random_range(0..20) == 0),
                     ];
                     let overtake = rng.random_range(0..2) == 0;
-                    send_pipelined(m, i, t, [upload, second], faults, overtake, &mut ops, &now_ms)
-                        .await;
+                    send_pipelined(
+                        m,
+                        i,
+                        t,
+                        [upload, second],
+                        faults,
+                        overtake,
+                        &mut ops,
+                        &now_ms,
+                    )
+                    .await;
                     continue;
                 }
-                send(m, i, t, upload, lose_response, fail_before, &mut ops, now_ms()).await;
+                send(
+                    m,
+                    i,
+                    t,
+                    upload,
+                    lose_response,
+                    fail_before,
+                    &mut ops,
+                    now_ms(),
+                )
+                .await;
             }
             // One tenant's actor crashes (a frozen machine wakes first).
             58..=64 => machines[i].tenants[t].step_down(),
@@ -530,7 +553,10 @@ async fn send_pipelined(
     let [first, second] = uploads;
     let (r1, mut r2) = if overtake {
         let r2 = put(m, t, &second, second.condition.clone(), faults[1]).await;
-        (put(m, t, &first, first.condition.clone(), faults[0]).await, r2)
+        (
+            put(m, t, &first, first.condition.clone(), faults[0]).await,
+            r2,
+        )
     } else {
         let r1 = put(m, t, &first, first.condition.clone(), faults[0]).await;
         (

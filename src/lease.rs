@@ -266,6 +266,11 @@ impl Contender {
         self.try_acquire().await
     }
 
+    /// When this contender last read the lock itself.
+    pub fn last_read_at(&self) -> Option<Instant> {
+        self.last_read.as_ref().map(|(at, _)| *at)
+    }
+
     fn too_old(&self, renewed_at: DateTime<Utc>, ttl: Duration) -> bool {
         let age = self
             .config()

@@ -8,7 +8,7 @@
 //! (no later than the store served it). A heartbeat is stale once
 //! `checked - first_seen >= ttl`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,12 +32,36 @@ pub struct Observation {
     pub etag: Option<ETag>,
     pub first_seen: Instant,
     pub checked: Instant,
+    /// Smallest recent (this machine's wall clock when a new heartbeat was
+    /// first answered − its `renewed_at`): the holder's clock offset plus
+    /// the shortest delay to see its writes. Only for scheduling reads.
+    lag: VecDeque<chrono::Duration>,
 }
+
+/// New heartbeats remembered for [`Observation::next_beat`].
+const LAG_SAMPLES: usize = 8;
 
 impl Observation {
     /// How long this ETag is known to have stayed current.
     pub fn unchanged_for(&self) -> Duration {
         self.checked.saturating_duration_since(self.first_seen)
+    }
+
+    /// When the holder's next renewal should first be visible here, if it
+    /// renews on time: its last `renewed_at` + ttl/3, moved onto this
+    /// machine's clock by the smallest lag seen. A standby that reads just
+    /// after it starts its observation of each heartbeat early, which is
+    /// what keeps failover near one ttl at one read per ttl/3. Never used
+    /// to decide anything, only when to look.
+    pub fn next_beat(&self) -> Option<Instant> {
+        let Beat::Live(record) = &self.beat else {
+            return None;
+        };
+        let lag = self.lag.iter().min()?;
+        let due =
+            record.renewed_at + chrono::Duration::milliseconds(record.ttl_ms as i64 / 3) + *lag;
+        let ahead = (due - chrono::Utc::now()).to_std().ok()?;
+        Some(Instant::now() + ahead)
     }
 }
 
@@ -103,15 +127,32 @@ impl Observer {
                 }
             },
         };
+        let unchanged = cached
+            .as_ref()
+            .is_some_and(|seen| seen.etag == etag && etag.is_some());
         let first_seen = match cached.as_ref() {
-            Some(seen) if seen.etag == etag && etag.is_some() => seen.first_seen,
+            Some(seen) if unchanged => seen.first_seen,
             _ => answered,
         };
+        let mut lag = match (cached.as_ref(), &beat) {
+            (Some(seen), Beat::Live(now)) => match &seen.beat {
+                Beat::Live(was) if was.incarnation == now.incarnation => seen.lag.clone(),
+                _ => VecDeque::new(),
+            },
+            _ => VecDeque::new(),
+        };
+        if let (Beat::Live(record), false) = (&beat, unchanged) {
+            lag.push_back(chrono::Utc::now() - record.renewed_at);
+            if lag.len() > LAG_SAMPLES {
+                lag.pop_front();
+            }
+        }
         let seen = Observation {
             beat,
             etag,
             first_seen,
             checked: sent.max(first_seen),
+            lag,
         };
         *cached = Some(seen.clone());
         Ok(seen)

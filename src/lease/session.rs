@@ -173,16 +173,6 @@ impl Session {
         Ok(started)
     }
 
-    /// Whether this process still renews a heartbeat (some lease holds an
-    /// incarnation).
-    pub fn is_active(&self) -> bool {
-        self.shared
-            .current
-            .try_lock()
-            .map(|c| c.upgrade().is_some_and(|i| i.is_valid()))
-            .unwrap_or(true)
-    }
-
     async fn start(&self) -> StoreResult<Arc<Incarnation>> {
         let shared = &self.shared;
         if let Some(by) = *shared.displaced.lock().unwrap() {

@@ -422,7 +422,18 @@ impl Registry {
     /// A tenant this machine does not serve: find its holder, never acquire.
     async fn route_other(&self, id: &TenantId, fresh: bool) -> Route {
         let slot = self.slot(id);
-        match self.read_lock_cached(&slot, fresh).await {
+        let seen = self.read_lock_cached(&slot, fresh).await;
+        if let Ok(Seen::Held(record)) = &seen
+            && record.session
+        {
+            // Whether its holder lives is in the holder's heartbeat (read
+            // at most once per ttl/3 per holder machine).
+            let ttl = Duration::from_millis(record.ttl_ms);
+            if let Err(e) = self.session.observer().observe(&record.holder, ttl).await {
+                debug!(customer_id = %id, error = %e, "cannot read the holder's heartbeat");
+            }
+        }
+        match seen {
             Ok(Seen::Held(record)) if self.looks_live(&record) => Route::Holder(record),
             // Released, stale-looking or unknown holder: the router asks DNS
             // for a started machine of the tenant, and falls back to the
@@ -490,9 +501,24 @@ impl Registry {
                         Some(route)
                     }
                     Ok(Acquire::HeldBy { record, stale_in }) => {
-                        slot.state.lock().unwrap().seen =
-                            Some((Instant::now(), Seen::Held(record)));
-                        // Try again the moment it may be taken over.
+                        // Look again just after the holder's next heartbeat
+                        // should be visible (keeps detection lag small at
+                        // one read per ttl/3), or the moment the lock may
+                        // be taken over.
+                        if let Some(due) = self
+                            .session
+                            .observer()
+                            .peek(&record.holder)
+                            .and_then(|seen| seen.next_beat())
+                        {
+                            let after = (interval / 20).max(Duration::from_millis(25));
+                            wait = (due + after - Instant::now()).clamp(interval / 2, interval);
+                        }
+                        // Routing may reuse the lock as of its last read,
+                        // never as of a heartbeat-only poll.
+                        if let Some(read_at) = contender.last_read_at() {
+                            slot.state.lock().unwrap().seen = Some((read_at, Seen::Held(record)));
+                        }
                         wait = wait.min(stale_in.max(Duration::from_millis(10)));
                         None
                     }

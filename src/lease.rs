@@ -251,7 +251,14 @@ impl Contender {
         {
             let record = record.clone();
             let ttl = record.ttl().max(self.config().ttl);
-            let seen = self.session.observer().observe(&record.holder, ttl).await?;
+            // Standbys pace their own polls (at least ttl/6 apart): read
+            // the heartbeat unless another tenant's poll just did.
+            let max_age = self.config().renew_interval() / 3;
+            let seen = self
+                .session
+                .observer()
+                .observe_within(&record.holder, ttl, max_age)
+                .await?;
             if let Beat::Live(beat) = &seen.beat
                 && Some(beat.incarnation) == record.incarnation
                 && seen.unchanged_for() < ttl / 2

@@ -93,6 +93,17 @@ impl Observer {
     /// older than the refresh interval, or when a read now could show it
     /// unchanged for `ttl` (the moment a takeover may be decided).
     pub async fn observe(&self, machine: &str, ttl: Duration) -> StoreResult<Observation> {
+        self.observe_within(machine, ttl, self.refresh).await
+    }
+
+    /// [`Observer::observe`], reading again when the cached read is older
+    /// than `max_age` (a standby that schedules its own reads).
+    pub async fn observe_within(
+        &self,
+        machine: &str,
+        ttl: Duration,
+        max_age: Duration,
+    ) -> StoreResult<Observation> {
         let cell = {
             let mut machines = self.machines.lock().unwrap();
             if machines.len() > 256 {
@@ -109,7 +120,7 @@ impl Observer {
         let now = Instant::now();
         if let Some(seen) = cached.as_ref() {
             let decisive = now >= seen.first_seen + ttl && seen.checked < seen.first_seen + ttl;
-            if now.saturating_duration_since(seen.checked) < self.refresh && !decisive {
+            if now.saturating_duration_since(seen.checked) < max_age && !decisive {
                 return Ok(seen.clone());
             }
         }

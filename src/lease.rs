@@ -382,7 +382,18 @@ impl Contender {
                 ));
             }
         };
-        let beat = self.session.observer().observe(&record.holder, ttl).await?;
+        let observer = self.session.observer();
+        let mut beat = observer.observe(&record.holder, ttl).await?;
+        let vouches = |beat: &Observation| matches!(&beat.beat, Beat::Live(hb) if hb.incarnation == incarnation);
+        if !vouches(&beat) {
+            // The cached heartbeat may predate the lock (a holder that
+            // restarted and took its locks back): look again before
+            // concluding that its session is gone.
+            let max_age = self.config().renew_interval() / 3;
+            beat = observer
+                .observe_within(&record.holder, ttl, max_age)
+                .await?;
+        }
         let key = match &beat.beat {
             Beat::Live(hb) if hb.incarnation == incarnation => {
                 self.observed = None;

@@ -265,7 +265,7 @@ impl Contender {
                 && !self.too_old(beat.renewed_at, ttl)
             {
                 return Ok(Acquire::HeldBy {
-                    stale_in: ttl.saturating_sub(seen.unchanged_for()),
+                    stale_in: seen.stale_in(ttl),
                     record,
                 });
             }
@@ -401,7 +401,7 @@ impl Contender {
                 let stale = seen_for >= ttl || self.too_old(hb.renewed_at, ttl);
                 return Ok((
                     stale,
-                    ttl.saturating_sub(seen_for),
+                    beat.stale_in(ttl),
                     "holder's heartbeat unchanged for a ttl",
                 ));
             }

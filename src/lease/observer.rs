@@ -47,6 +47,13 @@ impl Observation {
         self.checked.saturating_duration_since(self.first_seen)
     }
 
+    /// How long from now until this ETag may have been current for `ttl`
+    /// (counted from when it was first seen, not from the cached read, so
+    /// that a caller waiting this long reads again just in time).
+    pub fn stale_in(&self, ttl: Duration) -> Duration {
+        (self.first_seen + ttl).saturating_duration_since(Instant::now())
+    }
+
     /// When the holder's next renewal should first be visible here, if it
     /// renews on time: its last `renewed_at` + ttl/3, moved onto this
     /// machine's clock by the smallest lag seen. A standby that reads just

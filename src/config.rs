@@ -75,8 +75,27 @@ pub struct ServeArgs {
     pub idle_timeout: Duration,
 
     /// Pool mode: most tenants held at once (least recently used released first).
-    #[arg(long, env = "TENANTD_MAX_TENANTS", default_value_t = 100)]
+    #[arg(long, env = "TENANTD_MAX_TENANTS", default_value_t = 2_000)]
     pub max_tenants: usize,
+
+    /// Most tenants this machine remembers (held or not: lock reads,
+    /// routing state); those not held are forgotten beyond it, least
+    /// recently used first. Also bounds the DNS cache.
+    #[arg(long, env = "TENANTD_MAX_KNOWN_TENANTS", default_value_t = 10_000)]
+    pub max_known_tenants: usize,
+
+    /// Pool mode: create a tenant that does not exist on its first valid
+    /// request instead of answering 404 (for demos: anyone who can reach
+    /// the app can then create tenants).
+    #[arg(
+        long,
+        env = "TENANTD_CREATE_ON_FIRST_REQUEST",
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub create_on_first_request: bool,
 
     /// Largest accepted request body.
     #[arg(long, env = "TENANTD_MAX_BODY", default_value_t = 64 * 1024)]
@@ -103,6 +122,17 @@ pub struct ServeArgs {
     /// Most rows a SQL request may return (all statements together).
     #[arg(long, env = "TENANTD_SQL_MAX_ROWS", default_value_t = 10_000)]
     pub sql_max_rows: usize,
+
+    /// How far back point-in-time restore reaches: deltas and old
+    /// snapshots younger than this are kept (`0s`: keep only what the
+    /// current snapshot needs).
+    #[arg(long, env = "TENANTD_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Rewrite the snapshot after this many commits (or once the deltas
+    /// after it reach a quarter of the database, at least 16 MiB).
+    #[arg(long, env = "TENANTD_COMPACT_AFTER", default_value_t = 1000)]
+    pub compact_after: u64,
 
     /// Fault injection at start: JSON of FaultConfig, e.g.
     /// '{"latency":"20ms","jitter":"5ms"}' (for benchmarks and chaos tests).
@@ -137,14 +167,7 @@ impl ServeArgs {
     /// The store URL after defaults: `--store`, else `s3://$BUCKET_NAME`, else
     /// `file://./data/store`.
     pub fn store_url(&self) -> Result<StoreUrl, String> {
-        if let Some(url) = &self.store {
-            return Ok(url.clone());
-        }
-        match std::env::var("BUCKET_NAME") {
-            Ok(bucket) if !bucket.is_empty() => StoreUrl::parse(&format!("s3://{bucket}"))
-                .map_err(|e| format!("{e} (from BUCKET_NAME)")),
-            _ => Ok(StoreUrl::File(PathBuf::from("./data/store"))),
-        }
+        store_url(self.store.as_ref())
     }
 
     pub fn sql_limits(&self) -> SqlLimits {
@@ -153,6 +176,14 @@ impl ServeArgs {
             timeout: self.sql_timeout,
             max_rows: self.sql_max_rows,
             ..SqlLimits::default()
+        }
+    }
+
+    pub fn retention(&self) -> crate::tenant::log::Retention {
+        crate::tenant::log::Retention {
+            keep: self.retention,
+            max_deltas: self.compact_after.max(1),
+            ..Default::default()
         }
     }
 
@@ -169,6 +200,20 @@ impl ServeArgs {
             Some(ip) if !ip.is_empty() => format!("[{ip}]:{}", self.listen.port()),
             _ => self.listen.to_string(),
         }
+    }
+}
+
+/// The store URL after defaults: `explicit` (`--store`), else
+/// `s3://$BUCKET_NAME`, else `file://./data/store`. Shared by every command
+/// that reads the store, so they all find the same bucket.
+pub fn store_url(explicit: Option<&StoreUrl>) -> Result<StoreUrl, String> {
+    if let Some(url) = explicit {
+        return Ok(url.clone());
+    }
+    match std::env::var("BUCKET_NAME") {
+        Ok(bucket) if !bucket.is_empty() => StoreUrl::parse(&format!("s3://{bucket}"))
+            .map_err(|e| format!("{e} (from BUCKET_NAME)")),
+        _ => Ok(StoreUrl::File(PathBuf::from("./data/store"))),
     }
 }
 

@@ -17,7 +17,6 @@
 //! DNS lists started machines only. Answers are cached briefly: the router
 //! asks on the cross-tenant path, which is the common case on Fly.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,7 +43,17 @@ pub struct FlyDns {
 struct Inner {
     app: String,
     resolver: Result<TokioResolver, String>,
-    cache: Mutex<HashMap<MetadataKey, (Instant, Vec<String>)>>,
+    /// Bounded (least recently used out first): one entry per tenant id
+    /// asked about, and anyone can ask about any id.
+    cache: Mutex<lru::LruCache<MetadataKey, (Instant, Vec<String>)>>,
+}
+
+/// Entries of the answer cache unless [`FlyDns::with_cache_bound`] says.
+const DEFAULT_CACHE_ENTRIES: usize = 10_000;
+
+fn cache_of(entries: usize) -> Mutex<lru::LruCache<MetadataKey, (Instant, Vec<String>)>> {
+    let entries = std::num::NonZeroUsize::new(entries.max(1)).expect("at least 1");
+    Mutex::new(lru::LruCache::new(entries))
 }
 
 impl std::fmt::Debug for FlyDns {
@@ -91,9 +100,21 @@ impl FlyDns {
             inner: Arc::new(Inner {
                 app: app.to_string(),
                 resolver,
-                cache: Mutex::new(HashMap::new()),
+                cache: cache_of(DEFAULT_CACHE_ENTRIES),
             }),
         }
+    }
+
+    /// Keeps at most `entries` answers (`--max-known-tenants`).
+    pub fn with_cache_bound(self, entries: usize) -> FlyDns {
+        let entries = std::num::NonZeroUsize::new(entries.max(1)).expect("at least 1");
+        self.inner.cache.lock().unwrap().resize(entries);
+        self
+    }
+
+    /// How many answers are cached.
+    pub fn cached_entries(&self) -> usize {
+        self.inner.cache.lock().unwrap().len()
     }
 
     pub fn app(&self) -> &str {
@@ -123,7 +144,7 @@ impl FlyDns {
             .cache
             .lock()
             .unwrap()
-            .insert(cache_key, (Instant::now(), ids.clone()));
+            .put(cache_key, (Instant::now(), ids.clone()));
         Ok(ids)
     }
 
@@ -157,7 +178,7 @@ impl FlyDns {
             .cache
             .lock()
             .unwrap()
-            .insert(cache_key, (Instant::now(), ids.clone()));
+            .put(cache_key, (Instant::now(), ids.clone()));
         Ok(ids)
     }
 

@@ -11,8 +11,13 @@
 //! - [`router`]: per request, serve here, replay to the holder, acquire, or 404.
 //! - [`http`]: routes, content negotiation, the SQL API, `/metrics`, `/_status`.
 //! - [`server`]: wires it all together for `tenantd serve`.
+//! - [`tenants_cli`]: `tenantd tenants create|delete|ls` (the lifecycle in
+//!   [`tenant::lifecycle`]).
 //! - [`dev`], [`chaos`], [`bench`], [`fly`]: the local Fly stand-in, the
 //!   chaos checker, the benchmark and the Machines API client.
+
+// The bench report is one `json!` literal with many keys.
+#![recursion_limit = "256"]
 
 pub mod bench;
 pub mod chaos;
@@ -24,10 +29,12 @@ pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod replay;
+pub mod restore;
 pub mod server;
 pub mod sql_client;
 pub mod store;
 pub mod tenant;
 pub mod tenant_id;
+pub mod tenants_cli;
 
 pub use tenant_id::TenantId;

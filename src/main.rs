@@ -28,6 +28,11 @@ enum Command {
     Fly(tenantd::fly::FlyArgs),
     /// Run SQL against a tenant's database through the app's URL.
     Sql(tenantd::sql_client::SqlArgs),
+    /// Write a tenant's database as of any kept commit, or make that state
+    /// the current one (`--in-place`).
+    Restore(tenantd::restore::RestoreArgs),
+    /// Create, delete and list tenants in the store.
+    Tenants(tenantd::tenants_cli::TenantsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +46,8 @@ fn main() -> std::process::ExitCode {
             Command::Bench(args) => tenantd::bench::run(args).await,
             Command::Fly(args) => tenantd::fly::run(args).await,
             Command::Sql(args) => tenantd::sql_client::run(args).await,
+            Command::Restore(args) => tenantd::restore::run(args).await,
+            Command::Tenants(args) => tenantd::tenants_cli::run(args).await,
         }
     });
     match result {

@@ -14,9 +14,14 @@ pub struct Metrics {
     pub batch_size: HistogramVec,
     /// Seconds from the start of a database upload to its success.
     pub upload_seconds: HistogramVec,
-    /// Uploads sent before the previous one was confirmed, by outcome:
-    /// `ok`, or `resent` (out of order or mispredicted ETag, sent again).
+    /// Uploads sent while earlier ones were still under way, by outcome
+    /// (`ok`, `failed`).
     pub pipelined_uploads: IntCounterVec,
+    /// Bytes written to the store by kind: `delta` (commits), `snapshot`
+    /// (compactions, conversions, archives).
+    pub upload_bytes: IntCounterVec,
+    /// Compactions by outcome (`ok`, `failed`).
+    pub compactions: IntCounterVec,
     /// 1 when this machine holds the tenant's lease, else 0.
     pub lease_holder: IntGaugeVec,
     /// Epoch of the tenant's lease as last seen by this machine.
@@ -81,8 +86,21 @@ impl Metrics {
         let pipelined_uploads = IntCounterVec::new(
             Opts::new(
                 "tenantd_pipelined_uploads_total",
-                "Database uploads sent before the previous one was confirmed, by outcome",
+                "Log uploads sent while earlier ones were under way, by outcome",
             ),
+            &["outcome"],
+        )
+        .unwrap();
+        let upload_bytes = IntCounterVec::new(
+            Opts::new(
+                "tenantd_upload_bytes_total",
+                "Bytes written to the store by kind (delta, snapshot)",
+            ),
+            &["kind"],
+        )
+        .unwrap();
+        let compactions = IntCounterVec::new(
+            Opts::new("tenantd_compactions_total", "Compactions by outcome"),
             &["outcome"],
         )
         .unwrap();
@@ -116,6 +134,8 @@ impl Metrics {
             &store_requests,
             &pipelined_uploads,
             &heartbeat_writes,
+            &upload_bytes,
+            &compactions,
         ] {
             registry.register(Box::new(c.clone())).unwrap();
         }
@@ -129,6 +149,8 @@ impl Metrics {
             registry,
             requests,
             pipelined_uploads,
+            upload_bytes,
+            compactions,
             batch_size,
             upload_seconds,
             lease_holder,

@@ -204,6 +204,16 @@ pub(crate) async fn run_with(
     let local = listener.local_addr()?;
     info!(%machine_id, listen = %local, %advertise, store = %url, customer_id = ?customer_id.as_ref().map(|c| c.as_str()), lease_ttl = ?args.lease_ttl, "tenantd serving");
 
+    if let Some(id) = &customer_id {
+        // As the original app did: a single-tenant machine's tenant exists
+        // from its first start (idempotent; never overwrites).
+        let created = crate::tenant::lifecycle::create(&store, id)
+            .await
+            .with_context(|| format!("cannot create customer {id} (CUSTOMER_ID) in {url}"))?;
+        if created == crate::tenant::lifecycle::Created::Created {
+            info!(customer_id = %id, "created the tenant's database (first start)");
+        }
+    }
     let lock_cache_ttl = (args.lease_ttl / 5).min(Duration::from_secs(1));
     let registry = Registry::new(
         RegistryConfig {
@@ -213,6 +223,8 @@ pub(crate) async fn run_with(
             customer_id: customer_id.clone(),
             max_tenants: args.max_tenants.max(1),
             lock_cache_ttl,
+            max_known_tenants: args.max_known_tenants.max(1),
+            create_on_first_request: args.create_on_first_request,
         },
         ActorContext {
             store: store.clone(),
@@ -222,6 +234,7 @@ pub(crate) async fn run_with(
             idle_timeout: Some(args.idle_timeout),
             ack_before_upload,
             sql: args.sql_limits(),
+            retention: args.retention(),
         },
     );
     if let Some(id) = customer_id.clone() {
@@ -232,7 +245,7 @@ pub(crate) async fn run_with(
         metrics,
         machine_id,
         replay_mode: args.replay_mode,
-        finder: finder(&args),
+        finder: finder(&args, args.max_known_tenants.max(1)),
         faults: fault_handle,
         admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
         api_token: args.api_token.clone().filter(|t| !t.is_empty()),
@@ -287,9 +300,9 @@ fn release_budget(drain_timeout: Duration, linger: Duration) -> Duration {
 /// `tenantd dev`, which also sets TENANTD_DNS_SERVER), and the Machines API
 /// for stopped machines when FLY_API_TOKEN is set (FLY_API_URL, else the
 /// API's address inside Fly's network).
-fn finder(args: &ServeArgs) -> Option<Arc<dyn http::MachineFinder>> {
+fn finder(args: &ServeArgs, max_cached: usize) -> Option<Arc<dyn http::MachineFinder>> {
     let app = args.app_name.as_deref().filter(|a| !a.is_empty())?;
-    let dns = crate::fly_dns::FlyDns::new(app, args.dns_server);
+    let dns = crate::fly_dns::FlyDns::new(app, args.dns_server).with_cache_bound(max_cached);
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let api = env("FLY_API_TOKEN").map(|token| {
         let url = env("FLY_API_URL").unwrap_or_else(|| crate::fly::INTERNAL_API_URL.to_string());

@@ -1,7 +1,8 @@
 //! `tenantd bench` end to end at a small scale: every section runs, the JSON
 //! carries the contract keys, and the figures that are facts rather than
 //! timings hold (nothing acknowledged is lost, an idle tenant goes quiet
-//! after its release). Timings are printed by the bench, not asserted here.
+//! after its release, requests for tenants that do not exist write
+//! nothing). Timings are printed by the bench, not asserted here.
 
 use std::process::Command;
 
@@ -43,7 +44,7 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
         output.status.success(),
         "bench failed (its output is above)"
     );
-    assert!(stderr.contains("[8/8]"), "no progress lines:\n{stderr}");
+    assert!(stderr.contains("[9/9]"), "no progress lines:\n{stderr}");
 
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -69,6 +70,17 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
     assert!(report["sql_p50_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(report["sql_clients"], 8, "SQL at the headline level");
     assert!(report["cold_start_ms"]["1mb"].as_f64().unwrap() > 0.0);
+    for key in [
+        "commit_p50_ms_by_size_mb",
+        "upload_bytes_per_commit_by_size_mb",
+        "cold_start_ms_by_size_mb",
+        "snapshot_download_ms_by_size_mb",
+    ] {
+        assert!(
+            report[key]["1"].as_f64().unwrap() > 0.0,
+            "{key}: {report:#}"
+        );
+    }
     assert!(report["rss_mb"]["idle"].as_f64().unwrap() > 0.0);
     assert_eq!(report["headline_clients"], 8, "headline from the top level");
     assert_eq!(report["lease_ttl_ms"], 1000);
@@ -98,6 +110,19 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
     );
     assert_eq!(sql["sum_conserved"], true);
     assert_eq!(report["idle_store_requests_after_release"], 0);
+    assert_eq!(
+        report["unknown_tenant_store_writes"], 0,
+        "{:#}",
+        report["unknown_tenants"]
+    );
+    assert_eq!(report["unknown_tenants"]["not_found"], 1000);
+    // The cold start replays the snapshot and every commit after it, and a
+    // single increment uploads a few pages, not the database.
+    assert_eq!(report["cold_start"][0]["deltas_replayed"], 101);
+    let per_commit = report["upload_bytes_per_commit_by_size_mb"]["1"]
+        .as_f64()
+        .unwrap();
+    assert!(per_commit <= 65536.0, "{per_commit} bytes per commit");
     let object = report["cold_start"][0]["object_bytes"].as_u64().unwrap();
     assert!(object >= 1_000_000, "the 1 MB database is {object} bytes");
 

@@ -14,7 +14,7 @@ use tenantd::store::fault::FaultHandle;
 use tenantd::store::retry::RetryPolicy;
 use tenantd::store::{DynStore, FaultConfig, Metadata, Precondition, StoreUrl, keys, open_store};
 use tenantd::tenant::actor::ActorContext;
-use tenantd::tenant::{Op, Registry, RegistryConfig, Route};
+use tenantd::tenant::{Op, Registry, RegistryConfig, Route, log};
 
 /// A tenant database of about `mb` megabytes holding count 41.
 fn big_database(dir: &Path, mb: usize) -> Bytes {
@@ -72,6 +72,8 @@ fn registry(store: DynStore, dir: &Path, ttl: Duration) -> Arc<Registry> {
             customer_id: None,
             max_tenants: 10,
             lock_cache_ttl: ttl / 5,
+            max_known_tenants: 100,
+            create_on_first_request: false,
         },
         ActorContext::new(store, Metrics::new(), "m1".into(), dir.join("local")),
     )
@@ -84,10 +86,11 @@ async fn local(registry: &Arc<Registry>, id: &TenantId) -> tenantd::tenant::Tena
     }
 }
 
-/// A 200 MB database through a store that moves 20 MB/s: the claim
-/// downloads and uploads it (10 s each way), and an increment's upload
-/// (another 10 s, longer than the 2 s lease) completes and is
-/// acknowledged instead of being cut at the lease deadline and resent.
+/// A 200 MB database, stored the old way (whole file only), through a store
+/// that moves 20 MB/s: the claim downloads it and converts it, uploading it
+/// once as a snapshot (10 s each way, longer than the 2 s lease, and not cut
+/// at the lease deadline); after that, an increment uploads only the pages
+/// it changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200_mb_database_commits_through_a_20_mb_per_s_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -108,9 +111,22 @@ async fn a_200_mb_database_commits_through_a_20_mb_per_s_store() {
     assert_eq!(answer.count, 42);
     assert_eq!(answer.epoch, handle.epoch(), "no step-down on the way");
     faults.set(FaultConfig::default());
-    let stored = store.get(&keys::database("big")).await.unwrap().unwrap();
+    let snapshot = store.head(&keys::database("big")).await.unwrap().unwrap();
+    assert_eq!(
+        snapshot.metadata.get("tenantd-format").map(String::as_str),
+        Some("log"),
+        "converted on its first claim"
+    );
+    let log = store.list(&keys::log_prefix("big"), None).await.unwrap();
+    let largest = log.iter().map(|l| l.size).max().unwrap_or(0);
+    assert!(
+        largest < 64 * 1024,
+        "a commit uploads its pages, not the database: {log:?}"
+    );
     let copy = dir.path().join("stored.sqlite3");
-    std::fs::write(&copy, &stored.body).unwrap();
+    log::materialize(&store, "big", &copy, log::Until::End)
+        .await
+        .unwrap();
     let count: i64 = rusqlite::Connection::open(&copy)
         .unwrap()
         .query_row("SELECT count FROM welcome", [], |r| r.get(0))
@@ -123,6 +139,10 @@ async fn a_200_mb_database_commits_through_a_20_mb_per_s_store() {
 /// its upload — does not stop another tenant's renewals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn claiming_a_100_mb_tenant_on_one_worker_costs_no_other_tenant_its_lease() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     // The memory store: no disk shared between the big tenant's uploads
     // and the small one's renewals, so only the runtime is tested.
@@ -130,6 +150,9 @@ async fn claiming_a_100_mb_tenant_on_one_worker_costs_no_other_tenant_its_lease(
     let ttl = Duration::from_millis(1500);
     let registry = registry(store.clone(), dir.path(), ttl);
     let small = TenantId::parse("small").unwrap();
+    tenantd::tenant::lifecycle::create(&store, &small)
+        .await
+        .unwrap();
     let held = local(&registry, &small).await;
     held.call(Op::Increment {
         idempotency_key: None,

@@ -540,6 +540,7 @@ async fn dev_pool_mode_serves_any_tenant() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), &[], 0);
     cfg.pool_machines = 2;
+    cfg.tenants = vec!["300".into(), "301".into()];
     let cluster = Cluster::start(cfg).await.unwrap();
     let http = client();
     let base = cluster.edge_url();

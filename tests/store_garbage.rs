@@ -268,3 +268,67 @@ async fn attempt_time_limits_grow_with_the_body() {
         .await
         .expect("a big upload gets the time its size needs");
 }
+
+/// Listings and deletes: garbage answers are errors naming the prefix or
+/// key, never an empty listing or a done delete; a listing that claims more
+/// pages without saying where they start is an error, not a short list.
+#[tokio::test]
+async fn garbage_listings_and_deletes_are_errors() {
+    let fake = Fake::start().await;
+    fake.answer(200, &[("content-type", "text/html")], HTML);
+    let text = transient_naming(fake.store.list("k", None).await, "a listing page in HTML");
+    assert!(text.contains("listing keys under prefix \"k\""), "{text}");
+    fake.answer(502, &[("content-type", "text/html")], HTML);
+    let text = transient_naming(fake.store.list("k", None).await, "a 502 listing");
+    assert!(
+        text.starts_with("transient") && text.contains("502"),
+        "{text}"
+    );
+    fake.answer(
+        200,
+        &[("content-type", "application/xml")],
+        "<?xml version=\"1.0\"?><ListBucketResult><Name>b</Name><Prefix>k</Prefix><KeyCount>1</KeyCount><MaxKeys>1</MaxKeys><IsTruncated>true</IsTruncated><Contents><Key>k1</Key><Size>1</Size></Contents></ListBucketResult>",
+    );
+    let text = transient_naming(
+        fake.store.list("k", None).await,
+        "a truncated page without a token",
+    );
+    assert!(text.contains("no continuation token"), "{text}");
+
+    fake.answer(
+        404,
+        &[("content-type", "text/html")],
+        "<html>Not Found</html>",
+    );
+    let text = transient_naming(fake.store.delete("k").await, "DELETE 404 page");
+    assert!(text.contains("404"), "{text}");
+    fake.answer(500, &[("content-type", "text/html")], HTML);
+    transient_naming(fake.store.delete("k").await, "DELETE error page");
+    // S3's own "no such key" is the success a delete of a missing key is.
+    fake.answer(
+        404,
+        &[("content-type", "application/xml")],
+        "<?xml version=\"1.0\"?><Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message></Error>",
+    );
+    fake.store
+        .delete("k")
+        .await
+        .expect("NoSuchKey on a delete is success");
+}
+
+/// A listing page and a delete get the time limit of a request without a
+/// body.
+#[tokio::test]
+async fn slow_listings_and_deletes_are_cut_at_the_attempt_limit() {
+    let fake = Fake::start().await;
+    let store = fake
+        .store
+        .clone()
+        .with_attempt_timeout(Duration::from_millis(300));
+    fake.answer(204, &[], "");
+    fake.answer.lock().unwrap().delay = Duration::from_millis(1500);
+    let text = transient_naming(store.list("k", None).await, "a slow listing");
+    assert!(text.contains("timed out"), "{text}");
+    let text = transient_naming(store.delete("k").await, "a slow DELETE");
+    assert!(text.contains("timed out"), "{text}");
+}

@@ -1,6 +1,13 @@
-//! Cold start by database size: the first request on a fresh machine
-//! (acquire the lease, download the database, upload the new epoch), then
-//! the cost of each commit, which uploads the whole file.
+//! Commit cost and cold start by database size, on the commit log.
+//!
+//! Each tenant starts as a database written by hand (a ballast table of the
+//! size wanted) and stored the old way, as a whole file without
+//! `tenantd-format`: the first claim converts it, and is left out of every
+//! figure. Then one client increments sequentially (the commit p50, and the
+//! delta bytes each commit uploads, from `/metrics`). For the cold start the
+//! tenant is left as a holder that never compacted leaves it: the snapshot
+//! written at conversion plus the deltas after it. A fresh machine's first
+//! read is timed beside a plain download of the same snapshot.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,18 +19,38 @@ use serde::Serialize;
 
 use super::load;
 use super::machines::{Machine, Setup, metric_sum};
-use crate::store::{DynStore, Precondition, keys};
+use crate::store::retry::RetryPolicy;
+use crate::store::{DynStore, FaultConfig, Metadata, Precondition, StoreUrl, keys, open_store};
+
+/// Increments measured after the first one (whose commit is a delta
+/// too): a cold start replays one more delta than this.
+pub const DELTAS_AFTER_SNAPSHOT: usize = 100;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ColdStart {
     pub size_mb: u64,
-    /// Size of the database object as stored.
+    /// Size of the snapshot object as stored.
     pub object_bytes: u64,
-    pub first_request_ms: f64,
-    /// Median latency of one increment from one client (commit + upload).
+    /// The first claim, which converts the whole-file object (not part of
+    /// the other figures).
+    pub conversion_ms: f64,
+    /// Median latency of one increment from one client (commit + delta
+    /// upload), over `commits` increments.
     pub commit_p50_ms: f64,
-    /// Mean database upload time per commit, from `tenantd_upload_seconds`.
-    pub upload_mean_ms: f64,
+    pub commit_p99_ms: f64,
+    pub commits: usize,
+    /// Mean delta bytes uploaded per increment (`tenantd_upload_bytes_total{kind="delta"}`).
+    pub upload_bytes_per_commit: f64,
+    /// Snapshot bytes uploaded by compaction during those increments.
+    pub snapshot_upload_bytes: f64,
+    /// A fresh machine's first read of the tenant: lease, snapshot, the
+    /// deltas after it, replay.
+    pub cold_start_ms: f64,
+    /// Deltas after the snapshot at that cold start.
+    pub deltas_replayed: usize,
+    /// A plain GET of the same snapshot object under the same faults
+    /// (median of three).
+    pub snapshot_download_ms: f64,
     /// Increments answered with an error and sent again (their time is in
     /// the latencies above): a slow store or disk can cost the lease.
     pub retries: u32,
@@ -34,61 +61,127 @@ pub async fn run(
     faults: &str,
     lease_ttl: Duration,
     sizes_mb: &[u64],
-    commits: usize,
 ) -> anyhow::Result<Vec<ColdStart>> {
-    let setup = Setup::new(scratch, faults, lease_ttl);
+    let mut setup = Setup::new(scratch, faults, lease_ttl);
+    // A release uploads the whole snapshot: at 1 GB that outlasts the
+    // serve default, and a lease left behind would put a lease ttl into
+    // the next cold start.
+    setup.drain_timeout = Duration::from_secs(600);
     let http = load::client();
-
-    // Each tenant gets its database from a first machine, which then leaves.
-    let seeder = Machine::start(&setup, "d0000000000004").await?;
-    let seeders = HashMap::from([(seeder.id.clone(), seeder.addr)]);
-    for size in sizes_mb {
-        increment(&http, &seeders, &seeder.id, &tenant(*size), lease_ttl)
+    let fault_config: FaultConfig = serde_json::from_str(faults)?;
+    let (faulty_store, _) = open_store(
+        &StoreUrl::File(setup.store_root.clone()),
+        fault_config,
+        RetryPolicy::default(),
+        None,
+    )
+    .await?;
+    let store = setup.store()?;
+    let mut results = Vec::new();
+    for (n, size) in sizes_mb.iter().enumerate() {
+        let customer = tenant(*size);
+        plant(&store, &customer, *size, scratch)
             .await
             .with_context(|| format!("creating the {size} MB tenant's database"))?;
-    }
-    seeder.stop().await?;
-    let mut object_bytes = HashMap::new();
-    for size in sizes_mb {
-        let bytes = grow(&setup.store()?, &tenant(*size), *size, scratch).await?;
-        object_bytes.insert(*size, bytes);
-    }
 
-    let machine = Machine::start(&setup, "e0000000000005").await?;
-    let machines = HashMap::from([(machine.id.clone(), machine.addr)]);
-    let mut results = Vec::new();
-    for size in sizes_mb {
-        let customer = tenant(*size);
+        let writer = Machine::start(&setup, &format!("e{n:013}")).await?;
+        let machines = HashMap::from([(writer.id.clone(), writer.addr)]);
         let started = Instant::now();
-        let mut retries = increment(&http, &machines, &machine.id, &customer, lease_ttl).await?;
-        let first_request_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let metrics = machine.metrics().await?;
-        let (sum_before, count_before) = upload_totals(&metrics);
-        let mut latencies = Vec::with_capacity(commits);
-        for _ in 0..commits {
+        let mut retries = increment(&http, &machines, &writer.id, &customer, lease_ttl).await?;
+        let conversion_ms = started.elapsed().as_secs_f64() * 1000.0;
+        // The snapshot the conversion wrote: what the cold start begins from.
+        let converted = store
+            .get(&keys::database(&customer))
+            .await?
+            .with_context(|| format!("the {size} MB tenant has no snapshot after its claim"))?;
+
+        let before = writer.metrics().await?;
+        let mut latencies = Vec::with_capacity(DELTAS_AFTER_SNAPSHOT);
+        for _ in 0..DELTAS_AFTER_SNAPSHOT {
             let started = Instant::now();
-            retries += increment(&http, &machines, &machine.id, &customer, lease_ttl).await?;
+            retries += increment(&http, &machines, &writer.id, &customer, lease_ttl).await?;
             latencies.push(started.elapsed().as_secs_f64() * 1000.0);
         }
-        let metrics = machine.metrics().await?;
-        let (sum_after, count_after) = upload_totals(&metrics);
+        let after = writer.metrics().await?;
+        let uploaded = |kind: &str| {
+            let label = format!("kind=\"{kind}\"");
+            metric_sum(&after, "tenantd_upload_bytes_total", &[&label])
+                - metric_sum(&before, "tenantd_upload_bytes_total", &[&label])
+        };
+        let (delta_bytes, snapshot_bytes) = (uploaded("delta"), uploaded("snapshot"));
+        // The release brings the snapshot up to date; putting the converted
+        // one back leaves what a holder that never compacted leaves: the
+        // snapshot and every delta after it (nothing deletes them before
+        // the retention runs out).
+        writer.stop().await?;
+        let lock = store.get(&keys::lock(&customer)).await?;
+        let released = lock
+            .and_then(|l| serde_json::from_slice::<serde_json::Value>(&l.body).ok())
+            .is_some_and(|l| l["released"] == true);
+        if !released {
+            bail!("the {size} MB tenant's holder stopped without releasing it");
+        }
+        let deltas_replayed = log_slots_after(&store, &customer, &converted.metadata).await?;
+        store
+            .put(
+                &keys::database(&customer),
+                converted.body.clone(),
+                converted.metadata.clone(),
+                Precondition::None,
+            )
+            .await?;
+
+        let mut downloads = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            faulty_store
+                .get(&keys::database(&customer))
+                .await?
+                .context("the snapshot vanished")?;
+            downloads.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        downloads.sort_by(f64::total_cmp);
+
+        let reader = Machine::start(&setup, &format!("f{n:013}")).await?;
+        let machines = HashMap::from([(reader.id.clone(), reader.addr)]);
+        let started = Instant::now();
+        let count = load::read_count(&http, &machines, &reader.id, &customer).await?;
+        let cold_start_ms = started.elapsed().as_secs_f64() * 1000.0;
+        reader.stop().await?;
+        let expected = (DELTAS_AFTER_SNAPSHOT + 1) as u64;
+        if count < expected {
+            bail!("the {size} MB tenant's cold start read {count}, expected at least {expected}");
+        }
+
         latencies.sort_by(f64::total_cmp);
+        let pick = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
         let result = ColdStart {
             size_mb: *size,
-            object_bytes: object_bytes[size],
-            first_request_ms,
-            commit_p50_ms: latencies.get(latencies.len() / 2).copied().unwrap_or(0.0),
-            upload_mean_ms: (sum_after - sum_before) * 1000.0
-                / (count_after - count_before).max(1.0),
+            object_bytes: converted.body.len() as u64,
+            conversion_ms,
+            commit_p50_ms: pick(0.5),
+            commit_p99_ms: pick(0.99),
+            commits: latencies.len(),
+            upload_bytes_per_commit: delta_bytes / latencies.len() as f64,
+            snapshot_upload_bytes: snapshot_bytes,
+            cold_start_ms,
+            deltas_replayed,
+            snapshot_download_ms: downloads[1],
             retries,
         };
         eprintln!(
-            "bench:   {:>4} MB  first request {:>7.1} ms  commit p50 {:>7.1} ms  upload {:>7.1} ms",
-            size, result.first_request_ms, result.commit_p50_ms, result.upload_mean_ms
+            "bench:   {:>4} MB  commit p50 {:>6.1} ms  {:>7.0} B/commit  cold start {:>7.1} ms ({} deltas) vs download {:>7.1} ms",
+            size,
+            result.commit_p50_ms,
+            result.upload_bytes_per_commit,
+            result.cold_start_ms,
+            result.deltas_replayed,
+            result.snapshot_download_ms
         );
         results.push(result);
+        // The big scratch files are not needed past this size.
+        let _ = std::fs::remove_dir_all(setup.data_dir.clone());
     }
-    machine.stop().await?;
     Ok(results)
 }
 
@@ -102,7 +195,7 @@ async fn increment(
     customer: &str,
     lease_ttl: Duration,
 ) -> anyhow::Result<u32> {
-    let give_up = Instant::now() + 3 * lease_ttl + Duration::from_secs(10);
+    let give_up = Instant::now() + 3 * lease_ttl + Duration::from_secs(30);
     let mut retries = 0;
     while !load::increment(http, machines, machine, customer).await {
         if Instant::now() > give_up {
@@ -119,44 +212,59 @@ fn tenant(size_mb: u64) -> String {
     format!("cold{size_mb}mb")
 }
 
-fn upload_totals(metrics: &str) -> (f64, f64) {
-    (
-        metric_sum(metrics, "tenantd_upload_seconds_sum", &[]),
-        metric_sum(metrics, "tenantd_upload_seconds_count", &[]),
-    )
+/// Log objects after the snapshot described by `metadata`.
+async fn log_slots_after(
+    store: &DynStore,
+    customer: &str,
+    metadata: &Metadata,
+) -> anyhow::Result<usize> {
+    let seq: u64 = metadata
+        .get(crate::tenant::log::SEQ_KEY)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let slots = crate::tenant::log::list_slots(store, customer, seq)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot list the log of {customer}: {e}"))?;
+    Ok(slots.len())
 }
 
-/// Pads the tenant's stored database with a ballast table to `size_mb`
-/// (random bytes: nothing on the way compresses them), keeping its metadata.
-/// No machine holds the tenant meanwhile, so an unconditional put is safe.
-async fn grow(
+/// Stores a database of `size_mb` for `customer` the way tenantd stored
+/// them before the commit log (a whole file, no `tenantd-format`): the
+/// counter table and a ballast table of random bytes (nothing on the way
+/// compresses them).
+async fn plant(
     store: &DynStore,
     customer: &str,
     size_mb: u64,
     scratch: &Path,
-) -> anyhow::Result<u64> {
-    let key = keys::database(customer);
-    let object = store
-        .get(&key)
-        .await?
-        .with_context(|| format!("{key} is missing"))?;
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(scratch)?;
     let path = scratch.join(format!("{customer}.sqlite3"));
-    std::fs::write(&path, &object.body)?;
-    {
-        let db = rusqlite::Connection::open(&path)?;
-        let chunks = (size_mb * 16) as i64; // 64 KiB each
-        db.execute_batch("CREATE TABLE ballast (b BLOB)")?;
+    let _ = std::fs::remove_file(&path);
+    let owned = path.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let db = rusqlite::Connection::open(&owned)?;
+        db.execute_batch(
+            "CREATE TABLE welcome (count INTEGER); INSERT INTO welcome VALUES (0);
+             CREATE TABLE ballast (b BLOB);",
+        )?;
         db.execute(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
              INSERT INTO ballast SELECT randomblob(65536) FROM n",
-            [chunks],
+            [(size_mb * 16) as i64], // 64 KiB each
         )?;
-    }
+        Ok(())
+    })
+    .await??;
     let bytes = std::fs::read(&path)?;
-    let len = bytes.len() as u64;
-    store
-        .put(&key, bytes.into(), object.metadata, Precondition::None)
-        .await?;
     std::fs::remove_file(&path)?;
-    Ok(len)
+    store
+        .put(
+            &keys::database(customer),
+            bytes.into(),
+            Metadata::new(),
+            Precondition::None,
+        )
+        .await?;
+    Ok(())
 }

@@ -38,6 +38,7 @@ pub async fn run(
         idle_timeout,
         ..Setup::new(scratch, faults, lease_ttl)
     };
+    setup.create_tenants(&["idle"]).await?;
     let machine = Machine::start(&setup, "c0000000000003").await?;
     let machines = HashMap::from([(machine.id.clone(), machine.addr)]);
     let http = load::client();

@@ -39,6 +39,8 @@ pub struct Setup {
     pub faults: String,
     pub lease_ttl: Duration,
     pub idle_timeout: Duration,
+    /// `--drain-timeout`: how long a stop may take to release its tenants.
+    pub drain_timeout: Duration,
     /// Bench-only: answer before the upload (the upper bound).
     pub ack_before_upload: bool,
 }
@@ -54,6 +56,7 @@ impl Setup {
             faults: faults.into(),
             lease_ttl,
             idle_timeout: Duration::from_secs(600),
+            drain_timeout: Duration::from_secs(8),
             ack_before_upload: false,
         }
     }
@@ -62,6 +65,17 @@ impl Setup {
     /// prepare objects behind their backs.
     pub fn store(&self) -> StoreResult<DynStore> {
         Ok(Arc::new(FileStore::new(&self.store_root)?))
+    }
+
+    /// Creates the tenants a pool machine is to serve, as an operator
+    /// would (`tenantd tenants create`).
+    pub async fn create_tenants(&self, ids: &[&str]) -> anyhow::Result<()> {
+        let store = self.store()?;
+        for id in ids {
+            let id = crate::TenantId::parse(id).map_err(|e| anyhow::anyhow!("{e}"))?;
+            crate::tenant::lifecycle::create(&store, &id).await?;
+        }
+        Ok(())
     }
 }
 
@@ -92,6 +106,8 @@ impl Machine {
             &humantime::format_duration(setup.lease_ttl).to_string(),
             "--idle-timeout",
             &humantime::format_duration(setup.idle_timeout).to_string(),
+            "--drain-timeout",
+            &humantime::format_duration(setup.drain_timeout).to_string(),
             "--faults",
             &setup.faults,
             "--api-token",

@@ -2,7 +2,8 @@
 //! by side with the answer-before-upload upper bound, on the file store
 //! under the fault layer's added latency (like Tigris); durable SQL
 //! transactions of three statements; the store's own PUT latency; PUTs per acknowledged write; the cost of an idle tenant;
-//! failover and handoff with real processes; cold starts by database size.
+//! failover and handoff with real processes; cold starts by database size;
+//! store writes caused by requests for tenants that do not exist.
 
 mod cold_start;
 mod failover;
@@ -13,6 +14,7 @@ mod machines;
 mod report;
 mod svg;
 mod throughput;
+mod unknown;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -39,6 +41,10 @@ pub struct BenchArgs {
     /// Write an SVG plot of throughput and p99 against concurrency.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Write an SVG plot of commit cost (p50 and bytes uploaded) against
+    /// database size.
+    #[arg(long)]
+    pub commit_svg: Option<PathBuf>,
     /// Latency added to every store request (Tigris: tens of milliseconds).
     #[arg(long, default_value = "20ms", value_parser = parse_duration)]
     pub store_latency: Duration,
@@ -60,9 +66,10 @@ pub struct BenchArgs {
     /// SIGTERMs of the holder to time the handoff over [default: 3, 2 with --quick].
     #[arg(long)]
     pub stops: Option<usize>,
-    /// Database sizes for the cold-start figures, in MB.
-    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
-    pub sizes_mb: Vec<u64>,
+    /// Database sizes for the commit-cost and cold-start figures, in MB
+    /// [default: 1,10,100,1000; 1,10,100 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    pub sizes_mb: Option<Vec<u64>>,
     /// Where to put the scratch stores [default: a new folder under the
     /// system's temporary folder, removed at the end].
     #[arg(long)]
@@ -90,7 +97,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     });
     let stops = args.stops.unwrap_or(if args.quick { 2 } else { 3 });
     let samples = if args.quick { 50 } else { 200 };
-    let commits = if args.quick { 5 } else { 20 };
+    let sizes_mb = args.sizes_mb.clone().unwrap_or(if args.quick {
+        vec![1, 10, 100]
+    } else {
+        vec![1, 10, 100, 1000]
+    });
     let faults = format!(
         r#"{{"latency":"{}","jitter":"{}"}}"#,
         humantime::format_duration(args.store_latency),
@@ -112,11 +123,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         scratch.display()
     );
 
-    eprintln!("bench: [1/8] store PUT latency ({samples} PUTs of 16 KiB)");
+    eprintln!("bench: [1/9] store PUT latency ({samples} PUTs of 16 KiB)");
     let store_put_p50_ms = store_put_p50(&scratch.join("put"), &faults, samples).await?;
     eprintln!("bench:   PUT p50 {store_put_p50_ms:.1} ms");
 
-    eprintln!("bench: [2/8] durable group commit");
+    eprintln!("bench: [2/9] durable group commit");
     let durable = throughput::run(
         &scratch.join("durable"),
         &faults,
@@ -126,7 +137,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         duration,
     )
     .await?;
-    eprintln!("bench: [3/8] answer before upload (upper bound, bench-only)");
+    eprintln!("bench: [3/9] answer before upload (upper bound, bench-only)");
     let unsafe_ = throughput::run(
         &scratch.join("unsafe"),
         &faults,
@@ -142,7 +153,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         *args.concurrency.iter().max().expect("checked above")
     };
-    eprintln!("bench: [4/8] durable SQL transactions (3 statements) at {sql_clients} clients");
+    eprintln!("bench: [4/9] durable SQL transactions (3 statements) at {sql_clients} clients");
     let sql = throughput::run_sql(
         &scratch.join("sql"),
         &faults,
@@ -153,7 +164,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
 
     let window = args.lease_ttl.max(Duration::from_secs(3));
-    eprintln!("bench: [5/8] idle tenant: store requests while held and after release");
+    eprintln!("bench: [5/9] idle tenant: store requests while held and after release");
     let idle = idle::run(&scratch.join("idle"), &faults, args.lease_ttl, window).await?;
     eprintln!(
         "bench:   held: {:.0} store requests/hour; released after {} ms; then {} requests in {} ms",
@@ -169,7 +180,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.lease_ttl * 3
     };
     eprintln!(
-        "bench: [6/8] many idle tenants held by one pool machine (a `tenantd serve` process)"
+        "bench: [6/9] many idle tenants held by one pool machine (a `tenantd serve` process)"
     );
     let held = held_tenants::run(
         &scratch.join("held"),
@@ -184,18 +195,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         held.rss_mb_empty, held.rss_mb_full, held.held_at_largest, held.rss_mb_per_held_tenant
     );
 
-    eprintln!("bench: [7/8] cold start and commit cost by database size");
-    let cold = cold_start::run(
-        &scratch.join("cold"),
-        &faults,
-        args.lease_ttl,
-        &args.sizes_mb,
-        commits,
-    )
-    .await?;
+    eprintln!("bench: [7/9] commit cost and cold start by database size");
+    let cold = cold_start::run(&scratch.join("cold"), &faults, args.lease_ttl, &sizes_mb).await?;
 
     eprintln!(
-        "bench: [8/8] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
+        "bench: [8/9] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
         args.kills
     );
     let failover = failover::run(
@@ -208,7 +212,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    let report = Report::new(
+    eprintln!("bench: [9/9] 1,000 requests for tenants that do not exist (a real tenantd serve)");
+    let unknown = unknown::run(&scratch.join("unknown"), 1_000).await?;
+    eprintln!(
+        "bench:   {} of {} answered 404; {} store writes, {} store reads",
+        unknown.not_found, unknown.requests, unknown.store_writes, unknown.store_reads
+    );
+
+    let mut report = Report::new(
         &args,
         duration,
         store_put_p50_ms,
@@ -221,6 +232,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         failover,
         started.elapsed(),
     );
+    report.set_unknown_tenants(unknown);
     println!("{}", report.table());
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report.json())?)
@@ -229,6 +241,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.svg {
         std::fs::write(path, report.svg())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    if let Some(path) = &args.commit_svg {
+        std::fs::write(path, report.commit_svg())
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("bench: wrote {}", path.display());
     }

@@ -1,5 +1,6 @@
-//! A small hand-written SVG line chart: throughput and p99 latency against
-//! concurrency, durable vs the answer-before-upload upper bound.
+//! Small hand-written SVG line charts: throughput and p99 latency against
+//! concurrency (durable vs the answer-before-upload upper bound), and
+//! commit cost against database size.
 
 pub struct Series<'a> {
     pub name: &'a str,
@@ -8,7 +9,13 @@ pub struct Series<'a> {
 }
 
 /// One panel: x on a log2 scale (concurrency), y linear from 0.
-fn panel(out: &mut String, x0: f64, title: &str, y_label: &str, series: &[Series]) {
+fn panel(
+    out: &mut String,
+    x0: f64,
+    title: &str,
+    (x_label, y_label): (&str, &str),
+    series: &[Series],
+) {
     let (w, h, left, top) = (380.0, 260.0, 60.0, 40.0);
     let xs: Vec<f64> = series
         .iter()
@@ -57,7 +64,11 @@ fn panel(out: &mut String, x0: f64, title: &str, y_label: &str, series: &[Series
             py(0.0) + 14.0
         ));
     }
-    out.push_str(&format!("<text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"middle\">concurrent clients</text>\n", x0 + left + (w - left) / 2.0, py(0.0) + 30.0));
+    out.push_str(&format!(
+        "<text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"middle\">{x_label}</text>\n",
+        x0 + left + (w - left) / 2.0,
+        py(0.0) + 30.0
+    ));
     out.push_str(&format!("<text x=\"{}\" y=\"{}\" font-size=\"11\" transform=\"rotate(-90 {} {})\" text-anchor=\"middle\">{y_label}</text>\n", x0 + 14.0, top + 90.0, x0 + 14.0, top + 90.0));
     for (n, s) in series.iter().enumerate() {
         let path: Vec<String> = s
@@ -96,10 +107,40 @@ pub fn chart(throughput: &[Series], p99: &[Series]) -> String {
         &mut out,
         0.0,
         "Increments per second",
-        "increments/s",
+        ("concurrent clients", "increments/s"),
         throughput,
     );
-    panel(&mut out, 390.0, "p99 latency", "ms", p99);
+    panel(
+        &mut out,
+        390.0,
+        "p99 latency",
+        ("concurrent clients", "ms"),
+        p99,
+    );
+    out.push_str("</svg>\n");
+    out
+}
+
+/// Commit cost against database size (x on a log scale): latency on the
+/// left, bytes uploaded per commit on the right.
+pub fn size_chart(latency: &[Series], bytes: &[Series]) -> String {
+    let mut out = String::from(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"780\" height=\"270\" font-family=\"sans-serif\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+    );
+    panel(
+        &mut out,
+        0.0,
+        "Commit p50, one client",
+        ("database size (MB)", "ms"),
+        latency,
+    );
+    panel(
+        &mut out,
+        390.0,
+        "Uploaded per commit",
+        ("database size (MB)", "KiB"),
+        bytes,
+    );
     out.push_str("</svg>\n");
     out
 }

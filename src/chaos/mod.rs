@@ -9,6 +9,7 @@
 pub mod availability;
 pub mod checker;
 pub mod history;
+pub mod log_sim;
 pub mod nemesis;
 pub mod service_sim;
 pub mod sim;
@@ -148,6 +149,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
                 crate::dev::logs::LogSink::Quiet
             };
             config.api_token = Some(api_token.clone());
+            // Compaction and garbage collection every few commits, so that
+            // kills, pauses and store faults land in the middle of them too.
+            config.extra_env.extend([
+                ("TENANTD_COMPACT_AFTER".into(), "50".into()),
+                ("TENANTD_RETENTION".into(), "0s".into()),
+            ]);
             if args.faults.is_some() {
                 config
                     .extra_env

@@ -192,6 +192,8 @@ impl World {
                 },
                 max_tenants: POOL_MAX_TENANTS,
                 lock_cache_ttl: TTL / 5,
+                max_known_tenants: 10_000,
+                create_on_first_request: false,
             },
             ActorContext {
                 store,
@@ -204,6 +206,13 @@ impl World {
                 },
                 ack_before_upload: self.ack_before_upload,
                 sql: Default::default(),
+                // Compaction and garbage collection often, so that crashes
+                // and pauses land in the middle of them.
+                retention: crate::tenant::log::Retention {
+                    keep: Duration::ZERO,
+                    max_deltas: 5,
+                    max_delta_bytes: 64 << 20,
+                },
             },
         );
         if self.mode == Mode::Single {
@@ -260,6 +269,15 @@ impl World {
 }
 
 async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSimOutcome {
+    // The tenants exist before any machine starts, as an operator (or a
+    // single-tenant machine at start) creates them: machines answer 404
+    // for tenants that do not.
+    let store: DynStore = world.shared.clone();
+    for tenant in &world.tenants {
+        crate::tenant::lifecycle::create(&store, tenant)
+            .await
+            .expect("creating a tenant in the memory store");
+    }
     for i in 0..MACHINES {
         world.boot(i, seed);
     }
@@ -306,18 +324,23 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
     }
 }
 
-/// The count and epoch in the database object itself: what is durable.
+/// The count and epoch of the tenant as the store holds it (snapshot and
+/// log): what is durable, and what a new holder starts from.
 async fn stored(world: &World, customer: &str) -> (u64, u64) {
-    let object = world
+    let exists = world
         .shared
         .get(&keys::database(customer))
         .await
-        .expect("memory store");
-    let Some(object) = object else {
+        .expect("memory store")
+        .is_some();
+    if !exists {
         return (0, 0);
-    };
+    }
     let path = world.data_dir.join(format!("final-{customer}.sqlite3"));
-    std::fs::write(&path, &object.body).expect("write the final copy");
+    let store: DynStore = world.shared.clone();
+    crate::tenant::log::materialize(&store, customer, &path, crate::tenant::log::Until::End)
+        .await
+        .expect("the stored log replays");
     let db = Db::open(&path).expect("the stored database opens");
     let result = (db.count().expect("count"), db.epoch().expect("epoch"));
     drop(db);
@@ -428,7 +451,9 @@ async fn increment(
                 fresh = true;
             }
             Route::Lookup { .. } => return Err(Attempt::NotApplied("lookup".into())),
-            Route::Unavailable(e) | Route::Corrupt(e) => return Err(Attempt::NotApplied(e)),
+            Route::Unavailable(e) | Route::Corrupt(e) | Route::NotFound(e) => {
+                return Err(Attempt::NotApplied(e));
+            }
         }
     }
     Err(Attempt::NotApplied("too many hops".into()))

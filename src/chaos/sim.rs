@@ -33,7 +33,7 @@ use super::history::{Op, Outcome};
 use crate::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
 use crate::store::fault::FaultHandle;
 use crate::store::{
-    DynStore, ETag, FaultConfig, FaultStore, MemoryStore, Metadata, Object, ObjectMeta,
+    DynStore, ETag, FaultConfig, FaultStore, Listed, MemoryStore, Metadata, Object, ObjectMeta,
     ObjectStore, Precondition, StoreError, StoreResult, keys,
 };
 
@@ -171,6 +171,15 @@ impl ObjectStore for HeartbeatCut {
     ) -> StoreResult<ETag> {
         self.check_key(key)?;
         self.inner.put(key, body, metadata, condition).await
+    }
+
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        self.inner.list(prefix, start_after).await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.check_key(key)?;
+        self.inner.delete(key).await
     }
 
     async fn check(&self) -> StoreResult<()> {

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use rand::RngExt;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -29,7 +28,8 @@ use super::sql_checker::{
     Accounts, FinalState, Finals, ReadOp, TransferOp, TransferOutcome, TransferRow,
 };
 use crate::store::retry::RetryPolicy;
-use crate::store::{FaultConfig, StoreUrl, keys, open_store};
+use crate::store::{FaultConfig, StoreUrl, open_store};
+use crate::tenant::log::Until;
 
 /// Attempts of one transfer (the first and the retries with its key).
 const MAX_ATTEMPTS: u32 = 5;
@@ -413,8 +413,8 @@ async fn transfer(
     }
 }
 
-/// The customers' tables read from the database objects in the store (no
-/// machine may hold them: call this after the cluster stopped).
+/// The customers' tables as the store holds them (snapshot and log,
+/// rebuilt as a new holder would).
 pub async fn store_finals(store: &StoreUrl, customers: &[String], scratch: &Path) -> Finals {
     let mut finals = Finals {
         source: "store".into(),
@@ -425,22 +425,14 @@ pub async fn store_finals(store: &StoreUrl, customers: &[String], scratch: &Path
         return finals;
     };
     for customer in customers {
-        let object = match store.get(&keys::database(customer)).await {
-            Ok(Some(object)) => object,
-            Ok(None) => {
-                tracing::warn!(customer, "no database object in the store");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(customer, "reading the database object: {e}");
-                continue;
-            }
-        };
         let path = scratch.join(format!("final-{customer}.sqlite3"));
-        match std::fs::write(&path, &object.body)
-            .context("writing the copy")
-            .and_then(|_| read_tables(&path))
+        if let Err(e) =
+            crate::restore::materialize_retrying(&store, customer, &path, Until::End).await
         {
+            tracing::warn!(customer, "rebuilding the stored database: {e:#}");
+            continue;
+        }
+        match read_tables(&path) {
             Ok(state) => {
                 finals.states.insert(customer.clone(), state);
             }

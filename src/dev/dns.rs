@@ -437,4 +437,30 @@ mod tests {
         );
         server.stop().await;
     }
+
+    /// Lookups of many distinct tenant ids (most of which have no
+    /// machine) keep at most the configured number of cached answers.
+    #[tokio::test]
+    async fn the_answer_cache_is_bounded() {
+        let table: DnsTable = Arc::new(RwLock::new(vec![grouped("aaaaaaaaaaaaa1", 2, "100")]));
+        let server = DnsServer::start("127.0.0.1:0".parse().unwrap(), "app", table)
+            .await
+            .unwrap();
+        let dns = FlyDns::new("app", Some(server.addr())).with_cache_bound(5);
+        for n in 0..20 {
+            assert!(
+                dns.machines_of_customer(&format!("u{n}"))
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            assert!(dns.cached_entries() <= 5, "{} cached", dns.cached_entries());
+        }
+        assert_eq!(dns.cached_entries(), 5);
+        assert_eq!(
+            dns.machines_of_customer("100").await.unwrap(),
+            vec!["aaaaaaaaaaaaa1"]
+        );
+        server.stop().await;
+    }
 }

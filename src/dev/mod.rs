@@ -43,6 +43,9 @@ pub struct DevConfig {
     pub machines_per_customer: usize,
     /// Pool machines (no `CUSTOMER_ID`), started in addition to customers'.
     pub pool_machines: usize,
+    /// Tenants created in the store at start besides `customers` (which
+    /// always are): those the pool machines serve.
+    pub tenants: Vec<String>,
     pub edge_addr: SocketAddr,
     /// `None`: no admin API (library use).
     pub admin_addr: Option<SocketAddr>,
@@ -92,6 +95,7 @@ impl DevConfig {
             customers: vec!["100".into(), "200".into()],
             machines_per_customer: 2,
             pool_machines: 0,
+            tenants: Vec::new(),
             edge_addr: ([127, 0, 0, 1], 0).into(),
             admin_addr: None,
             dns_addr: ([127, 0, 0, 1], 0).into(),
@@ -194,12 +198,35 @@ pub struct Cluster {
     cancel: CancellationToken,
 }
 
+/// Creates the cluster's tenants in its store (idempotent), as an
+/// operator would with `tenantd tenants create`: machines answer 404 for
+/// tenants that do not exist.
+async fn create_tenants(cfg: &DevConfig) -> anyhow::Result<()> {
+    use crate::store::{FaultConfig, open_store, retry::RetryPolicy};
+    let ids: Vec<&String> = cfg.customers.iter().chain(&cfg.tenants).collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let (store, _) = open_store(
+        &cfg.store,
+        FaultConfig::default(),
+        RetryPolicy::default(),
+        None,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot open the store {}: {e}", cfg.store))?;
+    for id in ids {
+        crate::tenant::lifecycle::create(&store, &TenantId::parse(id)?).await?;
+    }
+    Ok(())
+}
+
 impl Cluster {
     /// Starts DNS, the edge, the admin API (if configured) and the
     /// configured machines, and returns once every machine answers
     /// `/healthz`.
     pub async fn start(mut cfg: DevConfig) -> anyhow::Result<Cluster> {
-        for c in &cfg.customers {
+        for c in cfg.customers.iter().chain(&cfg.tenants) {
             TenantId::parse(c)?;
         }
         let cwd = std::env::current_dir()?;
@@ -213,6 +240,7 @@ impl Cluster {
         }
         std::fs::create_dir_all(cfg.data_dir.join("machines"))
             .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        create_tenants(&cfg).await?;
         let api_token = cfg
             .api_token
             .clone()
@@ -628,6 +656,10 @@ async fn run_cluster(args: RunArgs) -> anyhow::Result<()> {
     };
     cfg.machines_per_customer = args.machines_per_customer;
     cfg.pool_machines = args.machines.unwrap_or(0);
+    if cfg.customers.is_empty() {
+        // Pool mode: tenants for the pool machines to serve (the banner's examples).
+        cfg.tenants = vec!["100".into(), "200".into()];
+    }
     cfg.edge_addr = args.edge;
     cfg.admin_addr = Some(args.admin);
     cfg.dns_addr = args.dns;
@@ -707,6 +739,10 @@ fn banner(cluster: &Cluster) -> String {
     out.push_str(&format!(
         "  TENANTD_API_TOKEN={} tenantd sql --url {edge} --customer-id {example} \"SELECT count FROM welcome\"\n",
         cluster.api_token()
+    ));
+    out.push_str(&format!(
+        "  tenantd tenants create --store {} <id>   (other ids are 404)\n",
+        cfg.store
     ));
     out.push_str(&format!("  tenantd dev ls{admin_flag}\n"));
     out.push_str(&format!("  tenantd dev scale {example} 3{admin_flag}\n"));

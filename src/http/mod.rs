@@ -27,6 +27,7 @@ use crate::store::fault::FaultHandle;
 use crate::tenant::sql::SqlLimits;
 use crate::tenant::{Answer, Op, Registry, Route, TenantError, TenantHandle};
 
+mod admin;
 mod sql;
 
 /// Finds started machines of a tenant (Fly's internal DNS).
@@ -62,6 +63,10 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/_status", get(status))
         .route("/_admin/faults", get(get_faults).put(put_faults))
+        .route(
+            "/_admin/tenants/{id}",
+            post(admin::create_tenant).delete(admin::delete_tenant),
+        )
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
@@ -280,21 +285,7 @@ where
     Fut: Future<Output = Result<T, TenantError>>,
 {
     let done = |(response, outcome)| Served::Done(response, outcome);
-    let source = request
-        .headers
-        .get(replay::FLY_REPLAY_SRC)
-        .and_then(|v| v.to_str().ok())
-        .map(ReplaySource::parse);
-    let forwarded_hops = request
-        .headers
-        .get(replay::FORWARD_HOPS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u32>().ok());
-    let hops = source
-        .as_ref()
-        .map(|s| s.hops)
-        .or(forwarded_hops)
-        .unwrap_or(0);
+    let hops = incoming_hops(&request.headers);
     // A request handed to us by another machine means its view was stale
     // or it is leaving: look at the lock itself, not at a cached copy.
     let mut fresh = hops > 0;
@@ -374,6 +365,9 @@ where
                 );
                 return done((error(StatusCode::NOT_FOUND, &message), "not_found"));
             }
+            Route::NotFound(message) => {
+                return done((error(StatusCode::NOT_FOUND, &message), "not_found"));
+            }
             Route::Unavailable(message) => {
                 return done((
                     error(StatusCode::SERVICE_UNAVAILABLE, &message),
@@ -395,6 +389,24 @@ where
         ),
         "unavailable",
     ))
+}
+
+/// How many times a request was handed between machines before it got
+/// here (`fly-replay-src`, or our own header in forward mode).
+fn incoming_hops(headers: &HeaderMap) -> u32 {
+    let source = headers
+        .get(replay::FLY_REPLAY_SRC)
+        .and_then(|v| v.to_str().ok())
+        .map(ReplaySource::parse);
+    let forwarded_hops = headers
+        .get(replay::FORWARD_HOPS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok());
+    source
+        .as_ref()
+        .map(|s| s.hops)
+        .or(forwarded_hops)
+        .unwrap_or(0)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
@@ -557,7 +569,24 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn status(State(state): State<AppState>) -> Response {
+#[derive(serde::Deserialize)]
+struct StatusQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+/// The tenants this machine holds; `?all=true` (admin token) also lists
+/// every tenant it remembers, held or not.
+async fn status(
+    State(state): State<AppState>,
+    query: axum::extract::Query<StatusQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if query.all
+        && let Some(denied) = admin_denied(&state, &headers)
+    {
+        return denied;
+    }
     let config = state.registry.config();
     Json(json!({
         "machine_id": state.machine_id,
@@ -565,7 +594,8 @@ async fn status(State(state): State<AppState>) -> Response {
         "mode": if config.customer_id.is_some() { "single" } else { "pool" },
         "draining": state.registry.is_draining(),
         "lease_ttl_ms": config.lease_ttl.as_millis() as u64,
-        "tenants": state.registry.status(),
+        "known_tenants": state.registry.known_tenants(),
+        "tenants": state.registry.status(query.all),
     }))
     .into_response()
 }

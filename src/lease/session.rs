@@ -130,6 +130,14 @@ pub struct Session {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("machine_id", &self.shared.config.machine_id)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Session {
     pub fn new(store: DynStore, config: LeaseConfig) -> Session {
         Session::with_metrics(store, config, None)

@@ -5,10 +5,11 @@
 //! names the broken property.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use super::{DynStore, ETag, Metadata, Precondition, StoreError};
+use super::{DynStore, ETag, Listed, Metadata, Precondition, StoreError};
 
 fn body(text: &str) -> Bytes {
     Bytes::from(text.to_string())
@@ -302,6 +303,188 @@ pub async fn cas_increments_lose_nothing(
     );
 }
 
+/// The keys of a listing.
+fn keys_of(listed: &[Listed]) -> Vec<String> {
+    listed.iter().map(|l| l.key.clone()).collect()
+}
+
+async fn put_all(store: &DynStore, keys: &[String]) {
+    for key in keys {
+        store
+            .put(key, body(key), Metadata::new(), Precondition::None)
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    }
+}
+
+/// `list` returns exactly the keys with the prefix (a folder-like prefix
+/// does not match a longer sibling: `a/` is not `ab/`), in byte order
+/// whatever the order of writing, each with its size and time; and only
+/// those after `start_after`.
+pub async fn list_filters_and_orders(store: &DynStore, prefix: &str) {
+    let p = format!("{prefix}/list/customer/");
+    let key = |tail: &str| format!("{p}{tail}");
+    // Written out of order; '-' < '/' < '0' < 'b' in byte order, which is
+    // not the order a folder walk meets them in.
+    let tails = [
+        "ab/db", "a/log/02", "a0", "a/db", "a-b/x", "a/log/01", "b/db",
+    ];
+    let started = SystemTime::now();
+    put_all(store, &tails.map(key)).await;
+
+    let listed = store.list(&key("a/"), None).await.expect("list a/");
+    assert_eq!(
+        keys_of(&listed),
+        ["a/db", "a/log/01", "a/log/02"].map(key),
+        "prefix {:?}: only its keys, in byte order",
+        key("a/")
+    );
+    for entry in &listed {
+        assert_eq!(entry.size, entry.key.len() as u64, "size of {}", entry.key);
+        let modified = entry
+            .last_modified
+            .unwrap_or_else(|| panic!("no last_modified for {}", entry.key));
+        // Loose bounds: S3 dates have whole seconds, and the server's clock
+        // is not ours.
+        let slack = Duration::from_secs(300);
+        assert!(
+            modified + slack >= started && modified <= SystemTime::now() + slack,
+            "last_modified of {} is {modified:?}, not around now",
+            entry.key
+        );
+    }
+    assert_eq!(
+        keys_of(&store.list(&key("a"), None).await.unwrap()),
+        ["a-b/x", "a/db", "a/log/01", "a/log/02", "a0", "ab/db"].map(key),
+        "a prefix that is not a folder"
+    );
+    assert_eq!(
+        keys_of(&store.list(&p, None).await.unwrap()).len(),
+        tails.len(),
+        "everything under {p:?}"
+    );
+
+    let after = |start: &str| {
+        let start = start.to_string();
+        async move {
+            keys_of(
+                &store
+                    .list(&key("a/"), Some(&start))
+                    .await
+                    .unwrap_or_else(|e| panic!("list after {start}: {e}")),
+            )
+        }
+    };
+    assert_eq!(after(&key("a/db")).await, ["a/log/01", "a/log/02"].map(key));
+    assert_eq!(
+        after(&key("a/log/00")).await,
+        ["a/log/01", "a/log/02"].map(key),
+        "start_after need not be a key"
+    );
+    assert!(
+        after(&key("a/log/02")).await.is_empty(),
+        "after the last key"
+    );
+    assert!(after(&key("b")).await.is_empty(), "after the whole prefix");
+    assert_eq!(
+        after(&p).await.len(),
+        3,
+        "start_after before the prefix changes nothing"
+    );
+
+    for empty in [key("c/"), key("a/db/"), format!("{prefix}/list-nothing/")] {
+        let listed = store.list(&empty, None).await.expect("empty listing");
+        assert!(listed.is_empty(), "{empty:?} lists {listed:?}");
+    }
+}
+
+/// `delete` removes the object for `get`, `head` and `list`; deleting a
+/// missing key succeeds; a deleted key can be created again.
+pub async fn delete_removes(store: &DynStore, prefix: &str) {
+    let dir = format!("{prefix}/delete/");
+    let (gone, kept) = (format!("{dir}gone"), format!("{dir}kept"));
+    put_all(store, &[gone.clone(), kept.clone()]).await;
+    store.delete(&gone).await.expect("delete");
+    assert!(
+        store.get(&gone).await.unwrap().is_none(),
+        "get after delete"
+    );
+    assert!(
+        store.head(&gone).await.unwrap().is_none(),
+        "head after delete"
+    );
+    assert_eq!(
+        keys_of(&store.list(&dir, None).await.unwrap()),
+        [kept.as_str()],
+        "list after delete"
+    );
+    assert_eq!(
+        store.get(&kept).await.unwrap().expect("the other key").body,
+        body(&kept)
+    );
+    store.delete(&gone).await.expect("deleting it again");
+    store
+        .delete(&format!("{dir}never/written/key"))
+        .await
+        .expect("deleting a key that never existed");
+    store
+        .put(
+            &gone,
+            body("again"),
+            Metadata::new(),
+            Precondition::IfAbsent,
+        )
+        .await
+        .expect("a deleted key is absent for IfAbsent");
+    assert_eq!(store.get(&gone).await.unwrap().unwrap().body, body("again"));
+}
+
+/// Keys written with the original app's leading slash (`/customer/...`)
+/// are other keys: listing `customer/x/` neither returns nor trips on
+/// them, and they list under their own prefix.
+pub async fn leading_slash_keys_list_apart(store: &DynStore, prefix: &str) {
+    let key = format!("{prefix}/slash/customer/x/db.sqlite3");
+    let legacy = format!("/{key}");
+    put_all(store, &[key.clone(), legacy.clone()]).await;
+    assert_eq!(
+        keys_of(
+            &store
+                .list(&format!("{prefix}/slash/customer/x/"), None)
+                .await
+                .unwrap()
+        ),
+        [key.as_str()]
+    );
+    assert_eq!(
+        keys_of(
+            &store
+                .list(&format!("/{prefix}/slash/"), None)
+                .await
+                .unwrap()
+        ),
+        [legacy.as_str()]
+    );
+    store.delete(&legacy).await.expect("delete a legacy key");
+    assert!(store.get(&legacy).await.unwrap().is_none());
+    assert!(store.get(&key).await.unwrap().is_some());
+}
+
+/// `count` keys (more than a page of the backend's listing) come back
+/// complete and in order, also from a `start_after` in the middle.
+pub async fn list_spans_pages(store: &DynStore, prefix: &str, count: usize) {
+    let dir = format!("{prefix}/pages/");
+    let keys: Vec<String> = (0..count).map(|i| format!("{dir}{i:05}")).collect();
+    put_all(store, &keys).await;
+    assert_eq!(keys_of(&store.list(&dir, None).await.unwrap()), keys);
+    let middle = count / 2;
+    assert_eq!(
+        keys_of(&store.list(&dir, Some(&keys[middle])).await.unwrap()),
+        keys[middle + 1..],
+        "after {}",
+        keys[middle]
+    );
+}
+
 /// Runs every property above against `store`.
 pub async fn run_all(store: DynStore, prefix: &str, contenders: usize, rounds: usize) {
     missing_key_is_none(&store, prefix).await;
@@ -312,4 +495,8 @@ pub async fn run_all(store: DynStore, prefix: &str, contenders: usize, rounds: u
     one_creator_wins(&store, prefix, contenders, rounds).await;
     one_swapper_wins(&store, prefix, contenders, rounds).await;
     cas_increments_lose_nothing(&store, prefix, 5, 10).await;
+    list_filters_and_orders(&store, prefix).await;
+    delete_removes(&store, prefix).await;
+    leading_slash_keys_list_apart(&store, prefix).await;
+    list_spans_pages(&store, prefix, 10).await;
 }

@@ -9,7 +9,8 @@
 //!   `internal_error_rate`), optionally in bursts (`error_burst`: after one,
 //!   every request fails the same way for that long);
 //! - 409 Conflicts;
-//! - lost responses: the write happens but the caller sees a transient error;
+//! - lost responses: the write (or delete) happens but the caller sees a
+//!   transient error;
 //! - late-applied writes: the caller sees a transient error *first*, and the
 //!   write is applied afterwards (within `late_apply_delay`), as a request
 //!   that sat in a server's queue after the client gave up on it;
@@ -31,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::{
-    DynStore, ETag, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError,
+    DynStore, ETag, Listed, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError,
     StoreResult,
 };
 
@@ -48,8 +49,9 @@ pub struct FaultConfig {
     /// Probability in [0, 1] that a request fails with a transient error
     /// before reaching the store.
     pub error_rate: f64,
-    /// Probability in [0, 1] that a `put` reaches the store and succeeds but
-    /// the caller is told it failed (a lost response: the ambiguous case).
+    /// Probability in [0, 1] that a `put` or `delete` reaches the store and
+    /// succeeds but the caller is told it failed (a lost response: the
+    /// ambiguous case).
     pub lost_response_rate: f64,
     /// Probability in [0, 1] that a `put` fails with a transient error and is
     /// applied *afterwards*, at a uniform time in `[0, late_apply_delay]`
@@ -69,7 +71,8 @@ pub struct FaultConfig {
     #[serde(with = "humantime_serde_opt")]
     pub error_burst: Duration,
     /// Bodies move at this many bytes per second (0: unlimited): a `put` or
-    /// `get` of N bytes takes N / cap longer.
+    /// `get` of N bytes takes N / cap longer, and a listing takes the time
+    /// of its answer ([`LISTED_ENTRY_BYTES`] per key plus the key).
     pub bandwidth_bytes_per_sec: u64,
     /// Probability in [0, 1] that a request fails with 409 Conflict.
     pub conflict_rate: f64,
@@ -158,7 +161,12 @@ enum Injected {
 enum Op {
     Read,
     Put,
+    Delete,
 }
+
+/// About what one key costs in a ListObjectsV2 answer besides the key
+/// itself (the XML of its size, date, ETag and storage class).
+pub const LISTED_ENTRY_BYTES: u64 = 200;
 
 /// How long `bytes` take at `bytes_per_sec` (0: no cap).
 fn transfer_time(bytes: u64, bytes_per_sec: u64) -> Duration {
@@ -242,7 +250,7 @@ impl FaultStore {
                 key: key.to_string(),
             });
         }
-        if op == Op::Put && roll_lost < config.lost_response_rate {
+        if matches!(op, Op::Put | Op::Delete) && roll_lost < config.lost_response_rate {
             return Injected::LoseResponse;
         }
         if op == Op::Put && roll_late < config.late_apply_rate {
@@ -336,6 +344,35 @@ impl ObjectStore for FaultStore {
                     "timed out; the request may still be applied (fault injection: late apply)",
                 ))
             }
+        }
+    }
+
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        match self.before(prefix, Op::Read, 0).await {
+            Injected::Fail(e) => Err(e),
+            _ => {
+                let listed = self.inner.list(prefix, start_after).await?;
+                let answer: u64 = listed
+                    .iter()
+                    .map(|l| l.key.len() as u64 + LISTED_ENTRY_BYTES)
+                    .sum();
+                self.download(answer).await;
+                Ok(listed)
+            }
+        }
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        match self.before(key, Op::Delete, 0).await {
+            Injected::Fail(e) => Err(e),
+            Injected::LoseResponse => {
+                let _ = self.inner.delete(key).await;
+                Err(StoreError::transient(
+                    key,
+                    "response lost (fault injection)",
+                ))
+            }
+            _ => self.inner.delete(key).await,
         }
     }
 
@@ -463,5 +500,88 @@ mod tests {
         assert!(
             e.is_retryable() && !e.is_throttle() && e.to_string().contains("500 InternalError")
         );
+    }
+
+    /// A delete whose response is lost happened all the same; through the
+    /// retrying layer it is the success it was. Listings and deletes obey
+    /// partitions like every other request.
+    #[tokio::test(start_paused = true)]
+    async fn lost_delete_responses_and_partitions() {
+        use crate::store::{RetryingStore, retry::RetryPolicy};
+        let inner = Arc::new(MemoryStore::new());
+        for key in ["a", "b"] {
+            inner
+                .put(key, "v".into(), Metadata::new(), Precondition::IfAbsent)
+                .await
+                .unwrap();
+        }
+        let store = Arc::new(FaultStore::new(
+            inner.clone(),
+            FaultConfig {
+                lost_response_rate: 1.0,
+                ..FaultConfig::default()
+            },
+        ));
+        let e = store.delete("a").await.unwrap_err();
+        assert!(
+            e.is_retryable() && e.to_string().contains("response lost"),
+            "{e}"
+        );
+        assert!(
+            inner.head("a").await.unwrap().is_none(),
+            "the delete happened"
+        );
+        // Half the responses lost: every delete is resent until one answer
+        // arrives, and a resend of a delete that happened succeeds.
+        let lossy = FaultStore::seeded(
+            inner.clone(),
+            FaultConfig {
+                lost_response_rate: 0.5,
+                ..FaultConfig::default()
+            },
+            5,
+        );
+        RetryingStore::new(Arc::new(lossy), RetryPolicy::default())
+            .delete("b")
+            .await
+            .expect("deletes are retried; a resend finds the key gone: success");
+        assert!(inner.keys().is_empty());
+
+        store.handle().partition(true);
+        for e in [
+            store.list("", None).await.unwrap_err(),
+            store.delete("a").await.unwrap_err(),
+        ] {
+            assert!(
+                e.is_retryable() && e.to_string().contains("partitioned"),
+                "{e}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listing_moves_at_the_bandwidth_cap() {
+        let inner = Arc::new(MemoryStore::new());
+        for i in 0..10 {
+            inner
+                .put(
+                    &format!("k{i:03}"),
+                    "v".into(),
+                    Metadata::new(),
+                    Precondition::None,
+                )
+                .await
+                .unwrap();
+        }
+        let store = FaultStore::new(
+            inner,
+            FaultConfig {
+                bandwidth_bytes_per_sec: 10 * (4 + LISTED_ENTRY_BYTES),
+                ..FaultConfig::default()
+            },
+        );
+        let started = Instant::now();
+        assert_eq!(store.list("k", None).await.unwrap().len(), 10);
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
     }
 }

@@ -18,6 +18,14 @@
 //! sidecar that matches nothing (the store folder was copied, so inodes
 //! changed) is checked against the data's MD5 instead; failing that, the
 //! object reads like a file put there by hand (its MD5, no metadata).
+//!
+//! A listing walks the folders under the prefix and returns every data
+//! file (a file put there by hand too, as `get` reads it), never the
+//! private `.tenantd` folder or a put's temporary file; size and time are
+//! the data file's. A delete removes the data file, then the sidecar,
+//! under the key's lock, so a concurrent read sees the object or nothing.
+//! Emptied folders are left in place (a put may be creating a file in
+//! them); they hold no keys.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -31,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::memory::check_condition;
 use super::{
-    ETag, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError, StoreResult,
+    ETag, Listed, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError, StoreResult,
 };
 
 #[derive(Debug, Clone)]
@@ -239,8 +247,19 @@ impl FileStore {
         Ok(Some((current, stat.len())))
     }
 
+    /// A key with no data file reads as absent without taking its lock: a
+    /// put makes the data file appear in one rename, so this is a read from
+    /// before that rename. It also keeps reads of keys that never existed
+    /// (requests for unknown tenants) from leaving a lock file each.
+    fn surely_absent(paths: &KeyPaths) -> bool {
+        matches!(fs::symlink_metadata(&paths.data), Err(e) if e.kind() == ErrorKind::NotFound)
+    }
+
     fn get_blocking(&self, key: &str) -> StoreResult<Option<Object>> {
         let paths = self.paths(key)?;
+        if Self::surely_absent(&paths) {
+            return Ok(None);
+        }
         // Under the lock only open the file and read its sidecar: the open
         // handle keeps these bytes even if a put renames new ones over them,
         // so the body is read after the lock is released. (A process stopped
@@ -272,6 +291,9 @@ impl FileStore {
 
     fn head_blocking(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         let paths = self.paths(key)?;
+        if Self::surely_absent(&paths) {
+            return Ok(None);
+        }
         let _guard = Self::lock(key, &paths)?;
         Ok(
             Self::read_meta(key, &paths)?.map(|(current, size)| ObjectMeta {
@@ -348,6 +370,152 @@ impl FileStore {
         }
         Ok(etag)
     }
+}
+
+/// Listing and deleting.
+impl FileStore {
+    fn list_blocking(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        let Some(start) = Self::listing_start(prefix) else {
+            // No valid key lives there ("..", ".tenantd", ...).
+            return Ok(Vec::new());
+        };
+        // Whether a folder whose keys all start with `dir` may hold a key
+        // of the listing: it agrees with the prefix, and does not sort
+        // wholly before `start_after`.
+        let wanted_dir = |dir: &str| {
+            (dir.starts_with(prefix) || prefix.starts_with(dir))
+                && start_after.is_none_or(|after| dir >= after || after.starts_with(dir))
+        };
+        let wanted_key =
+            |key: &str| key.starts_with(prefix) && start_after.is_none_or(|after| key > after);
+        let failed = |path: &Path, e: std::io::Error| {
+            StoreError::transient(
+                prefix,
+                format!(
+                    "file store listing of prefix {prefix:?} failed at {}: {e}",
+                    path.display()
+                ),
+            )
+        };
+        let mut listed = Vec::new();
+        let mut folders = vec![start];
+        while let Some(rel) = folders.pop() {
+            let dir = self.root.join(&rel);
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                // Gone, or never there: no keys.
+                Err(e) if is_absent(&e) => continue,
+                Err(e) => return Err(failed(&dir, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| failed(&dir, e))?;
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else {
+                    continue; // not a key: keys are UTF-8
+                };
+                if name.starts_with(".tenantd") || is_temp_file(name) {
+                    continue;
+                }
+                let rel = rel.join(name);
+                let Some(key) = key_of(&rel) else { continue };
+                let path = self.root.join(&rel);
+                let kind = match entry.file_type() {
+                    Ok(kind) => kind,
+                    Err(e) if is_absent(&e) => continue, // deleted meanwhile
+                    Err(e) => return Err(failed(&path, e)),
+                };
+                if kind.is_dir() {
+                    let dir_key = if key.ends_with('/') { key } else { key + "/" };
+                    if wanted_dir(&dir_key) {
+                        folders.push(rel);
+                    }
+                    continue;
+                }
+                if !wanted_key(&key) {
+                    continue;
+                }
+                // A symlink put there by hand is followed, as `get` would;
+                // one to a folder is not walked (it could loop).
+                let meta = match fs::metadata(&path) {
+                    Ok(meta) => meta,
+                    Err(e) if is_absent(&e) => continue,
+                    Err(e) => return Err(failed(&path, e)),
+                };
+                if meta.is_file() {
+                    listed.push(Listed {
+                        key,
+                        size: meta.len(),
+                        last_modified: meta.modified().ok(),
+                    });
+                }
+            }
+        }
+        listed.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        Ok(listed)
+    }
+
+    /// The folder (relative to the root) that holds every key starting
+    /// with `prefix`: the prefix's folder part, mapped as keys are. `None`
+    /// when that folder is no valid key's.
+    fn listing_start(prefix: &str) -> Option<PathBuf> {
+        let folder = prefix.rfind('/').map_or("", |end| &prefix[..end]);
+        match folder {
+            "" if prefix.starts_with('/') => Some(PathBuf::from(LEADING_SLASH_DIR)),
+            "" => Some(PathBuf::new()),
+            folder => Self::relative(folder).ok(),
+        }
+    }
+
+    fn delete_blocking(&self, key: &str) -> StoreResult<()> {
+        let paths = self.paths(key)?;
+        let _guard = Self::lock(key, &paths)?;
+        // The data first: a delete stopped halfway leaves a sidecar without
+        // data, which reads as absent (the other order would leave the data
+        // without its ETag and metadata). Each removal is synced before
+        // the next, so a power cut cannot keep the data and lose the sidecar.
+        for (path, what) in [
+            (&paths.data, "delete"),
+            (&paths.sidecar, "deleting metadata"),
+        ] {
+            match fs::remove_file(path) {
+                Ok(()) => sync_parent(path).map_err(|e| Self::io_error(key, "fsync", e))?,
+                // Already gone, or a folder of other keys: not an object.
+                Err(e) if is_absent(&e) || e.kind() == ErrorKind::IsADirectory => {}
+                Err(e) => return Err(Self::io_error(key, what, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The key of a path relative to the root (the inverse of
+/// [`FileStore::relative`]); `None` for a name that is not UTF-8.
+fn key_of(rel: &Path) -> Option<String> {
+    let mut parts = Vec::new();
+    for component in rel.components() {
+        match component {
+            Component::Normal(part) => parts.push(part.to_str()?),
+            _ => return None,
+        }
+    }
+    match parts.split_first() {
+        Some((&LEADING_SLASH_DIR, rest)) => Some(format!("/{}", rest.join("/"))),
+        _ => Some(parts.join("/")),
+    }
+}
+
+/// A put's temporary file (`.<name>.<32 hex digits>.tmp`, see [`Temp`]):
+/// never an object, even when a crash left it behind.
+fn is_temp_file(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".tmp"))
+        .and_then(|n| n.rsplit_once('.'))
+        .is_some_and(|(_, id)| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Not found, or a path through a file ("a/b" where "a" is an object).
+fn is_absent(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory)
 }
 
 struct KeyPaths {
@@ -439,6 +607,17 @@ impl ObjectStore for FileStore {
     ) -> StoreResult<ETag> {
         let (store, key) = (self.clone(), key.to_string());
         blocking(move || store.put_blocking(&key, &body, metadata, &condition)).await
+    }
+
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        let (store, prefix) = (self.clone(), prefix.to_string());
+        let start_after = start_after.map(str::to_string);
+        blocking(move || store.list_blocking(&prefix, start_after.as_deref())).await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        let (store, key) = (self.clone(), key.to_string());
+        blocking(move || store.delete_blocking(&key)).await
     }
 
     async fn check(&self) -> StoreResult<()> {
@@ -628,5 +807,119 @@ mod tests {
             FileStore::relative("/customer/1/db.sqlite3").unwrap(),
             PathBuf::from("_slash_/customer/1/db.sqlite3")
         );
+    }
+
+    fn listed_keys(listed: &[Listed]) -> Vec<&str> {
+        listed.iter().map(|l| l.key.as_str()).collect()
+    }
+
+    /// A listing is of objects only: files put there by hand count (as
+    /// `get` reads them), a crashed put's temporary file, the sidecars and
+    /// the lock files do not.
+    #[tokio::test]
+    async fn a_listing_holds_objects_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        for key in [
+            "customer/a/db.sqlite3",
+            "customer/a/log/00000000000000000001",
+        ] {
+            store
+                .put(key, "body".into(), tagged("n", "1"), Precondition::IfAbsent)
+                .await
+                .unwrap();
+        }
+        let folder = dir.path().join("customer/a");
+        // What a put killed between writing and renaming leaves behind.
+        fs::write(
+            folder.join(format!(".db.sqlite3.{}.tmp", uuid::Uuid::new_v4().simple())),
+            "half",
+        )
+        .unwrap();
+        fs::write(folder.join("by-hand"), "hand").unwrap();
+        fs::create_dir_all(folder.join("empty/folder")).unwrap();
+        let listed = store.list("customer/a/", None).await.unwrap();
+        assert_eq!(
+            listed_keys(&listed),
+            [
+                "customer/a/by-hand",
+                "customer/a/db.sqlite3",
+                "customer/a/log/00000000000000000001"
+            ]
+        );
+        assert_eq!(listed[0].size, 4);
+        let everything = store.list("", None).await.unwrap();
+        assert_eq!(everything.len(), 3, "{everything:?}");
+        assert!(!is_temp_file("db.sqlite3") && !is_temp_file(".hidden.tmp"));
+    }
+
+    /// A delete under the key's lock: a reader racing it sees the whole
+    /// object (bytes, ETag and metadata that belong together) or nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_read_racing_a_delete_sees_the_object_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (store, done) = (store.clone(), done.clone());
+            tokio::spawn(async move {
+                let (mut seen, mut missed) = (0, 0);
+                while !done.load(Ordering::SeqCst) {
+                    match store.get("x/k").await.unwrap() {
+                        Some(object) => {
+                            assert_eq!(object.etag, ETag::of(&object.body));
+                            let n = std::str::from_utf8(&object.body).unwrap();
+                            assert_eq!(object.metadata, tagged("n", n), "metadata of {n}");
+                            seen += 1;
+                        }
+                        None => missed += 1,
+                    }
+                }
+                (seen, missed)
+            })
+        };
+        for n in 0..50 {
+            let n = n.to_string();
+            store
+                .put(
+                    "x/k",
+                    n.clone().into(),
+                    tagged("n", &n),
+                    Precondition::IfAbsent,
+                )
+                .await
+                .expect("absent after the delete");
+            store.delete("x/k").await.unwrap();
+        }
+        done.store(true, Ordering::SeqCst);
+        let (seen, missed) = reader.await.unwrap();
+        tracing::debug!(seen, missed, "reads racing deletes");
+        assert!(store.list("x/", None).await.unwrap().is_empty());
+        assert!(
+            !dir.path().join(".tenantd/meta/x/k.json").exists(),
+            "the sidecar goes with the data"
+        );
+    }
+
+    /// Deleting a "key" that is a folder of other keys, or one below a
+    /// file, deletes nothing and succeeds (no such object).
+    #[tokio::test]
+    async fn deleting_a_folder_or_below_a_file_is_deleting_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        store
+            .put("a/b", "v".into(), Metadata::new(), Precondition::IfAbsent)
+            .await
+            .unwrap();
+        store.delete("a").await.expect("a folder is no object");
+        store.delete("a/b/c").await.expect("below a file");
+        assert_eq!(listed_keys(&store.list("a", None).await.unwrap()), ["a/b"]);
+        for bad in ["../x", ".tenantd/locks/x"] {
+            assert!(
+                matches!(store.delete(bad).await, Err(StoreError::Fatal { .. })),
+                "{bad}"
+            );
+            assert!(store.list(bad, None).await.unwrap().is_empty(), "{bad}");
+        }
     }
 }

@@ -5,7 +5,9 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{DynStore, ETag, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreResult};
+use super::{
+    DynStore, ETag, Listed, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreResult,
+};
 use crate::metrics::Metrics;
 
 #[derive(Debug)]
@@ -77,6 +79,20 @@ impl ObjectStore for InstrumentedStore {
         let started = Instant::now();
         let result = self.inner.put(key, body, metadata, condition).await;
         self.record(op, started, &result);
+        result
+    }
+
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        let started = Instant::now();
+        let result = self.inner.list(prefix, start_after).await;
+        self.record("list", started, &result);
+        result
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        let started = Instant::now();
+        let result = self.inner.delete(key).await;
+        self.record("delete", started, &result);
         result
     }
 

@@ -9,6 +9,9 @@
 //!   current ETag equals the given one.
 //! - The ETag changes whenever the bytes change.
 //! - `get`/`head` of a missing key is `Ok(None)`, never an error.
+//! - `list` returns every key with the prefix after `start_after`, in byte
+//!   order, however many pages the backend needs; `delete` of a missing
+//!   key succeeds, and after a delete the key is absent for every call.
 //!
 //! Wrappers stack over any backend: [`fault::FaultStore`] injects latency,
 //! errors and partitions; [`retry::RetryingStore`] retries what is safe to
@@ -283,19 +286,10 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     /// Every key that starts with `prefix` and sorts after `start_after`
     /// (when given), in ascending byte order, across all pages of the
     /// listing. Strongly consistent on S3 and Tigris.
-    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
-        let _ = (prefix, start_after);
-        Err(StoreError::Fatal {
-            message: format!("{} cannot list keys", self.describe()),
-        })
-    }
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>>;
 
     /// Deletes `key`. Deleting a key that does not exist succeeds.
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        Err(StoreError::Fatal {
-            message: format!("{} cannot delete {key}", self.describe()),
-        })
-    }
+    async fn delete(&self, key: &str) -> StoreResult<()>;
 
     /// Checks that the store is reachable and usable (bucket exists,
     /// credentials valid) without writing anything.

@@ -35,13 +35,17 @@
 //!
 //! The "same base" proof assumes that every conditional write to the key goes
 //! through this layer (writes by hand carry no base tag and read as
-//! `Ambiguous`), that objects are not deleted behind the writers' backs (the
-//! trait has no delete), and that the store's `HEAD` is consistent with its
+//! `Ambiguous`), that a key is not deleted while a conditional write to it
+//! may be in flight (deletes are for garbage: log slots and snapshots no
+//! longer needed; a delete after our `IfAbsent` landed would make the
+//! read-back see "still absent" and resend), and that the store's `HEAD` is consistent with its
 //! conditional writes (a Single- or Multi-region Tigris bucket, S3).
 //!
 //! # Retrying
 //!
-//! 409 Conflict means the condition was evaluated against a racing write and
+//! Reads, listings and deletes are idempotent and are simply sent again
+//! (deleting a key that is already gone succeeds, so a delete whose
+//! response was lost resolves itself). 409 Conflict means the condition was evaluated against a racing write and
 //! nothing was written by *that* attempt, so it is retried as is. Transient
 //! errors are retried with exponential backoff and jitter (`backoff`); a
 //! store asking us to slow down (503 SlowDown, 429) gets a longer backoff of
@@ -59,7 +63,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::{
-    DynStore, ETag, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError,
+    DynStore, ETag, Listed, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError,
     StoreResult, WRITE_BASE_KEY, WRITE_ID_KEY, transfer_allowance,
 };
 
@@ -281,6 +285,28 @@ impl ObjectStore for RetryingStore {
         let mut attempts = Attempts::new(&self.policy, 0);
         loop {
             match self.inner.head(key).await {
+                Err(e) if attempts.wait(&e).await => continue,
+                result => return result,
+            }
+        }
+    }
+
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        let mut attempts = Attempts::new(&self.policy, 0);
+        loop {
+            match self.inner.list(prefix, start_after).await {
+                Err(e) if attempts.wait(&e).await => continue,
+                result => return result,
+            }
+        }
+    }
+
+    /// Idempotent: a resend after a lost response finds the key gone,
+    /// which is success too.
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        let mut attempts = Attempts::new(&self.policy, 0);
+        loop {
+            match self.inner.delete(key).await {
                 Err(e) if attempts.wait(&e).await => continue,
                 result => return result,
             }
@@ -512,6 +538,12 @@ mod tests {
         }
         async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
             self.inner.head(key).await
+        }
+        async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+            self.inner.list(prefix, start_after).await
+        }
+        async fn delete(&self, key: &str) -> StoreResult<()> {
+            self.inner.delete(key).await
         }
         async fn put(
             &self,

@@ -24,6 +24,9 @@
 //!   [`RetryingStore`](super::RetryingStore) above retries and resolves
 //!   ambiguity by reading back.
 //! - Errors are mapped once, here, to the kinds of [`StoreError`].
+//! - A listing follows continuation tokens to the last page; each page is
+//!   one attempt under the same time limit as a `HEAD`. A delete of a
+//!   missing key succeeds, as on S3 (also where a store answers 404).
 
 use std::time::Duration;
 
@@ -39,8 +42,8 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use bytes::Bytes;
 
 use super::{
-    ETag, MIN_THROUGHPUT_BYTES_PER_SEC, Metadata, Object, ObjectMeta, ObjectStore, Precondition,
-    StoreError, StoreResult, transfer_allowance,
+    ETag, Listed, MIN_THROUGHPUT_BYTES_PER_SEC, Metadata, Object, ObjectMeta, ObjectStore,
+    Precondition, StoreError, StoreResult, transfer_allowance,
 };
 
 const CONSISTENT_HEADER: &str = "X-Tigris-Consistent";
@@ -103,6 +106,8 @@ pub struct S3Store {
     endpoint: String,
     /// The time limit of an attempt without a body ([`ATTEMPT_TIMEOUT`]).
     attempt_base: Duration,
+    /// Keys per listing page; `None`: the server's default (1000 on S3).
+    page_size: Option<i32>,
 }
 
 /// Marks a request to be served by Tigris' leader (ignored by S3 and moto).
@@ -181,6 +186,7 @@ impl S3Store {
             prefix: prefix.trim_matches('/').to_string(),
             endpoint: endpoint.unwrap_or_else(|| "the default AWS endpoint".to_string()),
             attempt_base: ATTEMPT_TIMEOUT,
+            page_size: None,
         })
     }
 
@@ -188,6 +194,13 @@ impl S3Store {
     /// body's allowance is added as usual).
     pub fn with_attempt_timeout(mut self, base: Duration) -> S3Store {
         self.attempt_base = base;
+        self
+    }
+
+    /// At most `keys` keys per listing page (tests: many pages from a few
+    /// keys).
+    pub fn with_page_size(mut self, keys: u16) -> S3Store {
+        self.page_size = Some(i32::from(keys.max(1)));
         self
     }
 
@@ -308,12 +321,48 @@ impl S3Store {
                         ),
                     },
                     408 | 429 | 500..=599 => transient(answer.clone()),
+                    // A success whose body the client could not read as
+                    // S3's (a listing page that is a proxy's HTML).
+                    200..=299 => transient(format!(
+                        "the store at {} answered {answer}, which is not an S3 answer; a proxy or gateway in the way?",
+                        self.endpoint
+                    )),
                     _ => StoreError::Fatal {
                         message: format!("the store refused a request on key={key}: {answer}"),
                     },
                 }
             }
             _ => transient(format!("{error:?}")),
+        }
+    }
+
+    /// The store's key of a listed full key (without the store's prefix).
+    fn key_of_listed(&self, full: &str) -> Option<String> {
+        if self.prefix.is_empty() {
+            Some(full.to_string())
+        } else {
+            full.strip_prefix(self.prefix.as_str())?
+                .strip_prefix('/')
+                .map(str::to_string)
+        }
+    }
+
+    /// An error of a listing, saying which one; a transient message keeps
+    /// its leading status (see [`StoreError::is_throttle`]).
+    fn listing_error(&self, prefix: &str, error: StoreError) -> StoreError {
+        let listing = format!(
+            "listing keys under prefix {prefix:?} in {}",
+            self.describe()
+        );
+        match error {
+            StoreError::Transient { key, message } => StoreError::Transient {
+                key,
+                message: format!("{message} ({listing})"),
+            },
+            StoreError::Fatal { message } => StoreError::Fatal {
+                message: format!("{message} ({listing})"),
+            },
+            other => other,
         }
     }
 
@@ -470,6 +519,98 @@ impl ObjectStore for S3Store {
                 output.e_tag(),
             ),
             Err(e) => Err(self.map_error(key, e, conditional)),
+        }
+    }
+
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        let mut listed = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let request = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(self.full_key(prefix))
+                .set_start_after(start_after.map(|after| self.full_key(after)))
+                .set_continuation_token(token.take())
+                .set_max_keys(self.page_size);
+            let page = consistent!(request)
+                .config_override(self.overrides(0))
+                .send()
+                .await
+                .map_err(|e| self.listing_error(prefix, self.map_error(prefix, e, false)))?;
+            for object in page.contents() {
+                let full = object.key();
+                let Some(key) = full
+                    .and_then(|full| self.key_of_listed(full))
+                    .filter(|key| key.starts_with(prefix))
+                else {
+                    return Err(self.listing_error(
+                        prefix,
+                        StoreError::transient(
+                            prefix,
+                            format!(
+                                "the store at {} listed the key {full:?}, which is not under the prefix asked for; it does not behave like S3",
+                                self.endpoint
+                            ),
+                        ),
+                    ));
+                };
+                listed.push(Listed {
+                    key,
+                    size: object.size().unwrap_or(0).max(0) as u64,
+                    last_modified: object
+                        .last_modified()
+                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                });
+            }
+            if !page.is_truncated().unwrap_or(false) {
+                break;
+            }
+            match page.next_continuation_token() {
+                Some(next) if !next.is_empty() => token = Some(next.to_string()),
+                _ => {
+                    return Err(self.listing_error(
+                        prefix,
+                        StoreError::transient(
+                            prefix,
+                            format!(
+                                "the store at {} said a listing page was truncated but gave no continuation token; it does not behave like S3",
+                                self.endpoint
+                            ),
+                        ),
+                    ));
+                }
+            }
+        }
+        // S3 lists in byte order; a store that does not must not break the
+        // contract (a caller may stop at the first key past what it wants).
+        listed.sort_by(|a, b| a.key.cmp(&b.key));
+        listed.dedup_by(|a, b| a.key == b.key);
+        Ok(listed)
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        let request = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key));
+        match consistent!(request)
+            .config_override(self.overrides(0))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            // S3 answers 204 for a missing key; some compatible stores 404
+            // NoSuchKey (a 404 without S3's code is mapped as the wrong host).
+            Err(SdkError::ServiceError(service))
+                if service.raw().status().as_u16() == 404
+                    && service.err().code() == Some("NoSuchKey") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(self.map_error(key, e, false)),
         }
     }
 

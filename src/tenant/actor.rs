@@ -1,48 +1,49 @@
 //! The tenant actor: the only owner of one tenant's SQLite working copy.
 //!
 //! Requests arrive through a channel. The actor takes everything queued as
-//! one batch, applies it in one transaction, uploads the whole database with
-//! `If-Match: <etag it last wrote>`, and answers the batch only after that
-//! upload succeeded (group commit).
+//! one batch, applies it in one transaction, and uploads the pages that
+//! transaction changed as the next slot of the tenant's commit log
+//! (`If-None-Match: *`, see [`super::log`]); the batch is answered only
+//! after that upload is confirmed (group commit).
 //!
-//! Pipelining: when the store's ETags are the MD5 of the body (checked on
-//! every confirmed upload), the next batch's upload is sent while the
-//! previous one is in flight, with `If-Match: <MD5 of the previous body>`.
-//! It can only succeed on top of exactly that body, so fencing is intact; if
-//! it overtook its predecessor on the way it fails with 412 and is sent
-//! again, in order, against the confirmed ETag. Batches are confirmed and
-//! answered strictly in order.
+//! Pipelining: up to [`WINDOW`] uploads are under way at once, each into its
+//! own slot; batches are confirmed and answered strictly in slot order, so
+//! an answer never reports a state that an unconfirmed slot before it
+//! could still lose.
 //!
-//! Fencing: every upload is conditional on the ETag this actor last read or
-//! wrote, and every commit bumps `tenantd_meta.seq`, so the bytes (and the
-//! ETag) always change. A new holder claims the database by writing its
-//! epoch and uploading at once; from then on an older holder's upload fails
-//! with 412 and that holder steps down without acknowledging anything.
+//! Fencing: a slot can be created once. A new holder fences the slots an
+//! old one could still reach, so the old holder's next upload fails and it
+//! steps down without acknowledging anything more.
+//!
+//! Compaction: after enough deltas, a copy of the working file (the state
+//! at a slot) is written as the snapshot once every slot up to it is
+//! confirmed, in the background; on release the snapshot is brought up to
+//! date so a released tenant's `db.sqlite3` holds every acknowledged write.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::db::{Applied, Corrupt, Db, Work};
+use super::claim::{claim, remove_copy};
+use super::copy::WorkingCopy;
+use super::db::{Applied, Work};
+use super::log::{self, Compacted, Compaction, LogError, Retention, Snapshot, WINDOW};
 use super::sql::{SqlLimits, SqlRequest};
 use super::{Answer, Op, Reply, SqlAnswer, TenantError};
 use crate::TenantId;
 use crate::lease::Lease;
 use crate::metrics::Metrics;
-use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, StoreResult, keys};
+use crate::store::{DynStore, Metadata, Precondition, StoreError, StoreResult, keys};
 
 /// Most requests applied in one transaction; bounds a batch's latency.
 const MAX_BATCH: usize = 4096;
-/// Uploads under way at once: the next batch's upload is sent while the
-/// previous one is in flight, against the ETag it will have.
-const PIPELINE_DEPTH: usize = 2;
 /// Longest wait for a batch to fill once its first request is in; never
 /// more than half an upload either, so a fast store is not slowed down.
 const MAX_LINGER: Duration = Duration::from_millis(10);
@@ -133,6 +134,8 @@ pub struct ActorContext {
     pub idle_timeout: Option<Duration>,
     /// Bounds on SQL requests.
     pub sql: SqlLimits,
+    /// What the log keeps and when it is compacted.
+    pub retention: Retention,
     /// Bench-only: answer before the upload, as the original app did. Not
     /// reachable from `tenantd serve` (no flag, no env var).
     pub(crate) ack_before_upload: bool,
@@ -149,6 +152,7 @@ impl ActorContext {
             data_dir,
             idle_timeout: None,
             sql: SqlLimits::default(),
+            retention: Retention::default(),
             ack_before_upload: false,
         }
     }
@@ -173,31 +177,46 @@ pub struct TenantActor {
     /// Used only inside `spawn_blocking`, one call at a time: SQLite work
     /// (a batch, a request's statements) must not hold a runtime worker
     /// that lease renewals need.
-    db: Arc<Mutex<Db>>,
+    copy: Arc<Mutex<WorkingCopy>>,
     path: PathBuf,
-    etag: ETag,
     count: u64,
+    /// The slot the next commit goes into.
+    next_slot: u64,
+    /// Every slot up to this one is confirmed (compaction waits on it).
+    confirmed: watch::Sender<u64>,
+    /// The snapshot as this holder last wrote or read it.
+    snapshot: Snapshot,
+    /// Deltas (and their bytes) in the log after the snapshot.
+    since_snapshot: (u64, u64),
+    compaction: Option<Running>,
+    /// No new compaction before this (after a failed one).
+    compact_after: Instant,
     /// Requests in the previous batch: how many to expect in the next.
     last_batch: usize,
     /// How long the last upload took.
     last_upload: Duration,
     /// Committed batches whose uploads are under way, oldest first.
     in_flight: VecDeque<InFlight>,
-    /// Whether the store's ETags are the MD5 of the body (S3 single-part
-    /// PUTs, the file and memory stores): only then may the next upload be
-    /// sent before the last one is confirmed. `None` until the first upload
-    /// is confirmed; checked again on every upload whose ETag was predicted.
-    etags_predictable: Option<bool>,
     rx: mpsc::Receiver<Request>,
     stop: CancellationToken,
     done: CancellationToken,
 }
 
+/// A finished compaction with the log counters it clears, or why its task
+/// failed.
+type CompactionOutcome = Result<(Result<Compacted, LogError>, (u64, u64)), String>;
+
+/// A compaction under way, and the log counters it will clear.
+struct Running {
+    covers: (u64, u64),
+    task: tokio::task::JoinHandle<Result<Compacted, LogError>>,
+}
+
 impl TenantActor {
-    /// Takes over the tenant's database under `lease`: downloads it (or
-    /// imports the original app's copy, or starts empty), writes the new
-    /// epoch and uploads at once, then spawns the actor loop. Fails without
-    /// writing anything when the database object is not usable.
+    /// Takes over the tenant: rebuilds its database from the snapshot and
+    /// the log, fences off the previous holder, then spawns the actor loop.
+    /// Fails without writing anything when the tenant's objects are not
+    /// usable.
     pub async fn start(
         id: TenantId,
         ctx: ActorContext,
@@ -213,8 +232,7 @@ impl TenantActor {
         // One file per acquisition: nothing of an earlier holding (or a
         // crashed process) can be mistaken for this one's copy.
         let path = dir.join(format!("{id}.{}.sqlite3", lease.epoch()));
-        let result = claim(&id, &ctx, &lease, &path).await;
-        let (db, etag, count) = match result {
+        let claimed = match claim(&id, &ctx, &lease, &path).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 remove_copy(&path);
@@ -239,20 +257,33 @@ impl TenantActor {
             .lease_epoch
             .with_label_values(&[id.as_str()])
             .set(lease.epoch() as i64);
-        info!(customer_id = %id, epoch = lease.epoch(), count, "holding tenant");
+        info!(
+            customer_id = %id,
+            epoch = lease.epoch(),
+            count = claimed.count,
+            snapshot_seq = claimed.snapshot.seq,
+            next_slot = claimed.next_slot,
+            deltas_after_snapshot = claimed.since_snapshot.0,
+            "holding tenant"
+        );
+        let (confirmed, _) = watch::channel(claimed.next_slot - 1);
         let actor = TenantActor {
             id,
             ctx,
             ttl: Duration::from_millis(lease.record().ttl_ms),
             lease,
-            db: Arc::new(Mutex::new(db)),
+            copy: Arc::new(Mutex::new(claimed.copy)),
             path,
-            etag,
-            count,
+            count: claimed.count,
+            next_slot: claimed.next_slot,
+            confirmed,
+            snapshot: claimed.snapshot,
+            since_snapshot: claimed.since_snapshot,
+            compaction: None,
+            compact_after: Instant::now(),
             last_batch: 1,
             last_upload: Duration::ZERO,
             in_flight: VecDeque::new(),
-            etags_predictable: None,
             rx,
             stop,
             done,
@@ -280,11 +311,6 @@ impl TenantActor {
                     None => std::future::pending().await,
                 }
             };
-            let depth = if self.etags_predictable == Some(true) {
-                PIPELINE_DEPTH
-            } else {
-                1
-            };
             let first = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break Exit::Stopped,
@@ -295,7 +321,11 @@ impl TenantActor {
                     }
                     continue;
                 }
-                request = self.rx.recv(), if self.in_flight.len() < depth => match request {
+                result = compaction_result(&mut self.compaction) => {
+                    self.compacted(result);
+                    continue;
+                }
+                request = self.rx.recv(), if (self.in_flight.len() as u64) < WINDOW => match request {
                     Some(request) => request,
                     None => break Exit::Stopped,
                 },
@@ -366,7 +396,8 @@ impl TenantActor {
             answer_all(batch, Ok(Reply::Count(answer)));
             return Ok(());
         }
-        let (applied, bytes) = match self.apply(epoch, &batch).await {
+        let seq = self.next_slot;
+        let (applied, delta) = match self.apply(epoch, seq, &batch).await {
             Ok(applied) => applied,
             Err(message) => {
                 warn!(customer_id = %self.id, error = %message, "batch failed");
@@ -385,7 +416,7 @@ impl TenantActor {
                 }
             }
         }
-        let (Some(committed), Some(bytes)) = (applied.committed, bytes) else {
+        let (Some(committed), Some(delta)) = (applied.committed, delta) else {
             match self.in_flight.back_mut() {
                 Some(InFlight {
                     unanswered: Some(waiting),
@@ -395,6 +426,7 @@ impl TenantActor {
             }
             return Ok(());
         };
+        self.next_slot += 1;
         let batch_len = pending.len();
         let mut unanswered = Some(pending);
         if self.ctx.ack_before_upload {
@@ -402,53 +434,38 @@ impl TenantActor {
             // answer before the write is durable.
             send_all(unanswered.take().expect("not answered yet"));
         }
-        // Sent before the previous upload is confirmed, against the ETag
-        // that upload will have: the MD5 of its body. Out of order or
-        // mispredicted, it fails with 412 and is sent again in order.
-        // The MD5 pass over the body is paid only here, when it saves a
-        // store round trip.
-        let (condition, pipelined) = match self.in_flight.back_mut() {
-            Some(previous) => {
-                let predicted = match &previous.predicted {
-                    Some(predicted) => predicted.clone(),
-                    None => etag_off_runtime(previous.bytes.clone()).await,
-                };
-                previous.predicted = Some(predicted.clone());
-                (predicted, true)
-            }
-            None => (self.etag.clone(), false),
-        };
-        let metadata = upload_metadata(epoch, committed.seq, &self.ctx.machine_id);
-        let put = self.put(bytes.clone(), metadata.clone(), condition);
+        let metadata = log::slot_metadata(epoch, seq, &self.ctx.machine_id);
+        let put = self.put(seq, delta.clone(), metadata.clone());
+        let pipelined = !self.in_flight.is_empty();
         self.in_flight.push_back(InFlight {
+            pipelined,
             unanswered,
             epoch,
-            seq: committed.seq,
+            seq,
             count: committed.count,
             batch_len,
-            predicted: None,
-            bytes,
+            bytes: delta,
             metadata,
-            pipelined,
             started: Instant::now(),
             task: tokio::spawn(put),
         });
+        self.maybe_compact(false).await;
         Ok(())
     }
 
-    /// Applies a batch to the working copy off the runtime, and reads the
-    /// copy back when it changed.
+    /// Applies a batch to the working copy off the runtime, and captures
+    /// what it changed as the delta for slot `seq`.
     async fn apply(
         &self,
         epoch: u64,
+        seq: u64,
         batch: &[Request],
     ) -> Result<(Applied, Option<Bytes>), String> {
         let ops: Vec<Op> = batch.iter().map(|r| r.op.clone()).collect();
-        let db = self.db.clone();
-        let path = self.path.clone();
+        let copy = self.copy.clone();
         let limits = self.ctx.sql.clone();
         let work = move || {
-            let mut db = db.lock().unwrap_or_else(|e| e.into_inner());
+            let mut copy = copy.lock().unwrap_or_else(|e| e.into_inner());
             let work: Vec<Work> = ops
                 .iter()
                 .map(|op| match op {
@@ -462,38 +479,44 @@ impl TenantActor {
                     } => Work::Sql(request, idempotency_key.as_deref()),
                 })
                 .collect();
-            let applied = db
+            let applied = copy
+                .db
                 .apply_batch(epoch, &work, &limits, false)
                 .map_err(|e| format!("SQLite error while applying a batch: {e}"))?;
-            let bytes = match applied.committed {
-                Some(_) => Some(read_copy(&path).map_err(|e| e.to_string())?),
+            let delta = match applied.committed {
+                Some(_) => {
+                    let now = log::unix_ms(SystemTime::now());
+                    let delta = copy
+                        .capture(epoch, seq, now)?
+                        .ok_or_else(|| "a committed batch left nothing in the WAL".to_string())?;
+                    Some(delta.encode())
+                }
                 None => None,
             };
-            Ok((applied, bytes))
+            Ok((applied, delta))
         };
         tokio::task::spawn_blocking(work)
             .await
             .unwrap_or_else(|e| Err(format!("the batch's SQLite work failed: {e}")))
     }
 
-    /// One conditional PUT of the database, given up after a time that
-    /// fits its size ([`upload_budget`]). Not at the lease's deadline: the
-    /// upload is fenced by its ETag condition, so one that lands after the
-    /// lease ended is still correct (and read back as such), while cutting
-    /// a big upload at every deadline would never let it finish.
+    /// One conditional PUT of a log slot, given up after a time that fits
+    /// its size ([`upload_budget`]). Not at the lease's deadline: a slot
+    /// can be created once, so one that lands after the lease ended is
+    /// still correct (and read back as such).
     fn put(
         &self,
+        seq: u64,
         bytes: Bytes,
         metadata: Metadata,
-        condition: ETag,
-    ) -> impl Future<Output = StoreResult<ETag>> + Send + 'static {
+    ) -> impl Future<Output = StoreResult<()>> + Send + 'static {
         let store = self.ctx.store.clone();
-        let key = keys::database(self.id.as_str());
+        let key = keys::log_slot(self.id.as_str(), seq);
         let budget = upload_budget(self.ttl, bytes.len());
         async move {
-            let put = store.put(&key, bytes, metadata, Precondition::IfMatch(condition));
+            let put = store.put(&key, bytes, metadata, Precondition::IfAbsent);
             match tokio::time::timeout(budget, put).await {
-                Ok(result) => result,
+                Ok(result) => result.map(|_| ()),
                 Err(_) => Err(StoreError::transient(
                     &key,
                     format!("the store did not confirm the upload within {budget:?}"),
@@ -503,164 +526,114 @@ impl TenantActor {
     }
 
     /// Settles the oldest upload: answers its batch when it is durable,
-    /// otherwise sends it again in order or ends the actor.
+    /// otherwise sends it again or ends the actor.
     ///
-    /// An unclear outcome (a transient error, an ambiguous write, a 412
-    /// after an attempt that may have landed late) is resolved by reading
-    /// the object back: this epoch and this upload's seq or a later one in
-    /// the object's metadata mean it landed; the object still at the last
-    /// confirmed ETag means it did not, and it is sent again against that
-    /// ETag (which can land at most once, whatever an earlier attempt
-    /// does); a newer epoch means another machine took over. Only then,
-    /// or when the lease is gone and nothing is known, does the actor end.
-    async fn confirm_front(&mut self, first: StoreResult<ETag>) -> Result<(), Exit> {
-        let mut upload = self.in_flight.pop_front().expect("an upload in flight");
-        // A 412 for an upload sent only against a predicted ETag says
-        // nothing yet: the previous upload is confirmed by now, so send it
-        // again against the real ETag, once.
-        let mut maybe_applied = false;
+    /// An unclear outcome (a transient error, an ambiguous write, a 412) is
+    /// resolved by reading the slot back: an object with this holder's
+    /// epoch and slot means it landed; another's object means this holder
+    /// was fenced off; no object means it did not land, and it is sent
+    /// again (a slot is created at most once, whatever an earlier attempt
+    /// does). Only a fence, or a lost lease with nothing known, ends the
+    /// actor.
+    async fn confirm_front(&mut self, first: StoreResult<()>) -> Result<(), Exit> {
+        let upload = self.in_flight.pop_front().expect("an upload in flight");
         let mut result = first;
-        let mut retry_412 = upload.pipelined;
         let mut pause = Duration::from_millis(25);
         loop {
-            match result {
-                Ok(etag) => {
-                    if upload.pipelined {
-                        self.pipelined_outcome("ok");
-                    }
-                    let predicted = match &upload.predicted {
-                        Some(predicted) => Some(predicted.clone()),
-                        None if self.etags_predictable.is_none() => {
-                            Some(etag_off_runtime(upload.bytes.clone()).await)
-                        }
-                        None => None,
-                    };
-                    self.confirmed(upload, etag, predicted);
+            let error = match result {
+                Ok(()) => {
+                    self.confirmed(upload);
                     return Ok(());
                 }
-                Err(e) if e.is_precondition() && retry_412 => {
-                    retry_412 = false;
-                    self.pipelined_outcome("resent");
-                }
-                Err(e) if e.is_precondition() && !maybe_applied => {
-                    return Err(self.fail(upload, e, true).await);
-                }
-                Err(e) => {
-                    maybe_applied = true;
-                    match self.read_back(&upload).await {
-                        ReadBack::Landed(etag) => {
-                            info!(customer_id = %self.id, seq = upload.seq, error = %e, "upload outcome was unclear; read back: it landed");
-                            result = Ok(etag);
-                            continue;
-                        }
-                        ReadBack::Superseded => {
-                            return Err(self.fail(upload, e, false).await);
-                        }
-                        ReadBack::NotLanded | ReadBack::Unknown(_) if !self.lease.is_valid() => {
-                            return Err(self.fail(upload, e, false).await);
-                        }
-                        ReadBack::NotLanded => {
-                            warn!(customer_id = %self.id, seq = upload.seq, error = %e, "upload failed and did not land; sending it again");
-                        }
-                        ReadBack::Unknown(read) => {
-                            warn!(customer_id = %self.id, seq = upload.seq, error = %e, read_back = %read, "upload outcome unknown; sending it again against the confirmed ETag");
-                        }
+                Err(e) => e,
+            };
+            match self.read_back(&upload).await {
+                ReadBack::Landed => {
+                    if !error.is_precondition() {
+                        info!(customer_id = %self.id, seq = upload.seq, error = %error, "upload outcome was unclear; read back: it landed");
                     }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
+                    self.confirmed(upload);
+                    return Ok(());
+                }
+                ReadBack::Taken => {
+                    let error = StoreError::PreconditionFailed {
+                        key: keys::log_slot(self.id.as_str(), upload.seq),
+                    };
+                    return Err(self.fail(upload, error, true).await);
+                }
+                ReadBack::NotLanded | ReadBack::Unknown(_) if !self.lease.is_valid() => {
+                    return Err(self.fail(upload, error, false).await);
+                }
+                ReadBack::NotLanded => {
+                    warn!(customer_id = %self.id, seq = upload.seq, error = %error, "upload failed and did not land; sending it again");
+                }
+                ReadBack::Unknown(read) => {
+                    warn!(customer_id = %self.id, seq = upload.seq, error = %error, read_back = %read, "upload outcome unknown; sending it again (a slot is created at most once)");
                 }
             }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
             result = self
-                .put(
-                    upload.bytes.clone(),
-                    upload.metadata.clone(),
-                    self.etag.clone(),
-                )
+                .put(upload.seq, upload.bytes.clone(), upload.metadata.clone())
                 .await;
-            upload.pipelined = false;
         }
     }
 
-    /// Reads the database object's metadata to learn whether `upload`
-    /// landed (see `confirm_front`).
+    /// Reads the slot's metadata to learn whether `upload` landed.
     async fn read_back(&self, upload: &InFlight) -> ReadBack {
-        let key = keys::database(self.id.as_str());
-        let meta = match self.ctx.store.head(&key).await {
-            Ok(Some(meta)) => meta,
-            Ok(None) => {
-                return ReadBack::Unknown(StoreError::Fatal {
-                    message: format!("{key} is missing"),
-                });
+        let key = keys::log_slot(self.id.as_str(), upload.seq);
+        match self.ctx.store.head(&key).await {
+            Ok(None) => ReadBack::NotLanded,
+            Ok(Some(meta)) => {
+                let epoch = log::number(&meta.metadata, log::EPOCH_KEY);
+                let seq = log::number(&meta.metadata, log::SEQ_KEY);
+                if epoch == Some(upload.epoch) && seq == Some(upload.seq) {
+                    ReadBack::Landed
+                } else {
+                    ReadBack::Taken
+                }
             }
-            Err(e) => return ReadBack::Unknown(e),
-        };
-        let number = |name: &str| meta.metadata.get(name).and_then(|v| v.parse::<u64>().ok());
-        match (number("tenantd-epoch"), number("tenantd-seq")) {
-            (Some(epoch), Some(seq)) if epoch == upload.epoch && seq == upload.seq => {
-                ReadBack::Landed(meta.etag)
-            }
-            // A later upload of this actor landed, and it was sent against
-            // this one's ETag (pipelined), so this one landed before it.
-            (Some(epoch), Some(seq)) if epoch == upload.epoch && seq > upload.seq => {
-                ReadBack::Landed(
-                    upload
-                        .predicted
-                        .clone()
-                        .unwrap_or_else(|| ETag::of(&upload.bytes)),
-                )
-            }
-            (Some(epoch), _) if epoch > upload.epoch => ReadBack::Superseded,
-            _ if meta.etag == self.etag => ReadBack::NotLanded,
-            _ => ReadBack::Unknown(StoreError::Fatal {
-                message: format!(
-                    "{key} is at ETag {} with metadata {:?}, neither this upload nor the one before it",
-                    meta.etag, meta.metadata
-                ),
-            }),
+            Err(e) => ReadBack::Unknown(e),
         }
     }
 
-    fn pipelined_outcome(&self, outcome: &str) {
-        self.ctx
-            .metrics
-            .pipelined_uploads
-            .with_label_values(&[outcome])
-            .inc();
-    }
-
-    fn confirmed(&mut self, upload: InFlight, etag: ETag, predicted: Option<ETag>) {
-        if let Some(predicted) = predicted {
-            self.etags_predictable = Some(etag == predicted);
-        }
-        self.etag = etag;
+    fn confirmed(&mut self, upload: InFlight) {
         self.count = upload.count;
         self.last_upload = upload.started.elapsed();
-        self.ctx
-            .metrics
+        self.since_snapshot.0 += 1;
+        self.since_snapshot.1 += upload.bytes.len() as u64;
+        self.confirmed.send_replace(upload.seq);
+        let metrics = &self.ctx.metrics;
+        if upload.pipelined {
+            metrics.pipelined_uploads.with_label_values(&["ok"]).inc();
+        }
+        metrics
             .upload_seconds
             .with_label_values::<&str>(&[])
             .observe(self.last_upload.as_secs_f64());
-        self.ctx
-            .metrics
+        metrics
             .batch_size
             .with_label_values::<&str>(&[])
             .observe(upload.batch_len as f64);
+        metrics
+            .upload_bytes
+            .with_label_values(&["delta"])
+            .inc_by(upload.bytes.len() as u64);
         if let Some(pending) = upload.unanswered {
             send_all(pending);
         }
     }
 
-    /// The oldest upload failed for good: this actor steps down. Later
-    /// uploads were sent against its body, so one of them that succeeded
-    /// anyway (the failed one had been applied after all) carries every
-    /// batch up to it; the rest are answered with the failure.
+    /// The oldest upload failed for good: this actor steps down. No later
+    /// batch is acknowledged: slots after a failed one are not history
+    /// (a new holder fences the hole and skips them).
     async fn fail(&mut self, upload: InFlight, error: StoreError, not_applied: bool) -> Exit {
         let epoch = upload.epoch;
         let exit = if error.is_precondition() {
-            warn!(customer_id = %self.id, epoch, "upload fenced off (412): another machine took over; stepping down");
+            warn!(customer_id = %self.id, epoch, seq = upload.seq, "log slot taken by another holder: fenced off; stepping down");
             Exit::Fenced
         } else {
-            warn!(customer_id = %self.id, epoch, error = %error, "upload failed; nothing of this batch was acknowledged; stepping down");
+            warn!(customer_id = %self.id, epoch, seq = upload.seq, error = %error, "upload failed; nothing of this batch was acknowledged; stepping down");
             Exit::StoreFailed
         };
         let mut settled = vec![(upload, Err(error), not_applied)];
@@ -670,26 +643,27 @@ impl TenantActor {
             let not_applied = matches!(&result, Err(e) if e.is_precondition());
             settled.push((later, result, not_applied));
         }
-        let durable_upto = settled.iter().rposition(|(_, result, _)| result.is_ok());
-        for (index, (upload, result, not_applied)) in settled.into_iter().enumerate() {
+        for (upload, result, not_applied) in settled {
+            if upload.pipelined {
+                self.ctx
+                    .metrics
+                    .pipelined_uploads
+                    .with_label_values(&["failed"])
+                    .inc();
+            }
             let Some(pending) = upload.unanswered else {
                 continue;
             };
-            if durable_upto.is_some_and(|last| index <= last) {
-                send_all(pending);
-                continue;
-            }
             let answer = match result {
                 // Definitely not written, and another machine holds the
                 // tenant: the request may go there and be applied.
                 Err(_) if not_applied && matches!(exit, Exit::Fenced) => {
                     Err(TenantError::NotHolder)
                 }
-                Err(e) => Err(TenantError::Unavailable(format!(
-                    "customer {}: could not store the write ({e}); it was not acknowledged and may or may not be applied",
-                    self.id
+                _ => Err(TenantError::Unavailable(format!(
+                    "customer {}: could not store the write (slot {} of the log failed: {exit:?}); it was not acknowledged and may or may not be applied",
+                    self.id, upload.seq
                 ))),
-                Ok(_) => unreachable!("durable uploads are answered above"),
             };
             for (reply, _) in pending {
                 let _ = reply.send(answer.clone());
@@ -707,8 +681,109 @@ impl TenantActor {
         Ok(())
     }
 
-    /// Ends the actor: on a clean stop, commits what is queued and releases
-    /// the lease; in every case drops the working copy.
+    /// Starts a compaction when the log after the snapshot costs enough
+    /// (or, with `now`, whenever it holds anything). The copy is taken
+    /// here, between commits; its upload waits until every slot it covers
+    /// is confirmed.
+    async fn maybe_compact(&mut self, now: bool) {
+        if self.compaction.is_some() || (!now && Instant::now() < self.compact_after) {
+            return;
+        }
+        let copy = self.copy.clone();
+        let (deltas, bytes) = self.since_snapshot;
+        let pending = self.in_flight.len() as u64;
+        let due = if now {
+            deltas + pending > 0
+        } else {
+            let db_bytes = copy.lock().unwrap_or_else(|e| e.into_inner()).db_bytes();
+            self.ctx.retention.due(deltas + pending, bytes, db_bytes)
+        };
+        if !due {
+            return;
+        }
+        let snapshot = tokio::task::spawn_blocking(move || {
+            copy.lock().unwrap_or_else(|e| e.into_inner()).snapshot()
+        })
+        .await;
+        let (seq, body, checksum) = match snapshot {
+            Ok(Ok(snapshot)) => snapshot,
+            Ok(Err(e)) => {
+                warn!(customer_id = %self.id, error = %e, "cannot copy the working database for a snapshot");
+                self.compact_after = Instant::now() + Duration::from_secs(10);
+                return;
+            }
+            Err(e) => {
+                warn!(customer_id = %self.id, error = %e, "snapshot copy failed");
+                return;
+            }
+        };
+        if seq <= self.snapshot.seq {
+            return;
+        }
+        let job = Compaction {
+            id: self.id.to_string(),
+            seq,
+            epoch: self.lease.epoch(),
+            checksum,
+            body,
+            holder: self.ctx.machine_id.clone(),
+        };
+        let store = self.ctx.store.clone();
+        let known = self.snapshot.clone();
+        let retention = self.ctx.retention.clone();
+        let mut confirmed = self.confirmed.subscribe();
+        let metrics = self.ctx.metrics.clone();
+        let covers = (deltas + pending, bytes);
+        let task = tokio::spawn(async move {
+            // Only confirmed state may become the snapshot.
+            if confirmed.wait_for(|c| *c >= seq).await.is_err() {
+                return Err(LogError::Raced(format!(
+                    "the holder stepped down before slot {seq} was confirmed"
+                )));
+            }
+            let len = job.body.len() as u64;
+            let result = log::compact(&store, &known, job, &retention).await;
+            if let Ok(done) = &result {
+                metrics
+                    .upload_bytes
+                    .with_label_values(&["snapshot"])
+                    .inc_by(len * (1 + done.archived as u64));
+            }
+            result
+        });
+        self.compaction = Some(Running { covers, task });
+    }
+
+    fn compacted(&mut self, result: CompactionOutcome) {
+        let outcome = match result {
+            Ok((Ok(done), covers)) => {
+                info!(customer_id = %self.id, seq = done.snapshot.seq, archived = done.archived, deleted = done.deleted, "snapshot written");
+                self.snapshot = done.snapshot;
+                self.since_snapshot.0 = self.since_snapshot.0.saturating_sub(covers.0);
+                self.since_snapshot.1 = self.since_snapshot.1.saturating_sub(covers.1);
+                "ok"
+            }
+            Ok((Err(e), _)) => {
+                warn!(customer_id = %self.id, error = %e, "compaction failed; the log still holds every commit; trying again later");
+                self.compact_after = Instant::now() + Duration::from_secs(10);
+                "failed"
+            }
+            Err(e) => {
+                warn!(customer_id = %self.id, error = %e, "compaction task failed");
+                self.compact_after = Instant::now() + Duration::from_secs(10);
+                "failed"
+            }
+        };
+        self.ctx
+            .metrics
+            .compactions
+            .with_label_values(&[outcome])
+            .inc();
+    }
+
+    /// Ends the actor: on a clean stop, commits what is queued, brings the
+    /// snapshot up to date and releases the lease; in every case drops the
+    /// working copy.
     async fn finish(mut self, exit: Exit) -> Exit {
         let mut exit = exit;
         // Uploads under way decide their batches' answers, whatever the exit.
@@ -734,6 +809,25 @@ impl TenantActor {
         self.rx.close();
         while let Ok(request) = self.rx.try_recv() {
             let _ = request.reply.send(Err(TenantError::NotHolder));
+        }
+        if matches!(exit, Exit::Stopped | Exit::Idle) {
+            // A released tenant's snapshot holds every acknowledged write.
+            if let Some(running) = self.compaction.take() {
+                let result = (running.task.await)
+                    .map(|r| (r, running.covers))
+                    .map_err(|e| e.to_string());
+                self.compacted(result);
+            }
+            self.compact_after = Instant::now();
+            self.maybe_compact(true).await;
+            if let Some(running) = self.compaction.take() {
+                let result = (running.task.await)
+                    .map(|r| (r, running.covers))
+                    .map_err(|e| e.to_string());
+                self.compacted(result);
+            }
+        } else if let Some(running) = self.compaction.take() {
+            running.task.abort();
         }
         remove_copy(&self.path);
         let id = self.id.clone();
@@ -768,20 +862,11 @@ fn upload_budget(ttl: Duration, len: usize) -> Duration {
 
 /// What a read-back says of an upload whose outcome was unclear.
 enum ReadBack {
-    Landed(ETag),
+    Landed,
     NotLanded,
-    /// Another machine wrote the database under a newer epoch.
-    Superseded,
+    /// Another holder's object is in the slot.
+    Taken,
     Unknown(StoreError),
-}
-
-/// The ETag a body will have on a store whose ETags are MD5s, computed
-/// off the runtime (a pass over the whole database).
-async fn etag_off_runtime(bytes: Bytes) -> ETag {
-    let copy = bytes.clone();
-    tokio::task::spawn_blocking(move || ETag::of(&copy))
-        .await
-        .unwrap_or_else(|_| ETag::of(&bytes))
 }
 
 /// A batch's requests with their answers, sent once the batch is durable.
@@ -792,23 +877,20 @@ struct InFlight {
     /// `None` when answered before the upload (bench-only setting).
     unanswered: Option<Unanswered>,
     epoch: u64,
-    /// `tenantd_meta.seq` of this commit, also in the upload's metadata.
+    /// The log slot.
     seq: u64,
     count: u64,
     batch_len: usize,
     bytes: Bytes,
     metadata: Metadata,
-    /// The ETag this upload will have if the store's ETags are body MD5s;
-    /// computed when the next upload is pipelined behind this one.
-    predicted: Option<ETag>,
-    /// Sent before the previous upload was confirmed.
+    /// Sent while earlier uploads were under way.
     pipelined: bool,
     started: Instant,
-    task: tokio::task::JoinHandle<StoreResult<ETag>>,
+    task: tokio::task::JoinHandle<StoreResult<()>>,
 }
 
 /// The oldest upload's result; pending forever when none is under way.
-async fn front_upload(in_flight: &mut VecDeque<InFlight>) -> StoreResult<ETag> {
+async fn front_upload(in_flight: &mut VecDeque<InFlight>) -> StoreResult<()> {
     match in_flight.front_mut() {
         Some(upload) => (&mut upload.task).await.unwrap_or_else(|e| {
             Err(StoreError::Fatal {
@@ -817,6 +899,17 @@ async fn front_upload(in_flight: &mut VecDeque<InFlight>) -> StoreResult<ETag> {
         }),
         None => std::future::pending().await,
     }
+}
+
+/// The running compaction's result; pending forever when none runs.
+async fn compaction_result(running: &mut Option<Running>) -> CompactionOutcome {
+    let Some(current) = running.as_mut() else {
+        return std::future::pending().await;
+    };
+    let result = (&mut current.task).await;
+    let covers = current.covers;
+    *running = None;
+    result.map(|r| (r, covers)).map_err(|e| e.to_string())
 }
 
 fn send_all(pending: Unanswered) {
@@ -829,153 +922,4 @@ fn answer_all(batch: Vec<Request>, result: Result<Reply, TenantError>) {
     for request in batch {
         let _ = request.reply.send(result.clone());
     }
-}
-
-fn upload_metadata(epoch: u64, seq: u64, machine_id: &str) -> Metadata {
-    let mut metadata = Metadata::new();
-    metadata.insert("tenantd-epoch".into(), epoch.to_string());
-    metadata.insert("tenantd-seq".into(), seq.to_string());
-    metadata.insert("tenantd-holder".into(), machine_id.to_string());
-    metadata
-}
-
-fn read_copy(path: &std::path::Path) -> Result<Bytes, StoreError> {
-    std::fs::read(path)
-        .map(Bytes::from)
-        .map_err(|e| StoreError::Fatal {
-            message: format!("cannot read the working copy {}: {e}", path.display()),
-        })
-}
-
-fn remove_copy(path: &std::path::Path) {
-    for suffix in ["", "-journal", "-wal", "-shm"] {
-        let mut p = path.as_os_str().to_owned();
-        p.push(suffix);
-        let _ = std::fs::remove_file(PathBuf::from(p));
-    }
-}
-
-/// Downloads the database, writes this holder's epoch and uploads it.
-/// Retried when a late upload of the previous holder slips in between.
-async fn claim(
-    id: &TenantId,
-    ctx: &ActorContext,
-    lease: &Lease,
-    path: &std::path::Path,
-) -> Result<(Db, ETag, u64), TenantError> {
-    let key = keys::database(id.as_str());
-    let unavailable = |e: StoreError| {
-        TenantError::Unavailable(format!(
-            "customer {id}: the store failed while taking over: {e}"
-        ))
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if !lease.is_valid() || Instant::now() > deadline {
-            return Err(TenantError::NotHolder);
-        }
-        let (body, condition, source) = match ctx.store.get(&key).await.map_err(unavailable)? {
-            Some(object) => {
-                // SQLite would open an empty file as a new, empty database:
-                // starting the tenant over silently is the one thing not to do.
-                if object.body.is_empty() {
-                    return Err(corrupt(id, &key, "the object is empty"));
-                }
-                (
-                    Some(object.body),
-                    Precondition::IfMatch(object.etag),
-                    key.clone(),
-                )
-            }
-            None => {
-                let legacy = keys::legacy_database(id.as_str());
-                match ctx.store.get(&legacy).await.map_err(unavailable)? {
-                    Some(object) => {
-                        info!(customer_id = %id, legacy_key = %legacy, "importing the original app's database");
-                        (Some(object.body), Precondition::IfAbsent, legacy)
-                    }
-                    None => (None, Precondition::IfAbsent, key.clone()),
-                }
-            }
-        };
-        // Writing, checking and reading back a database of any size is
-        // work for a blocking thread, not for a runtime worker that other
-        // tenants' renewals need.
-        let (db, committed, bytes) = {
-            let (owned_id, path, source, epoch) = (
-                id.clone(),
-                path.to_path_buf(),
-                source.clone(),
-                lease.epoch(),
-            );
-            tokio::task::spawn_blocking(move || {
-                open_and_claim(&owned_id, &path, body, &source, epoch)
-            })
-            .await
-            .map_err(|e| {
-                TenantError::Unavailable(format!("customer {id}: taking over failed: {e}"))
-            })??
-        };
-        let metadata = upload_metadata(lease.epoch(), committed.seq, &ctx.machine_id);
-        match ctx.store.put(&key, bytes, metadata, condition).await {
-            Ok(etag) => return Ok((db, etag, committed.count)),
-            Err(e) if e.is_precondition() => {
-                // The previous holder's last upload landed after our read; its
-                // writes are durable, so read again and claim on top of them.
-                warn!(customer_id = %id, "database changed while taking over; reading it again");
-                continue;
-            }
-            Err(e) => return Err(unavailable(e)),
-        }
-    }
-}
-
-/// Writes the downloaded body as the working copy (none: a new tenant),
-/// opens and checks it, and writes this holder's epoch into it.
-fn open_and_claim(
-    id: &TenantId,
-    path: &std::path::Path,
-    body: Option<Bytes>,
-    source: &str,
-    epoch: u64,
-) -> Result<(Db, super::db::Committed, Bytes), TenantError> {
-    remove_copy(path);
-    if let Some(body) = body {
-        write_copy(path, &body)?;
-    }
-    let mut db = Db::open(path).map_err(|Corrupt(reason)| corrupt(id, source, &reason))?;
-    let previous = db
-        .epoch()
-        .map_err(|e| corrupt(id, source, &e.to_string()))?;
-    if previous >= epoch {
-        // Only possible if the lock object was deleted or reset by hand:
-        // the ETag chain still fences writers, so carry on, but say so.
-        warn!(customer_id = %id, previous, epoch, "database was written under a newer epoch than this lease's: was machine.lock deleted? epochs restart");
-    }
-    // The object opened fine, so a failure to write the local copy is
-    // this machine's problem, not the object's.
-    let committed = db.claim(epoch).map_err(|e| {
-        TenantError::Unavailable(format!(
-            "customer {id}: cannot write the working copy {}: {e}",
-            path.display()
-        ))
-    })?;
-    let bytes =
-        read_copy(path).map_err(|e| TenantError::Unavailable(format!("customer {id}: {e}")))?;
-    Ok((db, committed, bytes))
-}
-
-fn corrupt(id: &TenantId, key: &str, reason: &str) -> TenantError {
-    TenantError::Corrupt(format!(
-        "customer {id}: the database object {key} is unusable ({reason}); tenantd will not overwrite it: restore a good copy of that object, or delete it to start the tenant over"
-    ))
-}
-
-fn write_copy(path: &std::path::Path, bytes: &[u8]) -> Result<(), TenantError> {
-    std::fs::write(path, bytes).map_err(|e| {
-        TenantError::Unavailable(format!(
-            "cannot write the working copy {}: {e}",
-            path.display()
-        ))
-    })
 }

@@ -2,16 +2,21 @@
 //! tenantd's own bookkeeping.
 //!
 //! - `tenantd_meta(key, value)`: `epoch` of the holder that last wrote, and
-//!   `seq`, bumped by every commit so that every upload changes the bytes
-//!   (S3 ETags are content hashes: equal bytes would make a stale `If-Match`
-//!   succeed).
+//!   `seq`, a count of commits (every commit changes the database, so no
+//!   two snapshots of different commits have equal bytes or ETags).
 //! - `tenantd_idempotency(key, count, epoch)`: answers of increments made
-//!   with an `Idempotency-Key`, the oldest dropped beyond a bound.
+//!   with an `Idempotency-Key`, the oldest dropped beyond a bound. `key` is
+//!   the SHA-256 of the header (a 32-byte BLOB, whatever the header's
+//!   length); databases written before keys were hashed hold the header as
+//!   TEXT, and those rows are still honoured (see [`KeyHash`]).
 //! - `tenantd_sql_answers(key, epoch, results)`: the same for SQL requests
 //!   that wrote.
 //!
 //! Everything else belongs to the tenant's application, reached through
 //! the SQL API ([`super::sql`]) under the rules of its guard.
+//!
+//! The file is kept in WAL mode (see [`super::copy`]): each commit's pages
+//! are read from the WAL and shipped as one log slot.
 //!
 //! Only the tenant actor calls into this module, so a connection is never
 //! shared between tasks.
@@ -86,15 +91,27 @@ impl Db {
         }
         // The store, not this file, is what makes a write durable: a crash
         // drops the local copy anyway, so fsyncs here would buy nothing.
+        // WAL mode lets each commit's pages be read back from the WAL (the
+        // delta to upload); exclusive locking keeps the WAL index in memory
+        // (no -shm file: one descriptor less per tenant), and no automatic
+        // checkpoint may fold frames into the file before they are read.
+        conn.query_row("PRAGMA locking_mode = EXCLUSIVE", [], |_| Ok(()))
+            .map_err(|e| Corrupt(format!("cannot lock: {e}")))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| Corrupt(format!("cannot switch to WAL mode: {e}")))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Corrupt(format!("cannot switch to WAL mode (got {mode})")));
+        }
         conn.execute_batch(
             "PRAGMA synchronous = OFF;
-             PRAGMA journal_mode = DELETE;
+             PRAGMA wal_autocheckpoint = 0;
              CREATE TABLE IF NOT EXISTS welcome (count INTEGER);
              CREATE TABLE IF NOT EXISTS tenantd_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS tenantd_idempotency (
-                 key TEXT PRIMARY KEY, count INTEGER NOT NULL, epoch INTEGER NOT NULL);
+                 key BLOB PRIMARY KEY, count INTEGER NOT NULL, epoch INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS tenantd_sql_answers (
-                 key TEXT PRIMARY KEY, epoch INTEGER NOT NULL, results TEXT NOT NULL);",
+                 key BLOB PRIMARY KEY, epoch INTEGER NOT NULL, results TEXT NOT NULL);",
         )
         .map_err(|e| Corrupt(format!("cannot prepare the schema: {e}")))?;
         conn.query_row("SELECT count(*) FROM welcome", [], |r| r.get::<_, i64>(0))
@@ -103,6 +120,22 @@ impl Db {
         let guard = Guard::install(&mut conn)
             .map_err(|e| Corrupt(format!("cannot install the SQL guard: {e}")))?;
         Ok(Db { conn, guard })
+    }
+
+    /// Folds the WAL into the main file and empties it.
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        let (busy, _, _): (i64, i64, i64) =
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+        if busy != 0 {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                Some("checkpoint could not complete".into()),
+            ));
+        }
+        Ok(())
     }
 
     /// The epoch written by the last holder (0 for a new database).
@@ -244,7 +277,11 @@ impl Db {
                     if wrote && let Some(key) = key {
                         tx.execute(
                             "INSERT INTO tenantd_sql_answers (key, epoch, results) VALUES (?1, ?2, ?3)",
-                            params![key, epoch as i64, executed.results.to_string()],
+                            params![
+                                KeyHash::of(key).as_blob(),
+                                epoch as i64,
+                                executed.results.to_string()
+                            ],
                         )?;
                     }
                     dirty |= wrote;
@@ -294,6 +331,37 @@ impl Db {
     }
 }
 
+/// A new, empty tenant database as bytes: the schema [`Db::open`] creates,
+/// with no count and no epoch yet. What `tenantd tenants create` uploads.
+pub fn new_database_bytes() -> anyhow::Result<bytes::Bytes> {
+    use anyhow::Context;
+    let dir = tempfile_dir()?;
+    let path = dir.join("new.sqlite3");
+    let result = (|| {
+        let db = Db::open(&path).map_err(|Corrupt(e)| anyhow::anyhow!("{e}"))?;
+        // Closing the connection checkpoints a WAL into the main file, so
+        // that the file alone is the whole database.
+        drop(db);
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read back {}", path.display()))?;
+        Ok(bytes::Bytes::from(bytes))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// A private folder under the system's temporary folder.
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("tenantd-new-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create a temporary folder {}: {e}; set TMPDIR to a writable folder",
+            dir.display()
+        )
+    })?;
+    Ok(dir)
+}
+
 /// One increment; a repeated key answers with its first answer.
 fn increment(
     tx: &Transaction,
@@ -302,10 +370,11 @@ fn increment(
     current: &mut u64,
 ) -> rusqlite::Result<Answer> {
     if let Some(key) = key {
+        let hash = KeyHash::of(key);
         let seen = tx
             .query_row(
-                "SELECT count, epoch FROM tenantd_idempotency WHERE key = ?1",
-                [key],
+                "SELECT count, epoch FROM tenantd_idempotency WHERE key IN (?1, ?2)",
+                params![hash.as_blob(), key],
                 |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
             )
             .optional()?;
@@ -319,7 +388,7 @@ fn increment(
         *current += 1;
         tx.execute(
             "INSERT INTO tenantd_idempotency (key, count, epoch) VALUES (?1, ?2, ?3)",
-            params![key, *current as i64, epoch as i64],
+            params![hash.as_blob(), *current as i64, epoch as i64],
         )?;
     } else {
         *current += 1;
@@ -331,12 +400,32 @@ fn increment(
     })
 }
 
+/// How an idempotency key is stored: its SHA-256, so that every row costs
+/// 32 bytes whatever the header's length (up to 200 characters).
+///
+/// Rows written before keys were hashed hold the header itself as TEXT.
+/// A lookup asks for both forms (`key IN (hash, text)`): a BLOB never
+/// equals a TEXT in SQLite, so neither form can match the other's rows, and
+/// old rows keep deduplicating until the bound ages them out.
+struct KeyHash([u8; 32]);
+
+impl KeyHash {
+    fn of(key: &str) -> KeyHash {
+        use sha2::{Digest, Sha256};
+        KeyHash(Sha256::digest(key.as_bytes()).into())
+    }
+
+    fn as_blob(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// The first answer of a SQL request made with `key`, if it wrote.
 fn sql_answer(tx: &Transaction, key: &str) -> rusqlite::Result<Option<SqlAnswer>> {
     let stored = tx
         .query_row(
-            "SELECT epoch, results FROM tenantd_sql_answers WHERE key = ?1",
-            [key],
+            "SELECT epoch, results FROM tenantd_sql_answers WHERE key IN (?1, ?2)",
+            params![KeyHash::of(key).as_blob(), key],
             |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
         )
         .optional()?;
@@ -484,5 +573,83 @@ mod tests {
         let mut db = Db::open(&path).unwrap();
         let (answers, _) = db.apply(1, &[None]).unwrap();
         assert_eq!(answers[0].count, 42);
+    }
+    #[test]
+    fn idempotency_keys_are_stored_as_32_byte_hashes() {
+        let (dir, mut db) = fresh();
+        let long = "k".repeat(200);
+        db.apply(1, &[Some(long.as_str())]).unwrap();
+        let (answers, c) = db.apply(1, &[Some(long.as_str())]).unwrap();
+        assert_eq!(
+            counts(&answers),
+            vec![(1, true)],
+            "the repeat is deduplicated"
+        );
+        assert_eq!(c.count, 1);
+        drop(db);
+        let conn = Connection::open(dir.path().join("db.sqlite3")).unwrap();
+        let (kind, len): (String, i64) = conn
+            .query_row(
+                "SELECT typeof(key), length(key) FROM tenantd_idempotency",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((kind.as_str(), len), ("blob", 32));
+    }
+
+    #[test]
+    fn text_keys_of_older_databases_are_still_honoured() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite3");
+        let conn = Connection::open(&path).unwrap();
+        // The tables as tenantd created them before keys were hashed.
+        conn.execute_batch(
+            "CREATE TABLE welcome (count INTEGER); INSERT INTO welcome VALUES (7);
+             CREATE TABLE tenantd_idempotency (
+                 key TEXT PRIMARY KEY, count INTEGER NOT NULL, epoch INTEGER NOT NULL);
+             INSERT INTO tenantd_idempotency VALUES ('old-key', 7, 2);
+             CREATE TABLE tenantd_sql_answers (
+                 key TEXT PRIMARY KEY, epoch INTEGER NOT NULL, results TEXT NOT NULL);
+             INSERT INTO tenantd_sql_answers VALUES ('old-sql', 2, '[{\"rows\":[]}]');",
+        )
+        .unwrap();
+        drop(conn);
+        let mut db = Db::open(&path).unwrap();
+        let (answers, c) = db.apply(3, &[Some("old-key"), Some("new-key")]).unwrap();
+        let old = Answer {
+            count: 7,
+            epoch: 2,
+            repeated: true,
+        };
+        assert_eq!(answers[0], old);
+        assert_eq!((answers[1].count, answers[1].repeated), (8, false));
+        assert_eq!(c.count, 8);
+        let (answers, _) = db.apply(3, &[Some("new-key")]).unwrap();
+        assert_eq!(
+            counts(&answers),
+            vec![(8, true)],
+            "new rows in an old table"
+        );
+        let tx = db.conn.transaction().unwrap();
+        let answer = sql_answer(&tx, "old-sql").unwrap().expect("old SQL answer");
+        assert_eq!((answer.epoch, answer.repeated), (2, true));
+        assert_eq!(*answer.results, serde_json::json!([{"rows": []}]));
+    }
+
+    #[test]
+    fn a_new_database_is_a_plain_sqlite_file_with_the_schema() {
+        let bytes = new_database_bytes().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite3");
+        std::fs::write(&path, &bytes).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let count: i64 = conn
+            .query_row("SELECT count(*) FROM welcome", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 0, "no counter row yet");
+        drop(conn);
+        let db = Db::open(&path).unwrap();
+        assert_eq!((db.epoch().unwrap(), db.seq().unwrap()), (0, 0));
     }
 }

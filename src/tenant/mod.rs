@@ -3,9 +3,15 @@
 //! registry decides which tenants this machine holds.
 
 pub mod actor;
+mod claim;
+mod copy;
 pub mod db;
+pub mod delta;
+pub mod lifecycle;
+pub mod log;
 pub mod registry;
 pub mod sql;
+pub mod wal;
 
 use std::sync::Arc;
 

@@ -9,8 +9,17 @@
 //!   when it ends.
 //! - A tenant this machine is not configured for is never acquired (no
 //!   database is ever created for a tenant that has no machine).
+//! - A tenant that does not exist (no database object, see
+//!   [`super::lifecycle`]) is answered [`Route::NotFound`] before any lease
+//!   is contended for: requests for unknown ids write nothing to the store
+//!   and leave no slot behind. Served tenants get a slot only once they are
+//!   known to exist.
+//! - State is bounded: slots of tenants not held are pruned, least recently
+//!   used first, beyond `max_known_tenants`; negative existence answers are
+//!   kept briefly in a bounded cache.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::actor::{ActorContext, TenantActor};
+use super::lifecycle::{self, Created};
 use super::{TenantError, TenantHandle};
 use crate::TenantId;
 use crate::lease::{
@@ -44,9 +54,19 @@ pub enum Route {
     Lookup {
         last_holder: Option<LockRecord>,
     },
+    /// The tenant does not exist (or is being deleted here).
+    NotFound(String),
     Unavailable(String),
     Corrupt(String),
 }
+
+/// How long a "does not exist" answer is reused: short, so that a tenant
+/// created elsewhere is served within a second.
+const ABSENT_TTL: Duration = Duration::from_secs(1);
+
+/// How long a "does exist" answer is trusted before a takeover checks
+/// again (a tenant deleted through another machine).
+const EXISTS_TTL: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct RegistryConfig {
@@ -58,6 +78,33 @@ pub struct RegistryConfig {
     pub max_tenants: usize,
     /// How long a lock read is reused for routing decisions.
     pub lock_cache_ttl: Duration,
+    /// Most tenants remembered (slots); those not held are pruned beyond
+    /// it, least recently used first.
+    pub max_known_tenants: usize,
+    /// Pool mode: create a tenant that does not exist on its first valid
+    /// request (for demos) instead of answering 404.
+    pub create_on_first_request: bool,
+}
+
+impl RegistryConfig {
+    /// A configuration with the defaults of `tenantd serve` for the rest.
+    pub fn new(
+        machine_id: impl Into<String>,
+        advertise: impl Into<String>,
+        lease_ttl: Duration,
+        customer_id: Option<TenantId>,
+    ) -> RegistryConfig {
+        RegistryConfig {
+            machine_id: machine_id.into(),
+            advertise: advertise.into(),
+            lease_ttl,
+            customer_id,
+            max_tenants: 2_000,
+            lock_cache_ttl: (lease_ttl / 5).min(Duration::from_secs(1)),
+            max_known_tenants: 10_000,
+            create_on_first_request: false,
+        }
+    }
 }
 
 /// One tenant as seen from this machine.
@@ -88,10 +135,13 @@ impl From<LockState> for Seen {
     }
 }
 
-#[derive(Default)]
 struct SlotState {
     handle: Option<TenantHandle>,
     last_used: Option<Instant>,
+    /// Last time a request or the standby loop asked for this slot.
+    touched: Instant,
+    /// When the tenant was last seen to exist.
+    exists_at: Instant,
     /// Last lock read (for routing without a store round trip).
     seen: Option<(Instant, Seen)>,
     /// A database that failed to open, with when we saw it (answered fast).
@@ -114,6 +164,10 @@ pub struct Registry {
     /// This process's heartbeat, and its cache of other machines'.
     session: Session,
     slots: Mutex<HashMap<TenantId, Arc<Slot>>>,
+    /// Tenants recently found not to exist, with when.
+    absent: Mutex<lru::LruCache<TenantId, Instant>>,
+    /// Tenants being deleted through this machine: answered 404.
+    deleting: Mutex<HashSet<TenantId>>,
     draining: CancellationToken,
 }
 
@@ -131,15 +185,32 @@ impl Registry {
         Arc::new(Registry {
             store: actor.store.clone(),
             session,
-            config,
             actor,
             slots: Mutex::new(HashMap::new()),
+            absent: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(config.max_known_tenants.max(1)).expect("at least 1"),
+            )),
+            deleting: Mutex::new(HashSet::new()),
+            config,
             draining: CancellationToken::new(),
         })
     }
 
     pub fn config(&self) -> &RegistryConfig {
         &self.config
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    fn is_held(slot: &Slot) -> bool {
+        slot.state
+            .lock()
+            .unwrap()
+            .handle
+            .as_ref()
+            .is_some_and(|h| h.is_alive())
     }
 
     /// May this machine hold `id`?
@@ -156,22 +227,166 @@ impl Registry {
         &self.session
     }
 
+    /// The tenant's slot, made if new (pruning others beyond the bound).
     fn slot(&self, id: &TenantId) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap();
-        slots
-            .entry(id.clone())
-            .or_insert_with(|| {
-                Arc::new(Slot {
-                    lock_key: keys::lock(id.as_str()),
-                    contender: tokio::sync::Mutex::new(Contender::new(
-                        self.store.clone(),
-                        keys::lock(id.as_str()),
-                        self.session.clone(),
-                    )),
-                    state: Mutex::new(SlotState::default()),
-                })
+        if let Some(slot) = slots.get(id) {
+            slot.state.lock().unwrap().touched = Instant::now();
+            return slot.clone();
+        }
+        if slots.len() >= self.config.max_known_tenants {
+            self.prune(&mut slots);
+        }
+        let now = Instant::now();
+        let slot = Arc::new(Slot {
+            lock_key: keys::lock(id.as_str()),
+            contender: tokio::sync::Mutex::new(Contender::new(
+                self.store.clone(),
+                keys::lock(id.as_str()),
+                self.session.clone(),
+            )),
+            state: Mutex::new(SlotState {
+                handle: None,
+                last_used: None,
+                touched: now,
+                exists_at: now,
+                seen: None,
+                corrupt: None,
+            }),
+        });
+        slots.insert(id.clone(), slot.clone());
+        slot
+    }
+
+    /// The slot of a tenant this machine already knows.
+    fn known_slot(&self, id: &TenantId) -> Option<Arc<Slot>> {
+        let slots = self.slots.lock().unwrap();
+        let slot = slots.get(id)?.clone();
+        slot.state.lock().unwrap().touched = Instant::now();
+        Some(slot)
+    }
+
+    /// Forgets slots of tenants not held here and not in use by any task,
+    /// least recently used first, down to 90% of the bound (so that the
+    /// scan is paid once per many new tenants, not once per tenant). The
+    /// configured tenant of a single-tenant machine is never forgotten:
+    /// its slot carries the standby's observation of the lock.
+    fn prune(&self, slots: &mut HashMap<TenantId, Arc<Slot>>) {
+        let target = self.config.max_known_tenants * 9 / 10;
+        let mut idle: Vec<(Instant, TenantId)> = slots
+            .iter()
+            .filter(|(id, slot)| {
+                Arc::strong_count(slot) == 1 && self.config.customer_id.as_ref() != Some(*id)
             })
-            .clone()
+            .filter_map(|(id, slot)| {
+                let state = slot.state.lock().unwrap();
+                state.handle.is_none().then(|| (state.touched, id.clone()))
+            })
+            .collect();
+        let excess = (slots.len() + 1).saturating_sub(target).min(idle.len());
+        if excess == 0 {
+            return;
+        }
+        idle.select_nth_unstable_by_key(excess - 1, |(at, _)| *at);
+        for (_, id) in idle.iter().take(excess) {
+            slots.remove(id);
+        }
+        debug!(
+            pruned = excess,
+            known = slots.len(),
+            "forgot tenants not held here"
+        );
+    }
+
+    /// How many tenants this machine remembers (held or not).
+    pub fn known_tenants(&self) -> usize {
+        self.slots.lock().unwrap().len()
+    }
+
+    /// Whether the tenant exists, from the bounded caches or the store.
+    /// `None`: it does not (and `create_on_first_request` is off). A slot
+    /// is made only for a tenant that exists.
+    async fn existing_slot(&self, id: &TenantId) -> Result<Option<Arc<Slot>>, String> {
+        if self.deleting.lock().unwrap().contains(id) {
+            return Ok(None);
+        }
+        if let Some(slot) = self.known_slot(id) {
+            return Ok(Some(slot));
+        }
+        if self.exists_uncached(id).await? {
+            return Ok(Some(self.slot(id)));
+        }
+        if self.config.create_on_first_request && self.config.customer_id.is_none() {
+            match lifecycle::create(&self.store, id).await {
+                Ok(Created::Created) => {
+                    info!(customer_id = %id, "created on its first request (--create-on-first-request)")
+                }
+                Ok(Created::Exists) => {}
+                Err(e) => return Err(format!("{e:#}")),
+            }
+            self.absent.lock().unwrap().pop(id);
+            return Ok(Some(self.slot(id)));
+        }
+        Ok(None)
+    }
+
+    /// Whether a tenant this machine holds no slot for exists: a recent
+    /// "no" is reused, anything else asks the store.
+    async fn exists_uncached(&self, id: &TenantId) -> Result<bool, String> {
+        if self.recently_absent(id) {
+            return Ok(false);
+        }
+        let exists = lifecycle::tenant_exists(&self.store, id)
+            .await
+            .map_err(|e| format!("customer {id}: cannot tell whether it exists: {e}"))?;
+        if !exists {
+            self.absent.lock().unwrap().put(id.clone(), Instant::now());
+        }
+        Ok(exists)
+    }
+
+    /// Checks again, before a takeover, that a tenant known for a while
+    /// still exists (it may have been deleted through another machine).
+    async fn still_exists(&self, id: &TenantId, slot: &Slot) -> Result<bool, String> {
+        if slot.state.lock().unwrap().exists_at.elapsed() < EXISTS_TTL {
+            return Ok(true);
+        }
+        let exists = lifecycle::tenant_exists(&self.store, id)
+            .await
+            .map_err(|e| format!("customer {id}: cannot tell whether it exists: {e}"))?;
+        if exists {
+            slot.state.lock().unwrap().exists_at = Instant::now();
+        }
+        Ok(exists)
+    }
+
+    fn recently_absent(&self, id: &TenantId) -> bool {
+        self.absent
+            .lock()
+            .unwrap()
+            .get(id)
+            .is_some_and(|at| at.elapsed() < ABSENT_TTL)
+    }
+
+    /// Forgets a tenant that turned out not to exist.
+    fn forget_absent(&self, id: &TenantId) {
+        self.forget(id);
+        self.absent.lock().unwrap().put(id.clone(), Instant::now());
+    }
+
+    /// Drops the slot of a tenant not held here.
+    fn forget(&self, id: &TenantId) {
+        let mut slots = self.slots.lock().unwrap();
+        if let Some(slot) = slots.get(id)
+            && slot.state.lock().unwrap().handle.is_none()
+        {
+            slots.remove(id);
+        }
+    }
+
+    /// A tenant was just created through this machine: serve it at once.
+    pub fn created(&self, id: &TenantId) {
+        self.absent.lock().unwrap().pop(id);
     }
 
     fn live_handle(slot: &Slot) -> Option<TenantHandle> {
@@ -205,7 +420,11 @@ impl Registry {
         if !self.serves(id) {
             return self.route_other(id, fresh).await;
         }
-        let slot = self.slot(id);
+        let slot = match self.existing_slot(id).await {
+            Ok(Some(slot)) => slot,
+            Ok(None) => return Route::NotFound(lifecycle::not_found_message(id)),
+            Err(e) => return Route::Unavailable(e),
+        };
         if let Some(handle) = Self::live_handle(&slot) {
             return Route::Local(handle);
         }
@@ -229,9 +448,21 @@ impl Registry {
         if let Some(handle) = Self::live_handle(&slot) {
             return Route::Local(handle);
         }
+        if self.deleting.lock().unwrap().contains(id) {
+            return Route::NotFound(lifecycle::not_found_message(id));
+        }
         self.await_ended(&slot).await;
         if let Some(route) = self.cached_route(&slot, fresh) {
             return route;
+        }
+        match self.still_exists(id, &slot).await {
+            Ok(true) => {}
+            Ok(false) => {
+                drop(contender);
+                self.forget_absent(id);
+                return Route::NotFound(lifecycle::not_found_message(id));
+            }
+            Err(e) => return Route::Unavailable(e),
         }
         // A holder that looks dead by its own timestamps is probably gone:
         // hold the request for up to one ttl while the stale rule runs out,
@@ -250,6 +481,34 @@ impl Registry {
                 });
             match attempt {
                 Ok(Acquire::Acquired(lease)) => {
+                    // Deleted between the check and the acquisition? A
+                    // deleter holds the lease while it deletes and removes
+                    // the lock last, so only a lock we found absent can
+                    // follow a deletion, and this check under our lease is
+                    // final: take nothing over, and leave no lock behind.
+                    let check = if lease.previous().is_none() {
+                        lifecycle::tenant_exists(&self.store, id).await
+                    } else {
+                        Ok(true)
+                    };
+                    match check {
+                        Ok(true) => slot.state.lock().unwrap().exists_at = Instant::now(),
+                        Ok(false) => {
+                            drop(lease);
+                            if let Err(e) = self.store.delete(&slot.lock_key).await {
+                                warn!(customer_id = %id, error = %e, "could not remove the lock of a tenant deleted meanwhile");
+                            }
+                            drop(contender);
+                            self.forget_absent(id);
+                            return Route::NotFound(lifecycle::not_found_message(id));
+                        }
+                        Err(e) => {
+                            let _ = lease.release().await;
+                            return Route::Unavailable(format!(
+                                "customer {id}: cannot tell whether it exists: {e}"
+                            ));
+                        }
+                    }
                     // Keep the contender locked until the actor runs: no
                     // other path of this machine may acquire meanwhile.
                     let route = self.start_actor(id, &slot, lease).await;
@@ -372,11 +631,15 @@ impl Registry {
                     // Acquired while shutdown began: hand it straight back.
                     handle.stop();
                 }
-                let id = id.clone();
+                let (id, slot, metrics) = (id.clone(), slot.clone(), self.actor.metrics.clone());
                 tokio::spawn(async move {
                     if let Ok(exit) = task.await {
                         debug!(customer_id = %id, ?exit, "tenant actor ended");
                     }
+                    // Under the contender lock, so that no new actor of the
+                    // tenant is being started: its series stay.
+                    let _contender = slot.contender.lock().await;
+                    Self::clear_ended(&metrics, &id, &slot);
                 });
                 Route::Local(handle)
             }
@@ -421,6 +684,9 @@ impl Registry {
 
     /// A tenant this machine does not serve: find its holder, never acquire.
     async fn route_other(&self, id: &TenantId, fresh: bool) -> Route {
+        if self.recently_absent(id) {
+            return Route::NotFound(lifecycle::not_found_message(id));
+        }
         let slot = self.slot(id);
         let seen = self.read_lock_cached(&slot, fresh).await;
         if let Ok(Seen::Held(record)) = &seen
@@ -441,7 +707,16 @@ impl Registry {
             Ok(Seen::Held(record)) | Ok(Seen::Released(record)) => Route::Lookup {
                 last_holder: Some(record),
             },
-            Ok(Seen::Absent) | Ok(Seen::Unparsable) => Route::Lookup { last_holder: None },
+            Ok(Seen::Unparsable) => Route::Lookup { last_holder: None },
+            // No lock: a tenant that never had a holder, or none at all.
+            Ok(Seen::Absent) => match self.exists_uncached(id).await {
+                Ok(true) => Route::Lookup { last_holder: None },
+                Ok(false) => {
+                    self.forget(id);
+                    Route::NotFound(lifecycle::not_found_message(id))
+                }
+                Err(e) => Route::Unavailable(e),
+            },
             Err(e) => Route::Unavailable(e),
         }
     }
@@ -561,10 +836,77 @@ impl Registry {
         }
     }
 
-    pub fn status(&self) -> Vec<TenantStatus> {
+    /// Keeps requests for `id` away (404) while it is deleted through this
+    /// machine, and stops this machine's actor for it: its last batch is
+    /// committed and its lease released, so the deleter can take it. The
+    /// mark goes when the guard drops.
+    pub async fn begin_delete(self: &Arc<Self>, id: &TenantId) -> DeleteGuard {
+        self.deleting.lock().unwrap().insert(id.clone());
+        let guard = DeleteGuard {
+            registry: self.clone(),
+            id: id.clone(),
+        };
+        let slot = self.known_slot(id);
+        if let Some(slot) = slot {
+            // Waits for an acquisition in progress; none starts after it.
+            let _contender = slot.contender.lock().await;
+            let handle = slot.state.lock().unwrap().handle.clone();
+            if let Some(handle) = handle {
+                handle.stop();
+                handle.ended().await;
+                Self::clear_ended(&self.actor.metrics, id, &slot);
+            }
+        }
+        guard
+    }
+
+    /// Forgets an actor that has ended; call with the contender locked, so
+    /// that no new actor of the tenant is being started (its series stay).
+    fn clear_ended(metrics: &crate::metrics::Metrics, id: &TenantId, slot: &Slot) {
+        let mut state = slot.state.lock().unwrap();
+        if state.handle.as_ref().is_some_and(|h| !h.is_alive()) {
+            state.handle = None;
+            // A tenant no longer held leaves no series behind (thousands
+            // of tenants pass through a machine).
+            let _ = metrics.lease_holder.remove_label_values(&[id.as_str()]);
+            let _ = metrics.lease_epoch.remove_label_values(&[id.as_str()]);
+        }
+    }
+
+    /// Is this machine holding the tenant right now?
+    pub fn holds(&self, id: &TenantId) -> bool {
+        self.known_slot(id)
+            .is_some_and(|slot| Self::live_handle(&slot).is_some())
+    }
+
+    /// The live holder named by the tenant's lock, when it is another
+    /// machine (read from the store, not from a cache).
+    pub async fn other_holder(&self, id: &TenantId) -> Result<Option<LockRecord>, String> {
+        let state = read_lock(&self.store, &keys::lock(id.as_str()))
+            .await
+            .map_err(|e| format!("cannot read {}: {e}", keys::lock(id.as_str())))?;
+        Ok(match state {
+            LockState::Held { record, .. }
+                if record.holder != self.config.machine_id && self.looks_live(&record) =>
+            {
+                Some(record)
+            }
+            _ => None,
+        })
+    }
+
+    /// This machine's session, for a deleter acting for it (its lease
+    /// must live by this machine's heartbeat, not start a rival one).
+    pub fn lease_settings(&self) -> Session {
+        self.session.clone()
+    }
+
+    /// Held tenants only (`all`: every tenant this machine remembers).
+    pub fn status(&self, all: bool) -> Vec<TenantStatus> {
         let slots = self.slots.lock().unwrap();
         let mut out: Vec<TenantStatus> = slots
             .iter()
+            .filter(|(_, slot)| all || Self::is_held(slot))
             .map(|(id, slot)| {
                 let state = slot.state.lock().unwrap();
                 match (&state.handle, &state.seen) {
@@ -597,5 +939,231 @@ impl Registry {
             .collect();
         out.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
         out
+    }
+}
+
+/// Marks a tenant as being deleted through this machine; see
+/// [`Registry::begin_delete`].
+pub struct DeleteGuard {
+    registry: Arc<Registry>,
+    id: TenantId,
+}
+
+impl DeleteGuard {
+    /// The tenant is gone: forget it, and answer 404 without asking the
+    /// store for a moment.
+    pub fn deleted(&self) {
+        self.registry.forget_absent(&self.id);
+    }
+}
+
+impl Drop for DeleteGuard {
+    fn drop(&mut self) {
+        self.registry.deleting.lock().unwrap().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::store::{InstrumentedStore, MemoryStore};
+    use crate::tenant::Op;
+    use crate::tenant::lifecycle::Deleter;
+
+    struct Fixture {
+        memory: Arc<MemoryStore>,
+        metrics: Metrics,
+        registry: Arc<Registry>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture(config: impl FnOnce(&mut RegistryConfig)) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = Arc::new(MemoryStore::new());
+        let metrics = Metrics::new();
+        let store: DynStore = Arc::new(InstrumentedStore::new(memory.clone(), metrics.clone()));
+        let mut registry_config =
+            RegistryConfig::new("m1", "127.0.0.1:1", Duration::from_secs(2), None);
+        config(&mut registry_config);
+        let registry = Registry::new(
+            registry_config,
+            ActorContext::new(store, metrics.clone(), "m1".into(), dir.path().into()),
+        );
+        Fixture {
+            memory,
+            metrics,
+            registry,
+            _dir: dir,
+        }
+    }
+
+    fn id(text: &str) -> TenantId {
+        TenantId::parse(text).unwrap()
+    }
+
+    fn store_writes(metrics: &Metrics) -> u64 {
+        let text = metrics.render();
+        text.lines()
+            .filter(|l| l.starts_with("tenantd_store_requests_total{"))
+            .filter(|l| l.contains("op=\"put") || l.contains("op=\"delete"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    async fn increment(registry: &Arc<Registry>, tenant: &TenantId) -> u64 {
+        match registry.route(tenant, false).await {
+            Route::Local(handle) => {
+                handle
+                    .call(Op::Increment {
+                        idempotency_key: None,
+                    })
+                    .await
+                    .unwrap()
+                    .count
+            }
+            other => panic!("expected to hold {tenant}, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_tenants_are_not_found_write_nothing_and_leave_no_slot() {
+        let f = fixture(|_| {});
+        for n in 0..50 {
+            let tenant = id(&format!("nobody-{n}"));
+            match f.registry.route(&tenant, n % 2 == 0).await {
+                Route::NotFound(message) => {
+                    assert!(message.contains("does not exist"), "{message}");
+                    assert!(message.contains("tenantd tenants create"), "{message}");
+                }
+                other => panic!("expected NotFound, got {other:?}"),
+            }
+        }
+        assert!(f.memory.keys().is_empty(), "{:?}", f.memory.keys());
+        assert_eq!(store_writes(&f.metrics), 0);
+        assert_eq!(f.registry.known_tenants(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_created_tenant_is_served_and_its_series_go_when_it_is_released() {
+        let f = fixture(|_| {});
+        let tenant = id("42");
+        assert!(matches!(
+            f.registry.route(&tenant, false).await,
+            Route::NotFound(_)
+        ));
+        lifecycle::create(f.registry.store(), &tenant)
+            .await
+            .unwrap();
+        f.registry.created(&tenant);
+        assert_eq!(increment(&f.registry, &tenant).await, 1);
+        assert!(f.metrics.render().contains("customer_id=\"42\""));
+        assert_eq!(f.registry.status(false).len(), 1);
+        f.registry.begin_delete(&tenant).await;
+        // The actor released; its watcher forgets it under the contender lock.
+        let mut tries = 0;
+        while f.metrics.render().contains("customer_id=\"42\"") {
+            tries += 1;
+            assert!(tries < 200, "series still there: {}", f.metrics.render());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(f.registry.status(false).is_empty(), "only held tenants");
+        assert_eq!(f.registry.status(true).len(), 1, "all known tenants");
+    }
+
+    #[tokio::test]
+    async fn create_on_first_request_creates_in_pool_mode() {
+        let f = fixture(|c| c.create_on_first_request = true);
+        let tenant = id("demo");
+        assert_eq!(increment(&f.registry, &tenant).await, 1);
+        assert!(f.memory.keys().contains(&keys::database("demo")));
+    }
+
+    #[tokio::test]
+    async fn slots_of_tenants_not_held_are_pruned_to_the_bound() {
+        let f = fixture(|c| {
+            c.max_known_tenants = 20;
+            c.max_tenants = 5;
+        });
+        for n in 0..60 {
+            let tenant = id(&format!("t{n}"));
+            lifecycle::create(f.registry.store(), &tenant)
+                .await
+                .unwrap();
+            increment(&f.registry, &tenant).await;
+            assert!(
+                f.registry.known_tenants() <= 20,
+                "{} known after {n}",
+                f.registry.known_tenants()
+            );
+        }
+        let held = f.registry.status(false).len();
+        assert!((1..=5).contains(&held), "held {held}");
+    }
+
+    #[tokio::test]
+    async fn a_tenant_deleted_while_known_is_not_recreated() {
+        let f = fixture(|_| {});
+        let tenant = id("gone");
+        lifecycle::create(f.registry.store(), &tenant)
+            .await
+            .unwrap();
+        assert_eq!(increment(&f.registry, &tenant).await, 1);
+        // Deleted through this machine: its actor stops first.
+        let guard = f.registry.begin_delete(&tenant).await;
+        assert!(matches!(
+            f.registry.route(&tenant, false).await,
+            Route::NotFound(_)
+        ));
+        let deleter = Deleter {
+            lease: f.registry.lease_settings(),
+            wait: Duration::from_secs(5),
+        };
+        let deleted = lifecycle::delete(f.registry.store(), &tenant, &deleter)
+            .await
+            .unwrap();
+        assert_eq!(deleted, lifecycle::Deleted::Deleted);
+        guard.deleted();
+        drop(guard);
+        assert!(f.memory.keys().is_empty(), "{:?}", f.memory.keys());
+        let writes = store_writes(&f.metrics);
+        for fresh in [false, true] {
+            assert!(matches!(
+                f.registry.route(&tenant, fresh).await,
+                Route::NotFound(_)
+            ));
+        }
+        assert!(f.memory.keys().is_empty(), "{:?}", f.memory.keys());
+        assert_eq!(store_writes(&f.metrics), writes, "{}", f.metrics.render());
+    }
+
+    /// Deleted by someone else (the CLI) while this machine still knows
+    /// the tenant: the takeover finds no database under its new lease and
+    /// leaves nothing behind.
+    #[tokio::test]
+    async fn a_tenant_deleted_elsewhere_is_not_recreated_by_a_takeover() {
+        let f = fixture(|_| {});
+        let tenant = id("elsewhere");
+        lifecycle::create(f.registry.store(), &tenant)
+            .await
+            .unwrap();
+        assert_eq!(increment(&f.registry, &tenant).await, 1);
+        drop(f.registry.begin_delete(&tenant).await);
+        let deleter = Deleter {
+            lease: Session::new(
+                f.registry.store().clone(),
+                LeaseConfig::new("tenantd-cli-test", "cli", Duration::from_secs(2)),
+            ),
+            wait: Duration::from_secs(5),
+        };
+        let deleted = lifecycle::delete(f.registry.store(), &tenant, &deleter)
+            .await
+            .unwrap();
+        assert_eq!(deleted, lifecycle::Deleted::Deleted);
+        assert!(matches!(
+            f.registry.route(&tenant, false).await,
+            Route::NotFound(_)
+        ));
+        assert!(f.memory.keys().is_empty(), "{:?}", f.memory.keys());
     }
 }

@@ -117,6 +117,34 @@ impl Setup {
         m
     }
 
+    /// Runs `tenantd tenants <args>` on this setup's store, as an operator
+    /// would: (exit code, stdout, stderr).
+    pub fn tenants(&self, args: &[&str]) -> (i32, String, String) {
+        let output = Command::new(BIN)
+            .arg("tenants")
+            .args(args)
+            .arg("--store")
+            .arg(&self.store)
+            .envs(self.env.iter().cloned())
+            .env_remove("BUCKET_NAME")
+            .env_remove("TENANTD_STORE")
+            .output()
+            .expect("run tenantd tenants");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Creates the tenants with `tenantd tenants create`.
+    pub fn create_tenants(&self, ids: &[&str]) {
+        let mut args = vec!["create"];
+        args.extend_from_slice(ids);
+        let (code, out, err) = self.tenants(&args);
+        assert_eq!(code, 0, "tenants create failed:\n{out}\n{err}");
+    }
+
     pub fn lock(&self, customer: &str) -> Option<Value> {
         self.object(&format!("customer/{customer}/machine.lock"))
             .map(|b| serde_json::from_slice(&b).expect("lock is JSON"))
@@ -129,17 +157,37 @@ impl Setup {
             .join("db.sqlite3")
     }
 
-    /// The count in the stored database, read with SQLite itself.
-    /// The count in the stored database, downloaded and read with SQLite.
-    pub fn stored_count(&self, customer: &str) -> i64 {
-        let bytes = self
-            .object(&format!("customer/{customer}/db.sqlite3"))
-            .expect("db.sqlite3 exists");
+    /// The tenant's database as the store holds it (snapshot and log),
+    /// rebuilt by `tenantd restore`: what a new holder would start from.
+    pub fn stored_db(&self, customer: &str) -> PathBuf {
         let copy = self.root.join(format!(
-            "downloaded-{customer}-{}.sqlite3",
+            "restored-{customer}-{}.sqlite3",
             uuid::Uuid::new_v4().simple()
         ));
-        std::fs::write(&copy, bytes).unwrap();
+        let out = Command::new(BIN)
+            .args([
+                "restore",
+                "--store",
+                &self.store,
+                "--customer-id",
+                customer,
+                "--output",
+            ])
+            .arg(&copy)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("tenantd restore runs");
+        assert!(
+            out.status.success(),
+            "tenantd restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        copy
+    }
+
+    /// The count in the stored database, rebuilt and read with SQLite.
+    pub fn stored_count(&self, customer: &str) -> i64 {
+        let copy = self.stored_db(customer);
         let conn = rusqlite::Connection::open_with_flags(
             &copy,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,

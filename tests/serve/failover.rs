@@ -11,11 +11,11 @@ use crate::cluster::{FlyClient, Setup, eventually};
 use crate::routing::holder_of;
 
 /// Acknowledged counts per client, in the order each client saw them.
-type History = Arc<Mutex<BTreeMap<usize, Vec<u64>>>>;
+pub(crate) type History = Arc<Mutex<BTreeMap<usize, Vec<u64>>>>;
 
 /// What concurrent clients recorded: counts per client, the instants of
 /// every success, the failures, and the client tasks.
-type Traffic = (
+pub(crate) type Traffic = (
     History,
     Arc<Mutex<Vec<Instant>>>,
     Arc<Mutex<Vec<String>>>,
@@ -24,7 +24,7 @@ type Traffic = (
 
 /// Runs `clients` loops of increments until `stop`; returns their history
 /// and the instants of every success.
-fn traffic(
+pub(crate) fn traffic(
     client: &FlyClient,
     clients: usize,
     ids: Vec<String>,
@@ -89,7 +89,7 @@ fn traffic(
     (history, successes, failures, tasks)
 }
 
-fn check_history(history: &History, final_count: i64) {
+pub(crate) fn check_history(history: &History, final_count: i64) {
     let history = history.lock().unwrap();
     let mut all: Vec<u64> = history.values().flatten().copied().collect();
     let acked = all.len();

@@ -280,6 +280,7 @@ async fn a_database_object_that_is_not_sqlite_is_reported_and_never_overwritten(
 async fn pool_mode_releases_idle_tenants_and_the_least_recently_used() {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::file_store(dir.path());
+    setup.create_tenants(&["1", "2", "3"]);
     let m = setup.machine(
         "a0000000000l01",
         None,

@@ -3,8 +3,10 @@
 //! the S3 path).
 
 mod cluster;
+mod commit_log;
 mod failover;
 mod input;
+mod lifecycle;
 mod pipeline;
 mod routing;
 mod sql;

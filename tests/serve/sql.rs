@@ -28,17 +28,10 @@ async fn post_sql(m: &Machine, customer: &str, body: &Value, token: Option<&str>
     (status, reply.json().await.unwrap_or(Value::Null))
 }
 
-/// Rows of `sql` in the tenant's database as stored (downloaded and
-/// opened with SQLite).
+/// Rows of `sql` in the tenant's database as stored (rebuilt by
+/// `tenantd restore` and opened with SQLite).
 fn stored_rows(setup: &Setup, customer: &str, sql: &str) -> Vec<Vec<String>> {
-    let bytes = setup
-        .object(&format!("customer/{customer}/db.sqlite3"))
-        .expect("db.sqlite3 exists");
-    let copy = setup.root.join(format!(
-        "sql-check-{}.sqlite3",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::write(&copy, bytes).unwrap();
+    let copy = setup.stored_db(customer);
     let conn = rusqlite::Connection::open(&copy).unwrap();
     let mut stmt = conn.prepare(sql).unwrap();
     let columns = stmt.column_count();

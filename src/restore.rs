@@ -1,0 +1,308 @@
+//! `tenantd restore`: a tenant's database as of any commit still kept
+//! (`--retention`), written to a file, or made the tenant's current state.
+//!
+//! In place, the restore is a commit like any other: it takes the tenant's
+//! lease, fences the log like a new holder, appends the difference between
+//! the current state and the restored one as the next slot, writes the
+//! snapshot and releases. Nothing acknowledged later is dropped silently:
+//! it says which commits it rolls back and waits for `--yes`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::TenantId;
+use crate::lease::{Acquire, Contender, LeaseConfig, Session};
+use crate::store::{
+    DynStore, FaultConfig, Precondition, StoreUrl, keys, open_store, retry::RetryPolicy,
+};
+use crate::tenant::delta::{self, Delta, Kind, PageSums};
+use crate::tenant::log::{self, LogError, Materialized, Until, WINDOW};
+
+#[derive(Args, Clone, Debug)]
+pub struct RestoreArgs {
+    /// The tenant to restore.
+    #[arg(long, env = "CUSTOMER_ID")]
+    pub customer_id: String,
+
+    /// The commit to restore to: an RFC 3339 time (the last commit at or
+    /// before it) or a log slot number [default: the newest commit].
+    #[arg(long)]
+    pub at: Option<String>,
+
+    /// Write the database to this file (a plain SQLite file).
+    #[arg(long, required_unless_present = "in_place")]
+    pub output: Option<PathBuf>,
+
+    /// Make the restored state the tenant's current state, as a new commit
+    /// under the tenant's lease.
+    #[arg(long, conflicts_with = "output")]
+    pub in_place: bool,
+
+    /// Confirm an in-place restore that rolls commits back.
+    #[arg(long)]
+    pub yes: bool,
+
+    /// Object store, as for `tenantd serve`.
+    #[arg(long, env = "TENANTD_STORE")]
+    pub store: Option<StoreUrl>,
+
+    /// How long an in-place restore waits for the tenant's holder to let go.
+    #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
+    pub wait: Duration,
+}
+
+/// Parses `--at`: a slot number or an RFC 3339 time.
+pub fn parse_at(text: Option<&str>) -> anyhow::Result<Until> {
+    let Some(text) = text else {
+        return Ok(Until::End);
+    };
+    if let Ok(seq) = text.parse::<u64>() {
+        return Ok(Until::Seq(seq));
+    }
+    let time = chrono::DateTime::parse_from_rfc3339(text).with_context(|| {
+        format!(
+            "--at {text:?} is neither a slot number nor an RFC 3339 time (2026-11-30T12:00:00Z)"
+        )
+    })?;
+    let ms = time.timestamp_millis();
+    if ms < 0 {
+        bail!("--at {text:?} is before 1970");
+    }
+    Ok(Until::Time(ms as u64))
+}
+
+pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
+    let id = TenantId::parse(&args.customer_id)
+        .map_err(|e| anyhow::anyhow!("--customer-id {:?}: {e}", args.customer_id))?;
+    let until = parse_at(args.at.as_deref())?;
+    let url = crate::config::store_url(args.store.as_ref()).map_err(anyhow::Error::msg)?;
+    let (store, _) = open_store(&url, FaultConfig::default(), RetryPolicy::default(), None)
+        .await
+        .with_context(|| format!("opening the store {url}"))?;
+    if let Some(output) = &args.output {
+        let done = materialize_retrying(&store, id.as_str(), output, until).await?;
+        println!(
+            "customer {id}: wrote {} as of slot {} ({} from {} and {} deltas{})",
+            output.display(),
+            done.seq,
+            describe_until(until),
+            done.base,
+            done.deltas,
+            done.last_committed_at_ms
+                .map(|ms| format!(", last commit at {}", rfc3339(ms)))
+                .unwrap_or_default(),
+        );
+        return Ok(());
+    }
+    in_place(&store, &id, until, &args).await
+}
+
+fn describe_until(until: Until) -> String {
+    match until {
+        Until::End => "the newest commit".into(),
+        Until::Seq(seq) => format!("--at slot {seq}"),
+        Until::Time(ms) => format!("--at {}", rfc3339(ms)),
+    }
+}
+
+fn rfc3339(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// [`log::materialize`], read again when a compaction removed what it
+/// was reading.
+pub async fn materialize_retrying(
+    store: &DynStore,
+    id: &str,
+    path: &Path,
+    until: Until,
+) -> anyhow::Result<Materialized> {
+    let mut attempt = 0;
+    loop {
+        match log::materialize(store, id, path, until).await {
+            Ok(done) => {
+                let owned = path.to_path_buf();
+                tokio::task::spawn_blocking(move || check_database(&owned)).await??;
+                return Ok(done);
+            }
+            Err(LogError::Raced(why)) if attempt < 5 => {
+                attempt += 1;
+                tracing::info!(why, "the log changed while it was read; reading it again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => bail!("customer {id}: {e}"),
+        }
+    }
+}
+
+/// Leaves a plain SQLite file (no WAL beside it) that passes
+/// `PRAGMA integrity_check`.
+fn check_database(path: &Path) -> anyhow::Result<()> {
+    let conn =
+        rusqlite::Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        bail!("{} fails PRAGMA integrity_check: {check}", path.display());
+    }
+    Ok(())
+}
+
+fn count_of(path: &Path) -> Option<i64> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    conn.query_row("SELECT count FROM welcome", [], |r| r.get(0))
+        .ok()
+}
+
+async fn in_place(
+    store: &DynStore,
+    id: &TenantId,
+    until: Until,
+    args: &RestoreArgs,
+) -> anyhow::Result<()> {
+    if matches!(until, Until::End) {
+        bail!("--in-place needs --at: restoring the newest commit in place changes nothing");
+    }
+    let scratch = tempfile_dir()?;
+    let (current, target) = (
+        scratch.join("current.sqlite3"),
+        scratch.join("target.sqlite3"),
+    );
+    let wanted = materialize_retrying(store, id.as_str(), &target, until).await?;
+    // Hold the lease: no machine serves the tenant while it is rewritten.
+    let machine = format!(
+        "restore-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let config = LeaseConfig::new(machine.clone(), "restore", Duration::from_secs(10));
+    let session = Session::new(store.clone(), config);
+    let mut contender = Contender::new(store.clone(), keys::lock(id.as_str()), session);
+    let until_time = tokio::time::Instant::now() + args.wait;
+    let lease = match contender.acquire_until(until_time).await? {
+        Acquire::Acquired(lease) => lease,
+        Acquire::HeldBy { record, .. } => bail!(
+            "customer {id} is held by machine {} and it did not let go within {:?}; stop it (or scale the tenant to zero) and run this again",
+            record.holder,
+            args.wait
+        ),
+        Acquire::Unknown { .. } => bail!(
+            "customer {id}'s machine.lock cannot be parsed and did not go stale within {:?}",
+            args.wait
+        ),
+    };
+    let result = rewrite(store, id, &lease, &current, &target, &wanted, args).await;
+    let released = lease.release().await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    result?;
+    released.context("releasing the tenant's lease")?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn rewrite(
+    store: &DynStore,
+    id: &TenantId,
+    lease: &crate::lease::Lease,
+    current: &Path,
+    target: &Path,
+    wanted: &Materialized,
+    args: &RestoreArgs,
+) -> anyhow::Result<()> {
+    let now = materialize_retrying(store, id.as_str(), current, Until::End).await?;
+    let rolled_back = now.seq.saturating_sub(wanted.seq);
+    println!(
+        "customer {id}: now at slot {} (count {}); restoring slot {} (count {}) rolls back {} slot(s) of commits after it",
+        now.seq,
+        count_of(current).map_or("?".into(), |c| c.to_string()),
+        wanted.seq,
+        count_of(target).map_or("?".into(), |c| c.to_string()),
+        rolled_back,
+    );
+    if !args.yes {
+        bail!(
+            "nothing written: run again with --yes to make slot {} the current state",
+            wanted.seq
+        );
+    }
+    let epoch = lease.epoch();
+    // Fence like a new holder: a machine that lost the tenant without
+    // releasing it may still be uploading.
+    let listed = log::list_slots(store, id.as_str(), now.seq).await?;
+    let stray: Vec<u64> = listed.iter().map(|(s, _)| *s).collect();
+    let empty = (now.seq + 1..=now.seq + WINDOW).filter(|s| !stray.contains(s));
+    log::fence(store, id.as_str(), epoch, &lease.record().holder, empty).await?;
+    let seq = now.seq + WINDOW + 1;
+    let (cur, tgt) = (current.to_path_buf(), target.to_path_buf());
+    let (pre, post, db_pages, pages, page_size, body) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let pre = PageSums::of_file(&cur)?;
+            let post = PageSums::of_file(&tgt)?;
+            let (db_pages, pages) = delta::diff_files(&cur, &tgt)?;
+            let page_size = pages.first().map_or(4096, |(_, p)| p.len() as u32);
+            let body = std::fs::read(&tgt)?;
+            Ok((
+                pre.checksum(),
+                post.checksum(),
+                db_pages,
+                pages,
+                page_size,
+                body,
+            ))
+        })
+        .await??;
+    let delta = Delta {
+        kind: Kind::Delta,
+        epoch,
+        seq,
+        committed_at_ms: log::unix_ms(SystemTime::now()),
+        page_size,
+        db_pages,
+        pre_checksum: pre,
+        post_checksum: post,
+        pages,
+    };
+    let holder = lease.record().holder;
+    store
+        .put(
+            &keys::log_slot(id.as_str(), seq),
+            delta.encode(),
+            log::slot_metadata(epoch, seq, &holder),
+            Precondition::IfAbsent,
+        )
+        .await
+        .with_context(|| format!("writing the restore as slot {seq}"))?;
+    // The snapshot too, so that the tenant's db.sqlite3 is the restored
+    // state right away.
+    let key = keys::database(id.as_str());
+    let known = match store.head(&key).await? {
+        Some(meta) => log::describe_snapshot(&key, meta.etag, &meta.metadata)?,
+        None => bail!("{key} disappeared during the restore"),
+    };
+    let job = log::Compaction {
+        id: id.to_string(),
+        seq,
+        epoch,
+        checksum: post,
+        body: body.into(),
+        holder,
+    };
+    log::compact(store, &known, job, &log::Retention::default()).await?;
+    println!(
+        "customer {id}: restored slot {} as slot {seq}; rolled back {rolled_back} slot(s)",
+        wanted.seq
+    );
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir =
+        std::env::temp_dir().join(format!("tenantd-restore-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}

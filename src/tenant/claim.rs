@@ -1,0 +1,453 @@
+//! Taking a tenant over: rebuild its database from the snapshot and the
+//! log, fence off whatever a deposed holder may still upload, and open the
+//! working copy.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::TenantError;
+use super::actor::ActorContext;
+use super::copy::WorkingCopy;
+use super::db::{Corrupt, Db};
+use super::delta::PageSums;
+use super::log::{self, LogError, Snapshot, Until, WINDOW};
+use crate::TenantId;
+use crate::lease::Lease;
+use crate::store::{Precondition, StoreError, keys, transfer_allowance};
+
+/// A tenant taken over.
+pub struct Claimed {
+    pub copy: WorkingCopy,
+    pub count: u64,
+    pub snapshot: Snapshot,
+    /// The first slot this holder writes.
+    pub next_slot: u64,
+    /// Deltas (and their bytes) after the snapshot.
+    pub since_snapshot: (u64, u64),
+}
+
+/// Where the body to start from came from.
+enum Source {
+    /// `db.sqlite3` in the commit-log format.
+    Snapshot,
+    /// `db.sqlite3` written before the commit log, the original app's copy,
+    /// or nothing (a new tenant): converted by writing a snapshot at once.
+    Convert {
+        key: String,
+        condition: Precondition,
+    },
+}
+
+/// Rebuilds the tenant's database at `path` and claims it for `lease`.
+/// Retried from the start when the log moves under it (a late upload of
+/// the previous holder, a compaction).
+pub async fn claim(
+    id: &TenantId,
+    ctx: &ActorContext,
+    lease: &Lease,
+    path: &Path,
+) -> Result<Claimed, TenantError> {
+    let key = keys::database(id.as_str());
+    let mut deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if !lease.is_valid() || Instant::now() > deadline {
+            return Err(TenantError::NotHolder);
+        }
+        match attempt(id, ctx, lease, path, &key, &mut deadline).await {
+            Ok(claimed) => return Ok(claimed),
+            Err(Attempt::Again(why)) => {
+                warn!(customer_id = %id, why, "the tenant's objects changed while taking over; reading them again");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(Attempt::Failed(e)) => return Err(e),
+        }
+    }
+}
+
+enum Attempt {
+    Again(String),
+    Failed(TenantError),
+}
+
+impl Attempt {
+    fn from_log(id: &TenantId, e: LogError) -> Attempt {
+        match e {
+            LogError::Raced(why) => Attempt::Again(why),
+            LogError::Corrupt(why) => Attempt::Failed(TenantError::Corrupt(format!(
+                "customer {id}: {why}; tenantd will not overwrite anything of this tenant"
+            ))),
+            LogError::Store(e) => Attempt::Failed(unavailable(id, e)),
+            LogError::Local(why) => {
+                Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {why}")))
+            }
+        }
+    }
+}
+
+fn unavailable(id: &TenantId, e: StoreError) -> TenantError {
+    TenantError::Unavailable(format!(
+        "customer {id}: the store failed while taking over: {e}"
+    ))
+}
+
+async fn attempt(
+    id: &TenantId,
+    ctx: &ActorContext,
+    lease: &Lease,
+    path: &Path,
+    key: &str,
+    deadline: &mut Instant,
+) -> Result<Claimed, Attempt> {
+    let store = &ctx.store;
+    let failed = |e: StoreError| Attempt::Failed(unavailable(id, e));
+    // A commit-log snapshot: list and fetch the log after it while the
+    // snapshot downloads (cold start ~ the download, not download + log).
+    let head = store.head(key).await.map_err(failed)?;
+    let early = match &head {
+        Some(meta) if meta.metadata.contains_key(log::FORMAT_KEY) => Some(
+            log::describe_snapshot(key, meta.etag.clone(), &meta.metadata)
+                .map_err(|e| Attempt::from_log(id, e))?,
+        ),
+        _ => None,
+    };
+    let (object, mut plan) = match &early {
+        Some(snapshot) => {
+            let (object, plan) = tokio::join!(
+                store.get(key),
+                log::plan(store, id.as_str(), snapshot, Until::End)
+            );
+            (object, Some(plan))
+        }
+        None if head.is_some() => (store.get(key).await, None),
+        // Absent a moment ago: a new tenant (a creation racing this one
+        // makes the conversion's If-None-Match fail, and this read again).
+        None => (Ok(None), None),
+    };
+    let object = object.map_err(failed)?;
+    if let (Some(meta), Some(object)) = (&head, &object)
+        && meta.etag != object.etag
+    {
+        return Err(Attempt::Again(format!("{key} changed while it was read")));
+    }
+    let (body, snapshot, source, recorded) = match object {
+        Some(object) => {
+            // SQLite would open an empty file as a new, empty database:
+            // starting the tenant over silently is the one thing not to do.
+            if object.body.is_empty() {
+                return Err(Attempt::Failed(corrupt(id, key, "the object is empty")));
+            }
+            *deadline += transfer_allowance(object.body.len() as u64);
+            let snapshot = log::describe_snapshot(key, object.etag.clone(), &object.metadata)
+                .map_err(|e| Attempt::from_log(id, e))?;
+            let recorded = log::recorded_checksum(key, &object.metadata)
+                .map_err(|e| Attempt::from_log(id, e))?;
+            let source = match snapshot.legacy {
+                false => Source::Snapshot,
+                true => Source::Convert {
+                    key: key.to_string(),
+                    condition: Precondition::IfMatch(object.etag),
+                },
+            };
+            (Some(object.body), snapshot, source, recorded)
+        }
+        None => {
+            let stray = log::list_slots(store, id.as_str(), 0)
+                .await
+                .map_err(|e| Attempt::from_log(id, e))?;
+            if let Some((seq, _)) = stray.first() {
+                return Err(Attempt::Failed(TenantError::Corrupt(format!(
+                    "customer {id}: {} exists but the snapshot {key} does not (an interrupted delete?); finish it with `tenantd tenants delete {id}` or restore {key}",
+                    keys::log_slot(id.as_str(), *seq)
+                ))));
+            }
+            let legacy = keys::legacy_database(id.as_str());
+            let body = store.get(&legacy).await.map_err(failed)?.map(|o| o.body);
+            if body.is_some() {
+                info!(customer_id = %id, legacy_key = %legacy, "importing the original app's database");
+            }
+            let snapshot = Snapshot {
+                etag: None,
+                seq: 0,
+                epoch: 0,
+                legacy: true,
+            };
+            let source = Source::Convert {
+                key: legacy,
+                condition: Precondition::IfAbsent,
+            };
+            (body, snapshot, source, None)
+        }
+    };
+    // Writing and hashing a database of any size is work for a blocking
+    // thread, not for a runtime worker that lease renewals need.
+    let owned = path.to_path_buf();
+    let sums = blocking(move || {
+        remove_copy(&owned);
+        if let Some(body) = body {
+            std::fs::write(&owned, &body)
+                .map_err(|e| format!("cannot write the working copy {}: {e}", owned.display()))?;
+        }
+        // The file was written: what cannot be read as pages is the
+        // object's fault.
+        Ok(PageSums::of_file(&owned).map_err(|e| e.to_string()))
+    })
+    .await
+    .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?;
+    let mut sums = match sums {
+        Ok(sums) => sums,
+        Err(reason) => {
+            let source = match &source {
+                Source::Snapshot => key,
+                Source::Convert { key, .. } => key,
+            };
+            return Err(Attempt::Failed(corrupt(
+                id,
+                source,
+                &format!("not a SQLite database: {reason}"),
+            )));
+        }
+    };
+    if let Some(recorded) = recorded
+        && recorded != sums.checksum()
+    {
+        return Err(Attempt::Failed(corrupt(
+            id,
+            key,
+            &format!(
+                "checksum mismatch: its metadata says {recorded:016x}, its pages give {:016x}",
+                sums.checksum()
+            ),
+        )));
+    }
+    let epoch = lease.epoch();
+    let (applied, next_slot, since) = match &source {
+        Source::Snapshot => {
+            // A deposed holder may compact while this takeover reads: its
+            // snapshot write comes before its deletes, so a log that looks
+            // broken, or a snapshot that changed by the time the fences
+            // are in, means "read again", not "corrupt".
+            let recheck = async || -> Result<(), Attempt> {
+                let now = store.head(key).await.map_err(failed)?;
+                match now {
+                    Some(meta) if Some(&meta.etag) == snapshot.etag.as_ref() => Ok(()),
+                    _ => Err(Attempt::Again(format!(
+                        "{key} was rewritten while the tenant was taken over"
+                    ))),
+                }
+            };
+            let planned = match plan.take() {
+                Some(plan) => plan,
+                None => log::plan(store, id.as_str(), &snapshot, Until::End).await,
+            };
+            let replayed = match planned {
+                Ok(plan) => {
+                    log::replay_planned(
+                        store,
+                        id.as_str(),
+                        path,
+                        &snapshot,
+                        &mut sums,
+                        Until::End,
+                        plan,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            let replayed = match replayed {
+                Ok(replayed) => replayed,
+                Err(e @ LogError::Corrupt(_)) => {
+                    recheck().await?;
+                    return Err(Attempt::from_log(id, e));
+                }
+                Err(e) => return Err(Attempt::from_log(id, e)),
+            };
+            let end = replayed.contiguous_end;
+            let clean = lease.previous().is_some_and(|r| r.released);
+            if clean && let Some(stray) = replayed.stray.first() {
+                recheck().await?;
+                // A holder releases only once all its uploads are settled:
+                // after a clean release the log has no holes to fence.
+                return Err(Attempt::Failed(TenantError::Corrupt(format!(
+                    "customer {id}: gap in the log: {} is missing while {} exists, and the last holder released cleanly; restore the missing object, or make the state before the gap current with `tenantd restore --customer-id {id} --at {end} --in-place --yes`",
+                    keys::log_slot(id.as_str(), end + 1),
+                    keys::log_slot(id.as_str(), *stray),
+                ))));
+            }
+            let next = if clean {
+                end + 1
+            } else {
+                // The previous holder may still be uploading: take every
+                // slot it could reach.
+                let empty = (end + 1..=end + WINDOW).filter(|s| !replayed.stray.contains(s));
+                log::fence(store, id.as_str(), epoch, &ctx.machine_id, empty)
+                    .await
+                    .map_err(|e| Attempt::from_log(id, e))?;
+                info!(customer_id = %id, from = end + 1, to = end + WINDOW, "fenced the log after a takeover");
+                end + WINDOW + 1
+            };
+            // After the fences, the old holder can confirm nothing past
+            // `end`, so it can compact nothing newer than what was read: a
+            // snapshot unchanged now means nothing read was compacted away.
+            recheck().await?;
+            (
+                replayed.applied,
+                next,
+                (replayed.deltas, replayed.delta_bytes),
+            )
+        }
+        Source::Convert { .. } => (snapshot.seq, snapshot.seq + 1, (0, 0)),
+    };
+    let (owned, source_key) = (
+        path.to_path_buf(),
+        match &source {
+            Source::Snapshot => key.to_string(),
+            Source::Convert { key, .. } => key.clone(),
+        },
+    );
+    let owned_id = id.clone();
+    let converting = matches!(source, Source::Convert { .. });
+    let copy = blocking(move || {
+        open_and_claim(
+            &owned_id,
+            &owned,
+            &source_key,
+            epoch,
+            sums,
+            applied,
+            converting,
+        )
+    })
+    .await
+    .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?
+    .map_err(Attempt::Failed)?;
+    let mut copy = copy;
+    let count = copy
+        .db
+        .count()
+        .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?;
+    let Source::Convert { condition, .. } = source else {
+        return Ok(Claimed {
+            copy,
+            count,
+            snapshot,
+            next_slot,
+            since_snapshot: since,
+        });
+    };
+    // Converted once, by writing the database back as a commit-log
+    // snapshot under the old fencing (If-Match on the object a writer of
+    // the old format would write next): after this, no such writer can
+    // write again.
+    let (copy_back, job) = blocking(move || {
+        copy.capture(epoch, applied, log::unix_ms(std::time::SystemTime::now()))
+            .and_then(|_| copy.snapshot().map_err(|e| e.to_string()))
+            .map(|job| (copy, job))
+    })
+    .await
+    .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?;
+    copy = copy_back;
+    let (seq, body, checksum) = job;
+    let metadata = log::snapshot_metadata(epoch, seq, checksum, &ctx.machine_id);
+    let written = ctx.metrics.upload_bytes.with_label_values(&["snapshot"]);
+    let len = body.len() as u64;
+    match store.put(key, body, metadata, condition).await {
+        Ok(etag) => {
+            written.inc_by(len);
+            info!(customer_id = %id, seq, "converted the database to the commit-log format");
+            Ok(Claimed {
+                copy,
+                count,
+                snapshot: Snapshot {
+                    etag: Some(etag),
+                    seq,
+                    epoch,
+                    legacy: false,
+                },
+                next_slot: next_slot.max(seq + 1),
+                since_snapshot: since,
+            })
+        }
+        Err(e) if e.is_precondition() => Err(Attempt::Again(format!(
+            "{key} changed while it was converted (a late upload of the previous holder)"
+        ))),
+        Err(e) => Err(failed(e)),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| format!("taking over failed: {e}"))?
+}
+
+/// Opens and checks the rebuilt file, and writes this holder's epoch into
+/// it (a commit that the first batch's delta carries).
+fn open_and_claim(
+    id: &TenantId,
+    path: &Path,
+    source: &str,
+    epoch: u64,
+    sums: PageSums,
+    slot: u64,
+    converting: bool,
+) -> Result<Result<WorkingCopy, TenantError>, String> {
+    let mut db = match Db::open(path) {
+        Ok(db) => db,
+        Err(Corrupt(reason)) => return Ok(Err(corrupt(id, source, &reason))),
+    };
+    // Opening switches an old database to WAL mode, which rewrites its
+    // header in place: a conversion uploads the whole file anyway, but a
+    // commit-log snapshot must come out of it unchanged, or the next delta
+    // would not chain onto what the log holds.
+    let actual =
+        PageSums::of_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let sums = if converting {
+        actual
+    } else if actual.checksum() != sums.checksum() {
+        return Ok(Err(TenantError::Unavailable(format!(
+            "customer {id}: opening the rebuilt database changed it (checksum {:016x} -> {:016x}); this is a tenantd bug, nothing was written",
+            sums.checksum(),
+            actual.checksum()
+        ))));
+    } else {
+        sums
+    };
+    let previous = match db.epoch() {
+        Ok(previous) => previous,
+        Err(e) => return Ok(Err(corrupt(id, source, &e.to_string()))),
+    };
+    if previous >= epoch {
+        // Only possible if the lock object was deleted or reset by hand:
+        // the log still fences writers, so carry on, but say so.
+        warn!(customer_id = %id, previous, epoch, "database was written under a newer epoch than this lease's: was machine.lock deleted? epochs restart");
+    }
+    // The object opened fine, so a failure to write the local copy is
+    // this machine's problem, not the object's.
+    if let Err(e) = db.claim(epoch) {
+        return Ok(Err(TenantError::Unavailable(format!(
+            "customer {id}: cannot write the working copy {}: {e}",
+            path.display()
+        ))));
+    }
+    Ok(Ok(WorkingCopy::new(db, sums, path, slot)))
+}
+
+pub fn corrupt(id: &TenantId, key: &str, reason: &str) -> TenantError {
+    TenantError::Corrupt(format!(
+        "customer {id}: the database object {key} is unusable ({reason}); tenantd will not overwrite it: restore a good copy of that object, or delete it to start the tenant over"
+    ))
+}
+
+pub fn remove_copy(path: &Path) {
+    for suffix in ["", "-journal", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(std::path::PathBuf::from(p));
+    }
+}

@@ -1,0 +1,429 @@
+//! A tenant's life: it exists when its objects exist, and only an explicit
+//! `create` brings it into being (`tenantd tenants create`, `POST
+//! /_admin/tenants/<id>`, a single-tenant machine for its own tenant, or
+//! pool mode with `--create-on-first-request`). Requests for a tenant that
+//! does not exist write nothing to the store.
+//!
+//! Shared by the `tenantd tenants` commands and the HTTP admin routes.
+//!
+//! Deletion never leaves a tenant that looks whole but is not: the
+//! deleter first takes the tenant's lease (so no machine writes it
+//! meanwhile), then removes the original app's copy, then `db.sqlite3`
+//! (from here on the tenant does not exist, and no machine recreates it:
+//! a request is answered 404 before any lease is contended for), then
+//! everything else under `customer/<id>/`, and the lock last.
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::time::Instant;
+use tracing::info;
+
+use crate::TenantId;
+use crate::lease::{Acquire, Contender, LockState, Session, read_lock};
+use crate::store::{DynStore, Metadata, Precondition, StoreError, StoreResult, keys};
+
+/// Does the tenant exist: is there a `customer/<id>/db.sqlite3`, or the
+/// original app's copy (imported on first use)? Reads only.
+pub async fn tenant_exists(store: &DynStore, id: &TenantId) -> StoreResult<bool> {
+    if store.head(&keys::database(id.as_str())).await?.is_some() {
+        return Ok(true);
+    }
+    Ok(store
+        .head(&keys::legacy_database(id.as_str()))
+        .await?
+        .is_some())
+}
+
+/// The message of a request for a tenant that does not exist.
+pub fn not_found_message(id: &TenantId) -> String {
+    format!(
+        "customer {id} does not exist; create it with `tenantd tenants create {id}` or POST /_admin/tenants/{id}"
+    )
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Created {
+    Created,
+    /// It existed already (its database, or the original app's copy).
+    Exists,
+}
+
+impl Created {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Created::Created => "created",
+            Created::Exists => "exists",
+        }
+    }
+}
+
+/// The metadata of a new database object: what a holder's upload carries,
+/// before any holder.
+fn new_database_metadata() -> Metadata {
+    let mut metadata = Metadata::new();
+    metadata.insert("tenantd-epoch".into(), "0".into());
+    metadata.insert("tenantd-seq".into(), "0".into());
+    metadata.insert("tenantd-format".into(), "log".into());
+    metadata
+}
+
+/// Creates the tenant with a new, empty database (`If-None-Match: *`).
+/// Idempotent: a tenant that exists is left as it is.
+pub async fn create(store: &DynStore, id: &TenantId) -> anyhow::Result<Created> {
+    // Reads first: a single-tenant machine creates its tenant at every
+    // start, and the tenant nearly always exists. The original app's copy
+    // is imported by the first holder; a new database would hide it.
+    if tenant_exists(store, id)
+        .await
+        .with_context(|| format!("cannot tell whether customer {id} exists"))?
+    {
+        return Ok(Created::Exists);
+    }
+    let bytes = tokio::task::spawn_blocking(super::db::new_database_bytes)
+        .await
+        .context("building a new database")??;
+    let key = keys::database(id.as_str());
+    match store
+        .put(&key, bytes, new_database_metadata(), Precondition::IfAbsent)
+        .await
+    {
+        Ok(_) => {
+            info!(customer_id = %id, "tenant created");
+            Ok(Created::Created)
+        }
+        Err(StoreError::PreconditionFailed { .. }) => Ok(Created::Exists),
+        Err(e) => Err(anyhow::anyhow!("cannot create customer {id}: {e}")),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deleted {
+    Deleted,
+    /// Nothing of it was in the store.
+    Absent,
+}
+
+impl Deleted {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Deleted::Deleted => "deleted",
+            Deleted::Absent => "absent",
+        }
+    }
+}
+
+/// Who deletes: the lease this deleter takes names it (and lives by its
+/// session: a machine deleting through its registry shares its heartbeat).
+#[derive(Clone, Debug)]
+pub struct Deleter {
+    pub lease: Session,
+    /// How long to wait for a live holder to let go.
+    pub wait: Duration,
+}
+
+/// Deletes every object of the tenant, under its lease (see the module
+/// comment for the order). Idempotent: a tenant of which nothing is left
+/// is `Absent`; a half-deleted one (an earlier run that failed midway) is
+/// finished.
+pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyhow::Result<Deleted> {
+    let prefix = keys::tenant_prefix(id.as_str());
+    let legacy = keys::legacy_database(id.as_str());
+    let listed = store
+        .list(&prefix, None)
+        .await
+        .with_context(|| format!("cannot list {prefix}"))?;
+    if listed.is_empty() && store.head(&legacy).await?.is_none() {
+        return Ok(Deleted::Absent);
+    }
+    let lock = keys::lock(id.as_str());
+    let mut contender = Contender::new(store.clone(), lock.clone(), deleter.lease.clone());
+    let lease = match contender
+        .acquire_until(Instant::now() + deleter.wait)
+        .await
+        .with_context(|| format!("cannot read {lock}"))?
+    {
+        Acquire::Acquired(lease) => lease,
+        Acquire::HeldBy { record, .. } => bail!(
+            "customer {id} is held by machine {holder} ({addr}, lease epoch {epoch}), which did not let go within {wait:?}: \
+             send DELETE /_admin/tenants/{id} to the app (the holder stops the tenant, then deletes it), \
+             or stop that machine, or retry with a longer --wait",
+            holder = record.holder,
+            addr = record.addr,
+            epoch = record.epoch,
+            wait = deleter.wait,
+        ),
+        Acquire::Unknown { stale_in } => bail!(
+            "customer {id}: the lock object {lock} cannot be parsed, and it counts as held until it has stayed unchanged for a lease ttl \
+             ({stale_in:?} more): retry with --wait longer than that"
+        ),
+    };
+    let check = || {
+        if lease.is_valid() {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "customer {id}: lost the lease while deleting (the store was too slow to renew it); nothing is half-visible: run the delete again to finish"
+            ))
+        }
+    };
+    // The original app's copy first: with db.sqlite3 gone, it would be
+    // imported as the tenant's database.
+    check()?;
+    delete_key(store, &legacy).await?;
+    check()?;
+    delete_key(store, &keys::database(id.as_str())).await?;
+    // The tenant no longer exists: the rest goes in any order but the lock's.
+    let rest = store
+        .list(&prefix, None)
+        .await
+        .with_context(|| format!("cannot list {prefix}"))?;
+    let rest: Vec<String> = rest
+        .into_iter()
+        .map(|l| l.key)
+        .filter(|k| *k != lock)
+        .collect();
+    let objects = rest.len() + 2;
+    let mut deletions = futures::stream::iter(rest.into_iter().map(|key| {
+        let store = store.clone();
+        async move { delete_key(&store, &key).await }
+    }))
+    .buffer_unordered(8);
+    while let Some(done) = deletions.next().await {
+        done?;
+    }
+    // Stop renewing (no release: the lock goes), then delete it.
+    drop(lease);
+    delete_key(store, &lock).await?;
+    info!(customer_id = %id, objects, "tenant deleted");
+    Ok(Deleted::Deleted)
+}
+
+async fn delete_key(store: &DynStore, key: &str) -> anyhow::Result<()> {
+    store
+        .delete(key)
+        .await
+        .with_context(|| format!("cannot delete {key}"))
+}
+
+/// One tenant of a listing.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TenantInfo {
+    pub customer_id: String,
+    /// Size of its database object.
+    pub bytes: u64,
+    /// When its database object was last written (RFC 3339).
+    pub last_modified: Option<String>,
+    /// The machine holding its lease, if one does.
+    pub holder: Option<String>,
+}
+
+/// Every tenant in the store, by id: those with a `db.sqlite3`, and those
+/// with only the original app's copy. `holder` is read from each lock.
+pub async fn list(store: &DynStore) -> anyhow::Result<Vec<TenantInfo>> {
+    let mut found = std::collections::BTreeMap::new();
+    for (prefix, legacy) in [("customer/", false), ("/customer/", true)] {
+        let listed = store
+            .list(prefix, None)
+            .await
+            .with_context(|| format!("cannot list {prefix}"))?;
+        for entry in listed {
+            let Some(id) = entry
+                .key
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.strip_suffix("/db.sqlite3"))
+                .and_then(|id| TenantId::parse(id).ok())
+            else {
+                continue;
+            };
+            if legacy && found.contains_key(&id) {
+                continue;
+            }
+            found.insert(id, (entry.size, entry.last_modified));
+        }
+    }
+    let infos = futures::stream::iter(found.into_iter().map(|(id, (bytes, modified))| {
+        let store = store.clone();
+        async move { info_of(&store, id, bytes, modified).await }
+    }))
+    .buffered(16)
+    .collect::<Vec<_>>()
+    .await;
+    infos
+        .into_iter()
+        .map(|i| i.context("cannot read a tenant's lock"))
+        .collect()
+}
+
+async fn info_of(
+    store: &DynStore,
+    id: TenantId,
+    bytes: u64,
+    modified: Option<SystemTime>,
+) -> StoreResult<TenantInfo> {
+    let holder = match read_lock(store, &keys::lock(id.as_str())).await? {
+        LockState::Held { record, .. } => Some(record.holder),
+        _ => None,
+    };
+    Ok(TenantInfo {
+        customer_id: id.to_string(),
+        bytes,
+        last_modified: modified.map(rfc3339),
+        holder,
+    })
+}
+
+fn rfc3339(at: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::lease::LeaseConfig;
+    use crate::store::MemoryStore;
+
+    fn id(text: &str) -> TenantId {
+        TenantId::parse(text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn create_is_idempotent_and_makes_the_tenant_exist() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        assert!(!tenant_exists(&store, &id("7")).await.unwrap());
+        assert_eq!(create(&store, &id("7")).await.unwrap(), Created::Created);
+        assert!(tenant_exists(&store, &id("7")).await.unwrap());
+        let first = store.head(&keys::database("7")).await.unwrap().unwrap();
+        assert_eq!(create(&store, &id("7")).await.unwrap(), Created::Exists);
+        let second = store.head(&keys::database("7")).await.unwrap().unwrap();
+        assert_eq!(
+            first.etag, second.etag,
+            "an existing tenant is not rewritten"
+        );
+        assert_eq!(first.metadata["tenantd-epoch"], "0");
+        assert_eq!(first.metadata["tenantd-seq"], "0");
+    }
+
+    #[tokio::test]
+    async fn the_original_apps_copy_makes_a_tenant_exist() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        store
+            .put(
+                &keys::legacy_database("8"),
+                "old".into(),
+                Metadata::new(),
+                Precondition::IfAbsent,
+            )
+            .await
+            .unwrap();
+        assert!(tenant_exists(&store, &id("8")).await.unwrap());
+        assert_eq!(create(&store, &id("8")).await.unwrap(), Created::Exists);
+        assert!(
+            store.head(&keys::database("8")).await.unwrap().is_none(),
+            "creating must not hide the original app's copy"
+        );
+    }
+
+    fn deleter(store: &DynStore, machine: &str, wait: Duration) -> Deleter {
+        Deleter {
+            lease: Session::new(
+                store.clone(),
+                LeaseConfig::new(machine, "cli", Duration::from_secs(2)),
+            ),
+            wait,
+        }
+    }
+
+    async fn put(store: &DynStore, key: &str) {
+        store
+            .put(key, "x".into(), Metadata::new(), Precondition::None)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn list_finds_database_and_legacy_tenants_only() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        create(&store, &id("a")).await.unwrap();
+        put(&store, &keys::legacy_database("old")).await;
+        put(&store, &keys::log_slot("a", 1)).await;
+        put(&store, "customer/b/machine.lock").await;
+        put(&store, "machines/m1/heartbeat.json").await;
+        let listed = list(&store).await.unwrap();
+        let ids: Vec<&str> = listed.iter().map(|t| t.customer_id.as_str()).collect();
+        assert_eq!(ids, ["a", "old"]);
+        assert!(listed.iter().all(|t| t.holder.is_none() && t.bytes > 0));
+    }
+
+    #[tokio::test]
+    async fn delete_removes_every_object_of_the_tenant_and_nothing_else() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        create(&store, &id("a")).await.unwrap();
+        create(&store, &id("ab")).await.unwrap();
+        put(&store, &keys::legacy_database("a")).await;
+        for seq in 1..=3 {
+            put(&store, &keys::log_slot("a", seq)).await;
+        }
+        put(&store, &keys::archive("a", 2)).await;
+        let wait = Duration::from_secs(1);
+        let deleted = delete(&store, &id("a"), &deleter(&store, "cli-1", wait))
+            .await
+            .unwrap();
+        assert_eq!(deleted, Deleted::Deleted);
+        assert!(!tenant_exists(&store, &id("a")).await.unwrap());
+        assert!(store.list("customer/a/", None).await.unwrap().is_empty());
+        assert!(
+            tenant_exists(&store, &id("ab")).await.unwrap(),
+            "a neighbour survives"
+        );
+        let again = delete(&store, &id("a"), &deleter(&store, "cli-1", wait))
+            .await
+            .unwrap();
+        assert_eq!(again, Deleted::Absent);
+    }
+
+    #[tokio::test]
+    async fn delete_waits_for_a_live_holder_and_then_names_it() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        create(&store, &id("a")).await.unwrap();
+        let config = LeaseConfig::new("m-holder", "10.0.0.1:3000", Duration::from_secs(2));
+        let mut holder = Contender::new(
+            store.clone(),
+            keys::lock("a"),
+            Session::new(store.clone(), config),
+        );
+        let Acquire::Acquired(lease) = holder.try_acquire().await.unwrap() else {
+            panic!("the holder must acquire");
+        };
+        let error = delete(
+            &store,
+            &id("a"),
+            &deleter(&store, "cli-2", Duration::from_millis(300)),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("m-holder") && error.contains("DELETE /_admin/tenants/a"),
+            "{error}"
+        );
+        assert!(
+            tenant_exists(&store, &id("a")).await.unwrap(),
+            "nothing deleted"
+        );
+        // Once the holder lets go, the delete goes through.
+        lease.release().await.unwrap();
+        let deleted = delete(
+            &store,
+            &id("a"),
+            &deleter(&store, "cli-2", Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(deleted, Deleted::Deleted);
+    }
+}

@@ -1,0 +1,736 @@
+//! A tenant's state in the store: a snapshot plus a commit log.
+//!
+//! - `customer/<id>/db.sqlite3`: the snapshot, a plain SQLite file. Its
+//!   metadata says which log slot it covers (`tenantd-seq`), the epoch that
+//!   wrote it, and its database checksum.
+//! - `customer/<id>/log/<seq>`: one immutable object per commit (the pages
+//!   the commit changed, [`Delta`]), created with `If-None-Match: *`, or a
+//!   fence written by a new holder.
+//! - `customer/<id>/snapshots/<seq>.sqlite3`: older snapshots kept for
+//!   point-in-time restore.
+//!
+//! Why no acknowledged write is lost and no two holders extend one history
+//! (the whole argument is in docs/protocol.md, "The commit log"):
+//! - A holder writes slot `s` only while fewer than [`WINDOW`] of its
+//!   uploads are unconfirmed, and acknowledges a commit only when it and
+//!   every slot before it are confirmed. So its unconfirmed slots all lie
+//!   within `WINDOW` slots after the end of the contiguous run of objects.
+//! - A new holder (after a takeover that was not a clean release) finds the
+//!   end `P` of the contiguous run after the snapshot, and puts a fence into
+//!   every empty slot of `P+1 ..= P+WINDOW`. An old holder's upload into any
+//!   of them fails, so it never acknowledges anything past `P`; its objects
+//!   that landed past a hole carry an older epoch than the fence before them
+//!   and are skipped by every reader.
+//! - Fences are never deleted: a deleted slot could be created again by a
+//!   stalled writer's late PUT, which would then report success (the
+//!   garbage-collection hazard of put-if-absent logs). Deltas may be
+//!   deleted once a snapshot covers them: a late PUT that re-creates one
+//!   below the snapshot is never read, and one of a deposed holder is
+//!   behind a fence it cannot pass.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use tracing::{info, warn};
+
+use super::delta::{self, Delta, Kind, PageSums};
+use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, keys};
+
+/// Uploads a holder keeps under way at once; also the number of slots a
+/// new holder fences.
+pub const WINDOW: u64 = 4;
+
+/// Log objects fetched at once while recovering.
+const FETCH_PARALLELISM: usize = 64;
+
+/// Snapshot metadata: the format marker (absent on databases written by
+/// tenantd before the commit log), the slot covered, and the checksum.
+pub const FORMAT_KEY: &str = "tenantd-format";
+pub const FORMAT_LOG: &str = "log";
+pub const SEQ_KEY: &str = "tenantd-seq";
+pub const EPOCH_KEY: &str = "tenantd-epoch";
+pub const CHECKSUM_KEY: &str = "tenantd-checksum";
+pub const HOLDER_KEY: &str = "tenantd-holder";
+
+/// Why a tenant's stored state cannot be used. Names the object.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("the store failed: {0}")]
+    Store(#[from] StoreError),
+    /// Something changed while reading (a fence raced a late upload, a
+    /// compaction removed what was listed): read again.
+    #[error("the log changed while it was read: {0}")]
+    Raced(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+/// The snapshot object as a holder knows it.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// `None` when the object does not exist yet.
+    pub etag: Option<ETag>,
+    /// The last slot the snapshot contains.
+    pub seq: u64,
+    pub epoch: u64,
+    /// Written by tenantd before the commit log (no format marker): the
+    /// first holder converts it.
+    pub legacy: bool,
+}
+
+/// What a holder learns from recovering a tenant.
+pub struct Recovered {
+    pub snapshot: Snapshot,
+    pub sums: PageSums,
+    /// The last slot applied to the working copy.
+    pub applied: u64,
+    /// The end of the contiguous run of log objects after the snapshot.
+    pub contiguous_end: u64,
+    /// Slots after `contiguous_end` that hold an object (a deposed
+    /// holder's uploads past a hole).
+    pub stray: Vec<u64>,
+    /// Deltas and their bytes after the snapshot: how much compaction
+    /// would save.
+    pub deltas: u64,
+    pub delta_bytes: u64,
+}
+
+/// Snapshot metadata for a snapshot that covers slot `seq`.
+pub fn snapshot_metadata(epoch: u64, seq: u64, checksum: u64, holder: &str) -> Metadata {
+    let mut metadata = Metadata::new();
+    metadata.insert(FORMAT_KEY.into(), FORMAT_LOG.into());
+    metadata.insert(EPOCH_KEY.into(), epoch.to_string());
+    metadata.insert(SEQ_KEY.into(), seq.to_string());
+    metadata.insert(CHECKSUM_KEY.into(), format!("{checksum:016x}"));
+    metadata.insert(HOLDER_KEY.into(), holder.to_string());
+    metadata
+}
+
+/// Metadata of a log object: enough to recognise one's own upload by a
+/// HEAD after an unclear outcome.
+pub fn slot_metadata(epoch: u64, seq: u64, holder: &str) -> Metadata {
+    let mut metadata = Metadata::new();
+    metadata.insert(EPOCH_KEY.into(), epoch.to_string());
+    metadata.insert(SEQ_KEY.into(), seq.to_string());
+    metadata.insert(HOLDER_KEY.into(), holder.to_string());
+    metadata
+}
+
+pub fn number(metadata: &Metadata, key: &str) -> Option<u64> {
+    metadata.get(key).and_then(|v| v.parse().ok())
+}
+
+/// Reads the snapshot's description from its metadata.
+pub fn describe_snapshot(key: &str, etag: ETag, metadata: &Metadata) -> Result<Snapshot, LogError> {
+    let legacy = metadata.get(FORMAT_KEY).is_none();
+    let seq = match number(metadata, SEQ_KEY) {
+        Some(seq) => seq,
+        // A database put there by hand or by the original app: no slot
+        // has been written on top of it yet.
+        None if legacy => 0,
+        None => {
+            return Err(LogError::Corrupt(format!(
+                "{key} has no readable {SEQ_KEY} metadata, so it is unknown which commits it holds"
+            )));
+        }
+    };
+    Ok(Snapshot {
+        etag: Some(etag),
+        seq,
+        epoch: number(metadata, EPOCH_KEY).unwrap_or(0),
+        legacy,
+    })
+}
+
+/// The checksum a snapshot's metadata records, when it records one.
+pub fn recorded_checksum(key: &str, metadata: &Metadata) -> Result<Option<u64>, LogError> {
+    match metadata.get(CHECKSUM_KEY) {
+        None => Ok(None),
+        Some(text) => u64::from_str_radix(text, 16).map(Some).map_err(|_| {
+            LogError::Corrupt(format!("{key} has an unreadable {CHECKSUM_KEY} ({text:?})"))
+        }),
+    }
+}
+
+/// The log after `after`: slot numbers with their sizes, ascending.
+pub async fn list_slots(
+    store: &DynStore,
+    id: &str,
+    after: u64,
+) -> Result<Vec<(u64, u64)>, LogError> {
+    let prefix = keys::log_prefix(id);
+    let start = keys::log_slot(id, after);
+    let listed = store.list(&prefix, Some(&start)).await?;
+    let mut slots: Vec<(u64, u64)> = listed
+        .iter()
+        .filter_map(|l| keys::log_seq(&l.key).map(|seq| (seq, l.size)))
+        .filter(|(seq, _)| *seq > after)
+        .collect();
+    slots.sort_unstable();
+    Ok(slots)
+}
+
+/// Fetches and decodes log objects, in slot order, a few at a time.
+pub async fn fetch_slots(
+    store: &DynStore,
+    id: &str,
+    slots: &[u64],
+) -> Result<Vec<Delta>, LogError> {
+    futures::stream::iter(slots.iter().copied())
+        .map(|seq| {
+            let store = store.clone();
+            let key = keys::log_slot(id, seq);
+            async move {
+                let object = store
+                    .get(&key)
+                    .await?
+                    .ok_or_else(|| LogError::Raced(format!("{key} was listed but is gone")))?;
+                let body = object.body;
+                tokio::task::spawn_blocking(move || {
+                    Delta::decode(&key, &body).map_err(|e| LogError::Corrupt(e.to_string()))
+                })
+                .await
+                .map_err(|e| LogError::Local(format!("decoding failed: {e}")))?
+            }
+        })
+        .buffered(FETCH_PARALLELISM)
+        .try_collect()
+        .await
+}
+
+/// Where a replay stops.
+#[derive(Clone, Copy, Debug)]
+pub enum Until {
+    /// Every committed slot.
+    End,
+    /// The state after this slot.
+    Seq(u64),
+    /// The last commit at or before this time (Unix milliseconds).
+    Time(u64),
+}
+
+/// The result of replaying a log onto a snapshot.
+pub struct Replayed {
+    pub applied: u64,
+    pub contiguous_end: u64,
+    pub stray: Vec<u64>,
+    pub deltas: u64,
+    pub delta_bytes: u64,
+    /// Commit time of the last delta applied (Unix ms), if any.
+    pub last_committed_at_ms: Option<u64>,
+}
+
+/// Replays the log after `snapshot` onto the database file at `path`
+/// (already holding the snapshot's bytes), keeping `sums` up to date.
+///
+/// Only the contiguous run of slots after the snapshot is history; within
+/// it, an object of an older epoch than one seen before it is a deposed
+/// holder's and is skipped. Every delta must start from the checksum the
+/// state before it has.
+pub async fn replay(
+    store: &DynStore,
+    id: &str,
+    path: &Path,
+    snapshot: &Snapshot,
+    sums: &mut PageSums,
+    until: Until,
+) -> Result<Replayed, LogError> {
+    let plan = plan(store, id, snapshot, until).await?;
+    replay_planned(store, id, path, snapshot, sums, until, plan).await
+}
+
+/// The log after a snapshot as listed, with the first deltas to replay
+/// already fetched: a new holder gets this while the snapshot downloads.
+pub struct Plan {
+    listed: Vec<(u64, u64)>,
+    contiguous_end: u64,
+    stray: Vec<u64>,
+    /// Slots to replay, in order.
+    wanted: Vec<u64>,
+    /// The first of them, fetched.
+    fetched: Vec<Delta>,
+}
+
+/// Slots replayed per round of fetches: bounds memory for a long log.
+const CHUNK: usize = 256;
+
+/// Lists the log after `snapshot`, checks it for gaps and fetches the
+/// first deltas to replay.
+pub async fn plan(
+    store: &DynStore,
+    id: &str,
+    snapshot: &Snapshot,
+    until: Until,
+) -> Result<Plan, LogError> {
+    let listed = list_slots(store, id, snapshot.seq).await?;
+    let mut contiguous_end = snapshot.seq;
+    for (seq, _) in &listed {
+        if *seq == contiguous_end + 1 {
+            contiguous_end = *seq;
+        } else {
+            break;
+        }
+    }
+    let stray: Vec<u64> = listed
+        .iter()
+        .map(|(seq, _)| *seq)
+        .filter(|seq| *seq > contiguous_end)
+        .collect();
+    if let Some(far) = stray.iter().find(|seq| **seq > contiguous_end + WINDOW) {
+        return Err(LogError::Corrupt(format!(
+            "gap in the log of customer {id}: {} is missing while {} exists (no holder leaves a hole wider than {WINDOW} slots): restore the missing object, or use `tenantd restore` to rebuild the tenant from what is left",
+            keys::log_slot(id, contiguous_end + 1),
+            keys::log_slot(id, *far),
+        )));
+    }
+    let last = match until {
+        Until::Seq(seq) => seq.min(contiguous_end),
+        _ => contiguous_end,
+    };
+    let wanted: Vec<u64> = ((snapshot.seq + 1)..=last).collect();
+    let first = &wanted[..wanted.len().min(CHUNK)];
+    let fetched = fetch_slots(store, id, first).await?;
+    Ok(Plan {
+        listed,
+        contiguous_end,
+        stray,
+        wanted,
+        fetched,
+    })
+}
+
+/// [`replay`] from a plan made beforehand (see [`plan`]).
+pub async fn replay_planned(
+    store: &DynStore,
+    id: &str,
+    path: &Path,
+    snapshot: &Snapshot,
+    sums: &mut PageSums,
+    until: Until,
+    plan: Plan,
+) -> Result<Replayed, LogError> {
+    let Plan {
+        listed,
+        contiguous_end,
+        stray,
+        wanted,
+        fetched,
+    } = plan;
+    let mut replayed = Replayed {
+        applied: snapshot.seq,
+        contiguous_end,
+        stray,
+        deltas: 0,
+        delta_bytes: 0,
+        last_committed_at_ms: None,
+    };
+    let sizes: std::collections::HashMap<u64, u64> = listed.into_iter().collect();
+    let mut max_epoch = snapshot.epoch;
+    let mut prefetched = Some(fetched);
+    for chunk in wanted.chunks(CHUNK) {
+        let deltas = match prefetched.take() {
+            Some(deltas) => deltas,
+            None => fetch_slots(store, id, chunk).await?,
+        };
+        for delta in deltas {
+            if delta.epoch < max_epoch {
+                continue;
+            }
+            max_epoch = delta.epoch;
+            if delta.kind == Kind::Fence {
+                continue;
+            }
+            if let Until::Time(at) = until
+                && delta.committed_at_ms > at
+            {
+                return Ok(replayed);
+            }
+            let key = keys::log_slot(id, delta.seq);
+            if delta.pre_checksum != sums.checksum() {
+                return Err(LogError::Corrupt(format!(
+                    "checksum mismatch at {key}: it was built on a database with checksum {:016x}, but the state before it has {:016x}; the snapshot or an earlier object does not belong to this log",
+                    delta.pre_checksum,
+                    sums.checksum()
+                )));
+            }
+            let (path_owned, delta) = (path.to_path_buf(), delta);
+            let mut owned_sums = std::mem::take(sums);
+            let (delta, owned_sums) = tokio::task::spawn_blocking(move || {
+                delta::apply_to_file(&path_owned, &delta)?;
+                owned_sums.apply(delta.db_pages, &delta.pages);
+                Ok::<_, std::io::Error>((delta, owned_sums))
+            })
+            .await
+            .map_err(|e| LogError::Local(format!("applying {key} failed: {e}")))?
+            .map_err(|e| {
+                LogError::Local(format!("cannot apply {key} to {}: {e}", path.display()))
+            })?;
+            *sums = owned_sums;
+            if delta.post_checksum != sums.checksum() {
+                return Err(LogError::Corrupt(format!(
+                    "checksum mismatch after {key}: it says {:016x}, applying it gave {:016x}",
+                    delta.post_checksum,
+                    sums.checksum()
+                )));
+            }
+            replayed.applied = delta.seq;
+            replayed.deltas += 1;
+            replayed.delta_bytes += sizes.get(&delta.seq).copied().unwrap_or(0);
+            replayed.last_committed_at_ms = Some(delta.committed_at_ms);
+        }
+    }
+    Ok(replayed)
+}
+
+/// Puts a fence into every empty slot of `from ..= to`. Any slot taken
+/// meanwhile means the log moved on under us: the caller recovers again.
+pub async fn fence(
+    store: &DynStore,
+    id: &str,
+    epoch: u64,
+    holder: &str,
+    slots: impl Iterator<Item = u64>,
+) -> Result<(), LogError> {
+    let now = unix_ms(SystemTime::now());
+    let puts = slots.map(|seq| {
+        let store = store.clone();
+        let key = keys::log_slot(id, seq);
+        let body = Delta::fence(epoch, seq, now).encode();
+        let metadata = slot_metadata(epoch, seq, holder);
+        async move {
+            match store
+                .put(&key, body, metadata, Precondition::IfAbsent)
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) if e.is_precondition() => Err(LogError::Raced(format!(
+                    "{key} was written while this holder fenced it"
+                ))),
+                Err(e) => Err(LogError::Store(e)),
+            }
+        }
+    });
+    futures::future::try_join_all(puts).await.map(|_| ())
+}
+
+/// Whether a log object of this size is a fence (kept forever).
+pub fn is_fence_size(size: u64) -> bool {
+    size <= delta::FENCE_MAX_BYTES
+}
+
+pub fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How long deltas and old snapshots are kept, and when compaction runs.
+#[derive(Clone, Debug)]
+pub struct Retention {
+    /// Point-in-time restore reaches back this far.
+    pub keep: Duration,
+    /// Compact after this many deltas since the snapshot...
+    pub max_deltas: u64,
+    /// ...or after this many bytes of deltas (or a quarter of the
+    /// database, whichever is more).
+    pub max_delta_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Retention {
+        Retention {
+            keep: Duration::from_secs(24 * 3600),
+            max_deltas: 1000,
+            max_delta_bytes: 16 << 20,
+        }
+    }
+}
+
+impl Retention {
+    /// Whether the deltas since the snapshot cost enough to compact.
+    pub fn due(&self, deltas: u64, delta_bytes: u64, db_bytes: u64) -> bool {
+        deltas >= self.max_deltas || delta_bytes >= self.max_delta_bytes.max(db_bytes / 4)
+    }
+
+    /// How often an old snapshot is archived for restore: often enough
+    /// that restore never replays more than a quarter of the retention.
+    fn archive_every(&self) -> Duration {
+        self.keep / 4
+    }
+}
+
+/// A snapshot ready to upload: a consistent copy of the working database
+/// at slot `seq`.
+pub struct Compaction {
+    pub id: String,
+    pub seq: u64,
+    pub epoch: u64,
+    pub checksum: u64,
+    pub body: Bytes,
+    pub holder: String,
+}
+
+/// What a compaction did.
+#[derive(Debug)]
+pub struct Compacted {
+    pub snapshot: Snapshot,
+    pub archived: bool,
+    pub deleted: usize,
+}
+
+/// Writes the snapshot (archiving it when due), then deletes what no
+/// restore within the retention can need. Each step is safe to crash
+/// after: an archive or snapshot write is one atomic PUT, the snapshot
+/// never goes backwards (`If-Match`, and a newer one is left alone), and
+/// deletes remove only slots that a snapshot covers.
+pub async fn compact(
+    store: &DynStore,
+    known: &Snapshot,
+    job: Compaction,
+    retention: &Retention,
+) -> Result<Compacted, LogError> {
+    let id = job.id.as_str();
+    let key = keys::database(id);
+    let mut archived = false;
+    let archives = if retention.keep.is_zero() {
+        Vec::new()
+    } else {
+        store.list(&keys::archive_prefix(id), None).await?
+    };
+    let now = SystemTime::now();
+    if !retention.keep.is_zero() {
+        let newest = archives
+            .iter()
+            .filter_map(|a| a.last_modified)
+            .max()
+            .map(|t| now.duration_since(t).unwrap_or_default());
+        if newest.is_none_or(|age| age >= retention.archive_every()) {
+            let archive = keys::archive(id, job.seq);
+            let metadata = snapshot_metadata(job.epoch, job.seq, job.checksum, &job.holder);
+            match store
+                .put(&archive, job.body.clone(), metadata, Precondition::IfAbsent)
+                .await
+            {
+                Ok(_) => archived = true,
+                Err(e) if e.is_precondition() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let snapshot = write_snapshot(store, &key, known, &job).await?;
+    // Deletes: slots up to the newest restore base older than the
+    // retention (the snapshot itself when nothing is retained); fences
+    // never.
+    let base = if retention.keep.is_zero() {
+        Some(snapshot.seq.min(job.seq))
+    } else {
+        let horizon = now
+            .checked_sub(retention.keep)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        archives
+            .iter()
+            .filter(|a| a.last_modified.is_some_and(|t| t <= horizon))
+            .filter_map(|a| keys::archive_seq(&a.key))
+            .max()
+    };
+    let mut deleted = 0;
+    if let Some(base) = base {
+        let old_archives = archives
+            .iter()
+            .filter(|a| keys::archive_seq(&a.key).is_some_and(|seq| seq < base))
+            .map(|a| a.key.clone());
+        let old_slots = store
+            .list(&keys::log_prefix(id), None)
+            .await?
+            .into_iter()
+            .filter(|l| !is_fence_size(l.size))
+            .filter(|l| keys::log_seq(&l.key).is_some_and(|seq| seq <= base))
+            .map(|l| l.key);
+        let doomed: Vec<String> = old_archives.chain(old_slots).collect();
+        deleted = doomed.len();
+        futures::stream::iter(doomed)
+            .map(|key| {
+                let store = store.clone();
+                async move { store.delete(&key).await }
+            })
+            .buffer_unordered(FETCH_PARALLELISM)
+            .try_collect::<Vec<()>>()
+            .await?;
+    }
+    Ok(Compacted {
+        snapshot,
+        archived,
+        deleted,
+    })
+}
+
+/// Replaces the snapshot with `job`'s, never with an older one.
+async fn write_snapshot(
+    store: &DynStore,
+    key: &str,
+    known: &Snapshot,
+    job: &Compaction,
+) -> Result<Snapshot, LogError> {
+    let metadata = snapshot_metadata(job.epoch, job.seq, job.checksum, &job.holder);
+    let mut condition = match &known.etag {
+        Some(etag) => Precondition::IfMatch(etag.clone()),
+        None => Precondition::IfAbsent,
+    };
+    for _ in 0..3 {
+        match store
+            .put(key, job.body.clone(), metadata.clone(), condition.clone())
+            .await
+        {
+            Ok(etag) => {
+                return Ok(Snapshot {
+                    etag: Some(etag),
+                    seq: job.seq,
+                    epoch: job.epoch,
+                    legacy: false,
+                });
+            }
+            Err(e) if e.is_precondition() => {
+                // Someone else wrote the snapshot: a deposed holder of this
+                // tenant compacting what it had confirmed, or a newer holder.
+                let Some(current) = store.head(key).await? else {
+                    return Err(LogError::Raced(format!(
+                        "{key} disappeared (tenant deleted?)"
+                    )));
+                };
+                let theirs = describe_snapshot(key, current.etag.clone(), &current.metadata)?;
+                if theirs.seq >= job.seq {
+                    info!(
+                        key,
+                        ours = job.seq,
+                        theirs = theirs.seq,
+                        "snapshot already covers this compaction"
+                    );
+                    return Ok(theirs);
+                }
+                warn!(
+                    key,
+                    ours = job.seq,
+                    theirs = theirs.seq,
+                    "snapshot changed under this holder; writing over the older one"
+                );
+                condition = Precondition::IfMatch(current.etag);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(LogError::Raced(format!(
+        "{key} kept changing while it was written"
+    )))
+}
+
+/// A database rebuilt from the store: what `tenantd restore` and the
+/// checkers read.
+pub struct Materialized {
+    /// The slot of the last commit applied.
+    pub seq: u64,
+    /// The snapshot it started from.
+    pub base: String,
+    pub deltas: u64,
+    pub last_committed_at_ms: Option<u64>,
+}
+
+/// Writes the tenant's database as of `until` to `path`: the newest
+/// snapshot that does not reach past `until` (the current one, or an
+/// archived one), and the log after it.
+pub async fn materialize(
+    store: &DynStore,
+    id: &str,
+    path: &Path,
+    until: Until,
+) -> Result<Materialized, LogError> {
+    let key = keys::database(id);
+    let current = store.head(&key).await?;
+    let mut base: Option<(String, Snapshot)> = None;
+    if let Some(meta) = &current {
+        let snapshot = describe_snapshot(&key, meta.etag.clone(), &meta.metadata)?;
+        let fits = match until {
+            Until::End => true,
+            Until::Seq(seq) => snapshot.seq <= seq,
+            // Checked below against the archives' write times.
+            Until::Time(_) => false,
+        };
+        if fits {
+            base = Some((key.clone(), snapshot));
+        }
+    }
+    if base.is_none() {
+        let archives = store.list(&keys::archive_prefix(id), None).await?;
+        let mut candidates: Vec<(u64, String, Option<SystemTime>)> = archives
+            .into_iter()
+            .filter_map(|a| keys::archive_seq(&a.key).map(|seq| (seq, a.key, a.last_modified)))
+            .collect();
+        // The current snapshot is a candidate by time too.
+        if let (Until::Time(_), Some(meta)) = (until, &current) {
+            let snapshot = describe_snapshot(&key, meta.etag.clone(), &meta.metadata)?;
+            let listed = store.list(&key, None).await?;
+            let modified = listed
+                .iter()
+                .find(|l| l.key == key)
+                .and_then(|l| l.last_modified);
+            candidates.push((snapshot.seq, key.clone(), modified));
+        }
+        candidates.sort();
+        let chosen = candidates
+            .into_iter()
+            .rev()
+            .find(|(seq, _, modified)| match until {
+                Until::End => true,
+                Until::Seq(target) => *seq <= target,
+                Until::Time(at) => modified.is_some_and(|m| unix_ms(m) <= at),
+            });
+        if let Some((_, archive, _)) = chosen {
+            let meta = store
+                .head(&archive)
+                .await?
+                .ok_or_else(|| LogError::Raced(format!("{archive} was listed but is gone")))?;
+            let snapshot = describe_snapshot(&archive, meta.etag.clone(), &meta.metadata)?;
+            base = Some((archive, snapshot));
+        }
+    }
+    let Some((base_key, snapshot)) = base else {
+        return Err(LogError::Corrupt(match current {
+            None => format!("customer {id} has no snapshot ({key}): it does not exist"),
+            Some(_) => format!(
+                "customer {id} has no snapshot old enough for {until:?}: the retention has removed it"
+            ),
+        }));
+    };
+    let object = store
+        .get(&base_key)
+        .await?
+        .ok_or_else(|| LogError::Raced(format!("{base_key} disappeared while it was read")))?;
+    let recorded = recorded_checksum(&base_key, &object.metadata)?;
+    let (owned_path, body) = (path.to_path_buf(), object.body);
+    let sums = tokio::task::spawn_blocking(move || -> Result<PageSums, String> {
+        std::fs::write(&owned_path, &body).map_err(|e| e.to_string())?;
+        PageSums::of_file(&owned_path).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| LogError::Local(e.to_string()))?
+    .map_err(|e| LogError::Local(format!("cannot write {}: {e}", path.display())))?;
+    if let Some(recorded) = recorded
+        && recorded != sums.checksum()
+    {
+        return Err(LogError::Corrupt(format!(
+            "checksum mismatch in {base_key}: its metadata says {recorded:016x}, its pages give {:016x}",
+            sums.checksum()
+        )));
+    }
+    let mut sums = sums;
+    let replayed = replay(store, id, path, &snapshot, &mut sums, until).await?;
+    Ok(Materialized {
+        seq: replayed.applied,
+        base: base_key,
+        deltas: replayed.deltas,
+        last_committed_at_ms: replayed.last_committed_at_ms,
+    })
+}

@@ -1,35 +1,37 @@
-//! The `machine.lock` lease: which machine may write a tenant's database.
+//! Tenant leases: which machine may write a tenant's database.
 //!
-//! Protocol (DESIGN.md):
-//! - Acquire an absent lock with `If-None-Match: *`, a released or stale one
-//!   with `If-Match: <etag seen>`; the new epoch is the old one + 1. The
-//!   store's conditional write lets exactly one contender win.
-//! - Renew every ttl/3 with `If-Match: <own last etag>`. Every renewal
-//!   changes `renewed_at`, so the bytes and the ETag change.
-//! - Self-fencing: the holder stops claiming the lease at `S + ttl - margin`,
-//!   where `S` is the *send* time of its last successful write of the lock.
-//! - Stale: a contender may take over a lock only after it has seen the same
-//!   ETag for a full ttl on its own monotonic clock (or at once when the
-//!   lock's `renewed_at` is older than ttl + a clock-skew allowance).
+//! Protocol (DESIGN.md, docs/protocol.md "Session leases"):
+//! - Acquire an absent `machine.lock` with `If-None-Match: *`, a released or
+//!   stale one with `If-Match: <etag seen>`; the new epoch is the old one +
+//!   1. The store's conditional write lets exactly one contender win.
+//! - The lock names the holder's session (`incarnation`, `session: true`)
+//!   and is not renewed: the machine renews one heartbeat for all its
+//!   leases ([`Session`]). Every lease is valid exactly while its session
+//!   is: until `S + ttl - margin`, `S` the send time of the last credited
+//!   heartbeat write.
+//! - Stale: a contender may take over a session lock once the holder's
+//!   heartbeat, still naming the lock's incarnation, has been seen with the
+//!   same ETag for a full ttl on the contender's monotonic clock (or at
+//!   once when its `renewed_at` is older than ttl + a clock-skew
+//!   allowance). A heartbeat that is missing, unparsable or names another
+//!   incarnation leaves only the observation rule on the lock itself: the
+//!   lock and what the heartbeat shows unchanged for a full ttl.
+//! - Locks without `session` (written by a machine that renews each lock)
+//!   are judged by the lock's own ETag, as before.
 //!
-//! Why two machines are never both valid holders: a contender first sees an
-//! ETag after the holder sent the write that made it, at `S' >= S`, and
-//! takes over no earlier than `S' + ttl`, while the holder's claim ended at
-//! `S + ttl - margin < S' + ttl` (monotonic clocks may differ in rate by far
-//! less than `margin`). A holder that renewed in between changed the ETag,
-//! which restarts the contender's observation. The database object is also
-//! fenced by its own ETag chain (see `tenant::actor`), so even a holder that
-//! outlives its claim cannot overwrite its successor's writes.
-//!
-//! A lock object that cannot be parsed is treated as held by an unknown
-//! machine: it is only taken over by the observation rule. A lock naming
-//! this machine's own id is taken over at once unless this process holds
-//! it through a live [`Lease`]: it was left by an earlier, crashed process
-//! of the same machine (machine ids are unique per process), or by an
-//! acquisition of this process whose lease has ended. A lease ends only
-//! after its holder has settled every upload it made, and every database
-//! write is fenced by the ETag chain anyway, so retaking it at once spares
-//! the tenant a ttl-long outage and risks nothing.
+//! A lock naming this machine's own id is taken over at once unless this
+//! process holds it through a live [`Lease`]: it was left by an earlier,
+//! crashed process of the same machine (machine ids are unique per
+//! process), or by an acquisition of this process whose lease has ended. A
+//! lease ends only after its holder has settled every upload it made, and
+//! every database write is fenced by the ETag chain anyway, so retaking it
+//! at once spares the tenant a ttl-long outage and risks nothing.
+
+mod observer;
+mod session;
+
+pub use observer::{Beat, Observation};
+pub use session::{HeartbeatRecord, Incarnation, Session};
 
 use std::fmt::Debug;
 use std::sync::{Arc, Weak};
@@ -38,7 +40,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -85,7 +86,7 @@ impl LeaseConfig {
         }
     }
 
-    fn renew_interval(&self) -> Duration {
+    pub(crate) fn renew_interval(&self) -> Duration {
         self.ttl / 3
     }
 }
@@ -100,6 +101,13 @@ pub struct LockRecord {
     pub ttl_ms: u64,
     pub renewed_at: DateTime<Utc>,
     pub released: bool,
+    /// The holder's session incarnation (session locks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<Uuid>,
+    /// True when the lock is kept alive by the holder's heartbeat rather
+    /// than renewed itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub session: bool,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -160,13 +168,29 @@ pub enum Acquire {
     },
 }
 
+/// What a contender's own observation timer is keyed on: the lock's ETag
+/// and, for a session lock whose heartbeat does not vouch for it, what the
+/// heartbeat shows. Any change restarts the timer.
+#[derive(Clone, Debug, PartialEq)]
+enum Seen {
+    Lock(ETag),
+    LockAndBeat(ETag, BeatKey),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum BeatKey {
+    Missing,
+    Unparsable(Option<ETag>),
+    Other(Uuid),
+}
+
 /// A machine that wants the lease. Remembers what it has seen of the lock
-/// (ETag and when it first saw it) across attempts, for the stale rule.
+/// (and when it first saw it) across attempts, for the stale rule.
 pub struct Contender {
     store: DynStore,
     key: String,
-    config: LeaseConfig,
-    observed: Option<(ETag, Instant)>,
+    session: Session,
+    observed: Option<(Seen, Instant)>,
     /// Highest epoch seen, so that a takeover of an unparsable lock still
     /// continues the sequence as far as this machine knows it.
     max_epoch: u64,
@@ -174,26 +198,33 @@ pub struct Contender {
     /// lives as long as its [`Lease`] (dead for an attempt whose answer was
     /// lost): a lock carrying a live one is this process's current lease.
     own_tokens: Vec<(Uuid, Weak<()>)>,
+    /// The last lock read, for [`Contender::watch`].
+    last_read: Option<(Instant, LockState)>,
 }
 
 impl Contender {
-    pub fn new(store: DynStore, key: String, config: LeaseConfig) -> Contender {
+    pub fn new(store: DynStore, key: String, session: Session) -> Contender {
         Contender {
             store,
             key,
-            config,
+            session,
             observed: None,
             max_epoch: 0,
             own_tokens: Vec::new(),
+            last_read: None,
         }
     }
 
-    /// How long this contender has seen `etag` unchanged.
-    fn observe(&mut self, etag: &ETag) -> Duration {
+    fn config(&self) -> &LeaseConfig {
+        self.session.config()
+    }
+
+    /// How long this contender has seen `seen` unchanged.
+    fn observe(&mut self, seen: Seen) -> Duration {
         match &self.observed {
-            Some((seen, since)) if seen == etag => since.elapsed(),
+            Some((was, since)) if *was == seen => since.elapsed(),
             _ => {
-                self.observed = Some((etag.clone(), Instant::now()));
+                self.observed = Some((seen, Instant::now()));
                 Duration::ZERO
             }
         }
@@ -203,7 +234,59 @@ impl Contender {
     /// stale. Never waits.
     pub async fn try_acquire(&mut self) -> StoreResult<Acquire> {
         let state = read_lock(&self.store, &self.key).await?;
+        self.last_read = Some((Instant::now(), state.clone()));
         self.decide(state, true).await
+    }
+
+    /// A standby's cheap attempt: while the last lock read showed a session
+    /// lock whose holder's heartbeat still names it and is not stale, only
+    /// the (shared, cached) heartbeat is looked at; the lock is read again
+    /// when the heartbeat changes incarnation, goes quiet, or `reread`
+    /// has passed since the last lock read.
+    pub async fn watch(&mut self, reread: Duration) -> StoreResult<Acquire> {
+        if let Some((at, LockState::Held { record, .. })) = &self.last_read
+            && at.elapsed() < reread
+            && record.session
+            && record.holder != self.config().machine_id
+        {
+            let record = record.clone();
+            let ttl = record.ttl().max(self.config().ttl);
+            // Standbys pace their own polls (at least ttl/6 apart): read
+            // the heartbeat unless another tenant's poll just did.
+            let max_age = self.config().renew_interval() / 3;
+            let seen = self
+                .session
+                .observer()
+                .observe_within(&record.holder, ttl, max_age)
+                .await?;
+            if let Beat::Live(beat) = &seen.beat
+                && Some(beat.incarnation) == record.incarnation
+                && seen.unchanged_for() < ttl / 2
+                && !self.too_old(beat.renewed_at, ttl)
+            {
+                return Ok(Acquire::HeldBy {
+                    stale_in: seen.stale_in(ttl),
+                    record,
+                });
+            }
+        }
+        self.try_acquire().await
+    }
+
+    /// When this contender last read the lock itself.
+    pub fn last_read_at(&self) -> Option<Instant> {
+        self.last_read.as_ref().map(|(at, _)| *at)
+    }
+
+    fn too_old(&self, renewed_at: DateTime<Utc>, ttl: Duration) -> bool {
+        let age = self
+            .config()
+            .wall_clock
+            .now()
+            .signed_duration_since(renewed_at)
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        age > ttl + self.config().skew_allowance
     }
 
     async fn decide(&mut self, state: LockState, may_write: bool) -> StoreResult<Acquire> {
@@ -233,15 +316,7 @@ impl Contender {
             }
             LockState::Held { record, etag } => {
                 self.max_epoch = self.max_epoch.max(record.epoch);
-                let ttl = record.ttl().max(self.config.ttl);
-                let seen_for = self.observe(&etag);
-                let age = self
-                    .config
-                    .wall_clock
-                    .now()
-                    .signed_duration_since(record.renewed_at)
-                    .to_std()
-                    .unwrap_or(Duration::ZERO);
+                let ttl = record.ttl().max(self.config().ttl);
                 // A record naming this machine but no live lease of this
                 // process was written by an earlier process of it (machine
                 // ids are unique per process: Fly runs one per machine),
@@ -251,33 +326,95 @@ impl Contender {
                     .own_tokens
                     .iter()
                     .any(|(token, alive)| *token == record.token && alive.strong_count() > 0);
-                let ours = record.holder == self.config.machine_id && !live_here;
-                let stale = ours || seen_for >= ttl || age > ttl + self.config.skew_allowance;
+                let ours = record.holder == self.config().machine_id && !live_here;
+                let (stale, stale_in, why) = if ours {
+                    (
+                        true,
+                        Duration::ZERO,
+                        "left by an earlier process of this machine",
+                    )
+                } else {
+                    self.judge(&record, &etag, ttl).await?
+                };
                 if stale && may_write {
-                    info!(key = %self.key, holder = %record.holder, epoch = record.epoch, ?seen_for, ?age, "lock is stale; taking over");
+                    info!(key = %self.key, holder = %record.holder, epoch = record.epoch, why, "lock is stale; taking over");
                     let epoch = record.epoch.max(self.max_epoch) + 1;
                     return self
                         .attempt(Precondition::IfMatch(etag), epoch, Some(record))
                         .await;
                 }
-                Ok(Acquire::HeldBy {
-                    stale_in: ttl.saturating_sub(seen_for),
-                    record,
-                })
+                Ok(Acquire::HeldBy { stale_in, record })
             }
             LockState::Unparsable { etag } => {
-                let seen_for = self.observe(&etag);
-                if seen_for >= self.config.ttl && may_write {
+                let seen_for = self.observe(Seen::Lock(etag.clone()));
+                let ttl = self.config().ttl;
+                if seen_for >= ttl && may_write {
                     warn!(key = %self.key, "unparsable lock unchanged for a full ttl; taking over");
                     return self
                         .attempt(Precondition::IfMatch(etag), self.max_epoch + 1, None)
                         .await;
                 }
                 Ok(Acquire::Unknown {
-                    stale_in: self.config.ttl.saturating_sub(seen_for),
+                    stale_in: ttl.saturating_sub(seen_for),
                 })
             }
         }
+    }
+
+    /// Whether a held lock of another machine (or an older process) is
+    /// stale, and if not, how soon it may be.
+    async fn judge(
+        &mut self,
+        record: &LockRecord,
+        etag: &ETag,
+        ttl: Duration,
+    ) -> StoreResult<(bool, Duration, &'static str)> {
+        let incarnation = match (record.session, record.incarnation) {
+            (true, Some(incarnation)) => incarnation,
+            _ => {
+                // A lock renewed by its holder: its own ETag is the signal.
+                let seen_for = self.observe(Seen::Lock(etag.clone()));
+                let stale = seen_for >= ttl || self.too_old(record.renewed_at, ttl);
+                return Ok((
+                    stale,
+                    ttl.saturating_sub(seen_for),
+                    "lock unchanged for a ttl",
+                ));
+            }
+        };
+        let observer = self.session.observer();
+        let mut beat = observer.observe(&record.holder, ttl).await?;
+        let vouches = |beat: &Observation| matches!(&beat.beat, Beat::Live(hb) if hb.incarnation == incarnation);
+        if !vouches(&beat) {
+            // The cached heartbeat may predate the lock (a holder that
+            // restarted and took its locks back): look again before
+            // concluding that its session is gone.
+            let max_age = self.config().renew_interval() / 3;
+            beat = observer
+                .observe_within(&record.holder, ttl, max_age)
+                .await?;
+        }
+        let key = match &beat.beat {
+            Beat::Live(hb) if hb.incarnation == incarnation => {
+                self.observed = None;
+                let seen_for = beat.unchanged_for();
+                let stale = seen_for >= ttl || self.too_old(hb.renewed_at, ttl);
+                return Ok((
+                    stale,
+                    beat.stale_in(ttl),
+                    "holder's heartbeat unchanged for a ttl",
+                ));
+            }
+            Beat::Live(hb) => BeatKey::Other(hb.incarnation),
+            Beat::Missing => BeatKey::Missing,
+            Beat::Unparsable => BeatKey::Unparsable(beat.etag.clone()),
+        };
+        let seen_for = self.observe(Seen::LockAndBeat(etag.clone(), key));
+        Ok((
+            seen_for >= ttl,
+            ttl.saturating_sub(seen_for),
+            "holder's session is gone and the lock unchanged for a ttl",
+        ))
     }
 
     async fn attempt(
@@ -286,14 +423,18 @@ impl Contender {
         epoch: u64,
         previous: Option<LockRecord>,
     ) -> StoreResult<Acquire> {
+        let incarnation = self.session.incarnation().await?;
+        let config = self.config().clone();
         let record = LockRecord {
-            holder: self.config.machine_id.clone(),
-            addr: self.config.addr.clone(),
+            holder: config.machine_id.clone(),
+            addr: config.addr.clone(),
             epoch,
             token: Uuid::new_v4(),
-            ttl_ms: self.config.ttl.as_millis() as u64,
-            renewed_at: self.config.wall_clock.now(),
+            ttl_ms: config.ttl.as_millis() as u64,
+            renewed_at: config.wall_clock.now(),
             released: false,
+            incarnation: Some(incarnation.id()),
+            session: true,
             extra: Default::default(),
         };
         // Remembered before sending: if the write lands but its answer is
@@ -302,7 +443,6 @@ impl Contender {
         self.own_tokens
             .retain(|(_, alive)| alive.strong_count() > 0);
         self.own_tokens.push((record.token, Weak::new()));
-        let sent_at = Instant::now();
         match self
             .store
             .put(&self.key, record.to_bytes(), Metadata::new(), condition)
@@ -310,27 +450,29 @@ impl Contender {
         {
             Ok(etag) => {
                 self.observed = None;
+                self.last_read = None;
                 self.max_epoch = epoch;
-                info!(key = %self.key, epoch, holder = %record.holder, "lease acquired");
+                info!(key = %self.key, epoch, holder = %record.holder, incarnation = %incarnation.id(), "lease acquired");
                 let alive = Arc::new(());
                 if let Some(entry) = self.own_tokens.iter_mut().find(|(t, _)| *t == record.token) {
                     entry.1 = Arc::downgrade(&alive);
                 }
-                Ok(Acquire::Acquired(Lease::start(
-                    self.store.clone(),
-                    self.key.clone(),
-                    self.config.clone(),
-                    record,
+                Ok(Acquire::Acquired(Lease {
+                    store: self.store.clone(),
+                    key: self.key.clone(),
+                    config,
+                    incarnation,
                     etag,
-                    sent_at,
+                    record,
                     previous,
-                    alive,
-                )))
+                    _alive: alive,
+                }))
             }
             Err(StoreError::PreconditionFailed { .. }) => {
                 // Another contender won: report what it wrote.
                 debug!(key = %self.key, "lost the race for the lease");
                 let state = read_lock(&self.store, &self.key).await?;
+                self.last_read = Some((Instant::now(), state.clone()));
                 Box::pin(self.decide(state, false)).await
             }
             Err(e) => Err(e),
@@ -345,7 +487,7 @@ impl Contender {
             let wait = match &outcome {
                 Acquire::Acquired(_) => return Ok(outcome),
                 Acquire::HeldBy { stale_in, .. } | Acquire::Unknown { stale_in } => (*stale_in)
-                    .min(self.config.renew_interval())
+                    .min(self.config().renew_interval())
                     .max(Duration::from_millis(10)),
             };
             if Instant::now() + wait > until {
@@ -356,67 +498,23 @@ impl Contender {
     }
 }
 
-/// What the renewal task tells the lease's owner.
-#[derive(Clone, Debug)]
-struct LeaseStatus {
-    deadline: Instant,
-    lost: bool,
-    etag: ETag,
-    record: LockRecord,
-}
-
-/// A held lease. Renewed in the background until released, lost, or
-/// dropped (a drop behaves like a crash: no release is written).
+/// A held lease, valid while its session incarnation is. Dropping it
+/// behaves like a crash of this one tenant: no release is written, and the
+/// incarnation ends once no lease holds it.
 pub struct Lease {
     store: DynStore,
     key: String,
     config: LeaseConfig,
-    status: watch::Receiver<LeaseStatus>,
-    renewal: tokio::task::JoinHandle<()>,
-    previous: Option<LockRecord>,
+    incarnation: Arc<Incarnation>,
+    /// The lock's ETag as written at acquisition (never renewed).
+    etag: ETag,
     record: LockRecord,
+    previous: Option<LockRecord>,
     /// Tells this process's contender that the lease is still held.
     _alive: Arc<()>,
 }
 
 impl Lease {
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        store: DynStore,
-        key: String,
-        config: LeaseConfig,
-        record: LockRecord,
-        etag: ETag,
-        sent_at: Instant,
-        previous: Option<LockRecord>,
-        alive: Arc<()>,
-    ) -> Lease {
-        let status = LeaseStatus {
-            deadline: sent_at + config.ttl.saturating_sub(config.margin),
-            lost: false,
-            etag,
-            record: record.clone(),
-        };
-        let (tx, rx) = watch::channel(status);
-        let renewal = tokio::spawn(renew(
-            store.clone(),
-            key.clone(),
-            config.clone(),
-            tx,
-            sent_at,
-        ));
-        Lease {
-            store,
-            key,
-            config,
-            status: rx,
-            renewal,
-            previous,
-            record,
-            _alive: alive,
-        }
-    }
-
     pub fn epoch(&self) -> u64 {
         self.record.epoch
     }
@@ -425,9 +523,14 @@ impl Lease {
         self.record.token
     }
 
-    /// The record as last written by this holder.
+    /// The session incarnation this lease lives by.
+    pub fn incarnation(&self) -> Uuid {
+        self.incarnation.id()
+    }
+
+    /// The record as written by this holder.
     pub fn record(&self) -> LockRecord {
-        self.status.borrow().record.clone()
+        self.record.clone()
     }
 
     /// The record this lease replaced, if any.
@@ -437,159 +540,45 @@ impl Lease {
 
     /// True while this machine may act as the holder.
     pub fn is_valid(&self) -> bool {
-        let status = self.status.borrow();
-        !status.lost && Instant::now() < status.deadline
+        self.incarnation.is_valid()
     }
 
-    /// The current self-fencing deadline.
+    /// The current self-fencing deadline (the session's).
     pub fn deadline(&self) -> Instant {
-        self.status.borrow().deadline
+        self.incarnation.deadline()
     }
 
-    /// Resolves once the lease is lost or its deadline passes. Cancel-safe.
+    /// Resolves once the session is lost or its deadline passes. Cancel-safe.
     pub async fn lost(&self) {
-        let mut status = self.status.clone();
-        loop {
-            let (lost, deadline) = {
-                let s = status.borrow_and_update();
-                (s.lost, s.deadline)
-            };
-            if lost || Instant::now() >= deadline {
-                return;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => return,
-                changed = status.changed() => if changed.is_err() {
-                    // The renewal task ended without marking the lease lost:
-                    // the deadline still decides.
-                    tokio::time::sleep_until(deadline).await;
-                    return;
-                },
-            }
-        }
+        self.incarnation.lost().await
     }
 
-    /// Stops renewing and writes the lock as released (same epoch), so that
-    /// another machine can take over at once.
-    pub async fn release(mut self) -> StoreResult<()> {
-        self.renewal.abort();
-        let _ = (&mut self.renewal).await;
-        let status = self.status.borrow().clone();
-        if status.lost {
-            return Ok(());
-        }
-        let mut etag = status.etag;
-        let mut record = status.record;
+    /// Writes the lock as released (same epoch), so that another machine
+    /// can take over at once. A lock someone else has taken meanwhile (only
+    /// possible once this session looked dead) is left alone.
+    pub async fn release(self) -> StoreResult<()> {
+        let mut record = self.record.clone();
         record.released = true;
         record.renewed_at = self.config.wall_clock.now();
-        for _ in 0..3 {
-            match self
-                .store
-                .put(
-                    &self.key,
-                    record.to_bytes(),
-                    Metadata::new(),
-                    Precondition::IfMatch(etag.clone()),
-                )
-                .await
-            {
-                Ok(_) => {
-                    info!(key = %self.key, epoch = record.epoch, "lease released");
-                    return Ok(());
-                }
-                Err(StoreError::PreconditionFailed { .. }) => {
-                    // An aborted renewal may have landed after all: if the
-                    // lock is still ours, release on top of it.
-                    match read_lock(&self.store, &self.key).await? {
-                        LockState::Held {
-                            record: current,
-                            etag: current_etag,
-                        } if current.token == record.token => {
-                            etag = current_etag;
-                        }
-                        _ => return Ok(()),
-                    }
-                }
-                Err(e) => return Err(e),
+        match self
+            .store
+            .put(
+                &self.key,
+                record.to_bytes(),
+                Metadata::new(),
+                Precondition::IfMatch(self.etag.clone()),
+            )
+            .await
+        {
+            Ok(_) => {
+                info!(key = %self.key, epoch = record.epoch, "lease released");
+                Ok(())
             }
-        }
-        Err(StoreError::PreconditionFailed {
-            key: self.key.clone(),
-        })
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.renewal.abort();
-    }
-}
-
-/// The renewal loop: every ttl/3 after the last successful renewal's send
-/// time, rewrite the lock with `If-Match`. Ends when the lease is lost.
-async fn renew(
-    store: DynStore,
-    key: String,
-    config: LeaseConfig,
-    tx: watch::Sender<LeaseStatus>,
-    mut last_sent: Instant,
-) {
-    let mut next = last_sent + config.renew_interval();
-    loop {
-        tokio::time::sleep_until(next).await;
-        let (etag, mut record, deadline) = {
-            let s = tx.borrow();
-            (s.etag.clone(), s.record.clone(), s.deadline)
-        };
-        if Instant::now() >= deadline {
-            warn!(
-                key,
-                epoch = record.epoch,
-                "lease deadline passed without a renewal; stepping down"
-            );
-            tx.send_modify(|s| s.lost = true);
-            return;
-        }
-        record.renewed_at = config.wall_clock.now();
-        let sent_at = Instant::now();
-        let put = store.put(
-            &key,
-            record.to_bytes(),
-            Metadata::new(),
-            Precondition::IfMatch(etag),
-        );
-        match tokio::time::timeout_at(deadline, put).await {
-            Ok(Ok(etag)) => {
-                last_sent = sent_at;
-                let deadline = sent_at + config.ttl.saturating_sub(config.margin);
-                tx.send_modify(|s| {
-                    s.etag = etag;
-                    s.record = record;
-                    s.deadline = deadline;
-                });
-                next = last_sent + config.renew_interval();
+            Err(StoreError::PreconditionFailed { .. }) => {
+                warn!(key = %self.key, epoch = record.epoch, "lock was taken over before the release; nothing to release");
+                Ok(())
             }
-            Ok(Err(StoreError::PreconditionFailed { .. })) => {
-                warn!(
-                    key,
-                    "lock changed under us (412): another machine took over; lease lost"
-                );
-                tx.send_modify(|s| s.lost = true);
-                return;
-            }
-            Ok(Err(e)) => {
-                warn!(key, error = %e, "lease renewal failed; retrying until the deadline");
-                next =
-                    Instant::now() + (config.renew_interval() / 4).max(Duration::from_millis(10));
-            }
-            Err(_) => {
-                warn!(
-                    key,
-                    "lease renewal did not finish before the deadline; lease lost"
-                );
-                tx.send_modify(|s| s.lost = true);
-                return;
-            }
+            Err(e) => Err(e),
         }
     }
 }

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub store_requests: IntCounterVec,
     /// Store request latency by operation.
     pub store_seconds: HistogramVec,
+    /// Writes of this machine's session heartbeat by outcome: `started`
+    /// (a new incarnation), `ok`, `error`, `timeout` (retried), `expired`,
+    /// `lost` (every lease of the session ended).
+    pub heartbeat_writes: IntCounterVec,
 }
 
 impl Metrics {
@@ -117,10 +121,19 @@ impl Metrics {
             &["op"],
         )
         .unwrap();
+        let heartbeat_writes = IntCounterVec::new(
+            Opts::new(
+                "tenantd_heartbeat_writes_total",
+                "Writes of this machine's session heartbeat by outcome",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
         for c in [
             &requests,
             &store_requests,
             &pipelined_uploads,
+            &heartbeat_writes,
             &upload_bytes,
             &compactions,
         ] {
@@ -144,6 +157,7 @@ impl Metrics {
             lease_epoch,
             store_requests,
             store_seconds,
+            heartbeat_writes,
         }
     }
 

@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::TenantId;
-use crate::lease::{Acquire, Contender, LeaseConfig};
+use crate::lease::{Acquire, Contender, LeaseConfig, Session};
 use crate::store::{
     DynStore, FaultConfig, Precondition, StoreUrl, keys, open_store, retry::RetryPolicy,
 };
@@ -183,7 +183,8 @@ async fn in_place(
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
     let config = LeaseConfig::new(machine.clone(), "restore", Duration::from_secs(10));
-    let mut contender = Contender::new(store.clone(), keys::lock(id.as_str()), config);
+    let session = Session::new(store.clone(), config);
+    let mut contender = Contender::new(store.clone(), keys::lock(id.as_str()), session);
     let until_time = tokio::time::Instant::now() + args.wait;
     let lease = match contender.acquire_until(until_time).await? {
         Acquire::Acquired(lease) => lease,

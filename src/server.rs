@@ -41,6 +41,7 @@ const DRAIN_LINGER_EXTRA: Duration = Duration::from_millis(500);
 
 pub async fn main(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
+    raise_open_file_limit();
     check_store_configured(&args)?;
     let listen = listen_addr(&args);
     let listener = bind(listen)
@@ -49,6 +50,22 @@ pub async fn main(args: ServeArgs) -> anyhow::Result<()> {
         info!(listen = %listen, "on Fly: listening on IPv6 and IPv4 (the 6PN network is IPv6)");
     }
     run(args, listener, shutdown_signal()).await
+}
+
+/// Each held tenant keeps its SQLite file and journal open: a thousand
+/// tenants need more descriptors than the usual soft limit of 1024, so the
+/// soft limit is raised to the hard one.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(soft, hard, error = %e, "cannot raise the open file limit; tenants beyond about {} may fail to open", soft / 2);
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open file limit"),
+    }
 }
 
 /// Whether this process runs on a Fly machine (or under `tenantd dev`,

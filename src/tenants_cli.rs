@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use crate::TenantId;
 use crate::config::{parse_duration, store_url};
-use crate::lease::LeaseConfig;
+use crate::lease::{LeaseConfig, Session};
 use crate::store::retry::RetryPolicy;
 use crate::store::{DynStore, FaultConfig, StoreUrl, open_store};
 use crate::tenant::lifecycle::{self, Deleter};
@@ -80,7 +80,10 @@ pub async fn run(args: TenantsArgs) -> anyhow::Result<()> {
         } => {
             let ids = parse_ids(&ids)?;
             let deleter = Deleter {
-                lease: LeaseConfig::new(deleter_id(), "tenantd-cli", lease_ttl),
+                lease: Session::new(
+                    store.clone(),
+                    LeaseConfig::new(deleter_id(), "tenantd-cli", lease_ttl),
+                ),
                 wait,
             };
             for id in ids {

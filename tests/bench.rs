@@ -44,7 +44,7 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
         output.status.success(),
         "bench failed (its output is above)"
     );
-    assert!(stderr.contains("[8/8]"), "no progress lines:\n{stderr}");
+    assert!(stderr.contains("[9/9]"), "no progress lines:\n{stderr}");
 
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -61,6 +61,7 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
         "handoff_gap_ms",
         "sql_durable_rps",
         "sql_p50_ms",
+        "rss_mb_per_held_tenant",
     ] {
         assert!(report[key].is_number(), "{key} missing: {report:#}");
     }
@@ -85,6 +86,14 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
     assert_eq!(report["lease_ttl_ms"], 1000);
     assert_eq!(report["failover_ms"].as_array().unwrap().len(), 2);
     assert_eq!(report["durable"]["levels"].as_array().unwrap().len(), 2);
+    for count in ["1", "100", "1000"] {
+        let per_hour = &report["store_requests_per_held_tenant_hour_by_count"][count];
+        assert!(
+            per_hour.as_f64().unwrap() > 0.0,
+            "{count} tenants: {per_hour}"
+        );
+    }
+    assert_eq!(report["held_tenants"]["held_at_largest"], 1000);
 
     // Facts, not timings.
     let acked = report["durable"]["acked_total"].as_u64().unwrap();

@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use tenantd::TenantId;
-use tenantd::lease::{Acquire, Contender, LeaseConfig};
+use tenantd::lease::{Acquire, Contender, LeaseConfig, Session};
 use tenantd::metrics::Metrics;
 use tenantd::store::{DynStore, FaultConfig, FaultStore, Precondition, keys};
 use tenantd::tenant::actor::{ActorContext, TenantActor};
@@ -50,7 +50,7 @@ async fn a_paused_holders_uploads_after_a_takeover_never_become_state() {
     let mut a = Contender::new(
         a_store.clone(),
         lock_key.clone(),
-        LeaseConfig::new("a", "a:1", ttl),
+        Session::new(a_store.clone(), LeaseConfig::new("a", "a:1", ttl)),
     );
     let Acquire::Acquired(lease_a) = a.try_acquire().await.unwrap() else {
         panic!("a must acquire")
@@ -101,7 +101,7 @@ async fn a_paused_holders_uploads_after_a_takeover_never_become_state() {
     let mut b = Contender::new(
         store.clone(),
         lock_key.clone(),
-        LeaseConfig::new("b", "b:1", ttl),
+        Session::new(store.clone(), LeaseConfig::new("b", "b:1", ttl)),
     );
     let lease_b = match b
         .acquire_until(tokio::time::Instant::now() + ttl * 6)

@@ -1,35 +1,84 @@
-//! The `machine.lock` protocol on the memory store with tokio's paused
-//! clock: no sockets, no real sleeps, every instant under the test's control.
+//! The `machine.lock` protocol and the machine sessions that keep locks
+//! alive, on the memory store with tokio's paused clock: no sockets, no
+//! real sleeps, every instant under the test's control.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use tenantd::lease::{Acquire, Contender, Lease, LeaseConfig, LockState, read_lock};
+use tenantd::lease::{
+    Acquire, Contender, HeartbeatRecord, Lease, LeaseConfig, LockState, Session, read_lock,
+};
+use tenantd::metrics::Metrics;
 use tenantd::store::fault::FaultHandle;
+use tenantd::store::instrumented::InstrumentedStore;
 use tenantd::store::{
-    DynStore, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition,
+    DynStore, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition, keys,
 };
 use tokio::time::Instant;
 
 const KEY: &str = "customer/1/machine.lock";
 const TTL: Duration = Duration::from_millis(3000);
 
-/// A contender with its own fault layer over the shared store, as each
-/// machine has its own path to the bucket.
-fn contender(shared: &Arc<MemoryStore>, id: &str) -> (Contender, FaultHandle) {
-    let fault = FaultStore::new(shared.clone() as DynStore, FaultConfig::default());
-    let handle = fault.handle();
-    let store: DynStore = Arc::new(fault);
-    (
-        Contender::new(
-            store,
-            KEY.into(),
+/// One machine process: its own fault layer over the shared store (each
+/// machine has its own path to the bucket), its request counters, and one
+/// session for all its leases.
+struct Machine {
+    store: DynStore,
+    faults: FaultHandle,
+    metrics: Metrics,
+    session: Session,
+}
+
+impl Machine {
+    fn start(shared: &Arc<MemoryStore>, id: &str) -> Machine {
+        let fault = FaultStore::new(shared.clone() as DynStore, FaultConfig::default());
+        let faults = fault.handle();
+        let metrics = Metrics::new();
+        let store: DynStore = Arc::new(InstrumentedStore::new(Arc::new(fault), metrics.clone()));
+        let session = Session::new(
+            store.clone(),
             LeaseConfig::new(id, format!("{id}:3000"), TTL),
-        ),
-        handle,
-    )
+        );
+        Machine {
+            store,
+            faults,
+            metrics,
+            session,
+        }
+    }
+
+    fn contender(&self, key: &str) -> Contender {
+        Contender::new(self.store.clone(), key.into(), self.session.clone())
+    }
+
+    /// Successful store requests of one operation so far.
+    fn requests(&self, op: &str) -> u64 {
+        self.metrics
+            .store_requests
+            .with_label_values(&[op, "ok"])
+            .get()
+    }
+}
+
+/// A machine with one contender for `KEY`.
+fn contender(shared: &Arc<MemoryStore>, id: &str) -> (Contender, FaultHandle) {
+    let machine = Machine::start(shared, id);
+    (machine.contender(KEY), machine.faults)
+}
+
+fn tenant_key(n: usize) -> String {
+    keys::lock(&format!("t{n}"))
+}
+
+async fn heartbeat(shared: &Arc<MemoryStore>, machine: &str) -> HeartbeatRecord {
+    let object = shared
+        .get(&keys::heartbeat(machine))
+        .await
+        .unwrap()
+        .unwrap();
+    serde_json::from_slice(&object.body).unwrap()
 }
 
 fn acquired(outcome: Acquire) -> Lease {
@@ -328,5 +377,385 @@ async fn a_process_takes_its_own_lock_back_at_once_when_its_lease_ended() {
     match a.try_acquire().await.unwrap() {
         Acquire::HeldBy { record, .. } => assert_eq!(record.token, second.token()),
         _ => panic!("took over its own live lease"),
+    }
+}
+
+// Session leases: one heartbeat per machine keeps every lock of it alive.
+
+/// A machine holding many tenants writes one heartbeat per ttl/3 and
+/// nothing per tenant; its locks keep their ETags.
+#[tokio::test(start_paused = true)]
+async fn one_heartbeat_renewal_covers_every_lease_of_a_machine() {
+    let shared = Arc::new(MemoryStore::new());
+    let a = Machine::start(&shared, "a");
+    let mut leases = Vec::new();
+    for n in 0..50 {
+        leases.push(acquired(
+            a.contender(&tenant_key(n)).try_acquire().await.unwrap(),
+        ));
+    }
+    let locks_before: Vec<_> = futures_lock_etags(&shared, 50).await;
+    let puts_before = a.requests("put_if_match");
+    let seq_before = heartbeat(&shared, "a").await.seq;
+    tokio::time::sleep(TTL * 3).await;
+    let renewals = a.requests("put_if_match") - puts_before;
+    assert!(
+        (8..=9).contains(&renewals),
+        "{renewals} writes in 3 ttl for 50 tenants: one heartbeat per ttl/3 expected"
+    );
+    assert_eq!(heartbeat(&shared, "a").await.seq, seq_before + renewals);
+    assert_eq!(
+        futures_lock_etags(&shared, 50).await,
+        locks_before,
+        "tenant locks were rewritten"
+    );
+    for lease in &leases {
+        assert!(lease.is_valid());
+        assert_eq!(lease.incarnation(), leases[0].incarnation());
+        let record = lease.record();
+        assert!(record.session);
+        assert_eq!(record.incarnation, Some(lease.incarnation()));
+    }
+}
+
+async fn futures_lock_etags(shared: &Arc<MemoryStore>, n: usize) -> Vec<String> {
+    let mut etags = Vec::new();
+    for i in 0..n {
+        let object = shared.get(&tenant_key(i)).await.unwrap().unwrap();
+        etags.push(object.etag.normalized().to_string());
+    }
+    etags
+}
+
+/// Cut off from the store, a machine's leases all end at the same instant
+/// (its session's deadline), and `lost()` fires for each.
+#[tokio::test(start_paused = true)]
+async fn session_expiry_invalidates_every_lease_at_once() {
+    let shared = Arc::new(MemoryStore::new());
+    let a = Machine::start(&shared, "a");
+    let mut leases = Vec::new();
+    for n in 0..5 {
+        leases.push(acquired(
+            a.contender(&tenant_key(n)).try_acquire().await.unwrap(),
+        ));
+    }
+    a.faults.partition(true);
+    let start = Instant::now();
+    loop {
+        let valid = leases.iter().filter(|l| l.is_valid()).count();
+        assert!(
+            valid == 0 || valid == leases.len(),
+            "{valid} of 5 leases valid"
+        );
+        if valid == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < TTL,
+            "leases outlived a ttl without renewal"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for lease in &leases {
+        tokio::time::timeout(Duration::from_millis(1), lease.lost())
+            .await
+            .expect("lost() resolves for every lease");
+    }
+}
+
+/// Another process writing this machine's heartbeat (a 412 on renewal)
+/// ends the session before its deadline.
+#[tokio::test(start_paused = true)]
+async fn a_412_on_the_heartbeat_loses_the_session() {
+    let shared = Arc::new(MemoryStore::new());
+    let a = Machine::start(&shared, "a");
+    let mut leases = Vec::new();
+    for n in 0..3 {
+        leases.push(acquired(
+            a.contender(&tenant_key(n)).try_acquire().await.unwrap(),
+        ));
+    }
+    let mut intruder = heartbeat(&shared, "a").await;
+    intruder.incarnation = uuid::Uuid::new_v4();
+    shared
+        .put(
+            &keys::heartbeat("a"),
+            Bytes::from(serde_json::to_vec(&intruder).unwrap()),
+            Metadata::new(),
+            Precondition::None,
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(TTL, leases[0].lost())
+        .await
+        .expect("session lost at the next renewal");
+    for lease in &leases {
+        assert!(!lease.is_valid());
+        assert!(
+            Instant::now() < lease.deadline(),
+            "lost by the 412, not by the deadline"
+        );
+    }
+    // This process does not fight the other one for the machine id.
+    assert!(a.contender(&tenant_key(9)).try_acquire().await.is_err());
+}
+
+/// A contender takes a session lock over only once it has seen the
+/// holder's heartbeat unchanged for a full ttl; a renewing heartbeat keeps
+/// every lock of its machine, and one heartbeat read serves all of them.
+#[tokio::test(start_paused = true)]
+async fn a_contender_takes_over_only_after_seeing_the_heartbeat_unchanged_for_a_ttl() {
+    let shared = Arc::new(MemoryStore::new());
+    let a = Machine::start(&shared, "a");
+    let b = Machine::start(&shared, "b");
+    let mut leases = Vec::new();
+    let mut watchers = Vec::new();
+    for n in 0..20 {
+        leases.push(acquired(
+            a.contender(&tenant_key(n)).try_acquire().await.unwrap(),
+        ));
+        watchers.push(b.contender(&tenant_key(n)));
+    }
+    for w in &mut watchers {
+        assert!(matches!(
+            w.try_acquire().await.unwrap(),
+            Acquire::HeldBy { .. }
+        ));
+    }
+    // Healthy holder: b polls all 20 tenants every ttl/3 and reads one
+    // heartbeat per poll, no lock.
+    let gets_before = b.requests("get");
+    for _ in 0..9 {
+        tokio::time::sleep(TTL / 3).await;
+        for w in &mut watchers {
+            assert!(matches!(
+                w.watch(TTL * 100).await.unwrap(),
+                Acquire::HeldBy { .. }
+            ));
+        }
+    }
+    let gets = b.requests("get") - gets_before;
+    assert!(
+        gets <= 9,
+        "{gets} reads for 9 polls of 20 tenants of one holder"
+    );
+    assert_eq!(
+        b.requests("put_if_match"),
+        0,
+        "a standby wrote while the holder was healthy"
+    );
+
+    // The holder freezes: its heartbeat stops changing.
+    a.faults.partition(true);
+    let frozen = Instant::now();
+    let mut took = 0;
+    let mut taken = Vec::new();
+    while took < watchers.len() {
+        for w in &mut watchers {
+            match w.try_acquire().await.unwrap() {
+                Acquire::Acquired(lease) => {
+                    assert!(frozen.elapsed() >= TTL, "taken over before a full ttl");
+                    assert!(
+                        leases.iter().all(|l| !l.is_valid()),
+                        "taken over while the old holder still claimed"
+                    );
+                    assert_eq!(lease.previous().unwrap().holder, "a");
+                    assert!(!lease.previous().unwrap().released);
+                    took += 1;
+                    taken.push(lease);
+                }
+                Acquire::HeldBy { .. } => {}
+                Acquire::Unknown { .. } => panic!("lock unreadable"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(frozen.elapsed() < TTL * 2, "no takeover of a frozen holder");
+    }
+}
+
+/// Locks written by machines that renew each lock (no `session` field)
+/// are judged by their own ETag, as before sessions.
+#[tokio::test(start_paused = true)]
+async fn an_old_format_lock_is_judged_by_its_own_etag() {
+    let shared = Arc::new(MemoryStore::new());
+    let write_old = |n: u64| {
+        let shared = shared.clone();
+        async move {
+            let old = serde_json::json!({
+                "holder": "old", "addr": "old:1", "epoch": 3, "token": uuid::Uuid::new_v4(),
+                "ttl_ms": TTL.as_millis() as u64, "renewed_at": chrono::Utc::now(), "released": false,
+                "renewal": n,
+            });
+            shared
+                .put(
+                    KEY,
+                    Bytes::from(old.to_string()),
+                    Metadata::new(),
+                    Precondition::None,
+                )
+                .await
+                .unwrap();
+        }
+    };
+    write_old(0).await;
+    let (mut b, _) = contender(&shared, "b");
+    // Renewed every ttl/2: never stale.
+    for n in 1..6 {
+        assert!(matches!(
+            b.try_acquire().await.unwrap(),
+            Acquire::HeldBy { .. }
+        ));
+        tokio::time::sleep(TTL / 2).await;
+        write_old(n).await;
+    }
+    assert!(matches!(
+        b.try_acquire().await.unwrap(),
+        Acquire::HeldBy { .. }
+    ));
+    tokio::time::sleep(TTL - Duration::from_millis(1)).await;
+    assert!(matches!(
+        b.try_acquire().await.unwrap(),
+        Acquire::HeldBy { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(acquired(b.try_acquire().await.unwrap()).epoch(), 4);
+}
+
+/// A process restarted under the same machine id starts a new incarnation
+/// over the old heartbeat and takes its locks back at once; the earlier
+/// process, if it still ran, loses its session at its next renewal.
+#[tokio::test(start_paused = true)]
+async fn a_restart_with_the_same_id_retakes_at_once_and_ends_the_old_session() {
+    let shared = Arc::new(MemoryStore::new());
+    let first = Machine::start(&shared, "a");
+    let old: Vec<Lease> = futures_acquire(&first, 3).await;
+    let old_incarnation = heartbeat(&shared, "a").await.incarnation;
+    let second = Machine::start(&shared, "a");
+    let new = futures_acquire(&second, 3).await;
+    assert!(new.iter().all(|l| l.epoch() == 2));
+    assert_ne!(new[0].incarnation(), old_incarnation);
+    assert_eq!(
+        heartbeat(&shared, "a").await.incarnation,
+        new[0].incarnation()
+    );
+    tokio::time::timeout(TTL, old[0].lost())
+        .await
+        .expect("the first process's session ends");
+    assert!(old.iter().all(|l| !l.is_valid()));
+    tokio::time::sleep(TTL * 2).await;
+    assert!(
+        new.iter().all(Lease::is_valid),
+        "the new process keeps renewing"
+    );
+}
+
+async fn futures_acquire(machine: &Machine, n: usize) -> Vec<Lease> {
+    let mut leases = Vec::new();
+    for i in 0..n {
+        leases.push(acquired(
+            machine
+                .contender(&tenant_key(i))
+                .try_acquire()
+                .await
+                .unwrap(),
+        ));
+    }
+    leases
+}
+
+/// A session lock of machine `x` with incarnation `incarnation`.
+async fn write_session_lock(shared: &Arc<MemoryStore>, incarnation: uuid::Uuid) {
+    let lock = serde_json::json!({
+        "holder": "x", "addr": "x:1", "epoch": 5, "token": uuid::Uuid::new_v4(),
+        "ttl_ms": TTL.as_millis() as u64, "renewed_at": chrono::Utc::now(), "released": false,
+        "incarnation": incarnation, "session": true,
+    });
+    shared
+        .put(
+            KEY,
+            Bytes::from(lock.to_string()),
+            Metadata::new(),
+            Precondition::None,
+        )
+        .await
+        .unwrap();
+}
+
+/// An unparsable heartbeat vouches for nothing: the lock is taken over
+/// only once the lock and the heartbeat stayed unchanged for a full ttl;
+/// a heartbeat that keeps changing (a holder this machine cannot read)
+/// keeps it.
+#[tokio::test(start_paused = true)]
+async fn an_unparsable_heartbeat_leaves_only_the_observation_rule() {
+    let shared = Arc::new(MemoryStore::new());
+    write_session_lock(&shared, uuid::Uuid::new_v4()).await;
+    let garbage = |n: usize| Bytes::from(format!("{{ not a heartbeat {n}"));
+    let put_beat = |n: usize| {
+        let shared = shared.clone();
+        async move {
+            shared
+                .put(
+                    &keys::heartbeat("x"),
+                    garbage(n),
+                    Metadata::new(),
+                    Precondition::None,
+                )
+                .await
+                .unwrap();
+        }
+    };
+    put_beat(0).await;
+    let (mut b, _) = contender(&shared, "b");
+    for n in 1..8 {
+        assert!(matches!(
+            b.try_acquire().await.unwrap(),
+            Acquire::HeldBy { .. }
+        ));
+        tokio::time::sleep(TTL / 2).await;
+        put_beat(n).await;
+    }
+    assert!(matches!(
+        b.try_acquire().await.unwrap(),
+        Acquire::HeldBy { .. }
+    ));
+    tokio::time::sleep(TTL - Duration::from_millis(1)).await;
+    assert!(matches!(
+        b.try_acquire().await.unwrap(),
+        Acquire::HeldBy { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(acquired(b.try_acquire().await.unwrap()).epoch(), 6);
+}
+
+/// A heartbeat that is missing, or names another incarnation than the
+/// lock, no longer vouches for the lock: a full ttl of an unchanged lock
+/// is enough, however lively the heartbeat of the new incarnation is.
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_of_another_incarnation_or_none_leaves_the_observation_rule() {
+    for heartbeat_present in [false, true] {
+        let shared = Arc::new(MemoryStore::new());
+        write_session_lock(&shared, uuid::Uuid::new_v4()).await;
+        // Machine x runs again under a new incarnation and renews.
+        let x = Machine::start(&shared, "x");
+        let _x_lease = heartbeat_present.then(|| x.contender(&tenant_key(99)));
+        let mut x_own = None;
+        if let Some(mut c) = _x_lease {
+            x_own = Some(acquired(c.try_acquire().await.unwrap()));
+        }
+        let (mut b, _) = contender(&shared, "b");
+        assert!(matches!(
+            b.try_acquire().await.unwrap(),
+            Acquire::HeldBy { .. }
+        ));
+        tokio::time::sleep(TTL - Duration::from_millis(1)).await;
+        assert!(matches!(
+            b.try_acquire().await.unwrap(),
+            Acquire::HeldBy { .. }
+        ));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(acquired(b.try_acquire().await.unwrap()).epoch(), 6);
+        if let Some(lease) = x_own {
+            assert!(lease.is_valid(), "x's own session is untouched");
+        }
     }
 }

@@ -7,6 +7,7 @@
 
 mod cold_start;
 mod failover;
+mod held_tenants;
 mod idle;
 mod load;
 mod machines;
@@ -75,6 +76,10 @@ pub struct BenchArgs {
     pub scratch: Option<PathBuf>,
 }
 
+/// Idle tenants one pool machine holds for the per-tenant cost figures
+/// (contract keys of `store_requests_per_held_tenant_hour_by_count`).
+const HELD_TENANT_COUNTS: [usize; 3] = [1, 100, 1000];
+
 /// The concurrency the headline figures (`durable_rps`, ...) are taken at.
 const HEADLINE_CLIENTS: usize = 256;
 
@@ -118,11 +123,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         scratch.display()
     );
 
-    eprintln!("bench: [1/8] store PUT latency ({samples} PUTs of 16 KiB)");
+    eprintln!("bench: [1/9] store PUT latency ({samples} PUTs of 16 KiB)");
     let store_put_p50_ms = store_put_p50(&scratch.join("put"), &faults, samples).await?;
     eprintln!("bench:   PUT p50 {store_put_p50_ms:.1} ms");
 
-    eprintln!("bench: [2/8] durable group commit");
+    eprintln!("bench: [2/9] durable group commit");
     let durable = throughput::run(
         &scratch.join("durable"),
         &faults,
@@ -132,7 +137,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         duration,
     )
     .await?;
-    eprintln!("bench: [3/8] answer before upload (upper bound, bench-only)");
+    eprintln!("bench: [3/9] answer before upload (upper bound, bench-only)");
     let unsafe_ = throughput::run(
         &scratch.join("unsafe"),
         &faults,
@@ -148,7 +153,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         *args.concurrency.iter().max().expect("checked above")
     };
-    eprintln!("bench: [4/8] durable SQL transactions (3 statements) at {sql_clients} clients");
+    eprintln!("bench: [4/9] durable SQL transactions (3 statements) at {sql_clients} clients");
     let sql = throughput::run_sql(
         &scratch.join("sql"),
         &faults,
@@ -159,7 +164,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
 
     let window = args.lease_ttl.max(Duration::from_secs(3));
-    eprintln!("bench: [5/8] idle tenant: store requests while held and after release");
+    eprintln!("bench: [5/9] idle tenant: store requests while held and after release");
     let idle = idle::run(&scratch.join("idle"), &faults, args.lease_ttl, window).await?;
     eprintln!(
         "bench:   held: {:.0} store requests/hour; released after {} ms; then {} requests in {} ms",
@@ -169,11 +174,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         idle.after_release_window_ms
     );
 
-    eprintln!("bench: [6/8] commit cost and cold start by database size");
+    let held_window = if args.quick {
+        args.lease_ttl
+    } else {
+        args.lease_ttl * 3
+    };
+    eprintln!(
+        "bench: [6/9] many idle tenants held by one pool machine (a `tenantd serve` process)"
+    );
+    let held = held_tenants::run(
+        &scratch.join("held"),
+        &faults,
+        args.lease_ttl,
+        &HELD_TENANT_COUNTS,
+        held_window,
+    )
+    .await?;
+    eprintln!(
+        "bench:   RSS {:.1} MiB empty, {:.1} MiB with {} tenants: {:.3} MiB per held tenant",
+        held.rss_mb_empty, held.rss_mb_full, held.held_at_largest, held.rss_mb_per_held_tenant
+    );
+
+    eprintln!("bench: [7/9] commit cost and cold start by database size");
     let cold = cold_start::run(&scratch.join("cold"), &faults, args.lease_ttl, &sizes_mb).await?;
 
     eprintln!(
-        "bench: [7/8] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
+        "bench: [8/9] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
         args.kills
     );
     let failover = failover::run(
@@ -186,7 +212,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    eprintln!("bench: [8/8] 1,000 requests for tenants that do not exist (a real tenantd serve)");
+    eprintln!("bench: [9/9] 1,000 requests for tenants that do not exist (a real tenantd serve)");
     let unknown = unknown::run(&scratch.join("unknown"), 1_000).await?;
     eprintln!(
         "bench:   {} of {} answered 404; {} store writes, {} store reads",
@@ -201,6 +227,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         unsafe_,
         sql,
         idle,
+        held,
         cold,
         failover,
         started.elapsed(),

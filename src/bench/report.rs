@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use super::cold_start::ColdStart;
 use super::failover::FailoverResult;
+use super::held_tenants::HeldTenantsResult;
 use super::idle::IdleResult;
 use super::svg::{Series, chart};
 use super::throughput::{Level, ModeResult, SqlResult};
@@ -24,6 +25,7 @@ pub struct Report {
     unsafe_: ModeResult,
     sql: SqlResult,
     idle: IdleResult,
+    held: HeldTenantsResult,
     cold: Vec<ColdStart>,
     failover: FailoverResult,
     elapsed: Duration,
@@ -46,6 +48,7 @@ impl Report {
         unsafe_: ModeResult,
         sql: SqlResult,
         idle: IdleResult,
+        held: HeldTenantsResult,
         cold: Vec<ColdStart>,
         failover: FailoverResult,
         elapsed: Duration,
@@ -60,6 +63,7 @@ impl Report {
             unsafe_,
             sql,
             idle,
+            held,
             cold,
             failover,
             elapsed,
@@ -150,6 +154,17 @@ impl Report {
                     1.5 * self.store_put_p50_ms
                 ),
                 met: durable.p50_ms <= 1.5 * self.store_put_p50_ms,
+            },
+            Target {
+                what: match self.held.store_requests_per_held_tenant_hour_by_count.get("1000") {
+                    Some(v) => format!("≤ 20 store requests per held tenant-hour at 1,000 idle tenants: {v:.1}"),
+                    None => "≤ 20 store requests per held tenant-hour at 1,000 idle tenants: not measured".into(),
+                },
+                met: self
+                    .held
+                    .store_requests_per_held_tenant_hour_by_count
+                    .get("1000")
+                    .is_some_and(|v| *v <= 20.0),
             },
             Target {
                 what: format!(
@@ -323,6 +338,25 @@ impl Report {
                 ),
             ),
             (
+                "store requests per held tenant-hour (1 / 100 / 1000 tenants)",
+                self.held
+                    .store_requests_per_held_tenant_hour_by_count
+                    .values()
+                    .map(|v| format!("{v:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+            ),
+            (
+                "RSS per held tenant",
+                format!(
+                    "{:.3} MiB ({:.1} MiB empty, {:.1} MiB with {})",
+                    self.held.rss_mb_per_held_tenant,
+                    self.held.rss_mb_empty,
+                    self.held.rss_mb_full,
+                    self.held.held_at_largest
+                ),
+            ),
+            (
                 "idle tenant after release",
                 format!(
                     "{} store requests in {} ms",
@@ -426,6 +460,9 @@ impl Report {
             "rss_mb": { "idle": self.failover.rss_idle_mb, "load": self.failover.rss_load_mb },
             "idle": self.idle,
             "idle_store_requests_after_release": self.idle.requests_after_release,
+            "store_requests_per_held_tenant_hour_by_count": self.held.store_requests_per_held_tenant_hour_by_count,
+            "rss_mb_per_held_tenant": self.held.rss_mb_per_held_tenant,
+            "held_tenants": self.held,
             "unknown_tenant_store_writes": self.unknown.as_ref().map(|u| u.store_writes),
             "unknown_tenants": self.unknown,
             "durable": self.durable,

@@ -1,9 +1,9 @@
 //! Deterministic simulation of the service itself, not a model of it: three
 //! machines, each a real `Registry` with real tenant actors (SQLite working
 //! copies, group commit, pipelined uploads, standby takeover, idempotency
-//! keys), on one in-memory store seen through a seeded fault layer and the
-//! retrying layer per machine, as `tenantd serve` stacks them, under tokio's
-//! paused clock.
+//! keys) and one session heartbeat for all the tenants it holds, on one
+//! in-memory store seen through a seeded fault layer and the retrying layer
+//! per machine, as `tenantd serve` stacks them, under tokio's paused clock.
 //!
 //! Clients route like Fly Proxy (replay to the named holder, elsewhere when
 //! there is none), give up on an attempt after a timeout, and retry with the
@@ -11,8 +11,9 @@
 //! from the seed: crash a machine (cut off for good, restarted under the
 //! same machine id), pause one (its store traffic arrives seconds late:
 //! uploads sent before the pause land after the lease has moved on),
-//! partition it, lose responses of its writes, fail its requests, stop it
-//! gracefully. The history and the count in the stored database go through
+//! partition it, cut off just its heartbeat (every tenant it holds must be
+//! given up together), lose responses of its writes, fail its requests,
+//! stop it gracefully. The history and the count in the stored database go through
 //! the same checker as real chaos runs.
 //!
 //! The nemesis schedule and every fault decision come from the seed; tokio
@@ -21,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +32,7 @@ use tokio::time::Instant;
 
 use super::checker::{self, Report};
 use super::history::{NemesisEvent, Op, Outcome};
+use super::sim::HeartbeatCut;
 use crate::TenantId;
 use crate::lease::{LockState, read_lock};
 use crate::metrics::Metrics;
@@ -44,7 +47,9 @@ use crate::tenant::{Op as TenantOp, Registry, RegistryConfig, Route, TenantError
 
 const TTL: Duration = Duration::from_secs(1);
 /// Single-tenant mode serves the first; pool mode all of them.
-const CUSTOMERS: [&str; 2] = ["sim", "simpool"];
+const CUSTOMERS: [&str; 4] = ["sim", "simpool", "simpool2", "simpool3"];
+/// Pool mode: tenants one machine holds at once (of the four).
+const POOL_MAX_TENANTS: usize = 3;
 const MACHINES: usize = 3;
 const CLIENTS: u64 = 4;
 const ATTEMPTS: usize = 8;
@@ -113,8 +118,9 @@ pub enum Mode {
     /// Every machine serves one tenant (`CUSTOMER_ID` set), with standby
     /// takeover.
     Single,
-    /// Any machine serves two tenants but holds at most one at a time, and
-    /// releases it after 700 ms idle: leases change hands constantly.
+    /// Any machine serves four tenants, holds at most three at a time under
+    /// one session, and releases each after 700 ms idle: leases change
+    /// hands constantly.
     Pool,
 }
 
@@ -128,6 +134,8 @@ struct Machine {
 struct Incarnation {
     registry: Arc<Registry>,
     faults: FaultHandle,
+    /// Cuts this process off from its own heartbeat only.
+    heartbeat_cut: Arc<AtomicBool>,
 }
 
 struct World {
@@ -170,7 +178,9 @@ impl World {
             seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
         let faults = fault.handle();
-        let store: DynStore = Arc::new(RetryingStore::new(Arc::new(fault), RetryPolicy::default()));
+        let heartbeat_cut = Arc::new(AtomicBool::new(false));
+        let cut = HeartbeatCut::new(Arc::new(fault), &id, heartbeat_cut.clone());
+        let store: DynStore = Arc::new(RetryingStore::new(Arc::new(cut), RetryPolicy::default()));
         let registry = Registry::new(
             RegistryConfig {
                 machine_id: id.clone(),
@@ -180,7 +190,7 @@ impl World {
                     Mode::Single => Some(self.tenants[0].clone()),
                     Mode::Pool => None,
                 },
-                max_tenants: 1,
+                max_tenants: POOL_MAX_TENANTS,
                 lock_cache_ttl: TTL / 5,
                 max_known_tenants: 10_000,
                 create_on_first_request: false,
@@ -208,7 +218,11 @@ impl World {
         if self.mode == Mode::Single {
             tokio::spawn(registry.clone().standby(self.tenants[0].clone()));
         }
-        self.machines.lock().unwrap()[index].up = Some(Incarnation { registry, faults });
+        self.machines.lock().unwrap()[index].up = Some(Incarnation {
+            registry,
+            faults,
+            heartbeat_cut,
+        });
     }
 
     /// SIGKILL: nothing of this process reaches the store any more.
@@ -472,7 +486,7 @@ async fn nemeses(world: &World, seed: u64, until: Instant) -> Vec<NemesisEvent> 
             continue;
         };
         let lasting = Duration::from_millis(rng.random_range(300..3000));
-        let kind = match rng.random_range(0..9) {
+        let kind = match rng.random_range(0..10) {
             0 => {
                 world.crash(index);
                 tokio::time::sleep(Duration::from_millis(rng.random_range(100..2000))).await;
@@ -535,6 +549,15 @@ async fn nemeses(world: &World, seed: u64, until: Instant) -> Vec<NemesisEvent> 
                 tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
                 world.boot(index, seed);
                 "stop"
+            }
+            8 => {
+                // Only its heartbeat is cut off: it still reaches every
+                // tenant's objects, but its session runs out, and with it
+                // every lease it holds.
+                up.heartbeat_cut.store(true, Ordering::SeqCst);
+                tokio::time::sleep(lasting).await;
+                up.heartbeat_cut.store(false, Ordering::SeqCst);
+                "heartbeat-partition"
             }
             _ => {
                 tokio::time::sleep(lasting).await;

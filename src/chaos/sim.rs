@@ -1,11 +1,14 @@
 //! Deterministic simulation of the lease and writer protocol: three
-//! machines, one shared in-memory store, tokio's paused clock, and one
-//! seeded RNG for every choice — so a seed is a reproducible schedule of
-//! requests, crashes, pauses, partitions, lost responses and late-applied
-//! writes (2% of every machine's puts land up to 500 ms after it was told
-//! they failed).
+//! machines sharing three tenants, one shared in-memory store, tokio's
+//! paused clock, and one seeded RNG for every choice — so a seed is a
+//! reproducible schedule of requests, crashes, restarts under the same
+//! machine id, pauses of a machine with everything it holds, partitions
+//! (whole, or of just the machine's heartbeat), lost responses and
+//! late-applied writes (2% of every machine's puts land up to 500 ms after
+//! it was told they failed).
 //!
-//! The machines run the real lease (`crate::lease`) and the writer protocol
+//! The machines run the real session leases (`crate::lease`: one heartbeat
+//! per machine process for all its tenants) and the writer protocol
 //! of `tenant::actor` (download with ETag, claim with the new epoch, upload
 //! each batch with `If-Match`, acknowledge only after the upload). The
 //! database is a small JSON document instead of SQLite. The recorded
@@ -16,8 +19,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -25,16 +30,20 @@ use serde::{Deserialize, Serialize};
 
 use super::checker::{self, Report};
 use super::history::{Op, Outcome};
-use crate::lease::{Acquire, Contender, Lease, LeaseConfig};
+use crate::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
 use crate::store::fault::FaultHandle;
 use crate::store::{
-    DynStore, ETag, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition,
-    StoreError, StoreResult,
+    DynStore, ETag, FaultConfig, FaultStore, Listed, MemoryStore, Metadata, Object, ObjectMeta,
+    ObjectStore, Precondition, StoreError, StoreResult, keys,
 };
 
 const TTL: Duration = Duration::from_millis(1000);
-const DB_KEY: &str = "customer/sim/db.sqlite3";
-const LOCK_KEY: &str = "customer/sim/machine.lock";
+const MACHINES: usize = 3;
+const TENANTS: usize = 3;
+
+fn tenant(t: usize) -> String {
+    format!("sim{t}")
+}
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 struct SimDb {
@@ -43,15 +52,25 @@ struct SimDb {
     seq: u64,
 }
 
+/// One machine process: its path to the store, one session for all its
+/// tenants, and per tenant what it holds.
 struct Machine {
+    id: String,
     store: DynStore,
     faults: FaultHandle,
+    /// Cuts this machine off from its own heartbeat only.
+    heartbeat_cut: Arc<AtomicBool>,
+    tenants: Vec<Held>,
+    /// An upload (of tenant `.0`) prepared before the machine froze
+    /// (SIGSTOP, GC pause) with everything it holds: it is sent when the
+    /// machine wakes, however much later.
+    frozen: Option<(usize, Upload)>,
+}
+
+struct Held {
     contender: Contender,
     lease: Option<Lease>,
     db: Option<(SimDb, ETag)>,
-    /// An upload prepared before the machine froze (SIGSTOP, GC pause): it
-    /// is sent when the machine wakes, however much later.
-    frozen: Option<Upload>,
 }
 
 struct Upload {
@@ -64,9 +83,111 @@ struct Upload {
 }
 
 impl Machine {
+    fn start(id: String, store: DynStore, faults: FaultHandle, cut: Arc<AtomicBool>) -> Machine {
+        let mut m = Machine {
+            id,
+            store,
+            faults,
+            heartbeat_cut: cut,
+            tenants: Vec::new(),
+            frozen: None,
+        };
+        m.restart();
+        m
+    }
+
+    /// A new process under the same machine id: a new session, nothing
+    /// held (the old process's leases end as in a crash).
+    fn restart(&mut self) {
+        let session = Session::new(
+            self.store.clone(),
+            LeaseConfig::new(self.id.clone(), format!("{}:1", self.id), TTL),
+        );
+        self.tenants = (0..TENANTS)
+            .map(|t| Held {
+                contender: Contender::new(
+                    self.store.clone(),
+                    keys::lock(&tenant(t)),
+                    session.clone(),
+                ),
+                lease: None,
+                db: None,
+            })
+            .collect();
+    }
+}
+
+impl Held {
     fn step_down(&mut self) {
         self.lease = None;
         self.db = None;
+    }
+}
+
+/// A machine's view of the store in which its own heartbeat can be cut off
+/// while everything else still answers.
+#[derive(Debug)]
+pub(crate) struct HeartbeatCut {
+    inner: DynStore,
+    key: String,
+    cut: Arc<AtomicBool>,
+}
+
+impl HeartbeatCut {
+    pub(crate) fn new(inner: DynStore, machine_id: &str, cut: Arc<AtomicBool>) -> HeartbeatCut {
+        HeartbeatCut {
+            inner,
+            key: keys::heartbeat(machine_id),
+            cut,
+        }
+    }
+
+    fn check_key(&self, key: &str) -> StoreResult<()> {
+        if key == self.key && self.cut.load(Ordering::SeqCst) {
+            return Err(StoreError::transient(key, "heartbeat partitioned"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ObjectStore for HeartbeatCut {
+    async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
+        self.check_key(key)?;
+        self.inner.get(key).await
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        self.check_key(key)?;
+        self.inner.head(key).await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        self.check_key(key)?;
+        self.inner.put(key, body, metadata, condition).await
+    }
+
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        self.inner.list(prefix, start_after).await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.check_key(key)?;
+        self.inner.delete(key).await
+    }
+
+    async fn check(&self) -> StoreResult<()> {
+        self.inner.check().await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
     }
 }
 
@@ -91,7 +212,7 @@ pub fn run_seed(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
 async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
     let mut rng = StdRng::seed_from_u64(seed);
     let shared = Arc::new(MemoryStore::new());
-    let mut machines: Vec<Machine> = (0..3)
+    let mut machines: Vec<Machine> = (0..MACHINES)
         .map(|i| {
             // Now and then a write lands after its sender was told it
             // failed (a request that sat in the store's queue): the
@@ -106,20 +227,10 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
                 seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
             let faults = fault.handle();
-            let store: DynStore = Arc::new(fault);
-            let contender = Contender::new(
-                store.clone(),
-                LOCK_KEY.into(),
-                LeaseConfig::new(format!("m{i}"), format!("m{i}:1"), TTL),
-            );
-            Machine {
-                store,
-                faults,
-                contender,
-                lease: None,
-                db: None,
-                frozen: None,
-            }
+            let id = format!("m{i}");
+            let cut = Arc::new(AtomicBool::new(false));
+            let store: DynStore = Arc::new(HeartbeatCut::new(Arc::new(fault), &id, cut.clone()));
+            Machine::start(id, store, faults, cut)
         })
         .collect();
     let start = tokio::time::Instant::now();
@@ -127,15 +238,34 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
     let mut ops: Vec<Op> = Vec::new();
     let mut next_key = 0u64;
     let mut takeovers = 0;
+    let mut overlaps = Vec::new();
 
     for _ in 0..steps {
+        // The lease's own promise, checked at every step: no two machines
+        // (frozen ones included: they believe what their clocks say) claim
+        // one tenant at once.
+        for t in 0..TENANTS {
+            let claiming: Vec<&str> = machines
+                .iter()
+                .filter(|m| m.tenants[t].lease.as_ref().is_some_and(Lease::is_valid))
+                .map(|m| m.id.as_str())
+                .collect();
+            if claiming.len() > 1 {
+                overlaps.push(format!(
+                    "at {} ms machines {claiming:?} all claim tenant {}",
+                    now_ms(),
+                    tenant(t)
+                ));
+            }
+        }
         let i = rng.random_range(0..machines.len());
-        if let Some(upload) = machines[i].frozen.take() {
+        if let Some((t, upload)) = machines[i].frozen.take() {
             // The frozen machine wakes and sends what it had prepared.
             machines[i].faults.partition(false);
             send(
                 &mut machines[i],
                 i,
+                t,
                 upload,
                 false,
                 false,
@@ -145,21 +275,24 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
             .await;
             continue;
         }
+        let t = rng.random_range(0..TENANTS);
         match rng.random_range(0..100) {
-            0..=59 => {
-                // A batch of increments arrives at machine i.
+            0..=57 => {
+                // A batch of increments for tenant t arrives at machine i.
                 let batch = rng.random_range(1..=4u64);
                 let start_ms = now_ms();
                 let m = &mut machines[i];
-                if m.lease.as_ref().is_none_or(|l| !l.is_valid()) {
-                    m.step_down();
-                    if let Ok(Acquire::Acquired(lease)) = m.contender.try_acquire().await {
+                let store = m.store.clone();
+                let h = &mut m.tenants[t];
+                if h.lease.as_ref().is_none_or(|l| !l.is_valid()) {
+                    h.step_down();
+                    if let Ok(Acquire::Acquired(lease)) = h.contender.try_acquire().await {
                         takeovers += 1;
-                        m.db = claim(&m.store, &lease, fencing).await;
-                        m.lease = m.db.is_some().then_some(lease);
+                        h.db = claim(&store, t, &lease, fencing).await;
+                        h.lease = h.db.is_some().then_some(lease);
                     }
                 }
-                let (Some(lease), Some((db, etag))) = (&m.lease, m.db.clone()) else {
+                let (Some(lease), Some((db, etag))) = (&h.lease, h.db.clone()) else {
                     continue;
                 };
                 if !lease.is_valid() {
@@ -186,11 +319,12 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
                     start_ms,
                 };
                 // The dangerous window: the lease was checked, then the
-                // machine freezes before its upload goes out. Frozen, it
-                // renews nothing (cut off); others act meanwhile.
+                // machine freezes, with every tenant it holds, before its
+                // upload goes out. Frozen, it renews nothing (cut off);
+                // others act meanwhile.
                 if rng.random_range(0..6) == 0 {
                     m.faults.partition(true);
-                    m.frozen = Some(upload);
+                    m.frozen = Some((t, upload));
                     continue;
                 }
                 let lose_response = rng.random_range(0..20) == 0;
@@ -217,37 +351,72 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
                         (rng.random_range(0..20) == 0, rng.random_range(0..20) == 0),
                     ];
                     let overtake = rng.random_range(0..2) == 0;
-                    send_pipelined(m, i, [upload, second], faults, overtake, &mut ops, &now_ms)
-                        .await;
+                    send_pipelined(
+                        m,
+                        i,
+                        t,
+                        [upload, second],
+                        faults,
+                        overtake,
+                        &mut ops,
+                        &now_ms,
+                    )
+                    .await;
                     continue;
                 }
-                send(m, i, upload, lose_response, fail_before, &mut ops, now_ms()).await;
+                send(
+                    m,
+                    i,
+                    t,
+                    upload,
+                    lose_response,
+                    fail_before,
+                    &mut ops,
+                    now_ms(),
+                )
+                .await;
             }
-            60..=69 => machines[i].step_down(), // crash (a frozen one wakes first)
-            70..=79 => {
+            // One tenant's actor crashes (a frozen machine wakes first).
+            58..=64 => machines[i].tenants[t].step_down(),
+            // The process restarts under the same machine id: a new session,
+            // its locks taken back at once.
+            65..=67 => machines[i].restart(),
+            68..=75 => {
                 let m = &machines[i];
                 m.faults.partition(true);
                 tokio::time::sleep(Duration::from_millis(rng.random_range(100..2500))).await;
                 m.faults.partition(false);
+            }
+            76..=81 => {
+                // Only the heartbeat is cut off: the machine still reaches
+                // its tenants' objects, but its session runs out.
+                let m = &machines[i];
+                m.heartbeat_cut.store(true, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..2500))).await;
+                m.heartbeat_cut.store(false, Ordering::SeqCst);
             }
             _ => tokio::time::sleep(Duration::from_millis(rng.random_range(10..800))).await,
         }
     }
     for (i, m) in machines.iter_mut().enumerate() {
         m.faults.partition(false);
-        if let Some(upload) = m.frozen.take() {
+        if let Some((t, upload)) = m.frozen.take() {
             let never = Outcome::Indeterminate {
                 error: "never answered".into(),
             };
-            record(&mut ops, i, &upload, now_ms(), Some(never));
+            record(&mut ops, i, t, &upload, now_ms(), Some(never));
         }
     }
-    let final_count = match shared.get(DB_KEY).await {
-        Ok(Some(object)) => decode(&object.body).map(|db| db.count).unwrap_or(0),
-        _ => 0,
-    };
-    let finals = BTreeMap::from([("sim".to_string(), final_count)]);
-    let report = checker::check(&ops, &finals, &[], now_ms());
+    let mut finals = BTreeMap::new();
+    for t in 0..TENANTS {
+        let count = match shared.get(&keys::database(&tenant(t))).await {
+            Ok(Some(object)) => decode(&object.body).map(|db| db.count).unwrap_or(0),
+            _ => 0,
+        };
+        finals.insert(tenant(t), count);
+    }
+    let mut report = checker::check(&ops, &finals, &[], now_ms());
+    report.violations.extend(overlaps);
     SimOutcome {
         report,
         ops: ops.len(),
@@ -255,10 +424,13 @@ async fn simulate(seed: u64, fencing: bool, steps: usize) -> SimOutcome {
     }
 }
 
-/// Sends a prepared upload and records its outcome for each key.
+/// Sends a prepared upload of tenant `t` and records its outcome for each
+/// key.
+#[allow(clippy::too_many_arguments)]
 async fn send(
     m: &mut Machine,
     i: usize,
+    t: usize,
     upload: Upload,
     lose_response: bool,
     fail_before: bool,
@@ -266,16 +438,17 @@ async fn send(
     end_ms: u64,
 ) {
     let condition = upload.condition.clone();
-    let result = put(m, &upload, condition, (lose_response, fail_before)).await;
-    settle(m, i, &upload, result, ops, end_ms);
+    let result = put(m, t, &upload, condition, (lose_response, fail_before)).await;
+    settle(&mut m.tenants[t], i, t, &upload, result, ops, end_ms);
 }
 
 /// The last upload in flight is settled: acknowledged and the machine's new
 /// state when it landed, otherwise recorded as failed and the machine steps
-/// down.
+/// down from the tenant.
 fn settle(
-    m: &mut Machine,
+    h: &mut Held,
     i: usize,
+    t: usize,
     upload: &Upload,
     result: StoreResult<ETag>,
     ops: &mut Vec<Op>,
@@ -283,19 +456,26 @@ fn settle(
 ) {
     match result {
         Ok(etag) => {
-            record(ops, i, upload, end_ms, None);
-            m.db = Some((upload.next, etag));
+            record(ops, i, t, upload, end_ms, None);
+            h.db = Some((upload.next, etag));
         }
         Err(e) => {
-            record(ops, i, upload, end_ms, Some(failed(&e)));
-            m.step_down();
+            record(ops, i, t, upload, end_ms, Some(failed(&e)));
+            h.step_down();
         }
     }
 }
 
 /// Records the outcome of each request of `upload`: acknowledged with its
 /// own count (`None`), or `outcome`.
-fn record(ops: &mut Vec<Op>, i: usize, upload: &Upload, end_ms: u64, outcome: Option<Outcome>) {
+fn record(
+    ops: &mut Vec<Op>,
+    i: usize,
+    t: usize,
+    upload: &Upload,
+    end_ms: u64,
+    outcome: Option<Outcome>,
+) {
     for (n, key) in upload.keys.iter().enumerate() {
         let outcome = outcome.clone().unwrap_or(Outcome::Ok {
             count: upload.base.count + n as u64 + 1,
@@ -304,7 +484,7 @@ fn record(ops: &mut Vec<Op>, i: usize, upload: &Upload, end_ms: u64, outcome: Op
         });
         ops.push(Op {
             client: 0,
-            customer: "sim".into(),
+            customer: tenant(t),
             key: key.clone(),
             start_ms: upload.start_ms,
             end_ms,
@@ -342,20 +522,22 @@ fn fresh_keys(next_key: &mut u64, n: u64) -> Vec<String> {
 /// the answer is lost.
 async fn put(
     m: &Machine,
+    t: usize,
     upload: &Upload,
     condition: Precondition,
     faults: (bool, bool),
 ) -> StoreResult<ETag> {
     let (lose_response, fail_before) = faults;
+    let key = keys::database(&tenant(t));
     if fail_before {
-        return Err(StoreError::transient(DB_KEY, "injected"));
+        return Err(StoreError::transient(&key, "injected"));
     }
     let result = m
         .store
-        .put(DB_KEY, encode(&upload.next), Metadata::new(), condition)
+        .put(&key, encode(&upload.next), Metadata::new(), condition)
         .await;
     match result {
-        Ok(_) if lose_response => Err(StoreError::transient(DB_KEY, "response lost")),
+        Ok(_) if lose_response => Err(StoreError::transient(&key, "response lost")),
         other => other,
     }
 }
@@ -366,9 +548,11 @@ async fn put(
 /// is resent once against the real ETag; if the first fails, the second
 /// still counts when it landed (it contains the first), and the machine
 /// steps down.
+#[allow(clippy::too_many_arguments)]
 async fn send_pipelined(
     m: &mut Machine,
     i: usize,
+    t: usize,
     uploads: [Upload; 2],
     faults: [(bool, bool); 2],
     overtake: bool,
@@ -377,49 +561,54 @@ async fn send_pipelined(
 ) {
     let [first, second] = uploads;
     let (r1, mut r2) = if overtake {
-        let r2 = put(m, &second, second.condition.clone(), faults[1]).await;
-        (put(m, &first, first.condition.clone(), faults[0]).await, r2)
+        let r2 = put(m, t, &second, second.condition.clone(), faults[1]).await;
+        (
+            put(m, t, &first, first.condition.clone(), faults[0]).await,
+            r2,
+        )
     } else {
-        let r1 = put(m, &first, first.condition.clone(), faults[0]).await;
+        let r1 = put(m, t, &first, first.condition.clone(), faults[0]).await;
         (
             r1,
-            put(m, &second, second.condition.clone(), faults[1]).await,
+            put(m, t, &second, second.condition.clone(), faults[1]).await,
         )
     };
     let end_ms = now_ms();
     match r1 {
         Ok(etag) => {
-            record(ops, i, &first, end_ms, None);
+            record(ops, i, t, &first, end_ms, None);
             if matches!(&r2, Err(e) if e.is_precondition()) {
                 r2 = put(
                     m,
+                    t,
                     &second,
                     Precondition::IfMatch(etag.clone()),
                     (false, false),
                 )
                 .await;
             }
-            settle(m, i, &second, r2, ops, end_ms);
+            settle(&mut m.tenants[t], i, t, &second, r2, ops, end_ms);
         }
         Err(e1) => {
             match &r2 {
                 Ok(_) => {
-                    record(ops, i, &first, end_ms, None);
-                    record(ops, i, &second, end_ms, None);
+                    record(ops, i, t, &first, end_ms, None);
+                    record(ops, i, t, &second, end_ms, None);
                 }
                 Err(e2) => {
-                    record(ops, i, &first, end_ms, Some(failed(&e1)));
-                    record(ops, i, &second, end_ms, Some(failed(e2)));
+                    record(ops, i, t, &first, end_ms, Some(failed(&e1)));
+                    record(ops, i, t, &second, end_ms, Some(failed(e2)));
                 }
             }
-            m.step_down();
+            m.tenants[t].step_down();
         }
     }
 }
 
 /// A new holder's claim: download, write its epoch, upload at once.
-async fn claim(store: &DynStore, lease: &Lease, fencing: bool) -> Option<(SimDb, ETag)> {
-    let (db, condition) = match store.get(DB_KEY).await.ok()? {
+async fn claim(store: &DynStore, t: usize, lease: &Lease, fencing: bool) -> Option<(SimDb, ETag)> {
+    let key = keys::database(&tenant(t));
+    let (db, condition) = match store.get(&key).await.ok()? {
         Some(object) => (decode(&object.body)?, Precondition::IfMatch(object.etag)),
         None => (SimDb::default(), Precondition::IfAbsent),
     };
@@ -434,7 +623,7 @@ async fn claim(store: &DynStore, lease: &Lease, fencing: bool) -> Option<(SimDb,
         Precondition::None
     };
     let etag = store
-        .put(DB_KEY, encode(&claimed), Metadata::new(), condition)
+        .put(&key, encode(&claimed), Metadata::new(), condition)
         .await
         .ok()?;
     Some((claimed, etag))

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use crate::TenantId;
-use crate::lease::{Acquire, Contender, LeaseConfig, LockState, read_lock};
+use crate::lease::{Acquire, Contender, LockState, Session, read_lock};
 use crate::store::{DynStore, Metadata, Precondition, StoreError, StoreResult, keys};
 
 /// Does the tenant exist: is there a `customer/<id>/db.sqlite3`, or the
@@ -115,10 +115,11 @@ impl Deleted {
     }
 }
 
-/// Who deletes: the lease this deleter takes names it.
+/// Who deletes: the lease this deleter takes names it (and lives by its
+/// session: a machine deleting through its registry shares its heartbeat).
 #[derive(Clone, Debug)]
 pub struct Deleter {
-    pub lease: LeaseConfig,
+    pub lease: Session,
     /// How long to wait for a live holder to let go.
     pub wait: Duration,
 }
@@ -283,6 +284,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::lease::LeaseConfig;
     use crate::store::MemoryStore;
 
     fn id(text: &str) -> TenantId {
@@ -326,9 +328,12 @@ mod tests {
         );
     }
 
-    fn deleter(machine: &str, wait: Duration) -> Deleter {
+    fn deleter(store: &DynStore, machine: &str, wait: Duration) -> Deleter {
         Deleter {
-            lease: LeaseConfig::new(machine, "cli", Duration::from_secs(2)),
+            lease: Session::new(
+                store.clone(),
+                LeaseConfig::new(machine, "cli", Duration::from_secs(2)),
+            ),
             wait,
         }
     }
@@ -365,7 +370,7 @@ mod tests {
         }
         put(&store, &keys::archive("a", 2)).await;
         let wait = Duration::from_secs(1);
-        let deleted = delete(&store, &id("a"), &deleter("cli-1", wait))
+        let deleted = delete(&store, &id("a"), &deleter(&store, "cli-1", wait))
             .await
             .unwrap();
         assert_eq!(deleted, Deleted::Deleted);
@@ -375,7 +380,7 @@ mod tests {
             tenant_exists(&store, &id("ab")).await.unwrap(),
             "a neighbour survives"
         );
-        let again = delete(&store, &id("a"), &deleter("cli-1", wait))
+        let again = delete(&store, &id("a"), &deleter(&store, "cli-1", wait))
             .await
             .unwrap();
         assert_eq!(again, Deleted::Absent);
@@ -386,14 +391,18 @@ mod tests {
         let store: DynStore = Arc::new(MemoryStore::new());
         create(&store, &id("a")).await.unwrap();
         let config = LeaseConfig::new("m-holder", "10.0.0.1:3000", Duration::from_secs(2));
-        let mut holder = Contender::new(store.clone(), keys::lock("a"), config);
+        let mut holder = Contender::new(
+            store.clone(),
+            keys::lock("a"),
+            Session::new(store.clone(), config),
+        );
         let Acquire::Acquired(lease) = holder.try_acquire().await.unwrap() else {
             panic!("the holder must acquire");
         };
         let error = delete(
             &store,
             &id("a"),
-            &deleter("cli-2", Duration::from_millis(300)),
+            &deleter(&store, "cli-2", Duration::from_millis(300)),
         )
         .await
         .unwrap_err()
@@ -408,9 +417,13 @@ mod tests {
         );
         // Once the holder lets go, the delete goes through.
         lease.release().await.unwrap();
-        let deleted = delete(&store, &id("a"), &deleter("cli-2", Duration::from_secs(1)))
-            .await
-            .unwrap();
+        let deleted = delete(
+            &store,
+            &id("a"),
+            &deleter(&store, "cli-2", Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
         assert_eq!(deleted, Deleted::Deleted);
     }
 }

@@ -31,8 +31,14 @@ use super::actor::{ActorContext, TenantActor};
 use super::lifecycle::{self, Created};
 use super::{TenantError, TenantHandle};
 use crate::TenantId;
-use crate::lease::{Acquire, Contender, LeaseConfig, LockRecord, LockState, read_lock};
+use crate::lease::{
+    Acquire, Beat, Contender, LeaseConfig, LockRecord, LockState, Session, read_lock,
+};
 use crate::store::{DynStore, keys};
+
+/// A standby reads the lock itself at least once every this many polls,
+/// even while the holder's heartbeat vouches for it.
+const LOCK_REREAD_TICKS: u32 = 30;
 
 /// Where a request for a tenant goes.
 #[derive(Debug, Clone)]
@@ -155,6 +161,8 @@ pub struct Registry {
     config: RegistryConfig,
     actor: ActorContext,
     store: DynStore,
+    /// This process's heartbeat, and its cache of other machines'.
+    session: Session,
     slots: Mutex<HashMap<TenantId, Arc<Slot>>>,
     /// Tenants recently found not to exist, with when.
     absent: Mutex<lru::LruCache<TenantId, Instant>>,
@@ -165,8 +173,18 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(config: RegistryConfig, actor: ActorContext) -> Arc<Registry> {
+        let session = Session::with_metrics(
+            actor.store.clone(),
+            LeaseConfig::new(
+                config.machine_id.clone(),
+                config.advertise.clone(),
+                config.lease_ttl,
+            ),
+            Some(actor.metrics.clone()),
+        );
         Arc::new(Registry {
             store: actor.store.clone(),
+            session,
             actor,
             slots: Mutex::new(HashMap::new()),
             absent: Mutex::new(lru::LruCache::new(
@@ -204,12 +222,9 @@ impl Registry {
         self.draining.is_cancelled()
     }
 
-    fn lease_config(&self) -> LeaseConfig {
-        LeaseConfig::new(
-            self.config.machine_id.clone(),
-            self.config.advertise.clone(),
-            self.config.lease_ttl,
-        )
+    /// This machine's session (one heartbeat for every tenant it holds).
+    pub fn session(&self) -> &Session {
+        &self.session
     }
 
     /// The tenant's slot, made if new (pruning others beyond the bound).
@@ -228,7 +243,7 @@ impl Registry {
             contender: tokio::sync::Mutex::new(Contender::new(
                 self.store.clone(),
                 keys::lock(id.as_str()),
-                self.lease_config(),
+                self.session.clone(),
             )),
             state: Mutex::new(SlotState {
                 handle: None,
@@ -540,15 +555,34 @@ impl Registry {
         }
     }
 
-    /// A lock written recently by its holder's clock, and not released.
+    /// A lock not released whose holder wrote recently by its own clock:
+    /// the lock itself, or for a session lock the holder's heartbeat as
+    /// last seen here (a holder whose heartbeat was not looked at yet gets
+    /// the benefit of the doubt).
     fn looks_live(&self, record: &LockRecord) -> bool {
         if record.released {
             return false;
         }
-        let age = chrono::Utc::now().signed_duration_since(record.renewed_at);
-        age.to_std()
-            .map(|age| age < Duration::from_millis(record.ttl_ms))
-            .unwrap_or(true)
+        let ttl = Duration::from_millis(record.ttl_ms);
+        let recent = |at: chrono::DateTime<chrono::Utc>| {
+            chrono::Utc::now()
+                .signed_duration_since(at)
+                .to_std()
+                .map(|age| age < ttl)
+                .unwrap_or(true)
+        };
+        if !record.session {
+            return recent(record.renewed_at);
+        }
+        match self.session.observer().peek(&record.holder) {
+            None => true,
+            Some(seen) => match &seen.beat {
+                Beat::Live(beat) if Some(beat.incarnation) == record.incarnation => {
+                    seen.unchanged_for() < ttl && recent(beat.renewed_at)
+                }
+                _ => false,
+            },
+        }
     }
 
     fn cached_route(&self, slot: &Slot, fresh: bool) -> Option<Route> {
@@ -654,7 +688,18 @@ impl Registry {
             return Route::NotFound(lifecycle::not_found_message(id));
         }
         let slot = self.slot(id);
-        match self.read_lock_cached(&slot, fresh).await {
+        let seen = self.read_lock_cached(&slot, fresh).await;
+        if let Ok(Seen::Held(record)) = &seen
+            && record.session
+        {
+            // Whether its holder lives is in the holder's heartbeat (read
+            // at most once per ttl/3 per holder machine).
+            let ttl = Duration::from_millis(record.ttl_ms);
+            if let Err(e) = self.session.observer().observe(&record.holder, ttl).await {
+                debug!(customer_id = %id, error = %e, "cannot read the holder's heartbeat");
+            }
+        }
+        match seen {
             Ok(Seen::Held(record)) if self.looks_live(&record) => Route::Holder(record),
             // Released, stale-looking or unknown holder: the router asks DNS
             // for a started machine of the tenant, and falls back to the
@@ -692,17 +737,19 @@ impl Registry {
         Ok(seen)
     }
 
-    /// Single-tenant mode: keep watching the tenant's lock and take it over
-    /// as soon as it is absent, released or stale, so that a dead holder is
-    /// replaced without waiting for a request.
+    /// Single-tenant mode: keep watching the tenant's holder and take the
+    /// lock over as soon as it is absent, released or stale, so that a dead
+    /// holder is replaced without waiting for a request.
+    ///
+    /// Cost: one store request per ttl/3: the holder's heartbeat (a read
+    /// shared with every other tenant of that holder this machine watches),
+    /// and the lock only when the heartbeat stops vouching for it or every
+    /// [`LOCK_REREAD_TICKS`] polls. Nothing is written while the holder is
+    /// healthy. A dead holder is noticed within one poll and taken over one
+    /// ttl after its heartbeat's last change was first seen.
     pub async fn standby(self: Arc<Self>, id: TenantId) {
-        // A dead holder is noticed within one poll, then taken over one ttl
-        // after its last change was first seen: polling at most a second
-        // apart keeps failover near ttl + 1 s for any ttl, at one GET per
-        // second per standby machine.
-        let interval = (self.config.lease_ttl / 3)
-            .min(Duration::from_secs(1))
-            .max(Duration::from_millis(50));
+        let interval = (self.config.lease_ttl / 3).max(Duration::from_millis(50));
+        let reread = interval * LOCK_REREAD_TICKS;
         loop {
             if self.is_draining() {
                 return;
@@ -722,16 +769,31 @@ impl Registry {
                     return;
                 }
                 self.await_ended(&slot).await;
-                match contender.try_acquire().await {
+                match contender.watch(reread).await {
                     Ok(Acquire::Acquired(lease)) => {
                         let route = self.start_actor(&id, &slot, lease).await;
                         drop(contender);
                         Some(route)
                     }
                     Ok(Acquire::HeldBy { record, stale_in }) => {
-                        slot.state.lock().unwrap().seen =
-                            Some((Instant::now(), Seen::Held(record)));
-                        // Try again the moment it may be taken over.
+                        // Look again just after the holder's next heartbeat
+                        // should be visible (keeps detection lag small at
+                        // one read per ttl/3), or the moment the lock may
+                        // be taken over.
+                        if let Some(due) = self
+                            .session
+                            .observer()
+                            .peek(&record.holder)
+                            .and_then(|seen| seen.next_beat())
+                        {
+                            let after = (interval / 20).max(Duration::from_millis(25));
+                            wait = (due + after - Instant::now()).clamp(interval / 2, interval);
+                        }
+                        // Routing may reuse the lock as of its last read,
+                        // never as of a heartbeat-only poll.
+                        if let Some(read_at) = contender.last_read_at() {
+                            slot.state.lock().unwrap().seen = Some((read_at, Seen::Held(record)));
+                        }
                         wait = wait.min(stale_in.max(Duration::from_millis(10)));
                         None
                     }
@@ -833,9 +895,10 @@ impl Registry {
         })
     }
 
-    /// The lease settings of this machine, for a deleter acting for it.
-    pub fn lease_settings(&self) -> LeaseConfig {
-        self.lease_config()
+    /// This machine's session, for a deleter acting for it (its lease
+    /// must live by this machine's heartbeat, not start a rival one).
+    pub fn lease_settings(&self) -> Session {
+        self.session.clone()
     }
 
     /// Held tenants only (`all`: every tenant this machine remembers).
@@ -976,7 +1039,7 @@ mod tests {
                 other => panic!("expected NotFound, got {other:?}"),
             }
         }
-        assert!(f.memory.keys().is_empty(), "{:?}", f.memory.keys());
+        assert!(tenant_keys(&f).is_empty(), "{:?}", tenant_keys(&f));
         assert_eq!(store_writes(&f.metrics), 0);
         assert_eq!(f.registry.known_tenants(), 0);
     }
@@ -1038,6 +1101,15 @@ mod tests {
         assert!((1..=5).contains(&held), "held {held}");
     }
 
+    /// Keys of tenants (machine heartbeats are not a tenant's).
+    fn tenant_keys(f: &Fixture) -> Vec<String> {
+        f.memory
+            .keys()
+            .into_iter()
+            .filter(|k| !k.starts_with("machines/"))
+            .collect()
+    }
+
     #[tokio::test]
     async fn a_tenant_deleted_while_known_is_not_recreated() {
         let f = fixture(|_| {});
@@ -1062,7 +1134,7 @@ mod tests {
         assert_eq!(deleted, lifecycle::Deleted::Deleted);
         guard.deleted();
         drop(guard);
-        assert!(f.memory.keys().is_empty(), "{:?}", f.memory.keys());
+        assert!(tenant_keys(&f).is_empty(), "{:?}", tenant_keys(&f));
         let writes = store_writes(&f.metrics);
         for fresh in [false, true] {
             assert!(matches!(
@@ -1070,7 +1142,7 @@ mod tests {
                 Route::NotFound(_)
             ));
         }
-        assert!(f.memory.keys().is_empty(), "{:?}", f.memory.keys());
+        assert!(tenant_keys(&f).is_empty(), "{:?}", tenant_keys(&f));
         assert_eq!(store_writes(&f.metrics), writes, "{}", f.metrics.render());
     }
 
@@ -1087,7 +1159,10 @@ mod tests {
         assert_eq!(increment(&f.registry, &tenant).await, 1);
         drop(f.registry.begin_delete(&tenant).await);
         let deleter = Deleter {
-            lease: LeaseConfig::new("tenantd-cli-test", "cli", Duration::from_secs(2)),
+            lease: Session::new(
+                f.registry.store().clone(),
+                LeaseConfig::new("tenantd-cli-test", "cli", Duration::from_secs(2)),
+            ),
             wait: Duration::from_secs(5),
         };
         let deleted = lifecycle::delete(f.registry.store(), &tenant, &deleter)
@@ -1098,6 +1173,6 @@ mod tests {
             f.registry.route(&tenant, false).await,
             Route::NotFound(_)
         ));
-        assert!(f.memory.keys().is_empty(), "{:?}", f.memory.keys());
+        assert!(tenant_keys(&f).is_empty(), "{:?}", tenant_keys(&f));
     }
 }

@@ -252,8 +252,9 @@ async fn unknown_tenants_are_404_write_nothing_and_are_not_remembered() {
     }
     let keys = stored_keys(&dir.path().join("store"));
     assert!(
-        keys.iter()
-            .all(|k| k.starts_with("customer/own/") || k.starts_with(".tenantd/")),
+        keys.iter().all(|k| k.starts_with("customer/own/")
+            || k.starts_with(".tenantd/")
+            || k.starts_with("machines/")),
         "{keys:?}"
     );
     let (_, all) = status(&single, true, Some(ADMIN)).await;

@@ -1,0 +1,403 @@
+//! The machine's session: one heartbeat object renewed for every lease the
+//! process holds (like a Chubby KeepAlive or a ZooKeeper session).
+//!
+//! An *incarnation* is one run of renewals under a fresh uuid. It starts
+//! when the process first needs it (a standby that never acquires writes
+//! nothing) and ends when its last lease is gone, when its deadline passes
+//! without a renewal, or when another process writes the heartbeat. Every
+//! lease of an incarnation is valid exactly while the incarnation is.
+//!
+//! Deadline rule (as for a per-lock renewal): after a renewal sent at `S`
+//! whose answer came back before the current deadline, the incarnation is
+//! valid until `S + ttl - margin`. A renewal answered after the current
+//! deadline is not credited, so no contender that saw the previous ETag
+//! unchanged for a full ttl can have been overtaken by it (docs/protocol.md,
+//! "Session leases").
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+use uuid::Uuid;
+
+use super::LeaseConfig;
+use super::observer::Observer;
+use crate::metrics::Metrics;
+use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, StoreResult, keys};
+
+/// The JSON content of `machines/<machine-id>/heartbeat.json` (contract).
+/// Unknown fields are kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatRecord {
+    pub machine_id: String,
+    pub incarnation: Uuid,
+    pub addr: String,
+    pub ttl_ms: u64,
+    pub renewed_at: DateTime<Utc>,
+    /// Bumped by every write, so that the bytes and the ETag change.
+    pub seq: u64,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl HeartbeatRecord {
+    fn to_bytes(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec_pretty(self).expect("heartbeat records serialize"))
+    }
+}
+
+/// What the renewal task tells the leases of an incarnation.
+#[derive(Clone, Copy, Debug)]
+struct Status {
+    deadline: Instant,
+    lost: bool,
+}
+
+/// One run of renewals. Leases hold it; when the last one lets go, the
+/// renewal task is aborted and the heartbeat goes quiet.
+pub struct Incarnation {
+    id: Uuid,
+    status: watch::Receiver<Status>,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl Incarnation {
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    pub fn is_valid(&self) -> bool {
+        let s = *self.status.borrow();
+        !s.lost && Instant::now() < s.deadline
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.status.borrow().deadline
+    }
+
+    /// Resolves once the incarnation is lost or its deadline passes.
+    /// Cancel-safe.
+    pub async fn lost(&self) {
+        let mut status = self.status.clone();
+        loop {
+            let s = *status.borrow_and_update();
+            if s.lost || Instant::now() >= s.deadline {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(s.deadline) => return,
+                changed = status.changed() => if changed.is_err() {
+                    tokio::time::sleep_until(s.deadline).await;
+                    return;
+                },
+            }
+        }
+    }
+}
+
+impl Drop for Incarnation {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
+struct Shared {
+    store: DynStore,
+    config: LeaseConfig,
+    key: String,
+    metrics: Option<Metrics>,
+    /// The incarnation leases are being given to, if it is still alive.
+    current: tokio::sync::Mutex<Weak<Incarnation>>,
+    /// Incarnations this process started: a heartbeat naming any other one
+    /// after the first start was written by another process.
+    own: Mutex<Vec<Uuid>>,
+    /// Set when another process took the heartbeat over: this process must
+    /// not fight it (machine ids are unique per process).
+    displaced: Mutex<Option<Uuid>>,
+    observer: Observer,
+}
+
+/// The session of this process. Cheap to clone; all clones share one
+/// heartbeat and one cache of other machines' heartbeats.
+#[derive(Clone)]
+pub struct Session {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("machine_id", &self.shared.config.machine_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub fn new(store: DynStore, config: LeaseConfig) -> Session {
+        Session::with_metrics(store, config, None)
+    }
+
+    pub fn with_metrics(store: DynStore, config: LeaseConfig, metrics: Option<Metrics>) -> Session {
+        let observer = Observer::new(store.clone(), config.renew_interval());
+        Session {
+            shared: Arc::new(Shared {
+                key: keys::heartbeat(&config.machine_id),
+                store,
+                config,
+                metrics,
+                current: tokio::sync::Mutex::new(Weak::new()),
+                own: Mutex::new(Vec::new()),
+                displaced: Mutex::new(None),
+                observer,
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &LeaseConfig {
+        &self.shared.config
+    }
+
+    pub(crate) fn observer(&self) -> &Observer {
+        &self.shared.observer
+    }
+
+    /// The incarnation new leases belong to: the running one, or a new one
+    /// (which writes the heartbeat first).
+    pub async fn incarnation(&self) -> StoreResult<Arc<Incarnation>> {
+        let mut current = self.shared.current.lock().await;
+        if let Some(running) = current.upgrade()
+            && running.is_valid()
+        {
+            return Ok(running);
+        }
+        let started = self.start().await?;
+        *current = Arc::downgrade(&started);
+        Ok(started)
+    }
+
+    async fn start(&self) -> StoreResult<Arc<Incarnation>> {
+        let shared = &self.shared;
+        if let Some(by) = *shared.displaced.lock().unwrap() {
+            return Err(StoreError::Fatal {
+                message: format!(
+                    "the heartbeat {} was taken over by incarnation {by} of another process with machine id {}: two processes share one machine id; stop one of them",
+                    shared.key, shared.config.machine_id
+                ),
+            });
+        }
+        let id = Uuid::new_v4();
+        for _ in 0..5 {
+            let condition = match shared.store.get(&shared.key).await? {
+                None => Precondition::IfAbsent,
+                Some(object) => {
+                    let theirs = serde_json::from_slice::<HeartbeatRecord>(&object.body)
+                        .ok()
+                        .map(|r| r.incarnation);
+                    let foreign = theirs.filter(|theirs| {
+                        let own = shared.own.lock().unwrap();
+                        !own.is_empty() && !own.contains(theirs)
+                    });
+                    if let Some(theirs) = foreign {
+                        *shared.displaced.lock().unwrap() = Some(theirs);
+                        return Box::pin(self.start()).await;
+                    }
+                    // An earlier process of this machine (Fly restarts a
+                    // crashed machine under the same id), or an earlier
+                    // incarnation of this one.
+                    Precondition::IfMatch(object.etag)
+                }
+            };
+            let record = HeartbeatRecord {
+                machine_id: shared.config.machine_id.clone(),
+                incarnation: id,
+                addr: shared.config.addr.clone(),
+                ttl_ms: shared.config.ttl.as_millis() as u64,
+                renewed_at: shared.config.wall_clock.now(),
+                seq: 0,
+                extra: Default::default(),
+            };
+            shared.own.lock().unwrap().push(id);
+            let sent_at = Instant::now();
+            match shared
+                .store
+                .put(&shared.key, record.to_bytes(), Metadata::new(), condition)
+                .await
+            {
+                Ok(etag) => {
+                    let deadline = sent_at + shared.config.ttl.saturating_sub(shared.config.margin);
+                    if Instant::now() >= deadline {
+                        warn!(key = %shared.key, "heartbeat write answered after its own deadline; starting again");
+                        continue;
+                    }
+                    info!(key = %shared.key, incarnation = %id, "session started");
+                    self.count("started");
+                    let (tx, rx) = watch::channel(Status {
+                        deadline,
+                        lost: false,
+                    });
+                    let renewal =
+                        tokio::spawn(renew(self.shared.clone(), record, etag, sent_at, tx));
+                    return Ok(Arc::new(Incarnation {
+                        id,
+                        status: rx,
+                        renewal,
+                    }));
+                }
+                Err(StoreError::PreconditionFailed { .. }) | Err(StoreError::Ambiguous { .. }) => {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::transient(
+            &shared.key,
+            "the heartbeat kept changing while this machine started its session",
+        ))
+    }
+
+    fn count(&self, outcome: &str) {
+        count(&self.shared, outcome);
+    }
+}
+
+fn count(shared: &Shared, outcome: &str) {
+    if let Some(m) = &shared.metrics {
+        m.heartbeat_writes.with_label_values(&[outcome]).inc();
+    }
+}
+
+/// Renews the heartbeat every ttl/3 after the last credited send. Each
+/// attempt gets its own short deadline (the next renewal slot, or the
+/// incarnation's deadline if sooner), so that the retrying layer's backoff
+/// cannot use up the whole ttl on one request.
+async fn renew(
+    shared: Arc<Shared>,
+    mut record: HeartbeatRecord,
+    mut etag: ETag,
+    mut last_sent: Instant,
+    tx: watch::Sender<Status>,
+) {
+    let config = &shared.config;
+    let interval = config.renew_interval();
+    // Writes sent but not (yet) known to have landed: a later 412 may turn
+    // out to be one of them.
+    let mut pending: VecDeque<(u64, Instant)> = VecDeque::new();
+    let mut next = last_sent + interval;
+    let incarnation = record.incarnation;
+    let lose = |why: &str| {
+        warn!(key = %shared.key, %incarnation, "{why}; every lease of this session is lost");
+        tx.send_modify(|s| s.lost = true);
+    };
+    loop {
+        tokio::time::sleep_until(next).await;
+        let deadline = tx.borrow().deadline;
+        if Instant::now() >= deadline {
+            count(&shared, "expired");
+            lose("session deadline passed without a renewal (paused or cut off from the store)");
+            return;
+        }
+        record.seq += 1;
+        record.renewed_at = config.wall_clock.now();
+        let sent_at = Instant::now();
+        pending.push_back((record.seq, sent_at));
+        if pending.len() > 16 {
+            pending.pop_front();
+        }
+        let put = shared.store.put(
+            &shared.key,
+            record.to_bytes(),
+            Metadata::new(),
+            Precondition::IfMatch(etag.clone()),
+        );
+        let attempt_deadline = deadline.min(sent_at + interval);
+        let credited = match tokio::time::timeout_at(attempt_deadline, put).await {
+            Ok(Ok(new)) => Some((new, sent_at)),
+            Ok(Err(StoreError::PreconditionFailed { .. }))
+            | Ok(Err(StoreError::Ambiguous { .. })) => {
+                // Either an earlier attempt of ours landed late, or another
+                // process wrote the heartbeat.
+                let read = tokio::time::timeout_at(deadline, shared.store.get(&shared.key)).await;
+                match read {
+                    Ok(Ok(Some(object))) => {
+                        match serde_json::from_slice::<HeartbeatRecord>(&object.body) {
+                            Ok(current) if current.incarnation == record.incarnation => {
+                                match pending.iter().find(|(seq, _)| *seq == current.seq) {
+                                    Some((seq, sent)) => {
+                                        record.seq = record.seq.max(*seq);
+                                        Some((object.etag, *sent))
+                                    }
+                                    None => {
+                                        count(&shared, "lost");
+                                        lose(
+                                            "the heartbeat names this session with a write it does not know",
+                                        );
+                                        return;
+                                    }
+                                }
+                            }
+                            Ok(current) => {
+                                count(&shared, "lost");
+                                error!(key = %shared.key, theirs = %current.incarnation, "another process with this machine id wrote the heartbeat");
+                                *shared.displaced.lock().unwrap() = Some(current.incarnation);
+                                lose("heartbeat taken over by another process (412)");
+                                return;
+                            }
+                            Err(_) => {
+                                count(&shared, "lost");
+                                lose("heartbeat overwritten with something unreadable (412)");
+                                return;
+                            }
+                        }
+                    }
+                    Ok(Ok(None)) => {
+                        count(&shared, "lost");
+                        lose("heartbeat deleted (412)");
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        warn!(key = %shared.key, error = %e, "cannot read the heartbeat after a 412; retrying");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+            Ok(Err(e)) => {
+                count(&shared, "error");
+                warn!(key = %shared.key, error = %e, "heartbeat renewal failed; retrying until the deadline");
+                None
+            }
+            Err(_) => {
+                count(&shared, "timeout");
+                warn!(key = %shared.key, "heartbeat renewal did not answer in time; retrying until the deadline");
+                None
+            }
+        };
+        match credited {
+            // Credited only if answered before the deadline in force (the
+            // timeouts above ensure it; checked again for clarity).
+            Some((new, sent)) if Instant::now() < deadline => {
+                count(&shared, "ok");
+                etag = new;
+                last_sent = last_sent.max(sent);
+                pending.retain(|(_, at)| *at > sent);
+                let deadline = last_sent + config.ttl.saturating_sub(config.margin);
+                tx.send_modify(|s| s.deadline = s.deadline.max(deadline));
+                next = last_sent + interval;
+            }
+            Some(_) => {
+                count(&shared, "expired");
+                lose("heartbeat renewal answered after the session deadline");
+                return;
+            }
+            None => {
+                next = Instant::now() + (interval / 4).max(Duration::from_millis(10));
+            }
+        }
+    }
+}

@@ -24,8 +24,11 @@
 //! crashed process of the same machine (machine ids are unique per
 //! process), or by an acquisition of this process whose lease has ended. A
 //! lease ends only after its holder has settled every upload it made, and
-//! every database write is fenced by the ETag chain anyway, so retaking it
-//! at once spares the tenant a ttl-long outage and risks nothing.
+//! every database write is fenced by the commit log anyway, so retaking it
+//! at once spares the tenant a ttl-long outage and risks nothing. "Live"
+//! is judged across every contender of the process (they share the
+//! [`Session`]): the standby loop must not take back a lock that request
+//! routing holds, or two leases of one machine would overlap.
 
 mod observer;
 mod session;
@@ -34,7 +37,7 @@ pub use observer::{Beat, Observation};
 pub use session::{HeartbeatRecord, Incarnation, Session};
 
 use std::fmt::Debug;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -194,10 +197,6 @@ pub struct Contender {
     /// Highest epoch seen, so that a takeover of an unparsable lock still
     /// continues the sequence as far as this machine knows it.
     max_epoch: u64,
-    /// Tokens of this contender's acquisitions, each with a handle that
-    /// lives as long as its [`Lease`] (dead for an attempt whose answer was
-    /// lost): a lock carrying a live one is this process's current lease.
-    own_tokens: Vec<(Uuid, Weak<()>)>,
     /// The last lock read, for [`Contender::watch`].
     last_read: Option<(Instant, LockState)>,
 }
@@ -210,7 +209,6 @@ impl Contender {
             session,
             observed: None,
             max_epoch: 0,
-            own_tokens: Vec::new(),
             last_read: None,
         }
     }
@@ -322,10 +320,9 @@ impl Contender {
                 // ids are unique per process: Fly runs one per machine),
                 // which is gone, or by a lease of ours that has ended: no
                 // need to wait it out.
-                let live_here = self
-                    .own_tokens
-                    .iter()
-                    .any(|(token, alive)| *token == record.token && alive.strong_count() > 0);
+                // Any contender of this process: the standby loop and
+                // request routing each have one.
+                let live_here = self.session.holds_token(record.token);
                 let ours = record.holder == self.config().machine_id && !live_here;
                 let (stale, stale_in, why) = if ours {
                     (
@@ -440,9 +437,7 @@ impl Contender {
         // Remembered before sending: if the write lands but its answer is
         // lost, the lock is still recognised as this process's own (and,
         // with no lease alive, taken back at once).
-        self.own_tokens
-            .retain(|(_, alive)| alive.strong_count() > 0);
-        self.own_tokens.push((record.token, Weak::new()));
+        self.session.remember_token(record.token);
         match self
             .store
             .put(&self.key, record.to_bytes(), Metadata::new(), condition)
@@ -454,9 +449,7 @@ impl Contender {
                 self.max_epoch = epoch;
                 info!(key = %self.key, epoch, holder = %record.holder, incarnation = %incarnation.id(), "lease acquired");
                 let alive = Arc::new(());
-                if let Some(entry) = self.own_tokens.iter_mut().find(|(t, _)| *t == record.token) {
-                    entry.1 = Arc::downgrade(&alive);
-                }
+                self.session.token_alive(record.token, &alive);
                 Ok(Acquire::Acquired(Lease {
                     store: self.store.clone(),
                     key: self.key.clone(),

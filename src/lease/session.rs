@@ -121,6 +121,11 @@ struct Shared {
     /// not fight it (machine ids are unique per process).
     displaced: Mutex<Option<Uuid>>,
     observer: Observer,
+    /// Tokens of every acquisition made under this session, by any
+    /// contender of the process, each with a handle that lives as long as
+    /// its [`super::Lease`]: a lock carrying a live one is a current lease
+    /// of this process, never "left by an earlier process".
+    live_tokens: Mutex<Vec<(Uuid, Weak<()>)>>,
 }
 
 /// The session of this process. Cheap to clone; all clones share one
@@ -139,6 +144,32 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
+    /// Remembers an acquisition about to be sent (its handle dead until
+    /// the lease exists: an attempt whose answer was lost is not live).
+    pub(crate) fn remember_token(&self, token: Uuid) {
+        let mut tokens = self.shared.live_tokens.lock().unwrap();
+        tokens.retain(|(_, alive)| alive.strong_count() > 0);
+        tokens.push((token, Weak::new()));
+    }
+
+    /// Ties an acquisition's token to its lease's life.
+    pub(crate) fn token_alive(&self, token: Uuid, alive: &Arc<()>) {
+        let mut tokens = self.shared.live_tokens.lock().unwrap();
+        if let Some(entry) = tokens.iter_mut().find(|(t, _)| *t == token) {
+            entry.1 = Arc::downgrade(alive);
+        }
+    }
+
+    /// Whether a lease of this process with this token is alive.
+    pub(crate) fn holds_token(&self, token: Uuid) -> bool {
+        self.shared
+            .live_tokens
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, alive)| *t == token && alive.strong_count() > 0)
+    }
+
     pub fn new(store: DynStore, config: LeaseConfig) -> Session {
         Session::with_metrics(store, config, None)
     }
@@ -152,6 +183,7 @@ impl Session {
                 config,
                 metrics,
                 current: tokio::sync::Mutex::new(Weak::new()),
+                live_tokens: Mutex::new(Vec::new()),
                 own: Mutex::new(Vec::new()),
                 displaced: Mutex::new(None),
                 observer,

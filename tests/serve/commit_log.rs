@@ -120,7 +120,13 @@ fn store_files(setup: &Setup) -> BTreeMap<String, Vec<u8>> {
                 walk(&path, root, out);
             } else {
                 let name = path.strip_prefix(root).unwrap().display().to_string();
-                if !name.contains("machine.lock") {
+                // The tenant's objects: not its lock, not the machines'
+                // heartbeats, not the file store's own lock files.
+                let not_data = name.contains("machine.lock")
+                    || name.starts_with("machines/")
+                    || name.starts_with(".tenantd/meta/machines/")
+                    || name.starts_with(".tenantd/locks/");
+                if !not_data {
                     out.insert(name, std::fs::read(&path).unwrap_or_default());
                 }
             }

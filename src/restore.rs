@@ -278,6 +278,7 @@ async fn rewrite(
         checksum: post,
         body: body.into(),
         holder,
+        collect: true,
     };
     log::compact(store, &known, job, &log::Retention::default()).await?;
     println!(

@@ -727,6 +727,7 @@ impl TenantActor {
             checksum,
             body,
             holder: self.ctx.machine_id.clone(),
+            collect: !now,
         };
         let store = self.ctx.store.clone();
         let known = self.snapshot.clone();

@@ -43,7 +43,7 @@ use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, keys};
 pub const WINDOW: u64 = 4;
 
 /// Log objects fetched at once while recovering.
-const FETCH_PARALLELISM: usize = 64;
+const FETCH_PARALLELISM: usize = 128;
 
 /// Snapshot metadata: the format marker (absent on databases written by
 /// tenantd before the commit log), the slot covered, and the checksum.
@@ -494,6 +494,10 @@ pub struct Compaction {
     pub checksum: u64,
     pub body: Bytes,
     pub holder: String,
+    /// Also delete what no restore within the retention needs. Off on
+    /// release, where every round trip delays the handoff: the next
+    /// compaction collects it.
+    pub collect: bool,
 }
 
 /// What a compaction did.
@@ -581,7 +585,7 @@ pub async fn compact(
             .max()
     };
     let mut deleted = 0;
-    if let Some(base) = base {
+    if let Some(base) = base.filter(|_| job.collect) {
         let old_archives = archives
             .iter()
             .filter(|a| keys::archive_seq(&a.key).is_some_and(|seq| seq < base))

@@ -219,6 +219,31 @@ pub fn store_url(explicit: Option<&StoreUrl>) -> Result<StoreUrl, String> {
     }
 }
 
+/// Whether this process runs on a Fly machine (or under `tenantd dev`,
+/// which sets the same variables).
+pub fn on_fly() -> bool {
+    ["FLY_APP_NAME", "FLY_MACHINE_ID"]
+        .iter()
+        .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()))
+}
+
+/// On Fly, the file store default would give every machine (and every
+/// command run there) a store of its own — split brain, and writes lost at
+/// the next deploy: refuse instead. Every command that reads the store
+/// checks this before [`store_url`].
+pub fn check_store_configured(explicit: Option<&StoreUrl>) -> Result<(), String> {
+    let bucket = std::env::var("BUCKET_NAME").is_ok_and(|b| !b.is_empty());
+    if explicit.is_none() && !bucket && on_fly() {
+        return Err(
+            "running on Fly (FLY_APP_NAME / FLY_MACHINE_ID are set) but no store is configured: \
+             set BUCKET_NAME (`fly storage create` does) or TENANTD_STORE / --store; \
+             refusing to use a local file store that no other machine sees"
+                .to_string(),
+        );
+    }
+    Ok(())
+}
+
 /// 14 lower-case hex characters, like a Fly machine id.
 pub fn random_machine_id() -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();

@@ -19,7 +19,7 @@ use crate::store::{
     DynStore, FaultConfig, Precondition, StoreUrl, keys, open_store, retry::RetryPolicy,
 };
 use crate::tenant::delta::{self, Delta, Kind, PageSums};
-use crate::tenant::log::{self, LogError, Materialized, Until, WINDOW};
+use crate::tenant::log::{self, LogError, Materialized, Until};
 
 #[derive(Args, Clone, Debug)]
 pub struct RestoreArgs {
@@ -78,6 +78,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
     let id = TenantId::parse(&args.customer_id)
         .map_err(|e| anyhow::anyhow!("--customer-id {:?}: {e}", args.customer_id))?;
     let until = parse_at(args.at.as_deref())?;
+    crate::config::check_store_configured(args.store.as_ref()).map_err(anyhow::Error::msg)?;
     let url = crate::config::store_url(args.store.as_ref()).map_err(anyhow::Error::msg)?;
     let (store, _) = open_store(&url, FaultConfig::default(), RetryPolicy::default(), None)
         .await
@@ -92,18 +93,12 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
             done.base,
             done.deltas,
             done.last_committed_at_ms
-                .map(|ms| format!(", last commit at {}", rfc3339(ms)))
+                .map(|ms| format!(", last commit at {}", log::rfc3339_ms(ms)))
                 .unwrap_or_default(),
         );
         return Ok(());
     }
     in_place(&store, &id, until, &args).await
-}
-
-fn rfc3339(ms: u64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms as i64)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_else(|| ms.to_string())
 }
 
 /// [`log::materialize`], read again when a compaction removed what it
@@ -222,9 +217,15 @@ async fn rewrite(
     // releasing it may still be uploading.
     let listed = log::list_slots(store, id.as_str(), now.seq).await?;
     let stray: Vec<u64> = listed.iter().map(|(s, _)| *s).collect();
-    let empty = (now.seq + 1..=now.seq + WINDOW).filter(|s| !stray.contains(s));
-    log::fence(store, id.as_str(), epoch, &lease.record().holder, empty).await?;
-    let seq = now.seq + WINDOW + 1;
+    let seq = log::fence(
+        store,
+        id.as_str(),
+        epoch,
+        &lease.record().holder,
+        now.seq,
+        &stray,
+    )
+    .await?;
     let (cur, tgt) = (current.to_path_buf(), target.to_path_buf());
     let (pre, post, db_pages, pages, page_size, body) =
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {

@@ -42,7 +42,7 @@ const DRAIN_LINGER_EXTRA: Duration = Duration::from_millis(500);
 pub async fn main(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
     raise_open_file_limit();
-    check_store_configured(&args)?;
+    crate::config::check_store_configured(args.store.as_ref()).map_err(anyhow::Error::msg)?;
     let listen = listen_addr(&args);
     let listener = bind(listen)
         .with_context(|| format!("cannot listen on {listen}: fix --listen / TENANTD_LISTEN"))?;
@@ -66,28 +66,6 @@ fn raise_open_file_limit() {
         Ok(_) => {}
         Err(e) => warn!(error = %e, "cannot read the open file limit"),
     }
-}
-
-/// Whether this process runs on a Fly machine (or under `tenantd dev`,
-/// which sets the same variables).
-fn on_fly() -> bool {
-    ["FLY_APP_NAME", "FLY_MACHINE_ID"]
-        .iter()
-        .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()))
-}
-
-/// On Fly, the file store default would give every machine a store of its
-/// own (split brain, and writes lost at the next deploy): refuse instead.
-fn check_store_configured(args: &ServeArgs) -> anyhow::Result<()> {
-    let bucket = std::env::var("BUCKET_NAME").is_ok_and(|b| !b.is_empty());
-    if args.store.is_none() && !bucket && on_fly() {
-        bail!(
-            "running on Fly (FLY_APP_NAME / FLY_MACHINE_ID are set) but no store is configured: \
-             set BUCKET_NAME (`fly storage create` does) or TENANTD_STORE / --store; \
-             refusing to use a local file store that no other machine sees"
-        );
-    }
-    Ok(())
 }
 
 /// `--listen`, except that on Fly (FLY_PRIVATE_IP set) `0.0.0.0` becomes

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::TenantId;
-use crate::config::{parse_duration, store_url};
+use crate::config::{check_store_configured, parse_duration, store_url};
 use crate::lease::{LeaseConfig, Session};
 use crate::store::retry::RetryPolicy;
 use crate::store::{DynStore, FaultConfig, StoreUrl, open_store};
@@ -53,14 +53,7 @@ pub enum TenantsCommand {
 
 pub async fn run(args: TenantsArgs) -> anyhow::Result<()> {
     crate::server::init_tracing_at(crate::config::LogFormat::Text, "warn");
-    let env = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty());
-    if args.store.is_none() && !env("BUCKET_NAME") && (env("FLY_APP_NAME") || env("FLY_MACHINE_ID"))
-    {
-        anyhow::bail!(
-            "running on Fly (FLY_APP_NAME / FLY_MACHINE_ID are set) but no store is configured: \
-             set BUCKET_NAME or TENANTD_STORE / --store; refusing to act on a local file store that no machine reads"
-        );
-    }
+    check_store_configured(args.store.as_ref()).map_err(anyhow::Error::msg)?;
     let url = store_url(args.store.as_ref())
         .map_err(|e| anyhow::anyhow!("{e}: fix --store / TENANTD_STORE"))?;
     let (store, _) = open_store(&url, FaultConfig::default(), RetryPolicy::default(), None)

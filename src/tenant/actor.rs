@@ -694,6 +694,9 @@ impl TenantActor {
         let pending = self.in_flight.len() as u64;
         let due = if now {
             deltas + pending > 0
+        } else if !self.ctx.retention.may_be_due(deltas + pending, bytes) {
+            // The usual case after a commit: no need to look at the file.
+            false
         } else {
             let db_bytes = copy.lock().unwrap_or_else(|e| e.into_inner()).db_bytes();
             self.ctx.retention.due(deltas + pending, bytes, db_bytes)

@@ -299,12 +299,18 @@ async fn attempt(
             } else {
                 // The previous holder may still be uploading: take every
                 // slot it could reach.
-                let empty = (end + 1..=end + WINDOW).filter(|s| !replayed.stray.contains(s));
-                log::fence(store, id.as_str(), epoch, &ctx.machine_id, empty)
-                    .await
-                    .map_err(|e| Attempt::from_log(id, e))?;
+                let next = log::fence(
+                    store,
+                    id.as_str(),
+                    epoch,
+                    &ctx.machine_id,
+                    end,
+                    &replayed.stray,
+                )
+                .await
+                .map_err(|e| Attempt::from_log(id, e))?;
                 info!(customer_id = %id, from = end + 1, to = end + WINDOW, "fenced the log after a takeover");
-                end + WINDOW + 1
+                next
             };
             // After the fences, the old holder can confirm nothing past
             // `end`, so it can compact nothing newer than what was read: a

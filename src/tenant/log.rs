@@ -408,16 +408,21 @@ pub async fn replay_planned(
     Ok(replayed)
 }
 
-/// Puts a fence into every empty slot of `from ..= to`. Any slot taken
-/// meanwhile means the log moved on under us: the caller recovers again.
+/// Puts a fence into every slot a previous holder could still reach: the
+/// empty ones of `end + 1 ..= end + WINDOW`, where `end` closes the
+/// contiguous run and `occupied` lists the objects past it. Returns the
+/// first slot the new writer may use. Any slot taken meanwhile means the
+/// log moved on under us: the caller reads it again.
 pub async fn fence(
     store: &DynStore,
     id: &str,
     epoch: u64,
     holder: &str,
-    slots: impl Iterator<Item = u64>,
-) -> Result<(), LogError> {
+    end: u64,
+    occupied: &[u64],
+) -> Result<u64, LogError> {
     let now = unix_ms(SystemTime::now());
+    let slots = (end + 1..=end + WINDOW).filter(|s| !occupied.contains(s));
     let puts = slots.map(|seq| {
         let store = store.clone();
         let key = keys::log_slot(id, seq);
@@ -436,12 +441,20 @@ pub async fn fence(
             }
         }
     });
-    futures::future::try_join_all(puts).await.map(|_| ())
+    futures::future::try_join_all(puts).await?;
+    Ok(end + WINDOW + 1)
 }
 
 /// Whether a log object of this size is a fence (kept forever).
 pub fn is_fence_size(size: u64) -> bool {
     size <= delta::FENCE_MAX_BYTES
+}
+
+/// A commit time (Unix milliseconds) as RFC 3339, as `--at` takes it.
+pub fn rfc3339_ms(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| format!("{ms} ms after 1970"))
 }
 
 pub fn unix_ms(time: SystemTime) -> u64 {
@@ -476,6 +489,12 @@ impl Retention {
     /// Whether the deltas since the snapshot cost enough to compact.
     pub fn due(&self, deltas: u64, delta_bytes: u64, db_bytes: u64) -> bool {
         deltas >= self.max_deltas || delta_bytes >= self.max_delta_bytes.max(db_bytes / 4)
+    }
+
+    /// False when [`Retention::due`] is false whatever the database's
+    /// size (its byte threshold is never below `max_delta_bytes`).
+    pub fn may_be_due(&self, deltas: u64, delta_bytes: u64) -> bool {
+        deltas >= self.max_deltas || delta_bytes >= self.max_delta_bytes
     }
 
     /// How often an old snapshot is archived for restore: often enough

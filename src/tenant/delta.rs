@@ -570,6 +570,19 @@ mod tests {
         assert_eq!(crc64(b"123456789"), 0xae8b_1486_0a79_9888);
     }
 
+    /// A delta without pages would not decode (and could not be told from
+    /// a fence by size): writing one would make the tenant unreadable, so
+    /// it is refused with an error in release builds too.
+    #[test]
+    fn a_delta_without_pages_is_refused_in_every_build() {
+        let mut empty = sample();
+        empty.pages.clear();
+        let err = empty.encode().unwrap_err().to_string();
+        assert!(err.contains("without pages"), "{err}");
+        assert!(err.contains(&format!("slot {}", empty.seq)), "{err}");
+        assert!(Delta::fence(3, empty.seq, 0).encode().is_ok());
+    }
+
     #[test]
     fn fences_fit_under_the_bound_and_deltas_do_not() {
         let fence = Delta::fence(9, 7, 123);

@@ -259,7 +259,7 @@ async fn rewrite(
     store
         .put(
             &keys::log_slot(id.as_str(), seq),
-            delta.encode(),
+            delta.encode()?,
             log::slot_metadata(epoch, seq, &holder),
             Precondition::IfAbsent,
         )

@@ -90,7 +90,7 @@ async fn a_paused_holders_uploads_after_a_takeover_never_become_state() {
     store
         .put(
             &keys::log_slot("42", end + 2),
-            stray.encode(),
+            stray.encode().unwrap(),
             log::slot_metadata(stray.epoch, end + 2, "a"),
             Precondition::IfAbsent,
         )

@@ -564,7 +564,8 @@ impl Sim {
             post_checksum: after.digest,
             pages: vec![(1, counter_page(after.value))],
         }
-        .encode();
+        .encode()
+        .expect("a counter delta has a page");
         let writer = &mut self.writers[w];
         writer.head = after;
         writer.slots.insert(
@@ -866,7 +867,9 @@ impl Sim {
                 mut todo,
             } => {
                 let seq = todo[0];
-                let fence = Delta::fence(epoch, seq, self.now_ms()).encode();
+                let fence = Delta::fence(epoch, seq, self.now_ms())
+                    .encode()
+                    .expect("a fence has no pages to miss");
                 match store
                     .put(
                         &keys::log_slot(TENANT, seq),

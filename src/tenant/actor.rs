@@ -489,7 +489,7 @@ impl TenantActor {
                     let delta = copy
                         .capture(epoch, seq, now)?
                         .ok_or_else(|| "a committed batch left nothing in the WAL".to_string())?;
-                    Some(delta.encode())
+                    Some(delta.encode().map_err(|e| e.to_string())?)
                 }
                 None => None,
             };

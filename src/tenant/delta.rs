@@ -106,6 +106,10 @@ pub enum DeltaError {
     NotALogKey { key: String },
     #[error("log object {key} is malformed: {reason}")]
     Malformed { key: String, reason: String },
+    #[error(
+        "refusing to write a delta without pages for slot {seq} (epoch {epoch}): every commit changes at least one page, and readers refuse such an object"
+    )]
+    Empty { seq: u64, epoch: u64 },
 }
 
 impl Delta {
@@ -125,13 +129,16 @@ impl Delta {
 
     /// The object's bytes. A delta must hold at least one page (every
     /// SQLite commit writes one): a delta without pages would not decode,
-    /// and could not be told from a fence by size.
-    pub fn encode(&self) -> Bytes {
-        debug_assert!(
-            self.kind == Kind::Fence || !self.pages.is_empty(),
-            "a delta without pages"
-        );
-        self.encode_unchecked()
+    /// and could not be told from a fence by size, so it is refused in
+    /// every build (a stored one would leave the tenant unreadable).
+    pub fn encode(&self) -> Result<Bytes, DeltaError> {
+        if self.kind == Kind::Delta && self.pages.is_empty() {
+            return Err(DeltaError::Empty {
+                seq: self.seq,
+                epoch: self.epoch,
+            });
+        }
+        Ok(self.encode_unchecked())
     }
 
     fn encode_unchecked(&self) -> Bytes {
@@ -586,18 +593,18 @@ mod tests {
     #[test]
     fn fences_fit_under_the_bound_and_deltas_do_not() {
         let fence = Delta::fence(9, 7, 123);
-        let body = fence.encode();
+        let body = fence.encode().unwrap();
         assert!(body.len() as u64 <= FENCE_MAX_BYTES, "{}", body.len());
         assert_eq!(Delta::decode(KEY, &body).unwrap(), fence);
 
         let mut smallest = sample();
         smallest.pages.truncate(1);
-        assert!(smallest.encode().len() as u64 > FENCE_MAX_BYTES);
+        assert!(smallest.encode().unwrap().len() as u64 > FENCE_MAX_BYTES);
     }
 
     #[test]
     fn every_byte_flip_and_every_truncation_is_rejected() {
-        let body = sample().encode().to_vec();
+        let body = sample().encode().unwrap().to_vec();
         assert_eq!(Delta::decode(KEY, &body).unwrap(), sample());
         for i in 0..body.len() {
             let mut flipped = body.clone();
@@ -626,7 +633,7 @@ mod tests {
 
     #[test]
     fn an_object_in_the_wrong_slot_is_rejected() {
-        let body = sample().encode();
+        let body = sample().encode().unwrap();
         let err = Delta::decode("customer/acme/log/00000000000000000008", &body)
             .unwrap_err()
             .to_string();
@@ -675,11 +682,11 @@ mod tests {
             assert!(err.contains(want) && err.contains(KEY), "{want}: {err}");
         }
 
-        let mut body = sample().encode().to_vec();
+        let mut body = sample().encode().unwrap().to_vec();
         body[6] = 7;
         assert!(error(&reseal(body)).contains("unknown kind 7"));
 
-        let mut body = sample().encode().to_vec();
+        let mut body = sample().encode().unwrap().to_vec();
         body[5] = 2;
         let err = error(&body);
         assert!(
@@ -688,7 +695,7 @@ mod tests {
         );
 
         // Bytes beyond the declared pages, sealed: malformed, not accepted.
-        let mut body = sample().encode().to_vec();
+        let mut body = sample().encode().unwrap().to_vec();
         body.splice(body.len() - 8..body.len() - 8, [0u8; 16]);
         let err = error(&reseal(body));
         assert!(err.contains("malformed") && err.contains("make"), "{err}");
@@ -732,7 +739,7 @@ mod tests {
         #[test]
         fn deltas_round_trip(delta in arb_delta()) {
             let key = keys::log_slot("t", delta.seq);
-            let body = delta.encode();
+            let body = delta.encode().unwrap();
             prop_assert!(body.len() as u64 > FENCE_MAX_BYTES);
             prop_assert_eq!(Delta::decode(&key, &body).unwrap(), delta);
         }
@@ -740,7 +747,7 @@ mod tests {
         #[test]
         fn fences_round_trip(epoch: u64, seq: u64, at: u64) {
             let fence = Delta::fence(epoch, seq, at);
-            let body = fence.encode();
+            let body = fence.encode().unwrap();
             prop_assert!(body.len() as u64 <= FENCE_MAX_BYTES);
             prop_assert_eq!(Delta::decode(&keys::log_slot("t", seq), &body).unwrap(), fence);
         }

@@ -426,7 +426,9 @@ pub async fn fence(
     let puts = slots.map(|seq| {
         let store = store.clone();
         let key = keys::log_slot(id, seq);
-        let body = Delta::fence(epoch, seq, now).encode();
+        let body = Delta::fence(epoch, seq, now)
+            .encode()
+            .expect("a fence has no pages to miss");
         let metadata = slot_metadata(epoch, seq, holder);
         async move {
             match store

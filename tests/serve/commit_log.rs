@@ -501,7 +501,7 @@ async fn a_checksum_mismatch_is_a_500_naming_the_delta_and_nothing_changes() {
         rewrite(store, &key, move |body| {
             let mut delta = Delta::decode(&owned, &body).unwrap();
             delta.pre_checksum ^= 1;
-            delta.encode().to_vec()
+            delta.encode().unwrap().to_vec()
         });
         key
     })

@@ -78,6 +78,10 @@ pub struct FaultConfig {
     pub conflict_rate: f64,
     /// When true every request fails with a transient "partitioned" error.
     pub partitioned: bool,
+    /// Every `put` to a key starting with one of these fails with a
+    /// transient error and is not applied: an object that cannot be
+    /// written, however often it is tried.
+    pub failing_puts: Vec<String>,
 }
 
 /// Durations as humantime strings ("20ms") in JSON, for the admin endpoint.
@@ -234,6 +238,12 @@ impl FaultStore {
             return Injected::Fail(StoreError::transient(
                 key,
                 "partitioned from the store (fault injection)",
+            ));
+        }
+        if op == Op::Put && config.failing_puts.iter().any(|p| key.starts_with(p.as_str())) {
+            return Injected::Fail(StoreError::transient(
+                key,
+                "this key cannot be written (fault injection: failing_puts)",
             ));
         }
         if let Some(burst) = self.burst_now(&config, roll_throttle) {

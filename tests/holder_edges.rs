@@ -1,0 +1,226 @@
+//! Edges of holding a tenant, with real tenant actors on the memory store
+//! behind the fault layer: a snapshot that lost its metadata while the log
+//! holds deltas, a release whose compaction failed, and a log slot that
+//! cannot be written however long the holder tries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tenantd::TenantId;
+use tenantd::lease::{Acquire, Contender, Lease, LeaseConfig, LockState, Session, read_lock};
+use tenantd::metrics::Metrics;
+use tenantd::store::fault::FaultHandle;
+use tenantd::store::{
+    DynStore, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition, keys,
+};
+use tenantd::tenant::actor::{ActorContext, TenantActor};
+use tenantd::tenant::log;
+use tenantd::tenant::{Op, TenantError, lifecycle};
+
+const TENANT: &str = "42";
+
+fn increment() -> Op {
+    Op::Increment {
+        idempotency_key: None,
+    }
+}
+
+/// One machine: its own fault layer over the shared memory store, one
+/// session, one contender for the tenant's lock.
+struct Machine {
+    store: DynStore,
+    faults: FaultHandle,
+    contender: Contender,
+    ctx: ActorContext,
+}
+
+impl Machine {
+    fn start(shared: &Arc<MemoryStore>, id: &str, ttl: Duration, dir: &std::path::Path) -> Self {
+        let fault = FaultStore::new(shared.clone() as DynStore, FaultConfig::default());
+        let faults = fault.handle();
+        let store: DynStore = Arc::new(fault);
+        let session = Session::new(store.clone(), LeaseConfig::new(id, format!("{id}:1"), ttl));
+        let contender = Contender::new(store.clone(), keys::lock(TENANT), session);
+        let ctx = ActorContext::new(store.clone(), Metrics::new(), id.into(), dir.join(id));
+        Machine {
+            store,
+            faults,
+            contender,
+            ctx,
+        }
+    }
+
+    async fn acquire(&mut self) -> Lease {
+        match self.contender.try_acquire().await.unwrap() {
+            Acquire::Acquired(lease) => lease,
+            _ => panic!("expected to acquire the tenant's lease"),
+        }
+    }
+}
+
+fn tenant() -> TenantId {
+    TenantId::parse(TENANT).unwrap()
+}
+
+async fn lock_state(store: &DynStore) -> LockState {
+    read_lock(store, &keys::lock(TENANT)).await.unwrap()
+}
+
+/// An operator copied `db.sqlite3` down and up again (`aws s3 cp`), which
+/// drops its metadata, while the log holds deltas after it: converting it
+/// as a file written before the commit log would start a new history at
+/// slot 0 and skip every delta by epoch, losing acknowledged writes
+/// without a word. The claim refuses, naming both objects and the repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_without_metadata_while_the_log_holds_deltas_is_refused() {
+    let shared = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_secs(2);
+    let mut a = Machine::start(&shared, "a", ttl, dir.path());
+    lifecycle::create(&a.store, &tenant()).await.unwrap();
+    let lease = a.acquire().await;
+    let (handle, _task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
+        .await
+        .unwrap();
+    for expected in 1..=5 {
+        assert_eq!(handle.call(increment()).await.unwrap().count, expected);
+    }
+    handle.stop();
+    handle.ended().await;
+    let deltas = log::list_slots(&a.store, TENANT, 0).await.unwrap();
+    assert!(!deltas.is_empty(), "the log keeps its deltas after a release");
+
+    // Down and up again: the same bytes, no metadata.
+    let key = keys::database(TENANT);
+    let object = shared.get(&key).await.unwrap().unwrap();
+    shared
+        .put(&key, object.body, Metadata::new(), Precondition::None)
+        .await
+        .unwrap();
+    let before = shared.keys();
+
+    let mut b = Machine::start(&shared, "b", ttl, dir.path());
+    let lease = b.acquire().await;
+    let err = match TenantActor::start(tenant(), b.ctx.clone(), lease).await {
+        Ok(_) => panic!("a metadata-less snapshot with deltas after it was taken as a legacy file"),
+        Err(e) => e,
+    };
+    let TenantError::Corrupt(message) = err else {
+        panic!("expected a refusal (500), got {err:?}")
+    };
+    assert!(message.contains(&key), "{message}");
+    assert!(message.contains(&keys::log_prefix(TENANT)), "{message}");
+    assert!(message.contains("tenantd-format"), "{message}");
+    assert!(
+        message.contains(&format!("tenantd restore --customer-id {TENANT}")),
+        "{message}"
+    );
+    let written = shared.get(&key).await.unwrap().unwrap();
+    assert!(written.metadata.is_empty(), "the snapshot was rewritten");
+    let after: Vec<String> = shared
+        .keys()
+        .into_iter()
+        .filter(|k| !k.starts_with("machines/") && *k != keys::lock(TENANT))
+        .collect();
+    let before: Vec<String> = before
+        .into_iter()
+        .filter(|k| !k.starts_with("machines/") && *k != keys::lock(TENANT))
+        .collect();
+    assert_eq!(after, before, "nothing of the tenant was written");
+}
+
+/// A release promises that `db.sqlite3` alone holds every acknowledged
+/// write. When the release's compaction fails, the lock must not say
+/// `released`: the lease is dropped instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_compaction_failed_does_not_mark_the_lock_released() {
+    let shared = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_secs(2);
+    let mut a = Machine::start(&shared, "a", ttl, dir.path());
+    lifecycle::create(&a.store, &tenant()).await.unwrap();
+    let lease = a.acquire().await;
+    let (handle, _task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
+        .await
+        .unwrap();
+    for expected in 1..=3 {
+        assert_eq!(handle.call(increment()).await.unwrap().count, expected);
+    }
+    a.faults.update(|c| c.failing_puts = vec![keys::database(TENANT)]);
+    handle.stop();
+    handle.ended().await;
+    match lock_state(&a.store).await {
+        LockState::Held { record, .. } => assert_eq!(record.holder, "a"),
+        LockState::Released { .. } => {
+            panic!("the lock says released although db.sqlite3 misses the last commits")
+        }
+        other => panic!("unexpected lock {other:?}"),
+    }
+
+    // Control: the same stop with a working store releases.
+    a.faults.set(FaultConfig::default());
+    let lease = a.acquire().await;
+    let (handle, _task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
+        .await
+        .unwrap();
+    assert_eq!(handle.call(increment()).await.unwrap().count, 4);
+    handle.stop();
+    handle.ended().await;
+    assert!(matches!(
+        lock_state(&a.store).await,
+        LockState::Released { .. }
+    ));
+}
+
+/// A log slot that cannot be written (every PUT to it fails) must not
+/// wedge the tenant for as long as the lease lives: after the bound the
+/// holder steps down (503 for the unconfirmed request, the lease dropped,
+/// not released), and a new claim serves the tenant again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_never_succeeds_makes_the_holder_step_down() {
+    let shared = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_millis(500);
+    let mut a = Machine::start(&shared, "a", ttl, dir.path());
+    lifecycle::create(&a.store, &tenant()).await.unwrap();
+    let lease = a.acquire().await;
+    let (handle, task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
+        .await
+        .unwrap();
+    assert_eq!(handle.call(increment()).await.unwrap().count, 1);
+
+    let last = log::list_slots(&a.store, TENANT, 0)
+        .await
+        .unwrap()
+        .last()
+        .unwrap()
+        .0;
+    let stuck = keys::log_slot(TENANT, last + 1);
+    a.faults.update(|c| c.failing_puts = vec![stuck.clone()]);
+    let answer = tokio::time::timeout(Duration::from_secs(20), handle.call(increment()))
+        .await
+        .expect("the holder kept retrying a slot it cannot write (the tenant is wedged)");
+    match answer {
+        Err(TenantError::Unavailable(message)) => {
+            assert!(message.contains(&format!("slot {}", last + 1)), "{message}")
+        }
+        other => panic!("expected 503 for the unconfirmed write, got {other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the actor ended")
+        .unwrap();
+    assert!(
+        matches!(lock_state(&a.store).await, LockState::Held { .. }),
+        "the lease is dropped, not released"
+    );
+
+    // The slot heals; the tenant is claimed again (by this machine, which
+    // takes its own dropped lock back at once) and serves.
+    a.faults.set(FaultConfig::default());
+    let lease = a.acquire().await;
+    let (handle, _task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
+        .await
+        .unwrap();
+    assert_eq!(handle.call(increment()).await.unwrap().count, 2);
+}

@@ -1146,6 +1146,63 @@ mod tests {
         assert_eq!(store_writes(&f.metrics), writes, "{}", f.metrics.render());
     }
 
+    /// A single-tenant standby watching a tenant that is deleted: once the
+    /// deleter removed the lock, the standby finds it absent, and must not
+    /// claim (which would create a new, empty database: the deleted tenant
+    /// back) but check that the tenant still exists.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_standby_does_not_bring_a_deleted_tenant_back() {
+        let tenant = id("solo");
+        let ttl = Duration::from_millis(600);
+        let f = fixture(|c| {
+            c.customer_id = Some(tenant.clone());
+            c.lease_ttl = ttl;
+            c.lock_cache_ttl = ttl / 5;
+        });
+        lifecycle::create(f.registry.store(), &tenant)
+            .await
+            .unwrap();
+        // Machine m0 holds the tenant; the standby m1 watches it.
+        let m0 = Session::new(
+            f.registry.store().clone(),
+            LeaseConfig::new("m0", "m0:1", ttl),
+        );
+        let mut contender = Contender::new(
+            f.registry.store().clone(),
+            keys::lock(tenant.as_str()),
+            m0.clone(),
+        );
+        let Acquire::Acquired(lease) = contender.try_acquire().await.unwrap() else {
+            panic!("m0 must acquire");
+        };
+        let standby = tokio::spawn(f.registry.clone().standby(tenant.clone()));
+        tokio::time::sleep(ttl).await;
+        assert!(!f.registry.holds(&tenant), "m0 is alive");
+
+        // m0 deletes the tenant (its actor stopped, its lease ended).
+        drop(lease);
+        let deleter = Deleter {
+            lease: m0,
+            wait: Duration::from_secs(5),
+        };
+        let deleted = lifecycle::delete(f.registry.store(), &tenant, &deleter)
+            .await
+            .unwrap();
+        assert_eq!(deleted, lifecycle::Deleted::Deleted);
+        tokio::time::sleep(ttl * 6).await;
+        let left = tenant_keys(&f);
+        standby.abort();
+        assert!(!f.registry.holds(&tenant), "{left:?}");
+        assert!(
+            !left.contains(&keys::database(tenant.as_str())),
+            "the deleted tenant is back: {left:?}"
+        );
+        assert!(
+            !left.contains(&keys::lock(tenant.as_str())),
+            "the standby wrote a lock for a deleted tenant: {left:?}"
+        );
+    }
+
     /// Deleted by someone else (the CLI) while this machine still knows
     /// the tenant: the takeover finds no database under its new lease and
     /// leaves nothing behind.

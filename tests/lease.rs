@@ -215,8 +215,11 @@ async fn release_allows_an_immediate_takeover_with_the_next_epoch() {
     assert_eq!(lease.epoch(), 2);
 }
 
+/// A lock whose `renewed_at` is ancient by this machine's clock is still
+/// only taken after a full ttl of unchanged observation: wall clocks are
+/// not trusted (a holder whose clock runs years behind is alive).
 #[tokio::test(start_paused = true)]
-async fn a_lock_renewed_long_ago_is_taken_at_once() {
+async fn a_lock_renewed_long_ago_is_not_taken_before_a_full_ttl_of_observation() {
     let shared = Arc::new(MemoryStore::new());
     let old = serde_json::json!({
         "holder": "gone", "addr": "x:1", "epoch": 7, "token": uuid::Uuid::new_v4(),
@@ -232,8 +235,55 @@ async fn a_lock_renewed_long_ago_is_taken_at_once() {
         .await
         .unwrap();
     let (mut b, _) = contender(&shared, "b");
-    let lease = acquired(b.try_acquire().await.unwrap());
-    assert_eq!(lease.epoch(), 8);
+    assert!(matches!(
+        b.try_acquire().await.unwrap(),
+        Acquire::HeldBy { .. }
+    ));
+    tokio::time::sleep(TTL - Duration::from_millis(1)).await;
+    assert!(matches!(
+        b.try_acquire().await.unwrap(),
+        Acquire::HeldBy { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(acquired(b.try_acquire().await.unwrap()).epoch(), 8);
+}
+
+/// The same for a session lock whose holder's heartbeat says it was
+/// renewed years ago: a heartbeat is judged by its ETag staying unchanged
+/// for a ttl, never by its timestamp.
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_renewed_long_ago_is_not_stale_before_a_full_ttl_of_observation() {
+    let shared = Arc::new(MemoryStore::new());
+    let incarnation = uuid::Uuid::new_v4();
+    write_session_lock(&shared, incarnation).await;
+    let beat = serde_json::json!({
+        "machine_id": "x", "incarnation": incarnation, "addr": "x:1",
+        "ttl_ms": TTL.as_millis() as u64, "renewed_at": "2020-01-01T00:00:00Z", "seq": 1,
+    });
+    shared
+        .put(
+            &keys::heartbeat("x"),
+            Bytes::from(beat.to_string()),
+            Metadata::new(),
+            Precondition::None,
+        )
+        .await
+        .unwrap();
+    let (mut b, _) = contender(&shared, "b");
+    let first = Instant::now();
+    loop {
+        match b.try_acquire().await.unwrap() {
+            Acquire::Acquired(lease) => {
+                assert!(first.elapsed() >= TTL, "taken after {:?}", first.elapsed());
+                assert_eq!(lease.epoch(), 6);
+                break;
+            }
+            Acquire::HeldBy { .. } => {}
+            Acquire::Unknown { .. } => panic!("lock unreadable"),
+        }
+        assert!(first.elapsed() < TTL * 2, "never taken over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(start_paused = true)]

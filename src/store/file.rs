@@ -49,6 +49,8 @@ pub struct FileStore {
     /// after its sidecar was renamed (a half-done put).
     #[cfg(test)]
     fail_next_data_rename: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Test hook (see [`FileStore::stop_inside_next_put`]).
+    stop_inside_next_put: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -153,7 +155,27 @@ impl FileStore {
             root,
             #[cfg(test)]
             fail_next_data_rename: Default::default(),
+            stop_inside_next_put: Default::default(),
         })
+    }
+
+    /// Test hook for tests that run a writer in a child process: the next
+    /// put stops this whole process (SIGSTOP) once its bytes are written
+    /// and it starts making them the object, as a machine paused by
+    /// `tenantd dev pause` or a frozen VM may stop at any instant.
+    #[doc(hidden)]
+    pub fn stop_inside_next_put(&self) {
+        self.stop_inside_next_put
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn maybe_stop_inside_put(&self) {
+        if self
+            .stop_inside_next_put
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -326,6 +348,7 @@ impl FileStore {
             DataId::of(&fs::metadata(&data_tmp.tmp).map_err(|e| Self::io_error(key, "stat", e))?);
         {
             let _guard = Self::lock(key, &paths)?;
+            self.maybe_stop_inside_put();
             let current = Self::read_meta(key, &paths)?.map(|(current, _)| current);
             check_condition(
                 key,

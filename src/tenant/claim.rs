@@ -144,6 +144,9 @@ async fn attempt(
                 .map_err(|e| Attempt::from_log(id, e))?;
             let recorded = log::recorded_checksum(key, &object.metadata)
                 .map_err(|e| Attempt::from_log(id, e))?;
+            if snapshot.legacy {
+                refuse_metadata_less(store, id, key).await?;
+            }
             let source = match snapshot.legacy {
                 false => Source::Snapshot,
                 true => Source::Convert {
@@ -486,6 +489,35 @@ fn wal_mode(path: &Path) -> bool {
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut header))
         .is_ok_and(|_| header[18] == 2 && header[19] == 2)
+}
+
+/// A `db.sqlite3` without `tenantd-format` is converted only while the log
+/// is empty. With objects in the log it is a snapshot whose metadata was
+/// lost (copied down and up by hand): converting it would start a new
+/// history at slot 0 that skips every later delta by epoch, dropping
+/// acknowledged writes without a word.
+async fn refuse_metadata_less(
+    store: &crate::store::DynStore,
+    id: &TenantId,
+    key: &str,
+) -> Result<(), Attempt> {
+    let slots = log::list_slots(store, id.as_str(), 0)
+        .await
+        .map_err(|e| Attempt::from_log(id, e))?;
+    let (Some((first, _)), Some((last, _))) = (slots.first(), slots.last()) else {
+        return Ok(());
+    };
+    Err(Attempt::Failed(TenantError::Corrupt(format!(
+        "customer {id}: {key} has no tenantd metadata ({format}), but the log {log} holds {n} object(s) ({first_key} to {last_key}): \
+         the snapshot probably lost its metadata (copied down and up by hand, e.g. `aws s3 cp`), and taking it as a database from before the commit log would drop the log's commits. \
+         tenantd will not overwrite anything of this tenant. Repair: put {key} back with its metadata (tenantd-format, tenantd-seq, tenantd-epoch, tenantd-checksum), \
+         or rebuild the tenant's state with `tenantd restore --customer-id {id} --at <slot or time> --output <file>` from an archived snapshot and the log, then make it current (`tenantd restore --customer-id {id} --in-place --yes`)",
+        format = log::FORMAT_KEY,
+        log = keys::log_prefix(id.as_str()),
+        n = slots.len(),
+        first_key = keys::log_slot(id.as_str(), *first),
+        last_key = keys::log_slot(id.as_str(), *last),
+    ))))
 }
 
 pub fn corrupt(id: &TenantId, key: &str, reason: &str) -> TenantError {

@@ -211,6 +211,7 @@ pub(crate) async fn run_with(
             data_dir: args.data_dir.clone(),
             idle_timeout: Some(args.idle_timeout),
             ack_before_upload,
+            upload_bound: None,
             sql: args.sql_limits(),
             retention: args.retention(),
         },

@@ -205,6 +205,7 @@ impl World {
                     Mode::Pool => Some(Duration::from_millis(700)),
                 },
                 ack_before_upload: self.ack_before_upload,
+                upload_bound: None,
                 sql: Default::default(),
                 // Compaction and garbage collection often, so that crashes
                 // and pauses land in the middle of them.

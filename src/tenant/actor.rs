@@ -139,6 +139,9 @@ pub struct ActorContext {
     /// Bench-only: answer before the upload, as the original app did. Not
     /// reachable from `tenantd serve` (no flag, no env var).
     pub(crate) ack_before_upload: bool,
+    /// How long one log slot is tried before the holder steps down (plus
+    /// the body's transfer time); `None`: twice the lease ttl. Tests only.
+    pub upload_bound: Option<Duration>,
 }
 
 impl ActorContext {
@@ -154,6 +157,7 @@ impl ActorContext {
             sql: SqlLimits::default(),
             retention: Retention::default(),
             ack_before_upload: false,
+            upload_bound: None,
         }
     }
 }
@@ -564,6 +568,10 @@ impl TenantActor {
                 ReadBack::NotLanded | ReadBack::Unknown(_) if !self.lease.is_valid() => {
                     return Err(self.fail(upload, error, false).await);
                 }
+                _ if upload.started.elapsed() >= self.upload_bound(upload.bytes.len()) => {
+                    warn!(customer_id = %self.id, seq = upload.seq, error = %error, tried_for = ?upload.started.elapsed(), "the log slot could not be written within the bound; stepping down so that the tenant can be claimed again");
+                    return Err(self.fail(upload, error, false).await);
+                }
                 ReadBack::NotLanded => {
                     warn!(customer_id = %self.id, seq = upload.seq, error = %error, "upload failed and did not land; sending it again");
                 }
@@ -577,6 +585,15 @@ impl TenantActor {
                 .put(upload.seq, upload.bytes.clone(), upload.metadata.clone())
                 .await;
         }
+    }
+
+    /// How long a slot may be tried before this holder steps down: a slot
+    /// that cannot be written would otherwise hold every later commit (and
+    /// the tenant) for as long as the lease lives. A new claim fences the
+    /// slot and carries on.
+    fn upload_bound(&self, len: usize) -> Duration {
+        let base = self.ctx.upload_bound.unwrap_or(self.ttl * 2);
+        base + 2 * (upload_budget(self.ttl, len) - self.ttl)
     }
 
     /// Reads the slot's metadata to learn whether `upload` landed.
@@ -833,6 +850,11 @@ impl TenantActor {
         } else if let Some(running) = self.compaction.take() {
             running.task.abort();
         }
+        // `released` promises that db.sqlite3 alone holds every acknowledged
+        // write (routing hands the tenant on at once): without a snapshot
+        // that covers every delta, the lease is dropped instead, and the
+        // next holder takes over as after a crash.
+        let snapshot_current = self.since_snapshot.0 == 0;
         remove_copy(&self.path);
         let id = self.id.clone();
         self.ctx
@@ -841,6 +863,9 @@ impl TenantActor {
             .with_label_values(&[id.as_str()])
             .set(0);
         match exit {
+            Exit::Stopped | Exit::Idle if !snapshot_current => {
+                warn!(customer_id = %id, ?exit, deltas_after_snapshot = self.since_snapshot.0, "the snapshot could not be brought up to date: leaving the lease unreleased; others take over once it is stale")
+            }
             Exit::Stopped | Exit::Idle => match self.lease.release().await {
                 Ok(()) => info!(customer_id = %id, ?exit, "released tenant"),
                 Err(e) => {

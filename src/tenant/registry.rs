@@ -481,34 +481,16 @@ impl Registry {
                 });
             match attempt {
                 Ok(Acquire::Acquired(lease)) => {
-                    // Deleted between the check and the acquisition? A
-                    // deleter holds the lease while it deletes and removes
-                    // the lock last, so only a lock we found absent can
-                    // follow a deletion, and this check under our lease is
-                    // final: take nothing over, and leave no lock behind.
-                    let check = if lease.previous().is_none() {
-                        lifecycle::tenant_exists(&self.store, id).await
-                    } else {
-                        Ok(true)
-                    };
-                    match check {
-                        Ok(true) => slot.state.lock().unwrap().exists_at = Instant::now(),
-                        Ok(false) => {
-                            drop(lease);
-                            if let Err(e) = self.store.delete(&slot.lock_key).await {
-                                warn!(customer_id = %id, error = %e, "could not remove the lock of a tenant deleted meanwhile");
-                            }
+                    let lease = match self.exists_under(id, &slot, lease).await {
+                        Ok(lease) => lease,
+                        Err(route) => {
                             drop(contender);
-                            self.forget_absent(id);
-                            return Route::NotFound(lifecycle::not_found_message(id));
+                            if matches!(route, Route::NotFound(_)) {
+                                self.forget_absent(id);
+                            }
+                            return route;
                         }
-                        Err(e) => {
-                            let _ = lease.release().await;
-                            return Route::Unavailable(format!(
-                                "customer {id}: cannot tell whether it exists: {e}"
-                            ));
-                        }
-                    }
+                    };
                     // Keep the contender locked until the actor runs: no
                     // other path of this machine may acquire meanwhile.
                     let route = self.start_actor(id, &slot, lease).await;
@@ -551,6 +533,43 @@ impl Registry {
                     }
                     return Route::Unavailable(format!("customer {id}: cannot read the lock: {e}"));
                 }
+            }
+        }
+    }
+
+    /// Whether the tenant still exists, checked under a lease just acquired.
+    /// A deleter holds the lease while it deletes and removes the lock
+    /// last, so only a lock found absent can follow a deletion, and this
+    /// check under our lease is final: a deleted tenant is taken nothing
+    /// of, and its new lock is removed again.
+    async fn exists_under(
+        &self,
+        id: &TenantId,
+        slot: &Slot,
+        lease: crate::lease::Lease,
+    ) -> Result<crate::lease::Lease, Route> {
+        let check = if lease.previous().is_none() {
+            lifecycle::tenant_exists(&self.store, id).await
+        } else {
+            Ok(true)
+        };
+        match check {
+            Ok(true) => {
+                slot.state.lock().unwrap().exists_at = Instant::now();
+                Ok(lease)
+            }
+            Ok(false) => {
+                drop(lease);
+                if let Err(e) = self.store.delete(&slot.lock_key).await {
+                    warn!(customer_id = %id, error = %e, "could not remove the lock of a tenant deleted meanwhile");
+                }
+                Err(Route::NotFound(lifecycle::not_found_message(id)))
+            }
+            Err(e) => {
+                let _ = lease.release().await;
+                Err(Route::Unavailable(format!(
+                    "customer {id}: cannot tell whether it exists: {e}"
+                )))
             }
         }
     }
@@ -754,7 +773,27 @@ impl Registry {
             if self.is_draining() {
                 return;
             }
-            let slot = self.slot(&id);
+            // A deleted tenant stays deleted: a standby claims only a
+            // tenant that exists (and checks again under a lease it got
+            // for an absent lock, see `exists_under`).
+            let slot = match self.existing_slot(&id).await {
+                Ok(Some(slot)) => slot,
+                Ok(None) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval.max(ABSENT_TTL)) => {}
+                        _ = self.draining.cancelled() => return,
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    warn!(customer_id = %id, error = %e, "standby cannot tell whether its tenant exists");
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval) => {}
+                        _ = self.draining.cancelled() => return,
+                    }
+                    continue;
+                }
+            };
             if let Some(handle) = Self::live_handle(&slot) {
                 tokio::select! {
                     _ = handle.ended() => {}
@@ -769,12 +808,47 @@ impl Registry {
                     return;
                 }
                 self.await_ended(&slot).await;
-                match contender.watch(reread).await {
-                    Ok(Acquire::Acquired(lease)) => {
-                        let route = self.start_actor(&id, &slot, lease).await;
+                let deleting = self.deleting.lock().unwrap().contains(&id);
+                let exists = match deleting {
+                    true => Ok(false),
+                    false => self.still_exists(&id, &slot).await,
+                };
+                match exists {
+                    Ok(true) => {}
+                    Ok(false) => {
                         drop(contender);
-                        Some(route)
+                        self.forget_absent(&id);
+                        tokio::select! {
+                            _ = tokio::time::sleep(interval.max(ABSENT_TTL)) => {}
+                            _ = self.draining.cancelled() => return,
+                        }
+                        continue;
                     }
+                    Err(e) => {
+                        warn!(customer_id = %id, error = %e, "standby cannot tell whether its tenant exists");
+                        drop(contender);
+                        tokio::select! {
+                            _ = tokio::time::sleep(interval) => {}
+                            _ = self.draining.cancelled() => return,
+                        }
+                        continue;
+                    }
+                }
+                match contender.watch(reread).await {
+                    Ok(Acquire::Acquired(lease)) => match self.exists_under(&id, &slot, lease).await {
+                        Ok(lease) => {
+                            let route = self.start_actor(&id, &slot, lease).await;
+                            drop(contender);
+                            Some(route)
+                        }
+                        Err(route) => {
+                            drop(contender);
+                            if matches!(route, Route::NotFound(_)) {
+                                self.forget_absent(&id);
+                            }
+                            Some(route)
+                        }
+                    },
                     Ok(Acquire::HeldBy { record, stale_in }) => {
                         // Look again just after the holder's next heartbeat
                         // should be visible (keeps detection lag small at

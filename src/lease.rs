@@ -11,9 +11,9 @@
 //!   heartbeat write.
 //! - Stale: a contender may take over a session lock once the holder's
 //!   heartbeat, still naming the lock's incarnation, has been seen with the
-//!   same ETag for a full ttl on the contender's monotonic clock (or at
-//!   once when its `renewed_at` is older than ttl + a clock-skew
-//!   allowance). A heartbeat that is missing, unparsable or names another
+//!   same ETag for a full ttl on the contender's monotonic clock. Wall
+//!   clocks (`renewed_at`) decide nothing: a holder whose clock is far
+//!   behind is still alive. A heartbeat that is missing, unparsable or names another
 //!   incarnation leaves only the observation rule on the lock itself: the
 //!   lock and what the heartbeat shows unchanged for a full ttl.
 //! - Locks without `session` (written by a machine that renews each lock)
@@ -72,8 +72,6 @@ pub struct LeaseConfig {
     /// The holder stops claiming the lease this long before a contender
     /// could take it over.
     pub margin: Duration,
-    /// A lock whose `renewed_at` is older than ttl + this may be taken at once.
-    pub skew_allowance: Duration,
     pub wall_clock: Arc<dyn WallClock>,
 }
 
@@ -84,7 +82,6 @@ impl LeaseConfig {
             addr: addr.into(),
             ttl,
             margin: ttl / 5,
-            skew_allowance: Duration::from_secs(30),
             wall_clock: Arc::new(SystemWallClock),
         }
     }
@@ -260,7 +257,6 @@ impl Contender {
             if let Beat::Live(beat) = &seen.beat
                 && Some(beat.incarnation) == record.incarnation
                 && seen.unchanged_for() < ttl / 2
-                && !self.too_old(beat.renewed_at, ttl)
             {
                 return Ok(Acquire::HeldBy {
                     stale_in: seen.stale_in(ttl),
@@ -274,17 +270,6 @@ impl Contender {
     /// When this contender last read the lock itself.
     pub fn last_read_at(&self) -> Option<Instant> {
         self.last_read.as_ref().map(|(at, _)| *at)
-    }
-
-    fn too_old(&self, renewed_at: DateTime<Utc>, ttl: Duration) -> bool {
-        let age = self
-            .config()
-            .wall_clock
-            .now()
-            .signed_duration_since(renewed_at)
-            .to_std()
-            .unwrap_or(Duration::ZERO);
-        age > ttl + self.config().skew_allowance
     }
 
     async fn decide(&mut self, state: LockState, may_write: bool) -> StoreResult<Acquire> {
@@ -371,7 +356,7 @@ impl Contender {
             _ => {
                 // A lock renewed by its holder: its own ETag is the signal.
                 let seen_for = self.observe(Seen::Lock(etag.clone()));
-                let stale = seen_for >= ttl || self.too_old(record.renewed_at, ttl);
+                let stale = seen_for >= ttl;
                 return Ok((
                     stale,
                     ttl.saturating_sub(seen_for),
@@ -395,7 +380,7 @@ impl Contender {
             Beat::Live(hb) if hb.incarnation == incarnation => {
                 self.observed = None;
                 let seen_for = beat.unchanged_for();
-                let stale = seen_for >= ttl || self.too_old(hb.renewed_at, ttl);
+                let stale = seen_for >= ttl;
                 return Ok((
                     stale,
                     beat.stale_in(ttl),

@@ -1,23 +1,37 @@
 //! The embedded store: each object is a plain file at `<root>/<key>`, so the
 //! `sqlite3` shell opens a database object directly.
 //!
-//! Conditional writes are atomic across processes: a put writes and syncs
-//! temporary files, then holds an exclusive `flock` on
-//! `<root>/.tenantd/locks/<hash>` while it checks the condition and renames
-//! them over the object; reads open the object under the same lock.
-//! ETags are the MD5 of the bytes, as on S3, and live with the metadata in a
-//! sidecar `<root>/.tenantd/meta/<key>.json` written under the same lock.
+//! ETags are the MD5 of the bytes, as on S3. They live with the metadata in
+//! a *tag* per data file, `<root>/.tenantd/meta/<key>.json.<inode>`, which
+//! a put writes and syncs *before* its data file becomes the object, and
+//! which never changes after. A reader opens the data file and reads the tag
+//! of the inode it opened, so reads take no lock and the bytes, ETag and
+//! metadata they return belong together; a tag missing while the key names
+//! another file means the object was replaced or deleted meanwhile, and the
+//! read starts over.
 //!
-//! A put renames two files (sidecar, then data), and can stop between them
-//! (a failed rename, a full disk, `kill -9`). So a sidecar names the data
-//! file it describes (device, inode, size) and keeps the one before it
-//! (`previous`); a reader takes the sidecar that matches the data file
-//! actually there. A half-done put — new sidecar, old data — therefore reads
-//! as not landed: the old ETag and metadata, never the new write id, which
-//! would make a read-back acknowledge bytes that were never stored. A
-//! sidecar that matches nothing (the store folder was copied, so inodes
-//! changed) is checked against the data's MD5 instead; failing that, the
-//! object reads like a file put there by hand (its MD5, no metadata).
+//! No lock is held across a data write: a process stopped inside a put
+//! (SIGSTOP, a frozen VM, `tenantd dev pause`) must not stall every other
+//! process's requests for the key, which S3 never does.
+//! - Create-if-absent writes the data to a temporary file and `link`s it to
+//!   the key's name, which fails if the name exists: atomic, and a writer
+//!   stopped before the link has created nothing.
+//! - Replace-if-match (and an unconditional put) writes everything first,
+//!   then holds an exclusive `flock` on `<root>/.tenantd/locks/<hash>` only
+//!   to compare the current ETag and rename the data into place.
+//! - A delete moves the data file away under the same lock, then removes
+//!   it and its tag.
+//! A put returns once the folder of its data file is synced too (after the
+//! lock is released); a replaced or deleted file's tag goes once the file
+//! is gone, while a temporary name still holds its inode, so that the tag
+//! of a new file that reuses the inode number is never the one removed.
+//!
+//! Sidecars of older builds (`<key>.json`, one per key, naming the data
+//! file they describe and the one before it) are still read for a file
+//! that has no tag. A tag or sidecar that matches no file (the store folder
+//! was copied, so inodes changed) is checked against the data's MD5 instead;
+//! failing that, the object reads like a file put there by hand (its MD5,
+//! no metadata).
 //!
 //! A listing walks the folders under the prefix and returns every data
 //! file (a file put there by hand too, as `get` reads it), never the
@@ -67,12 +81,15 @@ struct Sidecar {
     previous: Option<Box<Sidecar>>,
 }
 
-/// A data file's identity: which file (device, inode) and its size.
+/// A data file's identity: which file (device, inode), its size, and when
+/// its bytes were written (absent in sidecars of older builds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct DataId {
     dev: u64,
     ino: u64,
     size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mtime_ns: Option<i64>,
 }
 
 impl DataId {
@@ -81,7 +98,18 @@ impl DataId {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.len(),
+            mtime_ns: Some(
+                meta.mtime()
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(meta.mtime_nsec()),
+            ),
         }
+    }
+
+    /// `file` is the file this id was recorded for.
+    fn same_file(&self, file: DataId) -> bool {
+        (self.dev, self.ino, self.size) == (file.dev, file.ino, file.size)
+            && self.mtime_ns.is_none_or(|t| Some(t) == file.mtime_ns)
     }
 }
 
@@ -95,17 +123,18 @@ impl Sidecar {
         hash: &mut impl FnMut() -> StoreResult<ETag>,
     ) -> StoreResult<bool> {
         match self.data {
-            Some(recorded) if recorded == id => Ok(true),
+            Some(recorded) if recorded.same_file(id) => Ok(true),
             None => Ok(true),
             Some(recorded) if recorded.size != id.size => Ok(false),
             Some(_) => Ok(hash()? == ETag(self.etag.clone())),
         }
     }
 
-    /// The ETag and metadata of the data file `id`, from `sidecar` (or the
-    /// one it replaced) when one describes it, else from the data's hash.
+    /// The ETag and metadata of the data file `id`, from the first of
+    /// `candidates` (or the one it replaced) that describes it, else from
+    /// the data's hash.
     fn resolve(
-        sidecar: Option<Sidecar>,
+        candidates: Vec<Sidecar>,
         id: DataId,
         mut hash: impl FnMut() -> StoreResult<ETag>,
     ) -> StoreResult<Sidecar> {
@@ -116,7 +145,7 @@ impl Sidecar {
             }
             Ok(cached.clone().expect("just computed"))
         };
-        if let Some(mut sidecar) = sidecar {
+        for mut sidecar in candidates {
             if sidecar.describes(id, &mut hash_once)? {
                 return Ok(sidecar);
             }
@@ -242,86 +271,138 @@ impl FileStore {
             .map_err(|(_, e)| Self::io_error(key, "flock", e.into()))
     }
 
-    /// The object's sidecar; `None` for a file put there by hand.
+    /// The sidecar of an older build (one per key); `None` if there is
+    /// none (or it cannot be parsed).
     fn read_sidecar(key: &str, paths: &KeyPaths) -> StoreResult<Option<Sidecar>> {
         match fs::read(&paths.sidecar) {
             Ok(bytes) => Ok(serde_json::from_slice::<Sidecar>(&bytes).ok()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) if is_absent(&e) => Ok(None),
             Err(e) => Err(Self::io_error(key, "reading metadata", e)),
         }
     }
 
-    /// The object's current ETag, metadata and size (validated sidecar),
-    /// and that sidecar, to be kept as `previous` by a put.
-    fn read_meta(key: &str, paths: &KeyPaths) -> StoreResult<Option<(Sidecar, u64)>> {
-        let stat = match fs::metadata(&paths.data) {
-            Ok(m) => m,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Self::io_error(key, "stat", e)),
-        };
-        let sidecar = Self::read_sidecar(key, paths)?;
-        let hash = || {
-            fs::read(&paths.data)
-                .map(|body| ETag::of(&body))
-                .map_err(|e| Self::io_error(key, "read", e))
-        };
-        let current = Sidecar::resolve(sidecar, DataId::of(&stat), hash)?;
-        Ok(Some((current, stat.len())))
+    /// The tag of the data file `id`, if it has one.
+    fn read_tag(key: &str, paths: &KeyPaths, id: DataId) -> StoreResult<Option<Sidecar>> {
+        match fs::read(paths.tag(id.ino)) {
+            Ok(bytes) => Ok(serde_json::from_slice::<Sidecar>(&bytes)
+                .ok()
+                .filter(|tag| tag.data == Some(id))),
+            Err(e) if is_absent(&e) => Ok(None),
+            Err(e) => Err(Self::io_error(key, "reading metadata", e)),
+        }
     }
 
-    /// A key with no data file reads as absent without taking its lock: a
-    /// put makes the data file appear in one rename, so this is a read from
-    /// before that rename. It also keeps reads of keys that never existed
-    /// (requests for unknown tenants) from leaving a lock file each.
+    /// Every tag of the key (of any inode): candidates for a data file whose
+    /// inode changed (a copied store folder).
+    fn other_tags(key: &str, paths: &KeyPaths) -> StoreResult<Vec<Sidecar>> {
+        let dir = paths.sidecar.parent().expect("sidecar paths have a parent");
+        let name = paths.sidecar.file_name().unwrap_or_default().to_string_lossy();
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if is_absent(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(Self::io_error(key, "reading metadata", e)),
+        };
+        let mut tags = Vec::new();
+        for entry in entries.flatten() {
+            let file = entry.file_name();
+            let is_tag = file
+                .to_str()
+                .and_then(|f| f.strip_prefix(name.as_ref()))
+                .and_then(|f| f.strip_prefix('.'))
+                .is_some_and(|ino| !ino.is_empty() && ino.bytes().all(|b| b.is_ascii_digit()));
+            if is_tag
+                && let Ok(bytes) = fs::read(entry.path())
+                && let Ok(tag) = serde_json::from_slice::<Sidecar>(&bytes)
+            {
+                tags.push(tag);
+            }
+        }
+        Ok(tags)
+    }
+
+    /// The object now, read without a lock: its data file opened, the tag
+    /// of that very file (or what an older build or a copy left), and, with
+    /// `with_body`, its bytes.
+    fn read_object(key: &str, paths: &KeyPaths, with_body: bool) -> StoreResult<Option<Found>> {
+        // Each retry follows a replacement or deletion that happened during
+        // the read; a handful is plenty unless the key is rewritten
+        // without pause.
+        for _ in 0..64 {
+            let mut file = match File::open(&paths.data) {
+                Ok(file) => file,
+                Err(e) if is_absent(&e) => return Ok(None),
+                Err(e) => return Err(Self::io_error(key, "open", e)),
+            };
+            let stat = file
+                .metadata()
+                .map_err(|e| Self::io_error(key, "stat", e))?;
+            if !stat.is_file() {
+                // A folder of other keys is no object.
+                return Ok(None);
+            }
+            let id = DataId::of(&stat);
+            let body = match with_body {
+                true => {
+                    let mut body = Vec::with_capacity(stat.len() as usize);
+                    file.read_to_end(&mut body)
+                        .map_err(|e| Self::io_error(key, "read", e))?;
+                    Some(body)
+                }
+                false => None,
+            };
+            if let Some(tag) = Self::read_tag(key, paths, id)? {
+                return Ok(Some(Found { tag, id, body }));
+            }
+            match fs::metadata(&paths.data) {
+                Ok(now) if DataId::of(&now) == id => {}
+                Ok(_) => continue,
+                Err(e) if is_absent(&e) => continue,
+                Err(e) => return Err(Self::io_error(key, "stat", e)),
+            }
+            // No tag, and still the object: written by an older build, by
+            // hand, or copied.
+            let mut candidates: Vec<Sidecar> = Self::read_sidecar(key, paths)?.into_iter().collect();
+            candidates.extend(Self::other_tags(key, paths)?);
+            let hash = || match &body {
+                Some(body) => Ok(ETag::of(body)),
+                None => {
+                    let mut bytes = Vec::new();
+                    (&file)
+                        .read_to_end(&mut bytes)
+                        .map(|_| ETag::of(&bytes))
+                        .map_err(|e| Self::io_error(key, "read", e))
+                }
+            };
+            let tag = Sidecar::resolve(candidates, id, hash)?;
+            return Ok(Some(Found { tag, id, body }));
+        }
+        Err(StoreError::transient(
+            key,
+            "the object kept changing while it was read",
+        ))
+    }
+
+    /// A key with no data file reads as absent.
     fn surely_absent(paths: &KeyPaths) -> bool {
-        matches!(fs::symlink_metadata(&paths.data), Err(e) if e.kind() == ErrorKind::NotFound)
+        matches!(fs::symlink_metadata(&paths.data), Err(e) if is_absent(&e))
     }
 
     fn get_blocking(&self, key: &str) -> StoreResult<Option<Object>> {
         let paths = self.paths(key)?;
-        if Self::surely_absent(&paths) {
-            return Ok(None);
-        }
-        // Under the lock only open the file and read its sidecar: the open
-        // handle keeps these bytes even if a put renames new ones over them,
-        // so the body is read after the lock is released. (A process stopped
-        // while holding the lock stalls everyone: keep that window short.)
-        let (mut file, sidecar) = {
-            let _guard = Self::lock(key, &paths)?;
-            let file = match File::open(&paths.data) {
-                Ok(file) => file,
-                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(Self::io_error(key, "open", e)),
-            };
-            (file, Self::read_sidecar(key, &paths)?)
-        };
-        let id = DataId::of(
-            &file
-                .metadata()
-                .map_err(|e| Self::io_error(key, "stat", e))?,
-        );
-        let mut body = Vec::new();
-        file.read_to_end(&mut body)
-            .map_err(|e| Self::io_error(key, "read", e))?;
-        let current = Sidecar::resolve(sidecar, id, || Ok(ETag::of(&body)))?;
-        Ok(Some(Object {
-            body: Bytes::from(body),
-            etag: ETag(current.etag),
-            metadata: current.metadata,
+        Ok(Self::read_object(key, &paths, true)?.map(|found| Object {
+            body: Bytes::from(found.body.unwrap_or_default()),
+            etag: ETag(found.tag.etag),
+            metadata: found.tag.metadata,
         }))
     }
 
     fn head_blocking(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         let paths = self.paths(key)?;
-        if Self::surely_absent(&paths) {
-            return Ok(None);
-        }
-        let _guard = Self::lock(key, &paths)?;
         Ok(
-            Self::read_meta(key, &paths)?.map(|(current, size)| ObjectMeta {
-                etag: ETag(current.etag),
-                size,
-                metadata: current.metadata,
+            Self::read_object(key, &paths, false)?.map(|found| ObjectMeta {
+                etag: ETag(found.tag.etag),
+                size: found.id.size,
+                metadata: found.tag.metadata,
             }),
         )
     }
@@ -335,63 +416,128 @@ impl FileStore {
     ) -> StoreResult<ETag> {
         let paths = self.paths(key)?;
         let etag = ETag::of(body);
-        // The data is written and synced before taking the lock, which then
-        // covers only the condition check, the small sidecar, two renames
-        // and the directory syncs: a process stopped (SIGSTOP) or slowed by
-        // the disk while holding it stalls every other process's requests
-        // for this key, which S3 never does. The directory syncs stay
-        // inside, so that nobody sees a write before it would survive a
-        // power cut.
-        let data_tmp =
+        if matches!(condition, Precondition::IfAbsent) && !Self::surely_absent(&paths) {
+            return Err(StoreError::PreconditionFailed {
+                key: key.to_string(),
+            });
+        }
+        // Everything is written and synced before the object changes: the
+        // data under a temporary name, then its tag.
+        let mut data_tmp =
             Temp::write(&paths.data, body).map_err(|e| Self::io_error(key, "write", e))?;
         let data_id =
             DataId::of(&fs::metadata(&data_tmp.tmp).map_err(|e| Self::io_error(key, "stat", e))?);
-        {
-            let _guard = Self::lock(key, &paths)?;
-            self.maybe_stop_inside_put();
-            let current = Self::read_meta(key, &paths)?.map(|(current, _)| current);
-            check_condition(
-                key,
-                current.as_ref().map(|c| ETag(c.etag.clone())).as_ref(),
-                condition,
-            )?;
-            let sidecar = Sidecar {
-                etag: etag.0.clone(),
-                metadata,
-                data: Some(data_id),
-                previous: current.map(|mut c| {
-                    c.previous = None;
-                    Box::new(c)
-                }),
-            };
-            let sidecar = serde_json::to_vec(&sidecar).expect("sidecar serializes");
-            let sidecar_tmp = Temp::write(&paths.sidecar, &sidecar)
-                .map_err(|e| Self::io_error(key, "writing metadata", e))?;
-            // Sidecar first: until the data is renamed too, the new sidecar
-            // does not describe the data file there, and readers fall back to
-            // its `previous` (module doc).
-            sidecar_tmp
-                .rename()
-                .map_err(|e| Self::io_error(key, "writing metadata", e))?;
-            #[cfg(test)]
-            if self
-                .fail_next_data_rename
-                .swap(false, std::sync::atomic::Ordering::SeqCst)
-            {
-                return Err(Self::io_error(
+        let tag = Sidecar {
+            etag: etag.0.clone(),
+            metadata,
+            data: Some(data_id),
+            previous: None,
+        };
+        let tag_path = paths.tag(data_id.ino);
+        let mut tag_tmp = Temp::write(
+            &tag_path,
+            &serde_json::to_vec(&tag).expect("tags serialize"),
+        )
+        .map_err(|e| Self::io_error(key, "writing metadata", e))?;
+        tag_tmp
+            .rename()
+            .and_then(|()| sync_parent(&tag_path))
+            .map_err(|e| Self::io_error(key, "writing metadata", e))?;
+        // Declared after `data_tmp`, so dropped before it: the tag goes
+        // while the temporary file still holds its inode.
+        let mut unpublished = Unpublished(Some(tag_path));
+        self.maybe_stop_inside_put();
+        let replaced = match condition {
+            Precondition::IfAbsent => {
+                if !data_tmp
+                    .link_new()
+                    .map_err(|e| Self::io_error(key, "write", e))?
+                {
+                    return Err(StoreError::PreconditionFailed {
+                        key: key.to_string(),
+                    });
+                }
+                None
+            }
+            Precondition::IfMatch(_) | Precondition::None => {
+                let _guard = Self::lock(key, &paths)?;
+                let current = Self::read_object(key, &paths, false)?;
+                check_condition(
                     key,
-                    "write",
-                    std::io::Error::other("injected rename failure"),
-                ));
+                    current.as_ref().map(|c| ETag(c.tag.etag.clone())).as_ref(),
+                    condition,
+                )?;
+                // The replaced file keeps a name until its tag is gone.
+                let grave = match &current {
+                    Some(_) => Some(
+                        Grave::of(&paths.data).map_err(|e| Self::io_error(key, "write", e))?,
+                    ),
+                    None => None,
+                };
+                #[cfg(test)]
+                if self
+                    .fail_next_data_rename
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    return Err(Self::io_error(
+                        key,
+                        "write",
+                        std::io::Error::other("injected rename failure"),
+                    ));
+                }
+                data_tmp
+                    .rename()
+                    .map_err(|e| Self::io_error(key, "write", e))?;
+                current.zip(grave)
             }
-            data_tmp
-                .rename()
-                .map_err(|e| Self::io_error(key, "write", e))?;
-            for path in [&paths.sidecar, &paths.data] {
-                sync_parent(path).map_err(|e| Self::io_error(key, "fsync", e))?;
-            }
+        };
+        unpublished.0 = None;
+        sync_parent(&paths.data).map_err(|e| Self::io_error(key, "fsync", e))?;
+        if let Some((old, grave)) = replaced {
+            let _ = fs::remove_file(paths.tag(old.id.ino));
+            let _ = fs::remove_file(&paths.sidecar);
+            drop(grave);
         }
         Ok(etag)
+    }
+}
+
+/// An object as read: its tag (ETag and metadata), which file, and its
+/// bytes when asked for.
+struct Found {
+    tag: Sidecar,
+    id: DataId,
+    body: Option<Vec<u8>>,
+}
+
+/// A put's tag whose data file has not become the object: removed when
+/// the put gives up.
+struct Unpublished(Option<PathBuf>);
+
+impl Drop for Unpublished {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// A second, hidden name (a temporary file's) for a data file that is
+/// about to be replaced or deleted: its inode stays allocated until its
+/// tag is removed. Unlinked on drop.
+struct Grave(PathBuf);
+
+impl Grave {
+    fn of(data: &Path) -> std::io::Result<Grave> {
+        let grave = Temp::name_beside(data);
+        fs::hard_link(data, &grave)?;
+        Ok(Grave(grave))
+    }
+}
+
+impl Drop for Grave {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
     }
 }
 
@@ -492,14 +638,26 @@ impl FileStore {
     fn delete_blocking(&self, key: &str) -> StoreResult<()> {
         let paths = self.paths(key)?;
         let _guard = Self::lock(key, &paths)?;
-        // The data first: a delete stopped halfway leaves a sidecar without
+        // The data first: a delete stopped halfway leaves a tag without
         // data, which reads as absent (the other order would leave the data
-        // without its ETag and metadata). Each removal is synced before
-        // the next, so a power cut cannot keep the data and lose the sidecar.
+        // without its ETag and metadata). The file keeps a hidden name
+        // until its tag is gone, so that no new file reuses its inode
+        // meanwhile. Each removal is synced before the next, so a power
+        // cut cannot keep the data and lose its tag.
+        let file = match fs::symlink_metadata(&paths.data) {
+            Ok(meta) if meta.is_file() => Some((
+                DataId::of(&meta),
+                Grave::of(&paths.data).map_err(|e| Self::io_error(key, "delete", e))?,
+            )),
+            _ => None,
+        };
+        let tag = file.as_ref().map(|(id, _)| paths.tag(id.ino));
         for (path, what) in [
-            (&paths.data, "delete"),
-            (&paths.sidecar, "deleting metadata"),
+            (Some(&paths.data), "delete"),
+            (tag.as_ref(), "deleting metadata"),
+            (Some(&paths.sidecar), "deleting metadata"),
         ] {
+            let Some(path) = path else { continue };
             match fs::remove_file(path) {
                 Ok(()) => sync_parent(path).map_err(|e| Self::io_error(key, "fsync", e))?,
                 // Already gone, or a folder of other keys: not an object.
@@ -507,6 +665,7 @@ impl FileStore {
                 Err(e) => return Err(Self::io_error(key, what, e)),
             }
         }
+        drop(file);
         Ok(())
     }
 }
@@ -543,8 +702,18 @@ fn is_absent(e: &std::io::Error) -> bool {
 
 struct KeyPaths {
     data: PathBuf,
+    /// The per-key sidecar of older builds; tags are beside it.
     sidecar: PathBuf,
     lock: PathBuf,
+}
+
+impl KeyPaths {
+    /// The tag of the data file with inode `ino`.
+    fn tag(&self, ino: u64) -> PathBuf {
+        let mut path = self.sidecar.clone().into_os_string();
+        path.push(format!(".{ino}"));
+        PathBuf::from(path)
+    }
 }
 
 fn md5_digest(bytes: &[u8]) -> Vec<u8> {
@@ -562,15 +731,21 @@ struct Temp {
 }
 
 impl Temp {
+    /// A new temporary name beside `path` (never listed as an object).
+    fn name_beside(path: &Path) -> PathBuf {
+        let dir = path.parent().expect("object paths have a parent");
+        dir.join(format!(
+            ".{}.{}.tmp",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            uuid::Uuid::new_v4().simple()
+        ))
+    }
+
     fn write(path: &Path, bytes: &[u8]) -> std::io::Result<Temp> {
         let dir = path.parent().expect("object paths have a parent");
         fs::create_dir_all(dir)?;
         let temp = Temp {
-            tmp: dir.join(format!(
-                ".{}.{}.tmp",
-                path.file_name().unwrap_or_default().to_string_lossy(),
-                uuid::Uuid::new_v4().simple()
-            )),
+            tmp: Self::name_beside(path),
             path: path.to_path_buf(),
             renamed: false,
         };
@@ -580,10 +755,24 @@ impl Temp {
         Ok(temp)
     }
 
-    fn rename(mut self) -> std::io::Result<()> {
+    fn rename(&mut self) -> std::io::Result<()> {
         fs::rename(&self.tmp, &self.path)?;
         self.renamed = true;
         Ok(())
+    }
+
+    /// Gives the bytes the final name only if nothing has it: `false` if
+    /// the name exists (the temporary file stays, removed on drop).
+    fn link_new(&mut self) -> std::io::Result<bool> {
+        match fs::hard_link(&self.tmp, &self.path) {
+            Ok(()) => {
+                self.renamed = true;
+                let _ = fs::remove_file(&self.tmp);
+                Ok(true)
+            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -111,7 +111,12 @@ async fn child_stopped_writer() {
     let store = FileStore::new(&root).unwrap();
     store.stop_inside_next_put();
     match store
-        .put(&key, "the stopped writer".into(), Metadata::new(), condition)
+        .put(
+            &key,
+            "the stopped writer".into(),
+            Metadata::new(),
+            condition,
+        )
         .await
     {
         Ok(_) => println!("RESULT WIN"),
@@ -151,7 +156,12 @@ fn a_writer_stopped_inside_a_put_blocks_no_other_process() {
     let store = FileStore::new(dir.path()).unwrap();
     let existing = "customer/7/machine.lock";
     let etag = runtime
-        .block_on(store.put(existing, "v1".into(), Metadata::new(), Precondition::IfAbsent))
+        .block_on(store.put(
+            existing,
+            "v1".into(),
+            Metadata::new(),
+            Precondition::IfAbsent,
+        ))
         .unwrap();
     for (key, etag) in [
         ("customer/7/log/00000000000000000005", None),
@@ -191,7 +201,12 @@ fn a_writer_stopped_inside_a_put_blocks_no_other_process() {
             handle.block_on(async {
                 let read = owned_store.head(&owned_key).await;
                 let write = owned_store
-                    .put(&owned_key, "the live writer".into(), Metadata::new(), condition)
+                    .put(
+                        &owned_key,
+                        "the live writer".into(),
+                        Metadata::new(),
+                        condition,
+                    )
                     .await;
                 (read, write)
             })

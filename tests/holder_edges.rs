@@ -88,7 +88,10 @@ async fn a_snapshot_without_metadata_while_the_log_holds_deltas_is_refused() {
     handle.stop();
     handle.ended().await;
     let deltas = log::list_slots(&a.store, TENANT, 0).await.unwrap();
-    assert!(!deltas.is_empty(), "the log keeps its deltas after a release");
+    assert!(
+        !deltas.is_empty(),
+        "the log keeps its deltas after a release"
+    );
 
     // Down and up again: the same bytes, no metadata.
     let key = keys::database(TENANT);
@@ -146,7 +149,8 @@ async fn a_release_whose_compaction_failed_does_not_mark_the_lock_released() {
     for expected in 1..=3 {
         assert_eq!(handle.call(increment()).await.unwrap().count, expected);
     }
-    a.faults.update(|c| c.failing_puts = vec![keys::database(TENANT)]);
+    a.faults
+        .update(|c| c.failing_puts = vec![keys::database(TENANT)]);
     handle.stop();
     handle.ended().await;
     match lock_state(&a.store).await {

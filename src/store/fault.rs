@@ -240,7 +240,12 @@ impl FaultStore {
                 "partitioned from the store (fault injection)",
             ));
         }
-        if op == Op::Put && config.failing_puts.iter().any(|p| key.starts_with(p.as_str())) {
+        if op == Op::Put
+            && config
+                .failing_puts
+                .iter()
+                .any(|p| key.starts_with(p.as_str()))
+        {
             return Injected::Fail(StoreError::transient(
                 key,
                 "this key cannot be written (fault injection: failing_puts)",

@@ -21,6 +21,7 @@
 //!   to compare the current ETag and rename the data into place.
 //! - A delete moves the data file away under the same lock, then removes
 //!   it and its tag.
+//!
 //! A put returns once the folder of its data file is synced too (after the
 //! lock is released); a replaced or deleted file's tag goes once the file
 //! is gone, while a temporary name still holds its inode, so that the tag
@@ -296,7 +297,11 @@ impl FileStore {
     /// inode changed (a copied store folder).
     fn other_tags(key: &str, paths: &KeyPaths) -> StoreResult<Vec<Sidecar>> {
         let dir = paths.sidecar.parent().expect("sidecar paths have a parent");
-        let name = paths.sidecar.file_name().unwrap_or_default().to_string_lossy();
+        let name = paths
+            .sidecar
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
         let entries = match fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(e) if is_absent(&e) => return Ok(Vec::new()),
@@ -361,7 +366,8 @@ impl FileStore {
             }
             // No tag, and still the object: written by an older build, by
             // hand, or copied.
-            let mut candidates: Vec<Sidecar> = Self::read_sidecar(key, paths)?.into_iter().collect();
+            let mut candidates: Vec<Sidecar> =
+                Self::read_sidecar(key, paths)?.into_iter().collect();
             candidates.extend(Self::other_tags(key, paths)?);
             let hash = || match &body {
                 Some(body) => Ok(ETag::of(body)),
@@ -469,9 +475,9 @@ impl FileStore {
                 )?;
                 // The replaced file keeps a name until its tag is gone.
                 let grave = match &current {
-                    Some(_) => Some(
-                        Grave::of(&paths.data).map_err(|e| Self::io_error(key, "write", e))?,
-                    ),
+                    Some(_) => {
+                        Some(Grave::of(&paths.data).map_err(|e| Self::io_error(key, "write", e))?)
+                    }
                     None => None,
                 };
                 #[cfg(test)]

@@ -835,20 +835,22 @@ impl Registry {
                     }
                 }
                 match contender.watch(reread).await {
-                    Ok(Acquire::Acquired(lease)) => match self.exists_under(&id, &slot, lease).await {
-                        Ok(lease) => {
-                            let route = self.start_actor(&id, &slot, lease).await;
-                            drop(contender);
-                            Some(route)
-                        }
-                        Err(route) => {
-                            drop(contender);
-                            if matches!(route, Route::NotFound(_)) {
-                                self.forget_absent(&id);
+                    Ok(Acquire::Acquired(lease)) => {
+                        match self.exists_under(&id, &slot, lease).await {
+                            Ok(lease) => {
+                                let route = self.start_actor(&id, &slot, lease).await;
+                                drop(contender);
+                                Some(route)
                             }
-                            Some(route)
+                            Err(route) => {
+                                drop(contender);
+                                if matches!(route, Route::NotFound(_)) {
+                                    self.forget_absent(&id);
+                                }
+                                Some(route)
+                            }
                         }
-                    },
+                    }
                     Ok(Acquire::HeldBy { record, stale_in }) => {
                         // Look again just after the holder's next heartbeat
                         // should be visible (keeps detection lag small at

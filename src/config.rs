@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 
 use crate::store::StoreUrl;
 use crate::tenant::sql::SqlLimits;
+use crate::tenant::sql::memory::HeapLimit;
 
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
@@ -125,6 +126,18 @@ pub struct ServeArgs {
     #[arg(long, env = "TENANTD_SQL_MAX_ROWS", default_value_t = 10_000)]
     pub sql_max_rows: usize,
 
+    /// Largest answer of a SQL request, in bytes as sent (JSON: column
+    /// names, escapes and base64 included); past it the request is
+    /// refused with 413.
+    #[arg(long, env = "TENANTD_SQL_MAX_ANSWER_BYTES", default_value_t = 4 << 20, value_parser = parse_size)]
+    pub sql_max_answer_bytes: usize,
+
+    /// Most memory SQLite may use in this process, all tenants together
+    /// (`auto`: half of the machine's memory, or of its cgroup's limit);
+    /// an allocation past it fails the request that made it (400).
+    #[arg(long, env = "TENANTD_SQLITE_HEAP_LIMIT", default_value = "auto", value_parser = HeapLimit::parse)]
+    pub sqlite_heap_limit: HeapLimit,
+
     /// How far back point-in-time restore reaches: deltas and old
     /// snapshots younger than this are kept (`0s`: keep only what the
     /// current snapshot needs).
@@ -160,6 +173,11 @@ pub enum LogFormat {
     Json,
 }
 
+fn parse_size(text: &str) -> Result<usize, String> {
+    crate::tenant::sql::memory::parse_size(text)
+        .and_then(|n| usize::try_from(n).map_err(|_| format!("size {text:?} is too large")))
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("invalid duration {text:?}: {e} (examples: 5s, 500ms)"))
@@ -177,6 +195,7 @@ impl ServeArgs {
             max_db_bytes: self.max_db_bytes,
             timeout: self.sql_timeout,
             max_rows: self.sql_max_rows,
+            max_result_bytes: self.sql_max_answer_bytes,
             ..SqlLimits::default()
         }
     }

@@ -50,6 +50,10 @@ fn main() -> std::process::ExitCode {
             Command::Tenants(args) => tenantd::tenants_cli::run(args).await,
         }
     });
+    // Blocking threads (a tenant's SQLite work) must not keep the process
+    // alive past its drain: statements were interrupted at the signal, and
+    // whatever SQLite cannot interrupt is not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -5,9 +5,11 @@
 //! being accepted but are handed to other machines; every held tenant
 //! commits what it has queued, uploads, and releases its lease; then the
 //! listener closes and in-flight requests finish. A second signal exits at
-//! once. The whole shutdown ends within `--drain-timeout` (keep it below
-//! fly.toml's `kill_timeout`): leases that could not be released by then
-//! expire after their ttl.
+//! once. Every SQLite statement still running is interrupted at the
+//! signal (its request answers 503, nothing applied). The whole shutdown
+//! ends within `--drain-timeout` (keep it below fly.toml's
+//! `kill_timeout`): leases that could not be released by then expire after
+//! their ttl, and the process does not wait for blocking threads.
 //!
 //! On Fly (FLY_APP_NAME or FLY_MACHINE_ID set) a store must be configured:
 //! the local file store default would give each machine its own.
@@ -161,6 +163,12 @@ pub(crate) async fn run_with(
             "TENANTD_MAX_BODY is over 1 MiB: Fly Proxy cannot replay such bodies to the holder"
         );
     }
+    let heap_limit = args.sqlite_heap_limit.apply();
+    info!(
+        sqlite_heap_limit = heap_limit,
+        setting = %args.sqlite_heap_limit,
+        "SQLite's heap is capped (--sqlite-heap-limit)"
+    );
     let metrics = Metrics::new();
     let (store, fault_handle) = open_store(&url, faults, RetryPolicy::default(), Some(&metrics))
         .await
@@ -243,6 +251,11 @@ pub(crate) async fn run_with(
         .with_graceful_shutdown(async move {
             shutdown.await;
             let _ = began_tx.send(tokio::time::Instant::now());
+            // Statements still running (and any started from now on) end at
+            // once: a tenant's queue drains in milliseconds, not at the
+            // statement's own deadline, and no blocking thread outlives
+            // the drain.
+            crate::tenant::sql::watchdog::global().shut_down();
             info!(?drain_timeout, "shutting down: handing tenants over");
             if tokio::time::timeout(release_budget, draining.drain()).await.is_err() {
                 warn!("tenants did not release within {release_budget:?}; exiting anyway (their locks expire after the ttl)");

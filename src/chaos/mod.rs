@@ -14,6 +14,7 @@ pub mod nemesis;
 pub mod service_sim;
 pub mod sim;
 pub mod sql_checker;
+pub mod sql_hostile;
 pub mod sql_workload;
 pub mod workload;
 
@@ -32,6 +33,11 @@ use crate::dev::{Cluster, DevConfig};
 use checker::Report;
 use history::NemesisEvent;
 use sql_checker::{Accounts, SqlReport};
+
+/// Between two requests of the hostile client: often enough to share
+/// batches with transfers, rarely enough that runaway queries (each up to
+/// --sql-timeout of its tenant's queue) leave the transfers room to run.
+const HOSTILE_PAUSE: Duration = Duration::from_millis(300);
 
 /// What the clients do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -301,10 +307,16 @@ async fn run_sql(
         run: &run,
         t0,
     });
+    let hostile = sql_hostile::Hostile::start(&client, &args.customers, HOSTILE_PAUSE);
     let baseline = args.faults.clone().unwrap_or_else(|| "{}".to_string());
     let nemeses = run_nemeses(cluster.as_ref(), plan, args.lease_ttl, &baseline, t0).await;
     tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + args.duration)).await;
     let (transfers, reads) = load.stop().await;
+    let hostile = hostile.stop().await;
+    eprintln!(
+        "chaos: the hostile client's attacks, by answer: {}",
+        serde_json::to_string(&hostile.outcomes).unwrap_or_default()
+    );
     let run_ms = t0.elapsed().as_millis() as u64;
     eprintln!(
         "chaos: workload stopped after {} transfers and {} reads; reading the tables back",
@@ -333,7 +345,7 @@ async fn run_sql(
             sql_workload::store_finals(&store, &args.customers, scratch).await,
         );
     }
-    let report = sql_checker::check(
+    let mut report = sql_checker::check(
         accounts,
         &args.customers,
         &transfers,
@@ -342,6 +354,8 @@ async fn run_sql(
         &nemeses,
         run_ms,
     );
+    // An attack carried out is a hole in the sandbox.
+    report.violations.extend(hostile.answered.iter().cloned());
     print_sql_report(&report, &nemeses);
     if let Some(path) = &args.json {
         let doc = json!({
@@ -359,6 +373,7 @@ async fn run_sql(
             "sources": report.sources,
             "customers": report.customers,
             "nemeses": nemeses,
+            "hostile": hostile,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -49,7 +49,7 @@ pub fn transfer_body(id: &str, from: i64, to: i64, amount: i64) -> Value {
 }
 
 /// What one request's answer was.
-enum Reply {
+pub(super) enum Reply {
     Ok {
         epoch: u64,
         machine: String,
@@ -82,7 +82,7 @@ impl Client {
         }
     }
 
-    async fn send(&self, customer: &str, body: &Value, key: Option<&str>) -> Reply {
+    pub(super) async fn send(&self, customer: &str, body: &Value, key: Option<&str>) -> Reply {
         let mut request = self
             .http
             .post(format!("{}/customers/{customer}/sql", self.base))

@@ -100,12 +100,17 @@ fn render(state: &AppState, id: &TenantId, answer: SqlAnswer) -> Response {
     response
 }
 
-/// A refused request: 403 when a rule denied it, 400 otherwise; the body
-/// names the statement at fault.
+/// A refused request: 403 when a rule denied it, 413 for an answer over
+/// its budget, 409 when the counter's statements fail on the tenant's
+/// changes to `welcome`, 503 when shutdown interrupted it, 400 otherwise;
+/// the body names the statement at fault.
 pub(super) fn refused(refused: &SqlError) -> (Response, &'static str) {
     let (status, outcome) = match refused.kind {
         SqlErrorKind::Denied => (StatusCode::FORBIDDEN, "denied"),
         SqlErrorKind::Invalid | SqlErrorKind::Limit => (StatusCode::BAD_REQUEST, "bad_request"),
+        SqlErrorKind::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+        SqlErrorKind::Conflict => (StatusCode::CONFLICT, "conflict"),
+        SqlErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     };
     let body = json!({
         "error": refused.message,

@@ -403,7 +403,19 @@ impl TenantActor {
         let seq = self.next_slot;
         let (applied, delta) = match self.apply(epoch, seq, &batch).await {
             Ok(applied) => applied,
-            Err(message) => {
+            // SQLite rolled the batch back: the working copy is as the last
+            // commit left it, so the holder stays (no request can make it
+            // step down); the batch's clients may send it again.
+            Err(BatchError::RolledBack(message)) => {
+                warn!(customer_id = %self.id, error = %message, "batch failed and was rolled back; still holding the tenant");
+                let message = format!(
+                    "customer {}: {message}; nothing of the request was applied, send it again",
+                    self.id
+                );
+                answer_all(batch, Err(TenantError::Unavailable(message)));
+                return Ok(());
+            }
+            Err(BatchError::Copy(message)) => {
                 warn!(customer_id = %self.id, error = %message, "batch failed");
                 let message = format!("customer {}: {message}", self.id);
                 answer_all(batch, Err(TenantError::Unavailable(message)));
@@ -464,7 +476,7 @@ impl TenantActor {
         epoch: u64,
         seq: u64,
         batch: &[Request],
-    ) -> Result<(Applied, Option<Bytes>), String> {
+    ) -> Result<(Applied, Option<Bytes>), BatchError> {
         let ops: Vec<Op> = batch.iter().map(|r| r.op.clone()).collect();
         let copy = self.copy.clone();
         let limits = self.ctx.sql.clone();
@@ -486,22 +498,29 @@ impl TenantActor {
             let applied = copy
                 .db
                 .apply_batch(epoch, &work, &limits, false)
-                .map_err(|e| format!("SQLite error while applying a batch: {e}"))?;
+                .map_err(|e| {
+                    BatchError::RolledBack(format!("SQLite error while applying a batch: {e}"))
+                })?;
             let delta = match applied.committed {
                 Some(_) => {
                     let now = log::unix_ms(SystemTime::now());
                     let delta = copy
-                        .capture(epoch, seq, now)?
-                        .ok_or_else(|| "a committed batch left nothing in the WAL".to_string())?;
-                    Some(delta.encode().map_err(|e| e.to_string())?)
+                        .capture(epoch, seq, now)
+                        .map_err(BatchError::Copy)?
+                        .ok_or_else(|| {
+                            BatchError::Copy("a committed batch left nothing in the WAL".into())
+                        })?;
+                    Some(delta.encode().map_err(|e| BatchError::Copy(e.to_string()))?)
                 }
                 None => None,
             };
             Ok((applied, delta))
         };
-        tokio::task::spawn_blocking(work)
-            .await
-            .unwrap_or_else(|e| Err(format!("the batch's SQLite work failed: {e}")))
+        tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+            Err(BatchError::Copy(format!(
+                "the batch's SQLite work failed: {e}"
+            )))
+        })
     }
 
     /// One conditional PUT of a log slot, given up after a time that fits
@@ -878,6 +897,14 @@ impl TenantActor {
         }
         exit
     }
+}
+
+/// Why a batch was not applied.
+enum BatchError {
+    /// SQLite failed and rolled the transaction back: nothing changed.
+    RolledBack(String),
+    /// The working copy may not match the log any more.
+    Copy(String),
 }
 
 /// The slowest store throughput an upload is given time for.

@@ -27,7 +27,10 @@ use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::sql::{self, ExecError, Guard, SqlError, SqlLimits, SqlRequest};
+use rusqlite::InterruptHandle;
+
+use super::sql::watchdog::{self, Cause};
+use super::sql::{self, ExecError, Guard, SqlError, SqlErrorKind, SqlLimits, SqlRequest};
 use super::{Answer, Reply, SqlAnswer};
 
 /// How many idempotency keys a tenant remembers (oldest out first).
@@ -46,6 +49,8 @@ pub struct Corrupt(pub String);
 pub struct Db {
     conn: Connection,
     guard: Guard,
+    /// Lets the watchdog interrupt whatever runs on `conn`.
+    interrupt: Arc<InterruptHandle>,
 }
 
 /// One request of a batch, as the database sees it.
@@ -137,7 +142,12 @@ impl Db {
         let mut conn = conn;
         let guard = Guard::install(&mut conn)
             .map_err(|e| Corrupt(format!("cannot install the SQL guard: {e}")))?;
-        Ok(Db { conn, guard })
+        let interrupt = Arc::new(conn.get_interrupt_handle());
+        Ok(Db {
+            conn,
+            guard,
+            interrupt,
+        })
     }
 
     /// Folds the WAL into the main file and empties it.
@@ -178,7 +188,9 @@ impl Db {
         let tx = self.conn.transaction()?;
         set_meta(&tx, "epoch", epoch)?;
         let seq = bump_seq(&tx)?;
-        let count = count(&tx)?;
+        // A count the tenant made unreadable is the counter requests'
+        // problem (409), not a reason to refuse the tenant.
+        let count = count(&tx).unwrap_or(0);
         tx.commit()?;
         Ok(Committed { count, seq })
     }
@@ -207,10 +219,19 @@ impl Db {
 
     /// Applies a batch in one transaction. Each SQL request runs in a
     /// savepoint of it: a failing one leaves nothing behind and is answered
-    /// with its error, the others commit together. The transaction commits
-    /// (epoch written, seq bumped) only when something may have changed, or
-    /// when `force_commit`; otherwise it is rolled back and there is nothing
-    /// to upload. An `Err` is a failure of the database itself.
+    /// with its error, the others commit together. Increments between two
+    /// SQL requests share one savepoint and one UPDATE of the counter:
+    /// when that fails (a constraint or trigger the tenant put on
+    /// `welcome`, a value that is not an integer, the time or size limit)
+    /// they fail together and the rest of the batch stands. Everything a
+    /// request causes to run (its statements, the counter's UPDATE and the
+    /// triggers it fires, its stored answer) runs under its deadline and
+    /// within `--max-db-bytes`.
+    ///
+    /// The transaction commits (epoch written, seq bumped) only when
+    /// something may have changed, or when `force_commit`; otherwise it is
+    /// rolled back and there is nothing to upload. An `Err` is a failure of
+    /// the database itself, not of a request.
     pub fn apply_batch(
         &mut self,
         epoch: u64,
@@ -222,9 +243,11 @@ impl Db {
         loop {
             match self.try_apply(epoch, work, limits, force_commit, &refused)? {
                 Ok(applied) => return Ok(applied),
-                // SQLite rolled the transaction back: again, without it.
-                Err((index, error)) => {
-                    refused.insert(index, error);
+                // SQLite rolled the transaction back: again, without them.
+                Err((indices, error)) => {
+                    for index in indices {
+                        refused.insert(index, error.clone());
+                    }
                 }
             }
         }
@@ -239,96 +262,80 @@ impl Db {
         limits: &SqlLimits,
         force_commit: bool,
         refused: &BTreeMap<usize, SqlError>,
-    ) -> rusqlite::Result<Result<Applied, (usize, SqlError)>> {
-        let tx = self.conn.transaction()?;
-        if tx.query_row("SELECT count(*) FROM welcome", [], |r| r.get::<_, i64>(0))? == 0 {
-            tx.execute("INSERT INTO welcome (count) VALUES (0)", [])?;
-        }
-        let mut current = count(&tx)?;
-        let mut dirty = force_commit;
-        let mut increments_pending = false;
-        let mut replies = Vec::with_capacity(work.len());
+    ) -> rusqlite::Result<Result<Applied, Lost>> {
+        let Db {
+            conn,
+            guard,
+            interrupt,
+        } = self;
+        let ctx = sql::Context {
+            guard: &*guard,
+            interrupt: &*interrupt,
+            limits,
+        };
+        let tx = conn.transaction()?;
+        let page_size = tx
+            .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))?
+            .max(512) as u64;
+        set_max_page_count(&tx, (limits.max_db_bytes / page_size).max(1))?;
+        let mut batch = Batch {
+            tx: &tx,
+            ctx: &ctx,
+            current: Ok(0),
+            group: None,
+            replies: Vec::with_capacity(work.len()),
+            sql_wrote: false,
+        };
+        batch.current = batch.start_counter();
         // Reads answer with the count after the batch: filled in below.
         let mut reads = Vec::new();
         for (index, item) in work.iter().enumerate() {
             if let Some(error) = refused.get(&index) {
-                replies.push(Err(error.clone()));
+                batch.replies.push(Err(error.clone()));
                 continue;
             }
-            match *item {
+            let step = match *item {
                 Work::Read => {
-                    reads.push(replies.len());
-                    replies.push(Ok(Reply::Count(Answer {
-                        count: 0,
-                        epoch,
-                        repeated: false,
-                    })));
+                    reads.push(index);
+                    batch
+                        .replies
+                        .push(Err(SqlError::invalid(None, "not yet read")));
+                    Ok(())
                 }
-                Work::Increment(key) => {
-                    let answer = increment(&tx, epoch, key, &mut current)?;
-                    if !answer.repeated {
-                        dirty = true;
-                        increments_pending = true;
-                    }
-                    replies.push(Ok(Reply::Count(answer)));
-                }
-                Work::Sql(request, key) => {
-                    if let Some(key) = key
-                        && let Some(answer) = sql_answer(&tx, key)?
-                    {
-                        replies.push(Ok(Reply::Sql(answer)));
-                        continue;
-                    }
-                    // The request may read or change the counter's row:
-                    // show it the increments before it, take its changes.
-                    if increments_pending {
-                        tx.execute("UPDATE welcome SET count = ?1", [current as i64])?;
-                        increments_pending = false;
-                    }
-                    let executed = match sql::execute(&tx, &self.guard, request, limits) {
-                        Ok(executed) => executed,
-                        Err(ExecError::Refused(error)) => {
-                            replies.push(Err(error));
-                            continue;
-                        }
-                        Err(ExecError::TransactionLost(error)) => return Ok(Err((index, error))),
-                        Err(ExecError::Db(e)) => return Err(e),
-                    };
-                    current = count(&tx)?;
-                    let wrote = executed.wrote && !request.read_only;
-                    if wrote && let Some(key) = key {
-                        tx.execute(
-                            "INSERT INTO tenantd_sql_answers (key, epoch, results) VALUES (?1, ?2, ?3)",
-                            params![
-                                KeyHash::of(key).as_blob(),
-                                epoch as i64,
-                                executed.results.to_string()
-                            ],
-                        )?;
-                    }
-                    dirty |= wrote;
-                    replies.push(Ok(Reply::Sql(SqlAnswer {
-                        epoch,
-                        repeated: false,
-                        results: Arc::new(executed.results),
-                    })));
-                }
+                Work::Increment(key) => batch.increment(epoch, index, key)?,
+                Work::Sql(request, key) => batch.sql(epoch, index, request, key)?,
+            };
+            if let Err(lost) = step {
+                return Ok(Err(lost));
             }
         }
-        if increments_pending {
-            tx.execute("UPDATE welcome SET count = ?1", [current as i64])?;
+        if let Err(lost) = batch.flush()? {
+            return Ok(Err(lost));
         }
-        for index in reads {
-            if let Ok(Reply::Count(answer)) = &mut replies[index] {
-                answer.count = current;
-            }
+        for &index in &reads {
+            batch.replies[index] = batch.current.clone().map(|count| {
+                Reply::Count(Answer {
+                    count,
+                    epoch,
+                    repeated: false,
+                })
+            });
         }
+        let increments = work.iter().zip(&batch.replies).any(|(item, reply)| {
+            matches!(item, Work::Increment(_))
+                && matches!(reply, Ok(Reply::Count(a)) if !a.repeated)
+        });
+        let dirty = force_commit || increments || batch.sql_wrote;
+        let count = batch.current.clone().unwrap_or(0);
+        let replies = batch.replies;
+        // tenantd's own bookkeeping is not the requests': never refused.
+        set_max_page_count(&tx, u32::MAX as u64 - 1)?;
         if !dirty {
             tx.rollback()?;
             return Ok(Ok(Applied {
                 replies,
                 committed: None,
-                count: current,
+                count,
             }));
         }
         tx.execute(
@@ -344,13 +351,275 @@ impl Db {
         tx.commit()?;
         Ok(Ok(Applied {
             replies,
-            committed: Some(Committed {
-                count: current,
-                seq,
-            }),
-            count: current,
+            committed: Some(Committed { count, seq }),
+            count,
         }))
     }
+}
+
+/// Requests whose failure made SQLite roll back the whole transaction,
+/// and their error: the batch is applied again without them.
+type Lost = (Vec<usize>, SqlError);
+
+/// The state of a batch being applied.
+struct Batch<'a> {
+    tx: &'a Transaction<'a>,
+    ctx: &'a sql::Context<'a>,
+    /// The counter as the batch has it so far, or why it cannot be read.
+    current: Result<u64, SqlError>,
+    /// Increments applied since the last UPDATE of the counter.
+    group: Option<Group>,
+    replies: Vec<Result<Reply, SqlError>>,
+    sql_wrote: bool,
+}
+
+/// Increments in the `tenantd_counter` savepoint, not yet written to
+/// `welcome`.
+struct Group {
+    indices: Vec<usize>,
+    start: u64,
+}
+
+impl Batch<'_> {
+    /// The counter's row made sure of, and its value.
+    fn start_counter(&self) -> Result<u64, SqlError> {
+        let rows = self
+            .tx
+            .query_row("SELECT count(*) FROM welcome", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| self.counter_error(&e, None))?;
+        if rows == 0 {
+            self.tx
+                .execute("INSERT INTO welcome (count) VALUES (0)", [])
+                .map_err(|e| self.counter_error(&e, None))?;
+        }
+        self.read_count()
+    }
+
+    fn read_count(&self) -> Result<u64, SqlError> {
+        let value = self
+            .tx
+            .query_row("SELECT count FROM welcome LIMIT 1", [], |r| {
+                r.get::<_, rusqlite::types::Value>(0)
+            })
+            .optional()
+            .map_err(|e| self.counter_error(&e, None))?;
+        use rusqlite::types::Value;
+        match value {
+            None | Some(Value::Null) => Ok(0),
+            Some(Value::Integer(n)) => Ok(n.max(0) as u64),
+            Some(other) => Err(SqlError::new(
+                SqlErrorKind::Conflict,
+                None,
+                format!(
+                    "the counter cannot count: table welcome holds {other:?} in column count, not an integer (changed through the SQL API); set it to an integer with UPDATE welcome SET count = <n>"
+                ),
+            )),
+        }
+    }
+
+    /// The request's error for a failed statement of the counter's.
+    fn counter_error(&self, error: &rusqlite::Error, cause: Option<Cause>) -> SqlError {
+        let what =
+            "the counter's UPDATE of table welcome (with the triggers and foreign keys it fires)";
+        sql::limit_error(error, None, what, self.ctx.limits, cause).unwrap_or_else(|| {
+            SqlError::new(
+                SqlErrorKind::Conflict,
+                None,
+                format!(
+                    "the counter cannot be updated: {error} (a constraint, index, foreign key or trigger the tenant added around table welcome refuses UPDATE welcome SET count = <n>); nothing of the request was applied"
+                ),
+            )
+        })
+    }
+
+    fn increment(
+        &mut self,
+        epoch: u64,
+        index: usize,
+        key: Option<&str>,
+    ) -> rusqlite::Result<Result<(), Lost>> {
+        if let Some(key) = key
+            && let Some((count, first_epoch)) = seen_key(self.tx, key)?
+        {
+            self.replies.push(Ok(Reply::Count(Answer {
+                count,
+                epoch: first_epoch,
+                repeated: true,
+            })));
+            return Ok(Ok(()));
+        }
+        let current = match &self.current {
+            Ok(current) => *current,
+            Err(e) => {
+                self.replies.push(Err(e.clone()));
+                return Ok(Ok(()));
+            }
+        };
+        if self.group.is_none() {
+            self.tx.execute_batch("SAVEPOINT tenantd_counter")?;
+            self.group = Some(Group {
+                indices: Vec::new(),
+                start: current,
+            });
+        }
+        let count = current + 1;
+        self.current = Ok(count);
+        self.group
+            .as_mut()
+            .expect("opened above")
+            .indices
+            .push(index);
+        self.replies.push(Ok(Reply::Count(Answer {
+            count,
+            epoch,
+            repeated: false,
+        })));
+        if let Some(key) = key {
+            let stored = self.tx.execute(
+                "INSERT INTO tenantd_idempotency (key, count, epoch) VALUES (?1, ?2, ?3)",
+                params![KeyHash::of(key).as_blob(), count as i64, epoch as i64],
+            );
+            if let Err(e) = stored {
+                let error = self.counter_error(&e, None);
+                return self.fail_group(error);
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Writes the group's increments to `welcome`, under the deadline.
+    fn flush(&mut self) -> rusqlite::Result<Result<(), Lost>> {
+        let Some(group) = &self.group else {
+            return Ok(Ok(()));
+        };
+        let count = self.current.clone().unwrap_or(group.start);
+        let (updated, cause) = {
+            let armed = watchdog::global().arm(self.ctx.interrupt, self.ctx.limits.timeout);
+            let updated = self
+                .tx
+                .execute("UPDATE welcome SET count = ?1", [count as i64]);
+            (updated, armed.fired())
+        };
+        match updated {
+            Ok(_) => {
+                self.tx.execute_batch("RELEASE tenantd_counter")?;
+                self.group = None;
+                Ok(Ok(()))
+            }
+            Err(e) => {
+                let error = self.counter_error(&e, cause);
+                self.fail_group(error)
+            }
+        }
+    }
+
+    /// Undoes the group's increments and answers each with `error`.
+    fn fail_group(&mut self, error: SqlError) -> rusqlite::Result<Result<(), Lost>> {
+        let group = self.group.take().expect("a group is open");
+        if self.tx.is_autocommit() {
+            return Ok(Err((group.indices, error)));
+        }
+        self.tx
+            .execute_batch("ROLLBACK TO tenantd_counter; RELEASE tenantd_counter")?;
+        for &index in &group.indices {
+            self.replies[index] = Err(error.clone());
+        }
+        self.current = Ok(group.start);
+        Ok(Ok(()))
+    }
+
+    fn sql(
+        &mut self,
+        epoch: u64,
+        index: usize,
+        request: &SqlRequest,
+        key: Option<&str>,
+    ) -> rusqlite::Result<Result<(), Lost>> {
+        if let Some(key) = key
+            && let Some(answer) = sql_answer(self.tx, key)?
+        {
+            self.replies.push(Ok(Reply::Sql(answer)));
+            return Ok(Ok(()));
+        }
+        // The request may read or change the counter's row: show it the
+        // increments before it, take its changes.
+        if let Err(lost) = self.flush()? {
+            return Ok(Err(lost));
+        }
+        // With a key, the stored answer is part of the request: it fits in
+        // --max-db-bytes with the rest, or the request fails.
+        if key.is_some() {
+            self.tx.execute_batch("SAVEPOINT tenantd_item")?;
+        }
+        let outcome = match sql::execute(self.tx, self.ctx, request) {
+            Ok(executed) => self.store_answer(epoch, request, key, executed),
+            Err(ExecError::Refused(error)) => Err(error),
+            Err(ExecError::TransactionLost(error)) => return Ok(Err((vec![index], error))),
+            Err(ExecError::Db(e)) => {
+                let what = format!("request {index}");
+                match sql::limit_error(&e, None, &what, self.ctx.limits, None) {
+                    Some(error) if self.tx.is_autocommit() => {
+                        return Ok(Err((vec![index], error)));
+                    }
+                    Some(error) => Err(error),
+                    None => return Err(e),
+                }
+            }
+        };
+        if key.is_some() {
+            if self.tx.is_autocommit() {
+                let error = outcome.err().unwrap_or_else(|| {
+                    SqlError::invalid(None, "the transaction ended unexpectedly")
+                });
+                return Ok(Err((vec![index], error)));
+            }
+            let end = match outcome {
+                Ok(_) => "RELEASE tenantd_item",
+                Err(_) => "ROLLBACK TO tenantd_item; RELEASE tenantd_item",
+            };
+            self.tx.execute_batch(end)?;
+        }
+        self.replies.push(outcome.map(Reply::Sql));
+        self.current = self.read_count();
+        Ok(Ok(()))
+    }
+
+    /// The answer, stored first when it is to be kept for its key.
+    fn store_answer(
+        &mut self,
+        epoch: u64,
+        request: &SqlRequest,
+        key: Option<&str>,
+        executed: sql::Executed,
+    ) -> Result<SqlAnswer, SqlError> {
+        let wrote = executed.wrote && !request.read_only;
+        if wrote && let Some(key) = key {
+            self.tx
+                .execute(
+                    "INSERT INTO tenantd_sql_answers (key, epoch, results) VALUES (?1, ?2, ?3)",
+                    params![
+                        KeyHash::of(key).as_blob(),
+                        epoch as i64,
+                        executed.results.to_string()
+                    ],
+                )
+                .map_err(|e| {
+                    let what = "storing the answer for the Idempotency-Key";
+                    sql::limit_error(&e, None, what, self.ctx.limits, None)
+                        .unwrap_or_else(|| SqlError::invalid(None, format!("{what}: {e}")))
+                })?;
+        }
+        self.sql_wrote |= wrote;
+        Ok(SqlAnswer {
+            epoch,
+            repeated: false,
+            results: Arc::new(executed.results),
+        })
+    }
+}
+
+fn set_max_page_count(conn: &Connection, pages: u64) -> rusqlite::Result<()> {
+    conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
 }
 
 /// A new, empty tenant database as bytes: the schema [`Db::open`] creates,
@@ -403,42 +672,17 @@ fn without_lookaside(conn: &Connection) {
     }
 }
 
-/// One increment; a repeated key answers with its first answer.
-fn increment(
-    tx: &Transaction,
-    epoch: u64,
-    key: Option<&str>,
-    current: &mut u64,
-) -> rusqlite::Result<Answer> {
-    if let Some(key) = key {
-        let hash = KeyHash::of(key);
-        let seen = tx
-            .query_row(
-                "SELECT count, epoch FROM tenantd_idempotency WHERE key IN (?1, ?2)",
-                params![hash.as_blob(), key],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
-            )
-            .optional()?;
-        if let Some((count, first_epoch)) = seen {
-            return Ok(Answer {
-                count: count as u64,
-                epoch: first_epoch as u64,
-                repeated: true,
-            });
-        }
-        *current += 1;
-        tx.execute(
-            "INSERT INTO tenantd_idempotency (key, count, epoch) VALUES (?1, ?2, ?3)",
-            params![hash.as_blob(), *current as i64, epoch as i64],
-        )?;
-    } else {
-        *current += 1;
-    }
-    Ok(Answer {
-        count: *current,
-        epoch,
-        repeated: false,
-    })
+/// The first answer of an increment made with `key`: its count and epoch.
+fn seen_key(tx: &Transaction, key: &str) -> rusqlite::Result<Option<(u64, u64)>> {
+    let hash = KeyHash::of(key);
+    let seen = tx
+        .query_row(
+            "SELECT count, epoch FROM tenantd_idempotency WHERE key IN (?1, ?2)",
+            params![hash.as_blob(), key],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        )
+        .optional()?;
+    Ok(seen.map(|(count, epoch)| (count as u64, epoch as u64)))
 }
 
 /// How an idempotency key is stored: its SHA-256, so that every row costs
@@ -586,6 +830,135 @@ mod tests {
             "the oldest key must have been dropped"
         );
         assert!(answers[1].repeated, "the newest key must be remembered");
+    }
+
+    fn sql(db: &mut Db, statements: &[&str]) -> Result<Reply, SqlError> {
+        let body = serde_json::json!({"statements": statements.iter().map(|s| serde_json::json!({"sql": s})).collect::<Vec<_>>()});
+        let request =
+            SqlRequest::parse(body.to_string().as_bytes(), &SqlLimits::default()).unwrap();
+        let applied = db
+            .apply_batch(
+                1,
+                &[Work::Sql(&request, None)],
+                &SqlLimits::default(),
+                false,
+            )
+            .unwrap();
+        applied.replies.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn a_broken_counter_fails_its_increments_alone() {
+        let (_dir, mut db) = fresh();
+        db.apply(1, &[None]).unwrap();
+        sql(&mut db, &["UPDATE welcome SET count = 'many'"]).unwrap();
+        let fix = SqlRequest::parse(
+            br#"{"statements": [{"sql": "UPDATE welcome SET count = 5"}]}"#,
+            &SqlLimits::default(),
+        )
+        .unwrap();
+        let work = [
+            Work::Increment(None),
+            Work::Sql(&fix, None),
+            Work::Increment(Some("k")),
+            Work::Read,
+        ];
+        let applied = db
+            .apply_batch(1, &work, &SqlLimits::default(), false)
+            .unwrap();
+        let error = applied.replies[0].clone().unwrap_err();
+        assert_eq!(error.kind, SqlErrorKind::Conflict, "{error}");
+        assert!(error.message.contains("welcome"), "{error}");
+        assert!(applied.replies[1].is_ok());
+        let counts: Vec<u64> = applied.replies[2..]
+            .iter()
+            .map(|r| match r {
+                Ok(Reply::Count(a)) => a.count,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(counts, vec![6, 6]);
+        assert_eq!(db.count().unwrap(), 6);
+    }
+
+    #[test]
+    fn a_unique_index_on_the_counter_is_a_conflict_and_rolls_back_the_group() {
+        let (_dir, mut db) = fresh();
+        db.apply(1, &[None]).unwrap();
+        sql(
+            &mut db,
+            &[
+                "INSERT INTO welcome (count) VALUES (100)",
+                "CREATE UNIQUE INDEX u ON welcome(count)",
+            ],
+        )
+        .unwrap();
+        let applied = db
+            .apply_batch(
+                1,
+                &[Work::Increment(Some("a")), Work::Increment(None)],
+                &SqlLimits::default(),
+                false,
+            )
+            .unwrap();
+        for reply in &applied.replies {
+            let error = reply.clone().unwrap_err();
+            assert_eq!(error.kind, SqlErrorKind::Conflict);
+            assert!(
+                error
+                    .message
+                    .contains("UNIQUE constraint failed: welcome.count"),
+                "{error}"
+            );
+        }
+        assert!(applied.committed.is_none(), "nothing to upload");
+        // The key was not kept: once repaired, it counts.
+        sql(
+            &mut db,
+            &["DROP INDEX u", "DELETE FROM welcome WHERE count = 100"],
+        )
+        .unwrap();
+        let (answers, _) = db.apply(1, &[Some("a")]).unwrap();
+        assert_eq!(counts(&answers), vec![(2, false)]);
+    }
+
+    #[test]
+    fn a_stored_answer_counts_against_max_db_bytes() {
+        let (_dir, mut db) = fresh();
+        let limits = SqlLimits {
+            max_db_bytes: 1 << 20,
+            ..SqlLimits::default()
+        };
+        let request = SqlRequest::parse(
+            br#"{"statements": [{"sql": "CREATE TABLE IF NOT EXISTS t(x)"}, {"sql": "SELECT hex(randomblob(400000))"}]}"#,
+            &limits,
+        )
+        .unwrap();
+        let keys: Vec<String> = (0..4).map(|i| format!("k{i}")).collect();
+        let work: Vec<Work> = keys.iter().map(|k| Work::Sql(&request, Some(k))).collect();
+        let applied = db.apply_batch(1, &work, &limits, false).unwrap();
+        let refused: Vec<&SqlError> = applied
+            .replies
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .collect();
+        assert!(
+            !refused.is_empty(),
+            "four answers of 800 kB cannot fit in 1 MiB"
+        );
+        for error in refused {
+            assert_eq!(error.kind, SqlErrorKind::Limit);
+            assert!(error.message.contains("--max-db-bytes"), "{error}");
+        }
+        let pages: i64 = db
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        let size: i64 = db
+            .conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        assert!((pages * size) as u64 <= 1 << 20);
     }
 
     #[test]

@@ -6,20 +6,29 @@
 //! request leaves nothing behind while the batch's other requests commit
 //! (and share one upload). What a request may do is decided by SQLite's
 //! authorizer ([`guard`]) as each statement is prepared, and how long it
-//! may run by the progress handler, both installed once per connection.
+//! may run by the progress handler and the [`watchdog`]. The answer is
+//! measured as it is built, in the bytes it will take on the wire
+//! ([`answer`]), before a value is copied out of SQLite.
 
+mod answer;
+mod cursor;
 pub mod guard;
+pub mod memory;
+pub mod watchdog;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use rusqlite::types::{Value, ValueRef};
-use rusqlite::{Connection, ErrorCode};
+use rusqlite::types::Value;
+use rusqlite::{Connection, ErrorCode, InterruptHandle};
 use serde::Deserialize;
-use serde_json::{Map, Number, Value as Json};
+use serde_json::{Map, Value as Json};
 
+use cursor::{Cursor, PrepareError};
 pub use guard::Guard;
+use watchdog::Cause;
 
 /// Bounds on what one request may ask for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,7 +37,8 @@ pub struct SqlLimits {
     pub max_statements: usize,
     /// Rows returned by one request, all statements together.
     pub max_rows: usize,
-    /// Approximate bytes of the returned values, all statements together.
+    /// Bytes of the answer as sent (JSON: column names, escapes and
+    /// base64 included), all statements together.
     pub max_result_bytes: usize,
     /// Wall time of one request's statements; past it SQLite is interrupted
     /// and the request rolled back.
@@ -65,8 +75,15 @@ pub enum SqlErrorKind {
     Invalid,
     /// A rule of the authorizer refused a statement (403).
     Denied,
-    /// A limit was reached: rows, bytes, time, database size.
+    /// A limit was reached: rows, time, memory, database size.
     Limit,
+    /// The answer would be larger than its budget (413).
+    TooLarge,
+    /// The counter's own statements failed on the tenant's changes to its
+    /// table (409): the reason names the table and the constraint.
+    Conflict,
+    /// The machine is shutting down (503); nothing was applied.
+    Unavailable,
 }
 
 impl SqlErrorKind {
@@ -74,13 +91,19 @@ impl SqlErrorKind {
         match self {
             SqlErrorKind::Invalid => "invalid",
             SqlErrorKind::Denied => "denied",
-            SqlErrorKind::Limit => "limit",
+            SqlErrorKind::Limit | SqlErrorKind::TooLarge => "limit",
+            SqlErrorKind::Conflict => "conflict",
+            SqlErrorKind::Unavailable => "unavailable",
         }
     }
 }
 
 impl SqlError {
-    fn new(kind: SqlErrorKind, statement: Option<usize>, message: impl Into<String>) -> SqlError {
+    pub fn new(
+        kind: SqlErrorKind,
+        statement: Option<usize>,
+        message: impl Into<String>,
+    ) -> SqlError {
         SqlError {
             kind,
             message: message.into(),
@@ -282,29 +305,33 @@ pub enum ExecError {
     Db(rusqlite::Error),
 }
 
+/// What a request's statements run with besides the connection.
+pub struct Context<'a> {
+    pub guard: &'a Guard,
+    /// Interrupts the connection from the watchdog's thread.
+    pub interrupt: &'a Arc<InterruptHandle>,
+    pub limits: &'a SqlLimits,
+}
+
 /// Runs `request` in a savepoint of the open transaction on `conn`:
 /// released when every statement succeeded (rolled back for `read_only`),
-/// rolled back on any error.
+/// rolled back on any error. The statements run under the request's
+/// deadline, enforced by the guard's progress handler and by the watchdog.
 pub fn execute(
     conn: &Connection,
-    guard: &Guard,
+    ctx: &Context<'_>,
     request: &SqlRequest,
-    limits: &SqlLimits,
 ) -> Result<Executed, ExecError> {
+    let limits = ctx.limits;
     conn.execute_batch("SAVEPOINT tenantd_request")
         .map_err(ExecError::Db)?;
-    let page_size: u64 = conn
-        .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
-        .map_err(ExecError::Db)?
-        .max(512) as u64;
-    let max_pages = (limits.max_db_bytes / page_size).max(1);
-    set_max_page_count(conn, max_pages).map_err(ExecError::Db)?;
-    let outcome = {
-        let _user = guard.enter(limits.timeout);
-        run_statements(conn, guard, request, limits)
+    let (outcome, cause) = {
+        let _user = ctx.guard.enter(limits.timeout);
+        let armed = watchdog::global().arm(ctx.interrupt, limits.timeout);
+        let outcome = run_statements(conn, ctx.guard, request, limits);
+        (outcome, armed.fired())
     };
-    set_max_page_count(conn, u32::MAX as u64 - 1).map_err(ExecError::Db)?;
-    let outcome = outcome.map_err(|e| e.describe(limits, max_pages * page_size));
+    let outcome = outcome.map_err(|e| e.describe(limits, cause));
     if conn.is_autocommit() {
         // SQLite ended the transaction itself (see ExecError).
         return Err(match outcome {
@@ -322,10 +349,6 @@ pub fn execute(
     outcome.map_err(ExecError::Refused)
 }
 
-fn set_max_page_count(conn: &Connection, pages: u64) -> rusqlite::Result<()> {
-    conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
-}
-
 /// A statement's failure before it is put into words.
 enum Failure {
     Sqlite(usize, rusqlite::Error, Option<String>),
@@ -333,7 +356,7 @@ enum Failure {
 }
 
 impl Failure {
-    fn describe(self, limits: &SqlLimits, max_bytes: u64) -> SqlError {
+    fn describe(self, limits: &SqlLimits, cause: Option<Cause>) -> SqlError {
         let (index, error, denied) = match self {
             Failure::Other(e) => return e,
             Failure::Sqlite(index, error, denied) => (index, error, denied),
@@ -346,24 +369,46 @@ impl Failure {
                 format!("statement {index} is not allowed: {rule}"),
             );
         }
-        match error.sqlite_error_code() {
-            Some(ErrorCode::OperationInterrupted) => SqlError::new(
-                SqlErrorKind::Limit,
-                at,
-                format!(
-                    "statement {index} ran past the time limit of {} (--sql-timeout) and was interrupted; nothing of the request was applied",
-                    humantime::format_duration(limits.timeout)
-                ),
+        let what = format!("statement {index}");
+        limit_error(&error, at, &what, limits, cause)
+            .unwrap_or_else(|| SqlError::invalid(at, format!("{what}: {error}")))
+    }
+}
+
+/// The request's error for a SQLite error that a limit caused (time,
+/// memory, size, shutdown); `None` for any other error.
+pub fn limit_error(
+    error: &rusqlite::Error,
+    at: Option<usize>,
+    what: &str,
+    limits: &SqlLimits,
+    cause: Option<Cause>,
+) -> Option<SqlError> {
+    let limit = |message: String| Some(SqlError::new(SqlErrorKind::Limit, at, message));
+    match error.sqlite_error_code()? {
+        ErrorCode::OperationInterrupted if cause == Some(Cause::Shutdown) => Some(SqlError::new(
+            SqlErrorKind::Unavailable,
+            at,
+            format!(
+                "{what} was interrupted: this machine is shutting down; nothing of the request was applied, send it again"
             ),
-            Some(ErrorCode::DiskFull) => SqlError::new(
-                SqlErrorKind::Limit,
-                at,
-                format!(
-                    "statement {index} would grow the database past its limit of {max_bytes} bytes (--max-db-bytes); nothing of the request was applied"
-                ),
-            ),
-            _ => SqlError::invalid(at, format!("statement {index}: {error}")),
-        }
+        )),
+        ErrorCode::OperationInterrupted => limit(format!(
+            "{what} ran past the time limit of {} (--sql-timeout) and was interrupted; nothing of the request was applied",
+            humantime::format_duration(limits.timeout)
+        )),
+        ErrorCode::DiskFull => limit(format!(
+            "{what} would grow the database past its limit of {} bytes (--max-db-bytes); nothing of the request was applied",
+            limits.max_db_bytes
+        )),
+        ErrorCode::OutOfMemory => limit(format!(
+            "{what} ran out of memory: SQLite may use {} bytes on this machine (--sqlite-heap-limit), all tenants together; nothing of the request was applied",
+            memory::current_limit()
+        )),
+        ErrorCode::TooBig => limit(format!(
+            "{what}: a string or blob is larger than allowed ({error}); nothing of the request was applied"
+        )),
+        _ => None,
     }
 }
 
@@ -378,7 +423,10 @@ fn run_statements(
     let mut budget = Budget {
         rows: limits.max_rows,
         bytes: limits.max_result_bytes,
+        max_rows: limits.max_rows,
+        max_bytes: limits.max_result_bytes,
     };
+    budget.charge(None, answer::ENVELOPE)?;
     for (index, statement) in request.statements.iter().enumerate() {
         let sqlite = |e: rusqlite::Error| Failure::Sqlite(index, e, guard.take_denial());
         if let Some(rule) = guard::denied_by_keyword(&statement.sql) {
@@ -388,7 +436,32 @@ fn run_statements(
                 format!("statement {index} is not allowed: {rule}"),
             )));
         }
-        let mut stmt = conn.prepare(&statement.sql).map_err(sqlite)?;
+        if statement.sql.contains('\0') {
+            return Err(Failure::Other(SqlError::invalid(
+                Some(index),
+                format!(
+                    "statement {index} contains a NUL character; SQLite would ignore everything after it"
+                ),
+            )));
+        }
+        let mut stmt = match Cursor::prepare(conn, &statement.sql) {
+            Ok(stmt) => stmt,
+            Err(PrepareError::Sqlite(e)) => return Err(sqlite(e)),
+            Err(PrepareError::Empty) => {
+                return Err(Failure::Other(SqlError::invalid(
+                    Some(index),
+                    format!("statement {index} has only comments"),
+                )));
+            }
+            Err(PrepareError::Multiple) => {
+                return Err(Failure::Other(SqlError::invalid(
+                    Some(index),
+                    format!(
+                        "statement {index}: Multiple statements provided; send each as its own entry of \"statements\""
+                    ),
+                )));
+            }
+        };
         if request.read_only && !stmt.readonly() {
             return Err(Failure::Other(SqlError::invalid(
                 Some(index),
@@ -398,31 +471,47 @@ fn run_statements(
             )));
         }
         bind(&mut stmt, index, &statement.params).map_err(Failure::Other)?;
-        let columns: Vec<String> = stmt.column_names().map(String::from).collect();
+        budget.charge(Some(index), answer::STATEMENT)?;
+        let mut columns = Vec::with_capacity(stmt.column_count());
+        for i in 0..stmt.column_count() {
+            let name = stmt.column_name(i).ok_or_else(|| {
+                sqlite(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOMEM),
+                    None,
+                ))
+            })?;
+            budget.charge(Some(index), answer::text_len(name) + 1)?;
+            columns.push(Json::String(String::from_utf8_lossy(name).into_owned()));
+        }
         let total_before = conn.total_changes();
         let rowid_before = conn.last_insert_rowid();
         let mut rows = Vec::new();
-        {
-            let mut cursor = stmt.raw_query();
-            while let Some(row) = cursor.next().map_err(sqlite)? {
-                let mut values = Vec::with_capacity(columns.len());
-                for i in 0..columns.len() {
-                    let value = row.get_ref(i).map_err(sqlite)?;
-                    values.push(to_json(value, &mut budget.bytes));
-                }
-                if budget.rows == 0 || budget.bytes == 0 {
-                    return Err(Failure::Other(SqlError::new(
-                        SqlErrorKind::Limit,
-                        Some(index),
-                        format!(
-                            "statement {index}: the result is larger than allowed ({} rows or {} bytes per request); add a LIMIT or select fewer columns",
-                            limits.max_rows, limits.max_result_bytes
-                        ),
-                    )));
-                }
-                budget.rows -= 1;
-                rows.push(Json::Array(values));
+        while stmt.step().map_err(sqlite)? {
+            if budget.rows == 0 {
+                return Err(Failure::Other(SqlError::new(
+                    SqlErrorKind::Limit,
+                    Some(index),
+                    format!(
+                        "statement {index}: the result has more than {} rows (--sql-max-rows, all statements of a request together); add a LIMIT or select fewer rows",
+                        budget.max_rows
+                    ),
+                )));
             }
+            budget.rows -= 1;
+            budget.charge(Some(index), answer::ROW)?;
+            let mut values = Vec::with_capacity(columns.len());
+            for i in 0..columns.len() {
+                let column = stmt.column(i);
+                // Text is measured exactly once it is read; it cannot be
+                // shorter than its bytes and quotes, so a value over the
+                // budget is refused before SQLite materialises it.
+                budget.check(Some(index), answer::least_len(column))?;
+                let value = stmt.value(i, column).map_err(sqlite)?;
+                let (json, len) = answer::to_json(value);
+                budget.charge(Some(index), len + 1)?;
+                values.push(json);
+            }
+            rows.push(Json::Array(values));
         }
         let changed = conn.total_changes() != total_before;
         let statement_writes = !stmt.readonly();
@@ -434,7 +523,7 @@ fn run_statements(
                     k.eq_ignore_ascii_case("insert") || k.eq_ignore_ascii_case("replace")
                 }));
         let mut result = Map::new();
-        result.insert("columns".into(), Json::from(columns));
+        result.insert("columns".into(), Json::Array(columns));
         result.insert("rows".into(), Json::Array(rows));
         result.insert("rows_affected".into(), Json::from(rows_affected));
         result.insert(
@@ -453,12 +542,40 @@ fn run_statements(
     })
 }
 
+/// What is left of a request's answer: rows, and bytes as encoded in the
+/// JSON answer.
 struct Budget {
     rows: usize,
     bytes: usize,
+    max_rows: usize,
+    max_bytes: usize,
 }
 
-fn bind(stmt: &mut rusqlite::Statement<'_>, index: usize, params: &Params) -> Result<(), SqlError> {
+impl Budget {
+    /// Fails when `len` more bytes do not fit.
+    fn check(&self, index: Option<usize>, len: usize) -> Result<(), Failure> {
+        if len <= self.bytes {
+            return Ok(());
+        }
+        let what = index.map_or("the request".to_string(), |i| format!("statement {i}"));
+        Err(Failure::Other(SqlError::new(
+            SqlErrorKind::TooLarge,
+            index,
+            format!(
+                "{what}: the answer would be larger than {} bytes (--sql-max-answer-bytes; counted as sent: JSON with column names, escapes and base64); add a LIMIT or select fewer or shorter values",
+                self.max_bytes
+            ),
+        )))
+    }
+
+    fn charge(&mut self, index: Option<usize>, len: usize) -> Result<(), Failure> {
+        self.check(index, len)?;
+        self.bytes -= len;
+        Ok(())
+    }
+}
+
+fn bind(stmt: &mut Cursor<'_>, index: usize, params: &Params) -> Result<(), SqlError> {
     let expected = stmt.parameter_count();
     let given = match params {
         Params::Positional(values) => {
@@ -466,7 +583,7 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, index: usize, params: &Params) -> Re
                 if i >= expected {
                     break;
                 }
-                stmt.raw_bind_parameter(i + 1, value).map_err(|e| {
+                stmt.bind(i + 1, value).map_err(|e| {
                     SqlError::invalid(Some(index), format!("statement {index}: {e}"))
                 })?;
             }
@@ -475,13 +592,13 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, index: usize, params: &Params) -> Re
         Params::Named(values) => {
             let mut seen = BTreeMap::new();
             for (name, value) in values {
-                let position = stmt.parameter_index(name).ok().flatten().ok_or_else(|| {
+                let position = stmt.parameter_index(name).ok_or_else(|| {
                     SqlError::invalid(
                         Some(index),
                         format!("statement {index} has no parameter named {name}"),
                     )
                 })?;
-                stmt.raw_bind_parameter(position, value).map_err(|e| {
+                stmt.bind(position, value).map_err(|e| {
                     SqlError::invalid(Some(index), format!("statement {index}: {e}"))
                 })?;
                 seen.insert(position, ());
@@ -496,32 +613,6 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, index: usize, params: &Params) -> Re
         ));
     }
     Ok(())
-}
-
-/// A column value as JSON; blobs as `{"base64": ...}`. Charges its
-/// approximate size to `bytes` (saturating at zero).
-fn to_json(value: ValueRef<'_>, bytes: &mut usize) -> Json {
-    let (json, size) = match value {
-        ValueRef::Null => (Json::Null, 4),
-        ValueRef::Integer(i) => (Json::from(i), 20),
-        // JSON has no NaN or infinity; SQLite has no NaN, and an infinite
-        // REAL is rare enough to answer as null.
-        ValueRef::Real(f) => (Number::from_f64(f).map_or(Json::Null, Json::Number), 24),
-        ValueRef::Text(t) => {
-            let text = String::from_utf8_lossy(t).into_owned();
-            let len = text.len() + 2;
-            (Json::String(text), len)
-        }
-        ValueRef::Blob(b) => {
-            let encoded = base64::engine::general_purpose::STANDARD.encode(b);
-            let len = encoded.len() + 12;
-            let mut map = Map::new();
-            map.insert("base64".into(), Json::String(encoded));
-            (Json::Object(map), len)
-        }
-    };
-    *bytes = bytes.saturating_sub(size);
-    json
 }
 
 #[cfg(test)]

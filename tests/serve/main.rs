@@ -7,6 +7,7 @@ mod commit_log;
 mod failover;
 mod input;
 mod lifecycle;
+mod limits;
 mod pipeline;
 mod routing;
 mod sql;

@@ -9,6 +9,7 @@ mod input;
 mod lifecycle;
 mod pipeline;
 mod routing;
+mod sandbox;
 mod sql;
 #[path = "../support/mod.rs"]
 mod support;

@@ -269,3 +269,7 @@ pub fn first_keyword(sql: &str) -> Option<&str> {
         .unwrap_or(rest.len());
     (end > 0).then(|| &rest[..end])
 }
+
+#[cfg(test)]
+#[path = "guard_tests.rs"]
+mod tests;

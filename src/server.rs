@@ -161,6 +161,11 @@ pub(crate) async fn run_with(
             "TENANTD_MAX_BODY is over 1 MiB: Fly Proxy cannot replay such bodies to the holder"
         );
     }
+    let sqlite = crate::tenant::sql::limits::configure(args.sqlite.limits())
+        .context("cannot set SQLite's limits")?;
+    if sqlite != args.sqlite.limits() {
+        warn!(?sqlite, "SQLite lowered some --sql-max-* limits to its own maximum");
+    }
     let metrics = Metrics::new();
     let (store, fault_handle) = open_store(&url, faults, RetryPolicy::default(), Some(&metrics))
         .await

@@ -100,12 +100,14 @@ fn render(state: &AppState, id: &TenantId, answer: SqlAnswer) -> Response {
     response
 }
 
-/// A refused request: 403 when a rule denied it, 400 otherwise; the body
-/// names the statement at fault.
+/// A refused request: 403 when a rule denied it, 422 when its idempotency
+/// key names another request, 400 otherwise; the body names the statement
+/// at fault.
 pub(super) fn refused(refused: &SqlError) -> (Response, &'static str) {
     let (status, outcome) = match refused.kind {
         SqlErrorKind::Denied => (StatusCode::FORBIDDEN, "denied"),
         SqlErrorKind::Invalid | SqlErrorKind::Limit => (StatusCode::BAD_REQUEST, "bad_request"),
+        SqlErrorKind::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "key_reused"),
     };
     let body = json!({
         "error": refused.message,

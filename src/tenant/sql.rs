@@ -8,7 +8,9 @@
 //! authorizer ([`guard`]) as each statement is prepared, and how long it
 //! may run by the progress handler, both installed once per connection.
 
+pub mod body;
 pub mod guard;
+pub mod limits;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -67,6 +69,8 @@ pub enum SqlErrorKind {
     Denied,
     /// A limit was reached: rows, bytes, time, database size.
     Limit,
+    /// An idempotency key already names another request (422).
+    KeyReused,
 }
 
 impl SqlErrorKind {
@@ -75,6 +79,7 @@ impl SqlErrorKind {
             SqlErrorKind::Invalid => "invalid",
             SqlErrorKind::Denied => "denied",
             SqlErrorKind::Limit => "limit",
+            SqlErrorKind::KeyReused => "idempotency_key_reused",
         }
     }
 }
@@ -133,6 +138,7 @@ struct BodyStatement {
 impl SqlRequest {
     /// Parses and checks a request body; the error names what is wrong.
     pub fn parse(body: &[u8], limits: &SqlLimits) -> Result<SqlRequest, SqlError> {
+        self::body::check_integers(body).map_err(|e| SqlError::invalid(None, e))?;
         let body: Body = serde_json::from_slice(body).map_err(|e| {
             SqlError::invalid(
                 None,
@@ -163,6 +169,12 @@ impl SqlRequest {
             .into_iter()
             .enumerate()
             .map(|(index, s)| {
+                if s.sql.contains('\0') {
+                    return Err(SqlError::invalid(
+                        Some(index),
+                        format!("statement {index} contains a NUL character, after which SQLite would ignore the text; remove it"),
+                    ));
+                }
                 if s.sql.trim().is_empty() {
                     return Err(SqlError::invalid(
                         Some(index),
@@ -362,7 +374,8 @@ impl Failure {
                     "statement {index} would grow the database past its limit of {max_bytes} bytes (--max-db-bytes); nothing of the request was applied"
                 ),
             ),
-            _ => SqlError::invalid(at, format!("statement {index}: {error}")),
+            _ => limits::refusal(index, &error)
+                .unwrap_or_else(|| SqlError::invalid(at, format!("statement {index}: {error}"))),
         }
     }
 }
@@ -466,9 +479,8 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, index: usize, params: &Params) -> Re
                 if i >= expected {
                     break;
                 }
-                stmt.raw_bind_parameter(i + 1, value).map_err(|e| {
-                    SqlError::invalid(Some(index), format!("statement {index}: {e}"))
-                })?;
+                stmt.raw_bind_parameter(i + 1, value)
+                    .map_err(|e| bind_error(index, &e))?;
             }
             values.len()
         }
@@ -481,9 +493,8 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, index: usize, params: &Params) -> Re
                         format!("statement {index} has no parameter named {name}"),
                     )
                 })?;
-                stmt.raw_bind_parameter(position, value).map_err(|e| {
-                    SqlError::invalid(Some(index), format!("statement {index}: {e}"))
-                })?;
+                stmt.raw_bind_parameter(position, value)
+                    .map_err(|e| bind_error(index, &e))?;
                 seen.insert(position, ());
             }
             seen.len()
@@ -496,6 +507,11 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, index: usize, params: &Params) -> Re
         ));
     }
     Ok(())
+}
+
+fn bind_error(index: usize, e: &rusqlite::Error) -> SqlError {
+    limits::refusal(index, e)
+        .unwrap_or_else(|| SqlError::invalid(Some(index), format!("statement {index}: {e}")))
 }
 
 /// A column value as JSON; blobs as `{"base64": ...}`. Charges its

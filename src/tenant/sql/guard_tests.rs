@@ -99,7 +99,7 @@ fn actions_the_guard_does_not_know_are_denied_in_every_mode() {
 fn no_database_can_be_attached_even_by_tenantd() {
     let dir = tempfile::tempdir().unwrap();
     let conn = rusqlite::Connection::open(dir.path().join("a.sqlite3")).unwrap();
-    limits::apply(&conn, &limits::SqliteLimits::default()).unwrap();
+    crate::tenant::sql::limits::harden(&conn, &crate::tenant::sql::limits::SqliteLimits::DEFAULT).unwrap();
     let target = dir.path().join("b.sqlite3");
     let error = conn
         .execute("ATTACH ? AS b", [target.display().to_string()])
@@ -171,12 +171,19 @@ fn shadow_tables_can_be_read_but_not_written() {
         ]}),
     )
     .unwrap();
-    for sql in [
-        "UPDATE rt_node SET data = x'0000'",
-        "DELETE FROM ft_data",
-        "DROP TABLE ft_idx",
-    ] {
-        assert!(one(&mut db, sql, json!([])).is_err(), "{sql}");
+    // Also on a connection that has not used the virtual tables yet.
+    for reopen in [false, true] {
+        if reopen {
+            drop(db);
+            db = Db::open(&_dir.path().join("db.sqlite3")).unwrap();
+        }
+        for sql in [
+            "UPDATE rt_node SET data = x'0000'",
+            "DELETE FROM ft_data",
+            "DROP TABLE ft_idx",
+        ] {
+            assert!(one(&mut db, sql, json!([])).is_err(), "{sql}, reopened {reopen}");
+        }
     }
     assert_eq!(rows(&mut db, "SELECT count(*) FROM rt_node"), json!([[1]]));
     assert_eq!(rows(&mut db, "PRAGMA quick_check"), json!([["ok"]]));

@@ -134,7 +134,8 @@ impl Db {
                  key BLOB PRIMARY KEY, epoch INTEGER NOT NULL, results TEXT NOT NULL, request BLOB);",
         )
         .map_err(|e| Corrupt(format!("cannot prepare the schema: {e}")))?;
-        add_request_column(&conn).map_err(|e| Corrupt(format!("cannot prepare the schema: {e}")))?;
+        add_request_column(&conn)
+            .map_err(|e| Corrupt(format!("cannot prepare the schema: {e}")))?;
         conn.query_row("SELECT count(*) FROM welcome", [], |r| r.get::<_, i64>(0))
             .map_err(|e| Corrupt(format!("table welcome is not the counter table: {e}")))?;
         let mut conn = conn;
@@ -718,8 +719,15 @@ mod tests {
             "new rows in an old table"
         );
         let tx = db.conn.transaction().unwrap();
-        let any = SqlRequest::parse(br#"{"statements": [{"sql": "SELECT 1"}]}"#, &SqlLimits::default()).unwrap();
-        let answer = sql_answer(&tx, "old-sql", &any).unwrap().expect("old SQL answer").unwrap();
+        let any = SqlRequest::parse(
+            br#"{"statements": [{"sql": "SELECT 1"}]}"#,
+            &SqlLimits::default(),
+        )
+        .unwrap();
+        let answer = sql_answer(&tx, "old-sql", &any)
+            .unwrap()
+            .expect("old SQL answer")
+            .unwrap();
         assert_eq!((answer.epoch, answer.repeated), (2, true));
         assert_eq!(*answer.results, serde_json::json!([{"rows": []}]));
     }

@@ -321,7 +321,8 @@ fn blocking_get_as(url: &str, bearer: Option<&str>) -> Result<(u16, String), Str
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n").map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n")
+        .map_err(|e| e.to_string())?;
     let mut text = String::new();
     stream
         .read_to_string(&mut text)

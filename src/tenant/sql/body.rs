@@ -23,7 +23,8 @@ pub fn check_integers(body: &[u8]) -> Result<(), String> {
             }
             b'-' | b'0'..=b'9' => {
                 let start = i;
-                while i < body.len() && matches!(body[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                while i < body.len()
+                    && matches!(body[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
                 {
                     i += 1;
                 }

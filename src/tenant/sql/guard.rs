@@ -164,7 +164,9 @@ fn unknown_rule(code: i32) -> String {
     if code == rusqlite::ffi::SQLITE_ATTACH || code == rusqlite::ffi::SQLITE_DETACH {
         return ATTACH_RULE.into();
     }
-    format!("SQLite asked to authorize action {code}, which tenantd does not know; what it does not know it denies")
+    format!(
+        "SQLite asked to authorize action {code}, which tenantd does not know; what it does not know it denies"
+    )
 }
 
 fn action_rule(action: &AuthAction<'_>) -> Option<String> {

@@ -99,7 +99,8 @@ fn actions_the_guard_does_not_know_are_denied_in_every_mode() {
 fn no_database_can_be_attached_even_by_tenantd() {
     let dir = tempfile::tempdir().unwrap();
     let conn = rusqlite::Connection::open(dir.path().join("a.sqlite3")).unwrap();
-    crate::tenant::sql::limits::harden(&conn, &crate::tenant::sql::limits::SqliteLimits::DEFAULT).unwrap();
+    crate::tenant::sql::limits::harden(&conn, &crate::tenant::sql::limits::SqliteLimits::DEFAULT)
+        .unwrap();
     let target = dir.path().join("b.sqlite3");
     let error = conn
         .execute("ATTACH ? AS b", [target.display().to_string()])
@@ -149,8 +150,10 @@ fn an_idempotent_answer_larger_than_the_value_limit_is_stored_and_replayed() {
 #[test]
 fn a_reused_key_with_another_request_is_refused() {
     let (_dir, mut db) = fresh();
-    let first = json!({"statements": [{"sql": "CREATE TABLE k(x)"}, {"sql": "INSERT INTO k VALUES (1)"}]});
-    let other = json!({"statements": [{"sql": "CREATE TABLE k(x)"}, {"sql": "INSERT INTO k VALUES (2)"}]});
+    let first =
+        json!({"statements": [{"sql": "CREATE TABLE k(x)"}, {"sql": "INSERT INTO k VALUES (1)"}]});
+    let other =
+        json!({"statements": [{"sql": "CREATE TABLE k(x)"}, {"sql": "INSERT INTO k VALUES (2)"}]});
     run_keyed(&mut db, first.clone(), Some("key")).unwrap();
     let error = run_keyed(&mut db, other, Some("key")).unwrap_err();
     assert_eq!(error.kind, SqlErrorKind::KeyReused, "{error}");
@@ -182,7 +185,10 @@ fn shadow_tables_can_be_read_but_not_written() {
             "DELETE FROM ft_data",
             "DROP TABLE ft_idx",
         ] {
-            assert!(one(&mut db, sql, json!([])).is_err(), "{sql}, reopened {reopen}");
+            assert!(
+                one(&mut db, sql, json!([])).is_err(),
+                "{sql}, reopened {reopen}"
+            );
         }
     }
     assert_eq!(rows(&mut db, "SELECT count(*) FROM rt_node"), json!([[1]]));
@@ -238,10 +244,16 @@ fn integers_beyond_64_bits_are_refused_not_made_real() {
         let body = format!(r#"{{"statements": [{{"sql": "SELECT ?", "params": [{number}]}}]}}"#);
         let error = SqlRequest::parse(body.as_bytes(), &SqlLimits::default()).unwrap_err();
         assert!(error.message.contains("64-bit"), "{number}: {error}");
-        let body = format!(r#"{{"statements": [{{"sql": "SELECT :n", "params": {{":n": {number}}}}}]}}"#);
+        let body =
+            format!(r#"{{"statements": [{{"sql": "SELECT :n", "params": {{":n": {number}}}}}]}}"#);
         assert!(SqlRequest::parse(body.as_bytes(), &SqlLimits::default()).is_err());
     }
-    for number in ["-9223372036854775808", "-1e20", "-1.5", "100000000000000000000.0"] {
+    for number in [
+        "-9223372036854775808",
+        "-1e20",
+        "-1.5",
+        "100000000000000000000.0",
+    ] {
         let body = format!(
             r#"{{"statements": [{{"sql": "SELECT '99999999999999999999', ?", "params": [{number}]}}]}}"#
         );

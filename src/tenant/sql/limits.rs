@@ -106,7 +106,11 @@ const LIMITS: &[Limit] = &[
         flag: "--sql-max-columns",
         unit: "columns",
         field: |l| &mut l.columns,
-        errors: &["too many columns", "too many terms in ORDER BY", "too many terms in GROUP BY"],
+        errors: &[
+            "too many columns",
+            "too many terms in ORDER BY",
+            "too many terms in GROUP BY",
+        ],
     },
     Limit {
         id: ffi::SQLITE_LIMIT_EXPR_DEPTH,
@@ -114,7 +118,11 @@ const LIMITS: &[Limit] = &[
         flag: "--sql-max-expr-depth",
         unit: "levels of expression or subquery",
         field: |l| &mut l.expr_depth,
-        errors: &["Expression tree is too large", "nested too deep"],
+        errors: &[
+            "Expression tree is too large",
+            "subqueries nested too deep",
+            "Nested too deep",
+        ],
     },
     Limit {
         id: ffi::SQLITE_LIMIT_COMPOUND_SELECT,
@@ -138,7 +146,10 @@ const LIMITS: &[Limit] = &[
         flag: "--sql-max-trigger-depth",
         unit: "levels of nested triggers",
         field: |l| &mut l.trigger_depth,
-        errors: &["too many levels of trigger recursion"],
+        errors: &[
+            "too many levels of trigger recursion",
+            "triggers nested too deep",
+        ],
     },
     Limit {
         id: ffi::SQLITE_LIMIT_VARIABLE_NUMBER,
@@ -218,7 +229,11 @@ pub fn harden(conn: &Connection, limits: &SqliteLimits) -> rusqlite::Result<()> 
         };
         if rc != ffi::SQLITE_OK || now != on {
             return Err(rusqlite::Error::SqliteFailure(
-                ffi::Error::new(if rc == ffi::SQLITE_OK { ffi::SQLITE_ERROR } else { rc }),
+                ffi::Error::new(if rc == ffi::SQLITE_OK {
+                    ffi::SQLITE_ERROR
+                } else {
+                    rc
+                }),
                 Some(format!("sqlite3_db_config({op}, {on}) did not take")),
             ));
         }
@@ -248,7 +263,11 @@ pub fn refusal(index: usize, error: &rusqlite::Error) -> Option<SqlError> {
         .find(|l| l.errors.iter().any(|e| text.contains(e)))
         .or_else(|| toobig.then_some(&LIMITS[0]))?;
     let value = limit.of(configured());
-    let env = limit.flag.trim_start_matches('-').replace('-', "_").to_uppercase();
+    let env = limit
+        .flag
+        .trim_start_matches('-')
+        .replace('-', "_")
+        .to_uppercase();
     Some(SqlError {
         kind: SqlErrorKind::Limit,
         statement: Some(index),

@@ -258,7 +258,7 @@ async fn sqlite_limits_answer_400_naming_their_flag() {
     assert_eq!(status, 200, "{reply}");
     let list = |n: usize| (1..=n).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
     let columns: Vec<String> = (1..=11).map(|i| format!("c{i}")).collect();
-    let compound = vec!["SELECT 1"; 7].join(" UNION ALL ");
+    let compound = ["SELECT 1"; 7].join(" UNION ALL ");
     let cases: Vec<(&str, String, Value)> = vec![
         (
             "--sql-max-value-bytes",
@@ -302,7 +302,7 @@ async fn sqlite_limits_answer_400_naming_their_flag() {
         ),
         (
             "--sql-max-expr-depth",
-            format!("SELECT {}", vec!["1"; 30].join("+")),
+            format!("SELECT {}", ["1"; 30].join("+")),
             json!([]),
         ),
         ("--sql-max-compound-select", compound, json!([])),

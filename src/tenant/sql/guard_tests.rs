@@ -296,3 +296,37 @@ proptest! {
         }
     }
 }
+
+/// The limits hold when SQLite reads the schema back too (after a failed
+/// request's DDL is rolled back, say): no request may leave a schema they
+/// cannot read, or every later statement of the tenant would fail.
+#[test]
+fn no_request_leaves_a_schema_the_limits_cannot_read_back() {
+    let (dir, mut db) = fresh();
+    one(&mut db, "CREATE TABLE t(a)", json!([])).unwrap();
+    let name = "c".repeat(60_000);
+    for i in 0..3 {
+        let _ = one(
+            &mut db,
+            &format!("ALTER TABLE t ADD COLUMN \"{name}{i}\""),
+            json!([]),
+        );
+    }
+    assert_eq!(
+        rows(&mut db, "SELECT count(*) FROM pragma_table_info('t')"),
+        json!([[2]]),
+        "the second column would make the table's CREATE longer than a statement may be"
+    );
+    for _ in 0..2 {
+        // DDL rolled back: SQLite reads the schema again.
+        let failed = run(
+            &mut db,
+            json!({"statements": [{"sql": "CREATE TABLE u(a)"}, {"sql": "SELECT nope"}]}),
+        );
+        assert!(failed.is_err());
+        assert_eq!(rows(&mut db, "SELECT count(*) FROM t"), json!([[0]]));
+        db.apply(2, &[None]).unwrap();
+        drop(db);
+        db = Db::open(&dir.path().join("db.sqlite3")).unwrap();
+    }
+}

@@ -8,6 +8,10 @@
 //! except reaching tenantd's tables through a view or trigger (which a
 //! tenant could have created), and a request's statements run in "user"
 //! mode while [`Guard::enter`]'s scope lasts.
+//!
+//! An action the guard does not recognise is denied in every mode: SQLite
+//! reports `ATTACH ?` (a file name only known when it runs) as such an
+//! action. SQLite's own limits and hardening switches are [`super::limits`].
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -11,6 +11,7 @@ use clap::{Args, ValueEnum};
 use crate::store::StoreUrl;
 use crate::tenant::sql::SqlLimits;
 use crate::tenant::sql::memory::HeapLimit;
+use crate::tenant::sql::limits::SqliteLimits;
 
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
@@ -137,6 +138,9 @@ pub struct ServeArgs {
     /// an allocation past it fails the request that made it (400).
     #[arg(long, env = "TENANTD_SQLITE_HEAP_LIMIT", default_value = "auto", value_parser = HeapLimit::parse)]
     pub sqlite_heap_limit: HeapLimit,
+    /// SQLite's own limits on every tenant connection (see docs/apps.md).
+    #[command(flatten)]
+    pub sqlite: SqliteLimitArgs,
 
     /// How far back point-in-time restore reaches: deltas and old
     /// snapshots younger than this are kept (`0s`: keep only what the
@@ -157,6 +161,71 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "TENANTD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// SQLite's limits (`sqlite3_limit`) on every tenant connection; a
+/// statement over one answers 400 with code "limit" and the flag's name.
+/// The defaults are Cloudflare D1's where it publishes one.
+#[derive(Args, Clone, Debug)]
+pub struct SqliteLimitArgs {
+    /// Longest string, blob or row a statement may make or read.
+    #[arg(long, env = "TENANTD_SQL_MAX_VALUE_BYTES", default_value_t = SqliteLimits::DEFAULT.value_bytes, value_parser = limit_value(1_000_000_000))]
+    pub sql_max_value_bytes: i32,
+
+    /// Longest statement text.
+    #[arg(long, env = "TENANTD_SQL_MAX_SQL_BYTES", default_value_t = SqliteLimits::DEFAULT.sql_bytes, value_parser = limit_value(1_000_000_000))]
+    pub sql_max_sql_bytes: i32,
+
+    /// Most columns of a table, index, result, ORDER BY or GROUP BY
+    /// (lowering it below a tenant's existing tables makes their schema
+    /// unreadable).
+    #[arg(long, env = "TENANTD_SQL_MAX_COLUMNS", default_value_t = SqliteLimits::DEFAULT.columns, value_parser = limit_value(2000))]
+    pub sql_max_columns: i32,
+
+    /// Deepest expression tree or nesting of subqueries.
+    #[arg(long, env = "TENANTD_SQL_MAX_EXPR_DEPTH", default_value_t = SqliteLimits::DEFAULT.expr_depth, value_parser = limit_value(1000))]
+    pub sql_max_expr_depth: i32,
+
+    /// Most terms of a compound SELECT (UNION, INTERSECT, EXCEPT).
+    #[arg(long, env = "TENANTD_SQL_MAX_COMPOUND_SELECT", default_value_t = SqliteLimits::DEFAULT.compound_select, value_parser = limit_value(500))]
+    pub sql_max_compound_select: i32,
+
+    /// Most arguments of one function call.
+    #[arg(long, env = "TENANTD_SQL_MAX_FUNCTION_ARGS", default_value_t = SqliteLimits::DEFAULT.function_args, value_parser = limit_value(1000))]
+    pub sql_max_function_args: i32,
+
+    /// Deepest nesting of triggers fired by triggers.
+    #[arg(long, env = "TENANTD_SQL_MAX_TRIGGER_DEPTH", default_value_t = SqliteLimits::DEFAULT.trigger_depth, value_parser = limit_value(1000))]
+    pub sql_max_trigger_depth: i32,
+
+    /// Highest parameter number (?NNN), so most parameters of a statement.
+    #[arg(long, env = "TENANTD_SQL_MAX_VARIABLES", default_value_t = SqliteLimits::DEFAULT.variables, value_parser = limit_value(32766))]
+    pub sql_max_variables: i32,
+
+    /// Longest LIKE or GLOB pattern.
+    #[arg(long, env = "TENANTD_SQL_MAX_LIKE_PATTERN_BYTES", default_value_t = SqliteLimits::DEFAULT.like_pattern_bytes, value_parser = limit_value(50_000))]
+    pub sql_max_like_pattern_bytes: i32,
+}
+
+/// A limit from 1 to SQLite's compile-time maximum `max`.
+fn limit_value(max: i64) -> clap::builder::RangedI64ValueParser<i32> {
+    clap::value_parser!(i32).range(1..=max)
+}
+
+impl SqliteLimitArgs {
+    pub fn limits(&self) -> SqliteLimits {
+        SqliteLimits {
+            value_bytes: self.sql_max_value_bytes,
+            sql_bytes: self.sql_max_sql_bytes,
+            columns: self.sql_max_columns,
+            expr_depth: self.sql_max_expr_depth,
+            compound_select: self.sql_max_compound_select,
+            function_args: self.sql_max_function_args,
+            trigger_depth: self.sql_max_trigger_depth,
+            variables: self.sql_max_variables,
+            like_pattern_bytes: self.sql_max_like_pattern_bytes,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -169,6 +169,14 @@ pub(crate) async fn run_with(
         setting = %args.sqlite_heap_limit,
         "SQLite's heap is capped (--sqlite-heap-limit)"
     );
+    let sqlite = crate::tenant::sql::limits::configure(args.sqlite.limits())
+        .context("cannot set SQLite's limits")?;
+    if sqlite != args.sqlite.limits() {
+        warn!(
+            ?sqlite,
+            "SQLite lowered some --sql-max-* limits to its own maximum"
+        );
+    }
     let metrics = Metrics::new();
     let (store, fault_handle) = open_store(&url, faults, RetryPolicy::default(), Some(&metrics))
         .await

@@ -122,6 +122,8 @@ impl Serve {
         let child = Command::new(std::env::current_exe()?)
             .args(["serve", "--listen", &addr.to_string()])
             .args(["--machine-id", MACHINE_ID, "--customer-id", ""])
+            // /metrics is read below: open without an admin token.
+            .env_remove("TENANTD_ADMIN_TOKEN")
             .arg("--store")
             .arg(format!("file://{}", scratch.join("store").display()))
             .arg("--data-dir")

@@ -116,7 +116,10 @@ impl Machine {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let args = Flags::try_parse_from(argv)?.serve;
+        let mut args = Flags::try_parse_from(argv)?.serve;
+        // The bench reads /metrics and /_status, open without an admin token
+        // (one in the environment would put them behind it).
+        args.admin_token = None;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(crate::server::run_with(
             args,

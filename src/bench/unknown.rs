@@ -47,6 +47,8 @@ pub async fn run(scratch: &Path, requests: usize) -> anyhow::Result<UnknownResul
         .args(["--data-dir", &scratch.join("local").display().to_string()])
         .args(["--machine-id", "u0000000000001"])
         .env_remove("CUSTOMER_ID")
+        // /metrics is read below: open without an admin token.
+        .env_remove("TENANTD_ADMIN_TOKEN")
         .env_remove("BUCKET_NAME")
         .env_remove("TENANTD_STORE")
         .env_remove("TENANTD_CREATE_ON_FIRST_REQUEST")

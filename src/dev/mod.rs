@@ -164,7 +164,9 @@ impl ClusterShared {
 
     async fn machine_status(&self, m: &MachineInfo) -> Option<(bool, Option<u64>, Vec<String>)> {
         let url = format!("http://{}/_status", m.address);
-        let body: serde_json::Value = self.http.get(url).send().await.ok()?.json().await.ok()?;
+        // Every dev machine has the cluster's admin token, which /_status needs.
+        let request = self.http.get(url).bearer_auth(&self.admin_token);
+        let body: serde_json::Value = request.send().await.ok()?.json().await.ok()?;
         let tenants = body.get("tenants")?.as_array()?;
         let mut holds = Vec::new();
         let mut epoch = None;

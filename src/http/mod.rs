@@ -561,7 +561,10 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(denied) = admin_only_if_set(&state, &headers) {
+        return denied;
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -575,16 +578,20 @@ struct StatusQuery {
     all: bool,
 }
 
-/// The tenants this machine holds; `?all=true` (admin token) also lists
-/// every tenant it remembers, held or not.
+/// The tenants this machine holds (behind the admin token when one is
+/// set); `?all=true` (admin token always) also lists every tenant it
+/// remembers, held or not.
 async fn status(
     State(state): State<AppState>,
     query: axum::extract::Query<StatusQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if query.all
-        && let Some(denied) = admin_denied(&state, &headers)
-    {
+    let denied = if query.all {
+        admin_denied(&state, &headers)
+    } else {
+        admin_only_if_set(&state, &headers)
+    };
+    if let Some(denied) = denied {
         return denied;
     }
     let config = state.registry.config();
@@ -616,6 +623,14 @@ fn admin_denied(state: &AppState, headers: &HeaderMap) -> Option<Response> {
         ));
     }
     None
+}
+
+/// For `/_status` and `/metrics`, which name the tenants a machine serves:
+/// open when no admin token is configured (a private deployment), behind
+/// it when one is.
+fn admin_only_if_set(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    state.admin_token.as_ref()?;
+    admin_denied(state, headers)
 }
 
 /// Whether the request carries `Authorization: Bearer <token>`, compared

@@ -102,8 +102,9 @@ fn render(state: &AppState, id: &TenantId, answer: SqlAnswer) -> Response {
 
 /// A refused request: 403 when a rule denied it, 413 for an answer over
 /// its budget, 409 when the counter's statements fail on the tenant's
-/// changes to `welcome`, 503 when shutdown interrupted it, 400 otherwise;
-/// the body names the statement at fault.
+/// changes to `welcome`, 503 when shutdown interrupted it, 400 otherwise,
+/// 422 when its idempotency key names another request; the body names
+/// the statement at fault.
 pub(super) fn refused(refused: &SqlError) -> (Response, &'static str) {
     let (status, outcome) = match refused.kind {
         SqlErrorKind::Denied => (StatusCode::FORBIDDEN, "denied"),
@@ -111,6 +112,7 @@ pub(super) fn refused(refused: &SqlError) -> (Response, &'static str) {
         SqlErrorKind::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
         SqlErrorKind::Conflict => (StatusCode::CONFLICT, "conflict"),
         SqlErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        SqlErrorKind::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "key_reused"),
     };
     let body = json!({
         "error": refused.message,

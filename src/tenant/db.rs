@@ -9,8 +9,10 @@
 //!   the SHA-256 of the header (a 32-byte BLOB, whatever the header's
 //!   length); databases written before keys were hashed hold the header as
 //!   TEXT, and those rows are still honoured (see [`KeyHash`]).
-//! - `tenantd_sql_answers(key, epoch, results)`: the same for SQL requests
-//!   that wrote.
+//! - `tenantd_sql_answers(key, epoch, results, request)`: the same for SQL
+//!   requests that wrote, with the fingerprint of the request (NULL in rows
+//!   written before it was kept): a key repeated with another request is
+//!   refused rather than answered with the first one's results.
 //!
 //! Everything else belongs to the tenant's application, reached through
 //! the SQL API ([`super::sql`]) under the rules of its guard.
@@ -30,7 +32,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use rusqlite::InterruptHandle;
 
 use super::sql::watchdog::{self, Cause};
-use super::sql::{self, ExecError, Guard, SqlError, SqlErrorKind, SqlLimits, SqlRequest};
+use super::sql::{self, ExecError, Guard, SqlError, SqlErrorKind, SqlLimits, SqlRequest, limits};
 use super::{Answer, Reply, SqlAnswer};
 
 /// How many idempotency keys a tenant remembers (oldest out first).
@@ -134,12 +136,17 @@ impl Db {
              CREATE TABLE IF NOT EXISTS tenantd_idempotency (
                  key BLOB PRIMARY KEY, count INTEGER NOT NULL, epoch INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS tenantd_sql_answers (
-                 key BLOB PRIMARY KEY, epoch INTEGER NOT NULL, results TEXT NOT NULL);",
+                 key BLOB PRIMARY KEY, epoch INTEGER NOT NULL, results TEXT NOT NULL, request BLOB);",
         )
         .map_err(|e| Corrupt(format!("cannot prepare the schema: {e}")))?;
+        add_request_column(&conn)
+            .map_err(|e| Corrupt(format!("cannot prepare the schema: {e}")))?;
         conn.query_row("SELECT count(*) FROM welcome", [], |r| r.get::<_, i64>(0))
             .map_err(|e| Corrupt(format!("table welcome is not the counter table: {e}")))?;
         let mut conn = conn;
+        // Last, so that tenantd's own setup above ran without them.
+        limits::harden(&conn, &limits::configured())
+            .map_err(|e| Corrupt(format!("cannot set SQLite's limits: {e}")))?;
         let guard = Guard::install(&mut conn)
             .map_err(|e| Corrupt(format!("cannot install the SQL guard: {e}")))?;
         let interrupt = Arc::new(conn.get_interrupt_handle());
@@ -536,9 +543,9 @@ impl Batch<'_> {
         key: Option<&str>,
     ) -> rusqlite::Result<Result<(), Lost>> {
         if let Some(key) = key
-            && let Some(answer) = sql_answer(self.tx, key)?
+            && let Some(answer) = sql_answer(self.tx, key, request)?
         {
-            self.replies.push(Ok(Reply::Sql(answer)));
+            self.replies.push(answer.map(Reply::Sql));
             return Ok(Ok(()));
         }
         // The request may read or change the counter's row: show it the
@@ -594,16 +601,20 @@ impl Batch<'_> {
     ) -> Result<SqlAnswer, SqlError> {
         let wrote = executed.wrote && !request.read_only;
         if wrote && let Some(key) = key {
-            self.tx
-                .execute(
-                    "INSERT INTO tenantd_sql_answers (key, epoch, results) VALUES (?1, ?2, ?3)",
+            // The answer may be larger than a value the tenant's own
+            // statements may make: it is tenantd's, not the tenant's.
+            limits::with_internal_length(self.tx, || {
+                self.tx.execute(
+                    "INSERT INTO tenantd_sql_answers (key, epoch, results, request) VALUES (?1, ?2, ?3, ?4)",
                     params![
                         KeyHash::of(key).as_blob(),
                         epoch as i64,
-                        executed.results.to_string()
+                        executed.results.to_string(),
+                        &sql::body::fingerprint(request)[..]
                     ],
                 )
-                .map_err(|e| {
+            })
+            .map_err(|e| {
                     let what = "storing the answer for the Idempotency-Key";
                     sql::limit_error(&e, None, what, self.ctx.limits, None)
                         .unwrap_or_else(|| SqlError::invalid(None, format!("{what}: {e}")))
@@ -705,21 +716,57 @@ impl KeyHash {
     }
 }
 
-/// The first answer of a SQL request made with `key`, if it wrote.
-fn sql_answer(tx: &Transaction, key: &str) -> rusqlite::Result<Option<SqlAnswer>> {
-    let stored = tx
-        .query_row(
-            "SELECT epoch, results FROM tenantd_sql_answers WHERE key IN (?1, ?2)",
+/// The first answer of a SQL request made with `key`, if it wrote; an
+/// error if that request was not `request`.
+fn sql_answer(
+    tx: &Transaction,
+    key: &str,
+    request: &SqlRequest,
+) -> rusqlite::Result<Option<Result<SqlAnswer, SqlError>>> {
+    let stored = limits::with_internal_length(tx, || {
+        tx.query_row(
+            "SELECT epoch, results, request FROM tenantd_sql_answers WHERE key IN (?1, ?2)",
             params![KeyHash::of(key).as_blob(), key],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<Vec<u8>>>(2)?,
+                ))
+            },
         )
-        .optional()?;
-    Ok(stored.map(|(epoch, results)| SqlAnswer {
+        .optional()
+    })?;
+    let Some((epoch, results, fingerprint)) = stored else {
+        return Ok(None);
+    };
+    if fingerprint.is_some_and(|f| f[..] != sql::body::fingerprint(request)[..]) {
+        return Ok(Some(Err(SqlError {
+            kind: SqlErrorKind::KeyReused,
+            statement: None,
+            message: "this Idempotency-Key was first sent with another request (other statements, parameters or read_only); a key names one request: send a new key for a new request".into(),
+        })));
+    }
+    Ok(Some(Ok(SqlAnswer {
         epoch: epoch as u64,
         repeated: true,
         // Written by this module from a serde_json::Value.
         results: Arc::new(serde_json::from_str(&results).unwrap_or(serde_json::Value::Null)),
-    }))
+    })))
+}
+
+/// Databases written before request fingerprints were kept lack the
+/// column; their rows stay NULL (answered without the check).
+fn add_request_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('tenantd_sql_answers') WHERE name = 'request'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        conn.execute_batch("ALTER TABLE tenantd_sql_answers ADD COLUMN request BLOB")?;
+    }
+    Ok(())
 }
 
 fn count(conn: &Connection) -> rusqlite::Result<u64> {
@@ -1046,7 +1093,15 @@ mod tests {
             "new rows in an old table"
         );
         let tx = db.conn.transaction().unwrap();
-        let answer = sql_answer(&tx, "old-sql").unwrap().expect("old SQL answer");
+        let any = SqlRequest::parse(
+            br#"{"statements": [{"sql": "SELECT 1"}]}"#,
+            &SqlLimits::default(),
+        )
+        .unwrap();
+        let answer = sql_answer(&tx, "old-sql", &any)
+            .unwrap()
+            .expect("old SQL answer")
+            .unwrap();
         assert_eq!((answer.epoch, answer.repeated), (2, true));
         assert_eq!(*answer.results, serde_json::json!([{"rows": []}]));
     }

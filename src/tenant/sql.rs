@@ -11,8 +11,10 @@
 //! ([`answer`]), before a value is copied out of SQLite.
 
 mod answer;
+pub mod body;
 mod cursor;
 pub mod guard;
+pub mod limits;
 pub mod memory;
 pub mod watchdog;
 
@@ -84,6 +86,8 @@ pub enum SqlErrorKind {
     Conflict,
     /// The machine is shutting down (503); nothing was applied.
     Unavailable,
+    /// An idempotency key already names another request (422).
+    KeyReused,
 }
 
 impl SqlErrorKind {
@@ -94,6 +98,7 @@ impl SqlErrorKind {
             SqlErrorKind::Limit | SqlErrorKind::TooLarge => "limit",
             SqlErrorKind::Conflict => "conflict",
             SqlErrorKind::Unavailable => "unavailable",
+            SqlErrorKind::KeyReused => "idempotency_key_reused",
         }
     }
 }
@@ -156,6 +161,7 @@ struct BodyStatement {
 impl SqlRequest {
     /// Parses and checks a request body; the error names what is wrong.
     pub fn parse(body: &[u8], limits: &SqlLimits) -> Result<SqlRequest, SqlError> {
+        self::body::check_integers(body).map_err(|e| SqlError::invalid(None, e))?;
         let body: Body = serde_json::from_slice(body).map_err(|e| {
             SqlError::invalid(
                 None,
@@ -186,6 +192,12 @@ impl SqlRequest {
             .into_iter()
             .enumerate()
             .map(|(index, s)| {
+                if s.sql.contains('\0') {
+                    return Err(SqlError::invalid(
+                        Some(index),
+                        format!("statement {index} contains a NUL character, after which SQLite would ignore the text; remove it"),
+                    ));
+                }
                 if s.sql.trim().is_empty() {
                     return Err(SqlError::invalid(
                         Some(index),
@@ -405,10 +417,16 @@ pub fn limit_error(
             "{what} ran out of memory: SQLite may use {} bytes on this machine (--sqlite-heap-limit), all tenants together; nothing of the request was applied",
             memory::current_limit()
         )),
-        ErrorCode::TooBig => limit(format!(
-            "{what}: a string or blob is larger than allowed ({error}); nothing of the request was applied"
-        )),
-        _ => None,
+        // A statement's own limit names its flag; what no statement made
+        // (an answer stored for its key) says what it was.
+        ErrorCode::TooBig => at
+            .and_then(|index| limits::refusal(index, error))
+            .or_else(|| {
+                limit(format!(
+                    "{what}: a string or blob is larger than allowed ({error}); nothing of the request was applied"
+                ))
+            }),
+        _ => at.and_then(|index| limits::refusal(index, error)),
     }
 }
 
@@ -583,9 +601,7 @@ fn bind(stmt: &mut Cursor<'_>, index: usize, params: &Params) -> Result<(), SqlE
                 if i >= expected {
                     break;
                 }
-                stmt.bind(i + 1, value).map_err(|e| {
-                    SqlError::invalid(Some(index), format!("statement {index}: {e}"))
-                })?;
+                stmt.bind(i + 1, value).map_err(|e| bind_error(index, &e))?;
             }
             values.len()
         }
@@ -598,9 +614,7 @@ fn bind(stmt: &mut Cursor<'_>, index: usize, params: &Params) -> Result<(), SqlE
                         format!("statement {index} has no parameter named {name}"),
                     )
                 })?;
-                stmt.bind(position, value).map_err(|e| {
-                    SqlError::invalid(Some(index), format!("statement {index}: {e}"))
-                })?;
+                stmt.bind(position, value).map_err(|e| bind_error(index, &e))?;
                 seen.insert(position, ());
             }
             seen.len()
@@ -613,6 +627,11 @@ fn bind(stmt: &mut Cursor<'_>, index: usize, params: &Params) -> Result<(), SqlE
         ));
     }
     Ok(())
+}
+
+fn bind_error(index: usize, e: &rusqlite::Error) -> SqlError {
+    limits::refusal(index, e)
+        .unwrap_or_else(|| SqlError::invalid(Some(index), format!("statement {index}: {e}")))
 }
 
 #[cfg(test)]

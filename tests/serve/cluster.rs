@@ -272,8 +272,14 @@ impl Machine {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `/_status`, with the machine's admin token if it has one.
     pub fn status(&self) -> Value {
-        let (code, body) = blocking_get(&self.url("/_status")).unwrap();
+        let token = self
+            .args
+            .iter()
+            .position(|a| a == "--admin-token")
+            .map(|i| self.args[i + 1].as_str());
+        let (code, body) = blocking_get_as(&self.url("/_status"), token).unwrap();
         assert_eq!(code, 200);
         serde_json::from_str(&body).unwrap()
     }
@@ -297,6 +303,10 @@ impl Drop for Machine {
 }
 
 fn blocking_get(url: &str) -> Result<(u16, String), String> {
+    blocking_get_as(url, None)
+}
+
+fn blocking_get_as(url: &str, bearer: Option<&str>) -> Result<(u16, String), String> {
     // A tiny HTTP/1.0 GET over std, so the harness needs no runtime.
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").unwrap();
@@ -310,7 +320,9 @@ fn blocking_get(url: &str) -> Result<(u16, String), String> {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
+    let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n")
+        .map_err(|e| e.to_string())?;
     let mut text = String::new();
     stream
         .read_to_string(&mut text)

@@ -33,9 +33,13 @@ fn stored_keys(store: &Path) -> Vec<String> {
     out
 }
 
-/// Sum of the store requests that write (PUTs and DELETEs) in /metrics.
+/// Sum of the store requests that write (PUTs and DELETEs) in /metrics
+/// (behind the admin token when the machine has one).
 async fn store_writes(m: &Machine) -> f64 {
-    let text = reqwest::get(m.url("/metrics"))
+    let text = reqwest::Client::new()
+        .get(m.url("/metrics"))
+        .bearer_auth(ADMIN)
+        .send()
         .await
         .unwrap()
         .text()
@@ -380,7 +384,7 @@ async fn admin_routes_and_status_views() {
         assert!(all["known_tenants"].as_u64().unwrap() <= 10, "{all}");
     }
     let held = eventually(Duration::from_secs(10), "at most 3 held", async || {
-        let (_, view) = status(&m, false, None).await;
+        let (_, view) = status(&m, false, Some(ADMIN)).await;
         let tenants = view["tenants"].as_array()?.clone();
         (tenants.len() <= 3).then_some(tenants)
     })

@@ -10,6 +10,7 @@ mod lifecycle;
 mod limits;
 mod pipeline;
 mod routing;
+mod sandbox;
 mod sql;
 #[path = "../support/mod.rs"]
 mod support;

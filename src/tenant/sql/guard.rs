@@ -8,6 +8,10 @@
 //! except reaching tenantd's tables through a view or trigger (which a
 //! tenant could have created), and a request's statements run in "user"
 //! mode while [`Guard::enter`]'s scope lasts.
+//!
+//! An action the guard does not recognise is denied in every mode: SQLite
+//! reports `ATTACH ?` (a file name only known when it runs) as such an
+//! action. SQLite's own limits and hardening switches are [`super::limits`].
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -132,6 +136,11 @@ impl Guard {
 
 /// The rule `ctx` breaks, if any.
 fn rule(state: &State, ctx: &AuthContext<'_>) -> Option<String> {
+    // Whoever runs it: an action the guard cannot read is one it cannot
+    // vouch for (SQLite reports `ATTACH ?` with no file name, say).
+    if let AuthAction::Unknown { code, .. } = ctx.action {
+        return Some(unknown_rule(code));
+    }
     if let Some(name) = object_of(&ctx.action)
         && is_internal(name)
         && (state.user || ctx.accessor.is_some())
@@ -140,7 +149,9 @@ fn rule(state: &State, ctx: &AuthContext<'_>) -> Option<String> {
             "{name} is one of tenantd's own tables (tenantd_*), which requests cannot read or change"
         ));
     }
-    if !state.user {
+    // A view or trigger is the tenant's code, even when tenantd's own
+    // statement runs it.
+    if !state.user && ctx.accessor.is_none() {
         return None;
     }
     action_rule(&ctx.action).or_else(|| {
@@ -150,12 +161,22 @@ fn rule(state: &State, ctx: &AuthContext<'_>) -> Option<String> {
     })
 }
 
+const ATTACH_RULE: &str =
+    "ATTACH and DETACH are not allowed: a request works on its tenant's database only";
+
+fn unknown_rule(code: i32) -> String {
+    if code == rusqlite::ffi::SQLITE_ATTACH || code == rusqlite::ffi::SQLITE_DETACH {
+        return ATTACH_RULE.into();
+    }
+    format!(
+        "SQLite asked to authorize action {code}, which tenantd does not know; what it does not know it denies"
+    )
+}
+
 fn action_rule(action: &AuthAction<'_>) -> Option<String> {
+    use AuthAction::*;
     match action {
-        AuthAction::Attach { .. } | AuthAction::Detach { .. } => Some(
-            "ATTACH and DETACH are not allowed: a request works on its tenant's database only"
-                .into(),
-        ),
+        Attach { .. } | Detach { .. } => Some(ATTACH_RULE.into()),
         AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } => Some(
             "transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT) is tenantd's: every request already runs in one transaction".into(),
         ),
@@ -197,7 +218,29 @@ fn action_rule(action: &AuthAction<'_>) -> Option<String> {
                 "the counter's table {COUNTER_TABLE} cannot be dropped, altered or given triggers (its rows can be read and changed)"
             ))
         }
-        _ => None,
+        Select
+        | Read { .. }
+        | Insert { .. }
+        | Update { .. }
+        | Delete { .. }
+        | Function { .. }
+        | Recursive
+        | CreateTable { .. }
+        | CreateIndex { .. }
+        | CreateTrigger { .. }
+        | CreateView { .. }
+        | CreateVtable { .. }
+        | DropTable { .. }
+        | DropIndex { .. }
+        | DropTrigger { .. }
+        | DropView { .. }
+        | DropVtable { .. }
+        | AlterTable { .. }
+        | Analyze { .. }
+        | Reindex { .. } => None,
+        other => Some(format!(
+            "{other:?} is not an action tenantd knows; what it does not know it denies"
+        )),
     }
 }
 
@@ -239,16 +282,57 @@ fn object_of<'a>(action: &AuthAction<'a>) -> Option<&'a str> {
 }
 
 fn is_internal(name: &str) -> bool {
-    name.len() >= INTERNAL_PREFIX.len()
-        && name[..INTERNAL_PREFIX.len()].eq_ignore_ascii_case(INTERNAL_PREFIX)
+    // Bytes, not characters: a name may have a multibyte character
+    // straddling the prefix's length.
+    name.as_bytes()
+        .get(..INTERNAL_PREFIX.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(INTERNAL_PREFIX.as_bytes()))
 }
 
-/// Statements the authorizer never sees: VACUUM (which, with INTO, writes
-/// a file anywhere the process may write).
+/// What the authorizer never sees: VACUUM (which, with INTO, writes a file
+/// anywhere the process may write), and a virtual table's arguments.
 pub fn denied_by_keyword(sql: &str) -> Option<&'static str> {
-    first_keyword(sql)
-        .filter(|k| k.eq_ignore_ascii_case("vacuum"))
-        .map(|_| "VACUUM is not allowed: tenantd compacts the database itself, and VACUUM INTO writes files outside it")
+    let words = leading_words(sql, 2);
+    let is = |i: usize, word: &str| words.get(i).is_some_and(|w| w.eq_ignore_ascii_case(word));
+    if is(0, "vacuum") {
+        return Some(
+            "VACUUM is not allowed: tenantd compacts the database itself, and VACUUM INTO writes files outside it",
+        );
+    }
+    if is(0, "create") && is(1, "virtual") && names_a_compress_function(sql) {
+        return Some(
+            "the FTS options compress= and uncompress= are not allowed: they name SQL functions that every read and write of the table runs, and a wrong pair leaves an index that fails its integrity check",
+        );
+    }
+    None
+}
+
+/// Whether `sql` has an argument `compress=` or `uncompress=` (in any
+/// case, with quotes or spaces before the `=`: a superset of what FTS3/4
+/// read as the option).
+fn names_a_compress_function(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    lower.match_indices("compress").any(|(at, word)| {
+        lower[at + word.len()..]
+            .trim_start_matches(|c: char| c.is_whitespace() || "\"'`]".contains(c))
+            .starts_with('=')
+    })
+}
+
+/// The first `n` words of a statement, skipping whitespace and comments.
+fn leading_words(sql: &str, n: usize) -> Vec<&str> {
+    let mut words = Vec::with_capacity(n);
+    let mut rest = sql;
+    while words.len() < n {
+        let Some(word) = first_keyword(rest) else {
+            break;
+        };
+        words.push(word);
+        // `word` is a slice of `rest`: continue after it.
+        let end = word.as_ptr() as usize - rest.as_ptr() as usize + word.len();
+        rest = &rest[end..];
+    }
+    words
 }
 
 /// The first word of a statement, after whitespace and comments.
@@ -269,3 +353,7 @@ pub fn first_keyword(sql: &str) -> Option<&str> {
         .unwrap_or(rest.len());
     (end > 0).then(|| &rest[..end])
 }
+
+#[cfg(test)]
+#[path = "guard_tests.rs"]
+mod tests;

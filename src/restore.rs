@@ -98,8 +98,11 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    in_place(&store, &id, until, &args).await
+    in_place(&store, &id, until, args.yes, args.wait, RESTORE_TTL).await
 }
+
+/// The lease ttl of an in-place restore.
+const RESTORE_TTL: Duration = Duration::from_secs(10);
 
 /// [`log::materialize`], read again when a compaction removed what it
 /// was reading.
@@ -147,11 +150,15 @@ fn count_of(path: &Path) -> Option<i64> {
         .ok()
 }
 
-async fn in_place(
+/// `restore --in-place` (`yes`: confirmed) under a lease of `ttl`,
+/// waiting up to `wait` for the tenant's holder to let go.
+pub async fn in_place(
     store: &DynStore,
     id: &TenantId,
     until: Until,
-    args: &RestoreArgs,
+    yes: bool,
+    wait: Duration,
+    ttl: Duration,
 ) -> anyhow::Result<()> {
     if matches!(until, Until::End) {
         bail!("--in-place needs --at: restoring the newest commit in place changes nothing");
@@ -162,7 +169,7 @@ async fn in_place(
         scratch.join("target.sqlite3"),
     );
     let wanted = materialize_retrying(store, id.as_str(), &target, until).await?;
-    if !args.yes {
+    if !yes {
         // A preview touches nothing, not even the lock.
         let now = materialize_retrying(store, id.as_str(), &current, Until::End).await?;
         report(id, &now, &current, &wanted, &target);
@@ -177,20 +184,20 @@ async fn in_place(
         "restore-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let config = LeaseConfig::new(machine.clone(), "restore", Duration::from_secs(10));
+    let config = LeaseConfig::new(machine.clone(), "restore", ttl);
     let session = Session::new(store.clone(), config);
     let mut contender = Contender::new(store.clone(), keys::lock(id.as_str()), session);
-    let until_time = tokio::time::Instant::now() + args.wait;
+    let until_time = tokio::time::Instant::now() + wait;
     let lease = match contender.acquire_until(until_time).await? {
         Acquire::Acquired(lease) => lease,
         Acquire::HeldBy { record, .. } => bail!(
             "customer {id} is held by machine {} and it did not let go within {:?}; stop it (or scale the tenant to zero) and run this again",
             record.holder,
-            args.wait
+            wait
         ),
         Acquire::Unknown { .. } => bail!(
             "customer {id}'s machine.lock cannot be parsed and did not go stale within {:?}",
-            args.wait
+            wait
         ),
     };
     let result = rewrite(store, id, &lease, &current, &target, &wanted).await;

@@ -2,8 +2,9 @@
 //! (`--retention`), written to a file, or made the tenant's current state.
 //!
 //! In place, the restore is a commit like any other: it takes the tenant's
-//! lease, fences the log like a new holder, appends the difference between
-//! the current state and the restored one as the next slot, writes the
+//! lease and takes the tenant over through the claim's code (fences,
+//! epochs), appends the difference between the current state and the
+//! restored one as the next slot (nothing when they are equal), writes the
 //! snapshot and releases. Nothing acknowledged later is dropped silently:
 //! it says which commits it rolls back and waits for `--yes`.
 
@@ -14,12 +15,14 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::TenantId;
-use crate::lease::{Acquire, Contender, LeaseConfig, Session};
+use crate::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
 use crate::store::{
     DynStore, FaultConfig, Precondition, StoreUrl, keys, open_store, retry::RetryPolicy,
 };
+use crate::tenant::TenantError;
+use crate::tenant::claim::take_over;
 use crate::tenant::delta::{self, Delta, Kind, PageSums};
-use crate::tenant::log::{self, LogError, Materialized, Until};
+use crate::tenant::log::{self, LogError, Materialized, Until, Writer};
 
 #[derive(Args, Clone, Debug)]
 pub struct RestoreArgs {
@@ -188,7 +191,7 @@ pub async fn in_place(
     let session = Session::new(store.clone(), config);
     let mut contender = Contender::new(store.clone(), keys::lock(id.as_str()), session);
     let until_time = tokio::time::Instant::now() + wait;
-    let lease = match contender.acquire_until(until_time).await? {
+    let mut lease = match contender.acquire_until(until_time).await? {
         Acquire::Acquired(lease) => lease,
         Acquire::HeldBy { record, .. } => bail!(
             "customer {id} is held by machine {} and it did not let go within {:?}; stop it (or scale the tenant to zero) and run this again",
@@ -200,7 +203,7 @@ pub async fn in_place(
             wait
         ),
     };
-    let result = rewrite(store, id, &lease, &current, &target, &wanted).await;
+    let result = rewrite(store, id, &mut lease, &current, &target, &wanted).await;
     let released = lease.release().await;
     let _ = std::fs::remove_dir_all(&scratch);
     result?;
@@ -211,28 +214,38 @@ pub async fn in_place(
 async fn rewrite(
     store: &DynStore,
     id: &TenantId,
-    lease: &crate::lease::Lease,
+    lease: &mut Lease,
     current: &Path,
     target: &Path,
     wanted: &Materialized,
 ) -> anyhow::Result<()> {
-    // Read again under the lease: what it rolls back is what is there now.
-    let now = materialize_retrying(store, id.as_str(), current, Until::End).await?;
+    // Take the tenant over like any new holder (fences after the whole
+    // run, epochs above every writer's): what it rolls back is what is
+    // there once no one else can write.
+    let holder = lease.record().holder;
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let rebuilt = match take_over(id, store, lease, &holder, current, &mut deadline).await {
+        Ok(rebuilt) => rebuilt,
+        Err(TenantError::NotHolder) => {
+            bail!("customer {id}: lost the tenant's lease while taking it over; nothing restored")
+        }
+        Err(e) => bail!("{e}"),
+    };
+    let key = keys::database(id.as_str());
+    if rebuilt.converting {
+        bail!(
+            "customer {id}: {key} is not in the commit-log format yet; let a machine take the tenant over first"
+        );
+    }
+    let now = Materialized {
+        seq: rebuilt.applied,
+        base: key,
+        deltas: rebuilt.since.0,
+        last_committed_at_ms: None,
+    };
     let rolled_back = report(id, &now, current, wanted, target);
     let epoch = lease.epoch();
-    // Fence like a new holder: a machine that lost the tenant without
-    // releasing it may still be uploading.
-    let listed = log::list_slots(store, id.as_str(), now.seq).await?;
-    let stray: Vec<u64> = listed.iter().map(|(s, _)| *s).collect();
-    let seq = log::fence(
-        store,
-        id.as_str(),
-        epoch,
-        &lease.record().holder,
-        now.seq,
-        &stray,
-    )
-    .await?;
+    let seq = rebuilt.next_slot;
     let (cur, tgt) = (current.to_path_buf(), target.to_path_buf());
     let (pre, post, db_pages, pages, page_size, body) =
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -241,16 +254,16 @@ async fn rewrite(
             let (db_pages, pages) = delta::diff_files(&cur, &tgt)?;
             let page_size = pages.first().map_or(4096, |(_, p)| p.len() as u32);
             let body = std::fs::read(&tgt)?;
-            Ok((
-                pre.checksum(),
-                post.checksum(),
-                db_pages,
-                pages,
-                page_size,
-                body,
-            ))
+            Ok((pre, post, db_pages, pages, page_size, body))
         })
         .await??;
+    if pages.is_empty() && db_pages == pre.page_count() {
+        println!(
+            "customer {id}: slot {} is the current state already; nothing written",
+            wanted.seq
+        );
+        return Ok(());
+    }
     let delta = Delta {
         kind: Kind::Delta,
         epoch,
@@ -258,37 +271,35 @@ async fn rewrite(
         committed_at_ms: log::unix_ms(SystemTime::now()),
         page_size,
         db_pages,
-        pre_checksum: pre,
-        post_checksum: post,
+        pre_checksum: pre.checksum(),
+        post_checksum: post.checksum(),
         pages,
     };
-    let holder = lease.record().holder;
+    let writer = Writer {
+        holder,
+        token: lease.token().to_string(),
+    };
     store
         .put(
             &keys::log_slot(id.as_str(), seq),
             delta.encode(),
-            log::slot_metadata(epoch, seq, &holder),
+            log::slot_metadata(epoch, seq, &writer),
             Precondition::IfAbsent,
         )
         .await
         .with_context(|| format!("writing the restore as slot {seq}"))?;
     // The snapshot too, so that the tenant's db.sqlite3 is the restored
     // state right away.
-    let key = keys::database(id.as_str());
-    let known = match store.head(&key).await? {
-        Some(meta) => log::describe_snapshot(&key, meta.etag, &meta.metadata)?,
-        None => bail!("{key} disappeared during the restore"),
-    };
     let job = log::Compaction {
         id: id.to_string(),
         seq,
         epoch,
-        checksum: post,
+        checksum: post.checksum(),
         body: body.into(),
-        holder,
+        writer,
         collect: true,
     };
-    log::compact(store, &known, job, &log::Retention::default()).await?;
+    log::compact(store, &rebuilt.snapshot, job, &log::Retention::default()).await?;
     println!(
         "customer {id}: restored slot {} as slot {seq}; rolled back {rolled_back} slot(s)",
         wanted.seq

@@ -59,7 +59,8 @@ pub async fn claim(
 ) -> Result<Claimed, TenantError> {
     let mut deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let rebuilt = take_over(id, &ctx.store, lease, &ctx.machine_id, path, &mut deadline).await?;
+        let rebuilt =
+            take_over(id, &ctx.store, lease, &ctx.machine_id, path, &mut deadline).await?;
         match open(id, ctx, lease, path, rebuilt).await {
             Ok(claimed) => return Ok(claimed),
             Err(Attempt::Failed(e)) => return Err(e),

@@ -15,9 +15,11 @@
 //!   uploads are unconfirmed, and acknowledges a commit only when it and
 //!   every slot before it are confirmed. So its unconfirmed slots all lie
 //!   within `WINDOW` slots after the end of the contiguous run of objects.
-//! - A new holder (after a takeover that was not a clean release) finds the
-//!   end `P` of the contiguous run after the snapshot, and puts a fence into
-//!   every empty slot of `P+1 ..= P+WINDOW`. An old holder's upload into any
+//! - Every new writer (any takeover, a restore, a delete) finds the end `P`
+//!   of the contiguous run after the snapshot, and makes every slot of
+//!   `P+1 ..= P+WINDOW` its fence or an object it read directly (slots
+//!   found taken are read, not listed, and move `P` on), with an epoch
+//!   above every other acquisition's. An old holder's upload into any
 //!   of them fails, so it never acknowledges anything past `P`; its objects
 //!   that landed past a hole carry an older epoch than the fence before them
 //!   and are skipped by every reader.
@@ -240,7 +242,10 @@ pub async fn fetch_slots(
     futures::stream::iter(slots.iter().copied())
         .map(|seq| async move {
             fetch_slot(store, id, seq).await?.ok_or_else(|| {
-                LogError::Raced(format!("{} was listed but is gone", keys::log_slot(id, seq)))
+                LogError::Raced(format!(
+                    "{} was listed but is gone",
+                    keys::log_slot(id, seq)
+                ))
             })
         })
         .buffered(FETCH_PARALLELISM)

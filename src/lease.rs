@@ -531,6 +531,33 @@ impl Lease {
         self.incarnation.lost().await
     }
 
+    /// Raises this lease's epoch to `epoch` by rewriting its own lock
+    /// (`If-Match` the ETag this lease wrote; the token stays): a claim
+    /// that finds the tenant's objects written under this epoch or a newer
+    /// one by another acquisition (the lock deleted or reset by hand, two
+    /// leases overlapping) must outrank them. A 412 means the lock is no
+    /// longer this lease's: it must not take the tenant over.
+    pub async fn raise_epoch(&mut self, epoch: u64) -> StoreResult<()> {
+        if epoch <= self.record.epoch {
+            return Ok(());
+        }
+        let mut record = self.record.clone();
+        record.epoch = epoch;
+        let etag = self
+            .store
+            .put(
+                &self.key,
+                record.to_bytes(),
+                Metadata::new(),
+                Precondition::IfMatch(self.etag.clone()),
+            )
+            .await?;
+        info!(key = %self.key, from = self.record.epoch, epoch, "lease epoch raised");
+        self.etag = etag;
+        self.record = record;
+        Ok(())
+    }
+
     /// Writes the lock as released (same epoch), so that another machine
     /// can take over at once. A lock someone else has taken meanwhile (only
     /// possible once this session looked dead) is left alone.

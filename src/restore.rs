@@ -2,8 +2,9 @@
 //! (`--retention`), written to a file, or made the tenant's current state.
 //!
 //! In place, the restore is a commit like any other: it takes the tenant's
-//! lease, fences the log like a new holder, appends the difference between
-//! the current state and the restored one as the next slot, writes the
+//! lease and takes the tenant over through the claim's code (fences,
+//! epochs), appends the difference between the current state and the
+//! restored one as the next slot (nothing when they are equal), writes the
 //! snapshot and releases. Nothing acknowledged later is dropped silently:
 //! it says which commits it rolls back and waits for `--yes`.
 
@@ -14,12 +15,14 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::TenantId;
-use crate::lease::{Acquire, Contender, LeaseConfig, Session};
+use crate::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
 use crate::store::{
     DynStore, FaultConfig, Precondition, StoreUrl, keys, open_store, retry::RetryPolicy,
 };
+use crate::tenant::TenantError;
+use crate::tenant::claim::take_over;
 use crate::tenant::delta::{self, Delta, Kind, PageSums};
-use crate::tenant::log::{self, LogError, Materialized, Until};
+use crate::tenant::log::{self, LogError, Materialized, Until, Writer};
 
 #[derive(Args, Clone, Debug)]
 pub struct RestoreArgs {
@@ -98,8 +101,11 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    in_place(&store, &id, until, &args).await
+    in_place(&store, &id, until, args.yes, args.wait, RESTORE_TTL).await
 }
+
+/// The lease ttl of an in-place restore.
+const RESTORE_TTL: Duration = Duration::from_secs(10);
 
 /// [`log::materialize`], read again when a compaction removed what it
 /// was reading.
@@ -147,11 +153,15 @@ fn count_of(path: &Path) -> Option<i64> {
         .ok()
 }
 
-async fn in_place(
+/// `restore --in-place` (`yes`: confirmed) under a lease of `ttl`,
+/// waiting up to `wait` for the tenant's holder to let go.
+pub async fn in_place(
     store: &DynStore,
     id: &TenantId,
     until: Until,
-    args: &RestoreArgs,
+    yes: bool,
+    wait: Duration,
+    ttl: Duration,
 ) -> anyhow::Result<()> {
     if matches!(until, Until::End) {
         bail!("--in-place needs --at: restoring the newest commit in place changes nothing");
@@ -162,7 +172,7 @@ async fn in_place(
         scratch.join("target.sqlite3"),
     );
     let wanted = materialize_retrying(store, id.as_str(), &target, until).await?;
-    if !args.yes {
+    if !yes {
         // A preview touches nothing, not even the lock.
         let now = materialize_retrying(store, id.as_str(), &current, Until::End).await?;
         report(id, &now, &current, &wanted, &target);
@@ -177,23 +187,23 @@ async fn in_place(
         "restore-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let config = LeaseConfig::new(machine.clone(), "restore", Duration::from_secs(10));
+    let config = LeaseConfig::new(machine.clone(), "restore", ttl);
     let session = Session::new(store.clone(), config);
     let mut contender = Contender::new(store.clone(), keys::lock(id.as_str()), session);
-    let until_time = tokio::time::Instant::now() + args.wait;
-    let lease = match contender.acquire_until(until_time).await? {
+    let until_time = tokio::time::Instant::now() + wait;
+    let mut lease = match contender.acquire_until(until_time).await? {
         Acquire::Acquired(lease) => lease,
         Acquire::HeldBy { record, .. } => bail!(
             "customer {id} is held by machine {} and it did not let go within {:?}; stop it (or scale the tenant to zero) and run this again",
             record.holder,
-            args.wait
+            wait
         ),
         Acquire::Unknown { .. } => bail!(
             "customer {id}'s machine.lock cannot be parsed and did not go stale within {:?}",
-            args.wait
+            wait
         ),
     };
-    let result = rewrite(store, id, &lease, &current, &target, &wanted).await;
+    let result = rewrite(store, id, &mut lease, &current, &target, &wanted).await;
     let released = lease.release().await;
     let _ = std::fs::remove_dir_all(&scratch);
     result?;
@@ -204,28 +214,38 @@ async fn in_place(
 async fn rewrite(
     store: &DynStore,
     id: &TenantId,
-    lease: &crate::lease::Lease,
+    lease: &mut Lease,
     current: &Path,
     target: &Path,
     wanted: &Materialized,
 ) -> anyhow::Result<()> {
-    // Read again under the lease: what it rolls back is what is there now.
-    let now = materialize_retrying(store, id.as_str(), current, Until::End).await?;
+    // Take the tenant over like any new holder (fences after the whole
+    // run, epochs above every writer's): what it rolls back is what is
+    // there once no one else can write.
+    let holder = lease.record().holder;
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let rebuilt = match take_over(id, store, lease, &holder, current, &mut deadline).await {
+        Ok(rebuilt) => rebuilt,
+        Err(TenantError::NotHolder) => {
+            bail!("customer {id}: lost the tenant's lease while taking it over; nothing restored")
+        }
+        Err(e) => bail!("{e}"),
+    };
+    let key = keys::database(id.as_str());
+    if rebuilt.converting {
+        bail!(
+            "customer {id}: {key} is not in the commit-log format yet; let a machine take the tenant over first"
+        );
+    }
+    let now = Materialized {
+        seq: rebuilt.applied,
+        base: key,
+        deltas: rebuilt.since.0,
+        last_committed_at_ms: None,
+    };
     let rolled_back = report(id, &now, current, wanted, target);
     let epoch = lease.epoch();
-    // Fence like a new holder: a machine that lost the tenant without
-    // releasing it may still be uploading.
-    let listed = log::list_slots(store, id.as_str(), now.seq).await?;
-    let stray: Vec<u64> = listed.iter().map(|(s, _)| *s).collect();
-    let seq = log::fence(
-        store,
-        id.as_str(),
-        epoch,
-        &lease.record().holder,
-        now.seq,
-        &stray,
-    )
-    .await?;
+    let seq = rebuilt.next_slot;
     let (cur, tgt) = (current.to_path_buf(), target.to_path_buf());
     let (pre, post, db_pages, pages, page_size, body) =
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -234,16 +254,16 @@ async fn rewrite(
             let (db_pages, pages) = delta::diff_files(&cur, &tgt)?;
             let page_size = pages.first().map_or(4096, |(_, p)| p.len() as u32);
             let body = std::fs::read(&tgt)?;
-            Ok((
-                pre.checksum(),
-                post.checksum(),
-                db_pages,
-                pages,
-                page_size,
-                body,
-            ))
+            Ok((pre, post, db_pages, pages, page_size, body))
         })
         .await??;
+    if pages.is_empty() && db_pages == pre.page_count() {
+        println!(
+            "customer {id}: slot {} is the current state already; nothing written",
+            wanted.seq
+        );
+        return Ok(());
+    }
     let delta = Delta {
         kind: Kind::Delta,
         epoch,
@@ -251,37 +271,35 @@ async fn rewrite(
         committed_at_ms: log::unix_ms(SystemTime::now()),
         page_size,
         db_pages,
-        pre_checksum: pre,
-        post_checksum: post,
+        pre_checksum: pre.checksum(),
+        post_checksum: post.checksum(),
         pages,
     };
-    let holder = lease.record().holder;
+    let writer = Writer {
+        holder,
+        token: lease.token().to_string(),
+    };
     store
         .put(
             &keys::log_slot(id.as_str(), seq),
             delta.encode()?,
-            log::slot_metadata(epoch, seq, &holder),
+            log::slot_metadata(epoch, seq, &writer),
             Precondition::IfAbsent,
         )
         .await
         .with_context(|| format!("writing the restore as slot {seq}"))?;
     // The snapshot too, so that the tenant's db.sqlite3 is the restored
     // state right away.
-    let key = keys::database(id.as_str());
-    let known = match store.head(&key).await? {
-        Some(meta) => log::describe_snapshot(&key, meta.etag, &meta.metadata)?,
-        None => bail!("{key} disappeared during the restore"),
-    };
     let job = log::Compaction {
         id: id.to_string(),
         seq,
         epoch,
-        checksum: post,
+        checksum: post.checksum(),
         body: body.into(),
-        holder,
+        writer,
         collect: true,
     };
-    log::compact(store, &known, job, &log::Retention::default()).await?;
+    log::compact(store, &rebuilt.snapshot, job, &log::Retention::default()).await?;
     println!(
         "customer {id}: restored slot {} as slot {seq}; rolled back {rolled_back} slot(s)",
         wanted.seq

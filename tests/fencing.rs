@@ -91,7 +91,14 @@ async fn a_paused_holders_uploads_after_a_takeover_never_become_state() {
         .put(
             &keys::log_slot("42", end + 2),
             stray.encode().unwrap(),
-            log::slot_metadata(stray.epoch, end + 2, "a"),
+            log::slot_metadata(
+                stray.epoch,
+                end + 2,
+                &log::Writer {
+                    holder: "a".into(),
+                    token: "a's token".into(),
+                },
+            ),
             Precondition::IfAbsent,
         )
         .await

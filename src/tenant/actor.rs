@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use super::claim::{claim, remove_copy};
 use super::copy::WorkingCopy;
 use super::db::{Applied, Work};
-use super::log::{self, Compacted, Compaction, LogError, Retention, Snapshot, WINDOW};
+use super::log::{self, Compacted, Compaction, LogError, Retention, Snapshot, WINDOW, Writer};
 use super::sql::{SqlLimits, SqlRequest};
 use super::{Answer, Op, Reply, SqlAnswer, TenantError};
 use crate::TenantId;
@@ -176,6 +176,8 @@ pub struct TenantActor {
     id: TenantId,
     ctx: ActorContext,
     lease: Lease,
+    /// This acquisition, as its log objects and snapshots name it.
+    writer: Writer,
     /// The lease's ttl: the base of every upload's time budget.
     ttl: Duration,
     /// Used only inside `spawn_blocking`, one call at a time: SQLite work
@@ -224,7 +226,7 @@ impl TenantActor {
     pub async fn start(
         id: TenantId,
         ctx: ActorContext,
-        lease: Lease,
+        mut lease: Lease,
     ) -> Result<(TenantHandle, tokio::task::JoinHandle<Exit>), TenantError> {
         let dir = ctx.data_dir.join(&ctx.machine_id);
         std::fs::create_dir_all(&dir).map_err(|e| {
@@ -236,7 +238,7 @@ impl TenantActor {
         // One file per acquisition: nothing of an earlier holding (or a
         // crashed process) can be mistaken for this one's copy.
         let path = dir.join(format!("{id}.{}.sqlite3", lease.epoch()));
-        let claimed = match claim(&id, &ctx, &lease, &path).await {
+        let claimed = match claim(&id, &ctx, &mut lease, &path).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 remove_copy(&path);
@@ -271,9 +273,14 @@ impl TenantActor {
             "holding tenant"
         );
         let (confirmed, _) = watch::channel(claimed.next_slot - 1);
+        let writer = Writer {
+            holder: ctx.machine_id.clone(),
+            token: lease.token().to_string(),
+        };
         let actor = TenantActor {
             id,
             ctx,
+            writer,
             ttl: Duration::from_millis(lease.record().ttl_ms),
             lease,
             copy: Arc::new(Mutex::new(claimed.copy)),
@@ -450,7 +457,7 @@ impl TenantActor {
             // answer before the write is durable.
             send_all(unanswered.take().expect("not answered yet"));
         }
-        let metadata = log::slot_metadata(epoch, seq, &self.ctx.machine_id);
+        let metadata = log::slot_metadata(epoch, seq, &self.writer);
         let put = self.put(seq, delta.clone(), metadata.clone());
         let pipelined = !self.in_flight.is_empty();
         self.in_flight.push_back(InFlight {
@@ -552,8 +559,8 @@ impl TenantActor {
     /// otherwise sends it again or ends the actor.
     ///
     /// An unclear outcome (a transient error, an ambiguous write, a 412) is
-    /// resolved by reading the slot back: an object with this holder's
-    /// epoch and slot means it landed; another's object means this holder
+    /// resolved by reading the slot back: an object naming this
+    /// acquisition's token means it landed; another's object means this holder
     /// was fenced off; no object means it did not land, and it is sent
     /// again (a slot is created at most once, whatever an earlier attempt
     /// does). Only a fence, or a lost lease with nothing known, ends the
@@ -615,20 +622,16 @@ impl TenantActor {
         base + 2 * (upload_budget(self.ttl, len) - self.ttl)
     }
 
-    /// Reads the slot's metadata to learn whether `upload` landed.
+    /// Reads the slot's metadata to learn whether `upload` landed: the
+    /// object names this acquisition's token.
     async fn read_back(&self, upload: &InFlight) -> ReadBack {
         let key = keys::log_slot(self.id.as_str(), upload.seq);
         match self.ctx.store.head(&key).await {
             Ok(None) => ReadBack::NotLanded,
-            Ok(Some(meta)) => {
-                let epoch = log::number(&meta.metadata, log::EPOCH_KEY);
-                let seq = log::number(&meta.metadata, log::SEQ_KEY);
-                if epoch == Some(upload.epoch) && seq == Some(upload.seq) {
-                    ReadBack::Landed
-                } else {
-                    ReadBack::Taken
-                }
-            }
+            // Epochs and slots can repeat (a lock deleted by hand); the
+            // acquisition's token cannot.
+            Ok(Some(meta)) if self.writer.wrote(&meta.metadata) => ReadBack::Landed,
+            Ok(Some(_)) => ReadBack::Taken,
             Err(e) => ReadBack::Unknown(e),
         }
     }
@@ -765,7 +768,7 @@ impl TenantActor {
             epoch: self.lease.epoch(),
             checksum,
             body,
-            holder: self.ctx.machine_id.clone(),
+            writer: self.writer.clone(),
             collect: !now,
         };
         let store = self.ctx.store.clone();

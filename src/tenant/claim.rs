@@ -1,7 +1,14 @@
 //! Taking a tenant over: rebuild its database from the snapshot and the
 //! log, fence off whatever a deposed holder may still upload, and open the
 //! working copy.
+//!
+//! Every takeover fences (docs/protocol.md, "Claim"), whatever the previous
+//! lock says: `released` is advisory (a failed claim releases too), so it
+//! only decides how soon a lease may be taken, never whether to fence.
+//! `restore --in-place` and `tenants delete` take a tenant over through
+//! this code as well.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,10 +20,10 @@ use super::actor::ActorContext;
 use super::copy::WorkingCopy;
 use super::db::{Corrupt, Db};
 use super::delta::PageSums;
-use super::log::{self, LogError, Snapshot, Until, WINDOW};
+use super::log::{self, Fetched, LogError, Snapshot, Until, WINDOW, Writer};
 use crate::TenantId;
 use crate::lease::Lease;
-use crate::store::{Precondition, StoreError, keys, transfer_allowance};
+use crate::store::{DynStore, Precondition, StoreError, keys, transfer_allowance};
 
 /// A tenant taken over.
 pub struct Claimed {
@@ -47,20 +54,81 @@ enum Source {
 pub async fn claim(
     id: &TenantId,
     ctx: &ActorContext,
-    lease: &Lease,
+    lease: &mut Lease,
     path: &Path,
 ) -> Result<Claimed, TenantError> {
-    let key = keys::database(id.as_str());
     let mut deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if !lease.is_valid() || Instant::now() > deadline {
-            return Err(TenantError::NotHolder);
-        }
-        match attempt(id, ctx, lease, path, &key, &mut deadline).await {
+        let rebuilt =
+            take_over(id, &ctx.store, lease, &ctx.machine_id, path, &mut deadline).await?;
+        match open(id, ctx, lease, path, rebuilt).await {
             Ok(claimed) => return Ok(claimed),
+            Err(Attempt::Failed(e)) => return Err(e),
             Err(Attempt::Again(why)) => {
                 warn!(customer_id = %id, why, "the tenant's objects changed while taking over; reading them again");
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(Attempt::Raise(_)) => unreachable!("opening never raises the epoch"),
+        }
+    }
+}
+
+/// A tenant's state rebuilt at a path under a lease, with every slot a
+/// deposed writer could still reach taken by this writer's fences.
+pub(crate) struct Rebuilt {
+    pub snapshot: Snapshot,
+    pub sums: PageSums,
+    /// The last delta applied.
+    pub applied: u64,
+    /// The first slot this writer may use.
+    pub next_slot: u64,
+    /// Deltas (and their bytes) after the snapshot.
+    pub since: (u64, u64),
+    /// The snapshot is not in the commit-log format yet (or absent).
+    pub converting: bool,
+    source: Source,
+    recorded: Option<u64>,
+}
+
+/// Takes the tenant over for `lease`: rebuilds its state at `path` from
+/// the snapshot and the log, and fences the log after it. Raises the
+/// lease's epoch (its own lock, `If-Match`) when the tenant's objects carry
+/// an epoch at least as high from another acquisition.
+pub(crate) async fn take_over(
+    id: &TenantId,
+    store: &DynStore,
+    lease: &mut Lease,
+    holder: &str,
+    path: &Path,
+    deadline: &mut Instant,
+) -> Result<Rebuilt, TenantError> {
+    let key = keys::database(id.as_str());
+    loop {
+        if !lease.is_valid() || Instant::now() > *deadline {
+            return Err(TenantError::NotHolder);
+        }
+        let writer = Writer {
+            holder: holder.to_string(),
+            token: lease.token().to_string(),
+        };
+        match attempt(id, store, lease.epoch(), &writer, path, &key, deadline).await {
+            Ok(rebuilt) => return Ok(rebuilt),
+            Err(Attempt::Again(why)) => {
+                warn!(customer_id = %id, why, "the tenant's objects changed while taking over; reading them again");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(Attempt::Raise(epoch)) => {
+                let was = lease.epoch();
+                match lease.raise_epoch(epoch).await {
+                    Ok(()) => {
+                        warn!(customer_id = %id, was, epoch, "the tenant's objects carry this lease's epoch or a newer one from another acquisition (machine.lock deleted or reset, or two leases overlapped); raised the lease's epoch");
+                    }
+                    Err(e) if e.is_precondition() => {
+                        warn!(customer_id = %id, was, epoch, "another acquisition wrote under an epoch as new as this lease's, and the lock is no longer this lease's; not taking over");
+                        return Err(TenantError::NotHolder);
+                    }
+                    Err(e) => return Err(unavailable(id, e)),
+                }
             }
             Err(Attempt::Failed(e)) => return Err(e),
         }
@@ -69,6 +137,9 @@ pub async fn claim(
 
 enum Attempt {
     Again(String),
+    /// Another acquisition wrote this epoch minus one or newer: raise the
+    /// lease's epoch to this and take over again.
+    Raise(u64),
     Failed(TenantError),
 }
 
@@ -95,13 +166,13 @@ fn unavailable(id: &TenantId, e: StoreError) -> TenantError {
 
 async fn attempt(
     id: &TenantId,
-    ctx: &ActorContext,
-    lease: &Lease,
+    store: &DynStore,
+    epoch: u64,
+    writer: &Writer,
     path: &Path,
     key: &str,
     deadline: &mut Instant,
-) -> Result<Claimed, Attempt> {
-    let store = &ctx.store;
+) -> Result<Rebuilt, Attempt> {
     let failed = |e: StoreError| Attempt::Failed(unavailable(id, e));
     // A commit-log snapshot: list and fetch the log after it while the
     // snapshot downloads (cold start ~ the download, not download + log).
@@ -176,6 +247,7 @@ async fn attempt(
                 seq: 0,
                 epoch: 0,
                 legacy: true,
+                token: None,
             };
             let source = Source::Convert {
                 key: legacy,
@@ -225,7 +297,6 @@ async fn attempt(
             ),
         )));
     }
-    let epoch = lease.epoch();
     let (applied, next_slot, since) = match &source {
         Source::Snapshot => {
             // A deposed holder may compact while this takeover reads: its
@@ -260,7 +331,7 @@ async fn attempt(
                 }
                 Err(e) => Err(e),
             };
-            let replayed = match replayed {
+            let mut replayed = match replayed {
                 Ok(replayed) => replayed,
                 Err(e @ LogError::Corrupt(_)) => {
                     recheck().await?;
@@ -268,53 +339,36 @@ async fn attempt(
                 }
                 Err(e) => return Err(Attempt::from_log(id, e)),
             };
-            if replayed.max_epoch > epoch {
-                // Another holder took the tenant after this lease was
-                // granted (the lease has ended, or machine.lock was reset
-                // by hand): writing now would put this epoch's commits
-                // after a newer one's, where every reader skips them.
-                if lease.previous().is_none() {
-                    return Err(Attempt::Failed(TenantError::Corrupt(format!(
-                        "customer {id}: {} was absent, so this lease got epoch {epoch}, but the log was written under epoch {}: the lock was deleted by hand; put it back as released with an epoch of at least {} (e.g. {{\"holder\":\"none\",\"addr\":\"\",\"epoch\":{},\"token\":\"00000000-0000-0000-0000-000000000000\",\"ttl_ms\":1,\"renewed_at\":\"1970-01-01T00:00:00Z\",\"released\":true}})",
-                        keys::lock(id.as_str()),
-                        replayed.max_epoch,
-                        replayed.max_epoch,
-                        replayed.max_epoch,
-                    ))));
+            // This writer's fences and commits must outrank everything
+            // another acquisition wrote, or readers would skip them.
+            let others = replayed.others_epoch(writer);
+            if others >= epoch {
+                return Err(Attempt::Raise(others + 1));
+            }
+            // Every slot after the run that a deposed writer could reach
+            // becomes this writer's (see `fence_round`); taken slots that
+            // continue the run are applied, and the window moves on.
+            let mut ours = BTreeSet::new();
+            loop {
+                let end = replayed.contiguous_end;
+                let mut taken = fence_round(store, id, epoch, writer, end, &mut ours, true).await?;
+                while let Some(found) = taken.remove(&(replayed.contiguous_end + 1)) {
+                    match replayed.extend(id.as_str(), path, &mut sums, found).await {
+                        Ok(()) => {}
+                        Err(e @ LogError::Corrupt(_)) => {
+                            recheck().await?;
+                            return Err(Attempt::from_log(id, e));
+                        }
+                        Err(e) => return Err(Attempt::from_log(id, e)),
+                    }
                 }
-                warn!(customer_id = %id, epoch, newer = replayed.max_epoch, "the log was written under a newer epoch than this lease's; not taking over");
-                return Err(Attempt::Failed(TenantError::NotHolder));
+                if replayed.contiguous_end == end {
+                    break;
+                }
             }
             let end = replayed.contiguous_end;
-            let clean = lease.previous().is_some_and(|r| r.released);
-            if clean && let Some(stray) = replayed.stray.first() {
-                recheck().await?;
-                // A holder releases only once all its uploads are settled:
-                // after a clean release the log has no holes to fence.
-                return Err(Attempt::Failed(TenantError::Corrupt(format!(
-                    "customer {id}: gap in the log: {} is missing while {} exists, and the last holder released cleanly; restore the missing object, or make the state before the gap current with `tenantd restore --customer-id {id} --at {end} --in-place --yes`",
-                    keys::log_slot(id.as_str(), end + 1),
-                    keys::log_slot(id.as_str(), *stray),
-                ))));
-            }
-            let next = if clean {
-                end + 1
-            } else {
-                // The previous holder may still be uploading: take every
-                // slot it could reach.
-                let next = log::fence(
-                    store,
-                    id.as_str(),
-                    epoch,
-                    &ctx.machine_id,
-                    end,
-                    &replayed.stray,
-                )
-                .await
-                .map_err(|e| Attempt::from_log(id, e))?;
-                info!(customer_id = %id, from = end + 1, to = end + WINDOW, "fenced the log after a takeover");
-                next
-            };
+            let next = end + WINDOW + 1;
+            info!(customer_id = %id, from = end + 1, to = end + WINDOW, epoch, "fenced the log for this takeover");
             // After the fences, the old holder can confirm nothing past
             // `end`, so it can compact nothing newer than what was read: a
             // snapshot unchanged now means nothing read was compacted away.
@@ -327,10 +381,155 @@ async fn attempt(
         }
         Source::Convert { .. } => (snapshot.seq, snapshot.seq + 1, (0, 0)),
     };
+    Ok(Rebuilt {
+        snapshot,
+        sums,
+        applied,
+        next_slot,
+        since,
+        converting: matches!(source, Source::Convert { .. }),
+        source,
+        recorded,
+    })
+}
+
+/// One round of making the slots after the run ending at `end` this
+/// writer's (every takeover, whatever the previous lock says): fences go
+/// into `end + 1 ..= end + WINDOW` at once. A slot found taken is read
+/// directly, never by listing again (a listing that lags would hide it on
+/// every try), and returned: the caller applies (or, deleting, passes) the
+/// object right after the run and calls again, until the slot after the
+/// run holds its own fence. Objects of other acquisitions then left in the
+/// window lie after that fence: with an epoch as new as `epoch` (judged
+/// when `judge_epochs`) they would not be skipped, so the epoch is raised
+/// first.
+async fn fence_round(
+    store: &DynStore,
+    id: &TenantId,
+    epoch: u64,
+    writer: &Writer,
+    end: u64,
+    ours: &mut BTreeSet<u64>,
+    judge_epochs: bool,
+) -> Result<BTreeMap<u64, Fetched>, Attempt> {
+    let taken = log::fence_window(store, id.as_str(), epoch, writer, end, ours)
+        .await
+        .map_err(|e| Attempt::from_log(id, e))?;
+    if judge_epochs
+        && let Some(newest) = taken.values().map(|f| f.delta.epoch).max()
+        && newest >= epoch
+    {
+        return Err(Attempt::Raise(newest + 1));
+    }
+    Ok(taken)
+}
+
+/// Fences a tenant's log for its deletion, under the deleter's lease: the
+/// slots a paused holder could still reach become the deleter's fences,
+/// which the delete keeps, so a late upload finds its slot taken. Reads no
+/// log object's content (a tenant whose log is unusable can still be
+/// deleted). Returns the fences' keys.
+pub(crate) async fn fence_for_delete(
+    store: &DynStore,
+    id: &TenantId,
+    lease: &Lease,
+    holder: &str,
+) -> Result<Vec<String>, TenantError> {
+    let key = keys::database(id.as_str());
+    let writer = Writer {
+        holder: holder.to_string(),
+        token: lease.token().to_string(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if !lease.is_valid() || Instant::now() > deadline {
+            return Err(TenantError::NotHolder);
+        }
+        let base = match store.head(&key).await.map_err(|e| unavailable(id, e))? {
+            Some(meta) => log::describe_snapshot(&key, meta.etag, &meta.metadata)
+                .ok()
+                .map(|s| s.seq),
+            None => None,
+        };
+        let listed = log::list_slots(store, id.as_str(), 0)
+            .await
+            .map_err(|e| unavailable(id, store_error(e)))?;
+        // Without a readable snapshot, the run starts at the oldest slot left.
+        let base = base.unwrap_or_else(|| listed.first().map_or(0, |(seq, _)| seq - 1));
+        let mut end = base;
+        for (seq, _) in listed.iter().filter(|(seq, _)| *seq > base) {
+            if *seq != end + 1 {
+                break;
+            }
+            end = *seq;
+        }
+        let mut ours = BTreeSet::new();
+        let fenced = loop {
+            let before = end;
+            match fence_round(store, id, lease.epoch(), &writer, end, &mut ours, false).await {
+                Ok(taken) => {
+                    while taken.contains_key(&(end + 1)) {
+                        end += 1;
+                    }
+                    if end == before {
+                        break Ok(end);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match fenced {
+            Ok(end) => {
+                return Ok((end + 1..=end + WINDOW)
+                    .map(|seq| keys::log_slot(id.as_str(), seq))
+                    .collect());
+            }
+            Err(Attempt::Again(why)) => {
+                warn!(customer_id = %id, why, "the log changed while it was fenced for deletion; fencing again");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(Attempt::Failed(e)) => return Err(e),
+            Err(Attempt::Raise(_)) => unreachable!("epochs are not judged for a delete"),
+        }
+    }
+}
+
+fn store_error(e: LogError) -> StoreError {
+    match e {
+        LogError::Store(e) => e,
+        other => StoreError::Fatal {
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Opens the rebuilt file as the working copy, and converts a snapshot
+/// not yet in the commit-log format.
+async fn open(
+    id: &TenantId,
+    ctx: &ActorContext,
+    lease: &Lease,
+    path: &Path,
+    rebuilt: Rebuilt,
+) -> Result<Claimed, Attempt> {
+    let store = &ctx.store;
+    let failed = |e: StoreError| Attempt::Failed(unavailable(id, e));
+    let key = keys::database(id.as_str());
+    let epoch = lease.epoch();
+    let Rebuilt {
+        snapshot,
+        sums,
+        applied,
+        next_slot,
+        since,
+        source,
+        recorded,
+        ..
+    } = rebuilt;
     let (owned, source_key) = (
         path.to_path_buf(),
         match &source {
-            Source::Snapshot => key.to_string(),
+            Source::Snapshot => key.clone(),
             Source::Convert { key, .. } => key.clone(),
         },
     );
@@ -374,10 +573,14 @@ async fn attempt(
     .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?;
     copy = copy_back;
     let (seq, body, checksum) = job;
-    let metadata = log::snapshot_metadata(epoch, seq, checksum, &ctx.machine_id);
+    let writer = Writer {
+        holder: ctx.machine_id.clone(),
+        token: lease.token().to_string(),
+    };
+    let metadata = log::snapshot_metadata(epoch, seq, checksum, &writer);
     let written = ctx.metrics.upload_bytes.with_label_values(&["snapshot"]);
     let len = body.len() as u64;
-    match store.put(key, body, metadata, condition).await {
+    match store.put(&key, body, metadata, condition).await {
         Ok(etag) => {
             written.inc_by(len);
             info!(customer_id = %id, seq, "converted the database to the commit-log format");
@@ -389,6 +592,7 @@ async fn attempt(
                     seq,
                     epoch,
                     legacy: false,
+                    token: Some(writer.token.clone()),
                 },
                 next_slot: next_slot.max(seq + 1),
                 since_snapshot: since,

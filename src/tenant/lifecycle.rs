@@ -7,11 +7,15 @@
 //! Shared by the `tenantd tenants` commands and the HTTP admin routes.
 //!
 //! Deletion never leaves a tenant that looks whole but is not: the
-//! deleter first takes the tenant's lease (so no machine writes it
-//! meanwhile), then removes the original app's copy, then `db.sqlite3`
-//! (from here on the tenant does not exist, and no machine recreates it:
-//! a request is answered 404 before any lease is contended for), then
-//! everything else under `customer/<id>/`, and the lock last.
+//! deleter first takes the tenant's lease and fences its log like any new
+//! holder (so no machine writes it meanwhile, and a paused holder's late
+//! upload finds its slot taken), then removes the original app's copy,
+//! then `db.sqlite3` (from here on the tenant does not exist, and no
+//! machine recreates it: a request is answered 404 before any lease is
+//! contended for), then everything else under `customer/<id>/` but its
+//! own fences, and the lock last. The fences stay: removed, a late upload
+//! could land in their slots. A tenant created again under the same id
+//! starts its log after them.
 
 use std::time::{Duration, SystemTime};
 
@@ -61,13 +65,38 @@ impl Created {
 }
 
 /// The metadata of a new database object: what a holder's upload carries,
-/// before any holder.
-fn new_database_metadata() -> Metadata {
+/// before any holder. Its log starts after slot `seq`.
+fn new_database_metadata(seq: u64) -> Metadata {
     let mut metadata = Metadata::new();
     metadata.insert("tenantd-epoch".into(), "0".into());
-    metadata.insert("tenantd-seq".into(), "0".into());
+    metadata.insert("tenantd-seq".into(), seq.to_string());
     metadata.insert("tenantd-format".into(), "log".into());
     metadata
+}
+
+/// The last slot a deleted incarnation of the tenant left (its deleter's
+/// fences): a new incarnation's log starts after it. Slots a listing does
+/// not show yet are found by reading past the last one it shows; any
+/// missed still make the first holder's fences read them (its claim
+/// applies them as fences and raises its epoch above theirs).
+async fn leftover_end(store: &DynStore, id: &TenantId) -> StoreResult<u64> {
+    let listed = store
+        .list(&keys::log_prefix(id.as_str()), None)
+        .await?
+        .into_iter()
+        .filter_map(|l| keys::log_seq(&l.key))
+        .max();
+    let Some(mut end) = listed else {
+        return Ok(0);
+    };
+    while store
+        .head(&keys::log_slot(id.as_str(), end + 1))
+        .await?
+        .is_some()
+    {
+        end += 1;
+    }
+    Ok(end)
 }
 
 /// Creates the tenant with a new, empty database (`If-None-Match: *`).
@@ -86,8 +115,16 @@ pub async fn create(store: &DynStore, id: &TenantId) -> anyhow::Result<Created> 
         .await
         .context("building a new database")??;
     let key = keys::database(id.as_str());
+    let after = leftover_end(store, id)
+        .await
+        .with_context(|| format!("cannot list the log of customer {id}"))?;
     match store
-        .put(&key, bytes, new_database_metadata(), Precondition::IfAbsent)
+        .put(
+            &key,
+            bytes,
+            new_database_metadata(after),
+            Precondition::IfAbsent,
+        )
         .await
     {
         Ok(_) => {
@@ -131,14 +168,18 @@ pub struct Deleter {
 pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyhow::Result<Deleted> {
     let prefix = keys::tenant_prefix(id.as_str());
     let legacy = keys::legacy_database(id.as_str());
+    let lock = keys::lock(id.as_str());
     let listed = store
         .list(&prefix, None)
         .await
         .with_context(|| format!("cannot list {prefix}"))?;
-    if listed.is_empty() && store.head(&legacy).await?.is_none() {
+    // What an earlier delete keeps: fences.
+    let kept = |l: &crate::store::Listed| {
+        keys::log_seq(&l.key).is_some() && crate::tenant::log::is_fence_size(l.size)
+    };
+    if listed.iter().all(kept) && store.head(&legacy).await?.is_none() {
         return Ok(Deleted::Absent);
     }
-    let lock = keys::lock(id.as_str());
     let mut contender = Contender::new(store.clone(), lock.clone(), deleter.lease.clone());
     let lease = match contender
         .acquire_until(Instant::now() + deleter.wait)
@@ -169,6 +210,13 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
             ))
         }
     };
+    // Fenced like any takeover: a holder paused with uploads under way
+    // must find its slots taken when it wakes, not land them after the
+    // delete.
+    let holder = lease.record().holder;
+    let fences = crate::tenant::claim::fence_for_delete(store, id, &lease, &holder)
+        .await
+        .map_err(|e| anyhow::anyhow!("customer {id}: cannot fence its log for the delete: {e}"))?;
     // The original app's copy first: with db.sqlite3 gone, it would be
     // imported as the tenant's database.
     check()?;
@@ -183,7 +231,7 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
     let rest: Vec<String> = rest
         .into_iter()
         .map(|l| l.key)
-        .filter(|k| *k != lock)
+        .filter(|k| *k != lock && !fences.contains(k))
         .collect();
     let objects = rest.len() + 2;
     let mut deletions = futures::stream::iter(rest.into_iter().map(|key| {
@@ -375,7 +423,16 @@ mod tests {
             .unwrap();
         assert_eq!(deleted, Deleted::Deleted);
         assert!(!tenant_exists(&store, &id("a")).await.unwrap());
-        assert!(store.list("customer/a/", None).await.unwrap().is_empty());
+        // Only the deleter's fences stay, after the log's last slot.
+        let left: Vec<String> = store
+            .list("customer/a/", None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key)
+            .collect();
+        let fences: Vec<String> = (4..=7).map(|seq| keys::log_slot("a", seq)).collect();
+        assert_eq!(left, fences);
         assert!(
             tenant_exists(&store, &id("ab")).await.unwrap(),
             "a neighbour survives"

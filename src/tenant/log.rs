@@ -15,9 +15,11 @@
 //!   uploads are unconfirmed, and acknowledges a commit only when it and
 //!   every slot before it are confirmed. So its unconfirmed slots all lie
 //!   within `WINDOW` slots after the end of the contiguous run of objects.
-//! - A new holder (after a takeover that was not a clean release) finds the
-//!   end `P` of the contiguous run after the snapshot, and puts a fence into
-//!   every empty slot of `P+1 ..= P+WINDOW`. An old holder's upload into any
+//! - Every new writer (any takeover, a restore, a delete) finds the end `P`
+//!   of the contiguous run after the snapshot, and makes every slot of
+//!   `P+1 ..= P+WINDOW` its fence or an object it read directly (slots
+//!   found taken are read, not listed, and move `P` on), with an epoch
+//!   above every other acquisition's. An old holder's upload into any
 //!   of them fails, so it never acknowledges anything past `P`; its objects
 //!   that landed past a hole carry an older epoch than the fence before them
 //!   and are skipped by every reader.
@@ -28,6 +30,7 @@
 //!   below the snapshot is never read, and one of a deposed holder is
 //!   behind a fence it cannot pass.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -53,6 +56,9 @@ pub const SEQ_KEY: &str = "tenantd-seq";
 pub const EPOCH_KEY: &str = "tenantd-epoch";
 pub const CHECKSUM_KEY: &str = "tenantd-checksum";
 pub const HOLDER_KEY: &str = "tenantd-holder";
+/// The lease token of the acquisition that wrote a log object or snapshot:
+/// what "is this slot mine?" compares (epochs and slots can repeat).
+pub const TOKEN_KEY: &str = "tenantd-token";
 
 /// Why a tenant's stored state cannot be used. Names the object.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -80,6 +86,8 @@ pub struct Snapshot {
     /// Written by tenantd before the commit log (no format marker): the
     /// first holder converts it.
     pub legacy: bool,
+    /// The acquisition that wrote it (absent on older snapshots).
+    pub token: Option<String>,
 }
 
 /// What a holder learns from recovering a tenant.
@@ -99,24 +107,46 @@ pub struct Recovered {
     pub delta_bytes: u64,
 }
 
+/// Who writes: a holder's machine, and the token of its acquisition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Writer {
+    pub holder: String,
+    pub token: String,
+}
+
+impl Writer {
+    /// Whether `metadata` names this acquisition. Objects without a token
+    /// (older builds) are never ours.
+    pub fn wrote(&self, metadata: &Metadata) -> bool {
+        metadata.get(TOKEN_KEY) == Some(&self.token)
+    }
+
+    fn owns(&self, token: Option<&str>) -> bool {
+        token == Some(self.token.as_str())
+    }
+}
+
 /// Snapshot metadata for a snapshot that covers slot `seq`.
-pub fn snapshot_metadata(epoch: u64, seq: u64, checksum: u64, holder: &str) -> Metadata {
+pub fn snapshot_metadata(epoch: u64, seq: u64, checksum: u64, writer: &Writer) -> Metadata {
     let mut metadata = Metadata::new();
     metadata.insert(FORMAT_KEY.into(), FORMAT_LOG.into());
     metadata.insert(EPOCH_KEY.into(), epoch.to_string());
     metadata.insert(SEQ_KEY.into(), seq.to_string());
     metadata.insert(CHECKSUM_KEY.into(), format!("{checksum:016x}"));
-    metadata.insert(HOLDER_KEY.into(), holder.to_string());
+    metadata.insert(HOLDER_KEY.into(), writer.holder.clone());
+    metadata.insert(TOKEN_KEY.into(), writer.token.clone());
     metadata
 }
 
 /// Metadata of a log object: enough to recognise one's own upload by a
-/// HEAD after an unclear outcome.
-pub fn slot_metadata(epoch: u64, seq: u64, holder: &str) -> Metadata {
+/// HEAD after an unclear outcome (the token), and to judge its epoch
+/// without reading it.
+pub fn slot_metadata(epoch: u64, seq: u64, writer: &Writer) -> Metadata {
     let mut metadata = Metadata::new();
     metadata.insert(EPOCH_KEY.into(), epoch.to_string());
     metadata.insert(SEQ_KEY.into(), seq.to_string());
-    metadata.insert(HOLDER_KEY.into(), holder.to_string());
+    metadata.insert(HOLDER_KEY.into(), writer.holder.clone());
+    metadata.insert(TOKEN_KEY.into(), writer.token.clone());
     metadata
 }
 
@@ -143,6 +173,7 @@ pub fn describe_snapshot(key: &str, etag: ETag, metadata: &Metadata) -> Result<S
         seq,
         epoch: number(metadata, EPOCH_KEY).unwrap_or(0),
         legacy,
+        token: metadata.get(TOKEN_KEY).cloned(),
     })
 }
 
@@ -174,28 +205,48 @@ pub async fn list_slots(
     Ok(slots)
 }
 
+/// A log object as read: decoded, with the acquisition that wrote it.
+pub struct Fetched {
+    pub delta: Delta,
+    pub token: Option<String>,
+    pub bytes: u64,
+}
+
+/// Reads and decodes one log object; `None` when the slot is empty.
+pub async fn fetch_slot(store: &DynStore, id: &str, seq: u64) -> Result<Option<Fetched>, LogError> {
+    let key = keys::log_slot(id, seq);
+    let Some(object) = store.get(&key).await? else {
+        return Ok(None);
+    };
+    let token = object.metadata.get(TOKEN_KEY).cloned();
+    let body = object.body;
+    let bytes = body.len() as u64;
+    let delta = tokio::task::spawn_blocking(move || {
+        Delta::decode(&key, &body).map_err(|e| LogError::Corrupt(e.to_string()))
+    })
+    .await
+    .map_err(|e| LogError::Local(format!("decoding failed: {e}")))??;
+    Ok(Some(Fetched {
+        delta,
+        token,
+        bytes,
+    }))
+}
+
 /// Fetches and decodes log objects, in slot order, a few at a time.
 pub async fn fetch_slots(
     store: &DynStore,
     id: &str,
     slots: &[u64],
-) -> Result<Vec<Delta>, LogError> {
+) -> Result<Vec<Fetched>, LogError> {
     futures::stream::iter(slots.iter().copied())
-        .map(|seq| {
-            let store = store.clone();
-            let key = keys::log_slot(id, seq);
-            async move {
-                let object = store
-                    .get(&key)
-                    .await?
-                    .ok_or_else(|| LogError::Raced(format!("{key} was listed but is gone")))?;
-                let body = object.body;
-                tokio::task::spawn_blocking(move || {
-                    Delta::decode(&key, &body).map_err(|e| LogError::Corrupt(e.to_string()))
-                })
-                .await
-                .map_err(|e| LogError::Local(format!("decoding failed: {e}")))?
-            }
+        .map(|seq| async move {
+            fetch_slot(store, id, seq).await?.ok_or_else(|| {
+                LogError::Raced(format!(
+                    "{} was listed but is gone",
+                    keys::log_slot(id, seq)
+                ))
+            })
         })
         .buffered(FETCH_PARALLELISM)
         .try_collect()
@@ -242,6 +293,124 @@ pub struct Replayed {
     /// The newest epoch the snapshot or any object replayed carries: a
     /// holder with an older epoch has been superseded.
     pub max_epoch: u64,
+    /// Each acquisition seen (snapshot and every object read, skipped ones
+    /// too), with the newest epoch it wrote.
+    writers: Vec<(Option<String>, u64)>,
+}
+
+impl Replayed {
+    fn new(snapshot: &Snapshot, contiguous_end: u64, stray: Vec<u64>) -> Replayed {
+        Replayed {
+            applied: snapshot.seq,
+            contiguous_end,
+            stray,
+            deltas: 0,
+            delta_bytes: 0,
+            last_committed_at_ms: None,
+            max_epoch: snapshot.epoch,
+            writers: vec![(snapshot.token.clone(), snapshot.epoch)],
+        }
+    }
+
+    fn saw(&mut self, token: Option<&String>, epoch: u64) {
+        match self.writers.iter_mut().find(|(t, _)| t.as_ref() == token) {
+            Some((_, newest)) => *newest = (*newest).max(epoch),
+            None => self.writers.push((token.cloned(), epoch)),
+        }
+    }
+
+    /// The newest epoch any acquisition but `writer`'s wrote in what was
+    /// read: a new writer's epoch must be above it.
+    pub fn others_epoch(&self, writer: &Writer) -> u64 {
+        self.writers
+            .iter()
+            .filter(|(token, _)| !writer.owns(token.as_deref()))
+            .map(|(_, epoch)| *epoch)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Applies the object in the slot after the run (read directly, not
+    /// listed), extending the run by one slot.
+    pub async fn extend(
+        &mut self,
+        id: &str,
+        path: &Path,
+        sums: &mut PageSums,
+        fetched: Fetched,
+    ) -> Result<(), LogError> {
+        let seq = fetched.delta.seq;
+        if seq != self.contiguous_end + 1 {
+            return Err(LogError::Local(format!(
+                "slot {seq} does not follow the run ending at {}",
+                self.contiguous_end
+            )));
+        }
+        self.contiguous_end = seq;
+        self.apply(id, path, sums, fetched, Until::End).await?;
+        Ok(())
+    }
+
+    /// Applies one object of the run (skipped when an older epoch than
+    /// one before it); false once `until` is passed.
+    async fn apply(
+        &mut self,
+        id: &str,
+        path: &Path,
+        sums: &mut PageSums,
+        fetched: Fetched,
+        until: Until,
+    ) -> Result<bool, LogError> {
+        let Fetched {
+            delta,
+            token,
+            bytes,
+        } = fetched;
+        self.saw(token.as_ref(), delta.epoch);
+        if delta.epoch < self.max_epoch {
+            return Ok(true);
+        }
+        self.max_epoch = delta.epoch;
+        if delta.kind == Kind::Fence {
+            return Ok(true);
+        }
+        if let Until::Time(at) = until
+            && delta.committed_at_ms > at
+        {
+            return Ok(false);
+        }
+        let key = keys::log_slot(id, delta.seq);
+        if delta.pre_checksum != sums.checksum() {
+            return Err(LogError::Corrupt(format!(
+                "checksum mismatch at {key}: it was built on a database with checksum {:016x}, but the state before it has {:016x}; the snapshot or an earlier object does not belong to this log",
+                delta.pre_checksum,
+                sums.checksum()
+            )));
+        }
+        let (path_owned, delta) = (path.to_path_buf(), delta);
+        let mut owned_sums = std::mem::take(sums);
+        let (delta, owned_sums) = tokio::task::spawn_blocking(move || {
+            delta::apply_to_file(&path_owned, &delta)?;
+            owned_sums.apply(delta.db_pages, &delta.pages);
+            Ok::<_, std::io::Error>((delta, owned_sums))
+        })
+        .await
+        .map_err(|e| LogError::Local(format!("applying {key} failed: {e}")))?
+        .map_err(|e| LogError::Local(format!("cannot apply {key} to {}: {e}", path.display())))?;
+        *sums = owned_sums;
+        if delta.post_checksum != sums.checksum() {
+            return Err(LogError::Corrupt(format!(
+                "checksum mismatch after {key}: it says {:016x}, applying it gave {:016x}",
+                delta.post_checksum,
+                sums.checksum()
+            )));
+        }
+        self.applied = delta.seq;
+        self.deltas += 1;
+        self.delta_bytes += bytes;
+        self.last_committed_at_ms = Some(delta.committed_at_ms);
+        Ok(true)
+    }
 }
 
 /// Replays the log after `snapshot` onto the database file at `path`
@@ -266,13 +435,12 @@ pub async fn replay(
 /// The log after a snapshot as listed, with the first deltas to replay
 /// already fetched: a new holder gets this while the snapshot downloads.
 pub struct Plan {
-    listed: Vec<(u64, u64)>,
     contiguous_end: u64,
     stray: Vec<u64>,
     /// Slots to replay, in order.
     wanted: Vec<u64>,
     /// The first of them, fetched.
-    fetched: Vec<Delta>,
+    fetched: Vec<Fetched>,
 }
 
 /// Slots replayed per round of fetches: bounds memory for a long log.
@@ -315,7 +483,6 @@ pub async fn plan(
     let first = &wanted[..wanted.len().min(CHUNK)];
     let fetched = fetch_slots(store, id, first).await?;
     Ok(Plan {
-        listed,
         contiguous_end,
         stray,
         wanted,
@@ -334,117 +501,80 @@ pub async fn replay_planned(
     plan: Plan,
 ) -> Result<Replayed, LogError> {
     let Plan {
-        listed,
         contiguous_end,
         stray,
         wanted,
         fetched,
     } = plan;
-    let mut replayed = Replayed {
-        applied: snapshot.seq,
-        contiguous_end,
-        stray,
-        deltas: 0,
-        delta_bytes: 0,
-        last_committed_at_ms: None,
-        max_epoch: snapshot.epoch,
-    };
-    let sizes: std::collections::HashMap<u64, u64> = listed.into_iter().collect();
-    let mut max_epoch = snapshot.epoch;
+    let mut replayed = Replayed::new(snapshot, contiguous_end, stray);
     let mut prefetched = Some(fetched);
     for chunk in wanted.chunks(CHUNK) {
-        let deltas = match prefetched.take() {
-            Some(deltas) => deltas,
+        let objects = match prefetched.take() {
+            Some(objects) => objects,
             None => fetch_slots(store, id, chunk).await?,
         };
-        for delta in deltas {
-            if delta.epoch < max_epoch {
-                continue;
-            }
-            max_epoch = delta.epoch;
-            replayed.max_epoch = max_epoch;
-            if delta.kind == Kind::Fence {
-                continue;
-            }
-            if let Until::Time(at) = until
-                && delta.committed_at_ms > at
-            {
+        for fetched in objects {
+            if !replayed.apply(id, path, sums, fetched, until).await? {
                 return Ok(replayed);
             }
-            let key = keys::log_slot(id, delta.seq);
-            if delta.pre_checksum != sums.checksum() {
-                return Err(LogError::Corrupt(format!(
-                    "checksum mismatch at {key}: it was built on a database with checksum {:016x}, but the state before it has {:016x}; the snapshot or an earlier object does not belong to this log",
-                    delta.pre_checksum,
-                    sums.checksum()
-                )));
-            }
-            let (path_owned, delta) = (path.to_path_buf(), delta);
-            let mut owned_sums = std::mem::take(sums);
-            let (delta, owned_sums) = tokio::task::spawn_blocking(move || {
-                delta::apply_to_file(&path_owned, &delta)?;
-                owned_sums.apply(delta.db_pages, &delta.pages);
-                Ok::<_, std::io::Error>((delta, owned_sums))
-            })
-            .await
-            .map_err(|e| LogError::Local(format!("applying {key} failed: {e}")))?
-            .map_err(|e| {
-                LogError::Local(format!("cannot apply {key} to {}: {e}", path.display()))
-            })?;
-            *sums = owned_sums;
-            if delta.post_checksum != sums.checksum() {
-                return Err(LogError::Corrupt(format!(
-                    "checksum mismatch after {key}: it says {:016x}, applying it gave {:016x}",
-                    delta.post_checksum,
-                    sums.checksum()
-                )));
-            }
-            replayed.applied = delta.seq;
-            replayed.deltas += 1;
-            replayed.delta_bytes += sizes.get(&delta.seq).copied().unwrap_or(0);
-            replayed.last_committed_at_ms = Some(delta.committed_at_ms);
         }
     }
     Ok(replayed)
 }
 
-/// Puts a fence into every slot a previous holder could still reach: the
-/// empty ones of `end + 1 ..= end + WINDOW`, where `end` closes the
-/// contiguous run and `occupied` lists the objects past it. Returns the
-/// first slot the new writer may use. Any slot taken meanwhile means the
-/// log moved on under us: the caller reads it again.
-pub async fn fence(
+/// Puts this writer's fence into every slot of `end + 1 ..= end + WINDOW`
+/// not already in `ours`, all at once (one round trip), and adds those
+/// that landed to `ours`. A slot found taken is read directly — a listing
+/// may not show it yet, however long it lags — and returned: the caller
+/// applies it when it continues the run (`end + 1`), or judges its epoch.
+pub async fn fence_window(
     store: &DynStore,
     id: &str,
     epoch: u64,
-    holder: &str,
+    writer: &Writer,
     end: u64,
-    occupied: &[u64],
-) -> Result<u64, LogError> {
+    ours: &mut BTreeSet<u64>,
+) -> Result<BTreeMap<u64, Fetched>, LogError> {
     let now = unix_ms(SystemTime::now());
-    let slots = (end + 1..=end + WINDOW).filter(|s| !occupied.contains(s));
-    let puts = slots.map(|seq| {
-        let store = store.clone();
+    let slots: Vec<u64> = (end + 1..=end + WINDOW)
+        .filter(|s| !ours.contains(s))
+        .collect();
+    let puts = slots.into_iter().map(|seq| async move {
         let key = keys::log_slot(id, seq);
         let body = Delta::fence(epoch, seq, now)
             .encode()
             .expect("a fence has no pages to miss");
-        let metadata = slot_metadata(epoch, seq, holder);
-        async move {
-            match store
-                .put(&key, body, metadata, Precondition::IfAbsent)
-                .await
-            {
-                Ok(_) => Ok(()),
-                Err(e) if e.is_precondition() => Err(LogError::Raced(format!(
-                    "{key} was written while this holder fenced it"
+        let metadata = slot_metadata(epoch, seq, writer);
+        match store
+            .put(&key, body, metadata, Precondition::IfAbsent)
+            .await
+        {
+            Ok(_) => Ok((seq, None)),
+            Err(e) if e.is_precondition() => match fetch_slot(store, id, seq).await? {
+                Some(found) => Ok((seq, Some(found))),
+                None => Err(LogError::Raced(format!(
+                    "{key} was taken while this holder fenced it, and then removed"
                 ))),
-                Err(e) => Err(LogError::Store(e)),
-            }
+            },
+            Err(e) => Err(LogError::Store(e)),
         }
     });
-    futures::future::try_join_all(puts).await?;
-    Ok(end + WINDOW + 1)
+    let mut taken = BTreeMap::new();
+    for (seq, found) in futures::future::try_join_all(puts).await? {
+        match found {
+            // An earlier attempt of ours whose answer was lost.
+            Some(found) if writer.owns(found.token.as_deref()) => {
+                ours.insert(seq);
+            }
+            Some(found) => {
+                taken.insert(seq, found);
+            }
+            None => {
+                ours.insert(seq);
+            }
+        }
+    }
+    Ok(taken)
 }
 
 /// Whether a log object of this size is a fence (kept forever).
@@ -514,7 +644,7 @@ pub struct Compaction {
     pub epoch: u64,
     pub checksum: u64,
     pub body: Bytes,
-    pub holder: String,
+    pub writer: Writer,
     /// Also delete what no restore within the retention needs. Off on
     /// release, where every round trip delays the handoff: the next
     /// compaction collects it.
@@ -578,7 +708,7 @@ pub async fn compact(
             .map(|t| now.duration_since(t).unwrap_or_default());
         if newest.is_none_or(|age| age >= retention.archive_every()) {
             let archive = keys::archive(id, job.seq);
-            let metadata = snapshot_metadata(job.epoch, job.seq, job.checksum, &job.holder);
+            let metadata = snapshot_metadata(job.epoch, job.seq, job.checksum, &job.writer);
             match store
                 .put(&archive, job.body.clone(), metadata, Precondition::IfAbsent)
                 .await
@@ -643,7 +773,7 @@ async fn write_snapshot(
     known: &Snapshot,
     job: &Compaction,
 ) -> Result<Snapshot, LogError> {
-    let metadata = snapshot_metadata(job.epoch, job.seq, job.checksum, &job.holder);
+    let metadata = snapshot_metadata(job.epoch, job.seq, job.checksum, &job.writer);
     let mut condition = match &known.etag {
         Some(etag) => Precondition::IfMatch(etag.clone()),
         None => Precondition::IfAbsent,
@@ -659,6 +789,7 @@ async fn write_snapshot(
                     seq: job.seq,
                     epoch: job.epoch,
                     legacy: false,
+                    token: Some(job.writer.token.clone()),
                 });
             }
             Err(e) if e.is_precondition() => {

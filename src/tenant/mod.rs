@@ -3,7 +3,7 @@
 //! registry decides which tenants this machine holds.
 
 pub mod actor;
-mod claim;
+pub(crate) mod claim;
 mod copy;
 pub mod db;
 pub mod delta;

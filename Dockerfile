@@ -3,15 +3,23 @@
 
 FROM rust:1-bookworm AS builder
 WORKDIR /src
-# Dependencies first, so that a source change does not rebuild them: a
-# dummy crate with the real manifest compiles every dependency once.
+# Dependencies first, so that a source change does not rebuild them: the
+# real manifests of the workspace with dummy sources compile every
+# dependency once.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+COPY crates/tenantd-core/Cargo.toml crates/tenantd-core/
+COPY crates/tenantd-dev/Cargo.toml crates/tenantd-dev/
+COPY crates/tenantd-chaos/Cargo.toml crates/tenantd-chaos/
+COPY crates/tenantd-bench/Cargo.toml crates/tenantd-bench/
+COPY crates/tenantd-sim/Cargo.toml crates/tenantd-sim/
+RUN mkdir -p src && echo 'fn main() {}' > src/main.rs \
+    && for c in crates/*/; do mkdir -p "$c/src" && touch "$c/src/lib.rs"; done \
     && cargo build --release --locked \
-    && rm -rf src
+    && rm -rf src crates/*/src
 COPY src ./src
+COPY crates ./crates
 # Make sure cargo sees the real sources as newer than the dummy build.
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked
+RUN find src crates -name '*.rs' -exec touch {} + && cargo build --release --locked
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \

@@ -1,5 +1,13 @@
-//! The `tenantd` binary: parses arguments, sets up logging, and hands over to
-//! the library.
+//! The `tenantd` binary: parses arguments and hands over to the core
+//! library (`tenantd-core`) or to a tool crate (`tenantd-dev`,
+//! `tenantd-chaos`, `tenantd-bench`). The CLI-only commands (`sql`,
+//! `restore`'s flags, `tenants`, `fly`) live here.
+
+mod fly;
+mod restore_cli;
+mod serve_args;
+mod sql_client;
+mod tenants_cli;
 
 use clap::{Parser, Subcommand};
 
@@ -17,22 +25,22 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve tenants' databases (one tenant with CUSTOMER_ID, else pool mode).
-    Serve(Box<tenantd::config::ServeArgs>),
+    Serve(Box<serve_args::ServeArgs>),
     /// Run a local stand-in for a Fly app: machines, edge proxy, internal DNS.
-    Dev(tenantd::dev::DevArgs),
+    Dev(tenantd_dev::DevArgs),
     /// Run the chaos workload and check that no acknowledged write is lost.
-    Chaos(tenantd::chaos::ChaosArgs),
+    Chaos(tenantd_chaos::ChaosArgs),
     /// Measure durable throughput, latency, failover and cold starts.
-    Bench(tenantd::bench::BenchArgs),
+    Bench(tenantd_bench::BenchArgs),
     /// Provision and scale tenants' machines through the Fly Machines API.
-    Fly(tenantd::fly::FlyArgs),
+    Fly(fly::FlyArgs),
     /// Run SQL against a tenant's database through the app's URL.
-    Sql(tenantd::sql_client::SqlArgs),
+    Sql(sql_client::SqlArgs),
     /// Write a tenant's database as of any kept commit, or make that state
     /// the current one (`--in-place`).
-    Restore(tenantd::restore::RestoreArgs),
+    Restore(restore_cli::RestoreArgs),
     /// Create, delete and list tenants in the store.
-    Tenants(tenantd::tenants_cli::TenantsArgs),
+    Tenants(tenants_cli::TenantsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,14 +48,14 @@ fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => tenantd::server::main(*args).await,
-            Command::Dev(args) => tenantd::dev::run(args).await,
-            Command::Chaos(args) => tenantd::chaos::run(args).await,
-            Command::Bench(args) => tenantd::bench::run(args).await,
-            Command::Fly(args) => tenantd::fly::run(args).await,
-            Command::Sql(args) => tenantd::sql_client::run(args).await,
-            Command::Restore(args) => tenantd::restore::run(args).await,
-            Command::Tenants(args) => tenantd::tenants_cli::run(args).await,
+            Command::Serve(args) => tenantd_core::server::main((*args).into()).await,
+            Command::Dev(args) => tenantd_dev::run(args).await,
+            Command::Chaos(args) => tenantd_chaos::run(args).await,
+            Command::Bench(args) => tenantd_bench::run(args).await,
+            Command::Fly(args) => fly::run(args).await,
+            Command::Sql(args) => sql_client::run(args).await,
+            Command::Restore(args) => restore_cli::run(args).await,
+            Command::Tenants(args) => tenants_cli::run(args).await,
         }
     });
     // Blocking threads (a tenant's SQLite work) must not keep the process

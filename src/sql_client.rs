@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::tenant::sql::guard::first_keyword;
+use tenantd_core::tenant::sql::guard::first_keyword;
 
 #[derive(Args, Debug)]
 pub struct SqlArgs {

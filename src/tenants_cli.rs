@@ -7,12 +7,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use crate::TenantId;
-use crate::config::{check_store_configured, parse_duration, store_url};
-use crate::lease::{LeaseConfig, Session};
-use crate::store::retry::RetryPolicy;
-use crate::store::{DynStore, FaultConfig, StoreUrl, open_store};
-use crate::tenant::lifecycle::{self, Deleter};
+use tenantd_core::TenantId;
+use tenantd_core::config::{check_store_configured, parse_duration, store_url};
+use tenantd_core::lease::{LeaseConfig, Session};
+use tenantd_core::store::retry::RetryPolicy;
+use tenantd_core::store::{DynStore, FaultConfig, StoreUrl, open_store};
+use tenantd_core::tenant::lifecycle::{self, Deleter};
 
 #[derive(Args, Debug)]
 pub struct TenantsArgs {
@@ -52,7 +52,7 @@ pub enum TenantsCommand {
 }
 
 pub async fn run(args: TenantsArgs) -> anyhow::Result<()> {
-    crate::server::init_tracing_at(crate::config::LogFormat::Text, "warn");
+    tenantd_core::server::init_tracing_at(tenantd_core::config::LogFormat::Text, "warn");
     check_store_configured(args.store.as_ref()).map_err(anyhow::Error::msg)?;
     let url = store_url(args.store.as_ref())
         .map_err(|e| anyhow::anyhow!("{e}: fix --store / TENANTD_STORE"))?;

@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tenantd::TenantId;
-use tenantd::metrics::Metrics;
-use tenantd::store::fault::FaultHandle;
-use tenantd::store::retry::RetryPolicy;
-use tenantd::store::{DynStore, FaultConfig, Metadata, Precondition, StoreUrl, keys, open_store};
-use tenantd::tenant::actor::ActorContext;
-use tenantd::tenant::{Op, Registry, RegistryConfig, Route, log};
+use tenantd_core::TenantId;
+use tenantd_core::metrics::Metrics;
+use tenantd_core::store::fault::FaultHandle;
+use tenantd_core::store::retry::RetryPolicy;
+use tenantd_core::store::{
+    DynStore, FaultConfig, Metadata, Precondition, StoreUrl, keys, open_store,
+};
+use tenantd_core::tenant::actor::ActorContext;
+use tenantd_core::tenant::{Op, Registry, RegistryConfig, Route, log};
 
 /// A tenant database of about `mb` megabytes holding count 41.
 fn big_database(dir: &Path, mb: usize) -> Bytes {
@@ -79,7 +81,7 @@ fn registry(store: DynStore, dir: &Path, ttl: Duration) -> Arc<Registry> {
     )
 }
 
-async fn local(registry: &Arc<Registry>, id: &TenantId) -> tenantd::tenant::TenantHandle {
+async fn local(registry: &Arc<Registry>, id: &TenantId) -> tenantd_core::tenant::TenantHandle {
     match registry.route(id, true).await {
         Route::Local(handle) => handle,
         other => panic!("expected to hold {id}, got {other:?}"),
@@ -150,7 +152,7 @@ async fn claiming_a_100_mb_tenant_on_one_worker_costs_no_other_tenant_its_lease(
     let ttl = Duration::from_millis(1500);
     let registry = registry(store.clone(), dir.path(), ttl);
     let small = TenantId::parse("small").unwrap();
-    tenantd::tenant::lifecycle::create(&store, &small)
+    tenantd_core::tenant::lifecycle::create(&store, &small)
         .await
         .unwrap();
     let held = local(&registry, &small).await;

@@ -43,7 +43,7 @@ fn a_short_chaos_run_finds_no_violation() {
 /// API under the nemeses that fit in 14 s; the tables read back through the
 /// API and from the store conserve the sum and hold every acknowledged
 /// transfer exactly once. (The checker's own tests in
-/// `src/chaos/sql_checker.rs` show it reports lost, doubled, partial,
+/// `crates/tenantd-chaos/src/sql_checker.rs` show it reports lost, doubled, partial,
 /// refused-but-stored and phantom transfers.)
 #[test]
 fn a_short_sql_chaos_run_finds_no_violation() {

@@ -4,7 +4,7 @@
 //! writes. `TENANTD_SIM_SEED=N` replays one seed, `TENANTD_SIM_SEEDS=N` runs
 //! the first N (for longer runs than CI's).
 
-use tenantd::chaos::sim::run_seed;
+use tenantd_sim::sim::run_seed;
 
 const STEPS: usize = 120;
 

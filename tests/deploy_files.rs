@@ -30,6 +30,23 @@ fn serve_help() -> String {
     .unwrap()
 }
 
+/// The builder stage sees the whole workspace: every crate's manifest
+/// (cargo refuses a workspace with a member missing) and its sources.
+#[test]
+fn dockerfile_copies_every_workspace_crate() {
+    let docker = repo_file("Dockerfile");
+    assert!(
+        docker.contains("COPY crates ./crates"),
+        "the crates' sources"
+    );
+    let crates = std::fs::read_dir(format!("{}/crates", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    for entry in crates {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let manifest = format!("COPY crates/{name}/Cargo.toml crates/{name}/");
+        assert!(docker.contains(&manifest), "missing: {manifest}");
+    }
+}
+
 #[test]
 fn dockerfile_builds_in_one_stage_and_runs_the_binary_as_non_root_in_another() {
     let docker = repo_file("Dockerfile");

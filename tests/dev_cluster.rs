@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use tenantd::dev::{Cluster, DevConfig, MachineState, MachineStatus};
-use tenantd::fly_dns::FlyDns;
+use tenantd_core::fly_dns::FlyDns;
+use tenantd_dev::{Cluster, DevConfig, MachineState, MachineStatus};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tenantd");
 
@@ -395,7 +395,7 @@ async fn dev_cross_tenant_request_ends_on_the_other_tenants_holder() {
         .await
         .unwrap();
     let replay = resp.headers().get("fly-replay").expect("fly-replay answer");
-    let replay = tenantd::dev::edge::parse_fly_replay(replay.to_str().unwrap());
+    let replay = tenantd_dev::edge::parse_fly_replay(replay.to_str().unwrap());
     assert_eq!(
         replay.instance.as_deref(),
         Some(holder.machine.id.as_str()),
@@ -474,7 +474,7 @@ async fn dev_kill_holder_takeover_and_restart() {
     // Wide enough that polling `ls` sees the machine while it waits.
     cfg.restart_delay = Some(Duration::from_secs(2));
     let cluster = Cluster::start(cfg).await.unwrap();
-    let admin = tenantd::dev::admin::Client::new(&cluster.admin_url().unwrap());
+    let admin = tenantd_dev::admin::Client::new(&cluster.admin_url().unwrap());
     let traffic = Traffic::start(cluster.edge_url(), "100", 4);
     traffic.wait_acked(50, Duration::from_secs(30)).await;
     let holder = holder_of(&cluster, "100").await;

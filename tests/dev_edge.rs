@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tenantd::dev::{Cluster, DevConfig, LogSink, MachineState};
+use tenantd_dev::{Cluster, DevConfig, LogSink, MachineState};
 
 const STAND_IN: &str = r#"
 import http.server, json, os

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tenantd::dev::{Cluster, DevConfig, MachineState};
+use tenantd_dev::{Cluster, DevConfig, MachineState};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tenantd");
 

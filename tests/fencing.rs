@@ -9,14 +9,14 @@ mod support;
 
 use std::time::Duration;
 
-use tenantd::TenantId;
-use tenantd::lease::{Acquire, Contender, LeaseConfig, Session};
-use tenantd::metrics::Metrics;
-use tenantd::store::{DynStore, FaultConfig, FaultStore, Precondition, keys};
-use tenantd::tenant::actor::{ActorContext, TenantActor};
-use tenantd::tenant::delta::Delta;
-use tenantd::tenant::log::{self, Until};
-use tenantd::tenant::{Op, TenantError};
+use tenantd_core::TenantId;
+use tenantd_core::lease::{Acquire, Contender, LeaseConfig, Session};
+use tenantd_core::metrics::Metrics;
+use tenantd_core::store::{DynStore, FaultConfig, FaultStore, Precondition, keys};
+use tenantd_core::tenant::actor::{ActorContext, TenantActor};
+use tenantd_core::tenant::delta::Delta;
+use tenantd_core::tenant::log::{self, Until};
+use tenantd_core::tenant::{Op, TenantError};
 
 fn increment() -> Op {
     Op::Increment {

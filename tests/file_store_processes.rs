@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tenantd::store::{ETag, FileStore, Metadata, ObjectStore, Precondition, StoreError};
+use tenantd_core::store::{ETag, FileStore, Metadata, ObjectStore, Precondition, StoreError};
 
 const PROCESSES: usize = 6;
 const ROUNDS: usize = 5;

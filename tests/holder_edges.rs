@@ -6,16 +6,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tenantd::TenantId;
-use tenantd::lease::{Acquire, Contender, Lease, LeaseConfig, LockState, Session, read_lock};
-use tenantd::metrics::Metrics;
-use tenantd::store::fault::FaultHandle;
-use tenantd::store::{
+use tenantd_core::TenantId;
+use tenantd_core::lease::{Acquire, Contender, Lease, LeaseConfig, LockState, Session, read_lock};
+use tenantd_core::metrics::Metrics;
+use tenantd_core::store::fault::FaultHandle;
+use tenantd_core::store::{
     DynStore, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition, keys,
 };
-use tenantd::tenant::actor::{ActorContext, TenantActor};
-use tenantd::tenant::log;
-use tenantd::tenant::{Op, TenantError, lifecycle};
+use tenantd_core::tenant::actor::{ActorContext, TenantActor};
+use tenantd_core::tenant::log;
+use tenantd_core::tenant::{Op, TenantError, lifecycle};
 
 const TENANT: &str = "42";
 

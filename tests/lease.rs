@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use tenantd::lease::{
+use tenantd_core::lease::{
     Acquire, Contender, HeartbeatRecord, Lease, LeaseConfig, LockState, Session, read_lock,
 };
-use tenantd::metrics::Metrics;
-use tenantd::store::fault::FaultHandle;
-use tenantd::store::instrumented::InstrumentedStore;
-use tenantd::store::{
+use tenantd_core::metrics::Metrics;
+use tenantd_core::store::fault::FaultHandle;
+use tenantd_core::store::instrumented::InstrumentedStore;
+use tenantd_core::store::{
     DynStore, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition, keys,
 };
 use tokio::time::Instant;

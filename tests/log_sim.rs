@@ -10,7 +10,7 @@
 //! runs the first N, `TENANTD_LOG_SIM_TRACE=1` prints a failing seed's
 //! events.
 
-use tenantd::chaos::log_sim::{LogSimConfig, LogSimOutcome, Recheck, run_seed};
+use tenantd_sim::log_sim::{LogSimConfig, LogSimOutcome, Recheck, run_seed};
 
 fn seeds() -> Vec<u64> {
     match std::env::var("TENANTD_LOG_SIM_SEED") {

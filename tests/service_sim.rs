@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use tenantd::chaos::service_sim::{Mode, run_seed};
+use tenantd_sim::service_sim::{Mode, run_seed};
 
 const SECONDS: u64 = 20;
 

@@ -8,9 +8,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tenantd::store::conformance;
-use tenantd::store::retry::RetryPolicy;
-use tenantd::store::{
+use tenantd_core::store::conformance;
+use tenantd_core::store::retry::RetryPolicy;
+use tenantd_core::store::{
     DynStore, FaultConfig, FaultStore, FileStore, MemoryStore, RetryingStore, S3Store,
 };
 
@@ -131,7 +131,7 @@ async fn s3_listings_span_pages_and_stay_inside_the_store_prefix() {
 
 #[tokio::test]
 async fn without_retries_injected_faults_surface_as_their_kinds() {
-    use tenantd::store::{Metadata, ObjectStore, Precondition, StoreError};
+    use tenantd_core::store::{Metadata, ObjectStore, Precondition, StoreError};
     let inner: DynStore = Arc::new(MemoryStore::new());
     let conflicts = FaultStore::new(
         inner.clone(),

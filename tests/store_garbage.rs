@@ -12,8 +12,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::Response;
-use tenantd::store::retry::RetryPolicy;
-use tenantd::store::{
+use tenantd_core::store::retry::RetryPolicy;
+use tenantd_core::store::{
     DynStore, ETag, Metadata, ObjectStore, Precondition, RetryingStore, S3Store, StoreError,
 };
 

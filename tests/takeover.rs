@@ -14,17 +14,17 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use tenantd::TenantId;
-use tenantd::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
-use tenantd::metrics::Metrics;
-use tenantd::store::{
+use tenantd_core::TenantId;
+use tenantd_core::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
+use tenantd_core::metrics::Metrics;
+use tenantd_core::store::{
     DynStore, ETag, Listed, MemoryStore, Metadata, Object, ObjectMeta, ObjectStore, Precondition,
     StoreError, StoreResult, keys,
 };
-use tenantd::tenant::actor::{ActorContext, TenantActor};
-use tenantd::tenant::lifecycle::{self, Deleter};
-use tenantd::tenant::log::{self, Until};
-use tenantd::tenant::{Answer, Op, TenantError, TenantHandle};
+use tenantd_core::tenant::actor::{ActorContext, TenantActor};
+use tenantd_core::tenant::lifecycle::{self, Deleter};
+use tenantd_core::tenant::log::{self, Until};
+use tenantd_core::tenant::{Answer, Op, TenantError, TenantHandle};
 
 const ID: &str = "42";
 
@@ -265,7 +265,7 @@ async fn start(
 ) -> Result<
     (
         TenantHandle,
-        tokio::task::JoinHandle<tenantd::tenant::actor::Exit>,
+        tokio::task::JoinHandle<tenantd_core::tenant::actor::Exit>,
     ),
     TenantError,
 > {
@@ -284,7 +284,7 @@ async fn holder(
     machine: &str,
 ) -> (
     TenantHandle,
-    tokio::task::JoinHandle<tenantd::tenant::actor::Exit>,
+    tokio::task::JoinHandle<tenantd_core::tenant::actor::Exit>,
 ) {
     let lease = acquire(store, machine).await;
     start(store, dir, machine, lease).await.unwrap()
@@ -442,7 +442,7 @@ async fn restore_in_place_fences_after_a_log_that_ends_in_fences() {
         })
     }));
     let two = Until::Seq(deltas[1]);
-    tenantd::restore::in_place(&r_store, &id(), two, true, ttl() * 10, ttl())
+    tenantd_core::restore::in_place(&r_store, &id(), two, true, ttl() * 10, ttl())
         .await
         .expect("the restore goes through");
     eprintln!("B's request: {:?}", late.await.unwrap());
@@ -565,7 +565,7 @@ async fn restore_in_place_onto_the_current_state_writes_no_delta() {
 
     let (before, _) = slots(&net.base).await;
     let now = Until::Seq(*before.last().unwrap());
-    tenantd::restore::in_place(&net.base, &id(), now, true, ttl() * 10, ttl())
+    tenantd_core::restore::in_place(&net.base, &id(), now, true, ttl() * 10, ttl())
         .await
         .expect("the restore goes through");
     let (after, _) = slots(&net.base).await;

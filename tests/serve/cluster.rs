@@ -42,7 +42,7 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     /// The S3 store the machines use, for reading objects back; `None` for
     /// the file store (read straight from disk).
-    pub s3: Option<tenantd::store::DynStore>,
+    pub s3: Option<tenantd_core::store::DynStore>,
 }
 
 impl Setup {

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use tenantd::store::{FileStore, Metadata, ObjectStore, Precondition};
-use tenantd::tenant::delta::Delta;
+use tenantd_core::store::{FileStore, Metadata, ObjectStore, Precondition};
+use tenantd_core::tenant::delta::Delta;
 
 use crate::cluster::{BIN, FlyClient, Setup, eventually};
 use crate::failover::{check_history, traffic};

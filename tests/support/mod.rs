@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use tenantd::store::{DynStore, S3Store};
+use tenantd_core::store::{DynStore, S3Store};
 
 struct Moto {
     endpoint: String,

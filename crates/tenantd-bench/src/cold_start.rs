@@ -19,8 +19,10 @@ use serde::Serialize;
 
 use super::load;
 use super::machines::{Machine, Setup, metric_sum};
-use crate::store::retry::RetryPolicy;
-use crate::store::{DynStore, FaultConfig, Metadata, Precondition, StoreUrl, keys, open_store};
+use tenantd_core::store::retry::RetryPolicy;
+use tenantd_core::store::{
+    DynStore, FaultConfig, Metadata, Precondition, StoreUrl, keys, open_store,
+};
 
 /// Increments measured after the first one (whose commit is a delta
 /// too): a cold start replays one more delta than this.
@@ -219,10 +221,10 @@ async fn log_slots_after(
     metadata: &Metadata,
 ) -> anyhow::Result<usize> {
     let seq: u64 = metadata
-        .get(crate::tenant::log::SEQ_KEY)
+        .get(tenantd_core::tenant::log::SEQ_KEY)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let slots = crate::tenant::log::list_slots(store, customer, seq)
+    let slots = tenantd_core::tenant::log::list_slots(store, customer, seq)
         .await
         .map_err(|e| anyhow::anyhow!("cannot list the log of {customer}: {e}"))?;
     Ok(slots.len())

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::chaos::history::{Op, Outcome};
-use crate::chaos::workload::Workload;
-use crate::dev::{Cluster, DevConfig, LogSink};
+use tenantd_chaos::history::{Op, Outcome};
+use tenantd_chaos::workload::Workload;
+use tenantd_dev::{Cluster, DevConfig, LogSink};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct FailoverResult {

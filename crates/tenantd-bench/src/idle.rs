@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use super::load;
 use super::machines::{Machine, Setup, store_requests};
-use crate::lease::{LockState, read_lock};
-use crate::store::keys;
+use tenantd_core::lease::{LockState, read_lock};
+use tenantd_core::store::keys;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct IdleResult {

@@ -5,6 +5,9 @@
 //! failover and handoff with real processes; cold starts by database size;
 //! store writes caused by requests for tenants that do not exist.
 
+// The bench report is one `json!` literal with many keys.
+#![recursion_limit = "256"]
+
 mod cold_start;
 mod failover;
 mod held_tenants;
@@ -23,9 +26,9 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
 
-use crate::config::parse_duration;
-use crate::store::retry::RetryPolicy;
-use crate::store::{FaultConfig, Metadata, Precondition, StoreUrl, open_store};
+use tenantd_core::config::parse_duration;
+use tenantd_core::store::retry::RetryPolicy;
+use tenantd_core::store::{FaultConfig, Metadata, Precondition, StoreUrl, open_store};
 
 pub use report::Report;
 
@@ -85,7 +88,7 @@ const HEADLINE_CLIENTS: usize = 256;
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // The bench's own machines would drown the progress lines at info.
-    crate::server::init_tracing_at(crate::config::LogFormat::Text, "warn");
+    tenantd_core::server::init_tracing_at(tenantd_core::config::LogFormat::Text, "warn");
     anyhow::ensure!(
         !args.concurrency.is_empty() && args.concurrency.iter().all(|c| *c > 0),
         "--concurrency needs at least one level, each above 0"

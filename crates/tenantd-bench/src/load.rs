@@ -157,8 +157,12 @@ async fn send(
         let Some(replay) = reply.headers().get("fly-replay") else {
             return Some(reply);
         };
-        target = match replay.to_str().ok().and_then(crate::replay::parse_replay) {
-            Some(crate::replay::Target::Instance(id)) => id,
+        target = match replay
+            .to_str()
+            .ok()
+            .and_then(tenantd_core::replay::parse_replay)
+        {
+            Some(tenantd_core::replay::Target::Instance(id)) => id,
             _ => other(&target)?,
         };
     }

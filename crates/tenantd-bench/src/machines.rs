@@ -8,25 +8,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::config::ServeArgs;
-use crate::store::{DynStore, FileStore, StoreResult};
+use tenantd_core::config::ServeConfig;
+use tenantd_core::store::{DynStore, FileStore, StoreResult, StoreUrl};
 
 /// The SQL API token every bench machine is started with
 /// (`--api-token`).
 pub const API_TOKEN: &str = "tenantd-bench";
-
-/// Parses `tenantd serve` flags, so the bench configures its machines with
-/// exactly the flags an operator would use.
-#[derive(Parser)]
-struct Flags {
-    #[command(flatten)]
-    serve: ServeArgs,
-}
 
 /// How to start one in-process machine.
 #[derive(Clone, Debug)]
@@ -72,8 +63,8 @@ impl Setup {
     pub async fn create_tenants(&self, ids: &[&str]) -> anyhow::Result<()> {
         let store = self.store()?;
         for id in ids {
-            let id = crate::TenantId::parse(id).map_err(|e| anyhow::anyhow!("{e}"))?;
-            crate::tenant::lifecycle::create(&store, &id).await?;
+            let id = tenantd_core::TenantId::parse(id).map_err(|e| anyhow::anyhow!("{e}"))?;
+            tenantd_core::tenant::lifecycle::create(&store, &id).await?;
         }
         Ok(())
     }
@@ -90,38 +81,24 @@ impl Machine {
     pub async fn start(setup: &Setup, id: &str) -> anyhow::Result<Machine> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let argv: Vec<String> = [
-            "serve",
-            "--listen",
-            &addr.to_string(),
-            "--machine-id",
-            id,
-            "--customer-id",
-            setup.customer.as_deref().unwrap_or(""),
-            "--store",
-            &format!("file://{}", absolute(&setup.store_root)?.display()),
-            "--data-dir",
-            &setup.data_dir.join(id).display().to_string(),
-            "--lease-ttl",
-            &humantime::format_duration(setup.lease_ttl).to_string(),
-            "--idle-timeout",
-            &humantime::format_duration(setup.idle_timeout).to_string(),
-            "--drain-timeout",
-            &humantime::format_duration(setup.drain_timeout).to_string(),
-            "--faults",
-            &setup.faults,
-            "--api-token",
-            API_TOKEN,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut args = Flags::try_parse_from(argv)?.serve;
-        // The bench reads /metrics and /_status, open without an admin token
-        // (one in the environment would put them behind it).
-        args.admin_token = None;
+        // The flags' defaults (`ServeConfig::default()` is checked against
+        // them) with what an operator would pass; no admin token, since the
+        // bench reads /metrics and /_status.
+        let args = ServeConfig {
+            listen: addr,
+            machine_id: Some(id.to_string()),
+            customer_id: Some(setup.customer.clone().unwrap_or_default()),
+            store: Some(StoreUrl::File(absolute(&setup.store_root)?)),
+            data_dir: setup.data_dir.join(id),
+            lease_ttl: setup.lease_ttl,
+            idle_timeout: setup.idle_timeout,
+            drain_timeout: setup.drain_timeout,
+            faults: Some(setup.faults.clone()),
+            api_token: Some(API_TOKEN.to_string()),
+            ..ServeConfig::default()
+        };
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(crate::server::run_with(
+        let task = tokio::spawn(tenantd_core::server::run_with(
             args,
             listener,
             async {

@@ -174,7 +174,7 @@ pub fn throughput(ops: &[Op], run_ms: u64) -> Throughput {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chaos::history::Outcome;
+    use crate::history::Outcome;
 
     fn event(kind: &str, customer: &str, start_ms: u64, end_ms: u64) -> NemesisEvent {
         NemesisEvent {

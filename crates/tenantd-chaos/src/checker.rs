@@ -7,7 +7,7 @@
 //! (c) each client's acknowledged counts (per customer) strictly increase;
 //! (d) counts acknowledged under a higher epoch are above those under a
 //!     lower one;
-//! (e) availability (src/chaos/availability.rs): acknowledged / sent, the
+//! (e) availability (crates/tenantd-chaos/src/availability.rs): acknowledged / sent, the
 //!     longest stretch without a successful write per customer outside the
 //!     windows in which a nemesis stopped its holder or no request of the
 //!     customer was in flight, and for each kill the time to the customer's

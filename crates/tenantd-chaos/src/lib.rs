@@ -9,10 +9,7 @@
 pub mod availability;
 pub mod checker;
 pub mod history;
-pub mod log_sim;
 pub mod nemesis;
-pub mod service_sim;
-pub mod sim;
 pub mod sql_checker;
 pub mod sql_hostile;
 pub mod sql_workload;
@@ -28,11 +25,11 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::json;
 
-use crate::config::parse_duration;
-use crate::dev::{Cluster, DevConfig};
 use checker::Report;
 use history::NemesisEvent;
 use sql_checker::{Accounts, SqlReport};
+use tenantd_core::config::parse_duration;
+use tenantd_dev::{Cluster, DevConfig};
 
 /// Between two requests of the hostile client: often enough to share
 /// batches with transfers, rarely enough that runaway queries (each up to
@@ -103,9 +100,9 @@ pub struct ChaosArgs {
 }
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
-    crate::server::init_tracing(crate::config::LogFormat::Text);
+    tenantd_core::server::init_tracing(tenantd_core::config::LogFormat::Text);
     for customer in &args.customers {
-        crate::TenantId::parse(customer)?;
+        tenantd_core::TenantId::parse(customer)?;
     }
     let kinds: Vec<&'static str> = if args.nemeses.is_empty() {
         nemesis::KINDS.to_vec()
@@ -134,7 +131,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     };
     let baseline = match &args.faults {
         Some(json) => {
-            serde_json::from_str::<crate::store::FaultConfig>(json)
+            serde_json::from_str::<tenantd_core::store::FaultConfig>(json)
                 .with_context(|| format!("invalid --faults {json:?}"))?;
             json.clone()
         }
@@ -150,9 +147,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             config.lease_ttl = args.lease_ttl;
             config.restart_delay = Some(Duration::from_millis(availability::KILLED_FOR_MS));
             config.log_sink = if args.logs {
-                crate::dev::logs::LogSink::Stdout
+                tenantd_dev::logs::LogSink::Stdout
             } else {
-                crate::dev::logs::LogSink::Quiet
+                tenantd_dev::logs::LogSink::Quiet
             };
             config.api_token = Some(api_token.clone());
             // Compaction and garbage collection every few commits, so that

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use super::history::NemesisEvent;
-use crate::dev::Cluster;
+use tenantd_dev::Cluster;
 
 pub const KINDS: &[&str] = &[
     "kill_holder",
@@ -287,13 +287,14 @@ mod tests {
         for (kind, faults, _) in STORE_FAULTS {
             assert!(KINDS.contains(kind), "{kind} is not in KINDS");
             let layered = layered(r#"{"latency":"20ms","error_rate":0.02}"#, faults);
-            let config: crate::store::fault::FaultConfig =
+            let config: tenantd_core::store::fault::FaultConfig =
                 serde_json::from_str(&layered).unwrap_or_else(|e| panic!("{kind}: {layered}: {e}"));
             assert_eq!(config.latency, Duration::from_millis(20), "{kind}");
-            assert_ne!(config, crate::store::fault::FaultConfig::default());
+            assert_ne!(config, tenantd_core::store::fault::FaultConfig::default());
         }
         let errors = layered(r#"{"latency":"20ms","error_rate":0.02}"#, STORE_FAULTS[0].1);
-        let config: crate::store::fault::FaultConfig = serde_json::from_str(&errors).unwrap();
+        let config: tenantd_core::store::fault::FaultConfig =
+            serde_json::from_str(&errors).unwrap();
         assert_eq!(config.error_rate, 0.05, "the nemesis' setting wins");
         assert_eq!(layered("{}", "{}"), "{}");
     }

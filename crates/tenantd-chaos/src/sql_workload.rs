@@ -27,9 +27,9 @@ use serde_json::{Value, json};
 use super::sql_checker::{
     Accounts, FinalState, Finals, ReadOp, TransferOp, TransferOutcome, TransferRow,
 };
-use crate::store::retry::RetryPolicy;
-use crate::store::{FaultConfig, StoreUrl, open_store};
-use crate::tenant::log::Until;
+use tenantd_core::store::retry::RetryPolicy;
+use tenantd_core::store::{FaultConfig, StoreUrl, open_store};
+use tenantd_core::tenant::log::Until;
 
 /// Attempts of one transfer (the first and the retries with its key).
 const MAX_ATTEMPTS: u32 = 5;
@@ -427,7 +427,7 @@ pub async fn store_finals(store: &StoreUrl, customers: &[String], scratch: &Path
     for customer in customers {
         let path = scratch.join(format!("final-{customer}.sqlite3"));
         if let Err(e) =
-            crate::restore::materialize_retrying(&store, customer, &path, Until::End).await
+            tenantd_core::restore::materialize_retrying(&store, customer, &path, Until::End).await
         {
             tracing::warn!(customer, "rebuilding the stored database: {e:#}");
             continue;

@@ -30,11 +30,13 @@
 //! [`Session`]): the standby loop must not take back a lock that request
 //! routing holds, or two leases of one machine would overlap.
 
+mod heartbeat;
 mod observer;
 mod session;
 
+pub use heartbeat::HeartbeatRecord;
 pub use observer::{Beat, Observation};
-pub use session::{HeartbeatRecord, Incarnation, Session};
+pub use session::{Incarnation, Session};
 
 use std::fmt::Debug;
 use std::sync::Arc;

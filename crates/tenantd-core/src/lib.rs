@@ -10,19 +10,19 @@
 //!   fenced uploads, idempotency keys.
 //! - [`router`]: per request, serve here, replay to the holder, acquire, or 404.
 //! - [`http`]: routes, content negotiation, the SQL API, `/metrics`, `/_status`.
-//! - [`server`]: wires it all together for `tenantd serve`.
-//! - [`tenants_cli`]: `tenantd tenants create|delete|ls` (the lifecycle in
-//!   [`tenant::lifecycle`]).
-//! - [`dev`], [`chaos`], [`bench`], [`fly`]: the local Fly stand-in, the
-//!   chaos checker, the benchmark and the Machines API client.
+//! - [`server`]: wires it all together for `tenantd serve`, from a plain
+//!   [`config::ServeConfig`].
+//! - [`restore`]: a tenant's database as of a kept commit, to a file or in
+//!   place.
+//! - [`fly`], [`fly_dns`]: where a tenant is held on Fly (Machines API,
+//!   internal DNS).
+//!
+//! This crate is the product alone: it parses no command line and depends
+//! on no tool. The `tenantd` binary (CLI), `tenantd-dev`, `tenantd-chaos`,
+//! `tenantd-bench` and `tenantd-sim` depend on it, never the reverse (see
+//! docs/architecture.md).
 
-// The bench report is one `json!` literal with many keys.
-#![recursion_limit = "256"]
-
-pub mod bench;
-pub mod chaos;
 pub mod config;
-pub mod dev;
 pub mod fly;
 pub mod fly_dns;
 pub mod http;
@@ -31,10 +31,8 @@ pub mod metrics;
 pub mod replay;
 pub mod restore;
 pub mod server;
-pub mod sql_client;
 pub mod store;
 pub mod tenant;
 pub mod tenant_id;
-pub mod tenants_cli;
 
 pub use tenant_id::TenantId;

@@ -1,5 +1,6 @@
-//! `tenantd restore`: a tenant's database as of any commit still kept
-//! (`--retention`), written to a file, or made the tenant's current state.
+//! Restore: a tenant's database as of any commit still kept (retention),
+//! written to a file, or made the tenant's current state (`tenantd restore`
+//! parses its flags in the binary and calls in here).
 //!
 //! In place, the restore is a commit like any other: it takes the tenant's
 //! lease and takes the tenant over through the claim's code (fences,
@@ -12,100 +13,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
-use clap::Args;
 
 use crate::TenantId;
 use crate::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
-use crate::store::{
-    DynStore, FaultConfig, Precondition, StoreUrl, keys, open_store, retry::RetryPolicy,
-};
+use crate::store::{DynStore, Precondition, keys};
 use crate::tenant::TenantError;
 use crate::tenant::claim::take_over;
 use crate::tenant::delta::{self, Delta, Kind, PageSums};
 use crate::tenant::log::{self, LogError, Materialized, Until, Writer};
 
-#[derive(Args, Clone, Debug)]
-pub struct RestoreArgs {
-    /// The tenant to restore.
-    #[arg(long, env = "CUSTOMER_ID")]
-    pub customer_id: String,
-
-    /// The commit to restore to: an RFC 3339 time (the last commit at or
-    /// before it) or a log slot number [default: the newest commit].
-    #[arg(long)]
-    pub at: Option<String>,
-
-    /// Write the database to this file (a plain SQLite file).
-    #[arg(long, required_unless_present = "in_place")]
-    pub output: Option<PathBuf>,
-
-    /// Make the restored state the tenant's current state, as a new commit
-    /// under the tenant's lease.
-    #[arg(long, conflicts_with = "output")]
-    pub in_place: bool,
-
-    /// Confirm an in-place restore that rolls commits back.
-    #[arg(long)]
-    pub yes: bool,
-
-    /// Object store, as for `tenantd serve`.
-    #[arg(long, env = "TENANTD_STORE")]
-    pub store: Option<StoreUrl>,
-
-    /// How long an in-place restore waits for the tenant's holder to let go.
-    #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
-    pub wait: Duration,
-}
-
-/// Parses `--at`: a slot number or an RFC 3339 time.
-pub fn parse_at(text: Option<&str>) -> anyhow::Result<Until> {
-    let Some(text) = text else {
-        return Ok(Until::End);
-    };
-    if let Ok(seq) = text.parse::<u64>() {
-        return Ok(Until::Seq(seq));
-    }
-    let time = chrono::DateTime::parse_from_rfc3339(text).with_context(|| {
-        format!(
-            "--at {text:?} is neither a slot number nor an RFC 3339 time (2026-11-30T12:00:00Z)"
-        )
-    })?;
-    let ms = time.timestamp_millis();
-    if ms < 0 {
-        bail!("--at {text:?} is before 1970");
-    }
-    Ok(Until::Time(ms as u64))
-}
-
-pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
-    let id = TenantId::parse(&args.customer_id)
-        .map_err(|e| anyhow::anyhow!("--customer-id {:?}: {e}", args.customer_id))?;
-    let until = parse_at(args.at.as_deref())?;
-    crate::config::check_store_configured(args.store.as_ref()).map_err(anyhow::Error::msg)?;
-    let url = crate::config::store_url(args.store.as_ref()).map_err(anyhow::Error::msg)?;
-    let (store, _) = open_store(&url, FaultConfig::default(), RetryPolicy::default(), None)
-        .await
-        .with_context(|| format!("opening the store {url}"))?;
-    if let Some(output) = &args.output {
-        let done = materialize_retrying(&store, id.as_str(), output, until).await?;
-        println!(
-            "customer {id}: wrote {} as of slot {} (--at {} from {} and {} deltas{})",
-            output.display(),
-            done.seq,
-            until,
-            done.base,
-            done.deltas,
-            done.last_committed_at_ms
-                .map(|ms| format!(", last commit at {}", log::rfc3339_ms(ms)))
-                .unwrap_or_default(),
-        );
-        return Ok(());
-    }
-    in_place(&store, &id, until, args.yes, args.wait, RESTORE_TTL).await
-}
-
 /// The lease ttl of an in-place restore.
-const RESTORE_TTL: Duration = Duration::from_secs(10);
+pub const RESTORE_TTL: Duration = Duration::from_secs(10);
 
 /// [`log::materialize`], read again when a compaction removed what it
 /// was reading.

@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info, warn};
 
 use crate::TenantId;
-use crate::config::{LogFormat, ReplayMode, ServeArgs};
+use crate::config::{LogFormat, ReplayMode, ServeConfig};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::store::retry::RetryPolicy;
@@ -41,7 +41,7 @@ const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(8);
 /// this one after it has gone.
 const DRAIN_LINGER_EXTRA: Duration = Duration::from_millis(500);
 
-pub async fn main(args: ServeArgs) -> anyhow::Result<()> {
+pub async fn main(args: ServeConfig) -> anyhow::Result<()> {
     init_tracing(args.log_format);
     raise_open_file_limit();
     crate::config::check_store_configured(args.store.as_ref()).map_err(anyhow::Error::msg)?;
@@ -72,7 +72,7 @@ fn raise_open_file_limit() {
 
 /// `--listen`, except that on Fly (FLY_PRIVATE_IP set) `0.0.0.0` becomes
 /// `[::]`: other machines reach this one at its 6PN (IPv6) address.
-fn listen_addr(args: &ServeArgs) -> SocketAddr {
+fn listen_addr(args: &ServeConfig) -> SocketAddr {
     let on_6pn = args.private_ip.as_deref().is_some_and(|ip| !ip.is_empty());
     if on_6pn && args.listen.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
         SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), args.listen.port())
@@ -112,7 +112,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Runs a server on `listener` until `shutdown` completes.
 pub async fn run(
-    args: ServeArgs,
+    args: ServeConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -120,8 +120,8 @@ pub async fn run(
 }
 
 /// `run`, with the bench-only setting that answers before the upload.
-pub(crate) async fn run_with(
-    args: ServeArgs,
+pub async fn run_with(
+    args: ServeConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
     ack_before_upload: bool,
@@ -169,9 +169,9 @@ pub(crate) async fn run_with(
         setting = %args.sqlite_heap_limit,
         "SQLite's heap is capped (--sqlite-heap-limit)"
     );
-    let sqlite = crate::tenant::sql::limits::configure(args.sqlite.limits())
-        .context("cannot set SQLite's limits")?;
-    if sqlite != args.sqlite.limits() {
+    let sqlite =
+        crate::tenant::sql::limits::configure(args.sqlite).context("cannot set SQLite's limits")?;
+    if sqlite != args.sqlite {
         warn!(
             ?sqlite,
             "SQLite lowered some --sql-max-* limits to its own maximum"
@@ -300,7 +300,7 @@ fn release_budget(drain_timeout: Duration, linger: Duration) -> Duration {
 /// `tenantd dev`, which also sets TENANTD_DNS_SERVER), and the Machines API
 /// for stopped machines when FLY_API_TOKEN is set (FLY_API_URL, else the
 /// API's address inside Fly's network).
-fn finder(args: &ServeArgs, max_cached: usize) -> Option<Arc<dyn http::MachineFinder>> {
+fn finder(args: &ServeConfig, max_cached: usize) -> Option<Arc<dyn http::MachineFinder>> {
     let app = args.app_name.as_deref().filter(|a| !a.is_empty())?;
     let dns = crate::fly_dns::FlyDns::new(app, args.dns_server).with_cache_bound(max_cached);
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());

@@ -85,7 +85,7 @@ async fn action(
 
 async fn scale(State(c): State<Arc<ClusterShared>>, Json(req): Json<ScaleRequest>) -> Response {
     if let Some(customer) = &req.customer
-        && let Err(e) = crate::TenantId::parse(customer)
+        && let Err(e) = tenantd_core::TenantId::parse(customer)
     {
         return error(StatusCode::BAD_REQUEST, e.to_string());
     }

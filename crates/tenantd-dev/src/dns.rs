@@ -327,7 +327,7 @@ pub fn mapped(ip: std::net::Ipv4Addr) -> Ipv6Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fly_dns::FlyDns;
+    use tenantd_core::fly_dns::FlyDns;
 
     fn machine(id: &str, last: u8, customer: &str) -> DnsMachine {
         DnsMachine {

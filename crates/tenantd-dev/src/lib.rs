@@ -27,8 +27,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::TenantId;
-use crate::store::StoreUrl;
+use tenantd_core::TenantId;
+use tenantd_core::store::StoreUrl;
 
 pub use admin::MachineStatus;
 pub use edge::EdgeStats;
@@ -204,7 +204,7 @@ pub struct Cluster {
 /// operator would with `tenantd tenants create`: machines answer 404 for
 /// tenants that do not exist.
 async fn create_tenants(cfg: &DevConfig) -> anyhow::Result<()> {
-    use crate::store::{FaultConfig, open_store, retry::RetryPolicy};
+    use tenantd_core::store::{FaultConfig, open_store, retry::RetryPolicy};
     let ids: Vec<&String> = cfg.customers.iter().chain(&cfg.tenants).collect();
     if ids.is_empty() {
         return Ok(());
@@ -218,7 +218,7 @@ async fn create_tenants(cfg: &DevConfig) -> anyhow::Result<()> {
     .await
     .map_err(|e| anyhow::anyhow!("cannot open the store {}: {e}", cfg.store))?;
     for id in ids {
-        crate::tenant::lifecycle::create(&store, &TenantId::parse(id)?).await?;
+        tenantd_core::tenant::lifecycle::create(&store, &TenantId::parse(id)?).await?;
     }
     Ok(())
 }
@@ -505,7 +505,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "./data")]
     pub data_dir: PathBuf,
     /// Lease TTL of machine.lock.
-    #[arg(long, default_value = "5s", value_parser = crate::config::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = tenantd_core::config::parse_duration)]
     pub lease_ttl: Duration,
     /// Delay before a crashed or killed machine restarts, or `never`.
     #[arg(long, default_value = "2s", value_parser = parse_optional_duration)]
@@ -534,7 +534,7 @@ pub struct OptionalDuration(pub Option<Duration>);
 fn parse_optional_duration(text: &str) -> Result<OptionalDuration, String> {
     match text {
         "never" | "off" | "none" => Ok(OptionalDuration(None)),
-        _ => crate::config::parse_duration(text).map(|d| OptionalDuration(Some(d))),
+        _ => tenantd_core::config::parse_duration(text).map(|d| OptionalDuration(Some(d))),
     }
 }
 

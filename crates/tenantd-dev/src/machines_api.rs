@@ -161,7 +161,7 @@ async fn create(
         .or_else(|| config.pointer("/env/CUSTOMER_ID").and_then(Value::as_str))
         .map(str::to_string);
     if let Some(customer) = &customer
-        && let Err(e) = crate::TenantId::parse(customer)
+        && let Err(e) = tenantd_core::TenantId::parse(customer)
     {
         return error(StatusCode::BAD_REQUEST, e.to_string());
     }

@@ -203,7 +203,7 @@ impl Supervisor {
     pub fn create(&self, customer: Option<String>) -> anyhow::Result<String> {
         let mut inner = self.inner.lock().unwrap();
         let id = loop {
-            let id = crate::config::random_machine_id();
+            let id = tenantd_core::config::random_machine_id();
             if !inner.machines.contains_key(&id) {
                 break id;
             }

@@ -55,11 +55,11 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::store::fault::FaultHandle;
-use crate::store::{
+use tenantd_core::store::fault::FaultHandle;
+use tenantd_core::store::{
     DynStore, ETag, FaultConfig, FaultStore, MemoryStore, Metadata, Precondition, StoreResult, keys,
 };
-use crate::tenant::delta::{Delta, FENCE_MAX_BYTES, Kind};
+use tenantd_core::tenant::delta::{Delta, FENCE_MAX_BYTES, Kind};
 
 const TENANT: &str = "sim";
 /// Slots a writer may have in flight past its acknowledged prefix.

@@ -30,20 +30,20 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio::time::Instant;
 
-use super::checker::{self, Report};
-use super::history::{NemesisEvent, Op, Outcome};
-use super::sim::HeartbeatCut;
-use crate::TenantId;
-use crate::lease::{LockState, read_lock};
-use crate::metrics::Metrics;
-use crate::store::fault::FaultHandle;
-use crate::store::retry::RetryPolicy;
-use crate::store::{
+use crate::sim::HeartbeatCut;
+use tenantd_chaos::checker::{self, Report};
+use tenantd_chaos::history::{NemesisEvent, Op, Outcome};
+use tenantd_core::TenantId;
+use tenantd_core::lease::{LockState, read_lock};
+use tenantd_core::metrics::Metrics;
+use tenantd_core::store::fault::FaultHandle;
+use tenantd_core::store::retry::RetryPolicy;
+use tenantd_core::store::{
     DynStore, FaultConfig, FaultStore, MemoryStore, ObjectStore, RetryingStore, keys,
 };
-use crate::tenant::actor::ActorContext;
-use crate::tenant::db::Db;
-use crate::tenant::{Op as TenantOp, Registry, RegistryConfig, Route, TenantError};
+use tenantd_core::tenant::actor::ActorContext;
+use tenantd_core::tenant::db::Db;
+use tenantd_core::tenant::{Op as TenantOp, Registry, RegistryConfig, Route, TenantError};
 
 const TTL: Duration = Duration::from_secs(1);
 /// Single-tenant mode serves the first; pool mode all of them.
@@ -209,7 +209,7 @@ impl World {
                 sql: Default::default(),
                 // Compaction and garbage collection often, so that crashes
                 // and pauses land in the middle of them.
-                retention: crate::tenant::log::Retention {
+                retention: tenantd_core::tenant::log::Retention {
                     keep: Duration::ZERO,
                     max_deltas: 5,
                     max_delta_bytes: 64 << 20,
@@ -275,7 +275,7 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
     // for tenants that do not.
     let store: DynStore = world.shared.clone();
     for tenant in &world.tenants {
-        crate::tenant::lifecycle::create(&store, tenant)
+        tenantd_core::tenant::lifecycle::create(&store, tenant)
             .await
             .expect("creating a tenant in the memory store");
     }
@@ -339,9 +339,14 @@ async fn stored(world: &World, customer: &str) -> (u64, u64) {
     }
     let path = world.data_dir.join(format!("final-{customer}.sqlite3"));
     let store: DynStore = world.shared.clone();
-    crate::tenant::log::materialize(&store, customer, &path, crate::tenant::log::Until::End)
-        .await
-        .expect("the stored log replays");
+    tenantd_core::tenant::log::materialize(
+        &store,
+        customer,
+        &path,
+        tenantd_core::tenant::log::Until::End,
+    )
+    .await
+    .expect("the stored log replays");
     let db = Db::open(&path).expect("the stored database opens");
     let result = (db.count().expect("count"), db.epoch().expect("epoch"));
     drop(db);

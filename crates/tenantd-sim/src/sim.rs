@@ -7,7 +7,7 @@
 //! late-applied writes (2% of every machine's puts land up to 500 ms after
 //! it was told they failed).
 //!
-//! The machines run the real session leases (`crate::lease`: one heartbeat
+//! The machines run the real session leases (`tenantd_core::lease`: one heartbeat
 //! per machine process for all its tenants) and the writer protocol
 //! of `tenant::actor` (download with ETag, claim with the new epoch, upload
 //! each batch with `If-Match`, acknowledge only after the upload). The
@@ -28,11 +28,11 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::checker::{self, Report};
-use super::history::{Op, Outcome};
-use crate::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
-use crate::store::fault::FaultHandle;
-use crate::store::{
+use tenantd_chaos::checker::{self, Report};
+use tenantd_chaos::history::{Op, Outcome};
+use tenantd_core::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
+use tenantd_core::store::fault::FaultHandle;
+use tenantd_core::store::{
     DynStore, ETag, FaultConfig, FaultStore, Listed, MemoryStore, Metadata, Object, ObjectMeta,
     ObjectStore, Precondition, StoreError, StoreResult, keys,
 };

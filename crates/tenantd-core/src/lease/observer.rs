@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::session::HeartbeatRecord;
+use super::heartbeat::HeartbeatRecord;
 use crate::store::{DynStore, ETag, StoreResult, keys};
 
 /// A heartbeat as read.

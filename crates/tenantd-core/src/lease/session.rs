@@ -18,39 +18,16 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use super::LeaseConfig;
+use super::heartbeat::HeartbeatRecord;
 use super::observer::Observer;
 use crate::metrics::Metrics;
 use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, StoreResult, keys};
-
-/// The JSON content of `machines/<machine-id>/heartbeat.json` (contract).
-/// Unknown fields are kept.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct HeartbeatRecord {
-    pub machine_id: String,
-    pub incarnation: Uuid,
-    pub addr: String,
-    pub ttl_ms: u64,
-    pub renewed_at: DateTime<Utc>,
-    /// Bumped by every write, so that the bytes and the ETag change.
-    pub seq: u64,
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
-}
-
-impl HeartbeatRecord {
-    fn to_bytes(&self) -> Bytes {
-        Bytes::from(serde_json::to_vec_pretty(self).expect("heartbeat records serialize"))
-    }
-}
 
 /// What the renewal task tells the leases of an incarnation.
 #[derive(Clone, Copy, Debug)]

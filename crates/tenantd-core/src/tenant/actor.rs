@@ -32,15 +32,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::claim::{claim, remove_copy};
+pub use super::context::ActorContext;
 use super::copy::WorkingCopy;
 use super::db::{Applied, Work};
-use super::log::{self, Compacted, Compaction, LogError, Retention, Snapshot, WINDOW, Writer};
-use super::sql::{SqlLimits, SqlRequest};
+use super::log::{self, Compacted, Compaction, LogError, Snapshot, WINDOW, Writer};
+use super::sql::SqlRequest;
 use super::{Answer, Op, Reply, SqlAnswer, TenantError};
 use crate::TenantId;
 use crate::lease::Lease;
-use crate::metrics::Metrics;
-use crate::store::{DynStore, Metadata, Precondition, StoreError, StoreResult, keys};
+use crate::store::{Metadata, Precondition, StoreError, StoreResult, keys};
 
 /// Most requests applied in one transaction; bounds a batch's latency.
 const MAX_BATCH: usize = 4096;
@@ -119,46 +119,6 @@ impl TenantHandle {
     /// lease released (or lost) and its working copy dropped.
     pub async fn ended(&self) {
         self.done.cancelled().await
-    }
-}
-
-/// Everything an actor needs besides its lease.
-#[derive(Clone)]
-pub struct ActorContext {
-    pub store: DynStore,
-    pub metrics: Metrics,
-    pub machine_id: String,
-    /// Folder for this machine's working copies.
-    pub data_dir: PathBuf,
-    /// Release the lease after this long without requests (pool mode).
-    pub idle_timeout: Option<Duration>,
-    /// Bounds on SQL requests.
-    pub sql: SqlLimits,
-    /// What the log keeps and when it is compacted.
-    pub retention: Retention,
-    /// Bench-only: answer before the upload, as the original app did. Not
-    /// reachable from `tenantd serve` (no flag, no env var).
-    pub(crate) ack_before_upload: bool,
-    /// How long one log slot is tried before the holder steps down (plus
-    /// the body's transfer time); `None`: twice the lease ttl. Tests only.
-    pub upload_bound: Option<Duration>,
-}
-
-impl ActorContext {
-    /// A context with the defaults of `tenantd serve`: no idle release,
-    /// default SQL limits.
-    pub fn new(store: DynStore, metrics: Metrics, machine_id: String, data_dir: PathBuf) -> Self {
-        ActorContext {
-            store,
-            metrics,
-            machine_id,
-            data_dir,
-            idle_timeout: None,
-            sql: SqlLimits::default(),
-            retention: Retention::default(),
-            ack_before_upload: false,
-            upload_bound: None,
-        }
     }
 }
 
@@ -517,7 +477,11 @@ impl TenantActor {
                         .ok_or_else(|| {
                             BatchError::Copy("a committed batch left nothing in the WAL".into())
                         })?;
-                    Some(delta.encode().map_err(|e| BatchError::Copy(e.to_string()))?)
+                    Some(
+                        delta
+                            .encode()
+                            .map_err(|e| BatchError::Copy(e.to_string()))?,
+                    )
                 }
                 None => None,
             };

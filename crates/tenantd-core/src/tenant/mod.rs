@@ -4,6 +4,7 @@
 
 pub mod actor;
 pub(crate) mod claim;
+mod context;
 mod copy;
 pub mod db;
 pub mod delta;

@@ -1,0 +1,52 @@
+//! What every tenant actor of a machine shares: the store, metrics, the
+//! machine's identity and folder, and the limits it applies. Plain data,
+//! so that the actor and the claim (which takes a tenant over for the
+//! actor) both read it without importing each other.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::log::Retention;
+use super::sql::SqlLimits;
+use crate::metrics::Metrics;
+use crate::store::DynStore;
+
+/// Everything an actor needs besides its lease.
+#[derive(Clone)]
+pub struct ActorContext {
+    pub store: DynStore,
+    pub metrics: Metrics,
+    pub machine_id: String,
+    /// Folder for this machine's working copies.
+    pub data_dir: PathBuf,
+    /// Release the lease after this long without requests (pool mode).
+    pub idle_timeout: Option<Duration>,
+    /// Bounds on SQL requests.
+    pub sql: SqlLimits,
+    /// What the log keeps and when it is compacted.
+    pub retention: Retention,
+    /// Bench-only: answer before the upload, as the original app did. Not
+    /// reachable from `tenantd serve` (no flag, no env var).
+    pub ack_before_upload: bool,
+    /// How long one log slot is tried before the holder steps down (plus
+    /// the body's transfer time); `None`: twice the lease ttl. Tests only.
+    pub upload_bound: Option<Duration>,
+}
+
+impl ActorContext {
+    /// A context with the defaults of `tenantd serve`: no idle release,
+    /// default SQL limits.
+    pub fn new(store: DynStore, metrics: Metrics, machine_id: String, data_dir: PathBuf) -> Self {
+        ActorContext {
+            store,
+            metrics,
+            machine_id,
+            data_dir,
+            idle_timeout: None,
+            sql: SqlLimits::default(),
+            retention: Retention::default(),
+            ack_before_upload: false,
+            upload_bound: None,
+        }
+    }
+}

@@ -10,8 +10,8 @@ use clap::{Args, ValueEnum};
 
 use crate::store::StoreUrl;
 use crate::tenant::sql::SqlLimits;
-use crate::tenant::sql::memory::HeapLimit;
 use crate::tenant::sql::limits::SqliteLimits;
+use crate::tenant::sql::memory::HeapLimit;
 
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {

@@ -517,7 +517,11 @@ impl TenantActor {
                         .ok_or_else(|| {
                             BatchError::Copy("a committed batch left nothing in the WAL".into())
                         })?;
-                    Some(delta.encode().map_err(|e| BatchError::Copy(e.to_string()))?)
+                    Some(
+                        delta
+                            .encode()
+                            .map_err(|e| BatchError::Copy(e.to_string()))?,
+                    )
                 }
                 None => None,
             };

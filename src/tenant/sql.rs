@@ -614,7 +614,8 @@ fn bind(stmt: &mut Cursor<'_>, index: usize, params: &Params) -> Result<(), SqlE
                         format!("statement {index} has no parameter named {name}"),
                     )
                 })?;
-                stmt.bind(position, value).map_err(|e| bind_error(index, &e))?;
+                stmt.bind(position, value)
+                    .map_err(|e| bind_error(index, &e))?;
                 seen.insert(position, ());
             }
             seen.len()

@@ -22,6 +22,7 @@ use tenantd_core::store::{
     StoreError, StoreResult, keys,
 };
 use tenantd_core::tenant::actor::{ActorContext, TenantActor};
+use tenantd_core::tenant::delta::Delta;
 use tenantd_core::tenant::lifecycle::{self, Deleter};
 use tenantd_core::tenant::log::{self, Until};
 use tenantd_core::tenant::{Answer, Op, TenantError, TenantHandle};
@@ -573,4 +574,64 @@ async fn restore_in_place_onto_the_current_state_writes_no_delta() {
     assert_eq!(stored_count(&net.base, dir.path()).await.unwrap(), 3);
     let (handle_n, _task_n) = holder(&net.base, dir.path(), "n").await;
     assert_eq!(counts(&handle_n, 1).await, [4]);
+}
+
+/// Two acquisitions can share an epoch (a lock deleted by hand, and the
+/// new holder's listing lagging, so it fences before it sees the old
+/// holder's epoch): the new holder's fence lands at P+1 while the old
+/// holder's pipelined upload lands at P+2, and only then does the new
+/// holder raise its epoch. The object at P+2 was never acknowledged (its
+/// slot before it is not its writer's), so every reader must skip it:
+/// an object after one of another acquisition with an epoch as new as
+/// its own is not history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_after_another_acquisitions_fence_of_the_same_epoch_is_skipped() {
+    logs();
+    let net = Net::new();
+    let dir = tempfile::tempdir().unwrap();
+    lifecycle::create(&net.base, &id()).await.unwrap();
+    let (a_store, _a) = net.view();
+    let (handle_a, task_a) = holder(&a_store, dir.path(), "a").await;
+    assert_eq!(counts(&handle_a, 3).await, [1, 2, 3]);
+    handle_a.stop();
+    task_a.await.unwrap();
+    let (_, end) = slots(&net.base).await;
+    let last_key = keys::log_slot(ID, end);
+    let last = net.base.get(&last_key).await.unwrap().unwrap();
+    let a_token = last.metadata.get("tenantd-token").cloned().unwrap();
+    let mut stray = Delta::decode(&last_key, &last.body).unwrap();
+    let epoch = stray.epoch;
+
+    // F's fence at end + 1, under A's epoch.
+    let fence = Delta::fence(epoch, end + 1, 0);
+    let writer = |holder: &str, token: &str| log::Writer {
+        holder: holder.into(),
+        token: token.into(),
+    };
+    net.base
+        .put(
+            &keys::log_slot(ID, end + 1),
+            fence.encode().unwrap(),
+            log::slot_metadata(epoch, end + 1, &writer("f", "f's token")),
+            Precondition::IfAbsent,
+        )
+        .await
+        .unwrap();
+    // A's upload at end + 2, built on a state the log never held.
+    stray.seq = end + 2;
+    net.base
+        .put(
+            &keys::log_slot(ID, end + 2),
+            stray.encode().unwrap(),
+            log::slot_metadata(epoch, end + 2, &writer("a", &a_token)),
+            Precondition::IfAbsent,
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(
+        stored_count(&net.base, dir.path()).await,
+        Ok(3),
+        "A's object after F's fence is not history"
+    );
 }

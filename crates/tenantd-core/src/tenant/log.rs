@@ -293,6 +293,9 @@ pub struct Replayed {
     /// The newest epoch the snapshot or any object replayed carries: a
     /// holder with an older epoch has been superseded.
     pub max_epoch: u64,
+    /// The acquisition that wrote the newest epoch so far (the last object
+    /// not skipped).
+    max_token: Option<String>,
     /// Each acquisition seen (snapshot and every object read, skipped ones
     /// too), with the newest epoch it wrote.
     writers: Vec<(Option<String>, u64)>,
@@ -308,6 +311,7 @@ impl Replayed {
             delta_bytes: 0,
             last_committed_at_ms: None,
             max_epoch: snapshot.epoch,
+            max_token: snapshot.token.clone(),
             writers: vec![(snapshot.token.clone(), snapshot.epoch)],
         }
     }
@@ -367,10 +371,24 @@ impl Replayed {
             bytes,
         } = fetched;
         self.saw(token.as_ref(), delta.epoch);
+        // Not history: an object older than one before it, or as old as
+        // one of another acquisition before it. Two acquisitions share an
+        // epoch only until the later one raises its own (a lock deleted by
+        // hand), and an object after the other's slot was never
+        // acknowledged: its writer reads that slot back first. A fence of
+        // the other acquisition is such a slot, so it becomes the one that
+        // later objects of the epoch must belong to.
         if delta.epoch < self.max_epoch {
             return Ok(true);
         }
+        if delta.epoch == self.max_epoch && token != self.max_token {
+            if delta.kind == Kind::Fence {
+                self.max_token = token;
+            }
+            return Ok(true);
+        }
         self.max_epoch = delta.epoch;
+        self.max_token = token;
         if delta.kind == Kind::Fence {
             return Ok(true);
         }

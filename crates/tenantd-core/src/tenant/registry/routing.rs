@@ -1,0 +1,343 @@
+//! Routing a request: the local actor, the holder the lock names (cached
+//! briefly), a takeover when there is no live holder, or another machine for
+//! a tenant this one is not configured for. Owns the decisions and lease
+//! contention on the request path, and starting an actor once the lease is
+//! won (making room under `max_tenants`); existence checks are in
+//! [`super::existence`], the standby loop in [`super::standby`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::{Registry, Route, Seen, Slot};
+use crate::TenantId;
+use crate::lease::{Acquire, Beat, LockRecord, LockState, read_lock};
+use crate::store::keys;
+use crate::tenant::actor::TenantActor;
+use crate::tenant::lifecycle::{self};
+use crate::tenant::{TenantError, TenantHandle};
+
+impl Registry {
+    /// Routes a request for `id`. `fresh` skips cached lock reads (the
+    /// sender's view was stale).
+    pub async fn route(self: &Arc<Self>, id: &TenantId, fresh: bool) -> Route {
+        if !self.serves(id) {
+            return self.route_other(id, fresh).await;
+        }
+        let slot = match self.existing_slot(id).await {
+            Ok(Some(slot)) => slot,
+            Ok(None) => return Route::NotFound(lifecycle::not_found_message(id)),
+            Err(e) => return Route::Unavailable(e),
+        };
+        if let Some(handle) = Self::live_handle(&slot) {
+            return Route::Local(handle);
+        }
+        if let Some(route) = self.cached_route(&slot, fresh) {
+            return route;
+        }
+        if self.is_draining() {
+            // Our own actor may still be committing and releasing: wait for
+            // it, so that the lock names the next holder or none.
+            self.await_ended(&slot).await;
+            return match self.read_lock_cached(&slot, true).await {
+                Ok(Seen::Held(record)) if record.holder != self.config.machine_id => {
+                    Route::Holder(record)
+                }
+                Ok(_) => Route::Elsewhere,
+                Err(e) => Route::Unavailable(e),
+            };
+        }
+        let mut contender = slot.contender.lock().await;
+        // Someone may have acquired while we waited for the mutex.
+        if let Some(handle) = Self::live_handle(&slot) {
+            return Route::Local(handle);
+        }
+        if self.deleting.lock().unwrap().contains(id) {
+            return Route::NotFound(lifecycle::not_found_message(id));
+        }
+        self.await_ended(&slot).await;
+        if let Some(route) = self.cached_route(&slot, fresh) {
+            return route;
+        }
+        match self.still_exists(id, &slot).await {
+            Ok(true) => {}
+            Ok(false) => {
+                drop(contender);
+                self.forget_absent(id);
+                return Route::NotFound(lifecycle::not_found_message(id));
+            }
+            Err(e) => return Route::Unavailable(e),
+        }
+        // A holder that looks dead by its own timestamps is probably gone:
+        // hold the request for up to one ttl while the stale rule runs out,
+        // rather than sending it to a machine that will not answer.
+        let patience = Instant::now() + self.config.lease_ttl + Duration::from_millis(500);
+        loop {
+            // A store that does not answer must not hold a request for the
+            // retrying layer's whole budget: give up after one ttl.
+            let attempt = tokio::time::timeout(self.config.lease_ttl, contender.try_acquire())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::store::StoreError::transient(
+                        &slot.lock_key,
+                        "no answer within one lease ttl",
+                    ))
+                });
+            match attempt {
+                Ok(Acquire::Acquired(lease)) => {
+                    let lease = match self.exists_under(id, &slot, lease).await {
+                        Ok(lease) => lease,
+                        Err(route) => {
+                            drop(contender);
+                            if matches!(route, Route::NotFound(_)) {
+                                self.forget_absent(id);
+                            }
+                            return route;
+                        }
+                    };
+                    // Keep the contender locked until the actor runs: no
+                    // other path of this machine may acquire meanwhile.
+                    let route = self.start_actor(id, &slot, lease).await;
+                    drop(contender);
+                    return route;
+                }
+                Ok(Acquire::HeldBy { record, stale_in }) => {
+                    if !self.looks_live(&record) && Instant::now() + stale_in <= patience {
+                        tokio::time::sleep(stale_in.max(Duration::from_millis(50))).await;
+                        continue;
+                    }
+                    slot.state.lock().unwrap().seen =
+                        Some((Instant::now(), Seen::Held(record.clone())));
+                    return Route::Holder(record);
+                }
+                Ok(Acquire::Unknown { stale_in }) => {
+                    if Instant::now() + stale_in <= patience {
+                        tokio::time::sleep(stale_in.max(Duration::from_millis(50))).await;
+                        continue;
+                    }
+                    return Route::Unavailable(format!(
+                        "customer {id}: the lock object {} cannot be parsed; it is treated as held and can be taken over in {stale_in:?}",
+                        keys::lock(id.as_str())
+                    ));
+                }
+                Err(e) => {
+                    // Cut off from the store: the holder we saw last is the
+                    // best guess, and it may well still reach the store.
+                    let last = match &slot.state.lock().unwrap().seen {
+                        Some((_, Seen::Held(record)))
+                            if record.holder != self.config.machine_id =>
+                        {
+                            Some(record.clone())
+                        }
+                        _ => None,
+                    };
+                    if let Some(record) = last {
+                        warn!(customer_id = %id, error = %e, holder = %record.holder, "cannot read the lock; handing the request to the last known holder");
+                        return Route::Holder(record);
+                    }
+                    return Route::Unavailable(format!("customer {id}: cannot read the lock: {e}"));
+                }
+            }
+        }
+    }
+
+    /// A lock not released whose holder wrote recently by its own clock:
+    /// the lock itself, or for a session lock the holder's heartbeat as
+    /// last seen here (a holder whose heartbeat was not looked at yet gets
+    /// the benefit of the doubt).
+    pub(super) fn looks_live(&self, record: &LockRecord) -> bool {
+        if record.released {
+            return false;
+        }
+        let ttl = Duration::from_millis(record.ttl_ms);
+        let recent = |at: chrono::DateTime<chrono::Utc>| {
+            chrono::Utc::now()
+                .signed_duration_since(at)
+                .to_std()
+                .map(|age| age < ttl)
+                .unwrap_or(true)
+        };
+        if !record.session {
+            return recent(record.renewed_at);
+        }
+        match self.session.observer().peek(&record.holder) {
+            None => true,
+            Some(seen) => match &seen.beat {
+                Beat::Live(beat) if Some(beat.incarnation) == record.incarnation => {
+                    seen.unchanged_for() < ttl && recent(beat.renewed_at)
+                }
+                _ => false,
+            },
+        }
+    }
+
+    pub(super) fn cached_route(&self, slot: &Slot, fresh: bool) -> Option<Route> {
+        let state = slot.state.lock().unwrap();
+        if let Some((at, reason)) = &state.corrupt
+            && at.elapsed() < Duration::from_secs(5)
+        {
+            return Some(Route::Corrupt(reason.clone()));
+        }
+        if fresh {
+            return None;
+        }
+        match &state.seen {
+            Some((at, Seen::Held(record)))
+                if at.elapsed() < self.config.lock_cache_ttl
+                    && record.holder != self.config.machine_id
+                    && self.looks_live(record) =>
+            {
+                Some(Route::Holder(record.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    pub(super) async fn start_actor(
+        self: &Arc<Self>,
+        id: &TenantId,
+        slot: &Arc<Slot>,
+        lease: crate::lease::Lease,
+    ) -> Route {
+        self.make_room(id);
+        let mut ctx = self.actor.clone();
+        if self.config.customer_id.is_some() {
+            ctx.idle_timeout = None;
+        }
+        match TenantActor::start(id.clone(), ctx, lease).await {
+            Ok((handle, task)) => {
+                {
+                    let mut state = slot.state.lock().unwrap();
+                    state.handle = Some(handle.clone());
+                    state.last_used = Some(Instant::now());
+                    state.seen = None;
+                    state.corrupt = None;
+                }
+                if self.is_draining() {
+                    // Acquired while shutdown began: hand it straight back.
+                    handle.stop();
+                }
+                let (id, slot, metrics) = (id.clone(), slot.clone(), self.actor.metrics.clone());
+                tokio::spawn(async move {
+                    if let Ok(exit) = task.await {
+                        debug!(customer_id = %id, ?exit, "tenant actor ended");
+                    }
+                    // Under the contender lock, so that no new actor of the
+                    // tenant is being started: its series stay.
+                    let _contender = slot.contender.lock().await;
+                    Self::clear_ended(&metrics, &id, &slot);
+                });
+                Route::Local(handle)
+            }
+            Err(TenantError::Corrupt(reason)) => {
+                warn!(customer_id = %id, %reason, "tenant database unusable");
+                slot.state.lock().unwrap().corrupt = Some((Instant::now(), reason.clone()));
+                Route::Corrupt(reason)
+            }
+            Err(TenantError::NotHolder) => Route::Elsewhere,
+            Err(TenantError::Unavailable(reason)) => Route::Unavailable(reason),
+            Err(TenantError::Sql(refused)) => Route::Unavailable(refused.message),
+        }
+    }
+
+    /// Pool mode: release the least recently used tenant when full.
+    pub(super) fn make_room(&self, incoming: &TenantId) {
+        let slots = self.slots.lock().unwrap();
+        let mut held: Vec<(Instant, TenantHandle, TenantId)> = slots
+            .iter()
+            .filter(|(id, _)| *id != incoming)
+            .filter_map(|(id, slot)| {
+                let state = slot.state.lock().unwrap();
+                match &state.handle {
+                    Some(h) if h.is_alive() => Some((
+                        state.last_used.unwrap_or_else(Instant::now),
+                        h.clone(),
+                        id.clone(),
+                    )),
+                    _ => None,
+                }
+            })
+            .collect();
+        if held.len() < self.config.max_tenants {
+            return;
+        }
+        held.sort_by_key(|(at, _, _)| *at);
+        for (_, handle, id) in held.iter().take(held.len() + 1 - self.config.max_tenants) {
+            info!(customer_id = %id, "releasing least recently used tenant to make room");
+            handle.stop();
+        }
+    }
+
+    /// A tenant this machine does not serve: find its holder, never acquire.
+    pub(super) async fn route_other(&self, id: &TenantId, fresh: bool) -> Route {
+        if self.recently_absent(id) {
+            return Route::NotFound(lifecycle::not_found_message(id));
+        }
+        let slot = self.slot(id);
+        let seen = self.read_lock_cached(&slot, fresh).await;
+        if let Ok(Seen::Held(record)) = &seen
+            && record.session
+        {
+            // Whether its holder lives is in the holder's heartbeat (read
+            // at most once per ttl/3 per holder machine).
+            let ttl = Duration::from_millis(record.ttl_ms);
+            if let Err(e) = self.session.observer().observe(&record.holder, ttl).await {
+                debug!(customer_id = %id, error = %e, "cannot read the holder's heartbeat");
+            }
+        }
+        match seen {
+            Ok(Seen::Held(record)) if self.looks_live(&record) => Route::Holder(record),
+            // Released, stale-looking or unknown holder: the router asks DNS
+            // for a started machine of the tenant, and falls back to the
+            // last holder (Fly Proxy starts a stopped machine it names).
+            Ok(Seen::Held(record)) | Ok(Seen::Released(record)) => Route::Lookup {
+                last_holder: Some(record),
+            },
+            Ok(Seen::Unparsable) => Route::Lookup { last_holder: None },
+            // No lock: a tenant that never had a holder, or none at all.
+            Ok(Seen::Absent) => match self.exists_uncached(id).await {
+                Ok(true) => Route::Lookup { last_holder: None },
+                Ok(false) => {
+                    self.forget(id);
+                    Route::NotFound(lifecycle::not_found_message(id))
+                }
+                Err(e) => Route::Unavailable(e),
+            },
+            Err(e) => Route::Unavailable(e),
+        }
+    }
+
+    pub(super) async fn read_lock_cached(&self, slot: &Slot, fresh: bool) -> Result<Seen, String> {
+        if !fresh
+            && let Some((at, seen)) = &slot.state.lock().unwrap().seen
+            && at.elapsed() < self.config.lock_cache_ttl
+        {
+            return Ok(seen.clone());
+        }
+        let seen = Seen::from(
+            read_lock(&self.store, &slot.lock_key)
+                .await
+                .map_err(|e| format!("cannot read {}: {e}", slot.lock_key))?,
+        );
+        slot.state.lock().unwrap().seen = Some((Instant::now(), seen.clone()));
+        Ok(seen)
+    }
+
+    /// The live holder named by the tenant's lock, when it is another
+    /// machine (read from the store, not from a cache).
+    pub async fn other_holder(&self, id: &TenantId) -> Result<Option<LockRecord>, String> {
+        let state = read_lock(&self.store, &keys::lock(id.as_str()))
+            .await
+            .map_err(|e| format!("cannot read {}: {e}", keys::lock(id.as_str())))?;
+        Ok(match state {
+            LockState::Held { record, .. }
+                if record.holder != self.config.machine_id && self.looks_live(&record) =>
+            {
+                Some(record)
+            }
+            _ => None,
+        })
+    }
+}

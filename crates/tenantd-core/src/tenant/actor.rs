@@ -19,6 +19,13 @@
 //! at a slot) is written as the snapshot once every slot up to it is
 //! confirmed, in the background; on release the snapshot is brought up to
 //! date so a released tenant's `db.sqlite3` holds every acknowledged write.
+//!
+//! This file owns the actor's life (start, the batching loop, the end) and
+//! applying a batch; [`upload`] owns the slots in flight and their
+//! confirmation, [`compaction`] the background snapshot.
+
+mod compaction;
+mod upload;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -31,16 +38,18 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use compaction::{Running, compaction_result};
+use upload::{InFlight, front_upload, send_all};
+
 use super::claim::{claim, remove_copy};
 pub use super::context::ActorContext;
 use super::copy::WorkingCopy;
 use super::db::{Applied, Work};
-use super::log::{self, Compacted, Compaction, LogError, Snapshot, WINDOW, Writer};
+use super::log::{self, Snapshot, WINDOW, Writer};
 use super::sql::SqlRequest;
 use super::{Answer, Op, Reply, SqlAnswer, TenantError};
 use crate::TenantId;
 use crate::lease::Lease;
-use crate::store::{Metadata, Precondition, StoreError, StoreResult, keys};
 
 /// Most requests applied in one transaction; bounds a batch's latency.
 const MAX_BATCH: usize = 4096;
@@ -166,16 +175,6 @@ pub struct TenantActor {
     rx: mpsc::Receiver<Request>,
     stop: CancellationToken,
     done: CancellationToken,
-}
-
-/// A finished compaction with the log counters it clears, or why its task
-/// failed.
-type CompactionOutcome = Result<(Result<Compacted, LogError>, (u64, u64)), String>;
-
-/// A compaction under way, and the log counters it will clear.
-struct Running {
-    covers: (u64, u64),
-    task: tokio::task::JoinHandle<Result<Compacted, LogError>>,
 }
 
 impl TenantActor {
@@ -494,300 +493,6 @@ impl TenantActor {
         })
     }
 
-    /// One conditional PUT of a log slot, given up after a time that fits
-    /// its size ([`upload_budget`]). Not at the lease's deadline: a slot
-    /// can be created once, so one that lands after the lease ended is
-    /// still correct (and read back as such).
-    fn put(
-        &self,
-        seq: u64,
-        bytes: Bytes,
-        metadata: Metadata,
-    ) -> impl Future<Output = StoreResult<()>> + Send + 'static {
-        let store = self.ctx.store.clone();
-        let key = keys::log_slot(self.id.as_str(), seq);
-        let budget = upload_budget(self.ttl, bytes.len());
-        async move {
-            let put = store.put(&key, bytes, metadata, Precondition::IfAbsent);
-            match tokio::time::timeout(budget, put).await {
-                Ok(result) => result.map(|_| ()),
-                Err(_) => Err(StoreError::transient(
-                    &key,
-                    format!("the store did not confirm the upload within {budget:?}"),
-                )),
-            }
-        }
-    }
-
-    /// Settles the oldest upload: answers its batch when it is durable,
-    /// otherwise sends it again or ends the actor.
-    ///
-    /// An unclear outcome (a transient error, an ambiguous write, a 412) is
-    /// resolved by reading the slot back: an object naming this
-    /// acquisition's token means it landed; another's object means this holder
-    /// was fenced off; no object means it did not land, and it is sent
-    /// again (a slot is created at most once, whatever an earlier attempt
-    /// does). Only a fence, or a lost lease with nothing known, ends the
-    /// actor.
-    async fn confirm_front(&mut self, first: StoreResult<()>) -> Result<(), Exit> {
-        let upload = self.in_flight.pop_front().expect("an upload in flight");
-        let mut result = first;
-        let mut pause = Duration::from_millis(25);
-        loop {
-            let error = match result {
-                Ok(()) => {
-                    self.confirmed(upload);
-                    return Ok(());
-                }
-                Err(e) => e,
-            };
-            match self.read_back(&upload).await {
-                ReadBack::Landed => {
-                    if !error.is_precondition() {
-                        info!(customer_id = %self.id, seq = upload.seq, error = %error, "upload outcome was unclear; read back: it landed");
-                    }
-                    self.confirmed(upload);
-                    return Ok(());
-                }
-                ReadBack::Taken => {
-                    let error = StoreError::PreconditionFailed {
-                        key: keys::log_slot(self.id.as_str(), upload.seq),
-                    };
-                    return Err(self.fail(upload, error, true).await);
-                }
-                ReadBack::NotLanded | ReadBack::Unknown(_) if !self.lease.is_valid() => {
-                    return Err(self.fail(upload, error, false).await);
-                }
-                _ if upload.started.elapsed() >= self.upload_bound(upload.bytes.len()) => {
-                    warn!(customer_id = %self.id, seq = upload.seq, error = %error, tried_for = ?upload.started.elapsed(), "the log slot could not be written within the bound; stepping down so that the tenant can be claimed again");
-                    return Err(self.fail(upload, error, false).await);
-                }
-                ReadBack::NotLanded => {
-                    warn!(customer_id = %self.id, seq = upload.seq, error = %error, "upload failed and did not land; sending it again");
-                }
-                ReadBack::Unknown(read) => {
-                    warn!(customer_id = %self.id, seq = upload.seq, error = %error, read_back = %read, "upload outcome unknown; sending it again (a slot is created at most once)");
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
-            result = self
-                .put(upload.seq, upload.bytes.clone(), upload.metadata.clone())
-                .await;
-        }
-    }
-
-    /// How long a slot may be tried before this holder steps down: a slot
-    /// that cannot be written would otherwise hold every later commit (and
-    /// the tenant) for as long as the lease lives. A new claim fences the
-    /// slot and carries on.
-    fn upload_bound(&self, len: usize) -> Duration {
-        let base = self.ctx.upload_bound.unwrap_or(self.ttl * 2);
-        base + 2 * (upload_budget(self.ttl, len) - self.ttl)
-    }
-
-    /// Reads the slot's metadata to learn whether `upload` landed: the
-    /// object names this acquisition's token.
-    async fn read_back(&self, upload: &InFlight) -> ReadBack {
-        let key = keys::log_slot(self.id.as_str(), upload.seq);
-        match self.ctx.store.head(&key).await {
-            Ok(None) => ReadBack::NotLanded,
-            // Epochs and slots can repeat (a lock deleted by hand); the
-            // acquisition's token cannot.
-            Ok(Some(meta)) if self.writer.wrote(&meta.metadata) => ReadBack::Landed,
-            Ok(Some(_)) => ReadBack::Taken,
-            Err(e) => ReadBack::Unknown(e),
-        }
-    }
-
-    fn confirmed(&mut self, upload: InFlight) {
-        self.count = upload.count;
-        self.last_upload = upload.started.elapsed();
-        self.since_snapshot.0 += 1;
-        self.since_snapshot.1 += upload.bytes.len() as u64;
-        self.confirmed.send_replace(upload.seq);
-        let metrics = &self.ctx.metrics;
-        if upload.pipelined {
-            metrics.pipelined_uploads.with_label_values(&["ok"]).inc();
-        }
-        metrics
-            .upload_seconds
-            .with_label_values::<&str>(&[])
-            .observe(self.last_upload.as_secs_f64());
-        metrics
-            .batch_size
-            .with_label_values::<&str>(&[])
-            .observe(upload.batch_len as f64);
-        metrics
-            .upload_bytes
-            .with_label_values(&["delta"])
-            .inc_by(upload.bytes.len() as u64);
-        if let Some(pending) = upload.unanswered {
-            send_all(pending);
-        }
-    }
-
-    /// The oldest upload failed for good: this actor steps down. No later
-    /// batch is acknowledged: slots after a failed one are not history
-    /// (a new holder fences the hole and skips them).
-    async fn fail(&mut self, upload: InFlight, error: StoreError, not_applied: bool) -> Exit {
-        let epoch = upload.epoch;
-        let exit = if error.is_precondition() {
-            warn!(customer_id = %self.id, epoch, seq = upload.seq, "log slot taken by another holder: fenced off; stepping down");
-            Exit::Fenced
-        } else {
-            warn!(customer_id = %self.id, epoch, seq = upload.seq, error = %error, "upload failed; nothing of this batch was acknowledged; stepping down");
-            Exit::StoreFailed
-        };
-        let mut settled = vec![(upload, Err(error), not_applied)];
-        while !self.in_flight.is_empty() {
-            let result = front_upload(&mut self.in_flight).await;
-            let later = self.in_flight.pop_front().expect("awaited above");
-            let not_applied = matches!(&result, Err(e) if e.is_precondition());
-            settled.push((later, result, not_applied));
-        }
-        for (upload, result, not_applied) in settled {
-            if upload.pipelined {
-                self.ctx
-                    .metrics
-                    .pipelined_uploads
-                    .with_label_values(&["failed"])
-                    .inc();
-            }
-            let Some(pending) = upload.unanswered else {
-                continue;
-            };
-            let answer = match result {
-                // Definitely not written, and another machine holds the
-                // tenant: the request may go there and be applied.
-                Err(_) if not_applied && matches!(exit, Exit::Fenced) => {
-                    Err(TenantError::NotHolder)
-                }
-                _ => Err(TenantError::Unavailable(format!(
-                    "customer {}: could not store the write (slot {} of the log failed: {exit:?}); it was not acknowledged and may or may not be applied",
-                    self.id, upload.seq
-                ))),
-            };
-            for (reply, _) in pending {
-                let _ = reply.send(answer.clone());
-            }
-        }
-        exit
-    }
-
-    /// Settles every upload under way, oldest first.
-    async fn drain_uploads(&mut self) -> Result<(), Exit> {
-        while !self.in_flight.is_empty() {
-            let result = front_upload(&mut self.in_flight).await;
-            self.confirm_front(result).await?;
-        }
-        Ok(())
-    }
-
-    /// Starts a compaction when the log after the snapshot costs enough
-    /// (or, with `now`, whenever it holds anything). The copy is taken
-    /// here, between commits; its upload waits until every slot it covers
-    /// is confirmed.
-    async fn maybe_compact(&mut self, now: bool) {
-        if self.compaction.is_some() || (!now && Instant::now() < self.compact_after) {
-            return;
-        }
-        let copy = self.copy.clone();
-        let (deltas, bytes) = self.since_snapshot;
-        let pending = self.in_flight.len() as u64;
-        let due = if now {
-            deltas + pending > 0
-        } else if !self.ctx.retention.may_be_due(deltas + pending, bytes) {
-            // The usual case after a commit: no need to look at the file.
-            false
-        } else {
-            let db_bytes = copy.lock().unwrap_or_else(|e| e.into_inner()).db_bytes();
-            self.ctx.retention.due(deltas + pending, bytes, db_bytes)
-        };
-        if !due {
-            return;
-        }
-        let snapshot = tokio::task::spawn_blocking(move || {
-            copy.lock().unwrap_or_else(|e| e.into_inner()).snapshot()
-        })
-        .await;
-        let (seq, body, checksum) = match snapshot {
-            Ok(Ok(snapshot)) => snapshot,
-            Ok(Err(e)) => {
-                warn!(customer_id = %self.id, error = %e, "cannot copy the working database for a snapshot");
-                self.compact_after = Instant::now() + Duration::from_secs(10);
-                return;
-            }
-            Err(e) => {
-                warn!(customer_id = %self.id, error = %e, "snapshot copy failed");
-                return;
-            }
-        };
-        if seq <= self.snapshot.seq {
-            return;
-        }
-        let job = Compaction {
-            id: self.id.to_string(),
-            seq,
-            epoch: self.lease.epoch(),
-            checksum,
-            body,
-            writer: self.writer.clone(),
-            collect: !now,
-        };
-        let store = self.ctx.store.clone();
-        let known = self.snapshot.clone();
-        let retention = self.ctx.retention.clone();
-        let mut confirmed = self.confirmed.subscribe();
-        let metrics = self.ctx.metrics.clone();
-        let covers = (deltas + pending, bytes);
-        let task = tokio::spawn(async move {
-            // Only confirmed state may become the snapshot.
-            if confirmed.wait_for(|c| *c >= seq).await.is_err() {
-                return Err(LogError::Raced(format!(
-                    "the holder stepped down before slot {seq} was confirmed"
-                )));
-            }
-            let len = job.body.len() as u64;
-            let result = log::compact(&store, &known, job, &retention).await;
-            if let Ok(done) = &result {
-                metrics
-                    .upload_bytes
-                    .with_label_values(&["snapshot"])
-                    .inc_by(len * (1 + done.archived as u64));
-            }
-            result
-        });
-        self.compaction = Some(Running { covers, task });
-    }
-
-    fn compacted(&mut self, result: CompactionOutcome) {
-        let outcome = match result {
-            Ok((Ok(done), covers)) => {
-                info!(customer_id = %self.id, seq = done.snapshot.seq, archived = done.archived, deleted = done.deleted, "snapshot written");
-                self.snapshot = done.snapshot;
-                self.since_snapshot.0 = self.since_snapshot.0.saturating_sub(covers.0);
-                self.since_snapshot.1 = self.since_snapshot.1.saturating_sub(covers.1);
-                "ok"
-            }
-            Ok((Err(e), _)) => {
-                warn!(customer_id = %self.id, error = %e, "compaction failed; the log still holds every commit; trying again later");
-                self.compact_after = Instant::now() + Duration::from_secs(10);
-                "failed"
-            }
-            Err(e) => {
-                warn!(customer_id = %self.id, error = %e, "compaction task failed");
-                self.compact_after = Instant::now() + Duration::from_secs(10);
-                "failed"
-            }
-        };
-        self.ctx
-            .metrics
-            .compactions
-            .with_label_values(&[outcome])
-            .inc();
-    }
-
     /// Ends the actor: on a clean stop, commits what is queued, brings the
     /// snapshot up to date and releases the lease; in every case drops the
     /// working copy.
@@ -872,73 +577,6 @@ enum BatchError {
     RolledBack(String),
     /// The working copy may not match the log any more.
     Copy(String),
-}
-
-/// The slowest store throughput an upload is given time for.
-const MIN_UPLOAD_BYTES_PER_SEC: f64 = 4.0 * 1024.0 * 1024.0;
-
-/// How long one upload attempt of `len` bytes may take: a lease ttl for
-/// the round trip, plus the body at [`MIN_UPLOAD_BYTES_PER_SEC`].
-fn upload_budget(ttl: Duration, len: usize) -> Duration {
-    ttl + Duration::from_secs_f64(len as f64 / MIN_UPLOAD_BYTES_PER_SEC)
-}
-
-/// What a read-back says of an upload whose outcome was unclear.
-enum ReadBack {
-    Landed,
-    NotLanded,
-    /// Another holder's object is in the slot.
-    Taken,
-    Unknown(StoreError),
-}
-
-/// A batch's requests with their answers, sent once the batch is durable.
-type Unanswered = Vec<(Replier, Reply)>;
-
-/// A committed batch and its upload.
-struct InFlight {
-    /// `None` when answered before the upload (bench-only setting).
-    unanswered: Option<Unanswered>,
-    epoch: u64,
-    /// The log slot.
-    seq: u64,
-    count: u64,
-    batch_len: usize,
-    bytes: Bytes,
-    metadata: Metadata,
-    /// Sent while earlier uploads were under way.
-    pipelined: bool,
-    started: Instant,
-    task: tokio::task::JoinHandle<StoreResult<()>>,
-}
-
-/// The oldest upload's result; pending forever when none is under way.
-async fn front_upload(in_flight: &mut VecDeque<InFlight>) -> StoreResult<()> {
-    match in_flight.front_mut() {
-        Some(upload) => (&mut upload.task).await.unwrap_or_else(|e| {
-            Err(StoreError::Fatal {
-                message: format!("upload task failed: {e}"),
-            })
-        }),
-        None => std::future::pending().await,
-    }
-}
-
-/// The running compaction's result; pending forever when none runs.
-async fn compaction_result(running: &mut Option<Running>) -> CompactionOutcome {
-    let Some(current) = running.as_mut() else {
-        return std::future::pending().await;
-    };
-    let result = (&mut current.task).await;
-    let covers = current.covers;
-    *running = None;
-    result.map(|r| (r, covers)).map_err(|e| e.to_string())
-}
-
-fn send_all(pending: Unanswered) {
-    for (reply, answer) in pending {
-        let _ = reply.send(Ok(answer));
-    }
 }
 
 fn answer_all(batch: Vec<Request>, result: Result<Reply, TenantError>) {

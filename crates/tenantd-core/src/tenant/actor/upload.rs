@@ -1,5 +1,5 @@
 //! The actor's upload pipeline: each committed batch is put as the next
-//! log slot (`If-None-Match: *`), up to [`WINDOW`] at once; confirmations
+//! log slot (`If-None-Match: *`), up to [`WINDOW`](crate::tenant::log::WINDOW) at once; confirmations
 //! are taken strictly in slot order, an unclear outcome is resolved by
 //! reading the slot back, and a failed or fenced upload makes the holder
 //! step down. Owns the in-flight queue and the answers it holds back; does

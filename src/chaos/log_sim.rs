@@ -885,16 +885,15 @@ impl Sim {
             self.violation("the network did not drain".into());
         }
         self.repair_snapshot().await;
-        if !self.lock.present {
-            // The repair the old claim's error names: the lock put back
-            // with the highest epoch.
-            self.lock = Lock {
-                present: true,
-                epoch: self.max_epoch,
-                token: 0,
-                released: false,
-            };
-        }
+        // The repair the old claim's error names: the lock put back with
+        // the highest epoch (a restarted epoch below the log's otherwise
+        // deposes every claim of the old rules for good).
+        self.lock = Lock {
+            present: true,
+            epoch: self.lock.epoch.max(self.max_epoch),
+            token: 0,
+            released: false,
+        };
         if !self.exists {
             self.create().await;
         }

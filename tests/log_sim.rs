@@ -65,10 +65,16 @@ fn no_seed_loses_an_acknowledged_increment() {
         // And every path of issue 26.
         assert!(total.probed_applied > 0, "{total:?}");
         assert!(total.epoch_raises > 0, "{total:?}");
-        assert!(total.releases > 0 && total.releases_unclean > 0, "{total:?}");
+        assert!(
+            total.releases > 0 && total.releases_unclean > 0,
+            "{total:?}"
+        );
         assert!(total.claim_failures > 0, "{total:?}");
         assert!(total.restores > 0, "{total:?}");
-        assert!(total.deletes > 0 && total.creates > seeds.len(), "{total:?}");
+        assert!(
+            total.deletes > 0 && total.creates > seeds.len(),
+            "{total:?}"
+        );
         assert!(total.locks_deleted > 0, "{total:?}");
         assert!(total.bare_refused > 0, "{total:?}");
         assert!(total.lags > 0, "{total:?}");
@@ -235,7 +241,9 @@ fn a_delete_without_fences_breaks_the_recreated_tenant() {
     let (_, violations) = first_violation("delete without fences", config);
     assert!(
         lost_or_corrupt(&violations)
-            || violations.iter().any(|v| v.contains("final recovery failed")),
+            || violations
+                .iter()
+                .any(|v| v.contains("final recovery failed")),
         "{violations:#?}"
     );
 }
@@ -289,7 +297,11 @@ fn the_takeover_path_alone_is_safe_under_the_old_rules() {
     };
     for seed in 0..100 {
         let outcome = run_seed(seed, config);
-        assert!(outcome.violations.is_empty(), "seed {seed}: {:#?}", outcome.violations);
+        assert!(
+            outcome.violations.is_empty(),
+            "seed {seed}: {:#?}",
+            outcome.violations
+        );
     }
 }
 

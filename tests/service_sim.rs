@@ -86,7 +86,8 @@ fn answering_before_the_upload_is_caught_as_lost_writes() {
     let found = (0..20u64).find_map(|seed| {
         let dir = tempfile::tempdir().unwrap();
         let secs = Duration::from_secs(SECONDS);
-        let report = run_seed_with(seed, secs, dir.path(), Mode::Single, true, Paths::default()).report;
+        let report =
+            run_seed_with(seed, secs, dir.path(), Mode::Single, true, Paths::default()).report;
         (!report.violations.is_empty()).then_some((seed, report.violations))
     });
     let (seed, violations) = found.expect("some seed must lose an acknowledged write");

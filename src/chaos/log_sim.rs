@@ -848,7 +848,9 @@ impl Sim {
                 "epoch {} token {}: acknowledges slot {} ({:?})",
                 writer.epoch, writer.token, slot.after.seq, slot.ids
             ));
-            self.check.acked.extend(slot.ids.iter().map(|id| (*id, inc)));
+            self.check
+                .acked
+                .extend(slot.ids.iter().map(|id| (*id, inc)));
         }
         for event in acked {
             self.event(event);

@@ -363,8 +363,10 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
             let start_ms = world.now_ms();
             let mut outcome = None;
             for _ in 0..3 * ATTEMPTS {
-                let attempt =
-                    tokio::time::timeout(ATTEMPT_TIMEOUT, increment(&world, &mut rng, tenant, &key));
+                let attempt = tokio::time::timeout(
+                    ATTEMPT_TIMEOUT,
+                    increment(&world, &mut rng, tenant, &key),
+                );
                 if let Ok(Ok((count, epoch, machine))) = attempt.await {
                     outcome = Some(Outcome::Ok {
                         count,
@@ -573,7 +575,11 @@ async fn nemeses(world: &World, seed: u64, until: Instant) -> Vec<NemesisEvent> 
             continue;
         };
         let lasting = Duration::from_millis(rng.random_range(300..3000));
-        let kinds = if world.paths == Paths::default() { 10 } else { 13 };
+        let kinds = if world.paths == Paths::default() {
+            10
+        } else {
+            13
+        };
         let kind = match rng.random_range(0..kinds) {
             10 if world.paths.lock_deleted => {
                 let _ = world.shared.delete(&lock).await;

@@ -275,10 +275,7 @@ impl FaultStore {
             .into_iter()
             .filter(|l| {
                 !l.key.starts_with(&config.list_lag_prefix)
-                    || self
-                        .written
-                        .age(l)
-                        .is_none_or(|age| age >= config.list_lag)
+                    || self.written.age(l).is_none_or(|age| age >= config.list_lag)
             })
             .collect()
     }
@@ -408,10 +405,7 @@ impl ObjectStore for FaultStore {
         match self.before(key, Op::Put, body.len() as u64).await {
             Injected::Fail(e) => Err(e),
             Injected::Pass => {
-                let result = self
-                    .inner
-                    .put(key, body, metadata, condition.clone())
-                    .await;
+                let result = self.inner.put(key, body, metadata, condition.clone()).await;
                 if result.is_ok() {
                     self.written.landed(key, &condition);
                 }
@@ -704,7 +698,12 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_secs(6)).await;
         writer
-            .put("t/log/2", "v".into(), Metadata::new(), Precondition::IfAbsent)
+            .put(
+                "t/log/2",
+                "v".into(),
+                Metadata::new(),
+                Precondition::IfAbsent,
+            )
             .await
             .unwrap();
         assert_eq!(keys_of(&lagging.list("t/", None).await.unwrap()), ["t/db"]);
@@ -716,7 +715,12 @@ mod tests {
         );
         let etag = inner.head("t/log/1").await.unwrap().unwrap().etag;
         writer
-            .put("t/log/1", "w".into(), Metadata::new(), Precondition::IfMatch(etag))
+            .put(
+                "t/log/1",
+                "w".into(),
+                Metadata::new(),
+                Precondition::IfMatch(etag),
+            )
             .await
             .unwrap();
         assert_eq!(
@@ -729,7 +733,12 @@ mod tests {
         // Deleted and written again: young again.
         writer.delete("t/log/1").await.unwrap();
         writer
-            .put("t/log/1", "v".into(), Metadata::new(), Precondition::IfAbsent)
+            .put(
+                "t/log/1",
+                "v".into(),
+                Metadata::new(),
+                Precondition::IfAbsent,
+            )
             .await
             .unwrap();
         assert_eq!(

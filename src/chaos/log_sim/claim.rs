@@ -115,7 +115,10 @@ impl Sim {
         let store = self.writers[w].store.clone();
         let (epoch, token) = (self.writers[w].epoch, self.writers[w].token);
         let db_key = keys::database(TENANT);
-        self.event(format!("epoch {epoch} token {token}: claim {}", step.describe()));
+        self.event(format!(
+            "epoch {epoch} token {token}: claim {}",
+            step.describe()
+        ));
         let next = match step {
             ClaimStep::ReadSnapshot => match store.get(&db_key).await {
                 Ok(Some(object)) => {
@@ -356,8 +359,7 @@ impl Sim {
             ..state
         };
         let acked_now = self.check.acked.len();
-        let old_restore =
-            matches!(writer.role, Role::Restore { .. }) && !self.rules.restore_claims;
+        let old_restore = matches!(writer.role, Role::Restore { .. }) && !self.rules.restore_claims;
         let clean = writer.clean && !self.rules.always_fence;
         let next = if old_restore {
             // The old restore fenced from the last delta it applied, not
@@ -415,8 +417,9 @@ impl Sim {
         let (epoch, token) = (self.writers[w].epoch, self.writers[w].token);
         let probing = self.rules.probe_taken_slots && !f.fail_on_taken;
         let target = if probing {
-            (f.prefix_end + 1..=f.prefix_end + WINDOW)
-                .find(|&s| !f.mine.contains(&s) && (s == f.prefix_end + 1 || !f.others.contains(&s)))
+            (f.prefix_end + 1..=f.prefix_end + WINDOW).find(|&s| {
+                !f.mine.contains(&s) && (s == f.prefix_end + 1 || !f.others.contains(&s))
+            })
         } else {
             f.todo.first().copied()
         };

@@ -8,9 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::RngExt;
 
-use super::{
-    EPOCH_KEY, FORMAT_KEY, Phase, Position, Role, Sim, TENANT, snapshot_metadata,
-};
+use super::{EPOCH_KEY, FORMAT_KEY, Phase, Position, Role, Sim, TENANT, snapshot_metadata};
 use crate::store::{DynStore, ObjectStore, Precondition, keys};
 use crate::tenant::delta::FENCE_MAX_BYTES;
 

@@ -73,6 +73,13 @@ pub(super) struct Fencing {
     todo: Vec<u64>,
     /// The old restore: a taken slot fails it.
     fail_on_taken: bool,
+    /// Per slot, increments acknowledged when its fence was first sent:
+    /// a fence found in place later (a lost response, a late write)
+    /// landed after that.
+    sent_at: std::collections::BTreeMap<u64, usize>,
+    /// Increments acknowledged by the time its fences had landed, as far
+    /// as it can tell (a lower bound).
+    landed_at: usize,
 }
 
 impl ClaimStep {
@@ -323,6 +330,8 @@ impl Sim {
             others: BTreeSet::new(),
             todo: vec![],
             fail_on_taken: false,
+            sent_at: std::collections::BTreeMap::new(),
+            landed_at: 0,
         }
     }
 
@@ -425,13 +434,15 @@ impl Sim {
         };
         let Some(seq) = target else {
             let first_slot = f.prefix_end + WINDOW + 1;
+            let acked_before = f.landed_at;
             return Some(ClaimStep::Recheck {
                 fencing: f,
                 gap: None,
                 first_slot,
-                acked_before: self.check.acked.len(),
+                acked_before,
             });
         };
+        f.sent_at.entry(seq).or_insert(self.check.acked.len());
         let fence = Delta::fence(epoch, seq, self.now_ms()).encode();
         let result = self.writers[w]
             .store
@@ -445,6 +456,7 @@ impl Sim {
         match result {
             Ok(_) => {
                 f.mine.insert(seq);
+                f.landed_at = self.check.acked.len();
                 f.todo.retain(|s| *s != seq);
                 self.writers[w].fenced_slots.insert(seq);
                 Some(ClaimStep::Fence(f))
@@ -487,6 +499,7 @@ impl Sim {
         };
         if self.is_mine(w, seq, &object.body, &object.metadata) {
             f.mine.insert(seq);
+            f.landed_at = f.landed_at.max(f.sent_at.get(&seq).copied().unwrap_or(0));
             self.writers[w].fenced_slots.insert(seq);
             return Some(ClaimStep::Fence(f));
         }

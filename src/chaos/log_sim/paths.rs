@@ -225,19 +225,21 @@ impl Sim {
                 if !(self.lock.present && self.lock.token == token) {
                     return self.stop(w, "lost the lease while deleting");
                 }
-                match store.delete(&keys::database(TENANT)).await {
-                    Ok(()) => {
-                        if self.exists {
-                            self.exists = false;
-                            self.incarnation += 1;
-                            self.outcome.deletes += 1;
-                            self.event(format!(
-                                "token {token}: deleted the snapshot; incarnation {} begins",
-                                self.incarnation
-                            ));
-                        }
-                        Some(Deleting::List)
-                    }
+                let deleted = store.delete(&keys::database(TENANT)).await;
+                // A lost response deleted it all the same: the model's own
+                // view of the store says when the incarnation ended.
+                let gone = matches!(self.shared.head(&keys::database(TENANT)).await, Ok(None));
+                if gone && self.exists {
+                    self.exists = false;
+                    self.incarnation += 1;
+                    self.outcome.deletes += 1;
+                    self.event(format!(
+                        "token {token}: deleted the snapshot; incarnation {} begins",
+                        self.incarnation
+                    ));
+                }
+                match deleted {
+                    Ok(()) => Some(Deleting::List),
                     Err(_) => Some(Deleting::Snapshot),
                 }
             }

@@ -126,8 +126,11 @@ fn without_fences_the_simulation_finds_a_violation() {
 
 #[test]
 fn a_compaction_that_deletes_fences_loses_acknowledged_increments() {
+    // On the takeover path alone: the other paths' churn (refusals,
+    // deletes) leaves fewer compactions behind a live zombie.
     let config = LogSimConfig {
         keep_fences: false,
+        paths: Paths::TAKEOVERS,
         ..LogSimConfig::default()
     };
     let (_, violations) = first_violation("compaction deletes fences", config);
@@ -181,6 +184,19 @@ fn equal_epochs_and_read_back_by_epoch_lose_acknowledged_writes() {
         ..Rules::NEW
     });
     let (_, violations) = first_violation("no R3, no R4", config);
+    assert!(lost_or_corrupt(&violations), "{violations:#?}");
+}
+
+/// R4 alone: two claims with one epoch (the lock deleted by hand, before
+/// either wrote anything R3 could see) each take the other's fence for
+/// their own.
+#[test]
+fn a_read_back_by_epoch_and_slot_takes_another_claims_fence_for_its_own() {
+    let config = with_rules(Rules {
+        token_identity: false,
+        ..Rules::NEW
+    });
+    let (_, violations) = first_violation("no R4", config);
     assert!(lost_or_corrupt(&violations), "{violations:#?}");
 }
 

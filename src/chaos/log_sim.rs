@@ -248,7 +248,7 @@ struct Slot {
 }
 
 enum Phase {
-    Claiming(ClaimStep),
+    Claiming(Box<ClaimStep>),
     Active,
     Stopped(&'static str),
 }
@@ -594,7 +594,7 @@ impl Sim {
             inc: self.incarnation,
             store: store.unwrap_or_else(|| Arc::new(fault)),
             faults,
-            phase: Phase::Claiming(ClaimStep::ReadSnapshot),
+            phase: Phase::Claiming(Box::new(ClaimStep::ReadSnapshot)),
             paused: false,
             head: Position::default(),
             acked: Position::default(),

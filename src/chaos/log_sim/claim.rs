@@ -119,6 +119,7 @@ impl Sim {
         else {
             return;
         };
+        let step = *step;
         let store = self.writers[w].store.clone();
         let (epoch, token) = (self.writers[w].epoch, self.writers[w].token);
         let db_key = keys::database(TENANT);
@@ -311,7 +312,7 @@ impl Sim {
                 }
             }
         };
-        self.writers[w].phase = Phase::Claiming(next);
+        self.writers[w].phase = Phase::Claiming(Box::new(next));
     }
 
     fn fencing(
@@ -415,7 +416,7 @@ impl Sim {
             }
             ClaimStep::Fence(f)
         };
-        self.writers[w].phase = Phase::Claiming(next);
+        self.writers[w].phase = Phase::Claiming(Box::new(next));
     }
 
     /// Puts one fence. R2: into the first slot of the window that is
@@ -549,7 +550,7 @@ impl Sim {
         self.lock.epoch = epoch;
         self.max_epoch = self.max_epoch.max(epoch);
         self.writers[w].epoch = epoch;
-        self.writers[w].phase = Phase::Claiming(ClaimStep::ReadSnapshot);
+        self.writers[w].phase = Phase::Claiming(Box::new(ClaimStep::ReadSnapshot));
         self.outcome.epoch_raises += 1;
     }
 

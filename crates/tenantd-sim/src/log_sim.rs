@@ -1,51 +1,53 @@
-//! Deterministic model simulation of the commit-log protocol (issue 14):
-//! one tenant, several writers that each believe they hold it, one shared
-//! in-memory store, tokio's paused clock and one seeded RNG, so that a seed
-//! is a reproducible schedule.
+//! Deterministic model simulation of the commit-log protocol (issues 14
+//! and 26): one tenant, several writers that each believe they hold it,
+//! one shared in-memory store, tokio's paused clock and one seeded RNG, so
+//! that a seed is a reproducible schedule.
 //!
 //! The model keeps the protocol and drops SQLite: the database is a counter
 //! with a digest standing in for the database checksum (each commit's
 //! digest hashes its parent's, so a digest names one history). Log objects
 //! are real [`Delta`]s (a one-page delta carrying the counter, pre/post
-//! checksum = digest before/after) and real fences, under the real keys.
+//! checksum = digest before/after) and real fences, under the real keys,
+//! with the acquisition's token, epoch and slot in their metadata.
 //!
 //! - A writer commits a batch into slot `s` and PUTs it with `If-None-Match`
-//!   only while every slot `<= s - WINDOW` is confirmed (at most `WINDOW`
-//!   slots past its acknowledged prefix). A commit is acknowledged when it
-//!   and every slot before it are confirmed. A 412 on its own slot is
-//!   resolved by reading the object back: its own bytes (a write that
-//!   landed late) confirm the slot, anything else means it was fenced: it
-//!   stops and acknowledges nothing more.
+//!   only while every slot `<= s - WINDOW` is confirmed. A commit is
+//!   acknowledged when it and every slot before it are confirmed. A 412 on
+//!   its own slot is resolved by reading the object back (R4: its token;
+//!   the old rule: its epoch and slot): its own write that landed late
+//!   confirms the slot, anything else means it was fenced.
 //! - Requests are in flight independently: the network delivers them in
 //!   any order, a machine's requests still land after it paused or
 //!   crashed, and each writer's [`FaultStore`] loses responses, fails
-//!   requests and applies some PUTs after telling the caller they failed.
-//! - A takeover starts a writer with the next epoch while the old one goes
-//!   on as a zombie (maybe paused). Its claim, one store request per step:
-//!   read the snapshot, LIST the log after it, read the contiguous prefix
-//!   `(S, P]`, replay it (objects of an epoch below the running maximum
-//!   are a deposed writer's garbage; fences raise the maximum; a higher
-//!   maximum than its own means it is deposed itself), fence every empty
-//!   slot of `(P, P + WINDOW]` (any 412: start over), check that the
-//!   snapshot is still the one it read (else a compaction may have deleted
-//!   what it listed, and its fences may sit in deleted slots: start over),
-//!   and write from `P + WINDOW + 1`. A slot listed more than `WINDOW`
-//!   past the hole at `P + 1` is a gap only if the snapshot is unchanged.
-//! - Compaction by any writer, abandoned at any step: write the snapshot of
-//!   its acknowledged prefix (`If-Match` the ETag it knows; on 412 re-read
-//!   and replace only an older one), then delete the log slots it covers,
-//!   except fences. A zombie may re-create a deleted slot: it lies below
-//!   the snapshot, where no reader looks, and the outcome counts those.
+//!   requests, applies some PUTs after telling the caller they failed, and
+//!   at times lists only objects older than a lag.
+//! - `machine.lock` is modelled as its state (epoch, token, `released`):
+//!   each acquisition takes the next epoch, or (the lock deleted by hand)
+//!   1 or an epoch a contender remembers. The previous writers go on as
+//!   zombies (maybe paused).
+//! - A claim (see `claim`), one store request per step: read the
+//!   snapshot, list the log after it, read the contiguous prefix, replay
+//!   it, check epochs (R3), fence `E+1..=E+WINDOW` resolving taken slots
+//!   by reading them (R2), re-check the snapshot, write from `E+WINDOW+1`.
+//! - The other paths (see `paths`): compaction abandoned at any step,
+//!   release, claim failures, `restore --in-place`, `tenants delete` and
+//!   re-creation, the lock deleted by hand, a lagging LIST, a snapshot
+//!   re-uploaded without metadata.
 //!
 //! The checker: every claim that completes recovers a state containing
-//! every increment acknowledged before its last fence landed; at the end a clean writer recovers
-//! the log, and its state holds every acknowledged increment, only
-//! attempted ones, each once, and every state any claim recovered is a
-//! prefix of it (one history). `fences: false`, `keep_fences: false`,
-//! `window_from_acked: false` and `recheck: Never` are negative controls:
-//! the simulation must find violations with each.
+//! every increment of its incarnation acknowledged before its last fence
+//! landed, and no write of a deleted incarnation; at the end a writer
+//! recovers the log under a LIST that hides everything (liveness), and its
+//! state holds every acknowledged increment, only attempted ones, each
+//! once, and every state a claim of that incarnation recovered is a prefix
+//! of it. Each old rule ([`Rules`]) and `fences`, `keep_fences`,
+//! `window_from_acked`, `recheck: Never` are negative controls.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+mod claim;
+mod paths;
+mod rules;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,11 +57,15 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use tenantd_core::store::fault::FaultHandle;
+pub use rules::{Paths, Rules};
+
+use claim::ClaimStep;
+use paths::{Compaction, Deleting};
+use tenantd_core::store::fault::{FaultHandle, WriteTimes};
 use tenantd_core::store::{
     DynStore, ETag, FaultConfig, FaultStore, MemoryStore, Metadata, Precondition, StoreResult, keys,
 };
-use tenantd_core::tenant::delta::{Delta, FENCE_MAX_BYTES, Kind};
+use tenantd_core::tenant::delta::{Delta, Kind};
 
 const TENANT: &str = "sim";
 /// Slots a writer may have in flight past its acknowledged prefix.
@@ -70,6 +76,15 @@ const PAGE_SIZE: u32 = 512;
 const MAX_LIVE_WRITERS: usize = 4;
 /// The longest a late-applied PUT waits before it lands.
 const LATE_APPLY: Duration = Duration::from_secs(10);
+/// The final recovery's LIST lag: longer than the whole run.
+const FINAL_LAG: Duration = Duration::from_secs(24 * 3600);
+/// Steps the final recovery may take (one store request each).
+const FINAL_STEPS: usize = 20_000;
+
+/// Metadata of log objects and snapshots (as tenantd writes them).
+const TOKEN_KEY: &str = "tenantd-token";
+const EPOCH_KEY: &str = "tenantd-epoch";
+const FORMAT_KEY: &str = "tenantd-format";
 
 #[derive(Clone, Copy, Debug)]
 pub struct LogSimConfig {
@@ -86,6 +101,8 @@ pub struct LogSimConfig {
     /// When a claim checks that the snapshot it started from is still the
     /// current one.
     pub recheck: Recheck,
+    pub rules: Rules,
+    pub paths: Paths,
     pub steps: usize,
     /// Record every event in [`LogSimOutcome::trace`] (to debug a seed).
     pub trace: bool,
@@ -98,6 +115,8 @@ impl Default for LogSimConfig {
             keep_fences: true,
             window_from_acked: true,
             recheck: Recheck::AfterFences,
+            rules: Rules::NEW,
+            paths: Paths::ALL,
             steps: 1000,
             trace: false,
         }
@@ -107,10 +126,7 @@ impl Default for LogSimConfig {
 /// Whether a claim re-reads the snapshot's ETag once its fences landed. A
 /// compaction writes the snapshot before it deletes the slots it covers,
 /// so an unchanged ETag proves that nothing after the snapshot the claim
-/// started from was deleted while it listed, read and fenced. Checked
-/// after the fences, not before: a compaction between the check and the
-/// fences could delete slots the fences then fill, under the old holder's
-/// acknowledged commits (argued; this schedule has not produced it).
+/// started from was deleted while it listed, read and fenced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recheck {
     /// The protocol.
@@ -143,8 +159,62 @@ pub struct LogSimOutcome {
     pub recreated: usize,
     /// Objects of deposed writers a claim skipped.
     pub garbage_skipped: usize,
+    /// Taken slots a claim read directly (R2), and those it applied.
+    pub probes: usize,
+    pub probed_applied: usize,
+    /// Claims that raised their lock's epoch (R3).
+    pub epoch_raises: usize,
+    /// Releases that said `released`, and those that could not (their
+    /// compaction failed).
+    pub releases: usize,
+    pub releases_unclean: usize,
+    pub claim_failures: usize,
+    /// Restores that wrote their commit, and those that failed.
+    pub restores: usize,
+    pub restores_failed: usize,
+    /// Tenants deleted, and created again.
+    pub deletes: usize,
+    pub creates: usize,
+    /// Locks deleted by hand, and claims that began with no lock.
+    pub locks_deleted: usize,
+    /// Snapshots re-uploaded without metadata, and claims that refused one.
+    pub bare_snapshots: usize,
+    pub bare_refused: usize,
+    /// Times LIST started lagging.
+    pub lags: usize,
     /// What happened, step by step, when [`LogSimConfig::trace`] is set.
     pub trace: Vec<String>,
+}
+
+impl LogSimOutcome {
+    /// Adds another seed's counts (not its violations or trace).
+    pub fn add(&mut self, o: &LogSimOutcome) {
+        self.attempted += o.attempted;
+        self.acked += o.acked;
+        self.recovered += o.recovered;
+        self.takeovers += o.takeovers;
+        self.claims += o.claims;
+        self.fenced += o.fenced;
+        self.deposed += o.deposed;
+        self.snapshots += o.snapshots;
+        self.deleted += o.deleted;
+        self.recreated += o.recreated;
+        self.garbage_skipped += o.garbage_skipped;
+        self.probes += o.probes;
+        self.probed_applied += o.probed_applied;
+        self.epoch_raises += o.epoch_raises;
+        self.releases += o.releases;
+        self.releases_unclean += o.releases_unclean;
+        self.claim_failures += o.claim_failures;
+        self.restores += o.restores;
+        self.restores_failed += o.restores_failed;
+        self.deletes += o.deletes;
+        self.creates += o.creates;
+        self.locks_deleted += o.locks_deleted;
+        self.bare_snapshots += o.bare_snapshots;
+        self.bare_refused += o.bare_refused;
+        self.lags += o.lags;
+    }
 }
 
 /// Runs one seed to completion on its own current-thread runtime.
@@ -157,14 +227,17 @@ pub fn run_seed(seed: u64, config: LogSimConfig) -> LogSimOutcome {
     runtime.block_on(Sim::new(seed, config).run())
 }
 
-/// A position in the history: the state after slot `seq`, and the highest
-/// epoch of the history up to it (the snapshot object's body).
+/// A position in the history: the state after slot `seq`, the highest
+/// epoch of the history up to it, and the tenant's incarnation (the
+/// snapshot object's body).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Position {
     seq: u64,
     value: u64,
     digest: u64,
     epoch: u64,
+    #[serde(default)]
+    inc: u64,
 }
 
 struct Slot {
@@ -175,96 +248,44 @@ struct Slot {
 }
 
 enum Phase {
-    Claiming(ClaimStep),
+    Claiming(Box<ClaimStep>),
     Active,
     Stopped(&'static str),
 }
 
-/// Where a claim is; each step is one store request.
-enum ClaimStep {
-    ReadSnapshot,
-    List {
-        snap: Position,
-        etag: Option<ETag>,
-    },
-    Read {
-        snap: Position,
-        etag: Option<ETag>,
-        prefix_end: u64,
-        occupied: BTreeSet<u64>,
-        objects: Vec<Delta>,
-    },
-    /// Re-reads the snapshot's ETag; then, by what is known: reports a
-    /// gap, fences, or completes.
-    Recheck {
-        state: Position,
-        etag: Option<ETag>,
-        prefix_end: u64,
-        occupied: BTreeSet<u64>,
-        /// A slot listed beyond the prefix end plus the window.
-        gap: Option<u64>,
-        fenced: bool,
-        /// Increments acknowledged when the last fence landed: from then
-        /// on no older holder can acknowledge anything the claim misses.
-        acked_before: usize,
-    },
-    Fence {
-        state: Position,
-        etag: Option<ETag>,
-        prefix_end: u64,
-        todo: Vec<u64>,
-    },
+/// Why a writer exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// A machine serving the tenant.
+    Holder,
+    /// `tenantd restore --in-place`: one commit, a compaction, a release.
+    Restore { wrote: bool },
+    /// `tenantd tenants delete`.
+    Delete,
+    /// The end of the run: recovers the log.
+    Final,
 }
 
-impl ClaimStep {
-    fn describe(&self) -> String {
-        match self {
-            ClaimStep::ReadSnapshot => "reads the snapshot".into(),
-            ClaimStep::List { snap, .. } => format!("lists the log after slot {}", snap.seq),
-            ClaimStep::Read {
-                snap,
-                prefix_end,
-                objects,
-                ..
-            } => format!(
-                "reads slot {} of the prefix ending at {prefix_end}",
-                snap.seq + objects.len() as u64 + 1
-            ),
-            ClaimStep::Recheck {
-                state, gap, fenced, ..
-            } => {
-                format!("rechecks the snapshot (recovered {state:?}, gap {gap:?}, fenced {fenced})")
-            }
-            ClaimStep::Fence { todo, .. } => format!("fences slot {:?}", todo.first()),
-        }
-    }
-}
-
-enum Compaction {
-    Put {
-        target: Position,
-        condition: Precondition,
-    },
-    List {
-        upto: u64,
-    },
-    Delete {
-        keys: Vec<String>,
-    },
-}
-
-impl Compaction {
-    fn describe(&self) -> String {
-        match self {
-            Compaction::Put { target, .. } => format!("writes the snapshot {target:?}"),
-            Compaction::List { upto } => format!("lists the log up to slot {upto}"),
-            Compaction::Delete { keys } => format!("deletes {:?}", keys.last()),
-        }
-    }
+/// `machine.lock`, as its content.
+#[derive(Clone, Copy, Debug, Default)]
+struct Lock {
+    present: bool,
+    epoch: u64,
+    token: u64,
+    released: bool,
 }
 
 struct Writer {
     epoch: u64,
+    /// Its acquisition's token (R4), unique per writer.
+    token: u64,
+    role: Role,
+    /// The lock said `released` when it was acquired.
+    clean: bool,
+    /// The lock was absent when it was acquired (deleted by hand).
+    lock_was_absent: bool,
+    /// The incarnation of the snapshot its claim started from.
+    inc: u64,
     store: DynStore,
     faults: FaultHandle,
     phase: Phase,
@@ -274,18 +295,25 @@ struct Writer {
     /// Its acknowledged prefix: every slot up to `acked.seq` confirmed.
     acked: Position,
     /// Slots after `acked.seq`, up to `head.seq`.
-    slots: std::collections::BTreeMap<u64, Slot>,
+    slots: BTreeMap<u64, Slot>,
+    /// Slots it fenced in its claim (a delete keeps them).
+    fenced_slots: BTreeSet<u64>,
     /// Answers to its PUTs, not yet handled.
     inbox: Vec<(u64, StoreResult<ETag>)>,
     /// The snapshot it last read or wrote.
     snapshot_etag: Option<ETag>,
     snapshot_seq: u64,
     compaction: Option<Compaction>,
+    deleting: Option<Deleting>,
 }
 
 impl Writer {
     fn live(&self) -> bool {
         !matches!(self.phase, Phase::Stopped(_))
+    }
+
+    fn active(&self) -> bool {
+        matches!(self.phase, Phase::Active) && !self.paused
     }
 }
 
@@ -294,30 +322,34 @@ struct Request {
     writer: usize,
     seq: u64,
     body: Bytes,
+    metadata: Metadata,
 }
 
 #[derive(Default)]
 struct Checker {
-    /// Every commit any writer made: digest -> (parent digest, increments).
-    commits: HashMap<u64, (u64, Vec<u64>)>,
+    /// Every commit any writer made: digest -> (parent digest, increments,
+    /// incarnation).
+    commits: HashMap<u64, (u64, Vec<u64>, u64)>,
     attempted: usize,
-    acked: Vec<u64>,
-    /// Digests recovered by completed claims, in completion order.
-    recovered: Vec<u64>,
+    /// Acknowledged increments, with the incarnation they belong to.
+    acked: Vec<(u64, u64)>,
+    /// Digests recovered by completed claims, with their incarnation.
+    recovered: Vec<(u64, u64)>,
     violations: Vec<String>,
 }
 
 impl Checker {
-    /// The increments of the history ending at `digest`, oldest first.
-    fn ids(&self, digest: u64) -> Result<Vec<u64>, String> {
+    /// The increments of the history ending at `digest`, oldest first,
+    /// each with its incarnation.
+    fn ids(&self, digest: u64) -> Result<Vec<(u64, u64)>, String> {
         let mut ids = vec![];
         let mut at = digest;
         while at != 0 {
-            let (parent, added) = self
+            let (parent, added, inc) = self
                 .commits
                 .get(&at)
                 .ok_or_else(|| format!("digest {at:016x} is no commit any writer made"))?;
-            ids.extend(added.iter().rev());
+            ids.extend(added.iter().rev().map(|id| (*id, *inc)));
             at = *parent;
         }
         ids.reverse();
@@ -325,15 +357,21 @@ impl Checker {
     }
 
     /// The checks a recovered state must pass: it is a history some
-    /// writers made, holds each increment once, its counter is its
-    /// increments, and it holds the first `acked_before` increments
-    /// acknowledged (those acknowledged before the claim took hold).
+    /// writers of its incarnation made, holds each increment once, its
+    /// counter is its increments, and it holds the first `acked_before`
+    /// increments acknowledged in its incarnation.
     fn recovered(&mut self, who: &str, state: Position, acked_before: usize) {
         let ids = match self.ids(state.digest) {
             Ok(ids) => ids,
             Err(e) => return self.violations.push(format!("{who}: {e}")),
         };
-        let set: HashSet<u64> = ids.iter().copied().collect();
+        if let Some((id, inc)) = ids.iter().find(|(_, inc)| *inc != state.inc) {
+            self.violations.push(format!(
+                "{who}: increment {id} of the deleted incarnation {inc} is in incarnation {}",
+                state.inc
+            ));
+        }
+        let set: HashSet<u64> = ids.iter().map(|(id, _)| *id).collect();
         if set.len() != ids.len() {
             self.violations
                 .push(format!("{who}: an increment is applied twice"));
@@ -345,10 +383,10 @@ impl Checker {
                 ids.len()
             ));
         }
-        let lost: Vec<u64> = self.acked[..acked_before]
+        let lost: Vec<u64> = self.acked[..acked_before.min(self.acked.len())]
             .iter()
-            .copied()
-            .filter(|id| !set.contains(id))
+            .filter(|(id, inc)| *inc == state.inc && !set.contains(id))
+            .map(|(id, _)| *id)
             .collect();
         if !lost.is_empty() {
             self.violations.push(format!(
@@ -356,22 +394,33 @@ impl Checker {
                 state.value, state.seq
             ));
         }
-        self.recovered.push(state.digest);
+        self.recovered.push((state.digest, state.inc));
     }
 }
 
 struct Sim {
     config: LogSimConfig,
+    rules: Rules,
     seed: u64,
     rng: StdRng,
     shared: Arc<MemoryStore>,
+    /// Creation times of objects, shared by every writer's fault layer.
+    times: WriteTimes,
     writers: Vec<Writer>,
     network: Vec<Request>,
-    next_epoch: u64,
+    lock: Lock,
+    /// The highest epoch any acquisition got.
+    max_epoch: u64,
     next_id: u64,
     start: tokio::time::Instant,
     check: Checker,
     outcome: LogSimOutcome,
+    /// Whether `db.sqlite3` exists (the tenant exists), and its
+    /// incarnation: a delete and a creation start the next.
+    exists: bool,
+    incarnation: u64,
+    /// How long LIST lags now (zero: current).
+    lag: Duration,
     /// Log keys some compaction deleted, and those seen again afterwards.
     deleted_keys: HashSet<String>,
     recreated_keys: HashSet<String>,
@@ -381,66 +430,85 @@ impl Sim {
     fn new(seed: u64, config: LogSimConfig) -> Sim {
         Sim {
             config,
+            rules: config.rules,
             seed,
             rng: StdRng::seed_from_u64(seed),
             shared: Arc::new(MemoryStore::new()),
+            times: WriteTimes::default(),
             writers: vec![],
             network: vec![],
-            next_epoch: 0,
+            lock: Lock::default(),
+            max_epoch: 0,
             next_id: 0,
             start: tokio::time::Instant::now(),
             check: Checker::default(),
             outcome: LogSimOutcome::default(),
+            exists: false,
+            incarnation: 0,
+            lag: Duration::ZERO,
             deleted_keys: HashSet::new(),
             recreated_keys: HashSet::new(),
         }
     }
 
     async fn run(mut self) -> LogSimOutcome {
-        self.takeover();
+        self.create().await;
+        self.takeover(Role::Holder);
+        let paths = self.config.paths;
         for _ in 0..self.config.steps {
-            match self.rng.random_range(0..100) {
-                0..=24 => {
+            match self.rng.random_range(0..1000) {
+                0..=249 => {
                     if let Some(w) = self.pick_live() {
                         self.batch(w);
                     }
                 }
-                25..=49 => self.deliver_one().await,
-                50..=74 => {
+                250..=499 => self.deliver_one().await,
+                500..=749 => {
                     if let Some(w) = self.pick_live() {
                         self.tick(w).await;
                     }
                 }
-                75..=79 => {
+                750..=799 => {
                     if let Some(w) = self.pick_live() {
                         self.start_compaction(w);
                     }
                 }
-                80 => self.takeover(),
-                81..=85 => {
+                800..=809 => self.takeover(Role::Holder),
+                810..=859 => {
                     if let Some(w) = self.pick_live() {
                         self.writers[w].paused ^= true;
                     }
                 }
-                86 => {
+                860..=869 => {
                     if let Some(w) = self.pick_live() {
-                        self.writers[w].phase = Phase::Stopped("crashed");
+                        self.stop(w, "crashed");
                     }
                 }
-                87..=88 => {
+                870..=889 => {
                     // A compaction dies midway (the process restarted it
                     // later, or never).
                     if let Some(w) = self.pick_live() {
                         self.writers[w].compaction = None;
                     }
                 }
+                890..=899 if paths.release => self.release_newest().await,
+                900 if paths.claim_failure => self.fail_a_claim(),
+                901 if paths.restore => self.takeover(Role::Restore { wrote: false }),
+                902 if paths.delete => self.takeover(Role::Delete),
+                903..=919 if paths.delete => self.create().await,
+                920..=921 if paths.lock_deleted => self.delete_lock(),
+                922..=929 if paths.list_lag => self.toggle_lag(),
+                930 if paths.bare_snapshot => self.strip_snapshot_metadata().await,
+                931..=949 if paths.bare_snapshot => self.repair_snapshot().await,
                 _ => {
                     let ms = self.rng.random_range(10..600);
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
             }
-            if self.writers.iter().all(|w| !w.live()) {
-                self.takeover();
+            // No machine serves the tenant: the next request starts one
+            // (soon, not at once: a refused tenant is not retried in a loop).
+            if self.writers.iter().all(|w| !w.live()) && self.rng.random_range(0..10) == 0 {
+                self.takeover(Role::Holder);
             }
         }
         self.drain().await;
@@ -471,77 +539,136 @@ impl Sim {
         })
     }
 
-    fn new_writer(&mut self, store: Option<DynStore>) -> usize {
-        self.next_epoch += 1;
-        let epoch = self.next_epoch;
-        let fault = FaultStore::seeded(
+    /// A fault layer over the shared store, sharing the write times, with
+    /// the run's faults and the current lag.
+    fn fault_store(&self, salt: u64, faults: bool) -> FaultStore {
+        let config = FaultConfig {
+            error_rate: if faults { 0.03 } else { 0.0 },
+            lost_response_rate: if faults { 0.03 } else { 0.0 },
+            late_apply_rate: if faults { 0.05 } else { 0.0 },
+            late_apply_delay: LATE_APPLY,
+            list_lag: self.lag,
+            list_lag_prefix: keys::log_prefix(TENANT),
+            ..FaultConfig::default()
+        };
+        FaultStore::seeded(
             self.shared.clone() as DynStore,
-            FaultConfig {
-                error_rate: 0.03,
-                lost_response_rate: 0.03,
-                late_apply_rate: 0.05,
-                late_apply_delay: LATE_APPLY,
-                ..FaultConfig::default()
-            },
-            self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+            config,
+            self.seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        )
+        .with_write_times(self.times.clone())
+    }
+
+    /// Takes `machine.lock`: the next epoch, or with the lock deleted by
+    /// hand 1 or an epoch some contender remembers (possibly the live
+    /// holder's own).
+    fn acquire(&mut self, token: u64) -> (u64, bool, bool) {
+        let (epoch, clean, absent) = if self.lock.present {
+            (self.lock.epoch + 1, self.lock.released, false)
+        } else if self.max_epoch == 0 || self.rng.random_range(0..2) == 0 {
+            (1, false, self.max_epoch > 0)
+        } else {
+            (self.rng.random_range(1..=self.max_epoch), false, true)
+        };
+        self.lock = Lock {
+            present: true,
+            epoch,
+            token,
+            released: false,
+        };
+        self.max_epoch = self.max_epoch.max(epoch);
+        (epoch, clean, absent)
+    }
+
+    fn new_writer(&mut self, role: Role, store: Option<DynStore>) -> usize {
+        let token = self.writers.len() as u64 + 1;
+        let (epoch, clean, lock_was_absent) = self.acquire(token);
+        let fault = self.fault_store(token, true);
         let faults = fault.handle();
         self.writers.push(Writer {
             epoch,
+            token,
+            role,
+            clean,
+            lock_was_absent,
+            inc: self.incarnation,
             store: store.unwrap_or_else(|| Arc::new(fault)),
             faults,
-            phase: Phase::Claiming(ClaimStep::ReadSnapshot),
+            phase: Phase::Claiming(Box::new(ClaimStep::ReadSnapshot)),
             paused: false,
             head: Position::default(),
             acked: Position::default(),
-            slots: Default::default(),
+            slots: BTreeMap::new(),
+            fenced_slots: BTreeSet::new(),
             inbox: vec![],
             snapshot_etag: None,
             snapshot_seq: 0,
             compaction: None,
+            deleting: None,
         });
-        self.writers.len() - 1
+        let w = self.writers.len() - 1;
+        if role == Role::Delete && !self.rules.delete_claims {
+            // The old delete: no claim, straight to deleting.
+            self.writers[w].phase = Phase::Active;
+            self.writers[w].deleting = Some(Deleting::Snapshot);
+        }
+        w
     }
 
-    /// A new writer with the next epoch starts claiming; the current ones
-    /// go on as zombies, one of them perhaps paused.
-    fn takeover(&mut self) {
+    /// A new writer starts claiming; the current ones go on as zombies,
+    /// one of them perhaps paused.
+    fn takeover(&mut self, role: Role) {
+        if !self.exists {
+            return;
+        }
         self.outcome.takeovers += 1;
-        self.event(format!(
-            "takeover: epoch {} starts claiming",
-            self.next_epoch + 1
-        ));
         let live: Vec<usize> = (0..self.writers.len())
             .filter(|&w| self.writers[w].live())
             .collect();
         if live.len() >= MAX_LIVE_WRITERS {
-            self.writers[live[0]].phase = Phase::Stopped("crashed");
+            self.stop(live[0], "crashed");
         }
+        // A machine's takeover often follows its predecessor's pause; a
+        // restore or a delete is a process of its own.
         if let Some(&newest) = live.last()
+            && role == Role::Holder
             && self.rng.random_range(0..2) == 0
         {
             self.writers[newest].paused = true;
         }
-        self.new_writer(None);
+        let w = self.new_writer(role, None);
+        self.event(format!(
+            "takeover: {role:?} epoch {} token {} starts claiming (lock {:?})",
+            self.writers[w].epoch, self.writers[w].token, self.lock
+        ));
     }
 
     /// A batch of increments committed by writer `w`, if it is active and
-    /// its window has room: the delta goes out at once.
+    /// its window has room: the delta goes out at once. A restore writes
+    /// one commit without increments.
     fn batch(&mut self, w: usize) {
         let committed_at_ms = self.now_ms();
-        let n = self.rng.random_range(1..=3u64);
         let writer = &self.writers[w];
         let in_window = if self.config.window_from_acked {
             writer.slots.len()
         } else {
             writer.slots.values().filter(|s| !s.confirmed).count()
         };
-        if !matches!(writer.phase, Phase::Active) || writer.paused || in_window as u64 >= WINDOW {
+        if !writer.active() || in_window as u64 >= WINDOW || writer.deleting.is_some() {
             return;
+        }
+        let n = match writer.role {
+            Role::Holder => self.rng.random_range(1..=3u64),
+            Role::Restore { wrote: false } => 0,
+            _ => return,
+        };
+        if let Role::Restore { .. } = writer.role {
+            self.writers[w].role = Role::Restore { wrote: true };
         }
         let ids: Vec<u64> = (0..n).map(|i| self.next_id + i + 1).collect();
         self.next_id += n;
         self.check.attempted += ids.len();
+        let writer = &self.writers[w];
         let head = writer.head;
         let seq = head.seq + 1;
         let after = Position {
@@ -549,10 +676,11 @@ impl Sim {
             value: head.value + n,
             digest: digest(head.digest, writer.epoch, seq, &ids),
             epoch: writer.epoch,
+            inc: head.inc,
         };
         self.check
             .commits
-            .insert(after.digest, (head.digest, ids.clone()));
+            .insert(after.digest, (head.digest, ids.clone(), head.inc));
         let body = Delta {
             kind: Kind::Delta,
             epoch: writer.epoch,
@@ -566,6 +694,7 @@ impl Sim {
         }
         .encode()
         .expect("a counter delta has a page");
+        let metadata = slot_metadata(writer.token, writer.epoch);
         let writer = &mut self.writers[w];
         writer.head = after;
         writer.slots.insert(
@@ -581,6 +710,7 @@ impl Sim {
             writer: w,
             seq,
             body,
+            metadata,
         });
     }
 
@@ -598,21 +728,20 @@ impl Sim {
             request.seq, self.writers[request.writer].epoch
         ));
         let store = self.writers[request.writer].store.clone();
+        let key = keys::log_slot(TENANT, request.seq);
         let result = store
-            .put(
-                &keys::log_slot(TENANT, request.seq),
-                request.body,
-                Metadata::new(),
-                Precondition::IfAbsent,
-            )
+            .put(&key, request.body, request.metadata, Precondition::IfAbsent)
             .await;
+        if result.is_ok() && self.deleted_keys.contains(&key) {
+            self.recreated_keys.insert(key);
+        }
         self.writers[request.writer]
             .inbox
             .push((request.seq, result));
     }
 
     /// Writer `w` takes one step: of its claim, or handles an answer, or
-    /// advances its compaction.
+    /// advances its compaction, release or delete.
     async fn tick(&mut self, w: usize) {
         if self.writers[w].paused {
             return;
@@ -621,12 +750,18 @@ impl Sim {
             Phase::Claiming(_) => self.claim_step(w).await,
             Phase::Active => {
                 let has_answers = !self.writers[w].inbox.is_empty();
-                if has_answers
+                if self.writers[w].deleting.is_some() {
+                    self.delete_step(w).await;
+                } else if has_answers
                     && (self.writers[w].compaction.is_none() || self.rng.random_range(0..2) == 0)
                 {
                     self.handle_answer(w).await;
-                } else {
+                } else if self.writers[w].compaction.is_some() {
                     self.compaction_step(w).await;
+                } else if self.writers[w].role == (Role::Restore { wrote: true })
+                    && self.writers[w].slots.is_empty()
+                {
+                    self.release(w).await;
                 }
             }
             Phase::Stopped(_) => {}
@@ -640,40 +775,58 @@ impl Sim {
         }
         let (seq, result) = inbox.swap_remove(self.rng.random_range(0..inbox.len()));
         self.event(format!(
-            "epoch {}: answer for slot {seq}: {}",
+            "epoch {} token {}: answer for slot {seq}: {}",
             self.writers[w].epoch,
+            self.writers[w].token,
             result.as_ref().map_or_else(|e| e.kind(), |_| "ok")
         ));
         let writer = &self.writers[w];
-        if !matches!(writer.phase, Phase::Active) {
+        if !matches!(writer.phase, Phase::Active) || !writer.slots.contains_key(&seq) {
             return;
         }
-        let Some(slot) = writer.slots.get(&seq) else {
-            return;
-        };
         match result {
             Ok(_) => self.confirm(w, seq),
             Err(e) if e.is_precondition() => {
                 // Our own write that landed late, or someone else's object.
                 let store = writer.store.clone();
-                let body = slot.body.clone();
                 match store.get(&keys::log_slot(TENANT, seq)).await {
-                    Ok(Some(object)) if object.body == body => self.confirm(w, seq),
+                    Ok(Some(object)) if self.is_mine(w, seq, &object.body, &object.metadata) => {
+                        self.confirm(w, seq)
+                    }
                     Ok(_) => {
                         self.outcome.fenced += 1;
-                        self.writers[w].phase = Phase::Stopped("fenced");
+                        self.event(format!(
+                            "epoch {}: slot {seq} is not its own: fenced",
+                            self.writers[w].epoch
+                        ));
+                        self.stop(w, "fenced");
                     }
                     Err(_) => self.writers[w].inbox.push((seq, Err(e))),
                 }
             }
             Err(_) => {
-                let body = slot.body.clone();
+                let writer = &self.writers[w];
+                let body = writer.slots[&seq].body.clone();
+                let metadata = slot_metadata(writer.token, writer.epoch);
                 self.network.push(Request {
                     writer: w,
                     seq,
                     body,
+                    metadata,
                 });
             }
+        }
+    }
+
+    /// Whether the object in slot `seq` is writer `w`'s: its token (R4), or
+    /// (the old rule) its epoch and slot number.
+    fn is_mine(&self, w: usize, seq: u64, body: &[u8], metadata: &Metadata) -> bool {
+        let writer = &self.writers[w];
+        if self.rules.token_identity {
+            token_of(metadata) == Some(writer.token)
+        } else {
+            Delta::decode(&keys::log_slot(TENANT, seq), body)
+                .is_ok_and(|d| d.epoch == writer.epoch && d.seq == seq)
         }
     }
 
@@ -685,6 +838,7 @@ impl Sim {
             slot.confirmed = true;
         }
         let mut acked = vec![];
+        let inc = writer.inc;
         while let Some(entry) = writer.slots.first_entry() {
             if !entry.get().confirmed {
                 break;
@@ -692,433 +846,36 @@ impl Sim {
             let slot = entry.remove();
             writer.acked = slot.after;
             acked.push(format!(
-                "epoch {}: acknowledges slot {} ({:?})",
-                writer.epoch, slot.after.seq, slot.ids
+                "epoch {} token {}: acknowledges slot {} ({:?})",
+                writer.epoch, writer.token, slot.after.seq, slot.ids
             ));
-            self.check.acked.extend(slot.ids);
+            self.check
+                .acked
+                .extend(slot.ids.iter().map(|id| (*id, inc)));
         }
         for event in acked {
             self.event(event);
         }
     }
 
-    async fn claim_step(&mut self, w: usize) {
-        let Phase::Claiming(step) =
-            std::mem::replace(&mut self.writers[w].phase, Phase::Stopped("claiming"))
-        else {
-            return;
-        };
-        let store = self.writers[w].store.clone();
-        let epoch = self.writers[w].epoch;
-        let db_key = keys::database(TENANT);
-        self.event(format!("epoch {epoch}: claim {}", step.describe()));
-        let next = match step {
-            ClaimStep::ReadSnapshot => match store.get(&db_key).await {
-                Ok(Some(object)) => match serde_json::from_slice::<Position>(&object.body) {
-                    Ok(snap) => ClaimStep::List {
-                        snap,
-                        etag: Some(object.etag),
-                    },
-                    Err(e) => {
-                        self.violation(format!("the snapshot is unreadable: {e}"));
-                        return self.stop(w, "unreadable snapshot");
-                    }
-                },
-                Ok(None) => ClaimStep::List {
-                    snap: Position::default(),
-                    etag: None,
-                },
-                Err(_) => ClaimStep::ReadSnapshot,
-            },
-            ClaimStep::List { snap, etag } => {
-                let after = keys::log_slot(TENANT, snap.seq);
-                match store.list(&keys::log_prefix(TENANT), Some(&after)).await {
-                    Ok(listed) => {
-                        let occupied: BTreeSet<u64> = listed
-                            .iter()
-                            .filter_map(|l| keys::log_seq(&l.key))
-                            .collect();
-                        let mut prefix_end = snap.seq;
-                        while occupied.contains(&(prefix_end + 1)) {
-                            prefix_end += 1;
-                        }
-                        // No holder leaves a wider hole: corrupt, unless a
-                        // compaction deleted slots under the listing.
-                        let gap = occupied.range(prefix_end + WINDOW + 1..).next().copied();
-                        if gap.is_some() {
-                            ClaimStep::Recheck {
-                                state: snap,
-                                etag,
-                                prefix_end,
-                                occupied,
-                                gap,
-                                fenced: false,
-                                acked_before: 0,
-                            }
-                        } else {
-                            ClaimStep::Read {
-                                snap,
-                                etag,
-                                prefix_end,
-                                occupied,
-                                objects: vec![],
-                            }
-                        }
-                    }
-                    Err(_) => ClaimStep::List { snap, etag },
-                }
-            }
-            ClaimStep::Read {
-                snap,
-                etag,
-                prefix_end,
-                occupied,
-                mut objects,
-            } => {
-                let seq = snap.seq + objects.len() as u64 + 1;
-                if seq > prefix_end {
-                    let Some(state) = self.replay(w, snap, &objects) else {
-                        return;
-                    };
-                    let state = Position {
-                        seq: prefix_end,
-                        ..state
-                    };
-                    self.fence_or_recheck(state, etag, prefix_end, &occupied)
-                } else {
-                    let key = keys::log_slot(TENANT, seq);
-                    match store.get(&key).await {
-                        Ok(Some(object)) => match Delta::decode(&key, &object.body) {
-                            Ok(delta) => {
-                                objects.push(delta);
-                                ClaimStep::Read {
-                                    snap,
-                                    etag,
-                                    prefix_end,
-                                    occupied,
-                                    objects,
-                                }
-                            }
-                            Err(e) => {
-                                self.violation(e.to_string());
-                                return self.stop(w, "corrupt log");
-                            }
-                        },
-                        // Deleted by a compaction since the listing.
-                        Ok(None) => ClaimStep::ReadSnapshot,
-                        Err(_) => ClaimStep::Read {
-                            snap,
-                            etag,
-                            prefix_end,
-                            occupied,
-                            objects,
-                        },
-                    }
-                }
-            }
-            ClaimStep::Recheck {
-                state,
-                etag,
-                prefix_end,
-                occupied,
-                gap,
-                fenced,
-                acked_before,
-            } => {
-                let unchanged = match self.config.recheck {
-                    Recheck::Never => Ok(true),
-                    _ => store
-                        .head(&db_key)
-                        .await
-                        .map(|current| current.as_ref().map(|m| &m.etag) == etag.as_ref()),
-                };
-                match unchanged {
-                    Ok(true) => {
-                        if let Some(beyond) = gap {
-                            self.violation(format!(
-                                "claim by epoch {epoch}: slot {beyond} is in the log beyond the prefix end {prefix_end} + window {WINDOW}"
-                            ));
-                            return self.stop(w, "gap");
-                        }
-                        if fenced {
-                            return self.complete_claim(w, state, etag, prefix_end, acked_before);
-                        }
-                        self.fence_or_recheck(state, etag, prefix_end, &occupied)
-                    }
-                    // A compaction replaced the snapshot: what was listed
-                    // may be gone, and fences may sit in deleted slots
-                    // (below the new snapshot, where they are harmless).
-                    Ok(false) => ClaimStep::ReadSnapshot,
-                    Err(_) => ClaimStep::Recheck {
-                        state,
-                        etag,
-                        prefix_end,
-                        occupied,
-                        gap,
-                        fenced,
-                        acked_before,
-                    },
-                }
-            }
-            ClaimStep::Fence {
-                state,
-                etag,
-                prefix_end,
-                mut todo,
-            } => {
-                let seq = todo[0];
-                let fence = Delta::fence(epoch, seq, self.now_ms())
-                    .encode()
-                    .expect("a fence has no pages to miss");
-                match store
-                    .put(
-                        &keys::log_slot(TENANT, seq),
-                        fence,
-                        Metadata::new(),
-                        Precondition::IfAbsent,
-                    )
-                    .await
-                {
-                    Ok(_) => {
-                        todo.remove(0);
-                    }
-                    Err(e) if e.is_precondition() => {
-                        self.writers[w].phase = Phase::Claiming(ClaimStep::ReadSnapshot);
-                        return;
-                    }
-                    Err(_) => {}
-                }
-                if todo.is_empty() {
-                    ClaimStep::Recheck {
-                        state,
-                        etag,
-                        prefix_end,
-                        occupied: BTreeSet::new(),
-                        gap: None,
-                        fenced: true,
-                        acked_before: self.check.acked.len(),
-                    }
-                } else {
-                    ClaimStep::Fence {
-                        state,
-                        etag,
-                        prefix_end,
-                        todo,
-                    }
-                }
-            }
-        };
-        self.writers[w].phase = Phase::Claiming(next);
-    }
-
-    /// The next step once the log is read (and, if wanted, rechecked):
-    /// fence the empty slots of the window, or go on without fences.
-    fn fence_or_recheck(
-        &mut self,
-        state: Position,
-        etag: Option<ETag>,
-        prefix_end: u64,
-        occupied: &BTreeSet<u64>,
-    ) -> ClaimStep {
-        let todo: Vec<u64> = if self.config.fences {
-            (prefix_end + 1..=prefix_end + WINDOW)
-                .filter(|s| !occupied.contains(s))
-                .collect()
-        } else {
-            vec![]
-        };
-        if todo.is_empty() {
-            ClaimStep::Recheck {
-                state,
-                etag,
-                prefix_end,
-                occupied: BTreeSet::new(),
-                gap: None,
-                fenced: true,
-                acked_before: self.check.acked.len(),
-            }
-        } else {
-            ClaimStep::Fence {
-                state,
-                etag,
-                prefix_end,
-                todo,
-            }
-        }
-    }
-
-    /// The claim holds from its last store request on: the writer is active
-    /// from the slot after the window.
-    fn complete_claim(
-        &mut self,
-        w: usize,
-        state: Position,
-        etag: Option<ETag>,
-        prefix_end: u64,
-        acked_before: usize,
-    ) {
-        let epoch = self.writers[w].epoch;
-        let start = Position {
-            seq: prefix_end + WINDOW,
-            epoch,
-            ..state
-        };
-        let writer = &mut self.writers[w];
-        writer.head = start;
-        writer.acked = start;
-        writer.snapshot_etag = etag;
-        writer.snapshot_seq = prefix_end;
-        writer.phase = Phase::Active;
-        self.outcome.claims += 1;
-        self.check
-            .recovered(&format!("claim by epoch {epoch}"), state, acked_before);
-    }
-
-    /// The state after the snapshot and the log prefix read by a claim, or
-    /// `None` when the writer stopped (deposed, or a broken chain).
-    fn replay(&mut self, w: usize, snap: Position, objects: &[Delta]) -> Option<Position> {
-        let epoch = self.writers[w].epoch;
-        let mut state = snap;
-        for delta in objects {
-            match delta.kind {
-                Kind::Fence => state.epoch = state.epoch.max(delta.epoch),
-                Kind::Delta if delta.epoch < state.epoch => self.outcome.garbage_skipped += 1,
-                Kind::Delta => {
-                    if delta.pre_checksum != state.digest {
-                        self.violation(format!(
-                            "claim by epoch {epoch}: slot {} (epoch {}) does not follow the history before it (checksum {:016x}, expected {:016x})",
-                            delta.seq, delta.epoch, delta.pre_checksum, state.digest
-                        ));
-                        self.stop(w, "broken chain");
-                        return None;
-                    }
-                    state = Position {
-                        seq: delta.seq,
-                        value: counter_of(&delta.pages[0].1),
-                        digest: delta.post_checksum,
-                        epoch: delta.epoch,
-                    };
-                }
-            }
-        }
-        if state.epoch > epoch {
-            self.outcome.deposed += 1;
-            self.stop(w, "deposed");
-            return None;
-        }
-        Some(state)
-    }
-
-    fn start_compaction(&mut self, w: usize) {
-        let writer = &mut self.writers[w];
-        if !matches!(writer.phase, Phase::Active)
-            || writer.paused
-            || writer.compaction.is_some()
-            || writer.acked.seq <= writer.snapshot_seq
-        {
-            return;
-        }
-        writer.compaction = Some(Compaction::Put {
-            target: writer.acked,
-            condition: writer
-                .snapshot_etag
-                .clone()
-                .map_or(Precondition::IfAbsent, Precondition::IfMatch),
-        });
-    }
-
-    async fn compaction_step(&mut self, w: usize) {
-        let Some(step) = self.writers[w].compaction.take() else {
-            return;
-        };
-        let store = self.writers[w].store.clone();
-        let db_key = keys::database(TENANT);
-        let epoch = self.writers[w].epoch;
-        self.event(format!("epoch {epoch}: compaction {}", step.describe()));
-        let next = match step {
-            Compaction::Put { target, condition } => {
-                let body = Bytes::from(serde_json::to_vec(&target).expect("serializes"));
-                match store.put(&db_key, body, Metadata::new(), condition).await {
-                    Ok(etag) => {
-                        self.outcome.snapshots += 1;
-                        let writer = &mut self.writers[w];
-                        writer.snapshot_etag = Some(etag);
-                        writer.snapshot_seq = target.seq;
-                        Some(Compaction::List { upto: target.seq })
-                    }
-                    Err(e) if e.is_precondition() => match store.get(&db_key).await {
-                        Ok(Some(object)) => {
-                            let current = serde_json::from_slice::<Position>(&object.body)
-                                .map(|p| p.seq)
-                                .unwrap_or(0);
-                            if current < target.seq {
-                                Some(Compaction::Put {
-                                    target,
-                                    condition: Precondition::IfMatch(object.etag),
-                                })
-                            } else {
-                                let writer = &mut self.writers[w];
-                                writer.snapshot_etag = Some(object.etag);
-                                writer.snapshot_seq = current;
-                                None
-                            }
-                        }
-                        Ok(None) => Some(Compaction::Put {
-                            target,
-                            condition: Precondition::IfAbsent,
-                        }),
-                        Err(_) => None,
-                    },
-                    // It may land later: delete nothing on an unknown outcome.
-                    Err(_) => None,
-                }
-            }
-            Compaction::List { upto } => match store.list(&keys::log_prefix(TENANT), None).await {
-                Ok(listed) => {
-                    for l in &listed {
-                        if self.deleted_keys.contains(&l.key) {
-                            self.recreated_keys.insert(l.key.clone());
-                        }
-                    }
-                    let keep_fences = self.config.keep_fences;
-                    let keys = listed
-                        .into_iter()
-                        .filter(|l| keys::log_seq(&l.key).is_some_and(|s| s <= upto))
-                        .filter(|l| l.size > FENCE_MAX_BYTES || !keep_fences)
-                        .map(|l| l.key)
-                        .collect();
-                    Some(Compaction::Delete { keys })
-                }
-                Err(_) => None,
-            },
-            Compaction::Delete { mut keys } => {
-                if let Some(key) = keys.pop()
-                    && store.delete(&key).await.is_ok()
-                {
-                    self.outcome.deleted += 1;
-                    self.deleted_keys.insert(key);
-                }
-                (!keys.is_empty()).then_some(Compaction::Delete { keys })
-            }
-        };
-        self.writers[w].compaction = next;
-    }
-
-    /// The end: every machine wakes, the store stops failing, late writes
-    /// land, and every request in flight is delivered and answered.
+    /// The end: every machine wakes, the store stops failing and lagging,
+    /// late writes land, every request in flight is delivered and
+    /// answered, an operator repairs a snapshot without metadata, and a
+    /// deleted tenant is created again.
     async fn drain(&mut self) {
+        self.lag = Duration::ZERO;
         for writer in &mut self.writers {
             writer.paused = false;
             writer.faults.set(FaultConfig::default());
             writer.compaction = None;
-            if matches!(writer.phase, Phase::Claiming(_)) {
-                writer.phase = Phase::Stopped("claim abandoned");
+            if matches!(writer.phase, Phase::Claiming(_)) || writer.deleting.is_some() {
+                writer.phase = Phase::Stopped("abandoned at the end");
             }
         }
         tokio::time::sleep(LATE_APPLY * 2).await;
         for _ in 0..10_000 {
             if self.network.is_empty() && self.writers.iter().all(|w| w.inbox.is_empty()) {
-                return;
+                break;
             }
             self.deliver_one().await;
             for w in 0..self.writers.len() {
@@ -1127,34 +884,72 @@ impl Sim {
                 }
             }
         }
-        self.violation("the network did not drain".into());
+        if !self.network.is_empty() {
+            self.violation("the network did not drain".into());
+        }
+        self.repair_snapshot().await;
+        // The repair the old claim's error names: the lock put back with
+        // the highest epoch (a restarted epoch below the log's otherwise
+        // deposes every claim of the old rules for good).
+        self.lock = Lock {
+            present: true,
+            epoch: self.lock.epoch.max(self.max_epoch),
+            token: 0,
+            released: false,
+        };
+        if !self.exists {
+            self.create().await;
+        }
     }
 
-    /// A clean writer recovers the log; its state must hold every
-    /// acknowledged increment, and every state recovered before must be a
-    /// prefix of it.
+    /// A writer recovers the log, under a LIST that hides every object of
+    /// the run when [`Paths::final_under_lag`]: it must finish (R2), its
+    /// state must hold every acknowledged increment, and every state
+    /// recovered before in this incarnation must be a prefix of it.
     async fn final_recovery(&mut self) {
-        let w = self.new_writer(Some(self.shared.clone() as DynStore));
-        for _ in 0..10_000 {
+        let lag = if self.config.paths.final_under_lag {
+            FINAL_LAG
+        } else {
+            Duration::ZERO
+        };
+        let store = self.fault_store(u64::MAX, false);
+        store.handle().update(|c| c.list_lag = lag);
+        // Whatever the lock says, the final writer fences.
+        self.lock.released = false;
+        let w = self.new_writer(Role::Final, Some(Arc::new(store)));
+        for _ in 0..FINAL_STEPS {
             if !matches!(self.writers[w].phase, Phase::Claiming(_)) {
                 break;
             }
             self.claim_step(w).await;
         }
         let writer = &self.writers[w];
-        if let Phase::Stopped(why) = writer.phase {
-            self.violation(format!("the final recovery failed: {why}"));
-            return;
+        match writer.phase {
+            Phase::Stopped(why) => {
+                return self.violation(format!("the final recovery failed: {why}"));
+            }
+            Phase::Claiming(_) => {
+                return self.violation(format!(
+                    "the final recovery did not finish in {FINAL_STEPS} steps under a LIST lagging by {lag:?}"
+                ));
+            }
+            Phase::Active => {}
         }
         self.outcome.recovered = writer.acked.value;
         let final_digest = writer.acked.digest;
+        let final_inc = writer.inc;
         let mut history = HashSet::from([0u64]);
         let mut at = final_digest;
-        while let Some((parent, _)) = self.check.commits.get(&at) {
+        while let Some((parent, _, _)) = self.check.commits.get(&at) {
             history.insert(at);
             at = *parent;
         }
-        if let Some(other) = self.check.recovered.iter().find(|d| !history.contains(d)) {
+        if let Some((other, _)) = self
+            .check
+            .recovered
+            .iter()
+            .find(|(d, inc)| *inc == final_inc && !history.contains(d))
+        {
             self.violation(format!(
                 "a claim recovered state {other:016x}, which is not a prefix of the final history"
             ));
@@ -1162,7 +957,12 @@ impl Sim {
     }
 
     fn stop(&mut self, w: usize, why: &'static str) {
+        self.event(format!(
+            "epoch {} token {}: stops ({why})",
+            self.writers[w].epoch, self.writers[w].token
+        ));
         self.writers[w].phase = Phase::Stopped(why);
+        self.writers[w].deleting = None;
     }
 
     fn event(&mut self, what: String) {
@@ -1177,6 +977,26 @@ impl Sim {
             self.check.violations.push(what);
         }
     }
+}
+
+/// A log object's metadata: the acquisition's token and epoch.
+fn slot_metadata(token: u64, epoch: u64) -> Metadata {
+    Metadata::from([
+        (TOKEN_KEY.to_string(), token.to_string()),
+        (EPOCH_KEY.to_string(), epoch.to_string()),
+    ])
+}
+
+/// A snapshot's metadata: the format marker and the writer's token.
+fn snapshot_metadata(token: u64) -> Metadata {
+    Metadata::from([
+        (FORMAT_KEY.to_string(), "log".to_string()),
+        (TOKEN_KEY.to_string(), token.to_string()),
+    ])
+}
+
+fn token_of(metadata: &Metadata) -> Option<u64> {
+    metadata.get(TOKEN_KEY)?.parse().ok()
 }
 
 /// The digest of a commit: names its whole history, as the database

@@ -36,7 +36,7 @@ use tenantd_chaos::history::{NemesisEvent, Op, Outcome};
 use tenantd_core::TenantId;
 use tenantd_core::lease::{LockState, read_lock};
 use tenantd_core::metrics::Metrics;
-use tenantd_core::store::fault::FaultHandle;
+use tenantd_core::store::fault::{FaultHandle, WriteTimes};
 use tenantd_core::store::retry::RetryPolicy;
 use tenantd_core::store::{
     DynStore, FaultConfig, FaultStore, MemoryStore, ObjectStore, RetryingStore, keys,
@@ -77,6 +77,45 @@ pub fn run_seed(
     mode: Mode,
     ack_before_upload: bool,
 ) -> ServiceSimOutcome {
+    run_seed_with(
+        seed,
+        duration,
+        data_dir,
+        mode,
+        ack_before_upload,
+        Paths::default(),
+    )
+}
+
+/// The nemeses of issue 26 besides the usual ones (all off by default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Paths {
+    /// An operator deletes `machine.lock` of a held tenant.
+    pub lock_deleted: bool,
+    /// LIST hides log objects younger than 1-10 s on every machine.
+    pub list_lag: bool,
+    /// The holder crashes and its successor's store fails most requests
+    /// while it takes over: a claim that fails after its acquisition.
+    pub claim_failure: bool,
+}
+
+impl Paths {
+    pub const ALL: Paths = Paths {
+        lock_deleted: true,
+        list_lag: true,
+        claim_failure: true,
+    };
+}
+
+/// [`run_seed`] with the nemeses of `paths` as well.
+pub fn run_seed_with(
+    seed: u64,
+    duration: Duration,
+    data_dir: &Path,
+    mode: Mode,
+    ack_before_upload: bool,
+    paths: Paths,
+) -> ServiceSimOutcome {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -105,6 +144,8 @@ pub fn run_seed(
         start: runtime.block_on(async { Instant::now() }),
         incarnations: Mutex::new(0),
         graveyard: Mutex::new(Vec::new()),
+        times: WriteTimes::default(),
+        paths,
     };
     let outcome = runtime.block_on(simulate(Arc::new(world), seed, duration));
     // Crashed machines' tasks are still parked on the runtime; dropping it
@@ -150,6 +191,10 @@ struct World {
     /// Crashed incarnations: cut off from the store for good, kept so that
     /// their tasks stay parked rather than being dropped mid-flight.
     graveyard: Mutex<Vec<Incarnation>>,
+    /// Creation times shared by every machine's fault layer (a lagging
+    /// LIST hides young objects whoever wrote them).
+    times: WriteTimes,
+    paths: Paths,
 }
 
 impl World {
@@ -176,7 +221,8 @@ impl World {
                 ..FaultConfig::default()
             },
             seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+        )
+        .with_write_times(self.times.clone());
         let faults = fault.handle();
         let heartbeat_cut = Arc::new(AtomicBool::new(false));
         let cut = HeartbeatCut::new(Arc::new(fault), &id, heartbeat_cut.clone());
@@ -308,6 +354,48 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
         }
     }
     tokio::time::sleep(4 * TTL).await;
+    // Every tenant answers again once the faults healed (a tenant that
+    // stopped answering for good is a violation).
+    let mut unanswered = Vec::new();
+    if world.paths != Paths::default() {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xf1a1);
+        for tenant in &world.tenants {
+            let key = format!("final-{tenant}");
+            let start_ms = world.now_ms();
+            let mut outcome = None;
+            for _ in 0..3 * ATTEMPTS {
+                let attempt = tokio::time::timeout(
+                    ATTEMPT_TIMEOUT,
+                    increment(&world, &mut rng, tenant, &key),
+                );
+                if let Ok(Ok((count, epoch, machine))) = attempt.await {
+                    outcome = Some(Outcome::Ok {
+                        count,
+                        epoch,
+                        machine,
+                    });
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            if outcome.is_none() {
+                unanswered.push(format!(
+                    "customer {tenant}: no answer within {} s after the faults healed",
+                    (world.now_ms() - start_ms) / 1000
+                ));
+            }
+            ops.push(Op {
+                client: CLIENTS as usize,
+                customer: tenant.to_string(),
+                key,
+                start_ms,
+                end_ms: world.now_ms(),
+                outcome: outcome.unwrap_or(Outcome::Indeterminate {
+                    error: "no answer".into(),
+                }),
+            });
+        }
+    }
     let mut finals = BTreeMap::new();
     let mut final_epoch = 0;
     for tenant in &world.tenants {
@@ -315,7 +403,8 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
         finals.insert(tenant.to_string(), count);
         final_epoch += epoch;
     }
-    let report = checker::check(&ops, &finals, &nemeses, world.now_ms());
+    let mut report = checker::check(&ops, &finals, &nemeses, world.now_ms());
+    report.violations.extend(unanswered);
     ServiceSimOutcome {
         acked: ops.iter().filter(|op| op.acked().is_some()).count(),
         ops: ops.len(),
@@ -492,7 +581,50 @@ async fn nemeses(world: &World, seed: u64, until: Instant) -> Vec<NemesisEvent> 
             continue;
         };
         let lasting = Duration::from_millis(rng.random_range(300..3000));
-        let kind = match rng.random_range(0..10) {
+        let kinds = if world.paths == Paths::default() {
+            10
+        } else {
+            13
+        };
+        let kind = match rng.random_range(0..kinds) {
+            10 if world.paths.lock_deleted => {
+                let _ = world.shared.delete(&lock).await;
+                tokio::time::sleep(lasting).await;
+                "lock-deleted"
+            }
+            11 if world.paths.list_lag => {
+                let lag = Duration::from_millis(rng.random_range(1000..10_000));
+                let machines: Vec<_> = (0..MACHINES).filter_map(|i| world.incarnation(i)).collect();
+                for m in &machines {
+                    m.faults.update(|c| {
+                        c.list_lag = lag;
+                        c.list_lag_prefix = keys::log_prefix(customer.as_str());
+                    });
+                }
+                tokio::time::sleep(lasting.max(lag)).await;
+                for m in &machines {
+                    m.faults.update(|c| c.list_lag = Duration::ZERO);
+                }
+                "list-lag"
+            }
+            12 if world.paths.claim_failure => {
+                // The holder dies; every other machine's store fails most
+                // requests while one of them takes the tenant over.
+                world.crash(index);
+                let others: Vec<_> = (0..MACHINES)
+                    .filter(|&i| i != index)
+                    .filter_map(|i| world.incarnation(i))
+                    .collect();
+                for m in &others {
+                    m.faults.update(|c| c.error_rate = 0.7);
+                }
+                tokio::time::sleep(TTL * 2 + lasting).await;
+                for m in &others {
+                    m.faults.update(|c| c.error_rate = 0.0);
+                }
+                world.boot(index, seed);
+                "failed-claim"
+            }
             0 => {
                 world.crash(index);
                 tokio::time::sleep(Duration::from_millis(rng.random_range(100..2000))).await;

@@ -14,7 +14,11 @@
 //! - late-applied writes: the caller sees a transient error *first*, and the
 //!   write is applied afterwards (within `late_apply_delay`), as a request
 //!   that sat in a server's queue after the client gave up on it;
-//! - a partition switch.
+//! - a partition switch;
+//! - a lagging LIST (`list_lag`): a listing leaves out objects created less
+//!   than that long ago, as an eventually consistent LIST does (Tigris'
+//!   global buckets across regions), optionally only under one key prefix.
+//!   GET and HEAD still see them.
 //!
 //! All settings change at run time, so a running machine can be cut off from
 //! its store. Configured as JSON (`TENANTD_FAULTS`, `PUT /_admin/faults`):
@@ -82,6 +86,15 @@ pub struct FaultConfig {
     /// transient error and is not applied: an object that cannot be
     /// written, however often it is tried.
     pub failing_puts: Vec<String>,
+    /// A listing leaves out every object created less than this long ago
+    /// (zero: listings are current). The age is taken from when a fault
+    /// layer sharing this one's [`WriteTimes`] saw the object land, else
+    /// from the store's `last_modified`.
+    #[serde(with = "humantime_serde_opt")]
+    pub list_lag: Duration,
+    /// Only keys starting with this prefix are left out by `list_lag`
+    /// (empty: every key).
+    pub list_lag_prefix: String,
 }
 
 /// Durations as humantime strings ("20ms") in JSON, for the admin endpoint.
@@ -122,10 +135,52 @@ impl FaultHandle {
     }
 }
 
+/// When objects were created, as the fault layers sharing it saw them land
+/// (tokio's clock, so that it follows a simulation's paused time). Every
+/// machine of a simulation shares one, so that a lagging LIST hides young
+/// objects whoever wrote them.
+#[derive(Clone, Debug, Default)]
+pub struct WriteTimes(Arc<Mutex<std::collections::HashMap<String, Instant>>>);
+
+impl WriteTimes {
+    /// A write landed: the key's creation time, unless it existed before
+    /// (a replacement does not make a key young to a listing).
+    fn landed(&self, key: &str, condition: &Precondition) {
+        let mut times = self.0.lock().unwrap();
+        match condition {
+            Precondition::IfAbsent => {
+                times.insert(key.to_string(), Instant::now());
+            }
+            Precondition::None => {
+                times.entry(key.to_string()).or_insert_with(Instant::now);
+            }
+            Precondition::IfMatch(_) => {}
+        }
+    }
+
+    fn deleted(&self, key: &str) {
+        self.0.lock().unwrap().remove(key);
+    }
+
+    /// How long ago `listed` was created, as far as anyone knows.
+    fn age(&self, listed: &Listed) -> Option<Duration> {
+        if let Some(at) = self.0.lock().unwrap().get(&listed.key) {
+            return Some(at.elapsed());
+        }
+        let modified = listed.last_modified?;
+        Some(
+            std::time::SystemTime::now()
+                .duration_since(modified)
+                .unwrap_or(Duration::ZERO),
+        )
+    }
+}
+
 #[derive(Debug)]
 pub struct FaultStore {
     inner: DynStore,
     handle: FaultHandle,
+    written: WriteTimes,
     rng: Mutex<StdRng>,
     /// A burst of SlowDown/InternalError answers in progress: until when,
     /// and which.
@@ -195,11 +250,38 @@ impl FaultStore {
             handle,
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             burst: Mutex::new(None),
+            written: WriteTimes::default(),
         }
     }
 
     pub fn handle(&self) -> FaultHandle {
         self.handle.clone()
+    }
+
+    /// Records creation times in `times`, shared with other fault layers
+    /// over the same store.
+    pub fn with_write_times(mut self, times: WriteTimes) -> FaultStore {
+        self.written = times;
+        self
+    }
+
+    pub fn write_times(&self) -> WriteTimes {
+        self.written.clone()
+    }
+
+    /// Leaves out what an eventually consistent LIST would not show yet.
+    fn lagging(&self, listed: Vec<Listed>) -> Vec<Listed> {
+        let config = self.handle.get();
+        if config.list_lag.is_zero() {
+            return listed;
+        }
+        listed
+            .into_iter()
+            .filter(|l| {
+                !l.key.starts_with(&config.list_lag_prefix)
+                    || self.written.age(l).is_none_or(|age| age >= config.list_lag)
+            })
+            .collect()
     }
 
     /// Sleeps the configured latency (and, for a put, the upload time of
@@ -337,9 +419,22 @@ impl ObjectStore for FaultStore {
     ) -> StoreResult<ETag> {
         match self.before(key, Op::Put, body.len() as u64).await {
             Injected::Fail(e) => Err(e),
-            Injected::Pass => self.inner.put(key, body, metadata, condition).await,
+            Injected::Pass => {
+                let result = self.inner.put(key, body, metadata, condition.clone()).await;
+                if result.is_ok() {
+                    self.written.landed(key, &condition);
+                }
+                result
+            }
             Injected::LoseResponse => {
-                let _ = self.inner.put(key, body, metadata, condition).await;
+                if self
+                    .inner
+                    .put(key, body, metadata, condition.clone())
+                    .await
+                    .is_ok()
+                {
+                    self.written.landed(key, &condition);
+                }
                 Err(StoreError::transient(
                     key,
                     "response lost (fault injection)",
@@ -347,11 +442,17 @@ impl ObjectStore for FaultStore {
             }
             Injected::LateApply(delay) => {
                 let (inner, owned_key) = (self.inner.clone(), key.to_string());
+                let written = self.written.clone();
                 tokio::spawn(async move {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    let result = inner.put(&owned_key, body, metadata, condition).await;
+                    let result = inner
+                        .put(&owned_key, body, metadata, condition.clone())
+                        .await;
+                    if result.is_ok() {
+                        written.landed(&owned_key, &condition);
+                    }
                     tracing::debug!(key = %owned_key, ?delay, ok = result.is_ok(), "late-applied write (fault injection)");
                 });
                 Err(StoreError::transient(
@@ -372,7 +473,7 @@ impl ObjectStore for FaultStore {
                     .map(|l| l.key.len() as u64 + LISTED_ENTRY_BYTES)
                     .sum();
                 self.download(answer).await;
-                Ok(listed)
+                Ok(self.lagging(listed))
             }
         }
     }
@@ -381,13 +482,19 @@ impl ObjectStore for FaultStore {
         match self.before(key, Op::Delete, 0).await {
             Injected::Fail(e) => Err(e),
             Injected::LoseResponse => {
-                let _ = self.inner.delete(key).await;
+                if self.inner.delete(key).await.is_ok() {
+                    self.written.deleted(key);
+                }
                 Err(StoreError::transient(
                     key,
                     "response lost (fault injection)",
                 ))
             }
-            _ => self.inner.delete(key).await,
+            _ => {
+                self.inner.delete(key).await?;
+                self.written.deleted(key);
+                Ok(())
+            }
         }
     }
 
@@ -413,12 +520,15 @@ mod tests {
         let config: FaultConfig = serde_json::from_str(
             r#"{"latency":"20ms","late_apply_rate":0.1,"late_apply_delay":"2s",
                 "slowdown_rate":0.05,"internal_error_rate":0.01,"error_burst":"3s",
-                "bandwidth_bytes_per_sec":20000000}"#,
+                "bandwidth_bytes_per_sec":20000000,"list_lag":"30s",
+                "list_lag_prefix":"customer/1/log/"}"#,
         )
         .unwrap();
         assert_eq!(config.late_apply_delay, Duration::from_secs(2));
         assert_eq!(config.error_burst, Duration::from_secs(3));
         assert_eq!(config.bandwidth_bytes_per_sec, 20_000_000);
+        assert_eq!(config.list_lag, Duration::from_secs(30));
+        assert_eq!(config.list_lag_prefix, "customer/1/log/");
         assert_eq!(
             serde_json::from_str::<FaultConfig>("{}").unwrap(),
             FaultConfig::default()
@@ -572,6 +682,135 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    fn keys_of(listed: &[Listed]) -> Vec<&str> {
+        listed.iter().map(|l| l.key.as_str()).collect()
+    }
+
+    /// A lagging LIST leaves out young objects, whichever machine wrote
+    /// them (the layers share their write times), only under its prefix;
+    /// GET still sees them, a replacement does not make a key young again,
+    /// and a deleted key is gone from the times too.
+    #[tokio::test(start_paused = true)]
+    async fn a_lagging_listing_hides_young_objects() {
+        let inner: DynStore = Arc::new(MemoryStore::new());
+        let lagging = FaultStore::new(
+            inner.clone(),
+            FaultConfig {
+                list_lag: Duration::from_secs(10),
+                list_lag_prefix: "t/log/".into(),
+                ..FaultConfig::default()
+            },
+        );
+        let writer = FaultStore::new(inner.clone(), FaultConfig::default())
+            .with_write_times(lagging.write_times());
+        for key in ["t/log/1", "t/db"] {
+            writer
+                .put(key, "v".into(), Metadata::new(), Precondition::IfAbsent)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        writer
+            .put(
+                "t/log/2",
+                "v".into(),
+                Metadata::new(),
+                Precondition::IfAbsent,
+            )
+            .await
+            .unwrap();
+        assert_eq!(keys_of(&lagging.list("t/", None).await.unwrap()), ["t/db"]);
+        assert!(lagging.get("t/log/2").await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(
+            keys_of(&lagging.list("t/", None).await.unwrap()),
+            ["t/db", "t/log/1"]
+        );
+        let etag = inner.head("t/log/1").await.unwrap().unwrap().etag;
+        writer
+            .put(
+                "t/log/1",
+                "w".into(),
+                Metadata::new(),
+                Precondition::IfMatch(etag),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            keys_of(&lagging.list("t/", None).await.unwrap()),
+            ["t/db", "t/log/1"],
+            "a replaced object is not new"
+        );
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(lagging.list("t/", None).await.unwrap().len(), 3);
+        // Deleted and written again: young again.
+        writer.delete("t/log/1").await.unwrap();
+        writer
+            .put(
+                "t/log/1",
+                "v".into(),
+                Metadata::new(),
+                Precondition::IfAbsent,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            keys_of(&lagging.list("t/", None).await.unwrap()),
+            ["t/db", "t/log/2"]
+        );
+        lagging.handle().update(|c| c.list_lag = Duration::ZERO);
+        assert_eq!(lagging.list("t/", None).await.unwrap().len(), 3);
+    }
+
+    /// Objects no fault layer saw land are aged by the store's
+    /// `last_modified` (the wall clock: a real store, other processes).
+    #[tokio::test]
+    async fn a_lagging_listing_ages_unseen_objects_by_last_modified() {
+        let inner: DynStore = Arc::new(MemoryStore::new());
+        inner
+            .put("k", "v".into(), Metadata::new(), Precondition::IfAbsent)
+            .await
+            .unwrap();
+        let lagging = FaultStore::new(
+            inner,
+            FaultConfig {
+                list_lag: Duration::from_secs(3600),
+                ..FaultConfig::default()
+            },
+        );
+        assert!(lagging.list("", None).await.unwrap().is_empty());
+        lagging
+            .handle()
+            .update(|c| c.list_lag = Duration::from_nanos(1));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(lagging.list("", None).await.unwrap().len(), 1);
+    }
+
+    /// A write applied late is young from when it lands.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_write_is_young_from_when_it_lands() {
+        let inner: DynStore = Arc::new(MemoryStore::new());
+        let store = FaultStore::seeded(
+            inner.clone(),
+            FaultConfig {
+                late_apply_rate: 1.0,
+                late_apply_delay: Duration::from_secs(5),
+                list_lag: Duration::from_secs(2),
+                ..FaultConfig::default()
+            },
+            1,
+        );
+        let _ = store
+            .put("k", "v".into(), Metadata::new(), Precondition::IfAbsent)
+            .await;
+        while inner.head("k").await.unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(store.list("", None).await.unwrap().is_empty());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(store.list("", None).await.unwrap().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,0 +1,667 @@
+//! The claim of the model, one store request per step: read the snapshot,
+//! list the log after it, read the contiguous run, replay it, check epochs
+//! (R3), fence the window after the run resolving taken slots by reading
+//! them (R2), re-check the snapshot, complete. The old rules are kept
+//! beside the new ones, chosen by [`Rules`](super::Rules).
+
+use std::collections::BTreeSet;
+
+use super::{
+    FORMAT_KEY, Phase, Position, Recheck, Role, Sim, TENANT, WINDOW, counter_of, slot_metadata,
+    snapshot_metadata, token_of,
+};
+use tenantd_core::store::{ETag, Precondition, keys};
+use tenantd_core::tenant::delta::{Delta, Kind};
+
+/// The snapshot a claim started from.
+#[derive(Clone, Debug)]
+pub(super) struct Snap {
+    pos: Position,
+    etag: Option<ETag>,
+    token: Option<u64>,
+}
+
+/// Where a claim is; each step is one store request.
+pub(super) enum ClaimStep {
+    ReadSnapshot,
+    /// The old rule for a snapshot without metadata: a legacy database at
+    /// slot 0, written back as a snapshot.
+    Convert {
+        snap: Snap,
+    },
+    List {
+        snap: Snap,
+    },
+    Read {
+        snap: Snap,
+        prefix_end: u64,
+        listed: BTreeSet<u64>,
+        objects: Vec<(Delta, Option<u64>)>,
+    },
+    Fence(Fencing),
+    /// R2: reads a slot its fence found taken.
+    Probe {
+        fencing: Fencing,
+        seq: u64,
+    },
+    /// Re-reads the snapshot's ETag; then reports a gap, or completes.
+    Recheck {
+        fencing: Fencing,
+        /// A slot listed beyond the run's end plus the window (old rules:
+        /// found by the listing, reported once the snapshot is unchanged).
+        gap: Option<u64>,
+        first_slot: u64,
+        /// Increments acknowledged when the last fence landed: from then
+        /// on no older holder can acknowledge anything the claim misses.
+        acked_before: usize,
+    },
+}
+
+/// The state of a claim's fencing.
+pub(super) struct Fencing {
+    /// The state after the run, and the run's end `E`.
+    state: Position,
+    etag: Option<ETag>,
+    prefix_end: u64,
+    listed: BTreeSet<u64>,
+    /// Slots of the window holding its own fences.
+    mine: BTreeSet<u64>,
+    /// Slots past `E + 1` holding another's object of a lower epoch.
+    others: BTreeSet<u64>,
+    /// The old rules: the slots still to fence (the empty ones of the
+    /// listing); any taken slot starts the claim over.
+    todo: Vec<u64>,
+    /// The old restore: a taken slot fails it.
+    fail_on_taken: bool,
+    /// Per slot, increments acknowledged when its fence was first sent:
+    /// a fence found in place later (a lost response, a late write)
+    /// landed after that.
+    sent_at: std::collections::BTreeMap<u64, usize>,
+    /// Increments acknowledged by the time its fences had landed, as far
+    /// as it can tell (a lower bound).
+    landed_at: usize,
+}
+
+impl ClaimStep {
+    fn describe(&self) -> String {
+        match self {
+            ClaimStep::ReadSnapshot => "reads the snapshot".into(),
+            ClaimStep::Convert { .. } => "converts a snapshot without metadata".into(),
+            ClaimStep::List { snap } => format!("lists the log after slot {}", snap.pos.seq),
+            ClaimStep::Read {
+                snap,
+                prefix_end,
+                objects,
+                ..
+            } => format!(
+                "reads slot {} of the run ending at {prefix_end}",
+                snap.pos.seq + objects.len() as u64 + 1
+            ),
+            ClaimStep::Fence(f) => format!("fences after {} (mine {:?})", f.prefix_end, f.mine),
+            ClaimStep::Probe { seq, .. } => format!("reads the taken slot {seq}"),
+            ClaimStep::Recheck {
+                fencing,
+                gap,
+                first_slot,
+                ..
+            } => format!(
+                "rechecks the snapshot (recovered {:?}, gap {gap:?}, first slot {first_slot})",
+                fencing.state
+            ),
+        }
+    }
+}
+
+impl Sim {
+    pub(super) async fn claim_step(&mut self, w: usize) {
+        let Phase::Claiming(step) =
+            std::mem::replace(&mut self.writers[w].phase, Phase::Stopped("claiming"))
+        else {
+            return;
+        };
+        let step = *step;
+        let store = self.writers[w].store.clone();
+        let (epoch, token) = (self.writers[w].epoch, self.writers[w].token);
+        let db_key = keys::database(TENANT);
+        self.event(format!(
+            "epoch {epoch} token {token}: claim {}",
+            step.describe()
+        ));
+        let next = match step {
+            ClaimStep::ReadSnapshot => match store.get(&db_key).await {
+                Ok(Some(object)) => {
+                    let pos = match serde_json::from_slice::<Position>(&object.body) {
+                        Ok(pos) => pos,
+                        Err(e) => {
+                            self.violation(format!("the snapshot is unreadable: {e}"));
+                            return self.stop(w, "unreadable snapshot");
+                        }
+                    };
+                    let snap = Snap {
+                        pos,
+                        etag: Some(object.etag),
+                        token: token_of(&object.metadata),
+                    };
+                    if object.metadata.contains_key(FORMAT_KEY) {
+                        ClaimStep::List { snap }
+                    } else if self.rules.refuse_bare_snapshot {
+                        self.outcome.bare_refused += 1;
+                        return self.claim_failed(w, "refused a snapshot without metadata");
+                    } else {
+                        ClaimStep::Convert { snap }
+                    }
+                }
+                // A request for a tenant that does not exist: 404.
+                Ok(None) => return self.stop(w, "tenant absent"),
+                Err(_) => ClaimStep::ReadSnapshot,
+            },
+            ClaimStep::Convert { snap } => {
+                // What the old claim did with a database file that carries
+                // no commit-log metadata: slot 0, no fences, written back.
+                let state = Position {
+                    seq: 0,
+                    epoch: 0,
+                    ..snap.pos
+                };
+                let target = Position { epoch, ..state };
+                let body = bytes::Bytes::from(serde_json::to_vec(&target).expect("serializes"));
+                let condition = snap
+                    .etag
+                    .clone()
+                    .map_or(Precondition::IfAbsent, Precondition::IfMatch);
+                match store
+                    .put(&db_key, body, snapshot_metadata(token), condition)
+                    .await
+                {
+                    Ok(etag) => {
+                        let acked = self.check.acked.len();
+                        return self.complete_claim(w, state, Some(etag), 1, 0, acked);
+                    }
+                    Err(e) if e.is_precondition() => ClaimStep::ReadSnapshot,
+                    Err(_) => ClaimStep::Convert { snap },
+                }
+            }
+            ClaimStep::List { snap } => {
+                let after = keys::log_slot(TENANT, snap.pos.seq);
+                match store.list(&keys::log_prefix(TENANT), Some(&after)).await {
+                    Ok(listed) => {
+                        let listed: BTreeSet<u64> = listed
+                            .iter()
+                            .filter_map(|l| keys::log_seq(&l.key))
+                            .collect();
+                        let mut prefix_end = snap.pos.seq;
+                        while listed.contains(&(prefix_end + 1)) {
+                            prefix_end += 1;
+                        }
+                        // No holder leaves a wider hole: corrupt, unless a
+                        // compaction deleted slots under the listing. With
+                        // R2 the listing is a hint (a lagging one hides
+                        // young slots), checked after the fences instead.
+                        let gap = listed.range(prefix_end + WINDOW + 1..).next().copied();
+                        if gap.is_some() && !self.rules.probe_taken_slots {
+                            ClaimStep::Recheck {
+                                fencing: self.fencing(snap.pos, snap.etag, prefix_end, listed),
+                                gap,
+                                first_slot: 0,
+                                acked_before: 0,
+                            }
+                        } else {
+                            ClaimStep::Read {
+                                snap,
+                                prefix_end,
+                                listed,
+                                objects: vec![],
+                            }
+                        }
+                    }
+                    Err(_) => ClaimStep::List { snap },
+                }
+            }
+            ClaimStep::Read {
+                snap,
+                prefix_end,
+                listed,
+                mut objects,
+            } => {
+                let seq = snap.pos.seq + objects.len() as u64 + 1;
+                if seq > prefix_end {
+                    return self.after_replay(w, snap, prefix_end, listed, &objects);
+                }
+                let key = keys::log_slot(TENANT, seq);
+                match store.get(&key).await {
+                    Ok(Some(object)) => match Delta::decode(&key, &object.body) {
+                        Ok(delta) => {
+                            objects.push((delta, token_of(&object.metadata)));
+                            ClaimStep::Read {
+                                snap,
+                                prefix_end,
+                                listed,
+                                objects,
+                            }
+                        }
+                        Err(e) => {
+                            self.violation(e.to_string());
+                            return self.stop(w, "corrupt log");
+                        }
+                    },
+                    // Deleted by a compaction since the listing.
+                    Ok(None) => ClaimStep::ReadSnapshot,
+                    Err(_) => ClaimStep::Read {
+                        snap,
+                        prefix_end,
+                        listed,
+                        objects,
+                    },
+                }
+            }
+            ClaimStep::Fence(fencing) => match self.fence_step(w, fencing).await {
+                Some(next) => next,
+                None => return,
+            },
+            ClaimStep::Probe { fencing, seq } => match self.probe_step(w, fencing, seq).await {
+                Some(next) => next,
+                None => return,
+            },
+            ClaimStep::Recheck {
+                fencing,
+                gap,
+                first_slot,
+                acked_before,
+            } => {
+                let unchanged = match self.config.recheck {
+                    Recheck::Never => Ok(true),
+                    Recheck::AfterFences => store
+                        .head(&db_key)
+                        .await
+                        .map(|now| now.as_ref().map(|m| &m.etag) == fencing.etag.as_ref()),
+                };
+                match unchanged {
+                    Ok(true) => {
+                        let mine = &self.writers[w].fenced_slots;
+                        let late_gap = fencing
+                            .listed
+                            .range(fencing.prefix_end + WINDOW + 1..)
+                            .find(|s| !mine.contains(s))
+                            .copied();
+                        if let Some(beyond) = gap.or(late_gap) {
+                            self.violation(format!(
+                                "claim by epoch {epoch}: slot {beyond} is in the log beyond the run's end {} + window {WINDOW}",
+                                fencing.prefix_end
+                            ));
+                            return self.stop(w, "gap");
+                        }
+                        return self.complete_claim(
+                            w,
+                            fencing.state,
+                            fencing.etag,
+                            first_slot,
+                            fencing.prefix_end,
+                            acked_before,
+                        );
+                    }
+                    // A compaction replaced the snapshot: what was listed
+                    // may be gone, and fences may sit in deleted slots
+                    // (below the new snapshot, where they are harmless).
+                    Ok(false) => ClaimStep::ReadSnapshot,
+                    Err(_) => ClaimStep::Recheck {
+                        fencing,
+                        gap,
+                        first_slot,
+                        acked_before,
+                    },
+                }
+            }
+        };
+        self.writers[w].phase = Phase::Claiming(Box::new(next));
+    }
+
+    fn fencing(
+        &self,
+        state: Position,
+        etag: Option<ETag>,
+        prefix_end: u64,
+        listed: BTreeSet<u64>,
+    ) -> Fencing {
+        Fencing {
+            state,
+            etag,
+            prefix_end,
+            listed,
+            mine: BTreeSet::new(),
+            others: BTreeSet::new(),
+            todo: vec![],
+            fail_on_taken: false,
+            sent_at: std::collections::BTreeMap::new(),
+            landed_at: 0,
+        }
+    }
+
+    /// The run is read: replay it, check epochs, and choose how to fence.
+    fn after_replay(
+        &mut self,
+        w: usize,
+        snap: Snap,
+        prefix_end: u64,
+        listed: BTreeSet<u64>,
+        objects: &[(Delta, Option<u64>)],
+    ) {
+        let Some((state, max_other)) = self.replay(w, &snap, objects) else {
+            return;
+        };
+        let writer = &self.writers[w];
+        let epoch = writer.epoch;
+        if self.rules.strict_epochs {
+            if max_other >= epoch {
+                return self.raise_epoch(w, max_other);
+            }
+        } else if state.epoch > epoch {
+            if writer.lock_was_absent {
+                // "the lock was deleted by hand; put it back": an error,
+                // released as any failed claim.
+                return self.claim_failed(w, "newer epoch in the log with no lock");
+            }
+            self.outcome.deposed += 1;
+            return self.stop(w, "deposed");
+        }
+        let applied = state.seq;
+        let state = Position {
+            seq: prefix_end,
+            ..state
+        };
+        let acked_now = self.check.acked.len();
+        let old_restore = matches!(writer.role, Role::Restore { .. }) && !self.rules.restore_claims;
+        let clean = writer.clean && !self.rules.always_fence;
+        let next = if old_restore {
+            // The old restore fenced from the last delta it applied, not
+            // from the end of the run, and failed on a taken slot.
+            let mut f = self.fencing(
+                Position {
+                    seq: applied,
+                    ..state
+                },
+                snap.etag,
+                applied,
+                listed,
+            );
+            f.todo = (applied + 1..=applied + WINDOW)
+                .filter(|s| !f.listed.contains(s))
+                .collect();
+            f.fail_on_taken = true;
+            ClaimStep::Fence(f)
+        } else if clean {
+            // The old clean path: the last holder released, so no fences;
+            // anything listed after the run is a gap (an error).
+            if listed.range(prefix_end + 1..).next().is_some() {
+                return self.claim_failed(w, "gap after a clean release");
+            }
+            ClaimStep::Recheck {
+                fencing: self.fencing(state, snap.etag, prefix_end, listed),
+                gap: None,
+                first_slot: prefix_end + 1,
+                acked_before: acked_now,
+            }
+        } else if !self.config.fences {
+            ClaimStep::Recheck {
+                fencing: self.fencing(state, snap.etag, prefix_end, BTreeSet::new()),
+                gap: None,
+                first_slot: prefix_end + WINDOW + 1,
+                acked_before: acked_now,
+            }
+        } else {
+            let mut f = self.fencing(state, snap.etag, prefix_end, listed);
+            if !self.rules.probe_taken_slots {
+                f.todo = (prefix_end + 1..=prefix_end + WINDOW)
+                    .filter(|s| !f.listed.contains(s))
+                    .collect();
+            }
+            ClaimStep::Fence(f)
+        };
+        self.writers[w].phase = Phase::Claiming(Box::new(next));
+    }
+
+    /// Puts one fence. R2: into the first slot of the window that is
+    /// neither its own nor (past `E + 1`) another's of a lower epoch; a
+    /// taken slot is read next. The old rules: the next empty slot of the
+    /// listing; a taken one starts the claim over.
+    async fn fence_step(&mut self, w: usize, mut f: Fencing) -> Option<ClaimStep> {
+        let (epoch, token) = (self.writers[w].epoch, self.writers[w].token);
+        let probing = self.rules.probe_taken_slots && !f.fail_on_taken;
+        let target = if probing {
+            (f.prefix_end + 1..=f.prefix_end + WINDOW).find(|&s| {
+                !f.mine.contains(&s) && (s == f.prefix_end + 1 || !f.others.contains(&s))
+            })
+        } else {
+            f.todo.first().copied()
+        };
+        let Some(seq) = target else {
+            let first_slot = f.prefix_end + WINDOW + 1;
+            let acked_before = f.landed_at;
+            return Some(ClaimStep::Recheck {
+                fencing: f,
+                gap: None,
+                first_slot,
+                acked_before,
+            });
+        };
+        f.sent_at.entry(seq).or_insert(self.check.acked.len());
+        let fence = Delta::fence(epoch, seq, self.now_ms())
+            .encode()
+            .expect("a fence has no pages to miss");
+        let result = self.writers[w]
+            .store
+            .put(
+                &keys::log_slot(TENANT, seq),
+                fence,
+                slot_metadata(token, epoch),
+                Precondition::IfAbsent,
+            )
+            .await;
+        match result {
+            Ok(_) => {
+                f.mine.insert(seq);
+                f.landed_at = self.check.acked.len();
+                f.todo.retain(|s| *s != seq);
+                self.writers[w].fenced_slots.insert(seq);
+                Some(ClaimStep::Fence(f))
+            }
+            Err(e) if e.is_precondition() => {
+                if probing {
+                    Some(ClaimStep::Probe { fencing: f, seq })
+                } else if f.fail_on_taken {
+                    self.claim_failed(w, "restore: a slot was taken while fencing");
+                    None
+                } else {
+                    Some(ClaimStep::ReadSnapshot)
+                }
+            }
+            Err(_) => Some(ClaimStep::Fence(f)),
+        }
+    }
+
+    /// R2: reads slot `seq`, which its fence found taken. Its own fence (a
+    /// lost response) counts as placed; the object at `E + 1` extends the
+    /// run when it continues the chain; another's object further on stays
+    /// (readers skip it after our fence); any epoch of another acquisition
+    /// not below ours raises ours (R3).
+    async fn probe_step(&mut self, w: usize, mut f: Fencing, seq: u64) -> Option<ClaimStep> {
+        let key = keys::log_slot(TENANT, seq);
+        let object = match self.writers[w].store.get(&key).await {
+            Ok(Some(object)) => object,
+            // Deleted since: a compaction moved the snapshot.
+            Ok(None) => return Some(ClaimStep::ReadSnapshot),
+            Err(_) => return Some(ClaimStep::Probe { fencing: f, seq }),
+        };
+        self.outcome.probes += 1;
+        let delta = match Delta::decode(&key, &object.body) {
+            Ok(delta) => delta,
+            Err(e) => {
+                self.violation(e.to_string());
+                self.stop(w, "corrupt log");
+                return None;
+            }
+        };
+        if self.is_mine(w, seq, &object.body, &object.metadata) {
+            f.mine.insert(seq);
+            f.landed_at = f.landed_at.max(f.sent_at.get(&seq).copied().unwrap_or(0));
+            self.writers[w].fenced_slots.insert(seq);
+            return Some(ClaimStep::Fence(f));
+        }
+        let epoch = self.writers[w].epoch;
+        if self.rules.strict_epochs && delta.epoch >= epoch {
+            self.raise_epoch(w, delta.epoch);
+            return None;
+        }
+        if !self.rules.strict_epochs && delta.epoch > epoch {
+            self.outcome.deposed += 1;
+            self.stop(w, "deposed");
+            return None;
+        }
+        if seq == f.prefix_end + 1 {
+            match self.apply(f.state, &delta) {
+                Ok(state) => {
+                    f.prefix_end = seq;
+                    f.state = Position { seq, ..state };
+                    self.outcome.probed_applied += 1;
+                }
+                Err(e) => {
+                    self.violation(format!("claim by epoch {epoch}: {e}"));
+                    self.stop(w, "broken chain");
+                    return None;
+                }
+            }
+        } else {
+            f.others.insert(seq);
+        }
+        Some(ClaimStep::Fence(f))
+    }
+
+    /// R3: the claim saw epoch `seen` of another acquisition, not below its
+    /// own: raise its lock's epoch above it (a conditional PUT on its own
+    /// lock; the lock moved on: not the holder) and claim again.
+    fn raise_epoch(&mut self, w: usize, seen: u64) {
+        let token = self.writers[w].token;
+        if !(self.lock.present && self.lock.token == token) {
+            self.outcome.deposed += 1;
+            return self.stop(w, "not the holder");
+        }
+        let epoch = seen + 1;
+        self.event(format!(
+            "token {token}: saw epoch {seen}, raises its lock's epoch from {} to {epoch}",
+            self.writers[w].epoch
+        ));
+        self.lock.epoch = epoch;
+        self.max_epoch = self.max_epoch.max(epoch);
+        self.writers[w].epoch = epoch;
+        self.writers[w].phase = Phase::Claiming(Box::new(ClaimStep::ReadSnapshot));
+        self.outcome.epoch_raises += 1;
+    }
+
+    /// A claim that fails after its acquisition. The old rule released the
+    /// lock as clean; now the lease is dropped and the lock runs out.
+    pub(super) fn claim_failed(&mut self, w: usize, why: &'static str) {
+        self.outcome.claim_failures += 1;
+        if matches!(self.writers[w].role, Role::Restore { .. }) {
+            self.outcome.restores_failed += 1;
+        }
+        if !self.rules.failed_claim_keeps_lock
+            && self.lock.present
+            && self.lock.token == self.writers[w].token
+        {
+            self.lock.released = true;
+        }
+        self.stop(w, why);
+    }
+
+    /// The claim holds from its last store request on: the writer is active
+    /// from `first_slot`.
+    fn complete_claim(
+        &mut self,
+        w: usize,
+        state: Position,
+        etag: Option<ETag>,
+        first_slot: u64,
+        prefix_end: u64,
+        acked_before: usize,
+    ) {
+        let epoch = self.writers[w].epoch;
+        let start = Position {
+            seq: first_slot - 1,
+            epoch,
+            ..state
+        };
+        let writer = &mut self.writers[w];
+        writer.head = start;
+        writer.acked = start;
+        writer.snapshot_etag = etag;
+        writer.snapshot_seq = prefix_end;
+        writer.inc = state.inc;
+        writer.phase = Phase::Active;
+        if writer.role == Role::Delete {
+            writer.deleting = Some(super::Deleting::Snapshot);
+        }
+        self.outcome.claims += 1;
+        self.event(format!(
+            "epoch {epoch}: claim complete, recovered {state:?}, writes from slot {first_slot}"
+        ));
+        self.check
+            .recovered(&format!("claim by epoch {epoch}"), state, acked_before);
+    }
+
+    /// The state after the snapshot and the run, and the highest epoch
+    /// another acquisition wrote there; `None` when the chain broke.
+    fn replay(
+        &mut self,
+        w: usize,
+        snap: &Snap,
+        objects: &[(Delta, Option<u64>)],
+    ) -> Option<(Position, u64)> {
+        let (epoch, token) = (self.writers[w].epoch, self.writers[w].token);
+        let mut state = snap.pos;
+        let mut max_other = if snap.token == Some(token) {
+            0
+        } else {
+            snap.pos.epoch
+        };
+        for (delta, owner) in objects {
+            if *owner != Some(token) {
+                max_other = max_other.max(delta.epoch);
+            }
+            match self.apply(state, delta) {
+                Ok(next) => state = next,
+                Err(e) => {
+                    self.violation(format!("claim by epoch {epoch}: {e}"));
+                    self.stop(w, "broken chain");
+                    return None;
+                }
+            }
+        }
+        Some((state, max_other))
+    }
+
+    /// One log object replayed onto `state`: a fence raises the epoch, a
+    /// delta of a lower epoch is a deposed writer's garbage, any other
+    /// delta must continue the chain.
+    fn apply(&mut self, mut state: Position, delta: &Delta) -> Result<Position, String> {
+        match delta.kind {
+            Kind::Fence => {
+                state.epoch = state.epoch.max(delta.epoch);
+                Ok(state)
+            }
+            Kind::Delta if delta.epoch < state.epoch => {
+                self.outcome.garbage_skipped += 1;
+                Ok(state)
+            }
+            Kind::Delta if delta.pre_checksum != state.digest => Err(format!(
+                "slot {} (epoch {}) does not follow the history before it (checksum {:016x}, expected {:016x})",
+                delta.seq, delta.epoch, delta.pre_checksum, state.digest
+            )),
+            Kind::Delta => Ok(Position {
+                seq: delta.seq,
+                value: counter_of(&delta.pages[0].1),
+                digest: delta.post_checksum,
+                epoch: delta.epoch,
+                inc: state.inc,
+            }),
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! The model's paths besides the claim that write a tenant's objects:
+//! compaction, release, a failed claim, `tenants delete` and creation, an
+//! operator deleting the lock or re-uploading the snapshot without its
+//! metadata, and a lagging LIST.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::RngExt;
+
+use super::{EPOCH_KEY, FORMAT_KEY, Phase, Position, Role, Sim, TENANT, snapshot_metadata};
+use tenantd_core::store::{DynStore, ObjectStore, Precondition, keys};
+use tenantd_core::tenant::delta::FENCE_MAX_BYTES;
+
+pub(super) enum Compaction {
+    Put {
+        target: Position,
+        condition: Precondition,
+    },
+    List {
+        upto: u64,
+    },
+    Delete {
+        keys: Vec<String>,
+    },
+}
+
+impl Compaction {
+    fn describe(&self) -> String {
+        match self {
+            Compaction::Put { target, .. } => format!("writes the snapshot {target:?}"),
+            Compaction::List { upto } => format!("lists the log up to slot {upto}"),
+            Compaction::Delete { keys } => format!("deletes {:?}", keys.last()),
+        }
+    }
+}
+
+/// Where a delete is: the snapshot first (the tenant no longer exists),
+/// then the log, then the lock.
+pub(super) enum Deleting {
+    Snapshot,
+    List,
+    Slots(Vec<String>),
+    Lock,
+}
+
+impl Sim {
+    pub(super) fn start_compaction(&mut self, w: usize) {
+        let writer = &mut self.writers[w];
+        if !writer.active()
+            || !matches!(writer.role, Role::Holder | Role::Restore { .. })
+            || writer.compaction.is_some()
+            || writer.acked.seq <= writer.snapshot_seq
+        {
+            return;
+        }
+        writer.compaction = Some(Compaction::Put {
+            target: writer.acked,
+            condition: writer
+                .snapshot_etag
+                .clone()
+                .map_or(Precondition::IfAbsent, Precondition::IfMatch),
+        });
+    }
+
+    pub(super) async fn compaction_step(&mut self, w: usize) {
+        let Some(step) = self.writers[w].compaction.take() else {
+            return;
+        };
+        let store = self.writers[w].store.clone();
+        let db_key = keys::database(TENANT);
+        let (epoch, token) = (self.writers[w].epoch, self.writers[w].token);
+        self.event(format!("epoch {epoch}: compaction {}", step.describe()));
+        let next = match step {
+            Compaction::Put { target, condition } => {
+                let body = Bytes::from(serde_json::to_vec(&target).expect("serializes"));
+                match store
+                    .put(&db_key, body, snapshot_metadata(token), condition)
+                    .await
+                {
+                    Ok(etag) => {
+                        self.outcome.snapshots += 1;
+                        let writer = &mut self.writers[w];
+                        writer.snapshot_etag = Some(etag);
+                        writer.snapshot_seq = target.seq;
+                        Some(Compaction::List { upto: target.seq })
+                    }
+                    Err(e) if e.is_precondition() => match store.get(&db_key).await {
+                        Ok(Some(object)) => {
+                            let current = serde_json::from_slice::<Position>(&object.body)
+                                .map(|p| p.seq)
+                                .unwrap_or(0);
+                            if current < target.seq {
+                                Some(Compaction::Put {
+                                    target,
+                                    condition: Precondition::IfMatch(object.etag),
+                                })
+                            } else {
+                                let writer = &mut self.writers[w];
+                                writer.snapshot_etag = Some(object.etag);
+                                writer.snapshot_seq = current;
+                                None
+                            }
+                        }
+                        // Deleted: the tenant is gone, and a compaction
+                        // must not bring it back.
+                        Ok(None) | Err(_) => None,
+                    },
+                    // It may land later: delete nothing on an unknown outcome.
+                    Err(_) => None,
+                }
+            }
+            Compaction::List { upto } => match store.list(&keys::log_prefix(TENANT), None).await {
+                Ok(listed) => {
+                    let keep_fences = self.config.keep_fences;
+                    let keys = listed
+                        .into_iter()
+                        .filter(|l| keys::log_seq(&l.key).is_some_and(|s| s <= upto))
+                        .filter(|l| l.size > FENCE_MAX_BYTES || !keep_fences)
+                        .map(|l| l.key)
+                        .collect();
+                    Some(Compaction::Delete { keys })
+                }
+                Err(_) => None,
+            },
+            Compaction::Delete { mut keys } => {
+                if let Some(key) = keys.pop()
+                    && store.delete(&key).await.is_ok()
+                {
+                    self.outcome.deleted += 1;
+                    self.deleted_keys.insert(key);
+                }
+                (!keys.is_empty()).then_some(Compaction::Delete { keys })
+            }
+        };
+        self.writers[w].compaction = next;
+    }
+
+    /// The newest holder releases, if all its uploads are confirmed.
+    pub(super) async fn release_newest(&mut self) {
+        let Some(w) = (0..self.writers.len()).rev().find(|&w| {
+            let writer = &self.writers[w];
+            writer.live() && writer.role == Role::Holder
+        }) else {
+            return;
+        };
+        let writer = &self.writers[w];
+        if writer.active() && writer.slots.is_empty() && writer.compaction.is_none() {
+            self.release(w).await;
+        }
+    }
+
+    /// Release: a compaction of the acknowledged prefix (one attempt, as a
+    /// SIGTERM's drain has a deadline), then `released: true` on the lock
+    /// if the compaction succeeded (or always, the old rule).
+    pub(super) async fn release(&mut self, w: usize) {
+        let writer = &self.writers[w];
+        let compacted = if writer.acked.seq > writer.snapshot_seq {
+            let body = Bytes::from(serde_json::to_vec(&writer.acked).expect("serializes"));
+            let condition = writer
+                .snapshot_etag
+                .clone()
+                .map_or(Precondition::IfAbsent, Precondition::IfMatch);
+            let written = writer
+                .store
+                .put(
+                    &keys::database(TENANT),
+                    body,
+                    snapshot_metadata(writer.token),
+                    condition,
+                )
+                .await;
+            if written.is_ok() {
+                self.outcome.snapshots += 1;
+            }
+            written.is_ok()
+        } else {
+            true
+        };
+        let writer = &self.writers[w];
+        if let Role::Restore { wrote: true } = writer.role {
+            self.outcome.restores += 1;
+        }
+        let says_released = compacted || !self.rules.release_after_compaction;
+        if says_released && self.lock.present && self.lock.token == writer.token {
+            self.lock.released = true;
+            self.outcome.releases += 1;
+        } else {
+            self.outcome.releases_unclean += 1;
+        }
+        self.event(format!(
+            "epoch {} token {}: releases at slot {} (compacted {compacted}, released {says_released})",
+            writer.epoch, writer.token, writer.acked.seq
+        ));
+        self.stop(w, "released");
+    }
+
+    /// A claim fails after its acquisition: store errors past its
+    /// deadline, an anomaly in the listing.
+    pub(super) fn fail_a_claim(&mut self) {
+        let claiming: Vec<usize> = (0..self.writers.len())
+            .filter(|&w| {
+                matches!(self.writers[w].phase, Phase::Claiming(_))
+                    && self.writers[w].role != Role::Final
+            })
+            .collect();
+        if claiming.is_empty() {
+            return;
+        }
+        let w = claiming[self.rng.random_range(0..claiming.len())];
+        self.claim_failed(w, "claim failed (store errors, deadline)");
+    }
+
+    /// One step of `tenants delete`. The old delete took the lock and
+    /// deleted everything without fencing; the new one claimed first and
+    /// keeps its fences.
+    pub(super) async fn delete_step(&mut self, w: usize) {
+        let Some(step) = self.writers[w].deleting.take() else {
+            return;
+        };
+        let store = self.writers[w].store.clone();
+        let token = self.writers[w].token;
+        let next = match step {
+            Deleting::Snapshot => {
+                if !(self.lock.present && self.lock.token == token) {
+                    return self.stop(w, "lost the lease while deleting");
+                }
+                let deleted = store.delete(&keys::database(TENANT)).await;
+                // A lost response deleted it all the same: the model's own
+                // view of the store says when the incarnation ended.
+                let gone = matches!(self.shared.head(&keys::database(TENANT)).await, Ok(None));
+                if gone && self.exists {
+                    self.exists = false;
+                    self.incarnation += 1;
+                    self.outcome.deletes += 1;
+                    self.event(format!(
+                        "token {token}: deleted the snapshot; incarnation {} begins",
+                        self.incarnation
+                    ));
+                }
+                match deleted {
+                    Ok(()) => Some(Deleting::List),
+                    Err(_) => Some(Deleting::Snapshot),
+                }
+            }
+            Deleting::List => match store.list(&keys::log_prefix(TENANT), None).await {
+                Ok(listed) => {
+                    let keep = &self.writers[w].fenced_slots;
+                    let keys = listed
+                        .into_iter()
+                        .filter(|l| {
+                            !(self.rules.delete_claims
+                                && keys::log_seq(&l.key).is_some_and(|s| keep.contains(&s)))
+                        })
+                        .map(|l| l.key)
+                        .collect();
+                    Some(Deleting::Slots(keys))
+                }
+                Err(_) => Some(Deleting::List),
+            },
+            Deleting::Slots(mut keys) => match keys.last() {
+                None => Some(Deleting::Lock),
+                Some(key) => {
+                    if store.delete(key).await.is_ok() {
+                        self.deleted_keys.insert(keys.pop().expect("a key"));
+                    }
+                    Some(Deleting::Slots(keys))
+                }
+            },
+            Deleting::Lock => {
+                self.lock.present = false;
+                return self.stop(w, "deleted the tenant");
+            }
+        };
+        self.writers[w].deleting = next;
+    }
+
+    /// `tenants create` of a tenant that does not exist. The new rule
+    /// starts the first snapshot after the highest slot left in the log,
+    /// above every epoch there; the old one at slot 0, epoch 0.
+    pub(super) async fn create(&mut self) {
+        if self.exists {
+            return;
+        }
+        let fault = self.fault_store(0, false);
+        if !self.config.paths.create_under_lag {
+            fault.handle().update(|c| c.list_lag = Duration::ZERO);
+        }
+        let store: DynStore = std::sync::Arc::new(fault);
+        let mut pos = Position {
+            inc: self.incarnation,
+            ..Position::default()
+        };
+        if self.rules.delete_claims {
+            let Ok(listed) = store.list(&keys::log_prefix(TENANT), None).await else {
+                return;
+            };
+            let mut max_epoch = None;
+            for l in &listed {
+                let Ok(Some(meta)) = store.head(&l.key).await else {
+                    continue;
+                };
+                let epoch = meta.metadata.get(EPOCH_KEY).and_then(|e| e.parse().ok());
+                max_epoch = max_epoch.max(epoch);
+            }
+            pos.seq = listed
+                .iter()
+                .filter_map(|l| keys::log_seq(&l.key))
+                .max()
+                .unwrap_or(0);
+            pos.epoch = max_epoch.map_or(0, |e: u64| e + 1);
+        }
+        let body = Bytes::from(serde_json::to_vec(&pos).expect("serializes"));
+        let created = store
+            .put(
+                &keys::database(TENANT),
+                body,
+                snapshot_metadata(0),
+                Precondition::IfAbsent,
+            )
+            .await;
+        if created.is_ok() {
+            self.exists = true;
+            self.outcome.creates += 1;
+            self.event(format!("created the tenant: snapshot {pos:?}"));
+        }
+    }
+
+    /// An operator deletes `machine.lock` while its holder lives.
+    pub(super) fn delete_lock(&mut self) {
+        if self.lock.present {
+            self.lock.present = false;
+            self.outcome.locks_deleted += 1;
+            self.event("the lock is deleted by hand".into());
+        }
+    }
+
+    /// LIST starts lagging (by up to 30 s) or catches up.
+    pub(super) fn toggle_lag(&mut self) {
+        self.lag = if self.lag.is_zero() {
+            self.outcome.lags += 1;
+            Duration::from_millis(self.rng.random_range(1_000..30_000))
+        } else {
+            Duration::ZERO
+        };
+        let lag = self.lag;
+        self.event(format!("LIST lags by {lag:?}"));
+        for writer in &self.writers {
+            writer.faults.update(|c| c.list_lag = lag);
+        }
+    }
+
+    /// An operator copies `db.sqlite3` down and up again: same body, no
+    /// metadata.
+    pub(super) async fn strip_snapshot_metadata(&mut self) {
+        let key = keys::database(TENANT);
+        let Ok(Some(object)) = self.shared.get(&key).await else {
+            return;
+        };
+        let stripped = self
+            .shared
+            .put(
+                &key,
+                object.body,
+                Default::default(),
+                Precondition::IfMatch(object.etag),
+            )
+            .await;
+        if stripped.is_ok() {
+            self.outcome.bare_snapshots += 1;
+            self.event("the snapshot is uploaded again without its metadata".into());
+        }
+    }
+
+    /// The repair a refusal names: the snapshot's metadata put back.
+    pub(super) async fn repair_snapshot(&mut self) {
+        let key = keys::database(TENANT);
+        let Ok(Some(object)) = self.shared.get(&key).await else {
+            return;
+        };
+        if object.metadata.contains_key(FORMAT_KEY) {
+            return;
+        }
+        let _ = self
+            .shared
+            .put(
+                &key,
+                object.body,
+                snapshot_metadata(0),
+                Precondition::IfMatch(object.etag),
+            )
+            .await;
+    }
+}

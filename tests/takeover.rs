@@ -661,7 +661,10 @@ async fn a_tenant_created_again_behind_a_lagging_list_starts_after_the_deletes_f
     net.lag(Duration::from_secs(60));
     let (fenced, last) = {
         let all = net.base.list(&keys::log_prefix(ID), None).await.unwrap();
-        (all.len(), all.iter().filter_map(|l| keys::log_seq(&l.key)).max())
+        (
+            all.len(),
+            all.iter().filter_map(|l| keys::log_seq(&l.key)).max(),
+        )
     };
     assert!(fenced > 0, "the delete keeps its fences");
 

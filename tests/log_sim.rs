@@ -307,6 +307,7 @@ fn the_takeover_path_alone_is_safe_under_the_old_rules() {
             restore_claims: false,
             delete_claims: false,
             refuse_bare_snapshot: false,
+            tombstone: false,
         },
         paths: Paths::TAKEOVERS,
         ..LogSimConfig::default()
@@ -321,22 +322,39 @@ fn the_takeover_path_alone_is_safe_under_the_old_rules() {
     }
 }
 
-/// A known gap of the design, kept visible: creating a tenant again lists
-/// the log for what its delete left, and a lagging LIST hides the delete's
-/// young fences and a zombie's re-created slots, so the new incarnation
-/// starts below them and replays a deleted incarnation's writes (or reports
-/// a gap). This test asserts the simulation still finds it; when creation
-/// stops depending on LIST (e.g. the delete leaves its last slot and epoch
-/// where a GET finds them), turn it into a passing run.
+/// Creating a tenant again under a lagging LIST: the listing hides the
+/// delete's young fences (and a zombie's re-created slots), so creation
+/// reads the delete's tombstone directly and starts after them. Found by
+/// this model before the tombstone existed; the control finds it again.
 #[test]
-fn known_gap_recreating_under_a_lagging_list_meets_the_deleted_incarnation() {
-    let config = LogSimConfig {
-        paths: Paths {
-            create_under_lag: true,
-            ..Paths::ALL
+fn recreating_under_a_lagging_list_starts_after_the_deletes_fences() {
+    let paths = Paths {
+        create_under_lag: true,
+        ..Paths::ALL
+    };
+    for seed in 0..300 {
+        let outcome = run_seed(
+            seed,
+            LogSimConfig {
+                paths,
+                ..LogSimConfig::default()
+            },
+        );
+        assert!(
+            outcome.violations.is_empty(),
+            "seed {seed}: {:#?}",
+            outcome.violations
+        );
+    }
+    let control = LogSimConfig {
+        paths,
+        rules: Rules {
+            tombstone: false,
+            ..Rules::NEW
         },
         ..LogSimConfig::default()
     };
-    let (_, violations) = first_violation("re-creation under a lagging LIST", config);
+    let (_, violations) =
+        first_violation("re-creation under a lagging LIST, no tombstone", control);
     assert!(lost_or_corrupt(&violations), "{violations:#?}");
 }

@@ -635,3 +635,53 @@ async fn an_object_after_another_acquisitions_fence_of_the_same_epoch_is_skipped
         "A's object after F's fence is not history"
     );
 }
+
+/// A tenant created again while the listing still hides the delete's young
+/// fences (an eventually consistent LIST) must start its log after them:
+/// found by the log model (`known_gap_recreating_under_a_lagging_list_…`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_created_again_behind_a_lagging_list_starts_after_the_deletes_fences() {
+    logs();
+    let net = Net::new();
+    let dir = tempfile::tempdir().unwrap();
+    lifecycle::create(&net.base, &id()).await.unwrap();
+    let (a_store, _a) = net.view();
+    let (handle_a, task_a) = holder(&a_store, dir.path(), "a").await;
+    assert_eq!(counts(&handle_a, 6).await, [1, 2, 3, 4, 5, 6]);
+    handle_a.stop();
+    task_a.await.unwrap();
+
+    let (d_store, _d) = net.view();
+    let deleter = Deleter {
+        lease: Session::new(d_store.clone(), LeaseConfig::new("cli", "cli", ttl())),
+        wait: ttl() * 10,
+    };
+    let deleted = lifecycle::delete(&d_store, &id(), &deleter).await.unwrap();
+    assert_eq!(deleted, lifecycle::Deleted::Deleted);
+    net.lag(Duration::from_secs(60));
+    let (fenced, last) = {
+        let all = net.base.list(&keys::log_prefix(ID), None).await.unwrap();
+        (
+            all.len(),
+            all.iter().filter_map(|l| keys::log_seq(&l.key)).max(),
+        )
+    };
+    assert!(fenced > 0, "the delete keeps its fences");
+
+    // Every object of the delete is younger than the lag.
+    let (c_store, _c) = net.view();
+    assert_eq!(
+        lifecycle::create(&c_store, &id()).await.unwrap(),
+        lifecycle::Created::Created
+    );
+    let snapshot = net.base.head(&keys::database(ID)).await.unwrap().unwrap();
+    let seq: u64 = snapshot.metadata["tenantd-seq"].parse().unwrap();
+    assert!(
+        Some(seq) >= last,
+        "the new tenant's log starts at {seq}, below the delete's fences (up to {last:?})"
+    );
+    net.lag(Duration::ZERO);
+    let (handle_n, _task_n) = holder(&net.base, dir.path(), "n").await;
+    assert_eq!(counts(&handle_n, 2).await, [1, 2]);
+    assert_eq!(stored_count(&net.base, dir.path()).await.unwrap(), 2);
+}

@@ -349,6 +349,13 @@ pub mod keys {
         (digits.len() == 20).then(|| digits.parse().ok())?
     }
 
+    /// Left by a delete: the last log slot the deleted incarnation used.
+    /// Creation reads it directly (a listing may not show the delete's
+    /// fences yet) and starts the new incarnation's log after it.
+    pub fn tombstone(customer_id: &str) -> String {
+        format!("customer/{customer_id}/deleted.json")
+    }
+
     /// One heartbeat object per machine (session leases).
     pub fn heartbeat(machine_id: &str) -> String {
         format!("machines/{machine_id}/heartbeat.json")

@@ -79,14 +79,17 @@ fn new_database_metadata(seq: u64) -> Metadata {
 /// not show yet are found by reading past the last one it shows; any
 /// missed still make the first holder's fences read them (its claim
 /// applies them as fences and raises its epoch above theirs).
-async fn leftover_end(store: &DynStore, id: &TenantId) -> StoreResult<u64> {
+async fn leftover_end(store: &DynStore, id: &TenantId) -> anyhow::Result<u64> {
     let listed = store
         .list(&keys::log_prefix(id.as_str()), None)
         .await?
         .into_iter()
         .filter_map(|l| keys::log_seq(&l.key))
         .max();
-    let Some(mut end) = listed else {
+    // A listing may not show a recent delete's fences at all (an eventually
+    // consistent LIST): its tombstone, read directly, names the last one.
+    let tombstone = read_tombstone(store, id).await?;
+    let Some(mut end) = listed.max(tombstone.map(|t| t.log_end)) else {
         return Ok(0);
     };
     while store
@@ -97,6 +100,45 @@ async fn leftover_end(store: &DynStore, id: &TenantId) -> StoreResult<u64> {
         end += 1;
     }
     Ok(end)
+}
+
+/// What a delete leaves besides its fences (`keys::tombstone`).
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize)]
+struct Tombstone {
+    /// The last log slot of the deleted incarnation (its deleter's last
+    /// fence).
+    log_end: u64,
+}
+
+async fn read_tombstone(store: &DynStore, id: &TenantId) -> anyhow::Result<Option<Tombstone>> {
+    let key = keys::tombstone(id.as_str());
+    let Some(object) = store.get(&key).await? else {
+        return Ok(None);
+    };
+    let tombstone = serde_json::from_slice(&object.body).with_context(|| {
+        format!(
+            "{key} is not a tenantd tombstone; delete it only if no log objects are left under {}",
+            keys::log_prefix(id.as_str())
+        )
+    })?;
+    Ok(Some(tombstone))
+}
+
+/// Records the deleted incarnation's last slot before the tenant stops
+/// existing; never lowered (a delete of an incarnation that started after
+/// an earlier one's tombstone ends later).
+async fn write_tombstone(store: &DynStore, id: &TenantId, log_end: u64) -> anyhow::Result<()> {
+    let key = keys::tombstone(id.as_str());
+    let log_end = match read_tombstone(store, id).await? {
+        Some(old) => old.log_end.max(log_end),
+        None => log_end,
+    };
+    let body = serde_json::to_vec(&Tombstone { log_end }).expect("a tombstone serializes");
+    store
+        .put(&key, body.into(), Metadata::new(), Precondition::None)
+        .await
+        .with_context(|| format!("cannot write {key}"))?;
+    Ok(())
 }
 
 /// Creates the tenant with a new, empty database (`If-None-Match: *`).
@@ -117,7 +159,7 @@ pub async fn create(store: &DynStore, id: &TenantId) -> anyhow::Result<Created> 
     let key = keys::database(id.as_str());
     let after = leftover_end(store, id)
         .await
-        .with_context(|| format!("cannot list the log of customer {id}"))?;
+        .with_context(|| format!("cannot read what a delete left of customer {id}"))?;
     match store
         .put(
             &key,
@@ -173,9 +215,11 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
         .list(&prefix, None)
         .await
         .with_context(|| format!("cannot list {prefix}"))?;
-    // What an earlier delete keeps: fences.
+    // What an earlier delete keeps: fences and its tombstone.
+    let tombstone = keys::tombstone(id.as_str());
     let kept = |l: &crate::store::Listed| {
-        keys::log_seq(&l.key).is_some() && crate::tenant::log::is_fence_size(l.size)
+        l.key == tombstone
+            || (keys::log_seq(&l.key).is_some() && crate::tenant::log::is_fence_size(l.size))
     };
     if listed.iter().all(kept) && store.head(&legacy).await?.is_none() {
         return Ok(Deleted::Absent);
@@ -217,6 +261,10 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
     let fences = crate::tenant::claim::fence_for_delete(store, id, &lease, &holder)
         .await
         .map_err(|e| anyhow::anyhow!("customer {id}: cannot fence its log for the delete: {e}"))?;
+    if let Some(log_end) = fences.iter().filter_map(|k| keys::log_seq(k)).max() {
+        check()?;
+        write_tombstone(store, id, log_end).await?;
+    }
     // The original app's copy first: with db.sqlite3 gone, it would be
     // imported as the tenant's database.
     check()?;
@@ -231,7 +279,7 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
     let rest: Vec<String> = rest
         .into_iter()
         .map(|l| l.key)
-        .filter(|k| *k != lock && !fences.contains(k))
+        .filter(|k| *k != lock && *k != tombstone && !fences.contains(k))
         .collect();
     let objects = rest.len() + 2;
     let mut deletions = futures::stream::iter(rest.into_iter().map(|key| {
@@ -423,7 +471,8 @@ mod tests {
             .unwrap();
         assert_eq!(deleted, Deleted::Deleted);
         assert!(!tenant_exists(&store, &id("a")).await.unwrap());
-        // Only the deleter's fences stay, after the log's last slot.
+        // Only the deleter's fences stay, after the log's last slot, and
+        // the tombstone that names the last of them.
         let left: Vec<String> = store
             .list("customer/a/", None)
             .await
@@ -431,8 +480,12 @@ mod tests {
             .into_iter()
             .map(|l| l.key)
             .collect();
-        let fences: Vec<String> = (4..=7).map(|seq| keys::log_slot("a", seq)).collect();
-        assert_eq!(left, fences);
+        let mut kept: Vec<String> = vec![keys::tombstone("a")];
+        kept.extend((4..=7).map(|seq| keys::log_slot("a", seq)));
+        kept.sort();
+        assert_eq!(left, kept);
+        let tombstone = read_tombstone(&store, &id("a")).await.unwrap().unwrap();
+        assert_eq!(tombstone.log_end, 7);
         assert!(
             tenant_exists(&store, &id("ab")).await.unwrap(),
             "a neighbour survives"

@@ -597,7 +597,10 @@ impl Sim {
         writer.inc = state.inc;
         writer.phase = Phase::Active;
         if writer.role == Role::Delete {
-            writer.deleting = Some(super::Deleting::Snapshot);
+            writer.deleting = Some(match self.rules.tombstone {
+                true => super::Deleting::Tombstone,
+                false => super::Deleting::Snapshot,
+            });
         }
         self.outcome.claims += 1;
         self.event(format!(

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use rand::RngExt;
 
 use super::{EPOCH_KEY, FORMAT_KEY, Phase, Position, Role, Sim, TENANT, snapshot_metadata};
-use tenantd_core::store::{DynStore, ObjectStore, Precondition, keys};
+use tenantd_core::store::{DynStore, Metadata, ObjectStore, Precondition, keys};
 use tenantd_core::tenant::delta::FENCE_MAX_BYTES;
 
 pub(super) enum Compaction {
@@ -38,6 +38,9 @@ impl Compaction {
 /// Where a delete is: the snapshot first (the tenant no longer exists),
 /// then the log, then the lock.
 pub(super) enum Deleting {
+    /// Records the last slot of the delete's fences where creation reads it
+    /// directly.
+    Tombstone,
     Snapshot,
     List,
     Slots(Vec<String>),
@@ -221,6 +224,33 @@ impl Sim {
         let store = self.writers[w].store.clone();
         let token = self.writers[w].token;
         let next = match step {
+            Deleting::Tombstone => {
+                if !(self.lock.present && self.lock.token == token) {
+                    return self.stop(w, "lost the lease while deleting");
+                }
+                let key = keys::tombstone(TENANT);
+                let fenced = self.writers[w].fenced_slots.last().copied().unwrap_or(0);
+                let written = match store.get(&key).await {
+                    Ok(old) => {
+                        let old = old.map_or(0, |o| log_end_of(&o.body));
+                        let body = serde_json::json!({ "log_end": old.max(fenced) });
+                        store
+                            .put(
+                                &key,
+                                Bytes::from(body.to_string()),
+                                Metadata::new(),
+                                Precondition::None,
+                            )
+                            .await
+                            .map(|_| ())
+                    }
+                    Err(e) => Err(e),
+                };
+                match written {
+                    Ok(()) => Some(Deleting::Snapshot),
+                    Err(_) => Some(Deleting::Tombstone),
+                }
+            }
             Deleting::Snapshot => {
                 if !(self.lock.present && self.lock.token == token) {
                     return self.stop(w, "lost the lease while deleting");
@@ -308,6 +338,14 @@ impl Sim {
                 .filter_map(|l| keys::log_seq(&l.key))
                 .max()
                 .unwrap_or(0);
+            if self.rules.tombstone {
+                let Ok(tombstone) = store.get(&keys::tombstone(TENANT)).await else {
+                    return;
+                };
+                if let Some(tombstone) = tombstone {
+                    pos.seq = pos.seq.max(log_end_of(&tombstone.body));
+                }
+            }
             pos.epoch = max_epoch.map_or(0, |e: u64| e + 1);
         }
         let body = Bytes::from(serde_json::to_vec(&pos).expect("serializes"));
@@ -391,4 +429,12 @@ impl Sim {
             )
             .await;
     }
+}
+
+/// The last slot a tombstone names (0 when it names none).
+fn log_end_of(body: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["log_end"].as_u64())
+        .unwrap_or(0)
 }

@@ -43,6 +43,10 @@ pub struct Rules {
     /// A snapshot without tenantd metadata is refused (until an operator
     /// repairs it). Off: converted as a legacy database at slot 0.
     pub refuse_bare_snapshot: bool,
+    /// A delete writes a tombstone naming the last slot of its fences, and
+    /// creation reads it with a GET. Off: creation finds what a delete left
+    /// by listing alone, which a lagging LIST can hide.
+    pub tombstone: bool,
 }
 
 impl Rules {
@@ -56,6 +60,7 @@ impl Rules {
         restore_claims: true,
         delete_claims: true,
         refuse_bare_snapshot: true,
+        tombstone: true,
     };
 }
 
@@ -90,9 +95,8 @@ pub struct Paths {
     /// written in the run: a claim must finish without the listing.
     pub final_under_lag: bool,
     /// Creation lists the log (for what a delete left) through the lagging
-    /// LIST too. Off by default: a known gap of the design (creation cannot
-    /// find a delete's young fences by listing; see docs/chaos.md), kept as
-    /// its own test.
+    /// LIST too: it finds a delete's young fences only through the
+    /// delete's tombstone (`Rules::tombstone`).
     pub create_under_lag: bool,
 }
 
@@ -106,7 +110,7 @@ impl Paths {
         list_lag: true,
         bare_snapshot: true,
         final_under_lag: true,
-        create_under_lag: false,
+        create_under_lag: true,
     };
 
     /// Only the takeover path (the model before issue 26).

@@ -229,7 +229,9 @@ impl Sim {
                     return self.stop(w, "lost the lease while deleting");
                 }
                 let key = keys::tombstone(TENANT);
-                let fenced = self.writers[w].fenced_slots.last().copied().unwrap_or(0);
+                // The end of the window the delete's claim closed (its own
+                // fences, and slots it found taken), as the real delete.
+                let fenced = self.writers[w].head.seq;
                 let written = match store.get(&key).await {
                     Ok(old) => {
                         let old = old.map_or(0, |o| log_end_of(&o.body));

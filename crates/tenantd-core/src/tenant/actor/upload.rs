@@ -159,9 +159,14 @@ impl TenantActor {
     /// How long a slot may be tried before this holder steps down: a slot
     /// that cannot be written would otherwise hold every later commit (and
     /// the tenant) for as long as the lease lives. A new claim fences the
-    /// slot and carries on.
+    /// slot and carries on. At least 10 s whatever the ttl: a short ttl
+    /// (chaos and bench clusters run 1 s) on a busy machine must not turn
+    /// a slow upload into a step-down.
     pub(super) fn upload_bound(&self, len: usize) -> Duration {
-        let base = self.ctx.upload_bound.unwrap_or(self.ttl * 2);
+        let base = self
+            .ctx
+            .upload_bound
+            .unwrap_or((self.ttl * 2).max(Duration::from_secs(10)));
         base + 2 * (upload_budget(self.ttl, len) - self.ttl)
     }
 

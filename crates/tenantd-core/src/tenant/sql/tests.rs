@@ -181,6 +181,43 @@ fn the_guard_denies_what_reaches_outside_the_tenants_data() {
     );
 }
 
+/// The file-naming denials hold whatever spells the file name: a
+/// parameter and a concatenation, not only a literal.
+#[test]
+fn vacuum_into_and_load_extension_are_denied_in_every_spelling() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside.db");
+    let path = outside.display().to_string();
+    let (head, tail) = path.split_at(path.len() / 2);
+    let cases = [
+        (json!({"sql": "VACUUM INTO ?", "params": [path]}), "VACUUM"),
+        (
+            json!({"sql": format!("VACUUM INTO '{head}' || '{tail}'")}),
+            "VACUUM",
+        ),
+        (
+            json!({"sql": "SELECT load_extension(?)", "params": [path]}),
+            "load_extension",
+        ),
+        (
+            json!({"sql": format!("SELECT load_extension('{head}' || '{tail}')")}),
+            "load_extension",
+        ),
+    ];
+    for (statement, rule) in cases {
+        let (_dir, mut db) = fresh();
+        setup(&mut db);
+        let error =
+            run(&mut db, json!({"statements": [statement]})).expect_err(&statement.to_string());
+        assert_eq!(error.kind, SqlErrorKind::Denied, "{statement}: {error}");
+        assert!(error.message.contains(rule), "{statement}: {error}");
+    }
+    assert!(
+        !outside.exists(),
+        "nothing may be written outside the tenant's file"
+    );
+}
+
 #[test]
 fn a_view_over_tenantds_tables_cannot_be_read() {
     let (_dir, mut db) = fresh();

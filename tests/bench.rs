@@ -14,6 +14,7 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
     let output = Command::new(env!("CARGO_BIN_EXE_tenantd"))
         .args([
             "bench",
+            "--quick",
             "--concurrency",
             "1,8",
             "--duration",

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -56,18 +56,25 @@ pub async fn run(
     let mut touched = 0;
     for &count in &counts {
         let ids: Vec<String> = (touched..count).map(tenant).collect();
-        let failed = futures::stream::iter(ids)
+        let failures: Vec<String> = futures::stream::iter(ids)
             .map(|id| {
                 let http = http.clone();
                 let url = format!("http://{}/customers/{id}/increment", machine.addr);
-                async move { http.post(url).send().await.map(|r| r.status().is_success()) }
+                async move { first_request(&http, &id, &url).await }
             })
             .buffer_unordered(TOUCH_CONCURRENCY)
-            .filter(|ok| std::future::ready(!matches!(ok, Ok(true))))
-            .count()
+            .filter_map(|outcome| std::future::ready(outcome.err()))
+            .collect()
             .await;
-        if failed > 0 {
-            bail!("{failed} of the first requests to {count} tenants failed");
+        if !failures.is_empty() {
+            let shown: Vec<&str> = failures.iter().take(5).map(String::as_str).collect();
+            bail!(
+                "{} of the first requests to {count} tenants failed, e.g.:\n  {}\nthe end of the machine's log ({}):\n{}",
+                failures.len(),
+                shown.join("\n  "),
+                machine.log.display(),
+                log_tail(&machine.log, 20)
+            );
         }
         touched = count;
         // Let the first uploads settle before counting.
@@ -97,6 +104,27 @@ pub async fn run(
     })
 }
 
+/// One tenant's first request; on failure, what the machine answered.
+async fn first_request(http: &reqwest::Client, id: &str, url: &str) -> Result<(), String> {
+    let reply = http
+        .post(url)
+        .send()
+        .await
+        .map_err(|e| format!("{id}: {e}"))?;
+    let status = reply.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = reply.text().await.unwrap_or_default();
+    Err(format!("{id}: {status} {}", body.trim()))
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 fn tenant(n: usize) -> String {
     format!("held-{n:05}")
 }
@@ -105,6 +133,7 @@ fn tenant(n: usize) -> String {
 struct Serve {
     child: Child,
     addr: SocketAddr,
+    log: PathBuf,
 }
 
 impl Serve {
@@ -144,7 +173,11 @@ impl Serve {
             .kill_on_drop(true)
             .spawn()
             .context("cannot start `tenantd serve` for the held-tenants bench")?;
-        let mut serve = Serve { child, addr };
+        let mut serve = Serve {
+            child,
+            addr,
+            log: scratch.join("serve.log"),
+        };
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

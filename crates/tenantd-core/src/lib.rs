@@ -7,8 +7,9 @@
 //! - [`lease`]: the `machine.lock` protocol: acquire, renew, self-fence,
 //!   stale takeover, release.
 //! - [`tenant`]: one actor per held tenant: the SQLite file, group commit,
-//!   fenced uploads, idempotency keys.
-//! - [`router`]: per request, serve here, replay to the holder, acquire, or 404.
+//!   fenced uploads, idempotency keys; its registry decides per request:
+//!   serve here, replay to the holder, acquire, or 404.
+//! - [`replay`]: the `fly-replay` answer and its forwarding stand-in.
 //! - [`http`]: routes, content negotiation, the SQL API, `/metrics`, `/_status`.
 //! - [`server`]: wires it all together for `tenantd serve`, from a plain
 //!   [`config::ServeConfig`].

@@ -21,6 +21,11 @@ struct Fake {
     machines: Vec<Value>,
     requests: Vec<String>,
     next: u32,
+    /// Lists still to refuse with 429 and `Retry-After: 1`, as the real API
+    /// does past 1 request/s per action per app.
+    refuse_lists: u32,
+    /// When each list arrived.
+    listed_at: Vec<std::time::Instant>,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -37,22 +42,35 @@ async fn list(
     State(s): State<Shared>,
     Path(app): Path<String>,
     headers: HeaderMap,
-) -> (StatusCode, Json<Value>) {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let mut s = s.lock().unwrap();
     s.requests.push(format!("GET {app}"));
+    s.listed_at.push(std::time::Instant::now());
     if !authorized(&headers) {
         return (
             StatusCode::UNAUTHORIZED,
             Json(json!({"error": "unauthorized"})),
-        );
+        )
+            .into_response();
+    }
+    if s.refuse_lists > 0 {
+        s.refuse_lists -= 1;
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            Json(json!({"error": "rate limit exceeded"})),
+        )
+            .into_response();
     }
     if app != "my-app" {
         return (
             StatusCode::NOT_FOUND,
             Json(json!({"error": "app not found"})),
-        );
+        )
+            .into_response();
     }
-    (StatusCode::OK, Json(Value::Array(s.machines.clone())))
+    (StatusCode::OK, Json(Value::Array(s.machines.clone()))).into_response()
 }
 
 async fn create(
@@ -500,4 +518,25 @@ async fn errors_say_what_to_fix() {
     )
     .await;
     assert!(!ok && out.contains("invalid tenant id"), "{out}");
+}
+
+/// The API's rate limit answers 429: the call waits at least the
+/// `Retry-After` it is given (1 s) before each retry, longer after each
+/// refusal, and then succeeds; it does not fail, nor hammer the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_call_waits_as_asked_and_then_succeeds() {
+    let (url, shared) = fake_api().await;
+    shared.lock().unwrap().refuse_lists = 2;
+    let (ok, out) = fly(&url, Some("secret-token"), "my-app", &["ls"]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("base0000000001"), "{out}");
+    let at = shared.lock().unwrap().listed_at.clone();
+    assert_eq!(at.len(), 3, "two refusals, then the answer");
+    for pair in at.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= std::time::Duration::from_millis(990),
+            "retried {gap:?} after a 429 that asked for 1 s"
+        );
+    }
 }

@@ -16,6 +16,7 @@ pub mod dns;
 pub mod edge;
 pub mod logs;
 pub mod machines_api;
+pub mod rate_limit;
 pub mod supervisor;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -85,6 +86,9 @@ pub struct DevConfig {
     /// How long the edge waits for one machine's answer (a paused machine
     /// holds requests this long).
     pub request_timeout: Duration,
+    /// The Machines API stand-in's rate limit (Fly's by default); `None`:
+    /// unlimited.
+    pub machines_api_limit: Option<rate_limit::RateLimit>,
 }
 
 impl DevConfig {
@@ -118,6 +122,7 @@ impl DevConfig {
             replay_timeout: Duration::from_secs(10),
             start_timeout: Duration::from_secs(20),
             request_timeout: Duration::from_secs(60),
+            machines_api_limit: Some(rate_limit::RateLimit::FLY),
         }
     }
 }
@@ -132,6 +137,8 @@ pub struct ClusterShared {
     pub admin_token: String,
     /// Machine names given through the Machines API (id → name).
     pub names: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// The Machines API's calls per action, and its rate limit.
+    pub api_calls: rate_limit::RateLimiter,
     http: reqwest::Client,
 }
 
@@ -299,6 +306,7 @@ impl Cluster {
             dns_addr,
             admin_token,
             names: Default::default(),
+            api_calls: rate_limit::RateLimiter::new(cfg.machines_api_limit),
             http: reqwest::Client::builder()
                 .no_proxy()
                 .timeout(Duration::from_millis(800))
@@ -385,6 +393,12 @@ impl Cluster {
 
     pub fn config(&self) -> &DevConfig {
         &self.shared.cfg
+    }
+
+    /// Calls of one Machines API action so far (`list`, `create`, ...),
+    /// answered and refused by its rate limit.
+    pub fn machines_api_calls(&self, action: &str) -> rate_limit::Calls {
+        self.shared.api_calls.calls(action)
     }
 
     pub fn machines(&self) -> Vec<MachineInfo> {

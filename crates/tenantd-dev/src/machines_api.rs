@@ -13,7 +13,9 @@
 //!   that is not stopped, unless forced).
 //!
 //! Requests need `Authorization: Bearer <token>` (or `FlyV1 <token>`) with
-//! the cluster's admin token, which machines get as `FLY_API_TOKEN`.
+//! the cluster's admin token, which machines get as `FLY_API_TOKEN`. Each
+//! action is rate-limited as on Fly ([`crate::rate_limit`]): 429 with
+//! `Retry-After` past the limit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,6 +63,23 @@ fn check(c: &ClusterShared, headers: &HeaderMap, app: &str) -> Option<Response> 
         return Some(error(StatusCode::NOT_FOUND, format!("app {app} not found")));
     }
     None
+}
+
+/// [`check`], then a token of `action`'s rate limit.
+fn admit(c: &ClusterShared, headers: &HeaderMap, app: &str, action: &str) -> Option<Response> {
+    if let Some(refused) = check(c, headers, app) {
+        return Some(refused);
+    }
+    let wait = c.api_calls.take(action).err()?;
+    let mut response = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("rate limit exceeded for {action}: 1 request/s per action per app, burst 3"),
+    );
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    response
+        .headers_mut()
+        .insert("retry-after", axum::http::HeaderValue::from(secs));
+    Some(response)
 }
 
 /// The API's state names.
@@ -118,7 +137,7 @@ async fn list(
     Path(app): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = check(&c, &headers, &app) {
+    if let Some(r) = admit(&c, &headers, &app, "list") {
         return r;
     }
     let machines: Vec<Value> = c.sup.machines().iter().map(|m| to_json(&c, m)).collect();
@@ -130,7 +149,7 @@ async fn show(
     Path((app, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = check(&c, &headers, &app) {
+    if let Some(r) = admit(&c, &headers, &app, "get") {
         return r;
     }
     match c.sup.machine(&id) {
@@ -145,7 +164,7 @@ async fn create(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    if let Some(r) = check(&c, &headers, &app) {
+    if let Some(r) = admit(&c, &headers, &app, "create") {
         return r;
     }
     let config = &body["config"];
@@ -200,7 +219,7 @@ async fn action(
     Path((app, id, action)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = check(&c, &headers, &app) {
+    if let Some(r) = admit(&c, &headers, &app, &action) {
         return r;
     }
     let result = match action.as_str() {
@@ -231,7 +250,7 @@ async fn wait(
     headers: HeaderMap,
     Query(q): Q,
 ) -> Response {
-    if let Some(r) = check(&c, &headers, &app) {
+    if let Some(r) = admit(&c, &headers, &app, "wait") {
         return r;
     }
     let state = q.get("state").map(String::as_str).unwrap_or("started");
@@ -273,7 +292,7 @@ async fn destroy(
     headers: HeaderMap,
     Query(q): Q,
 ) -> Response {
-    if let Some(r) = check(&c, &headers, &app) {
+    if let Some(r) = admit(&c, &headers, &app, "delete") {
         return r;
     }
     let Some(m) = c.sup.machine(&id) else {

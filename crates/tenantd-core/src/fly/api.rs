@@ -68,6 +68,25 @@ pub fn authorization(token: &str) -> String {
     }
 }
 
+/// How long one call waits out 429s in all before it gives up.
+const RATE_LIMIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The wait after the `refusals`+1st 429: at least its `Retry-After` (1 s
+/// when it names none), doubled per earlier refusal, times a random factor
+/// in [0.5, 1.5), at most 10 s.
+fn backoff(response: &reqwest::Response, refusals: u32) -> std::time::Duration {
+    let asked = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .unwrap_or(1.0);
+    let doubled = asked.max(1.0) * f64::from(1u32 << refusals.min(4));
+    let jittered = doubled * (0.5 + rand::random::<f64>());
+    std::time::Duration::from_secs_f64(jittered.max(asked).min(10.0))
+}
+
 /// What a create call ended with.
 pub enum Created {
     New(Machine),
@@ -101,17 +120,46 @@ impl Api {
         format!("{}/v1/apps/{}/machines{path}", self.base, self.app)
     }
 
+    /// Sends `request`; a 429 (the API's rate limit: 1 request/s per action
+    /// per app, shared by every machine of the app) is retried after the
+    /// `Retry-After` it names or longer: the wait doubles with each refusal,
+    /// jittered, so that machines refused together spread out instead of
+    /// coming back as one herd each second.
     async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Value> {
-        let response = request
-            .header(reqwest::header::AUTHORIZATION, &self.authorization)
-            .send()
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach the Fly Machines API at {} ({what})",
-                    self.base
-                )
-            })?;
+        let mut waited = std::time::Duration::ZERO;
+        let mut refusals = 0;
+        let response = loop {
+            let attempt = request
+                .try_clone()
+                .context("a Machines API request without a replayable body")?;
+            let response = attempt
+                .header(reqwest::header::AUTHORIZATION, &self.authorization)
+                .send()
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot reach the Fly Machines API at {} ({what})",
+                        self.base
+                    )
+                })?;
+            if response.status() != reqwest::StatusCode::TOO_MANY_REQUESTS {
+                break response;
+            }
+            let wait = backoff(&response, refusals);
+            refusals += 1;
+            if waited + wait > RATE_LIMIT_PATIENCE {
+                bail!(
+                    "the Fly Machines API is rate-limiting {what} (429) and asked to wait {wait:?} more after {waited:?}: too many calls from this app's machines; try again shortly"
+                );
+            }
+            tracing::warn!(
+                what,
+                ?wait,
+                "the Fly Machines API answered 429; waiting as it asks"
+            );
+            tokio::time::sleep(wait).await;
+            waited += wait;
+        };
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
         match status.as_u16() {

@@ -21,7 +21,16 @@ pub struct TenantFinder {
     dns: crate::fly_dns::FlyDns,
     api: Option<Api>,
     cache: std::sync::Mutex<Option<(std::time::Instant, Vec<Machine>)>>,
+    /// One list call at a time: the lookups that arrive while it runs (a
+    /// failover storm asks for many tenants at once) wait for its answer.
+    refreshing: tokio::sync::Mutex<()>,
 }
+
+/// A list this young answers lookups without a call.
+const FRESH: std::time::Duration = std::time::Duration::from_secs(2);
+/// A list this young still answers when the API refuses or fails (its
+/// stopped machines rarely change within a minute).
+const STALE_OK: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The Machines API from inside a Fly machine.
 pub const INTERNAL_API_URL: &str = "http://_api.internal:4280";
@@ -37,19 +46,44 @@ impl TenantFinder {
             dns,
             api,
             cache: std::sync::Mutex::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// The app's machines, listed at most every 2 s.
+    /// The app's machines: one unfiltered list answers every tenant, so that
+    /// a machine asked about fifty tenants at once makes one call of the
+    /// API's shared budget (1 request/s per action per app), not fifty. At
+    /// most one call every [`FRESH`]; the last list, up to [`STALE_OK`] old,
+    /// when the API refuses or fails.
     async fn machines(&self, api: &Api) -> anyhow::Result<Vec<Machine>> {
-        if let Some((at, machines)) = &*self.cache.lock().unwrap()
-            && at.elapsed() < std::time::Duration::from_secs(2)
-        {
-            return Ok(machines.clone());
+        if let Some(machines) = self.cached(FRESH) {
+            return Ok(machines);
         }
-        let machines = api.list().await?;
-        *self.cache.lock().unwrap() = Some((std::time::Instant::now(), machines.clone()));
-        Ok(machines)
+        let _turn = self.refreshing.lock().await;
+        // Listed by the call this one waited for.
+        if let Some(machines) = self.cached(FRESH) {
+            return Ok(machines);
+        }
+        match api.list().await {
+            Ok(machines) => {
+                *self.cache.lock().unwrap() = Some((std::time::Instant::now(), machines.clone()));
+                Ok(machines)
+            }
+            Err(e) => match self.cached(STALE_OK) {
+                Some(machines) => {
+                    tracing::warn!(error = %format!("{e:#}"), "the Machines API failed; using its last list");
+                    Ok(machines)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    fn cached(&self, within: std::time::Duration) -> Option<Vec<Machine>> {
+        match &*self.cache.lock().unwrap() {
+            Some((at, machines)) if at.elapsed() < within => Some(machines.clone()),
+            _ => None,
+        }
     }
 }
 

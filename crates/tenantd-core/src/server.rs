@@ -235,6 +235,13 @@ pub async fn run_with(
     if let Some(id) = customer_id.clone() {
         tokio::spawn(registry.clone().standby(id));
     }
+    let followers = Arc::new(crate::tenant::follower::Followers::new(
+        store.clone(),
+        args.data_dir.clone(),
+        &machine_id,
+        args.api_token.clone().filter(|t| !t.is_empty()),
+        args.sql_limits(),
+    ));
     let state = AppState {
         registry: registry.clone(),
         metrics,
@@ -248,6 +255,7 @@ pub async fn run_with(
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()?,
+        followers,
     };
     let app = http::router(state, args.max_body_bytes);
     let draining = registry.clone();

@@ -72,6 +72,9 @@ pub struct TenantHandle {
     stop: CancellationToken,
     /// Cancelled when the actor has fully ended (lease released or lost).
     done: CancellationToken,
+    /// Every slot up to this one is confirmed: the bookmark of what the
+    /// holder answers, and the position followers catch up to.
+    confirmed: watch::Receiver<u64>,
 }
 
 impl TenantHandle {
@@ -112,6 +115,20 @@ impl TenantHandle {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The last slot such that it and every slot before it are confirmed.
+    /// Read after an answer, it is at least the state the answer reflects
+    /// (confirmation is published before the batch is answered).
+    pub fn confirmed(&self) -> u64 {
+        *self.confirmed.borrow()
+    }
+
+    /// Waits until every slot up to `seq` is confirmed; false if the actor
+    /// ended first.
+    pub async fn reach(&self, seq: u64) -> bool {
+        let mut confirmed = self.confirmed.clone();
+        confirmed.wait_for(|c| *c >= seq).await.is_ok()
     }
 
     /// False once the actor has ended.
@@ -208,11 +225,13 @@ impl TenantActor {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         let stop = CancellationToken::new();
         let done = CancellationToken::new();
+        let (confirmed, confirmed_rx) = watch::channel(claimed.next_slot - 1);
         let handle = TenantHandle {
             tx,
             epoch: lease.epoch(),
             stop: stop.clone(),
             done: done.clone(),
+            confirmed: confirmed_rx,
         };
         ctx.metrics
             .lease_holder
@@ -231,7 +250,6 @@ impl TenantActor {
             deltas_after_snapshot = claimed.since_snapshot.0,
             "holding tenant"
         );
-        let (confirmed, _) = watch::channel(claimed.next_slot - 1);
         let writer = Writer {
             holder: ctx.machine_id.clone(),
             token: lease.token().to_string(),

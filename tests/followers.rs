@@ -356,3 +356,44 @@ async fn reads_continue_through_a_holder_sigkill() {
     drop(a);
     eprintln!("roles seen during the failover: {roles:?}");
 }
+
+/// `tenantd_follower_slots_total{source}` on a machine.
+async fn follower_slots(m: &Machine, source: &str) -> u64 {
+    let text = reqwest::get(m.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("tenantd_follower_slots_total{{source=\"{source}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_steady_state_the_holder_pushes_commits_to_its_followers() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::file_store(dir.path());
+    let (a, b) = two_machines(&setup).await;
+    // The first read builds the replica and registers b with the holder.
+    assert_eq!(bodies(&b, &[]).await.role.as_deref(), Some("follower"));
+    let (pushed, read) = (
+        follower_slots(&b, "push").await,
+        follower_slots(&b, "log").await,
+    );
+    const WRITES: usize = 20;
+    for i in 1..=WRITES {
+        insert(&a, &format!("note {i}")).await;
+        let reply = bodies(&b, &[]).await;
+        assert_eq!(reply.role.as_deref(), Some("follower"));
+        assert_eq!(rows(&reply).len(), i);
+    }
+    let pushed = follower_slots(&b, "push").await - pushed;
+    let read = follower_slots(&b, "log").await - read;
+    assert!(
+        pushed as usize > WRITES / 2 && (read as usize) < WRITES / 2,
+        "{pushed} slots pushed, {read} read from the store for {WRITES} commits"
+    );
+}

@@ -209,6 +209,7 @@ pub async fn run_with(
         }
     }
     let lock_cache_ttl = (args.lease_ttl / 5).min(Duration::from_secs(1));
+    let follower_advertise = advertise.clone();
     let registry = Registry::new(
         RegistryConfig {
             machine_id: machine_id.clone(),
@@ -239,8 +240,10 @@ pub async fn run_with(
         store.clone(),
         args.data_dir.clone(),
         &machine_id,
+        follower_advertise,
         args.api_token.clone().filter(|t| !t.is_empty()),
         args.sql_limits(),
+        &metrics,
     ));
     let state = AppState {
         registry: registry.clone(),

@@ -69,6 +69,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/_status", get(status))
         .route("/_admin/faults", get(get_faults).put(put_faults))
         .route("/_internal/tenants/{id}/position", get(internal::position))
+        .route("/_internal/tenants/{id}/push", post(internal::push))
         .route(
             "/_admin/tenants/{id}",
             post(admin::create_tenant).delete(admin::delete_tenant),

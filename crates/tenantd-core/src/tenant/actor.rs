@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -75,6 +75,17 @@ pub struct TenantHandle {
     /// Every slot up to this one is confirmed: the bookmark of what the
     /// holder answers, and the position followers catch up to.
     confirmed: watch::Receiver<u64>,
+    /// Each confirmed upload, in slot order, for followers (pushed to them).
+    commits: broadcast::Sender<Arc<ConfirmedSlot>>,
+}
+
+/// A log object this holder uploaded and confirmed: the store holds these
+/// exact bytes in its slot.
+#[derive(Debug)]
+pub struct ConfirmedSlot {
+    pub seq: u64,
+    pub body: Bytes,
+    pub metadata: crate::store::Metadata,
 }
 
 impl TenantHandle {
@@ -122,6 +133,12 @@ impl TenantHandle {
     /// (confirmation is published before the batch is answered).
     pub fn confirmed(&self) -> u64 {
         *self.confirmed.borrow()
+    }
+
+    /// Confirmed uploads from now on (a slow receiver misses some: a
+    /// follower reads what it missed from the log).
+    pub fn commits(&self) -> broadcast::Receiver<Arc<ConfirmedSlot>> {
+        self.commits.subscribe()
     }
 
     /// Waits until every slot up to `seq` is confirmed; false if the actor
@@ -176,6 +193,7 @@ pub struct TenantActor {
     next_slot: u64,
     /// Every slot up to this one is confirmed (compaction waits on it).
     confirmed: watch::Sender<u64>,
+    commits: broadcast::Sender<Arc<ConfirmedSlot>>,
     /// The snapshot as this holder last wrote or read it.
     snapshot: Snapshot,
     /// Deltas (and their bytes) in the log after the snapshot.
@@ -226,12 +244,14 @@ impl TenantActor {
         let stop = CancellationToken::new();
         let done = CancellationToken::new();
         let (confirmed, confirmed_rx) = watch::channel(claimed.next_slot - 1);
+        let (commits, _) = broadcast::channel(64);
         let handle = TenantHandle {
             tx,
             epoch: lease.epoch(),
             stop: stop.clone(),
             done: done.clone(),
             confirmed: confirmed_rx,
+            commits: commits.clone(),
         };
         ctx.metrics
             .lease_holder
@@ -265,6 +285,7 @@ impl TenantActor {
             count: claimed.count,
             next_slot: claimed.next_slot,
             confirmed,
+            commits,
             snapshot: claimed.snapshot,
             since_snapshot: claimed.since_snapshot,
             compaction: None,

@@ -16,6 +16,7 @@
 //! as before.
 
 pub mod bookmark;
+pub mod push;
 mod read;
 mod replica;
 
@@ -41,6 +42,8 @@ use replica::{Replica, Target};
 const CATCH_UP_BOUND: Duration = Duration::from_secs(1);
 /// How long the holder has to say where it is.
 const POSITION_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long a reader waits for the holder's push before reading the log.
+const PUSH_WAIT: Duration = Duration::from_millis(100);
 /// A replica unused this long is dropped.
 const IDLE: Duration = Duration::from_secs(300);
 /// Most replicas one machine keeps.
@@ -49,6 +52,15 @@ const MAX_REPLICAS: usize = 64;
 /// The internal route a holder answers its confirmed slot on.
 pub fn position_path(id: &TenantId) -> String {
     format!("/_internal/tenants/{id}/position")
+}
+
+/// A query parameter value with the characters of an address escaped.
+fn query_value(text: &str) -> String {
+    text.replace('%', "%25")
+        .replace('[', "%5B")
+        .replace(']', "%5D")
+        .replace(':', "%3A")
+        .replace('&', "%26")
 }
 
 /// Where a read-only request for a tenant may be answered.
@@ -77,11 +89,16 @@ pub enum FollowError {
 
 pub struct Followers {
     store: DynStore,
+    /// This machine's address, for holders to push to.
+    advertise: String,
+    /// Followers of tenants this machine holds.
+    pub pushes: push::Pushes,
     dir: PathBuf,
     client: reqwest::Client,
     api_token: Option<String>,
     limits: SqlLimits,
     replicas: Mutex<HashMap<TenantId, Arc<Replica>>>,
+    counted: prometheus::IntCounterVec,
 }
 
 impl Followers {
@@ -89,11 +106,15 @@ impl Followers {
         store: DynStore,
         data_dir: PathBuf,
         machine_id: &str,
+        advertise: String,
         api_token: Option<String>,
         limits: SqlLimits,
+        metrics: &crate::metrics::Metrics,
     ) -> Followers {
         Followers {
             store,
+            advertise,
+            pushes: push::Pushes::default(),
             dir: data_dir.join(machine_id).join("followers"),
             client: reqwest::Client::builder()
                 .timeout(POSITION_TIMEOUT)
@@ -102,6 +123,7 @@ impl Followers {
             api_token,
             limits,
             replicas: Mutex::new(HashMap::new()),
+            counted: metrics.follower_slots.clone(),
         }
     }
 
@@ -132,6 +154,16 @@ impl Followers {
                     let asked = Instant::now();
                     match self.position(id, holder).await {
                         Ok(slot) => {
+                            // The holder pushes what it confirmed: in steady
+                            // state it is here, or about to be.
+                            if replica.state.read().await.is_some() {
+                                let mut applied = replica.applied.subscribe();
+                                let _ = tokio::time::timeout(
+                                    PUSH_WAIT,
+                                    applied.wait_for(|s| *s >= slot),
+                                )
+                                .await;
+                            }
                             self.catch_up(&replica, Target::Slot(slot), deadline)
                                 .await?;
                             let mut state = replica.state.write().await;
@@ -188,7 +220,12 @@ impl Followers {
 
     /// The holder's confirmed slot, asked over the private network.
     async fn position(&self, id: &TenantId, holder: &LockRecord) -> Result<u64, String> {
-        let url = format!("http://{}{}", holder.addr, position_path(id));
+        let url = format!(
+            "http://{}{}?follower={}",
+            holder.addr,
+            position_path(id),
+            query_value(&self.advertise)
+        );
         let mut request = self.client.get(&url);
         if let Some(token) = &self.api_token {
             request = request.bearer_auth(token);
@@ -203,6 +240,32 @@ impl Followers {
             .ok_or_else(|| format!("{url} answered without a confirmed slot"))
     }
 
+    /// Registers a follower of a tenant this machine holds for pushes.
+    pub fn register(&self, id: &TenantId, handle: &TenantHandle, addr: String) {
+        if let Some(token) = &self.api_token {
+            self.pushes.register(id, handle, addr, &self.client, token);
+        }
+    }
+
+    /// A pushed log object: applied when it is the replica's next slot.
+    pub async fn accept(
+        &self,
+        id: &TenantId,
+        metadata: &crate::store::Metadata,
+        body: bytes::Bytes,
+    ) -> Result<bool, String> {
+        let Some(replica) = self.replicas.lock().unwrap().get(id).cloned() else {
+            return Ok(false);
+        };
+        let fetched = push::decode(id, metadata, body).await?;
+        Ok(replica.accept(fetched).await)
+    }
+
+    /// Whether pushes are accepted (they carry the API token).
+    pub fn api_token(&self) -> Option<&str> {
+        self.api_token.as_deref()
+    }
+
     /// This machine's replica of `id`; drops idle ones.
     fn replica(&self, id: &TenantId) -> Arc<Replica> {
         let mut replicas = self.replicas.lock().unwrap();
@@ -212,7 +275,7 @@ impl Followers {
         }
         self.prune(&mut replicas);
         let path = self.dir.join(format!("{id}.sqlite3"));
-        let replica = Arc::new(Replica::new(id.clone(), path));
+        let replica = Arc::new(Replica::new(id.clone(), path, self.counted.clone()));
         replicas.insert(id.clone(), replica.clone());
         replica
     }

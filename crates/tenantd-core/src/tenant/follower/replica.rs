@@ -31,6 +31,10 @@ pub struct Replica {
     /// `None` until built (and again after anything went wrong with it).
     pub state: Arc<RwLock<Option<State>>>,
     pub last_used: std::sync::Mutex<Instant>,
+    /// The replica's slot after each change (pushes wake readers).
+    pub applied: tokio::sync::watch::Sender<u64>,
+    /// Slots applied, by source.
+    counted: prometheus::IntCounterVec,
 }
 
 pub struct State {
@@ -59,12 +63,14 @@ pub enum Target {
 }
 
 impl Replica {
-    pub fn new(id: TenantId, path: PathBuf) -> Replica {
+    pub fn new(id: TenantId, path: PathBuf, counted: prometheus::IntCounterVec) -> Replica {
         Replica {
             id,
             path,
             state: Arc::new(RwLock::new(None)),
             last_used: std::sync::Mutex::new(Instant::now()),
+            applied: tokio::sync::watch::channel(0).0,
+            counted,
         }
     }
 
@@ -94,7 +100,15 @@ impl Replica {
                 }
             }
             let state = guard.as_mut().expect("built above");
-            match advance(store, &self.id, &self.path, state, target, deadline).await {
+            let before = state.slot();
+            let advanced = advance(store, &self.id, &self.path, state, target, deadline).await;
+            if state.slot() > before {
+                self.counted
+                    .with_label_values(&["log"])
+                    .inc_by(state.slot() - before);
+                self.applied.send_replace(state.slot());
+            }
+            match advanced {
                 Ok(Advanced::Done) => break Ok(state.slot()),
                 // A compaction removed deltas the replica still needed:
                 // the snapshot covers them now.
@@ -113,6 +127,36 @@ impl Replica {
             Err(e) => {
                 *guard = None;
                 Err(e)
+            }
+        }
+    }
+}
+
+impl Replica {
+    /// Applies a pushed object when it is the replica's next slot (the
+    /// claim's rules decide whether it is history); false otherwise.
+    pub async fn accept(&self, fetched: Fetched) -> bool {
+        let mut guard = self.state.write().await;
+        let Some(state) = guard.as_mut() else {
+            return false;
+        };
+        if fetched.delta.seq != state.slot() + 1 {
+            return false;
+        }
+        match state
+            .replayed
+            .extend(self.id.as_str(), &self.path, &mut state.sums, fetched)
+            .await
+        {
+            Ok(()) => {
+                self.counted.with_label_values(&["push"]).inc();
+                self.applied.send_replace(state.slot());
+                true
+            }
+            Err(e) => {
+                tracing::warn!(customer_id = %self.id, error = %e, "a pushed object does not continue the replica; dropping it");
+                *guard = None;
+                false
             }
         }
     }

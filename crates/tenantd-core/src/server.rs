@@ -245,6 +245,7 @@ pub async fn run_with(
         args.sql_limits(),
         &metrics,
     ));
+    followers.sweep_idle();
     let state = AppState {
         registry: registry.clone(),
         metrics,

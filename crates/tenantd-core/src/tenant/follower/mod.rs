@@ -266,6 +266,21 @@ impl Followers {
         self.api_token.as_deref()
     }
 
+    /// Drops idle replicas every minute, as an idle holder drops its copy.
+    pub fn sweep_idle(self: &Arc<Self>) {
+        let followers = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let Some(followers) = followers.upgrade() else {
+                    return;
+                };
+                let mut replicas = followers.replicas.lock().unwrap();
+                followers.prune(&mut replicas);
+            }
+        });
+    }
+
     /// This machine's replica of `id`; drops idle ones.
     fn replica(&self, id: &TenantId) -> Arc<Replica> {
         let mut replicas = self.replicas.lock().unwrap();
@@ -289,6 +304,7 @@ impl Followers {
             .map(|(id, r)| (*r.last_used.lock().unwrap(), id.clone()))
             .collect();
         by_use.sort();
+        // Room for one more: called before a replica is added.
         let excess = replicas.len().saturating_sub(MAX_REPLICAS - 1);
         for (n, (used, id)) in by_use.into_iter().enumerate() {
             if n < excess || used.elapsed() > IDLE {

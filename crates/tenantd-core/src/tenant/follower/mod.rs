@@ -307,10 +307,10 @@ impl Followers {
         // Room for one more: called before a replica is added.
         let excess = replicas.len().saturating_sub(MAX_REPLICAS - 1);
         for (n, (used, id)) in by_use.into_iter().enumerate() {
-            if n < excess || used.elapsed() > IDLE {
-                if let Some(replica) = replicas.remove(&id) {
-                    let _ = std::fs::remove_file(&replica.path);
-                }
+            if (n < excess || used.elapsed() > IDLE)
+                && let Some(replica) = replicas.remove(&id)
+            {
+                let _ = std::fs::remove_file(&replica.path);
             }
         }
     }

@@ -95,6 +95,13 @@ fn rows(reply: &Reply) -> Vec<String> {
         .collect()
 }
 
+/// A lease ttl that a loaded test machine does not starve: these tests
+/// are about reads, not about lease expiry.
+fn slow(mut setup: Setup) -> Setup {
+    setup.ttl = "3s".into();
+    setup
+}
+
 /// Machine `a` holds the tenant (it starts first and takes the lease on
 /// the first write), `b` starts after it.
 async fn two_machines(setup: &Setup) -> (Machine, Machine) {
@@ -115,7 +122,16 @@ async fn two_machines(setup: &Setup) -> (Machine, Machine) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_answers_reads_with_every_acknowledged_write_and_bookmarks() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::file_store(dir.path());
+    follower_answers(slow(Setup::file_store(dir.path()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_answers_reads_with_every_acknowledged_write_on_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    follower_answers(slow(Setup::s3(dir.path()).await)).await;
+}
+
+async fn follower_answers(setup: Setup) {
     let (a, b) = two_machines(&setup).await;
 
     let mut last = 0;
@@ -243,7 +259,7 @@ async fn ghost_delta(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_holders_late_delta_is_never_shown_by_a_follower() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::file_store(dir.path());
+    let setup = slow(Setup::file_store(dir.path()));
     let (mut a, b) = two_machines(&setup).await;
     for i in 1..=3 {
         insert(&a, &format!("note {i}")).await;
@@ -324,7 +340,16 @@ async fn insert_or_not(m: &Machine, body: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_continue_through_a_holder_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::file_store(dir.path());
+    reads_through_sigkill(slow(Setup::file_store(dir.path()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_continue_through_a_holder_sigkill_on_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    reads_through_sigkill(slow(Setup::s3(dir.path()).await)).await;
+}
+
+async fn reads_through_sigkill(setup: Setup) {
     let (a, b) = two_machines(&setup).await;
     for i in 1..=5 {
         insert(&a, &format!("note {i}")).await;
@@ -375,7 +400,7 @@ async fn follower_slots(m: &Machine, source: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_steady_state_the_holder_pushes_commits_to_its_followers() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::file_store(dir.path());
+    let setup = slow(Setup::file_store(dir.path()));
     let (a, b) = two_machines(&setup).await;
     // The first read builds the replica and registers b with the holder.
     assert_eq!(bodies(&b, &[]).await.role.as_deref(), Some("follower"));

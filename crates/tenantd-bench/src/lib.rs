@@ -10,6 +10,7 @@
 
 mod cold_start;
 mod failover;
+mod followers;
 mod held_tenants;
 mod idle;
 mod load;
@@ -85,6 +86,8 @@ const HELD_TENANT_COUNTS: [usize; 3] = [1, 100, 1000];
 
 /// The concurrency the headline figures (`durable_rps`, ...) are taken at.
 const HEADLINE_CLIENTS: usize = 256;
+const WRITERS_AND_READERS: &str =
+    "4 writers (each then reads its bookmark at a follower), 8 readers on all machines";
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // The bench's own machines would drown the progress lines at info.
@@ -222,6 +225,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         unknown.not_found, unknown.requests, unknown.store_writes, unknown.store_reads
     );
 
+    eprintln!("bench: [10/10] follower reads: 3 machines of one tenant, {WRITERS_AND_READERS}");
+    let followers = followers::run(
+        &scratch.join("followers"),
+        &faults,
+        args.lease_ttl,
+        duration,
+    )
+    .await?;
+    eprintln!(
+        "bench:   {:.0}% of {} reads by followers ({} failed); bookmark read after a write p50 {:.1} ms, p99 {:.1} ms; {:.1} log reads per 1,000 commits",
+        followers.follower_read_share * 100.0,
+        followers.reads,
+        followers.failed_reads,
+        followers.follower_lag_p50_ms,
+        followers.follower_lag_p99_ms,
+        followers.follower_log_reads_per_1000_commits
+    );
+
     let mut report = Report::new(
         &args,
         duration,
@@ -236,6 +257,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         started.elapsed(),
     );
     report.set_unknown_tenants(unknown);
+    report.set_followers(followers);
     println!("{}", report.table());
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report.json())?)

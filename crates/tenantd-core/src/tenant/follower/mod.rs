@@ -54,6 +54,17 @@ pub fn position_path(id: &TenantId) -> String {
     format!("/_internal/tenants/{id}/position")
 }
 
+/// The holder pushes what it confirmed: in steady state a slot a reader
+/// needs is here, or about to be. Waits a little for it before the log is
+/// read (only for a replica that exists: a new one is built from the store).
+async fn await_push(replica: &Replica, slot: u64) {
+    if replica.state.read().await.is_none() {
+        return;
+    }
+    let mut applied = replica.applied.subscribe();
+    let _ = tokio::time::timeout(PUSH_WAIT, applied.wait_for(|s| *s >= slot)).await;
+}
+
 /// A query parameter value with the characters of an address escaped.
 fn query_value(text: &str) -> String {
     text.replace('%', "%25")
@@ -149,21 +160,15 @@ impl Followers {
         };
         if !ready {
             let target = match wanted.bookmark {
-                Some(slot) => Target::Slot(slot),
+                Some(slot) => {
+                    await_push(&replica, slot).await;
+                    Target::Slot(slot)
+                }
                 None => {
                     let asked = Instant::now();
                     match self.position(id, holder).await {
                         Ok(slot) => {
-                            // The holder pushes what it confirmed: in steady
-                            // state it is here, or about to be.
-                            if replica.state.read().await.is_some() {
-                                let mut applied = replica.applied.subscribe();
-                                let _ = tokio::time::timeout(
-                                    PUSH_WAIT,
-                                    applied.wait_for(|s| *s >= slot),
-                                )
-                                .await;
-                            }
+                            await_push(&replica, slot).await;
                             self.catch_up(&replica, Target::Slot(slot), deadline)
                                 .await?;
                             let mut state = replica.state.write().await;

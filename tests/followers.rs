@@ -422,3 +422,30 @@ async fn in_steady_state_the_holder_pushes_commits_to_its_followers() {
         "{pushed} slots pushed, {read} read from the store for {WRITES} commits"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_answers_keep_the_consistency_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = slow(Setup::file_store(dir.path()));
+    let args = ["--api-token", TOKEN, "--replay-mode", "forward"];
+    let a = setup.machine("a", Some(CUSTOMER), &args);
+    let created = sql(
+        &a,
+        json!([{"sql": "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"}]),
+        false,
+        &[],
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.json);
+    let b = setup.machine("b", Some(CUSTOMER), &args);
+    // A write sent to b is proxied to the holder: its answer says so.
+    let written = insert(&b, "through b").await;
+    assert_eq!(written.role.as_deref(), Some("holder"));
+    assert_eq!(written.served_by.as_deref(), Some("a"));
+    let bookmark = written
+        .bookmark
+        .expect("the forwarded answer keeps its bookmark");
+    let read = bodies(&b, &[("tenantd-bookmark", &bookmark.to_string())]).await;
+    assert_eq!(read.role.as_deref(), Some("follower"));
+    assert_eq!(rows(&read), ["through b"]);
+}

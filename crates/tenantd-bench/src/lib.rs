@@ -129,11 +129,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         scratch.display()
     );
 
-    eprintln!("bench: [1/9] store PUT latency ({samples} PUTs of 16 KiB)");
+    eprintln!("bench: [1/10] store PUT latency ({samples} PUTs of 16 KiB)");
     let store_put_p50_ms = store_put_p50(&scratch.join("put"), &faults, samples).await?;
     eprintln!("bench:   PUT p50 {store_put_p50_ms:.1} ms");
 
-    eprintln!("bench: [2/9] durable group commit");
+    eprintln!("bench: [2/10] durable group commit");
     let durable = throughput::run(
         &scratch.join("durable"),
         &faults,
@@ -143,7 +143,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         duration,
     )
     .await?;
-    eprintln!("bench: [3/9] answer before upload (upper bound, bench-only)");
+    eprintln!("bench: [3/10] answer before upload (upper bound, bench-only)");
     let unsafe_ = throughput::run(
         &scratch.join("unsafe"),
         &faults,
@@ -159,7 +159,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         *args.concurrency.iter().max().expect("checked above")
     };
-    eprintln!("bench: [4/9] durable SQL transactions (3 statements) at {sql_clients} clients");
+    eprintln!("bench: [4/10] durable SQL transactions (3 statements) at {sql_clients} clients");
     let sql = throughput::run_sql(
         &scratch.join("sql"),
         &faults,
@@ -170,7 +170,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
 
     let window = args.lease_ttl.max(Duration::from_secs(3));
-    eprintln!("bench: [5/9] idle tenant: store requests while held and after release");
+    eprintln!("bench: [5/10] idle tenant: store requests while held and after release");
     let idle = idle::run(&scratch.join("idle"), &faults, args.lease_ttl, window).await?;
     eprintln!(
         "bench:   held: {:.0} store requests/hour; released after {} ms; then {} requests in {} ms",
@@ -186,7 +186,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.lease_ttl * 3
     };
     eprintln!(
-        "bench: [6/9] many idle tenants held by one pool machine (a `tenantd serve` process)"
+        "bench: [6/10] many idle tenants held by one pool machine (a `tenantd serve` process)"
     );
     let held = held_tenants::run(
         &scratch.join("held"),
@@ -201,11 +201,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         held.rss_mb_empty, held.rss_mb_full, held.held_at_largest, held.rss_mb_per_held_tenant
     );
 
-    eprintln!("bench: [7/9] commit cost and cold start by database size");
+    eprintln!("bench: [7/10] commit cost and cold start by database size");
     let cold = cold_start::run(&scratch.join("cold"), &faults, args.lease_ttl, &sizes_mb).await?;
 
     eprintln!(
-        "bench: [8/9] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
+        "bench: [8/10] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
         args.kills
     );
     let failover = failover::run(
@@ -218,7 +218,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    eprintln!("bench: [9/9] 1,000 requests for tenants that do not exist (a real tenantd serve)");
+    eprintln!("bench: [9/10] 1,000 requests for tenants that do not exist (a real tenantd serve)");
     let unknown = unknown::run(&scratch.join("unknown"), 1_000).await?;
     eprintln!(
         "bench:   {} of {} answered 404; {} store writes, {} store reads",

@@ -204,7 +204,27 @@ async fn follower_answers(setup: Setup) {
         .await
         .unwrap();
     assert_eq!(counted.headers()["tenantd-role"], "holder");
-    assert!(counted.headers().contains_key("tenantd-bookmark"));
+    let counted_at: u64 = counted.headers()["tenantd-bookmark"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(counted_at > last);
+    let count_url = a.url(&format!("/customers/{CUSTOMER}/count"));
+    let at_bookmark = reqwest::Client::new()
+        .get(&count_url)
+        .header("tenantd-bookmark", counted_at.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(at_bookmark.status(), 200);
+    let bad = reqwest::Client::new()
+        .get(&count_url)
+        .header("tenantd-bookmark", "soon")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
 }
 
 /// The state after `slot` plus one row nobody acknowledged, as a delta

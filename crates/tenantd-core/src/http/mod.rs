@@ -252,9 +252,14 @@ async fn counter_inner(
             Err(message) => return (error(StatusCode::BAD_REQUEST, &message), "bad_request"),
         },
     };
+    let wanted = match bookmark::wanted(&request.headers) {
+        Ok(wanted) => wanted,
+        Err(message) => return (error(StatusCode::BAD_REQUEST, &message), "bad_request"),
+    };
     match serve(state, &id, request, |handle| {
         let op = op.clone();
         async move {
+            sql::reach_bookmark(&handle, wanted).await?;
             let answer = handle.call(op).await?;
             Ok((answer, handle.confirmed()))
         }

@@ -45,7 +45,7 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
         output.status.success(),
         "bench failed (its output is above)"
     );
-    assert!(stderr.contains("[9/9]"), "no progress lines:\n{stderr}");
+    assert!(stderr.contains("[10/10]"), "no progress lines:\n{stderr}");
 
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -63,6 +63,8 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
         "sql_durable_rps",
         "sql_p50_ms",
         "rss_mb_per_held_tenant",
+        "follower_read_share",
+        "follower_lag_p99_ms",
     ] {
         assert!(report[key].is_number(), "{key} missing: {report:#}");
     }

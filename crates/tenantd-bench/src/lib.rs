@@ -10,6 +10,7 @@
 
 mod cold_start;
 mod failover;
+mod followers;
 mod held_tenants;
 mod idle;
 mod load;
@@ -86,6 +87,8 @@ const HELD_TENANT_COUNTS: [usize; 3] = [1, 100, 1000];
 
 /// The concurrency the headline figures (`durable_rps`, ...) are taken at.
 const HEADLINE_CLIENTS: usize = 256;
+const WRITERS_AND_READERS: &str =
+    "4 writers (each then reads its bookmark at a follower), 8 readers on all machines";
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // The bench's own machines would drown the progress lines at info.
@@ -127,11 +130,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         scratch.display()
     );
 
-    eprintln!("bench: [1/9] store PUT latency ({samples} PUTs of 16 KiB)");
+    eprintln!("bench: [1/10] store PUT latency ({samples} PUTs of 16 KiB)");
     let store_put_p50_ms = store_put_p50(&scratch.join("put"), &faults, samples).await?;
     eprintln!("bench:   PUT p50 {store_put_p50_ms:.1} ms");
 
-    eprintln!("bench: [2/9] durable group commit");
+    eprintln!("bench: [2/10] durable group commit");
     let durable = throughput::run(
         &scratch.join("durable"),
         &faults,
@@ -141,7 +144,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         duration,
     )
     .await?;
-    eprintln!("bench: [3/9] answer before upload (upper bound, bench-only)");
+    eprintln!("bench: [3/10] answer before upload (upper bound, bench-only)");
     let unsafe_ = throughput::run(
         &scratch.join("unsafe"),
         &faults,
@@ -157,7 +160,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         *args.concurrency.iter().max().expect("checked above")
     };
-    eprintln!("bench: [4/9] durable SQL transactions (3 statements) at {sql_clients} clients");
+    eprintln!("bench: [4/10] durable SQL transactions (3 statements) at {sql_clients} clients");
     let sql = throughput::run_sql(
         &scratch.join("sql"),
         &faults,
@@ -168,7 +171,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
 
     let window = args.lease_ttl.max(Duration::from_secs(3));
-    eprintln!("bench: [5/9] idle tenant: store requests while held and after release");
+    eprintln!("bench: [5/10] idle tenant: store requests while held and after release");
     let idle = idle::run(&scratch.join("idle"), &faults, args.lease_ttl, window).await?;
     eprintln!(
         "bench:   held: {:.0} store requests/hour; released after {} ms; then {} requests in {} ms",
@@ -185,7 +188,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let held_ttl = tenantd_core::config::ServeConfig::default().lease_ttl;
     let held_window = if args.quick { held_ttl } else { held_ttl * 3 };
     eprintln!(
-        "bench: [6/9] many idle tenants held by one pool machine (a `tenantd serve` process, lease ttl {held_ttl:?})"
+        "bench: [6/10] many idle tenants held by one pool machine (a `tenantd serve` process, lease ttl {held_ttl:?})"
     );
     let held = held_tenants::run(
         &scratch.join("held"),
@@ -200,11 +203,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         held.rss_mb_empty, held.rss_mb_full, held.held_at_largest, held.rss_mb_per_held_tenant
     );
 
-    eprintln!("bench: [7/9] commit cost and cold start by database size");
+    eprintln!("bench: [7/10] commit cost and cold start by database size");
     let cold = cold_start::run(&scratch.join("cold"), &faults, args.lease_ttl, &sizes_mb).await?;
 
     eprintln!(
-        "bench: [8/9] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
+        "bench: [8/10] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
         args.kills
     );
     let failover = failover::run(
@@ -217,11 +220,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    eprintln!("bench: [9/9] 1,000 requests for tenants that do not exist (a real tenantd serve)");
+    eprintln!("bench: [9/10] 1,000 requests for tenants that do not exist (a real tenantd serve)");
     let unknown = unknown::run(&scratch.join("unknown"), 1_000).await?;
     eprintln!(
         "bench:   {} of {} answered 404; {} store writes, {} store reads",
         unknown.not_found, unknown.requests, unknown.store_writes, unknown.store_reads
+    );
+
+    eprintln!("bench: [10/10] follower reads: 3 machines of one tenant, {WRITERS_AND_READERS}");
+    let followers = followers::run(
+        &scratch.join("followers"),
+        &faults,
+        args.lease_ttl,
+        duration,
+    )
+    .await?;
+    eprintln!(
+        "bench:   {:.0}% of {} reads by followers ({} failed); bookmark read after a write p50 {:.1} ms, p99 {:.1} ms; {:.1} log reads per 1,000 commits",
+        followers.follower_read_share * 100.0,
+        followers.reads,
+        followers.failed_reads,
+        followers.follower_lag_p50_ms,
+        followers.follower_lag_p99_ms,
+        followers.follower_log_reads_per_1000_commits
     );
 
     let mut report = Report::new(
@@ -238,6 +259,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         started.elapsed(),
     );
     report.set_unknown_tenants(unknown);
+    report.set_followers(followers);
     println!("{}", report.table());
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report.json())?)

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use super::cold_start::ColdStart;
 use super::failover::FailoverResult;
+use super::followers::FollowersResult;
 use super::held_tenants::HeldTenantsResult;
 use super::idle::IdleResult;
 use super::svg::{Series, chart};
@@ -30,6 +31,7 @@ pub struct Report {
     failover: FailoverResult,
     elapsed: Duration,
     unknown: Option<UnknownResult>,
+    followers: Option<FollowersResult>,
 }
 
 /// A target and whether this run met it.
@@ -68,12 +70,18 @@ impl Report {
             failover,
             elapsed,
             unknown: None,
+            followers: None,
         }
     }
 
     /// The requests for tenants that do not exist, and what they wrote.
     pub fn set_unknown_tenants(&mut self, unknown: UnknownResult) {
         self.unknown = Some(unknown);
+    }
+
+    /// Follower reads on three machines of one tenant.
+    pub fn set_followers(&mut self, followers: FollowersResult) {
+        self.followers = Some(followers);
     }
 
     /// The level the headline figures come from: 256 clients, or the
@@ -465,6 +473,9 @@ impl Report {
             "held_tenants": self.held,
             "unknown_tenant_store_writes": self.unknown.as_ref().map(|u| u.store_writes),
             "unknown_tenants": self.unknown,
+            "follower_read_share": self.followers.as_ref().map(|f| f.follower_read_share),
+            "follower_lag_p99_ms": self.followers.as_ref().map(|f| f.follower_lag_p99_ms),
+            "followers": self.followers,
             "durable": self.durable,
             "unsafe": self.unsafe_,
             "targets": self.targets().iter().map(|t| json!({ "target": t.what, "met": t.met })).collect::<Vec<_>>(),

@@ -34,6 +34,9 @@ pub struct Metrics {
     /// (a new incarnation), `ok`, `error`, `timeout` (retried), `expired`,
     /// `lost` (every lease of the session ended).
     pub heartbeat_writes: IntCounterVec,
+    /// Log slots applied to follower replicas, by `source`: `push` (sent
+    /// by the holder) or `log` (read from the store).
+    pub follower_slots: IntCounterVec,
 }
 
 impl Metrics {
@@ -112,6 +115,14 @@ impl Metrics {
             &["op", "outcome"],
         )
         .unwrap();
+        let follower_slots = IntCounterVec::new(
+            Opts::new(
+                "tenantd_follower_slots_total",
+                "Log slots applied to follower replicas by source (push, log)",
+            ),
+            &["source"],
+        )
+        .unwrap();
         let store_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "tenantd_store_request_seconds",
@@ -136,6 +147,7 @@ impl Metrics {
             &heartbeat_writes,
             &upload_bytes,
             &compactions,
+            &follower_slots,
         ] {
             registry.register(Box::new(c.clone())).unwrap();
         }
@@ -158,6 +170,7 @@ impl Metrics {
             store_requests,
             store_seconds,
             heartbeat_writes,
+            follower_slots,
         }
     }
 

@@ -209,6 +209,7 @@ pub async fn run_with(
         }
     }
     let lock_cache_ttl = (args.lease_ttl / 5).min(Duration::from_secs(1));
+    let follower_advertise = advertise.clone();
     let registry = Registry::new(
         RegistryConfig {
             machine_id: machine_id.clone(),
@@ -235,6 +236,16 @@ pub async fn run_with(
     if let Some(id) = customer_id.clone() {
         tokio::spawn(registry.clone().standby(id));
     }
+    let followers = Arc::new(crate::tenant::follower::Followers::new(
+        store.clone(),
+        args.data_dir.clone(),
+        &machine_id,
+        follower_advertise,
+        args.api_token.clone().filter(|t| !t.is_empty()),
+        args.sql_limits(),
+        &metrics,
+    ));
+    followers.sweep_idle();
     let state = AppState {
         registry: registry.clone(),
         metrics,
@@ -248,6 +259,7 @@ pub async fn run_with(
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()?,
+        followers,
     };
     let app = http::router(state, args.max_body_bytes);
     let draining = registry.clone();

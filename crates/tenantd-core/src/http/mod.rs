@@ -24,10 +24,13 @@ use crate::metrics::Metrics;
 use crate::replay::{self, ReplaySource, Target};
 use crate::store::FaultConfig;
 use crate::store::fault::FaultHandle;
+use crate::tenant::follower::Followers;
+use crate::tenant::follower::bookmark::{self, Role};
 use crate::tenant::sql::SqlLimits;
 use crate::tenant::{Answer, Op, Registry, Route, TenantError, TenantHandle};
 
 mod admin;
+mod internal;
 mod sql;
 
 /// Finds started machines of a tenant (Fly's internal DNS).
@@ -49,6 +52,8 @@ pub struct AppState {
     pub api_token: Option<String>,
     pub sql_limits: SqlLimits,
     pub client: reqwest::Client,
+    /// Replicas that answer read-only requests for tenants held elsewhere.
+    pub followers: Arc<Followers>,
 }
 
 pub fn router(state: AppState, max_body: usize) -> Router {
@@ -63,6 +68,8 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/_status", get(status))
         .route("/_admin/faults", get(get_faults).put(put_faults))
+        .route("/_internal/tenants/{id}/position", get(internal::position))
+        .route("/_internal/tenants/{id}/push", post(internal::push))
         .route(
             "/_admin/tenants/{id}",
             post(admin::create_tenant).delete(admin::delete_tenant),
@@ -245,14 +252,31 @@ async fn counter_inner(
             Err(message) => return (error(StatusCode::BAD_REQUEST, &message), "bad_request"),
         },
     };
+    let wanted = match bookmark::wanted(&request.headers) {
+        Ok(wanted) => wanted,
+        Err(message) => return (error(StatusCode::BAD_REQUEST, &message), "bad_request"),
+    };
     match serve(state, &id, request, |handle| {
         let op = op.clone();
-        async move { handle.call(op).await }
+        async move {
+            sql::reach_bookmark(&handle, wanted).await?;
+            let answer = handle.call(op).await?;
+            Ok((answer, handle.confirmed()))
+        }
     })
     .await
     {
-        Served::Here(answer) => (
-            render(state, &id, answer, format),
+        Served::Here((answer, slot)) => (
+            {
+                let mut response = render(state, &id, answer, format);
+                bookmark::stamp(
+                    response.headers_mut(),
+                    slot,
+                    &state.machine_id,
+                    Role::Holder,
+                );
+                response
+            },
             if answer.repeated {
                 "repeated"
             } else {
@@ -506,10 +530,14 @@ async fn forward(state: &AppState, addr: &str, hops: u32, request: Forwardable) 
             let headers = reply.headers().clone();
             let body = reply.bytes().await.unwrap_or_default();
             let mut response = (status, body).into_response();
+            let answer_headers = bookmark::ANSWER_HEADERS.map(header::HeaderName::from_static);
             for name in [
                 header::CONTENT_TYPE,
                 header::HeaderName::from_static("x-tenantd-machine"),
-            ] {
+            ]
+            .into_iter()
+            .chain(answer_headers)
+            {
                 if let Some(value) = headers.get(&name) {
                     response.headers_mut().insert(name, value.clone());
                 }

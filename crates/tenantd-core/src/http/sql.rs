@@ -18,8 +18,15 @@ use super::{
     AppState, Forwardable, Served, answered_by, bearer_matches, error, idempotency_key, serve,
 };
 use crate::TenantId;
-use crate::tenant::SqlAnswer;
+use crate::tenant::follower::bookmark::{self, Role, Wanted};
+use crate::tenant::follower::{FollowError, FollowerAnswer, ReadRoute};
 use crate::tenant::sql::{SqlError, SqlErrorKind, SqlRequest};
+use crate::tenant::{SqlAnswer, TenantError, TenantHandle};
+
+/// How long a holder waits for a bookmark it has not confirmed yet (a
+/// follower may have read an upload from the log before the holder's
+/// read-back confirmed it).
+const BOOKMARK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub(super) async fn sql(
     State(state): State<AppState>,
@@ -66,29 +73,102 @@ async fn sql_inner(state: &AppState, id: &str, request: Forwardable) -> (Respons
         Ok(key) => key,
         Err(message) => return (error(StatusCode::BAD_REQUEST, &message), "bad_request"),
     };
+    let wanted = match bookmark::wanted(&request.headers) {
+        Ok(wanted) => wanted,
+        Err(message) => return (error(StatusCode::BAD_REQUEST, &message), "bad_request"),
+    };
     let parsed = match SqlRequest::parse(&request.body, &state.sql_limits) {
         Ok(parsed) => Arc::new(parsed),
         Err(e) => return refused(&e),
     };
+    if parsed.read_only
+        && key.is_none()
+        && let Some(done) = follower_read(state, &id, &parsed, wanted).await
+    {
+        return done;
+    }
     let served = serve(state, &id, request, |handle| {
         let (parsed, key) = (parsed.clone(), key.clone());
-        async move { handle.sql(parsed, key).await }
+        async move {
+            reach_bookmark(&handle, wanted).await?;
+            let answer = handle.sql(parsed, key).await?;
+            Ok((answer, handle.confirmed()))
+        }
     })
     .await;
     match served {
-        Served::Here(answer) => {
+        Served::Here((answer, slot)) => {
             let outcome = if answer.repeated {
                 "repeated"
             } else {
                 "served"
             };
-            (render(state, &id, answer), outcome)
+            (render(state, &id, answer, slot), outcome)
         }
         Served::Done(response, outcome) => (response, outcome),
     }
 }
 
-fn render(state: &AppState, id: &TenantId, answer: SqlAnswer) -> Response {
+/// On the holder: a request's bookmark is a state the holder has
+/// confirmed, or is about to.
+pub(super) async fn reach_bookmark(
+    handle: &TenantHandle,
+    wanted: Wanted,
+) -> Result<(), TenantError> {
+    let Some(slot) = wanted.bookmark else {
+        return Ok(());
+    };
+    match tokio::time::timeout(BOOKMARK_WAIT, handle.reach(slot)).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(TenantError::NotHolder),
+        Err(_) => Err(TenantError::Unavailable(format!(
+            "{} {slot} names a state newer than the holder has confirmed ({}): it was not given by this tenant, or a newer holder gave it; retry",
+            bookmark::BOOKMARK,
+            handle.confirmed()
+        ))),
+    }
+}
+
+/// A read-only request on a machine that does not hold the tenant: its
+/// replica answers, or `None` (the request goes to the holder as before).
+async fn follower_read(
+    state: &AppState,
+    id: &TenantId,
+    parsed: &Arc<SqlRequest>,
+    wanted: Wanted,
+) -> Option<(Response, &'static str)> {
+    let ReadRoute::Follow(holder) = state.registry.read_route(id).await else {
+        return None;
+    };
+    match state
+        .followers
+        .read(id, parsed.clone(), wanted, &holder)
+        .await
+    {
+        Ok(FollowerAnswer { results, slot }) => {
+            let answer = SqlAnswer {
+                epoch: holder.epoch,
+                repeated: false,
+                results,
+            };
+            let mut response = render(state, id, answer, slot);
+            bookmark::stamp(
+                response.headers_mut(),
+                slot,
+                &state.machine_id,
+                Role::Follower,
+            );
+            Some((response, "follower"))
+        }
+        Err(FollowError::Refused(e)) => Some(refused(&e)),
+        Err(FollowError::Behind(why)) => {
+            tracing::debug!(customer_id = %id, why, "the replica cannot answer; the holder will");
+            None
+        }
+    }
+}
+
+fn render(state: &AppState, id: &TenantId, answer: SqlAnswer, slot: u64) -> Response {
     let mut response = Json(json!({
         "customer_id": id.as_str(),
         "machine_id": state.machine_id,
@@ -97,6 +177,12 @@ fn render(state: &AppState, id: &TenantId, answer: SqlAnswer) -> Response {
     }))
     .into_response();
     answered_by(&mut response, &state.machine_id, answer.repeated);
+    bookmark::stamp(
+        response.headers_mut(),
+        slot,
+        &state.machine_id,
+        Role::Holder,
+    );
     response
 }
 

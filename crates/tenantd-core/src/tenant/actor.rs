@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -72,6 +72,20 @@ pub struct TenantHandle {
     stop: CancellationToken,
     /// Cancelled when the actor has fully ended (lease released or lost).
     done: CancellationToken,
+    /// Every slot up to this one is confirmed: the bookmark of what the
+    /// holder answers, and the position followers catch up to.
+    confirmed: watch::Receiver<u64>,
+    /// Each confirmed upload, in slot order, for followers (pushed to them).
+    commits: broadcast::Sender<Arc<ConfirmedSlot>>,
+}
+
+/// A log object this holder uploaded and confirmed: the store holds these
+/// exact bytes in its slot.
+#[derive(Debug)]
+pub struct ConfirmedSlot {
+    pub seq: u64,
+    pub body: Bytes,
+    pub metadata: crate::store::Metadata,
 }
 
 impl TenantHandle {
@@ -112,6 +126,26 @@ impl TenantHandle {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The last slot such that it and every slot before it are confirmed.
+    /// Read after an answer, it is at least the state the answer reflects
+    /// (confirmation is published before the batch is answered).
+    pub fn confirmed(&self) -> u64 {
+        *self.confirmed.borrow()
+    }
+
+    /// Confirmed uploads from now on (a slow receiver misses some: a
+    /// follower reads what it missed from the log).
+    pub fn commits(&self) -> broadcast::Receiver<Arc<ConfirmedSlot>> {
+        self.commits.subscribe()
+    }
+
+    /// Waits until every slot up to `seq` is confirmed; false if the actor
+    /// ended first.
+    pub async fn reach(&self, seq: u64) -> bool {
+        let mut confirmed = self.confirmed.clone();
+        confirmed.wait_for(|c| *c >= seq).await.is_ok()
     }
 
     /// False once the actor has ended.
@@ -159,6 +193,7 @@ pub struct TenantActor {
     next_slot: u64,
     /// Every slot up to this one is confirmed (compaction waits on it).
     confirmed: watch::Sender<u64>,
+    commits: broadcast::Sender<Arc<ConfirmedSlot>>,
     /// The snapshot as this holder last wrote or read it.
     snapshot: Snapshot,
     /// Deltas (and their bytes) in the log after the snapshot.
@@ -208,11 +243,15 @@ impl TenantActor {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         let stop = CancellationToken::new();
         let done = CancellationToken::new();
+        let (confirmed, confirmed_rx) = watch::channel(claimed.next_slot - 1);
+        let (commits, _) = broadcast::channel(64);
         let handle = TenantHandle {
             tx,
             epoch: lease.epoch(),
             stop: stop.clone(),
             done: done.clone(),
+            confirmed: confirmed_rx,
+            commits: commits.clone(),
         };
         ctx.metrics
             .lease_holder
@@ -231,7 +270,6 @@ impl TenantActor {
             deltas_after_snapshot = claimed.since_snapshot.0,
             "holding tenant"
         );
-        let (confirmed, _) = watch::channel(claimed.next_slot - 1);
         let writer = Writer {
             holder: ctx.machine_id.clone(),
             token: lease.token().to_string(),
@@ -247,6 +285,7 @@ impl TenantActor {
             count: claimed.count,
             next_slot: claimed.next_slot,
             confirmed,
+            commits,
             snapshot: claimed.snapshot,
             since_snapshot: claimed.since_snapshot,
             compaction: None,

@@ -8,6 +8,7 @@ mod context;
 mod copy;
 pub mod db;
 pub mod delta;
+pub mod follower;
 pub mod lifecycle;
 pub mod log;
 pub mod registry;

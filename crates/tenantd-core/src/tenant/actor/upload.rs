@@ -190,6 +190,13 @@ impl TenantActor {
         self.since_snapshot.0 += 1;
         self.since_snapshot.1 += upload.bytes.len() as u64;
         self.confirmed.send_replace(upload.seq);
+        if self.commits.receiver_count() > 0 {
+            let _ = self.commits.send(std::sync::Arc::new(super::ConfirmedSlot {
+                seq: upload.seq,
+                body: upload.bytes.clone(),
+                metadata: upload.metadata.clone(),
+            }));
+        }
         let metrics = &self.ctx.metrics;
         if upload.pipelined {
             metrics.pipelined_uploads.with_label_values(&["ok"]).inc();

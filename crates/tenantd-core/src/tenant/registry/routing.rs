@@ -16,6 +16,7 @@ use crate::TenantId;
 use crate::lease::{Acquire, Beat, LockRecord, LockState, read_lock};
 use crate::store::keys;
 use crate::tenant::actor::TenantActor;
+use crate::tenant::follower::ReadRoute;
 use crate::tenant::lifecycle::{self};
 use crate::tenant::{TenantError, TenantHandle};
 
@@ -339,5 +340,35 @@ impl Registry {
             }
             _ => None,
         })
+    }
+
+    /// Where a read-only request may be answered (docs/protocol.md,
+    /// "Follower reads"): here when this machine holds the tenant; from
+    /// this machine's replica when the lock names another machine, live
+    /// or not (a gone holder's acknowledged writes are all in the log);
+    /// otherwise routed like any request. Never contends for the lease.
+    pub async fn read_route(self: &Arc<Self>, id: &TenantId) -> ReadRoute {
+        if !self.serves(id) || self.is_draining() {
+            return ReadRoute::Normal;
+        }
+        let slot = match self.existing_slot(id).await {
+            Ok(Some(slot)) => slot,
+            _ => return ReadRoute::Normal,
+        };
+        if let Some(handle) = Self::live_handle(&slot) {
+            return ReadRoute::Local(handle);
+        }
+        match self.read_lock_cached(&slot, false).await {
+            Ok(Seen::Held(record)) if record.holder != self.config.machine_id => {
+                ReadRoute::Follow(record)
+            }
+            _ => ReadRoute::Normal,
+        }
+    }
+
+    /// This machine's live actor of `id`, if it holds it.
+    pub fn local(&self, id: &TenantId) -> Option<TenantHandle> {
+        let slot = self.known_slot(id)?;
+        Self::live_handle(&slot)
     }
 }

@@ -1,0 +1,322 @@
+//! Follower reads: a machine of a tenant that does not hold it answers
+//! read-only requests from a replica that follows the tenant's log
+//! ([`replica`]), never weaker than the request asks ([`bookmark`]):
+//!
+//! - with a bookmark: from state at least that new;
+//! - with nothing: from state that holds every write acknowledged before
+//!   the request arrived. The follower asks the holder for its confirmed
+//!   slot (Raft's ReadIndex: the holder answers only while its lease is
+//!   valid) and catches up to it from the log; when the holder does not
+//!   answer (it is gone, or deposed), it reads the log to its end, where
+//!   every acknowledged write is;
+//! - with `tenantd-max-staleness`: at once, if the replica held every
+//!   acknowledged write no longer ago than that.
+//!
+//! Whatever cannot be answered within a short bound goes to the holder
+//! as before.
+
+pub mod bookmark;
+pub mod push;
+mod read;
+mod replica;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::TenantId;
+use crate::lease::LockRecord;
+use crate::store::DynStore;
+use crate::tenant::TenantHandle;
+use crate::tenant::sql::{SqlError, SqlLimits, SqlRequest};
+use bookmark::Wanted;
+use read::RunError;
+use replica::{Replica, Target};
+
+/// How long a follower tries before the holder answers instead.
+const CATCH_UP_BOUND: Duration = Duration::from_secs(1);
+/// How long the holder has to say where it is.
+const POSITION_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long a reader waits for the holder's push before reading the log.
+const PUSH_WAIT: Duration = Duration::from_millis(100);
+/// A replica unused this long is dropped.
+const IDLE: Duration = Duration::from_secs(300);
+/// Most replicas one machine keeps.
+const MAX_REPLICAS: usize = 64;
+
+/// The internal route a holder answers its confirmed slot on.
+pub fn position_path(id: &TenantId) -> String {
+    format!("/_internal/tenants/{id}/position")
+}
+
+/// The holder pushes what it confirmed: in steady state a slot a reader
+/// needs is here, or about to be. Waits a little for it before the log is
+/// read (only for a replica that exists: a new one is built from the store).
+async fn await_push(replica: &Replica, slot: u64) {
+    if replica.state.read().await.is_none() {
+        return;
+    }
+    let mut applied = replica.applied.subscribe();
+    let _ = tokio::time::timeout(PUSH_WAIT, applied.wait_for(|s| *s >= slot)).await;
+}
+
+/// A query parameter value with the characters of an address escaped.
+fn query_value(text: &str) -> String {
+    text.replace('%', "%25")
+        .replace('[', "%5B")
+        .replace(']', "%5D")
+        .replace(':', "%3A")
+        .replace('&', "%26")
+}
+
+/// Where a read-only request for a tenant may be answered.
+pub enum ReadRoute {
+    /// This machine holds it.
+    Local(TenantHandle),
+    /// Another machine holds it (or held it last and may be gone).
+    Follow(LockRecord),
+    /// Route it as any request.
+    Normal,
+}
+
+/// A read answered by a follower.
+pub struct FollowerAnswer {
+    pub results: Arc<Json>,
+    /// The replica's slot when it answered.
+    pub slot: u64,
+}
+
+pub enum FollowError {
+    /// The request's own error, answered as the holder would.
+    Refused(SqlError),
+    /// The replica could not answer in time: the holder answers.
+    Behind(String),
+}
+
+pub struct Followers {
+    store: DynStore,
+    /// This machine's address, for holders to push to.
+    advertise: String,
+    /// Followers of tenants this machine holds.
+    pub pushes: push::Pushes,
+    dir: PathBuf,
+    client: reqwest::Client,
+    api_token: Option<String>,
+    limits: SqlLimits,
+    replicas: Mutex<HashMap<TenantId, Arc<Replica>>>,
+    counted: prometheus::IntCounterVec,
+}
+
+impl Followers {
+    pub fn new(
+        store: DynStore,
+        data_dir: PathBuf,
+        machine_id: &str,
+        advertise: String,
+        api_token: Option<String>,
+        limits: SqlLimits,
+        metrics: &crate::metrics::Metrics,
+    ) -> Followers {
+        Followers {
+            store,
+            advertise,
+            pushes: push::Pushes::default(),
+            dir: data_dir.join(machine_id).join("followers"),
+            client: reqwest::Client::builder()
+                .timeout(POSITION_TIMEOUT)
+                .build()
+                .expect("a client without TLS settings builds"),
+            api_token,
+            limits,
+            replicas: Mutex::new(HashMap::new()),
+            counted: metrics.follower_slots.clone(),
+        }
+    }
+
+    /// Answers a read-only request from this machine's replica of `id`,
+    /// held by `holder`'s machine.
+    pub async fn read(
+        &self,
+        id: &TenantId,
+        request: Arc<SqlRequest>,
+        wanted: Wanted,
+        holder: &LockRecord,
+    ) -> Result<FollowerAnswer, FollowError> {
+        let replica = self.replica(id);
+        let deadline = Instant::now() + CATCH_UP_BOUND;
+        let ready = {
+            let state = replica.state.read().await;
+            state.as_ref().is_some_and(|state| match wanted.bookmark {
+                Some(slot) => state.slot() >= slot,
+                None => wanted
+                    .max_staleness
+                    .is_some_and(|bound| state.fresh_at.is_some_and(|at| at.elapsed() <= bound)),
+            })
+        };
+        if !ready {
+            let target = match wanted.bookmark {
+                Some(slot) => {
+                    await_push(&replica, slot).await;
+                    Target::Slot(slot)
+                }
+                None => {
+                    let asked = Instant::now();
+                    match self.position(id, holder).await {
+                        Ok(slot) => {
+                            await_push(&replica, slot).await;
+                            self.catch_up(&replica, Target::Slot(slot), deadline)
+                                .await?;
+                            let mut state = replica.state.write().await;
+                            if let Some(state) = state.as_mut() {
+                                state.fresh_at =
+                                    Some(state.fresh_at.map_or(asked, |at| at.max(asked)));
+                            }
+                            Target::Slot(slot)
+                        }
+                        Err(why) => {
+                            debug!(customer_id = %id, why, "the holder did not say where it is; reading the log to its end");
+                            Target::LogEnd
+                        }
+                    }
+                }
+            };
+            self.catch_up(&replica, target, deadline).await?;
+        }
+        let state = replica.state.clone().read_owned().await;
+        let Some(slot) = state.as_ref().map(|s| s.slot()) else {
+            return Err(FollowError::Behind(format!(
+                "customer {id}: the replica was dropped"
+            )));
+        };
+        let (path, limits) = (replica.path.clone(), self.limits.clone());
+        let ran = tokio::task::spawn_blocking(move || {
+            let ran = read::run(&path, &request, &limits);
+            drop(state);
+            ran
+        })
+        .await
+        .map_err(|e| FollowError::Behind(e.to_string()))?;
+        match ran {
+            Ok(results) => Ok(FollowerAnswer {
+                results: Arc::new(results),
+                slot,
+            }),
+            Err(RunError::Refused(e)) => Err(FollowError::Refused(e)),
+            Err(RunError::Failed(why)) => Err(FollowError::Behind(why)),
+        }
+    }
+
+    async fn catch_up(
+        &self,
+        replica: &Replica,
+        target: Target,
+        deadline: Instant,
+    ) -> Result<u64, FollowError> {
+        replica
+            .catch_up(&self.store, target, deadline)
+            .await
+            .map_err(|e| FollowError::Behind(e.to_string()))
+    }
+
+    /// The holder's confirmed slot, asked over the private network.
+    async fn position(&self, id: &TenantId, holder: &LockRecord) -> Result<u64, String> {
+        let url = format!(
+            "http://{}{}?follower={}",
+            holder.addr,
+            position_path(id),
+            query_value(&self.advertise)
+        );
+        let mut request = self.client.get(&url);
+        if let Some(token) = &self.api_token {
+            request = request.bearer_auth(token);
+        }
+        let reply = request.send().await.map_err(|e| e.to_string())?;
+        if !reply.status().is_success() {
+            return Err(format!("{url} answered {}", reply.status()));
+        }
+        let body: Json = reply.json().await.map_err(|e| e.to_string())?;
+        body.get("confirmed")
+            .and_then(Json::as_u64)
+            .ok_or_else(|| format!("{url} answered without a confirmed slot"))
+    }
+
+    /// Registers a follower of a tenant this machine holds for pushes.
+    pub fn register(&self, id: &TenantId, handle: &TenantHandle, addr: String) {
+        if let Some(token) = &self.api_token {
+            self.pushes.register(id, handle, addr, &self.client, token);
+        }
+    }
+
+    /// A pushed log object: applied when it is the replica's next slot.
+    pub async fn accept(
+        &self,
+        id: &TenantId,
+        metadata: &crate::store::Metadata,
+        body: bytes::Bytes,
+    ) -> Result<bool, String> {
+        let Some(replica) = self.replicas.lock().unwrap().get(id).cloned() else {
+            return Ok(false);
+        };
+        let fetched = push::decode(id, metadata, body).await?;
+        Ok(replica.accept(fetched).await)
+    }
+
+    /// Whether pushes are accepted (they carry the API token).
+    pub fn api_token(&self) -> Option<&str> {
+        self.api_token.as_deref()
+    }
+
+    /// Drops idle replicas every minute, as an idle holder drops its copy.
+    pub fn sweep_idle(self: &Arc<Self>) {
+        let followers = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let Some(followers) = followers.upgrade() else {
+                    return;
+                };
+                let mut replicas = followers.replicas.lock().unwrap();
+                followers.prune(&mut replicas);
+            }
+        });
+    }
+
+    /// This machine's replica of `id`; drops idle ones.
+    fn replica(&self, id: &TenantId) -> Arc<Replica> {
+        let mut replicas = self.replicas.lock().unwrap();
+        if let Some(replica) = replicas.get(id) {
+            *replica.last_used.lock().unwrap() = Instant::now();
+            return replica.clone();
+        }
+        self.prune(&mut replicas);
+        let path = self.dir.join(format!("{id}.sqlite3"));
+        let replica = Arc::new(Replica::new(id.clone(), path, self.counted.clone()));
+        replicas.insert(id.clone(), replica.clone());
+        replica
+    }
+
+    /// Drops replicas idle for [`IDLE`], and the least recently used
+    /// beyond [`MAX_REPLICAS`]; one in use is kept.
+    fn prune(&self, replicas: &mut HashMap<TenantId, Arc<Replica>>) {
+        let mut by_use: Vec<(Instant, TenantId)> = replicas
+            .iter()
+            .filter(|(_, r)| Arc::strong_count(r) == 1)
+            .map(|(id, r)| (*r.last_used.lock().unwrap(), id.clone()))
+            .collect();
+        by_use.sort();
+        // Room for one more: called before a replica is added.
+        let excess = replicas.len().saturating_sub(MAX_REPLICAS - 1);
+        for (n, (used, id)) in by_use.into_iter().enumerate() {
+            if (n < excess || used.elapsed() > IDLE)
+                && let Some(replica) = replicas.remove(&id)
+            {
+                let _ = std::fs::remove_file(&replica.path);
+            }
+        }
+    }
+}

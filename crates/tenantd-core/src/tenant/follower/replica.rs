@@ -1,0 +1,266 @@
+//! One tenant's replica on a machine that does not hold it: the snapshot
+//! plus the log's objects, applied with the claim's own rules
+//! ([`log::replay`] and [`Replayed::extend`]: contiguous slots only, a
+//! deposed holder's objects skipped by epoch, every checksum checked).
+//!
+//! Why it never shows a state that could be lost: it applies only objects
+//! that are in the store's log, in slot order, with no gap. Every later
+//! claim replays that same contiguous run with the same rules (slots are
+//! put-if-absent and deltas are deleted only under a snapshot that covers
+//! them), so the state after any slot it shows is the state every future
+//! holder has after that slot.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::RwLock;
+use tokio::time::Instant;
+
+use crate::TenantId;
+use crate::store::{DynStore, keys};
+use crate::tenant::delta::PageSums;
+use crate::tenant::log::{self, Fetched, LogError, Replayed, Until};
+
+/// Slots fetched at once while catching up.
+const FETCH_AHEAD: usize = 8;
+
+pub struct Replica {
+    pub id: TenantId,
+    pub path: PathBuf,
+    /// `None` until built (and again after anything went wrong with it).
+    pub state: Arc<RwLock<Option<State>>>,
+    pub last_used: std::sync::Mutex<Instant>,
+    /// The replica's slot after each change (pushes wake readers).
+    pub applied: tokio::sync::watch::Sender<u64>,
+    /// Slots applied, by source.
+    counted: prometheus::IntCounterVec,
+}
+
+pub struct State {
+    replayed: Replayed,
+    sums: PageSums,
+    /// When the replica last held every write acknowledged by then: the
+    /// send time of a position query it caught up to, or the start of a
+    /// catch-up that read the log to its end.
+    pub fresh_at: Option<Instant>,
+}
+
+impl State {
+    /// The last slot applied: the bookmark of what it answers.
+    pub fn slot(&self) -> u64 {
+        self.replayed.contiguous_end
+    }
+}
+
+/// How far to catch up.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    /// At least this slot (a bookmark, or the holder's confirmed slot).
+    Slot(u64),
+    /// Every object in the log now: every acknowledged write is there.
+    LogEnd,
+}
+
+impl Replica {
+    pub fn new(id: TenantId, path: PathBuf, counted: prometheus::IntCounterVec) -> Replica {
+        Replica {
+            id,
+            path,
+            state: Arc::new(RwLock::new(None)),
+            last_used: std::sync::Mutex::new(Instant::now()),
+            applied: tokio::sync::watch::channel(0).0,
+            counted,
+        }
+    }
+
+    /// Brings the replica to `target` before `deadline`. On an error the
+    /// replica is dropped, to be built again from the store.
+    pub async fn catch_up(
+        &self,
+        store: &DynStore,
+        target: Target,
+        deadline: Instant,
+    ) -> Result<u64, LogError> {
+        let mut guard = self.state.write().await;
+        let started = Instant::now();
+        // The deadline is checked between steps, never by dropping one: an
+        // apply cut off half way would leave the file ahead of its sums.
+        let result = loop {
+            if Instant::now() > deadline {
+                return Err(LogError::Raced(format!(
+                    "customer {}: the replica could not catch up in time",
+                    self.id
+                )));
+            }
+            if guard.is_none() {
+                match build(store, &self.id, &self.path).await {
+                    Ok(state) => *guard = Some(state),
+                    Err(e) => break Err(e),
+                }
+            }
+            let state = guard.as_mut().expect("built above");
+            let before = state.slot();
+            let advanced = advance(store, &self.id, &self.path, state, target, deadline).await;
+            if state.slot() > before {
+                self.counted
+                    .with_label_values(&["log"])
+                    .inc_by(state.slot() - before);
+                self.applied.send_replace(state.slot());
+            }
+            match advanced {
+                Ok(Advanced::Done) => break Ok(state.slot()),
+                // A compaction removed deltas the replica still needed:
+                // the snapshot covers them now.
+                Ok(Advanced::Compacted) => *guard = None,
+                Ok(Advanced::Waiting) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(e) => break Err(e),
+            }
+        };
+        match result {
+            Ok(slot) => {
+                if let (Target::LogEnd, Some(state)) = (target, guard.as_mut()) {
+                    state.fresh_at = Some(started);
+                }
+                Ok(slot)
+            }
+            Err(e) => {
+                *guard = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Replica {
+    /// Applies a pushed object when it is the replica's next slot (the
+    /// claim's rules decide whether it is history); false otherwise.
+    pub async fn accept(&self, fetched: Fetched) -> bool {
+        let mut guard = self.state.write().await;
+        let Some(state) = guard.as_mut() else {
+            return false;
+        };
+        if fetched.delta.seq != state.slot() + 1 {
+            return false;
+        }
+        match state
+            .replayed
+            .extend(self.id.as_str(), &self.path, &mut state.sums, fetched)
+            .await
+        {
+            Ok(()) => {
+                self.counted.with_label_values(&["push"]).inc();
+                self.applied.send_replace(state.slot());
+                true
+            }
+            Err(e) => {
+                tracing::warn!(customer_id = %self.id, error = %e, "a pushed object does not continue the replica; dropping it");
+                *guard = None;
+                false
+            }
+        }
+    }
+}
+
+enum Advanced {
+    Done,
+    Compacted,
+    /// The slot asked for is not readable yet.
+    Waiting,
+}
+
+/// Applies the log after the replica's last slot, up to `target`.
+async fn advance(
+    store: &DynStore,
+    id: &TenantId,
+    path: &Path,
+    state: &mut State,
+    target: Target,
+    deadline: Instant,
+) -> Result<Advanced, LogError> {
+    loop {
+        let from = state.slot() + 1;
+        let upto = match target {
+            Target::Slot(slot) if state.slot() >= slot => return Ok(Advanced::Done),
+            Target::Slot(slot) => slot.min(from + FETCH_AHEAD as u64 - 1),
+            Target::LogEnd => from + FETCH_AHEAD as u64 - 1,
+        };
+        let fetches = futures::future::try_join_all(
+            (from..=upto).map(|seq| log::fetch_slot(store, id.as_str(), seq)),
+        );
+        let Ok(fetched) = tokio::time::timeout_at(deadline, fetches).await else {
+            return Ok(Advanced::Waiting);
+        };
+        let fetched: Vec<Option<Fetched>> = fetched?;
+        for object in fetched {
+            match object {
+                Some(object) => {
+                    state
+                        .replayed
+                        .extend(id.as_str(), path, &mut state.sums, object)
+                        .await?
+                }
+                None => {
+                    if compacted_past(store, id, state.slot()).await? {
+                        return Ok(Advanced::Compacted);
+                    }
+                    return Ok(match target {
+                        Target::LogEnd => Advanced::Done,
+                        Target::Slot(_) => Advanced::Waiting,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Whether the snapshot now covers the slot after `slot` (deltas it
+/// covers may be gone).
+async fn compacted_past(store: &DynStore, id: &TenantId, slot: u64) -> Result<bool, LogError> {
+    let key = keys::database(id.as_str());
+    Ok(match store.head(&key).await? {
+        Some(meta) => log::describe_snapshot(&key, meta.etag, &meta.metadata)?.seq > slot,
+        None => false,
+    })
+}
+
+/// The snapshot and the log after it, as a new holder would rebuild them.
+async fn build(store: &DynStore, id: &TenantId, path: &Path) -> Result<State, LogError> {
+    let key = keys::database(id.as_str());
+    let object = store.get(&key).await?.ok_or_else(|| {
+        LogError::Local(format!("customer {id} has no snapshot ({key}) to follow"))
+    })?;
+    let snapshot = log::describe_snapshot(&key, object.etag.clone(), &object.metadata)?;
+    if snapshot.legacy {
+        return Err(LogError::Local(format!(
+            "{key} is not in the commit-log format yet (its first holder converts it); the holder answers"
+        )));
+    }
+    let recorded = log::recorded_checksum(&key, &object.metadata)?;
+    let (owned, body) = (path.to_path_buf(), object.body);
+    let sums = tokio::task::spawn_blocking(move || -> Result<PageSums, String> {
+        if let Some(dir) = owned.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        std::fs::write(&owned, &body).map_err(|e| e.to_string())?;
+        PageSums::of_file(&owned).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| LogError::Local(e.to_string()))?
+    .map_err(|e| LogError::Local(format!("cannot write the replica {}: {e}", path.display())))?;
+    if let Some(recorded) = recorded
+        && recorded != sums.checksum()
+    {
+        return Err(LogError::Corrupt(format!(
+            "checksum mismatch in {key}: its metadata says {recorded:016x}, its pages give {:016x}",
+            sums.checksum()
+        )));
+    }
+    let mut sums = sums;
+    let replayed = log::replay(store, id.as_str(), path, &snapshot, &mut sums, Until::End).await?;
+    Ok(State {
+        replayed,
+        sums,
+        fresh_at: None,
+    })
+}

@@ -1,0 +1,471 @@
+//! Follower reads on real `tenantd serve` processes (file store, real
+//! sockets on 127.0.0.1): a machine that does not hold the tenant answers
+//! read-only SQL from its replica of the log, with bookmarks; it never
+//! shows a deposed holder's late delta; reads continue while the holder is
+//! killed and another machine takes over.
+
+#[path = "serve/cluster.rs"]
+mod cluster;
+#[path = "support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use tenantd_core::store::{FileStore, Precondition, keys};
+use tenantd_core::tenant::delta::{self, Delta, Kind, PageSums};
+use tenantd_core::tenant::log::{self, Until};
+
+use cluster::{Machine, Setup};
+
+const TOKEN: &str = "follower-test-token";
+const CUSTOMER: &str = "7";
+
+struct Reply {
+    status: u16,
+    bookmark: Option<u64>,
+    role: Option<String>,
+    served_by: Option<String>,
+    fly_replay: Option<String>,
+    json: Value,
+}
+
+async fn sql(m: &Machine, statements: Value, read_only: bool, headers: &[(&str, &str)]) -> Reply {
+    let mut request = reqwest::Client::new()
+        .post(m.url(&format!("/customers/{CUSTOMER}/sql")))
+        .bearer_auth(TOKEN)
+        .timeout(Duration::from_secs(20))
+        .json(&json!({"statements": statements, "read_only": read_only}));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let reply = request.send().await.expect("the machine answers");
+    let header = |name: &str| {
+        reply
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let (bookmark, role, served_by, fly_replay) = (
+        header("tenantd-bookmark").map(|b| b.parse().expect("a bookmark is a slot")),
+        header("tenantd-role"),
+        header("tenantd-served-by"),
+        header("fly-replay"),
+    );
+    let status = reply.status().as_u16();
+    Reply {
+        status,
+        bookmark,
+        role,
+        served_by,
+        fly_replay,
+        json: reply.json().await.unwrap_or(Value::Null),
+    }
+}
+
+async fn insert(holder: &Machine, body: &str) -> Reply {
+    let reply = sql(
+        holder,
+        json!([{"sql": "INSERT INTO notes(body) VALUES (?)", "params": [body]}]),
+        false,
+        &[],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "insert at the holder: {}", reply.json);
+    reply
+}
+
+async fn bodies(m: &Machine, headers: &[(&str, &str)]) -> Reply {
+    sql(
+        m,
+        json!([{"sql": "SELECT body FROM notes ORDER BY id"}]),
+        true,
+        headers,
+    )
+    .await
+}
+
+fn rows(reply: &Reply) -> Vec<String> {
+    reply.json["results"][0]["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no rows in {}", reply.json))
+        .iter()
+        .map(|r| r[0].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A lease ttl that a loaded test machine does not starve: these tests
+/// are about reads, not about lease expiry.
+fn slow(mut setup: Setup) -> Setup {
+    setup.ttl = "3s".into();
+    setup
+}
+
+/// Machine `a` holds the tenant (it starts first and takes the lease on
+/// the first write), `b` starts after it.
+async fn two_machines(setup: &Setup) -> (Machine, Machine) {
+    let a = setup.machine("a", Some(CUSTOMER), &["--api-token", TOKEN]);
+    let created = sql(
+        &a,
+        json!([{"sql": "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"}]),
+        false,
+        &[],
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.json);
+    assert_eq!(setup.lock(CUSTOMER).unwrap()["holder"], "a");
+    let b = setup.machine("b", Some(CUSTOMER), &["--api-token", TOKEN]);
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_answers_reads_with_every_acknowledged_write_and_bookmarks() {
+    let dir = tempfile::tempdir().unwrap();
+    follower_answers(slow(Setup::file_store(dir.path()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_answers_reads_with_every_acknowledged_write_on_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    follower_answers(slow(Setup::s3(dir.path()).await)).await;
+}
+
+async fn follower_answers(setup: Setup) {
+    let (a, b) = two_machines(&setup).await;
+
+    let mut last = 0;
+    for i in 1..=12 {
+        let written = insert(&a, &format!("note {i}")).await;
+        assert_eq!(written.role.as_deref(), Some("holder"));
+        assert_eq!(written.served_by.as_deref(), Some("a"));
+        let bookmark = written
+            .bookmark
+            .expect("a write's answer carries a bookmark");
+        assert!(bookmark > last, "bookmarks grow: {bookmark} after {last}");
+        last = bookmark;
+        // No bookmark: the follower still shows every acknowledged write.
+        let read = bodies(&b, &[]).await;
+        assert_eq!(read.status, 200, "{}", read.json);
+        assert_eq!(read.role.as_deref(), Some("follower"), "{}", read.json);
+        assert_eq!(read.served_by.as_deref(), Some("b"));
+        assert_eq!(
+            rows(&read).len(),
+            i,
+            "read {i} misses an acknowledged write"
+        );
+        assert!(read.bookmark.unwrap() >= bookmark);
+    }
+
+    // With the bookmark of the last write, and with a generous staleness.
+    let text = last.to_string();
+    let read = bodies(&b, &[("tenantd-bookmark", &text)]).await;
+    assert_eq!(read.role.as_deref(), Some("follower"));
+    assert_eq!(rows(&read).len(), 12);
+    assert!(read.bookmark.unwrap() >= last);
+    let read = bodies(&b, &[("tenantd-max-staleness", "60000")]).await;
+    assert_eq!(read.role.as_deref(), Some("follower"));
+    assert_eq!(rows(&read).len(), 12);
+
+    // A bookmark at the holder, and a read there, carry the same headers.
+    let read = bodies(&a, &[("tenantd-bookmark", &text)]).await;
+    assert_eq!(read.role.as_deref(), Some("holder"));
+    assert!(read.bookmark.unwrap() >= last);
+
+    // A bookmark tenantd never gave is refused, naming the header.
+    let bad = bodies(&b, &[("tenantd-bookmark", "yesterday")]).await;
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.json["error"]
+            .as_str()
+            .unwrap()
+            .contains("tenantd-bookmark")
+    );
+
+    // Writes still go to the holder.
+    let write = sql(
+        &b,
+        json!([{"sql": "INSERT INTO notes(body) VALUES ('x')"}]),
+        false,
+        &[],
+    )
+    .await;
+    assert_eq!(write.status, 307, "{}", write.json);
+    assert!(write.fly_replay.unwrap().contains("instance=a"));
+
+    // A statement that writes is refused by a follower as by the holder.
+    let refused = sql(&b, json!([{"sql": "DELETE FROM notes"}]), true, &[]).await;
+    assert_eq!(refused.status, 400, "{}", refused.json);
+
+    // The counter's answers carry the headers too.
+    let counted = reqwest::Client::new()
+        .post(a.url(&format!("/customers/{CUSTOMER}/increment")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(counted.headers()["tenantd-role"], "holder");
+    let counted_at: u64 = counted.headers()["tenantd-bookmark"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(counted_at > last);
+    let count_url = a.url(&format!("/customers/{CUSTOMER}/count"));
+    let at_bookmark = reqwest::Client::new()
+        .get(&count_url)
+        .header("tenantd-bookmark", counted_at.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(at_bookmark.status(), 200);
+    let bad = reqwest::Client::new()
+        .get(&count_url)
+        .header("tenantd-bookmark", "soon")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
+
+/// The state after `slot` plus one row nobody acknowledged, as a delta
+/// that a reader ignoring epochs would apply cleanly.
+async fn ghost_delta(
+    store: &tenantd_core::store::DynStore,
+    dir: &std::path::Path,
+    epoch: u64,
+    seq: u64,
+) -> Delta {
+    let base = dir.join("ghost-base.sqlite3");
+    let changed = dir.join("ghost-changed.sqlite3");
+    log::materialize(store, CUSTOMER, &base, Until::End)
+        .await
+        .unwrap();
+    std::fs::copy(&base, &changed).unwrap();
+    {
+        let conn = rusqlite::Connection::open(&changed).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; INSERT INTO notes(body) VALUES ('ghost'); PRAGMA wal_checkpoint(TRUNCATE);",
+        )
+        .unwrap();
+    }
+    let before = PageSums::of_file(&base).unwrap();
+    let after = PageSums::of_file(&changed).unwrap();
+    let (db_pages, pages) = delta::diff_files(&base, &changed).unwrap();
+    assert!(!pages.is_empty());
+    let ghost = Delta {
+        kind: Kind::Delta,
+        epoch,
+        seq,
+        committed_at_ms: 0,
+        page_size: 4096,
+        db_pages,
+        pre_checksum: before.checksum(),
+        post_checksum: after.checksum(),
+        pages,
+    };
+    // The ghost is a well-formed commit on that state: only its epoch
+    // keeps a reader from showing it.
+    delta::apply_to_file(&base, &ghost).unwrap();
+    let shown: i64 = rusqlite::Connection::open(&base)
+        .unwrap()
+        .query_row("SELECT count(*) FROM notes WHERE body = 'ghost'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(shown, 1);
+    ghost
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_holders_late_delta_is_never_shown_by_a_follower() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = slow(Setup::file_store(dir.path()));
+    let (mut a, b) = two_machines(&setup).await;
+    for i in 1..=3 {
+        insert(&a, &format!("note {i}")).await;
+    }
+    let epoch_a = setup.lock(CUSTOMER).unwrap()["epoch"].as_u64().unwrap();
+    a.signal(Signal::SIGKILL);
+    a.wait_exit(Duration::from_secs(5));
+
+    // One of A's uploads lands late, past a hole: the state after its last
+    // commit plus a row it never acknowledged.
+    let store: tenantd_core::store::DynStore =
+        std::sync::Arc::new(FileStore::new(dir.path().join("store")).unwrap());
+    let end = log::list_slots(&store, CUSTOMER, 0)
+        .await
+        .unwrap()
+        .last()
+        .unwrap()
+        .0;
+    let ghost = ghost_delta(&store, dir.path(), epoch_a, end + 2).await;
+    store
+        .put(
+            &keys::log_slot(CUSTOMER, end + 2),
+            ghost.encode().unwrap(),
+            log::slot_metadata(
+                epoch_a,
+                end + 2,
+                &log::Writer {
+                    holder: "a".into(),
+                    token: "a's acquisition".into(),
+                },
+            ),
+            Precondition::IfAbsent,
+        )
+        .await
+        .unwrap();
+
+    // B takes over (its fence at end + 1 comes before the ghost) and
+    // writes; A comes back as a follower.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = insert_or_not(&b, "note 4").await;
+        if reply == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(setup.lock(CUSTOMER).unwrap()["holder"], "b");
+    a.start();
+    for headers in [&[][..], &[("tenantd-max-staleness", "0")][..]] {
+        let read = bodies(&a, headers).await;
+        assert_eq!(read.status, 200, "{}", read.json);
+        assert_eq!(read.role.as_deref(), Some("follower"));
+        assert_eq!(
+            rows(&read),
+            ["note 1", "note 2", "note 3", "note 4"],
+            "the follower shows exactly the acknowledged writes"
+        );
+    }
+    // The bookmark of the ghost's slot names a state without it.
+    let at_ghost = (end + 2).to_string();
+    let read = bodies(&a, &[("tenantd-bookmark", &at_ghost)]).await;
+    assert_eq!(read.status, 200, "{}", read.json);
+    assert!(!rows(&read).contains(&"ghost".to_string()));
+}
+
+async fn insert_or_not(m: &Machine, body: &str) -> u16 {
+    sql(
+        m,
+        json!([{"sql": "INSERT INTO notes(body) VALUES (?)", "params": [body]}]),
+        false,
+        &[],
+    )
+    .await
+    .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_continue_through_a_holder_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    reads_through_sigkill(slow(Setup::file_store(dir.path()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_continue_through_a_holder_sigkill_on_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    reads_through_sigkill(slow(Setup::s3(dir.path()).await)).await;
+}
+
+async fn reads_through_sigkill(setup: Setup) {
+    let (a, b) = two_machines(&setup).await;
+    for i in 1..=5 {
+        insert(&a, &format!("note {i}")).await;
+    }
+    assert_eq!(bodies(&b, &[]).await.role.as_deref(), Some("follower"));
+    a.signal(Signal::SIGKILL);
+
+    // Right after the kill, before any takeover can happen (one ttl of an
+    // unchanged heartbeat), the follower answers from the log.
+    let first = bodies(&b, &[]).await;
+    assert_eq!(first.status, 200, "{}", first.json);
+    assert_eq!(first.role.as_deref(), Some("follower"));
+    assert_eq!(rows(&first).len(), 5);
+
+    // And every read until well after the takeover is answered, with
+    // every acknowledged write.
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut roles = std::collections::BTreeSet::new();
+    while Instant::now() < until {
+        let read = bodies(&b, &[]).await;
+        assert_eq!(read.status, 200, "{}", read.json);
+        assert_eq!(rows(&read).len(), 5);
+        roles.insert(read.role.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Writes wait for the new holder, as before.
+    insert(&b, "note 6").await;
+    assert_eq!(rows(&bodies(&b, &[]).await).len(), 6);
+    drop(a);
+    eprintln!("roles seen during the failover: {roles:?}");
+}
+
+/// `tenantd_follower_slots_total{source}` on a machine.
+async fn follower_slots(m: &Machine, source: &str) -> u64 {
+    let text = reqwest::get(m.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("tenantd_follower_slots_total{{source=\"{source}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_steady_state_the_holder_pushes_commits_to_its_followers() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = slow(Setup::file_store(dir.path()));
+    let (a, b) = two_machines(&setup).await;
+    // The first read builds the replica and registers b with the holder.
+    assert_eq!(bodies(&b, &[]).await.role.as_deref(), Some("follower"));
+    let (pushed, read) = (
+        follower_slots(&b, "push").await,
+        follower_slots(&b, "log").await,
+    );
+    const WRITES: usize = 20;
+    for i in 1..=WRITES {
+        insert(&a, &format!("note {i}")).await;
+        let reply = bodies(&b, &[]).await;
+        assert_eq!(reply.role.as_deref(), Some("follower"));
+        assert_eq!(rows(&reply).len(), i);
+    }
+    let pushed = follower_slots(&b, "push").await - pushed;
+    let read = follower_slots(&b, "log").await - read;
+    assert!(
+        pushed as usize > WRITES / 2 && (read as usize) < WRITES / 2,
+        "{pushed} slots pushed, {read} read from the store for {WRITES} commits"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_answers_keep_the_consistency_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = slow(Setup::file_store(dir.path()));
+    let args = ["--api-token", TOKEN, "--replay-mode", "forward"];
+    let a = setup.machine("a", Some(CUSTOMER), &args);
+    let created = sql(
+        &a,
+        json!([{"sql": "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"}]),
+        false,
+        &[],
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.json);
+    let b = setup.machine("b", Some(CUSTOMER), &args);
+    // A write sent to b is proxied to the holder: its answer says so.
+    let written = insert(&b, "through b").await;
+    assert_eq!(written.role.as_deref(), Some("holder"));
+    assert_eq!(written.served_by.as_deref(), Some("a"));
+    let bookmark = written
+        .bookmark
+        .expect("the forwarded answer keeps its bookmark");
+    let read = bodies(&b, &[("tenantd-bookmark", &bookmark.to_string())]).await;
+    assert_eq!(read.role.as_deref(), Some("follower"));
+    assert_eq!(rows(&read), ["through b"]);
+}

@@ -99,6 +99,17 @@ impl TenantHandle {
         }
     }
 
+    /// A Hrana pipeline; the answer's `results` are Hrana's.
+    pub async fn hrana(
+        &self,
+        program: Arc<super::sql::hrana::Program>,
+    ) -> Result<SqlAnswer, TenantError> {
+        match self.request(Op::Hrana(program)).await? {
+            Reply::Sql(answer) => Ok(answer),
+            Reply::Count(_) => unreachable!("Hrana pipelines answer with results"),
+        }
+    }
+
     pub async fn request(&self, op: Op) -> Result<Reply, TenantError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -459,6 +470,7 @@ impl TenantActor {
                         request,
                         idempotency_key,
                     } => Work::Sql(request, idempotency_key.as_deref()),
+                    Op::Hrana(program) => Work::Hrana(program),
                 })
                 .collect();
             let applied = copy

@@ -63,6 +63,8 @@ pub enum Work<'a> {
     /// The count after the batch.
     Read,
     Sql(&'a SqlRequest, Option<&'a str>),
+    /// A Hrana pipeline on a stream that ends with it.
+    Hrana(&'a sql::hrana::Program),
 }
 
 /// A batch applied: one result per request, in order, and the committed
@@ -311,6 +313,7 @@ impl Db {
                 }
                 Work::Increment(key) => batch.increment(epoch, index, key)?,
                 Work::Sql(request, key) => batch.sql(epoch, index, request, key)?,
+                Work::Hrana(program) => batch.hrana(epoch, index, program)?,
             };
             if let Err(lost) = step {
                 return Ok(Err(lost));
@@ -591,6 +594,48 @@ impl Batch<'_> {
         Ok(Ok(()))
     }
 
+    /// A Hrana pipeline: its statements through the same executor as
+    /// [`Batch::sql`]'s, its answer the pipeline's `results`.
+    fn hrana(
+        &mut self,
+        epoch: u64,
+        index: usize,
+        program: &sql::hrana::Program,
+    ) -> rusqlite::Result<Result<(), Lost>> {
+        if let Err(lost) = self.flush()? {
+            return Ok(Err(lost));
+        }
+        let mut stream = sql::hrana::StreamState::default();
+        let outcome = match sql::hrana::run(self.tx, self.ctx, program, &mut stream) {
+            Ok(ran) => {
+                // A stream ending with this pipeline takes its open
+                // transaction with it.
+                sql::hrana::roll_back(self.tx, &mut stream)?;
+                self.sql_wrote |= ran.wrote;
+                Ok(SqlAnswer {
+                    epoch,
+                    repeated: false,
+                    results: Arc::new(serde_json::Value::Array(ran.results)),
+                })
+            }
+            Err(ExecError::Refused(error)) => Err(error),
+            Err(ExecError::TransactionLost(error)) => return Ok(Err((vec![index], error))),
+            Err(ExecError::Db(e)) => {
+                let what = format!("request {index}");
+                match sql::limit_error(&e, None, &what, self.ctx.limits, None) {
+                    Some(error) if self.tx.is_autocommit() => {
+                        return Ok(Err((vec![index], error)));
+                    }
+                    Some(error) => Err(error),
+                    None => return Err(e),
+                }
+            }
+        };
+        self.replies.push(outcome.map(Reply::Sql));
+        self.current = self.read_count();
+        Ok(Ok(()))
+    }
+
     /// The answer, stored first when it is to be kept for its key.
     fn store_answer(
         &mut self,
@@ -744,6 +789,7 @@ fn sql_answer(
         return Ok(Some(Err(SqlError {
             kind: SqlErrorKind::KeyReused,
             statement: None,
+            sqlite_code: None,
             message: "this Idempotency-Key was first sent with another request (other statements, parameters or read_only); a key names one request: send a new key for a new request".into(),
         })));
     }

@@ -31,6 +31,9 @@ pub enum Op {
         request: Arc<sql::SqlRequest>,
         idempotency_key: Option<String>,
     },
+    /// A Hrana pipeline (the stream ends with it); answered as `Reply::Sql`
+    /// with the pipeline's `results`.
+    Hrana(Arc<sql::hrana::Program>),
 }
 
 /// What a tenant answers: a count for the counter's operations, results

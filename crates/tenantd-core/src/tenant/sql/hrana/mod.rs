@@ -87,7 +87,10 @@ pub fn run(
     };
     let mut results = Vec::with_capacity(program.requests.len());
     let mut closed = false;
-    for request in &program.requests {
+    // The request whose BEGIN opened the transaction still open.
+    let mut opened_at = None;
+    for (index, request) in program.requests.iter().enumerate() {
+        let was_open = runner.stream.in_tx;
         if closed {
             results.push(failed(
                 "the stream was closed by an earlier request of this pipeline",
@@ -103,6 +106,25 @@ pub fn run(
             Ok(response) => json!({"type": "ok", "response": response}),
             Err(error) => json!({"type": "error", "error": error}),
         });
+        match (was_open, runner.stream.in_tx) {
+            (false, true) => opened_at = Some(index),
+            (_, false) => opened_at = None,
+            (true, true) => {}
+        }
+    }
+    if let Some(opened_at) = opened_at
+        && !closed
+    {
+        // Streams end with their pipeline (no batons yet): a transaction
+        // may not outlive it. What it did is undone, and every answer from
+        // its BEGIN on says so; what came before it stands.
+        runner.end_transaction(false).map_err(ExecError::Db)?;
+        for result in &mut results[opened_at..] {
+            *result = failed(
+                "a transaction may not stay open past the end of its pipeline here (interactive transactions across requests are not supported yet): it was rolled back; send BEGIN … COMMIT in one pipeline, or use batch()",
+                "TRANSACTION_NOT_SUPPORTED",
+            );
+        }
     }
     if closed {
         runner.end_transaction(false).map_err(ExecError::Db)?;

@@ -307,3 +307,24 @@ fn the_pipeline_shares_one_requests_row_budget() {
     assert_eq!(answer.results[0]["type"], "ok");
     assert_eq!(answer.results[1]["type"], "error", "{}", answer.results);
 }
+
+#[test]
+fn a_transaction_left_open_at_the_end_of_a_pipeline_is_rolled_back_and_said_so() {
+    let (_dir, mut db) = fresh();
+    pipeline(&mut db, json!([execute("CREATE TABLE o (x)")]));
+    let (results, _) = pipeline(
+        &mut db,
+        json!([
+            execute("INSERT INTO o VALUES (1)"),
+            execute("BEGIN"),
+            execute("INSERT INTO o VALUES (2)")
+        ]),
+    );
+    assert_eq!(results[0]["type"], "ok");
+    assert_eq!(results[1]["error"]["code"], "TRANSACTION_NOT_SUPPORTED");
+    assert_eq!(results[2]["error"]["code"], "TRANSACTION_NOT_SUPPORTED");
+    assert_eq!(
+        rows(&mut db, "SELECT x FROM o"),
+        json!([[{"type": "integer", "value": "1"}]])
+    );
+}

@@ -42,9 +42,9 @@ async function write() {
   // none of it.
   const batch = await db.batch(
     [
-      { sql: "INSERT INTO kv VALUES (?, ?)", args: ["b1", 1] },
-      { sql: "INSERT INTO kv VALUES (?, ?)", args: ["b2", 2] },
-      "SELECT count(*) AS n FROM kv WHERE k LIKE 'b%'",
+      { sql: "INSERT INTO kv VALUES (?, ?)", args: ["bt1", 1] },
+      { sql: "INSERT INTO kv VALUES (?, ?)", args: ["bt2", 2] },
+      "SELECT count(*) AS n FROM kv WHERE k LIKE 'bt%'",
     ],
     "write",
   );
@@ -52,18 +52,18 @@ async function write() {
   const failed = await refused(
     db.batch(
       [
-        { sql: "INSERT INTO kv VALUES (?, ?)", args: ["b3", 3] },
-        { sql: "INSERT INTO kv VALUES (?, ?)", args: ["b1", 1] },
+        { sql: "INSERT INTO kv VALUES (?, ?)", args: ["bt3", 3] },
+        { sql: "INSERT INTO kv VALUES (?, ?)", args: ["bt1", 1] },
       ],
       "write",
     ),
   );
   assert.equal(failed.code, "SQLITE_CONSTRAINT_PRIMARYKEY", failed.message);
-  const b3 = await db.execute("SELECT count(*) AS n FROM kv WHERE k = 'b3'");
+  const b3 = await db.execute("SELECT count(*) AS n FROM kv WHERE k = 'bt3'");
   assert.equal(b3.rows[0].n, 0, "nothing of a failed batch is applied");
 
   // The error code names SQLite's extended result code.
-  const duplicate = await refused(db.execute("INSERT INTO kv VALUES ('b1', 0)"));
+  const duplicate = await refused(db.execute("INSERT INTO kv VALUES ('bt1', 0)"));
   assert.equal(duplicate.code, "SQLITE_CONSTRAINT_PRIMARYKEY", duplicate.message);
 
   // Interactive transactions are not served yet: refused, nothing applied.
@@ -99,7 +99,7 @@ async function write() {
 async function read() {
   const db = createClient({ url, authToken: token });
   const rows = await db.execute("SELECT count(*) AS n FROM kv WHERE k LIKE 'ack%'");
-  const b = await db.execute("SELECT count(*) AS n FROM kv WHERE k LIKE 'b%'");
+  const b = await db.execute("SELECT count(*) AS n FROM kv WHERE k LIKE 'bt%'");
   return { acknowledged: Number(rows.rows[0].n), batch: Number(b.rows[0].n) };
 }
 

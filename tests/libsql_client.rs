@@ -124,7 +124,10 @@ async fn libsql_client_values_batches_errors_tokens_and_a_holder_sigkill() {
     .await;
     let _ = found;
     let read = client(&["read", &url, &rw]);
-    assert_eq!(read["acknowledged"], 20, "every acknowledged write survives the SIGKILL");
+    assert_eq!(
+        read["acknowledged"], 20,
+        "every acknowledged write survives the SIGKILL"
+    );
     assert_eq!(read["batch"], 2);
     // The same data through tenantd's own API.
     let through_sql = sql(&b, "7", "SELECT count(*) FROM kv WHERE k LIKE 'ack%'").await;

@@ -111,7 +111,7 @@ async fn libsql_client_values_batches_errors_tokens_and_a_holder_sigkill() {
 
     a.signal(Signal::SIGKILL);
     let url = b.url("/customers/7/");
-    let found = cluster::eventually(Duration::from_secs(20), "b serves after the kill", async || {
+    cluster::eventually(Duration::from_secs(20), "b serves after the kill", async || {
         let reply = reqwest::Client::new()
             .post(b.url("/customers/7/v2/pipeline"))
             .bearer_auth(API_TOKEN)
@@ -122,7 +122,6 @@ async fn libsql_client_values_batches_errors_tokens_and_a_holder_sigkill() {
         (reply.status() == 200).then_some(())
     })
     .await;
-    let _ = found;
     let read = client(&["read", &url, &rw]);
     assert_eq!(
         read["acknowledged"], 20,

@@ -41,7 +41,7 @@ impl Program {
         let statements: usize = self.requests.iter().map(StreamRequest::statements).sum();
         if statements > limits.max_statements {
             return Err(format!(
-                "the pipeline has {statements} statements; at most {} are allowed in one pipeline (--sql-max-statements): send them in several pipelines",
+                "the pipeline has {statements} statements; at most {} are allowed in one pipeline, as in one /sql request: send them in several pipelines",
                 limits.max_statements
             ));
         }

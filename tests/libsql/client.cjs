@@ -66,15 +66,23 @@ async function write() {
   const duplicate = await refused(db.execute("INSERT INTO kv VALUES ('bt1', 0)"));
   assert.equal(duplicate.code, "SQLITE_CONSTRAINT_PRIMARYKEY", duplicate.message);
 
-  // Interactive transactions are not served yet: refused, nothing applied.
-  const tx = await refused(
-    (async () => {
-      const t = await db.transaction("write");
-      await t.execute("INSERT INTO kv VALUES ('tx', 1)");
-      await t.commit();
-    })(),
-  );
-  assert.equal(tx.code, "TRANSACTION_NOT_SUPPORTED", tx.message);
+  // Interactive transactions: one committed (its reads see its own
+  // writes), one rolled back (nothing of it applied).
+  const t = await db.transaction("write");
+  await t.execute("INSERT INTO kv VALUES ('tx1', 1)");
+  const inside = await t.execute("SELECT count(*) AS n FROM kv WHERE k = 'tx1'");
+  assert.equal(inside.rows[0].n, 1, "a transaction sees its own writes");
+  await t.execute("INSERT INTO kv VALUES ('tx2', 2)");
+  await t.commit();
+  t.close();
+  const committed = await db.execute("SELECT count(*) AS n FROM kv WHERE k IN ('tx1', 'tx2')");
+  assert.equal(committed.rows[0].n, 2, "a committed transaction's writes are there");
+  const r = await db.transaction("write");
+  await r.execute("INSERT INTO kv VALUES ('txr', 1)");
+  await r.rollback();
+  r.close();
+  const rolledBack = await db.execute("SELECT count(*) AS n FROM kv WHERE k = 'txr'");
+  assert.equal(rolledBack.rows[0].n, 0, "a rolled back transaction applied nothing");
 
   // A read-only token reads and may not write; another tenant's token
   // opens nothing here.

@@ -4,8 +4,8 @@ use serde_json::{Value as Json, json};
 
 /// The entries of one batch's `StreamResult` (the pipeline's first), after
 /// the `{baton, base_url}` line.
-pub(super) fn entries(result: &Json) -> String {
-    let mut lines = vec![json!({"baton": null, "base_url": null})];
+pub(super) fn entries(result: &Json, baton: &Json) -> String {
+    let mut lines = vec![json!({"baton": baton, "base_url": null})];
     if result["type"] == "error" {
         lines.push(json!({"type": "error", "error": result["error"]}));
     } else {

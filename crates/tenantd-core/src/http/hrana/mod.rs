@@ -6,7 +6,10 @@
 //! like `/sql` (served by the holder, `fly-replay` elsewhere) and run by
 //! the tenant's actor through the SQL executor
 //! ([`crate::tenant::sql::hrana`]); its writes are answered once durable.
-//! Streams end with their pipeline: the answer's baton is always null.
+//! Batons are minted and checked by the holder alone (a non-holder replays
+//! the pipeline with its baton like any other); a stream the holder does
+//! not know answers 400 `STREAM_EXPIRED`, which the clients treat as a
+//! dead stream.
 
 mod cursor;
 
@@ -146,18 +149,10 @@ async fn run(
         Ok(id) => id,
         Err(e) => return hrana_error(StatusCode::BAD_REQUEST, &e.to_string(), "HTTP_PARSE_ERROR"),
     };
-    if baton.is_some() {
-        // No machine mints batons yet: whatever this one is, its stream is
-        // gone, and the clients open a new stream on this error.
-        return hrana_error(
-            StatusCode::BAD_REQUEST,
-            "this stream has ended (streams end with each pipeline here; the baton is not one this server gave): open a new stream",
-            "STREAM_EXPIRED",
-        );
-    }
     let program = Program {
         requests,
         read_only: access.read_only,
+        baton,
     };
     if let Err(message) = program.check(&state.sql_limits) {
         return hrana_error(StatusCode::BAD_REQUEST, &message, "SQLITE_TOOBIG");
@@ -176,16 +171,21 @@ async fn run(
 
 /// Every answer a pipeline gets from this machine is built here.
 fn respond(state: &AppState, answer: SqlAnswer, shape: Shape) -> Response {
+    if let Some(error) = answer.results.get("stream_error") {
+        let mut response = (StatusCode::BAD_REQUEST, axum::Json(error.clone())).into_response();
+        answered_by(&mut response, &state.machine_id, false);
+        return response;
+    }
     let mut response = match shape {
         Shape::Pipeline => axum::Json(json!({
-            "baton": null,
+            "baton": answer.results["baton"],
             "base_url": null,
-            "results": &*answer.results,
+            "results": answer.results["results"],
         }))
         .into_response(),
         Shape::Cursor => (
             [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))],
-            cursor::entries(&answer.results[0]),
+            cursor::entries(&answer.results["results"][0], &answer.results["baton"]),
         )
             .into_response(),
     };

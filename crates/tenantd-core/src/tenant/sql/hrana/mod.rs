@@ -9,7 +9,10 @@
 //! join the group commit and are answered once durable. `BEGIN`, `COMMIT`
 //! and `ROLLBACK` become a savepoint of that transaction (the executor
 //! refuses transaction control of its own): a client's transaction is
-//! all or nothing within the batch that commits it.
+//! all or nothing within the batch that commits it. A pipeline that
+//! leaves its transaction open for the stream's next one runs instead in
+//! a transaction of its own that the actor keeps open
+//! (`tenant::actor::streams`).
 
 pub mod codes;
 pub mod proto;
@@ -33,6 +36,8 @@ pub struct Program {
     pub requests: Vec<StreamRequest>,
     /// A read-only token's pipeline: every statement is run read-only.
     pub read_only: bool,
+    /// The stream it continues (checked by the holder), if any.
+    pub baton: Option<String>,
 }
 
 impl Program {
@@ -47,6 +52,40 @@ impl Program {
         }
         Ok(())
     }
+
+    /// The pipeline closes its stream last: nothing of it outlives it.
+    pub fn ends_with_close(&self) -> bool {
+        matches!(self.requests.last(), Some(StreamRequest::Close))
+    }
+
+    /// Whether the pipeline may start a transaction (`BEGIN` in an
+    /// `execute` or a batch step, by text or by a stored SQL id).
+    pub fn may_begin(&self, stored: &HashMap<i32, String>) -> bool {
+        let mut stored = stored.clone();
+        let begins = |stmt: &Stmt, stored: &HashMap<i32, String>| {
+            let sql = match (&stmt.sql, stmt.sql_id) {
+                (Some(sql), _) => Some(sql),
+                (None, Some(id)) => stored.get(&id),
+                _ => None,
+            };
+            sql.and_then(|sql| transaction_control(sql)) == Some(Control::Begin)
+        };
+        for request in &self.requests {
+            match request {
+                StreamRequest::StoreSql { sql_id, sql } => {
+                    stored.insert(*sql_id, sql.clone());
+                }
+                StreamRequest::Execute { stmt } if begins(stmt, &stored) => return true,
+                StreamRequest::Batch { batch }
+                    if batch.steps.iter().any(|step| begins(&step.stmt, &stored)) =>
+                {
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        false
+    }
 }
 
 /// What a stream carries from one request to the next.
@@ -55,6 +94,11 @@ pub struct StreamState {
     /// A `BEGIN` is open (the `hrana_tx` savepoint).
     pub in_tx: bool,
     pub sqls: HashMap<i32, String>,
+    /// The baton the stream's next pipeline is to send (None: the stream
+    /// ends with this pipeline).
+    pub baton: Option<String>,
+    /// A `close` request ended the stream.
+    pub closed: bool,
 }
 
 /// A pipeline run to its end: one `StreamResult` per request.
@@ -68,12 +112,15 @@ pub struct Ran {
 }
 
 /// Runs a pipeline on `conn` inside the open batch transaction. A
-/// transaction left open by a closed stream is rolled back.
+/// transaction left open by a closed stream is rolled back, and so is one
+/// left open at the end of the pipeline unless `may_stay_open` (the actor
+/// keeps it open for the stream's next pipeline).
 pub fn run(
     conn: &Connection,
     ctx: &Context<'_>,
     program: &Program,
     stream: &mut StreamState,
+    may_stay_open: bool,
 ) -> Result<Ran, ExecError> {
     let mut runner = Runner {
         conn,
@@ -114,14 +161,16 @@ pub fn run(
     }
     if let Some(opened_at) = opened_at
         && !closed
+        && !may_stay_open
     {
-        // Streams end with their pipeline (no batons yet): a transaction
-        // may not outlive it. What it did is undone, and every answer from
-        // its BEGIN on says so; what came before it stands.
+        // Only a pipeline the actor runs in a transaction of its own may
+        // leave it open (one whose BEGIN it could see coming): what it did
+        // is undone, and every answer from its BEGIN on says so; what came
+        // before it stands.
         runner.end_transaction(false).map_err(ExecError::Db)?;
         for result in &mut results[opened_at..] {
             *result = failed(
-                "a transaction may not stay open past the end of its pipeline here (interactive transactions across requests are not supported yet): it was rolled back; send BEGIN … COMMIT in one pipeline, or use batch()",
+                "this transaction was started in a way that cannot stay open past its pipeline (BEGIN inside a sequence, or through a stored SQL text sent earlier): it was rolled back; send BEGIN as its own execute, or BEGIN … COMMIT in one pipeline",
                 "TRANSACTION_NOT_SUPPORTED",
             );
         }
@@ -129,11 +178,29 @@ pub fn run(
     if closed {
         runner.end_transaction(false).map_err(ExecError::Db)?;
     }
+    runner.stream.closed |= closed;
     Ok(Ran {
         results,
         wrote: runner.wrote,
         closed,
     })
+}
+
+/// A pipeline's answer as the actor hands it on: `results`, and the baton
+/// of the stream's next pipeline (null once the stream has ended).
+pub fn answer(results: Vec<Json>, stream: &StreamState) -> Json {
+    let baton = match stream.closed {
+        true => None,
+        false => stream.baton.clone(),
+    };
+    json!({"baton": baton, "results": results})
+}
+
+/// A pipeline refused as a whole: its stream is gone (an old, foreign or
+/// forged baton, an expired stream, a transaction rolled back at its time
+/// bound); nothing of it ran.
+pub fn stream_error(message: &str) -> Json {
+    json!({"stream_error": error_json(message, "STREAM_EXPIRED")})
 }
 
 /// Ends a stream's open transaction: what it wrote is undone.

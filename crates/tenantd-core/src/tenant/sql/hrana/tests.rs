@@ -22,6 +22,7 @@ fn program(requests: Json, read_only: bool) -> Program {
     Program {
         requests: body.requests,
         read_only,
+        baton: None,
     }
 }
 
@@ -33,11 +34,19 @@ fn pipeline(db: &mut Db, requests: Json) -> (Vec<Json>, bool) {
 fn pipeline_as(db: &mut Db, requests: Json, read_only: bool) -> (Vec<Json>, bool) {
     let program = program(requests, read_only);
     let applied = db
-        .apply_batch(1, &[Work::Hrana(&program)], &SqlLimits::default(), false)
+        .apply_batch(
+            1,
+            &[Work::Hrana(&program, None)],
+            &SqlLimits::default(),
+            false,
+        )
         .unwrap();
     let committed = applied.committed.is_some();
     match applied.replies.into_iter().next().unwrap() {
-        Ok(Reply::Sql(answer)) => (answer.results.as_array().unwrap().clone(), committed),
+        Ok(Reply::Sql(answer)) => (
+            answer.results["results"].as_array().unwrap().clone(),
+            committed,
+        ),
         other => panic!("not a pipeline answer: {other:?}"),
     }
 }
@@ -299,13 +308,17 @@ fn the_pipeline_shares_one_requests_row_budget() {
         false,
     );
     let applied = db
-        .apply_batch(1, &[Work::Hrana(&program)], &limits, false)
+        .apply_batch(1, &[Work::Hrana(&program, None)], &limits, false)
         .unwrap();
     let Ok(Reply::Sql(answer)) = &applied.replies[0] else {
         panic!("{:?}", applied.replies)
     };
-    assert_eq!(answer.results[0]["type"], "ok");
-    assert_eq!(answer.results[1]["type"], "error", "{}", answer.results);
+    assert_eq!(answer.results["results"][0]["type"], "ok");
+    assert_eq!(
+        answer.results["results"][1]["type"], "error",
+        "{}",
+        answer.results
+    );
 }
 
 #[test]

@@ -14,7 +14,8 @@ pub struct RanOpen {
     pub answer: Json,
     /// The client's transaction is still open.
     pub open: bool,
-    /// Anything may have changed: ending the transaction needs a commit.
+    /// Anything may have changed since the transaction began: ending it
+    /// needs a commit.
     pub wrote: bool,
 }
 
@@ -64,10 +65,15 @@ impl Db {
                 "SQLite rolled the transaction back (a statement failed it)",
             ));
         }
+        stream.open_wrote |= ran.wrote;
+        let wrote = stream.open_wrote;
+        if !stream.in_tx {
+            stream.open_wrote = false;
+        }
         Ok(RanOpen {
             answer: hrana::answer(ran.results, stream),
             open: stream.in_tx,
-            wrote: ran.wrote,
+            wrote,
         })
     }
 

@@ -99,6 +99,9 @@ pub struct StreamState {
     pub baton: Option<String>,
     /// A `close` request ended the stream.
     pub closed: bool,
+    /// A pipeline of the transaction the actor keeps open may have
+    /// written: ending it needs a commit.
+    pub open_wrote: bool,
 }
 
 /// A pipeline run to its end: one `StreamResult` per request.

@@ -272,7 +272,9 @@ async fn tenant_tokens_open_their_tenant_only_on_sql_and_hrana() {
         keys(&new, "TENANTD_TOKEN_PUBLIC_KEY"),
         keys(&old, "TENANTD_TOKEN_PUBLIC_KEY")
     );
-    let m = setup.machine("a00000000027a1", None, &["--token-public-key", &public]);
+    // `=`: a base64url key may start with '-', which would read as a flag.
+    let public = format!("--token-public-key={public}");
+    let m = setup.machine("a00000000027a1", None, &[&public]);
     let create = |args: &[&str], secret: &str| {
         let mut all = vec!["create"];
         all.extend_from_slice(args);

@@ -1,7 +1,8 @@
 //! The official TypeScript libSQL client (`@libsql/client`, unmodified,
 //! installed by scripts/test into target/node-libsql) against real
-//! `tenantd serve` processes: values, batches, error codes, tenant tokens,
-//! and every acknowledged write present after its holder is SIGKILLed.
+//! `tenantd serve` processes: values, batches, interactive transactions,
+//! error codes, tenant tokens, and every acknowledged write present (and
+//! nothing of a transaction left open) after its holder is SIGKILLed.
 
 #[path = "serve/cluster.rs"]
 mod cluster;
@@ -88,13 +89,13 @@ async fn libsql_client_values_batches_errors_tokens_and_a_holder_sigkill() {
         "TENANTD_TOKEN_SIGNING_KEY".to_string(),
         key("TENANTD_TOKEN_SIGNING_KEY"),
     )];
-    let public = key("TENANTD_TOKEN_PUBLIC_KEY");
+    // `=`: a base64url key may start with '-', which would read as a flag.
+    let public = format!("--token-public-key={}", key("TENANTD_TOKEN_PUBLIC_KEY"));
     let args = [
         "--replay-mode",
         "forward",
         "--api-token",
         API_TOKEN,
-        "--token-public-key",
         &public,
     ];
     let a = setup.machine("a00000000023a1", Some("7"), &args);
@@ -128,6 +129,11 @@ async fn libsql_client_values_batches_errors_tokens_and_a_holder_sigkill() {
         "every acknowledged write survives the SIGKILL"
     );
     assert_eq!(read["batch"], 2);
+    assert_eq!(
+        read["uncommitted"], 0,
+        "nothing of a transaction open at the SIGKILL survives"
+    );
+    assert_eq!(read["committed_tx"], 2, "a committed transaction survives");
     // The same data through tenantd's own API.
     let through_sql = sql(&b, "7", "SELECT count(*) FROM kv WHERE k LIKE 'ack%'").await;
     assert_eq!(through_sql["results"][0]["rows"][0][0], 20);

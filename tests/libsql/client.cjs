@@ -101,6 +101,11 @@ async function write() {
     await db.execute({ sql: "INSERT INTO kv VALUES (?, ?)", args: [`ack${i}`, i] });
     acknowledged++;
   }
+  // A transaction left open: the holder is SIGKILLed before its COMMIT.
+  const open = await db.transaction("write");
+  await open.execute("INSERT INTO kv VALUES ('open-tx', 1)");
+  const seen = await open.execute("SELECT count(*) AS n FROM kv WHERE k = 'open-tx'");
+  assert.equal(seen.rows[0].n, 1);
   return { acknowledged };
 }
 
@@ -108,7 +113,14 @@ async function read() {
   const db = createClient({ url, authToken: token });
   const rows = await db.execute("SELECT count(*) AS n FROM kv WHERE k LIKE 'ack%'");
   const b = await db.execute("SELECT count(*) AS n FROM kv WHERE k LIKE 'bt%'");
-  return { acknowledged: Number(rows.rows[0].n), batch: Number(b.rows[0].n) };
+  const open = await db.execute("SELECT count(*) AS n FROM kv WHERE k = 'open-tx'");
+  const tx = await db.execute("SELECT count(*) AS n FROM kv WHERE k IN ('tx1', 'tx2', 'txr')");
+  return {
+    acknowledged: Number(rows.rows[0].n),
+    batch: Number(b.rows[0].n),
+    uncommitted: Number(open.rows[0].n),
+    committed_tx: Number(tx.rows[0].n),
+  };
 }
 
 (phase === "write" ? write() : read()).then(

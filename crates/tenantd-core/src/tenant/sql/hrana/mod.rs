@@ -173,7 +173,7 @@ pub fn run(
         runner.end_transaction(false).map_err(ExecError::Db)?;
         for result in &mut results[opened_at..] {
             *result = failed(
-                "this transaction was started in a way that cannot stay open past its pipeline (BEGIN inside a sequence, or through a stored SQL text sent earlier): it was rolled back; send BEGIN as its own execute, or BEGIN … COMMIT in one pipeline",
+                "a transaction begun inside a sequence cannot stay open past its pipeline: it was rolled back; send BEGIN as its own execute, or BEGIN … COMMIT in one pipeline",
                 "TRANSACTION_NOT_SUPPORTED",
             );
         }

@@ -240,3 +240,59 @@ async fn an_idle_stream_expires() {
     assert_eq!(status, 400, "{expired}");
     assert_eq!(expired["code"], "STREAM_EXPIRED", "{expired}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_holder_stopping_mid_transaction_rolls_it_back_and_the_next_holder_refuses_its_baton() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::file_store(dir.path());
+    setup.create_tenants(&["35"]);
+    let args = ["--api-token", API_TOKEN, "--replay-mode", "forward"];
+    let mut a = setup.machine("a00000000035a1", Some("35"), &args);
+    rows(&a, "35", "CREATE TABLE t (x TEXT)").await;
+    assert_eq!(
+        a.status()["tenants"][0]["customer_id"],
+        "35",
+        "a holds the tenant"
+    );
+    let (status, begun) = pipeline(
+        &a,
+        "35",
+        Value::Null,
+        json!([execute("BEGIN"), execute("INSERT INTO t VALUES ('half')")]),
+    )
+    .await;
+    assert_eq!(status, 200, "{begun}");
+    // A write held behind the transaction when the stop comes.
+    let held = {
+        let url = a.url("/customers/35/sql");
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(API_TOKEN)
+                .json(&json!({"statements": [{"sql": "INSERT INTO t VALUES ('held')"}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.signal(nix::sys::signal::Signal::SIGTERM);
+    a.wait_exit(Duration::from_secs(20));
+    let held = held.await.unwrap();
+
+    let b = setup.machine("b00000000035b2", Some("35"), &args);
+    let (status, after) =
+        pipeline(&b, "35", begun["baton"].clone(), json!([execute("COMMIT")])).await;
+    assert_eq!(status, 400, "{after}");
+    assert_eq!(after["code"], "STREAM_EXPIRED", "{after}");
+    let got = values(&rows(&b, "35", "SELECT x FROM t").await);
+    assert!(
+        !got.contains(&"half".to_string()),
+        "never half a transaction: {got:?}"
+    );
+    // A clean stop runs what the transaction held before releasing.
+    assert_eq!(held, 200, "the held write is answered, not lost");
+    assert_eq!(got, ["held"], "an acknowledged write survives the stop");
+}

@@ -296,3 +296,49 @@ async fn a_holder_stopping_mid_transaction_rolls_it_back_and_the_next_holder_ref
     assert_eq!(held, 200, "the held write is answered, not lost");
     assert_eq!(got, ["held"], "an acknowledged write survives the stop");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_non_holder_hands_a_streams_pipelines_to_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::file_store(dir.path());
+    setup.create_tenants(&["36"]);
+    let args = ["--api-token", API_TOKEN, "--replay-mode", "forward"];
+    let a = setup.machine("a00000000036a1", Some("36"), &args);
+    rows(&a, "36", "CREATE TABLE t (x TEXT)").await;
+    assert_eq!(
+        a.status()["tenants"][0]["customer_id"],
+        "36",
+        "a holds the tenant"
+    );
+    let b = setup.machine("b00000000036b2", None, &args);
+    let (status, begun) = pipeline(
+        &b,
+        "36",
+        Value::Null,
+        json!([execute("BEGIN"), execute("INSERT INTO t VALUES ('via-b')")]),
+    )
+    .await;
+    assert_eq!(status, 200, "{begun}");
+    let (status, inside) = pipeline(
+        &b,
+        "36",
+        begun["baton"].clone(),
+        json!([execute("SELECT x FROM t")]),
+    )
+    .await;
+    assert_eq!(status, 200, "{inside}");
+    assert_eq!(
+        values(&inside["results"][0]["response"]["result"]["rows"]),
+        ["via-b"]
+    );
+    let (status, committed) = pipeline(
+        &a,
+        "36",
+        inside["baton"].clone(),
+        json!([execute("COMMIT"), {"type": "close"}]),
+    )
+    .await;
+    assert_eq!(status, 200, "{committed}");
+    assert_eq!(committed["results"][0]["type"], "ok", "{committed}");
+    assert_eq!(values(&rows(&b, "36", "SELECT x FROM t").await), ["via-b"]);
+}

@@ -96,3 +96,106 @@ impl Db {
         set_max_page_count(&self.conn, u32::MAX as u64 - 1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value as Json, json};
+
+    use super::*;
+    use crate::tenant::sql::hrana::proto::PipelineBody;
+
+    fn program(requests: Json) -> hrana::Program {
+        let body: PipelineBody =
+            serde_json::from_value(json!({"baton": null, "requests": requests})).unwrap();
+        hrana::Program {
+            requests: body.requests,
+            read_only: false,
+            baton: None,
+        }
+    }
+
+    fn execute(sql: &str) -> Json {
+        json!({"type": "execute", "stmt": {"sql": sql}})
+    }
+
+    fn rows(db: &Db, sql: &str) -> i64 {
+        db.conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn an_open_transaction_spans_pipelines_and_commits_or_rolls_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("db.sqlite3")).unwrap();
+        db.conn.execute_batch("CREATE TABLE t (x)").unwrap();
+        let limits = SqlLimits::default();
+        let seq = db.seq().unwrap();
+        for commit in [true, false] {
+            let mut stream = hrana::StreamState::default();
+            db.begin_open(&limits).unwrap();
+            let first = db
+                .run_open(
+                    &program(json!([
+                        execute("BEGIN"),
+                        execute("INSERT INTO t VALUES (1)")
+                    ])),
+                    &mut stream,
+                    &limits,
+                )
+                .unwrap();
+            assert!(first.open && first.wrote);
+            let second = db
+                .run_open(
+                    &program(json!([execute("SELECT count(*) FROM t")])),
+                    &mut stream,
+                    &limits,
+                )
+                .unwrap();
+            assert!(second.open);
+            let seen = &second.answer["results"][0]["response"]["result"]["rows"][0][0]["value"];
+            assert_eq!(
+                seen,
+                &json!(if commit { "1" } else { "2" }),
+                "reads see the transaction's own writes"
+            );
+            let end = if commit { "COMMIT" } else { "ROLLBACK" };
+            let last = db
+                .run_open(&program(json!([execute(end)])), &mut stream, &limits)
+                .unwrap();
+            assert!(!last.open);
+            assert!(
+                last.wrote,
+                "the end of a transaction that wrote is committed or undone whole"
+            );
+            if commit {
+                assert_eq!(db.commit_open(7).unwrap().seq, seq + 1);
+            } else {
+                db.commit_open(7).unwrap();
+            }
+        }
+        // The committed transaction's row; nothing of the rolled back one.
+        assert_eq!(rows(&db, "SELECT count(*) FROM t"), 1);
+        assert!(db.conn.is_autocommit());
+    }
+
+    #[test]
+    fn rollback_open_undoes_everything_since_begin() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("db.sqlite3")).unwrap();
+        db.conn.execute_batch("CREATE TABLE t (x)").unwrap();
+        let limits = SqlLimits::default();
+        let mut stream = hrana::StreamState::default();
+        db.begin_open(&limits).unwrap();
+        db.run_open(
+            &program(json!([
+                execute("BEGIN"),
+                execute("INSERT INTO t VALUES (1)")
+            ])),
+            &mut stream,
+            &limits,
+        )
+        .unwrap();
+        db.rollback_open().unwrap();
+        assert_eq!(rows(&db, "SELECT count(*) FROM t"), 0);
+        assert!(db.conn.is_autocommit());
+    }
+}

@@ -296,6 +296,12 @@ impl TenantActor {
         let Op::Hrana(program) = request.op.clone() else {
             unreachable!("only Hrana pipelines run in a stream's transaction")
         };
+        if !self.lease.is_valid() {
+            // The actor ends, rolling back whatever is open; the pipeline
+            // goes to the next holder, which finds its stream gone.
+            let _ = request.reply.send(Err(TenantError::NotHolder));
+            return Err(Exit::LeaseLost);
+        }
         let epoch = self.lease.epoch();
         let begin = !self.streams.is_open();
         if begin {

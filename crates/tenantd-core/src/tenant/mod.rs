@@ -31,8 +31,8 @@ pub enum Op {
         request: Arc<sql::SqlRequest>,
         idempotency_key: Option<String>,
     },
-    /// A Hrana pipeline (the stream ends with it); answered as `Reply::Sql`
-    /// with the pipeline's `results`.
+    /// A Hrana pipeline; answered as `Reply::Sql` with `{baton, results}`
+    /// (or `{stream_error}` when its stream is gone).
     Hrana(Arc<sql::hrana::Program>),
 }
 

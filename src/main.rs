@@ -1,13 +1,14 @@
 //! The `tenantd` binary: parses arguments and hands over to the core
 //! library (`tenantd-core`) or to a tool crate (`tenantd-dev`,
 //! `tenantd-chaos`, `tenantd-bench`). The CLI-only commands (`sql`,
-//! `restore`'s flags, `tenants`, `fly`) live here.
+//! `restore`'s flags, `tenants`, `tokens`, `fly`) live here.
 
 mod fly;
 mod restore_cli;
 mod serve_args;
 mod sql_client;
 mod tenants_cli;
+mod tokens_cli;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +42,8 @@ enum Command {
     Restore(restore_cli::RestoreArgs),
     /// Create, delete and list tenants in the store.
     Tenants(tenants_cli::TenantsArgs),
+    /// Make tenant tokens: a key pair, and tokens that open one tenant.
+    Tokens(tokens_cli::TokensArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,6 +59,7 @@ fn main() -> std::process::ExitCode {
             Command::Sql(args) => sql_client::run(args).await,
             Command::Restore(args) => restore_cli::run(args).await,
             Command::Tenants(args) => tenants_cli::run(args).await,
+            Command::Tokens(args) => tokens_cli::run(args).await,
         }
     });
     // Blocking threads (a tenant's SQLite work) must not keep the process

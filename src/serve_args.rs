@@ -115,6 +115,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TENANTD_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
 
+    /// Public keys tenant tokens are verified with (`tenantd tokens
+    /// keygen`); two, comma-separated, during a key rotation.
+    #[arg(long, env = "TENANTD_TOKEN_PUBLIC_KEY")]
+    pub token_public_key: Option<String>,
+
     /// Largest size a tenant's database may grow to through the SQL API.
     #[arg(long, env = "TENANTD_MAX_DB_BYTES", default_value_t = 1 << 30)]
     pub max_db_bytes: u64,
@@ -271,6 +276,7 @@ impl From<ServeArgs> for ServeConfig {
             max_body_bytes: a.max_body_bytes,
             admin_token: a.admin_token,
             api_token: a.api_token,
+            token_public_key: a.token_public_key,
             max_db_bytes: a.max_db_bytes,
             sql_timeout: a.sql_timeout,
             sql_max_rows: a.sql_max_rows,

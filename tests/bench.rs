@@ -62,6 +62,8 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
         "handoff_gap_ms",
         "sql_durable_rps",
         "sql_p50_ms",
+        "hrana_durable_rps",
+        "hrana_p50_ms",
         "rss_mb_per_held_tenant",
         "follower_read_share",
         "follower_lag_p99_ms",
@@ -71,6 +73,7 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
     assert!(report["durable_rps"].as_f64().unwrap() > 0.0);
     assert!(report["sql_durable_rps"].as_f64().unwrap() > 0.0);
     assert!(report["sql_p50_ms"].as_f64().unwrap() > 0.0);
+    assert!(report["hrana_durable_rps"].as_f64().unwrap() > 0.0);
     assert_eq!(report["sql_clients"], 8, "SQL at the headline level");
     assert!(report["cold_start_ms"]["1mb"].as_f64().unwrap() > 0.0);
     for key in [

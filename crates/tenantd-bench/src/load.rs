@@ -20,6 +20,9 @@ pub enum Work {
     /// credit, a row in `bench_transfers`) in one transaction, on the
     /// tables [`SQL_SETUP`] creates.
     SqlTransfer,
+    /// `POST /customers/<id>/v2/pipeline`: the same transfer as the Hrana
+    /// `batch` `@libsql/client` sends for `batch([...], "write")`.
+    HranaTransfer,
 }
 
 /// Accounts the SQL transfers move money between.
@@ -44,6 +47,27 @@ pub fn sql_transfer(id: &str, from: i64, amount: i64) -> Value {
         {"sql": "UPDATE bench_accounts SET balance = balance - ? WHERE id = ?", "params": [amount, from]},
         {"sql": "UPDATE bench_accounts SET balance = balance + ? WHERE id = ?", "params": [amount, to]},
         {"sql": "INSERT INTO bench_transfers (id, src, dst, amount) VALUES (?, ?, ?, ?)", "params": [id, from, to, amount]},
+    ]})
+}
+
+/// [`sql_transfer`] as a Hrana pipeline: `BEGIN IMMEDIATE`, the three
+/// statements each on the one before, `COMMIT`, `ROLLBACK` unless it
+/// committed, then `close`.
+pub fn hrana_transfer(id: &str, from: i64, amount: i64) -> Value {
+    let to = (from + 1) % SQL_ACCOUNTS;
+    let int = |n: i64| json!({"type": "integer", "value": n.to_string()});
+    let stmt = |sql: &str, args: Vec<Value>| json!({"sql": sql, "args": args});
+    let steps = vec![
+        json!({"stmt": stmt("BEGIN IMMEDIATE", vec![])}),
+        json!({"condition": {"type": "ok", "step": 0}, "stmt": stmt("UPDATE bench_accounts SET balance = balance - ? WHERE id = ?", vec![int(amount), int(from)])}),
+        json!({"condition": {"type": "ok", "step": 1}, "stmt": stmt("UPDATE bench_accounts SET balance = balance + ? WHERE id = ?", vec![int(amount), int(to)])}),
+        json!({"condition": {"type": "ok", "step": 2}, "stmt": stmt("INSERT INTO bench_transfers (id, src, dst, amount) VALUES (?, ?, ?, ?)", vec![json!({"type": "text", "value": id}), int(from), int(to), int(amount)])}),
+        json!({"condition": {"type": "ok", "step": 3}, "stmt": stmt("COMMIT", vec![])}),
+        json!({"condition": {"type": "not", "cond": {"type": "ok", "step": 4}}, "stmt": stmt("ROLLBACK", vec![])}),
+    ];
+    json!({"baton": null, "requests": [
+        {"type": "batch", "batch": {"steps": steps}},
+        {"type": "close"},
     ]})
 }
 
@@ -111,6 +135,39 @@ pub async fn sql(
         return None;
     }
     reply.json().await.ok()
+}
+
+/// A Hrana pipeline whose batch committed (no step failed).
+pub async fn hrana(
+    http: &reqwest::Client,
+    machines: &HashMap<String, SocketAddr>,
+    first: &str,
+    customer: &str,
+    body: &Value,
+) -> bool {
+    let path = format!("/customers/{customer}/v2/pipeline");
+    let Some(reply) = send(
+        http,
+        machines,
+        first,
+        reqwest::Method::POST,
+        &path,
+        Some(body),
+    )
+    .await
+    else {
+        return false;
+    };
+    if !reply.status().is_success() {
+        return false;
+    }
+    let Ok(answer) = reply.json::<Value>().await else {
+        return false;
+    };
+    let batch = &answer["results"][0]["response"]["result"];
+    batch["step_errors"]
+        .as_array()
+        .is_some_and(|errors| errors.iter().all(Value::is_null))
 }
 
 /// The tenant's count, read from its holder.
@@ -194,6 +251,11 @@ pub async fn run(
                     let started = Instant::now();
                     let ok = match work {
                         Work::Increment => increment(&http, &machines, &first, &customer).await,
+                        Work::HranaTransfer => {
+                            let from = (c as i64 + n) % SQL_ACCOUNTS;
+                            let body = hrana_transfer(&format!("h{clients}-{c}-{n}"), from, 1);
+                            hrana(&http, &machines, &first, &customer, &body).await
+                        }
                         Work::SqlTransfer => {
                             let from = (c as i64 + n) % SQL_ACCOUNTS;
                             let body = sql_transfer(&format!("{clients}-{c}-{n}"), from, 1);

@@ -77,6 +77,9 @@ pub struct SqlResult {
     pub acked_total: u64,
     pub transfers_stored: u64,
     pub sum_conserved: bool,
+    /// The same transfers as Hrana batches (what `@libsql/client` sends),
+    /// at the same clients, after the `/sql` level.
+    pub hrana: Level,
 }
 
 /// Durable SQL transfers at `clients`: two machines of one tenant (fresh,
@@ -119,6 +122,23 @@ pub async fn run_sql(
         level.puts_per_1000_writes,
         level.errors
     );
+    let hrana = Level::measure(
+        &machines,
+        &by_id,
+        clients,
+        duration,
+        load::Work::HranaTransfer,
+    )
+    .await?;
+    eprintln!(
+        "bench:   {:<21} {clients:>4} clients  {:>8.0} transactions/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} PUTs/1000  {} errors",
+        "durable Hrana batch",
+        hrana.rps,
+        hrana.p50_ms,
+        hrana.p99_ms,
+        hrana.puts_per_1000_writes,
+        hrana.errors
+    );
     let check = serde_json::json!({"statements": [
         {"sql": "SELECT count(*) FROM bench_transfers"},
         {"sql": "SELECT sum(balance) FROM bench_accounts"},
@@ -134,10 +154,11 @@ pub async fn run_sql(
     }
     Ok(SqlResult {
         statements_per_request: 3,
-        acked_total: level.acked as u64,
+        acked_total: (level.acked + hrana.acked) as u64,
         level,
         transfers_stored,
         sum_conserved,
+        hrana,
     })
 }
 

@@ -87,6 +87,10 @@ pub struct ServeConfig {
     /// `Authorization: Bearer <token>`); unset = no SQL API.
     pub api_token: Option<String>,
 
+    /// Public keys (comma-separated, for rotation) that tenant tokens are
+    /// verified with; unset = tenant tokens are refused.
+    pub token_public_key: Option<String>,
+
     /// Largest size a tenant's database may grow to through the SQL API.
     pub max_db_bytes: u64,
 
@@ -176,6 +180,7 @@ impl Default for ServeConfig {
             max_body_bytes: 64 * 1024,
             admin_token: None,
             api_token: None,
+            token_public_key: None,
             max_db_bytes: 1 << 30,
             sql_timeout: Duration::from_secs(2),
             sql_max_rows: 10_000,

@@ -35,5 +35,6 @@ pub mod server;
 pub mod store;
 pub mod tenant;
 pub mod tenant_id;
+pub mod token;
 
 pub use tenant_id::TenantId;

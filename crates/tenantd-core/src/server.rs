@@ -255,6 +255,16 @@ pub async fn run_with(
         faults: fault_handle,
         admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
         api_token: args.api_token.clone().filter(|t| !t.is_empty()),
+        tokens: match args
+            .token_public_key
+            .as_deref()
+            .filter(|k| !k.trim().is_empty())
+        {
+            Some(keys) => Some(Arc::new(
+                crate::token::TokenVerifier::parse(keys).map_err(anyhow::Error::msg)?,
+            )),
+            None => None,
+        },
         sql_limits: args.sql_limits(),
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))

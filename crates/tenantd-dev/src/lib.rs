@@ -693,6 +693,14 @@ async fn run_cluster(args: RunArgs) -> anyhow::Result<()> {
     cfg.api_token = std::env::var("TENANTD_API_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
+    // Tenant tokens made with `tenantd tokens create` open their tenant
+    // on every machine: each verifies them with these keys.
+    if let Ok(keys) = std::env::var("TENANTD_TOKEN_PUBLIC_KEY")
+        && !keys.trim().is_empty()
+    {
+        cfg.extra_env
+            .push(("TENANTD_TOKEN_PUBLIC_KEY".into(), keys));
+    }
 
     let cluster = Cluster::start(cfg).await?;
     print!("{}", banner(&cluster));

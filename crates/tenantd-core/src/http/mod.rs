@@ -30,6 +30,8 @@ use crate::tenant::sql::SqlLimits;
 use crate::tenant::{Answer, Op, Registry, Route, TenantError, TenantHandle};
 
 mod admin;
+mod auth;
+mod hrana;
 mod internal;
 mod sql;
 
@@ -50,6 +52,8 @@ pub struct AppState {
     pub admin_token: Option<String>,
     /// Enables the SQL API; `None`: `/customers/<id>/sql` answers 404.
     pub api_token: Option<String>,
+    /// Verifies tenant tokens; `None`: only the API token opens tenants.
+    pub tokens: Option<Arc<crate::token::TokenVerifier>>,
     pub sql_limits: SqlLimits,
     pub client: reqwest::Client,
     /// Replicas that answer read-only requests for tenants held elsewhere.
@@ -62,6 +66,14 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/customers/{id}/increment", post(increment))
         .route("/customers/{id}/count", get(count))
         .route("/customers/{id}/sql", post(sql::sql))
+        .route("/customers/{id}/v2", get(hrana::version))
+        .route("/customers/{id}/v3", get(hrana::version))
+        .route("/customers/{id}/v2/pipeline", post(hrana::pipeline))
+        .route("/customers/{id}/v3/pipeline", post(hrana::pipeline))
+        .route("/customers/{id}/v3/cursor", post(hrana::cursor))
+        .route("/customers/v2/pipeline", any(hrana::missing_slash))
+        .route("/customers/v3/pipeline", any(hrana::missing_slash))
+        .route("/customers/v3/cursor", any(hrana::missing_slash))
         .route("/customers/", any(empty_id))
         .route("/customers/{id}/{*rest}", any(bad_path))
         .route("/healthz", get(|| async { "ok\n" }))

@@ -14,9 +14,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::{
-    AppState, Forwardable, Served, answered_by, bearer_matches, error, idempotency_key, serve,
-};
+use super::{AppState, Forwardable, Served, answered_by, error, idempotency_key, serve};
 use crate::TenantId;
 use crate::tenant::follower::bookmark::{self, Role, Wanted};
 use crate::tenant::follower::{FollowError, FollowerAnswer, ReadRoute};
@@ -52,14 +50,10 @@ pub(super) async fn sql(
 }
 
 async fn sql_inner(state: &AppState, id: &str, request: Forwardable) -> (Response, &'static str) {
-    let Some(token) = &state.api_token else {
-        let message = "the SQL API is disabled on this machine: set TENANTD_API_TOKEN (--api-token) to enable it";
-        return (error(StatusCode::NOT_FOUND, message), "not_found");
+    let access = match super::auth::authorize(state, &request.headers, id) {
+        Ok(access) => access,
+        Err((status, message, outcome)) => return (error(status, &message), outcome),
     };
-    if !bearer_matches(&request.headers, token) {
-        let message = "missing or wrong API token: send Authorization: Bearer $TENANTD_API_TOKEN";
-        return (error(StatusCode::UNAUTHORIZED, message), "unauthorized");
-    }
     let id = match TenantId::parse(id) {
         Ok(id) => id,
         Err(e) => {
@@ -81,6 +75,10 @@ async fn sql_inner(state: &AppState, id: &str, request: Forwardable) -> (Respons
         Ok(parsed) => Arc::new(parsed),
         Err(e) => return refused(&e),
     };
+    if access.read_only && !parsed.read_only {
+        let message = "this token is read-only: send \"read_only\": true (writes need a read-write token: tenantd tokens create without --read-only)";
+        return (error(StatusCode::FORBIDDEN, message), "denied");
+    }
     if parsed.read_only
         && key.is_none()
         && let Some(done) = follower_read(state, &id, &parsed, wanted).await

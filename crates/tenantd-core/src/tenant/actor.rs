@@ -25,6 +25,7 @@
 //! confirmation, [`compaction`] the background snapshot.
 
 mod compaction;
+mod streams;
 mod upload;
 
 use std::collections::VecDeque;
@@ -60,6 +61,8 @@ const MAX_LINGER: Duration = Duration::from_millis(10);
 struct Request {
     op: Op,
     reply: Replier,
+    /// A Hrana pipeline's stream, when it keeps one (set by the actor).
+    stream: Option<Arc<Mutex<super::sql::hrana::StreamState>>>,
 }
 
 type Replier = oneshot::Sender<Result<Reply, TenantError>>;
@@ -113,10 +116,25 @@ impl TenantHandle {
         }
     }
 
+    /// A Hrana pipeline; the answer's `results` are Hrana's.
+    pub async fn hrana(
+        &self,
+        program: Arc<super::sql::hrana::Program>,
+    ) -> Result<SqlAnswer, TenantError> {
+        match self.request(Op::Hrana(program)).await? {
+            Reply::Sql(answer) => Ok(answer),
+            Reply::Count(_) => unreachable!("Hrana pipelines answer with results"),
+        }
+    }
+
     pub async fn request(&self, op: Op) -> Result<Reply, TenantError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request { op, reply })
+            .send(Request {
+                op,
+                reply,
+                stream: None,
+            })
             .await
             .map_err(|_| TenantError::NotHolder)?;
         // A dropped reply means the actor stepped down before it got to this
@@ -207,6 +225,8 @@ pub struct TenantActor {
     last_upload: Duration,
     /// Committed batches whose uploads are under way, oldest first.
     in_flight: VecDeque<InFlight>,
+    /// Hrana streams and the interactive transaction that may be open.
+    streams: streams::Streams,
     rx: mpsc::Receiver<Request>,
     stop: CancellationToken,
     done: CancellationToken,
@@ -274,7 +294,9 @@ impl TenantActor {
             holder: ctx.machine_id.clone(),
             token: lease.token().to_string(),
         };
+        let streams = streams::Streams::new(id.as_str(), lease.epoch(), &lease.token().to_string());
         let actor = TenantActor {
+            streams,
             id,
             ctx,
             writer,
@@ -339,6 +361,12 @@ impl TenantActor {
                     None => break Exit::Stopped,
                 },
                 _ = idle => break Exit::Idle,
+                _ = until(self.streams.deadline()) => {
+                    if let Err(exit) = self.transaction_timed_out().await {
+                        break exit;
+                    }
+                    continue;
+                }
             };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
@@ -349,7 +377,7 @@ impl TenantActor {
             }
             self.linger(&mut batch).await;
             self.last_batch = batch.len();
-            if let Err(exit) = self.process(batch).await {
+            if let Err(exit) = self.dispatch(batch).await {
                 break exit;
             }
         };
@@ -482,14 +510,17 @@ impl TenantActor {
         seq: u64,
         batch: &[Request],
     ) -> Result<(Applied, Option<Bytes>), BatchError> {
-        let ops: Vec<Op> = batch.iter().map(|r| r.op.clone()).collect();
+        let ops: Vec<_> = batch
+            .iter()
+            .map(|r| (r.op.clone(), r.stream.clone()))
+            .collect();
         let copy = self.copy.clone();
         let limits = self.ctx.sql.clone();
         let work = move || {
             let mut copy = copy.lock().unwrap_or_else(|e| e.into_inner());
             let work: Vec<Work> = ops
                 .iter()
-                .map(|op| match op {
+                .map(|(op, stream)| match op {
                     Op::Increment { idempotency_key } => {
                         Work::Increment(idempotency_key.as_deref())
                     }
@@ -498,6 +529,7 @@ impl TenantActor {
                         request,
                         idempotency_key,
                     } => Work::Sql(request, idempotency_key.as_deref()),
+                    Op::Hrana(program) => Work::Hrana(program, stream.as_deref()),
                 })
                 .collect();
             let applied = copy
@@ -537,18 +569,31 @@ impl TenantActor {
     /// working copy.
     async fn finish(mut self, exit: Exit) -> Exit {
         let mut exit = exit;
+        // Never half a transaction: an open one is undone, its stream gone.
+        self.end_open(format!(
+            "the tenant's holder is stepping down ({exit:?}): the stream's transaction was rolled back, nothing of it was applied; open a new stream and run it again"
+        ))
+        .await;
+        // Requests held for it are handled like those queued.
+        let held = self.held_requests();
         // Uploads under way decide their batches' answers, whatever the exit.
         if let Err(e) = self.drain_uploads().await {
             exit = e;
         }
+        let mut rest = held;
         if matches!(exit, Exit::Stopped | Exit::Idle) {
             self.rx.close();
-            let mut rest = Vec::new();
             while let Ok(request) = self.rx.try_recv() {
                 rest.push(request);
             }
-            if !rest.is_empty() {
-                let done = match self.process(rest).await {
+            // A stream's pipeline goes to the next holder, which tells it
+            // its stream is gone.
+            let (streamed, plain): (Vec<_>, Vec<_>) = std::mem::take(&mut rest)
+                .into_iter()
+                .partition(|r| matches!(&r.op, Op::Hrana(p) if p.baton.is_some()));
+            rest = streamed;
+            if !plain.is_empty() {
+                let done = match self.process(plain).await {
                     Ok(()) => self.drain_uploads().await,
                     Err(e) => Err(e),
                 };
@@ -558,6 +603,9 @@ impl TenantActor {
             }
         }
         self.rx.close();
+        for request in rest {
+            let _ = request.reply.send(Err(TenantError::NotHolder));
+        }
         while let Ok(request) = self.rx.try_recv() {
             let _ = request.reply.send(Err(TenantError::NotHolder));
         }
@@ -616,6 +664,14 @@ enum BatchError {
     RolledBack(String),
     /// The working copy may not match the log any more.
     Copy(String),
+}
+
+/// Resolves at `deadline`, never without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn answer_all(batch: Vec<Request>, result: Result<Reply, TenantError>) {

@@ -35,6 +35,8 @@ use super::sql::watchdog::{self, Cause};
 use super::sql::{self, ExecError, Guard, SqlError, SqlErrorKind, SqlLimits, SqlRequest, limits};
 use super::{Answer, Reply, SqlAnswer};
 
+pub mod stream;
+
 /// How many idempotency keys a tenant remembers (oldest out first).
 pub const IDEMPOTENCY_KEYS_KEPT: i64 = 10_000;
 
@@ -63,6 +65,12 @@ pub enum Work<'a> {
     /// The count after the batch.
     Read,
     Sql(&'a SqlRequest, Option<&'a str>),
+    /// A Hrana pipeline, with its stream's state when it has a baton
+    /// (otherwise the stream ends with the pipeline).
+    Hrana(
+        &'a sql::hrana::Program,
+        Option<&'a std::sync::Mutex<sql::hrana::StreamState>>,
+    ),
 }
 
 /// A batch applied: one result per request, in order, and the committed
@@ -311,6 +319,7 @@ impl Db {
                 }
                 Work::Increment(key) => batch.increment(epoch, index, key)?,
                 Work::Sql(request, key) => batch.sql(epoch, index, request, key)?,
+                Work::Hrana(program, stream) => batch.hrana(epoch, index, program, stream)?,
             };
             if let Err(lost) = step {
                 return Ok(Err(lost));
@@ -591,6 +600,53 @@ impl Batch<'_> {
         Ok(Ok(()))
     }
 
+    /// A Hrana pipeline: its statements through the same executor as
+    /// [`Batch::sql`]'s, its answer the pipeline's `results`.
+    fn hrana(
+        &mut self,
+        epoch: u64,
+        index: usize,
+        program: &sql::hrana::Program,
+        stream: Option<&std::sync::Mutex<sql::hrana::StreamState>>,
+    ) -> rusqlite::Result<Result<(), Lost>> {
+        if let Err(lost) = self.flush()? {
+            return Ok(Err(lost));
+        }
+        let mut ended = sql::hrana::StreamState::default();
+        let mut kept = stream.map(|s| s.lock().unwrap_or_else(|e| e.into_inner()));
+        let stream = match kept.as_deref_mut() {
+            Some(stream) => stream,
+            None => &mut ended,
+        };
+        let outcome = match sql::hrana::run(self.tx, self.ctx, program, stream, false) {
+            Ok(ran) => {
+                // No transaction outlives a pipeline run in the batch's.
+                sql::hrana::roll_back(self.tx, stream)?;
+                self.sql_wrote |= ran.wrote;
+                Ok(SqlAnswer {
+                    epoch,
+                    repeated: false,
+                    results: Arc::new(sql::hrana::answer(ran.results, stream)),
+                })
+            }
+            Err(ExecError::Refused(error)) => Err(error),
+            Err(ExecError::TransactionLost(error)) => return Ok(Err((vec![index], error))),
+            Err(ExecError::Db(e)) => {
+                let what = format!("request {index}");
+                match sql::limit_error(&e, None, &what, self.ctx.limits, None) {
+                    Some(error) if self.tx.is_autocommit() => {
+                        return Ok(Err((vec![index], error)));
+                    }
+                    Some(error) => Err(error),
+                    None => return Err(e),
+                }
+            }
+        };
+        self.replies.push(outcome.map(Reply::Sql));
+        self.current = self.read_count();
+        Ok(Ok(()))
+    }
+
     /// The answer, stored first when it is to be kept for its key.
     fn store_answer(
         &mut self,
@@ -744,6 +800,7 @@ fn sql_answer(
         return Ok(Some(Err(SqlError {
             kind: SqlErrorKind::KeyReused,
             statement: None,
+            sqlite_code: None,
             message: "this Idempotency-Key was first sent with another request (other statements, parameters or read_only); a key names one request: send a new key for a new request".into(),
         })));
     }
@@ -791,7 +848,7 @@ fn meta(conn: &Connection, key: &str) -> rusqlite::Result<u64> {
         .unwrap_or(0) as u64)
 }
 
-fn set_meta(tx: &Transaction, key: &str, value: u64) -> rusqlite::Result<()> {
+fn set_meta(tx: &Connection, key: &str, value: u64) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO tenantd_meta (key, value) VALUES (?1, ?2)
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -800,7 +857,7 @@ fn set_meta(tx: &Transaction, key: &str, value: u64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn bump_seq(tx: &Transaction) -> rusqlite::Result<u64> {
+fn bump_seq(tx: &Connection) -> rusqlite::Result<u64> {
     let seq = meta(tx, "seq")? + 1;
     set_meta(tx, "seq", seq)?;
     Ok(seq)

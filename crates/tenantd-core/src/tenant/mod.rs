@@ -32,6 +32,9 @@ pub enum Op {
         request: Arc<sql::SqlRequest>,
         idempotency_key: Option<String>,
     },
+    /// A Hrana pipeline; answered as `Reply::Sql` with `{baton, results}`
+    /// (or `{stream_error}` when its stream is gone).
+    Hrana(Arc<sql::hrana::Program>),
 }
 
 /// What a tenant answers: a count for the counter's operations, results

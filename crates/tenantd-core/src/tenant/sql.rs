@@ -14,6 +14,7 @@ mod answer;
 pub mod body;
 mod cursor;
 pub mod guard;
+pub mod hrana;
 pub mod limits;
 pub mod memory;
 pub mod watchdog;
@@ -69,6 +70,9 @@ pub struct SqlError {
     pub message: String,
     /// Index of the statement at fault, when there is one.
     pub statement: Option<usize>,
+    /// SQLite's extended result code, when SQLite refused the statement
+    /// (Hrana answers name it: `SQLITE_CONSTRAINT_UNIQUE` …).
+    pub sqlite_code: Option<i32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,7 +117,16 @@ impl SqlError {
             kind,
             message: message.into(),
             statement,
+            sqlite_code: None,
         }
+    }
+
+    /// The same error, naming the SQLite error behind it.
+    pub fn with_sqlite_code(mut self, error: &rusqlite::Error) -> SqlError {
+        if let Some(e) = error.sqlite_error() {
+            self.sqlite_code = Some(e.extended_code);
+        }
+        self
     }
 
     pub fn invalid(statement: Option<usize>, message: impl Into<String>) -> SqlError {
@@ -384,6 +397,7 @@ impl Failure {
         let what = format!("statement {index}");
         limit_error(&error, at, &what, limits, cause)
             .unwrap_or_else(|| SqlError::invalid(at, format!("{what}: {error}")))
+            .with_sqlite_code(&error)
     }
 }
 
@@ -608,12 +622,22 @@ fn bind(stmt: &mut Cursor<'_>, index: usize, params: &Params) -> Result<(), SqlE
         Params::Named(values) => {
             let mut seen = BTreeMap::new();
             for (name, value) in values {
-                let position = stmt.parameter_index(name).ok_or_else(|| {
-                    SqlError::invalid(
-                        Some(index),
-                        format!("statement {index} has no parameter named {name}"),
-                    )
-                })?;
+                // Hrana clients may name a parameter without its prefix
+                // (`{"a": 1}` for `:a`); /sql requires it, so this finds
+                // nothing more there.
+                let position = stmt
+                    .parameter_index(name)
+                    .or_else(|| {
+                        [":", "@", "$"]
+                            .iter()
+                            .find_map(|p| stmt.parameter_index(&format!("{p}{name}")))
+                    })
+                    .ok_or_else(|| {
+                        SqlError::invalid(
+                            Some(index),
+                            format!("statement {index} has no parameter named {name}"),
+                        )
+                    })?;
                 stmt.bind(position, value)
                     .map_err(|e| bind_error(index, &e))?;
                 seen.insert(position, ());

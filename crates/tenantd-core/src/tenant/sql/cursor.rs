@@ -84,6 +84,30 @@ impl<'c> Cursor<'c> {
         Ok(cursor)
     }
 
+    /// The name of parameter `i` (1-based) as written, prefix included;
+    /// `None` for a nameless `?`.
+    pub fn parameter_name(&self, i: usize) -> Option<String> {
+        // SAFETY: a live statement; the name is copied at once.
+        unsafe {
+            let name = ffi::sqlite3_bind_parameter_name(self.stmt, i as c_int);
+            (!name.is_null()).then(|| CStr::from_ptr(name).to_string_lossy().into_owned())
+        }
+    }
+
+    /// The declared type of result column `i`, when it is a table column.
+    pub fn column_decltype(&self, i: usize) -> Option<String> {
+        // SAFETY: a live statement; the type is copied at once.
+        unsafe {
+            let decltype = ffi::sqlite3_column_decltype(self.stmt, i as c_int);
+            (!decltype.is_null()).then(|| CStr::from_ptr(decltype).to_string_lossy().into_owned())
+        }
+    }
+
+    pub fn is_explain(&self) -> bool {
+        // SAFETY: a live statement.
+        unsafe { ffi::sqlite3_stmt_isexplain(self.stmt) != 0 }
+    }
+
     pub fn readonly(&self) -> bool {
         // SAFETY: a live statement.
         unsafe { ffi::sqlite3_stmt_readonly(self.stmt) != 0 }
@@ -236,6 +260,41 @@ fn last_error(conn: &Connection, rc: c_int) -> rusqlite::Error {
 
 fn sqlite_error(code: c_int, message: Option<String>) -> rusqlite::Error {
     rusqlite::Error::SqliteFailure(ffi::Error::new(code), message)
+}
+
+/// The length of the first statement of `sql` (its text up to where
+/// SQLite stopped reading), or `None` when only comments are left. The
+/// statement is prepared and dropped, never run: a later statement of a
+/// sequence may name a table an earlier one creates.
+pub fn first_statement_len(conn: &Connection, sql: &str) -> rusqlite::Result<Option<usize>> {
+    if only_comments(sql.as_bytes()) {
+        return Ok(None);
+    }
+    let len = c_int::try_from(sql.len()).map_err(|_| sqlite_error(ffi::SQLITE_TOOBIG, None))?;
+    let mut stmt = ptr::null_mut();
+    let mut tail: *const c_char = ptr::null();
+    // SAFETY: as in Cursor::prepare; the statement is finalized at once.
+    let rc = unsafe {
+        let rc = ffi::sqlite3_prepare_v3(
+            conn.handle(),
+            sql.as_ptr().cast(),
+            len,
+            0,
+            &mut stmt,
+            &mut tail,
+        );
+        ffi::sqlite3_finalize(stmt);
+        rc
+    };
+    if rc != ffi::SQLITE_OK {
+        return Err(last_error(conn, rc));
+    }
+    let used = if tail.is_null() {
+        sql.len()
+    } else {
+        (tail as usize).saturating_sub(sql.as_ptr() as usize)
+    };
+    Ok(Some(used.max(1)))
 }
 
 /// Whether `rest` holds nothing but whitespace, `;` and comments.

@@ -271,6 +271,7 @@ pub fn refusal(index: usize, error: &rusqlite::Error) -> Option<SqlError> {
     Some(SqlError {
         kind: SqlErrorKind::Limit,
         statement: Some(index),
+        sqlite_code: error.sqlite_error().map(|e| e.extended_code),
         message: format!(
             "statement {index}: {text}: over the limit of {value} {} ({}; {} / TENANTD_{env}); nothing of the request was applied",
             limit.unit, limit.name, limit.flag

@@ -4,6 +4,7 @@
 //! `restore`'s flags, `tenants`, `fly`) live here.
 
 mod fly;
+mod migrate_cli;
 mod restore_cli;
 mod serve_args;
 mod sql_client;
@@ -41,6 +42,8 @@ enum Command {
     Restore(restore_cli::RestoreArgs),
     /// Create, delete and list tenants in the store.
     Tenants(tenants_cli::TenantsArgs),
+    /// Publish schema migrations and apply them to every tenant.
+    Migrate(migrate_cli::MigrateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,6 +59,7 @@ fn main() -> std::process::ExitCode {
             Command::Sql(args) => sql_client::run(args).await,
             Command::Restore(args) => restore_cli::run(args).await,
             Command::Tenants(args) => tenants_cli::run(args).await,
+            Command::Migrate(args) => migrate_cli::run(args).await,
         }
     });
     // Blocking threads (a tenant's SQLite work) must not keep the process

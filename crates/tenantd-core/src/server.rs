@@ -235,6 +235,10 @@ pub async fn run_with(
     if let Some(id) = customer_id.clone() {
         tokio::spawn(registry.clone().standby(id));
     }
+    tokio::spawn(crate::tenant::migrations::watcher::run(
+        registry.clone(),
+        crate::tenant::migrations::watcher::interval(),
+    ));
     let state = AppState {
         registry: registry.clone(),
         metrics,

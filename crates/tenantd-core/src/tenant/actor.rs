@@ -79,7 +79,7 @@ impl TenantHandle {
     pub async fn call(&self, op: Op) -> Result<Answer, TenantError> {
         match self.request(op).await? {
             Reply::Count(answer) => Ok(answer),
-            Reply::Sql(_) => unreachable!("only SQL requests answer with results"),
+            _ => unreachable!("counter operations answer with a count"),
         }
     }
 
@@ -95,7 +95,7 @@ impl TenantHandle {
         };
         match self.request(op).await? {
             Reply::Sql(answer) => Ok(answer),
-            Reply::Count(_) => unreachable!("SQL requests answer with results"),
+            _ => unreachable!("SQL requests answer with results"),
         }
     }
 
@@ -258,7 +258,16 @@ impl TenantActor {
             stop,
             done,
         };
+        let (id, store) = (actor.id.clone(), actor.ctx.store.clone());
         let task = tokio::spawn(actor.run());
+        // No answer below the published schema version: pending migrations
+        // go first (a migration's own failure leaves the tenant serving at
+        // its version; only a store failure gives the tenant up).
+        if let Err(e) = super::migrations::bring_up_to_date(&id, &store, &handle).await {
+            handle.stop();
+            handle.ended().await;
+            return Err(e);
+        }
         Ok((handle, task))
     }
 
@@ -459,6 +468,7 @@ impl TenantActor {
                         request,
                         idempotency_key,
                     } => Work::Sql(request, idempotency_key.as_deref()),
+                    Op::Migrate(migration) => Work::Migrate(migration),
                 })
                 .collect();
             let applied = copy

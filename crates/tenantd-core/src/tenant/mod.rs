@@ -10,6 +10,7 @@ pub mod db;
 pub mod delta;
 pub mod lifecycle;
 pub mod log;
+pub mod migrations;
 pub mod registry;
 pub mod sql;
 pub mod wal;
@@ -31,6 +32,8 @@ pub enum Op {
         request: Arc<sql::SqlRequest>,
         idempotency_key: Option<String>,
     },
+    /// Apply one published schema migration unless it is applied already.
+    Migrate(Arc<migrations::Migration>),
 }
 
 /// What a tenant answers: a count for the counter's operations, results
@@ -39,6 +42,7 @@ pub enum Op {
 pub enum Reply {
     Count(Answer),
     Sql(SqlAnswer),
+    Migrated(migrations::Migrated),
 }
 
 /// A SQL request's durable answer.

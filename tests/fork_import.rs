@@ -72,21 +72,40 @@ async fn a_fork_starts_as_the_source_was_at_a_slot_or_a_time_and_leaves_it_alone
         .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|digits| digits.parse().ok())
         .unwrap_or_else(|| panic!("no slot in {out:?}"));
-    let (code, _, err) =
-        setup.tenants(&["create", "at-slot", "--from", "src", "--at", &slot.to_string()]);
+    let (code, _, err) = setup.tenants(&[
+        "create",
+        "at-slot",
+        "--from",
+        "src",
+        "--at",
+        &slot.to_string(),
+    ]);
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = setup.tenants(&["create", "now", "--from", "src"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(setup.object("customer/src/machine.lock"), lock_before, "source not locked");
+    assert_eq!(
+        setup.object("customer/src/machine.lock"),
+        lock_before,
+        "source not locked"
+    );
 
     let one = json!([[1]]);
     let both = json!([[1], [2]]);
     assert_eq!(rows(&m, "at-time", "SELECT n FROM notes").await, one);
     assert_eq!(rows(&m, "at-slot", "SELECT n FROM notes").await, one);
-    assert_eq!(rows(&m, "now", "SELECT n FROM notes ORDER BY n").await, both);
+    assert_eq!(
+        rows(&m, "now", "SELECT n FROM notes ORDER BY n").await,
+        both
+    );
     // Each has its own log; the source is untouched by the forks' writes.
-    assert_eq!(sql(&m, "at-time", "INSERT INTO notes VALUES (9)").await.0, 200);
-    assert_eq!(rows(&m, "src", "SELECT n FROM notes ORDER BY n").await, both);
+    assert_eq!(
+        sql(&m, "at-time", "INSERT INTO notes VALUES (9)").await.0,
+        200
+    );
+    assert_eq!(
+        rows(&m, "src", "SELECT n FROM notes ORDER BY n").await,
+        both
+    );
     // An existing id is refused, nothing of it changed.
     let (code, _, err) = setup.tenants(&["create", "now", "--from", "src"]);
     assert_eq!(code, 1);
@@ -107,12 +126,19 @@ async fn import_takes_a_sound_file_or_an_export_and_refuses_the_rest_writing_not
         conn.execute_batch("CREATE TABLE items(name TEXT); INSERT INTO items VALUES ('pen');")
             .unwrap();
     }
-    let (code, out, err) = setup.tenants(&["create", "imp", "--from-file", plain.to_str().unwrap()]);
+    let (code, out, err) =
+        setup.tenants(&["create", "imp", "--from-file", plain.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("imp created"), "{out}");
     let m = setup.machine("a000000000im01", None, &["--api-token", API]);
-    assert_eq!(rows(&m, "imp", "SELECT name FROM items").await, json!([["pen"]]));
-    assert_eq!(sql(&m, "imp", "INSERT INTO items VALUES ('cup')").await.0, 200);
+    assert_eq!(
+        rows(&m, "imp", "SELECT name FROM items").await,
+        json!([["pen"]])
+    );
+    assert_eq!(
+        sql(&m, "imp", "INSERT INTO items VALUES ('cup')").await.0,
+        200
+    );
 
     // An export (`tenantd restore`) imports again as another tenant.
     let export = setup.stored_db("imp");

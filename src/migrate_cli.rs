@@ -36,6 +36,11 @@ pub struct MigrateArgs {
     #[arg(long, env = "TENANTD_STORE", global = true)]
     pub store: Option<StoreUrl>,
 
+    /// Print the number of store requests this command made (stderr), by
+    /// operation: for measuring.
+    #[arg(long, global = true)]
+    pub store_requests: bool,
+
     #[command(subcommand)]
     pub command: MigrateCommand,
 }
@@ -84,10 +89,48 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
     check_store_configured(args.store.as_ref()).map_err(anyhow::Error::msg)?;
     let url = store_url(args.store.as_ref())
         .map_err(|e| anyhow::anyhow!("{e}: fix --store / TENANTD_STORE"))?;
-    let (store, _) = open_store(&url, FaultConfig::default(), RetryPolicy::default(), None)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot open the store {url}: {e}"))?;
-    match args.command {
+    let counted = Metrics::new();
+    let (store, _) = open_store(
+        &url,
+        FaultConfig::default(),
+        RetryPolicy::default(),
+        Some(&counted),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot open the store {url}: {e}"))?;
+    let result = command(store, args.command).await;
+    if args.store_requests {
+        eprintln!("store requests: {}", store_requests(&counted));
+    }
+    result
+}
+
+/// `tenantd_store_requests_total` summed by operation.
+fn store_requests(metrics: &Metrics) -> String {
+    let mut by_op = std::collections::BTreeMap::<String, f64>::new();
+    for line in metrics.render().lines() {
+        let Some(rest) = line.strip_prefix("tenantd_store_requests_total{") else {
+            continue;
+        };
+        let op = rest
+            .split("op=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?");
+        let n: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0.0);
+        *by_op.entry(op.to_string()).or_default() += n;
+    }
+    let total: f64 = by_op.values().sum();
+    let parts: Vec<String> = by_op.iter().map(|(op, n)| format!("{op} {n}")).collect();
+    format!("{total} ({})", parts.join(", "))
+}
+
+async fn command(store: DynStore, command: MigrateCommand) -> anyhow::Result<()> {
+    match command {
         MigrateCommand::Push { dir } => push(&store, &dir).await,
         MigrateCommand::Status { json } => {
             let fleet = status::fleet(&store).await?;

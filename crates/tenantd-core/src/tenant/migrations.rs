@@ -241,3 +241,89 @@ pub fn new_database_bytes(migrations: &[Arc<Migration>]) -> anyhow::Result<bytes
         .map_err(|e| anyhow::anyhow!("cannot read back {}: {e}", path.display()))?;
     Ok(bytes::Bytes::from(bytes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenant::db::{Db, Work};
+    use crate::tenant::{Reply, sql::SqlError};
+
+    fn run(db: &mut Db, m: &Migration) -> Result<Reply, SqlError> {
+        let applied = db
+            .apply_batch(1, &[Work::Migrate(m)], &SqlLimits::default(), false)
+            .unwrap();
+        applied.replies.into_iter().next().unwrap()
+    }
+
+    fn tables(dir: &std::path::Path) -> Vec<String> {
+        let conn = rusqlite::Connection::open(dir.join("t.sqlite3")).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'tenantd_%' ORDER BY name")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_migration_runs_once_in_order_and_a_failure_rolls_back_alone() {
+        let dir = Scratch::new().unwrap();
+        let mut db = Db::open(&dir.0.join("t.sqlite3")).unwrap();
+        let one = Migration::new(
+            1,
+            "0001_a.sql",
+            "CREATE TABLE a(x); INSERT INTO a VALUES (1);",
+        )
+        .unwrap();
+        let two = Migration::new(
+            2,
+            "0002_b.sql",
+            "CREATE TABLE b(x); INSERT INTO nope VALUES (1);",
+        )
+        .unwrap();
+        let three = Migration::new(3, "0003_c.sql", "CREATE TABLE c(x);").unwrap();
+        // Not the next one: waits, nothing run.
+        assert!(run(&mut db, &three).is_err());
+        assert_eq!(
+            run(&mut db, &one).unwrap(),
+            Reply::Migrated(Migrated {
+                version: 1,
+                applied: true
+            })
+        );
+        assert_eq!(
+            run(&mut db, &one).unwrap(),
+            Reply::Migrated(Migrated {
+                version: 1,
+                applied: false
+            }),
+            "recorded: never run again"
+        );
+        let error = run(&mut db, &two).unwrap_err();
+        assert!(error.message.contains("nope"), "{}", error.message);
+        assert_eq!(db.schema_version().unwrap(), 1, "a failure records nothing");
+        assert!(run(&mut db, &three).is_err(), "waits for 0002");
+        drop(db);
+        assert_eq!(
+            tables(&dir.0),
+            ["a", "welcome"],
+            "0002's CREATE rolled back"
+        );
+    }
+
+    #[test]
+    fn a_migration_is_under_the_tenants_sql_guard() {
+        let dir = Scratch::new().unwrap();
+        let mut db = Db::open(&dir.0.join("t.sqlite3")).unwrap();
+        let sneaky = Migration::new(
+            1,
+            "0001_x.sql",
+            "UPDATE tenantd_meta SET value = 99 WHERE key = 'schema_version';",
+        )
+        .unwrap();
+        assert!(run(&mut db, &sneaky).is_err());
+        assert_eq!(db.schema_version().unwrap(), 0);
+        assert!(Migration::new(1, "0001_x.sql", "-- only a comment\n").is_err());
+    }
+}

@@ -88,7 +88,9 @@ fn push_refuses_bad_folders_publishes_nothing_and_keeps_published_files_immutabl
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::file_store(dir.path());
     let head = "migrations/head.json";
-    let cases: &[(&str, &[(&str, &[u8])], &str)] = &[
+    // (case, files of the folder, what the error names)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a [u8])], &'a str);
+    let cases: &[Case] = &[
         (
             "gap",
             &[

@@ -162,10 +162,10 @@ fn cache() -> &'static Mutex<HashMap<String, Arc<Migration>>> {
 
 /// The migration of a head entry.
 pub async fn load(store: &DynStore, entry: &Entry) -> Result<Arc<Migration>, String> {
-    if let Some(found) = cache().lock().unwrap().get(&entry.sha256) {
-        if found.version == entry.version {
-            return Ok(found.clone());
-        }
+    if let Some(found) = cache().lock().unwrap().get(&entry.sha256)
+        && found.version == entry.version
+    {
+        return Ok(found.clone());
     }
     let key = file_key(&entry.name);
     let object = store

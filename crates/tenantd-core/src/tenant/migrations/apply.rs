@@ -97,10 +97,10 @@ pub async fn apply_head(
             Err(e) => return Err(e),
         }
     }
-    if !outcome.applied.is_empty() || outcome.failed.is_some() {
-        if let Err(e) = status::record(store, &outcome).await {
-            warn!(customer_id = %id, error = %e, "could not write the tenant's migration status record; `migrate status` shows its previous one until the next apply");
-        }
+    if (!outcome.applied.is_empty() || outcome.failed.is_some())
+        && let Err(e) = status::record(store, &outcome).await
+    {
+        warn!(customer_id = %id, error = %e, "could not write the tenant's migration status record; `migrate status` shows its previous one until the next apply");
     }
     Ok(outcome)
 }

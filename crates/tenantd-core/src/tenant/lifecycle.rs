@@ -187,7 +187,12 @@ pub async fn create(store: &DynStore, id: &TenantId) -> anyhow::Result<Created> 
 }
 
 /// The new tenant's migration record (advisory: `migrate status` reads it).
+/// None at version 0: with nothing published there is nothing to report,
+/// and a tenant without a record is at version 0 anyway.
 async fn record_version(store: &DynStore, id: &TenantId, version: u32) {
+    if version == 0 {
+        return;
+    }
     if let Err(e) = super::migrations::status::write(store, id.as_str(), version, None).await {
         tracing::warn!(customer_id = %id, error = %e, "could not write the new tenant's migration record");
     }

@@ -5,7 +5,7 @@
 //! since the last look is checked against the head too, so a push that
 //! lands between a claim's read of the head and the first look here is not
 //! missed. Bound: a running holder applies a push within `INTERVAL` plus
-//! the migration's own time.
+//! the migration's own time. A machine that holds no tenant reads nothing.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -39,6 +39,13 @@ pub async fn run(registry: Arc<Registry>, interval: Duration) {
     loop {
         if registry.is_draining() {
             return;
+        }
+        // A machine holding nothing reads nothing: each claim reads the
+        // head itself.
+        if registry.held().is_empty() {
+            seen.clear();
+            tokio::time::sleep(interval).await;
+            continue;
         }
         match read_head(&store).await {
             Ok((head, etag)) => {

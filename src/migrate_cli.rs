@@ -348,7 +348,7 @@ impl Applier {
     /// One tenant: through its holder, or under this command's lease.
     async fn one(&self, id: &TenantId) -> Result<Value, String> {
         let mut last = String::new();
-        for _ in 0..3 {
+        for _ in 0..5 {
             let lock = read_lock(&self.store, &keys::lock(id.as_str()))
                 .await
                 .map_err(|e| format!("cannot read its lock: {e}"))?;
@@ -378,6 +378,9 @@ impl Applier {
                     Ok(outcome) => return Ok(outcome),
                     Err(Unreached(e)) => last = e,
                 },
+                Ok(Via::Lost) => {
+                    last = "lost its lease while taking the tenant over (a slow store); nothing was left half-done: run apply again".into();
+                }
                 Err(e) => return Err(format!("{e:#}")),
             }
         }

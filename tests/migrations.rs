@@ -15,6 +15,15 @@ use serde_json::{Value, json};
 
 use cluster::{BIN, Machine, Setup, eventually};
 
+/// The file store, with a lease ttl that a loaded CI machine does not
+/// mistake for a dead holder (these tests are about migrations, not
+/// takeovers).
+fn setup(dir: &Path) -> Setup {
+    let mut setup = Setup::file_store(dir);
+    setup.ttl = "5s".into();
+    setup
+}
+
 const ADMIN: &str = "admin-secret";
 const API: &str = "api-secret";
 
@@ -86,7 +95,7 @@ fn stored_rows(setup: &Setup, id: &str, query: &str) -> Vec<i64> {
 #[test]
 fn push_refuses_bad_folders_publishes_nothing_and_keeps_published_files_immutable() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::file_store(dir.path());
+    let setup = setup(dir.path());
     let head = "migrations/head.json";
     // (case, files of the folder, what the error names)
     type Case<'a> = (&'a str, &'a [(&'a str, &'a [u8])], &'a str);
@@ -189,7 +198,7 @@ fn push_refuses_bad_folders_publishes_nothing_and_keeps_published_files_immutabl
 #[tokio::test(flavor = "multi_thread")]
 async fn lazy_apply_at_claim_push_to_running_holders_and_failure_isolation() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::file_store(dir.path());
+    let setup = setup(dir.path());
     setup.create_tenants(&["t1", "t2"]);
     let folder = dir.path().join("m");
     write(
@@ -272,7 +281,7 @@ async fn lazy_apply_at_claim_push_to_running_holders_and_failure_isolation() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_apply_resumes_and_never_runs_a_migration_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::file_store(dir.path());
+    let setup = setup(dir.path());
     let ids: Vec<String> = (0..24).map(|i| format!("k{i:02}")).collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     setup.create_tenants(&refs);

@@ -22,7 +22,7 @@ use crate::TenantId;
 use crate::replay::Target;
 use crate::tenant::Route;
 use crate::tenant::lifecycle::{self, Created, Deleted, Deleter};
-use crate::tenant::migrations::bring_up_to_date;
+use crate::tenant::migrations::apply::bring_up_to_date_recorded;
 
 pub(super) async fn create_tenant(
     State(state): State<AppState>,
@@ -159,7 +159,7 @@ pub(super) async fn migrate_tenant(
             return error(StatusCode::SERVICE_UNAVAILABLE, &message);
         }
     };
-    match bring_up_to_date(&id, registry.store(), &handle).await {
+    match bring_up_to_date_recorded(&id, registry.store(), &handle).await {
         Ok(outcome) => (StatusCode::OK, Json(outcome)).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }

@@ -48,6 +48,26 @@ pub async fn bring_up_to_date(
     apply_head(id, store, handle, &head).await
 }
 
+/// [`bring_up_to_date`] for an explicit apply (`migrate apply`, the admin
+/// route): the tenant's record is written even when nothing was pending, so
+/// that a record left stale (an applier killed between the commit and the
+/// record) is put right.
+pub async fn bring_up_to_date_recorded(
+    id: &TenantId,
+    store: &DynStore,
+    handle: &TenantHandle,
+) -> Result<Outcome, TenantError> {
+    let outcome = bring_up_to_date(id, store, handle).await?;
+    if outcome.applied.is_empty()
+        && outcome.failed.is_none()
+        && outcome.latest > 0
+        && let Err(e) = status::record(store, &outcome).await
+    {
+        warn!(customer_id = %id, error = %e, "could not write the tenant's migration status record");
+    }
+    Ok(outcome)
+}
+
 /// [`bring_up_to_date`] with the head already read.
 pub async fn apply_head(
     id: &TenantId,

@@ -10,11 +10,12 @@ use anyhow::bail;
 use tokio::time::Instant;
 
 use super::Scratch;
-use super::apply::{Outcome, bring_up_to_date};
+use super::apply::{Outcome, bring_up_to_date_recorded};
 use crate::TenantId;
 use crate::lease::{Acquire, Contender, LockRecord, Session};
 use crate::metrics::Metrics;
 use crate::store::{DynStore, keys};
+use crate::tenant::TenantError;
 use crate::tenant::actor::{ActorContext, TenantActor};
 
 /// How a tenant was brought up to date.
@@ -23,6 +24,9 @@ pub enum Via {
     OwnLease(Outcome),
     /// A machine holds it: ask that one.
     HeldBy(LockRecord),
+    /// The lease was lost while taking the tenant over (nothing of this
+    /// apply was acknowledged): try again.
+    Lost,
 }
 
 /// Applies what is pending to `id` under `session`'s lease, waiting up to
@@ -54,13 +58,17 @@ pub async fn apply(
         machine_id.to_string(),
         scratch.0.clone(),
     );
-    let (handle, task) = TenantActor::start(id.clone(), ctx, lease)
-        .await
-        .map_err(|e| anyhow::anyhow!("customer {id}: {e}"))?;
-    let outcome = bring_up_to_date(id, store, &handle).await;
+    let (handle, task) = match TenantActor::start(id.clone(), ctx, lease).await {
+        Ok(started) => started,
+        Err(TenantError::NotHolder) => return Ok(Via::Lost),
+        Err(e) => bail!("customer {id}: {e}"),
+    };
+    let outcome = bring_up_to_date_recorded(id, store, &handle).await;
     handle.stop();
     let _ = task.await;
-    Ok(Via::OwnLease(
-        outcome.map_err(|e| anyhow::anyhow!("customer {id}: {e}"))?,
-    ))
+    match outcome {
+        Ok(outcome) => Ok(Via::OwnLease(outcome)),
+        Err(TenantError::NotHolder) => Ok(Via::Lost),
+        Err(e) => bail!("customer {id}: {e}"),
+    }
 }

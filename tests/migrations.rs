@@ -264,6 +264,23 @@ async fn lazy_apply_at_claim_push_to_running_holders_and_failure_isolation() {
     let (code, out, _) = migrate(&setup, &["apply", "--customer-id", "t2"]);
     assert_eq!(code, 1, "still failing: {out}");
     assert!(out.contains("FAILED t2") && out.contains("UNIQUE"), "{out}");
+    // A canary that fails stops the rollout before the rest.
+    let (code, out, _) = migrate(
+        &setup,
+        &[
+            "apply",
+            "--customer-id",
+            "t2,t1",
+            "--canary",
+            "1",
+            "--recheck",
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("canary failed: stopped after 1 tenant(s), 1 not tried"),
+        "{out}"
+    );
     // Fixed through SQL, applied again (through the holder): done.
     let (code, _) = sql(&m, "t2", &["DELETE FROM users WHERE id > 1"]).await;
     assert_eq!(code, 200);

@@ -4,6 +4,7 @@
 //! `restore`'s flags, `tenants`, `tokens`, `fly`) live here.
 
 mod fly;
+mod migrate_cli;
 mod restore_cli;
 mod serve_args;
 mod sql_client;
@@ -44,6 +45,8 @@ enum Command {
     Tenants(tenants_cli::TenantsArgs),
     /// Make tenant tokens: a key pair, and tokens that open one tenant.
     Tokens(tokens_cli::TokensArgs),
+    /// Publish schema migrations and apply them to every tenant.
+    Migrate(migrate_cli::MigrateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +63,7 @@ fn main() -> std::process::ExitCode {
             Command::Restore(args) => restore_cli::run(args).await,
             Command::Tenants(args) => tenants_cli::run(args).await,
             Command::Tokens(args) => tokens_cli::run(args).await,
+            Command::Migrate(args) => migrate_cli::run(args).await,
         }
     });
     // Blocking threads (a tenant's SQLite work) must not keep the process

@@ -89,7 +89,42 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
                 .map(|ms| format!(", last commit at {}", log::rfc3339_ms(ms)))
                 .unwrap_or_default(),
         );
+        if let Until::Seq(wanted) = until
+            && done.seq < wanted
+        {
+            println!("{}", why_earlier(&store, &id, done.seq, wanted).await);
+        }
         return Ok(());
     }
     in_place(&store, &id, until, args.yes, args.wait, RESTORE_TTL).await
+}
+
+/// Why `--at <slot>` gave an earlier slot: the slots between hold no
+/// commit (fences), or the log ends before it.
+async fn why_earlier(
+    store: &tenantd_core::store::DynStore,
+    id: &TenantId,
+    got: u64,
+    wanted: u64,
+) -> String {
+    let after = match log::list_slots(store, id.as_str(), got).await {
+        Ok(slots) => slots,
+        Err(e) => return format!("(slots {}–{wanted} could not be listed: {e})", got + 1),
+    };
+    let window: Vec<&(u64, u64)> = after.iter().filter(|(seq, _)| *seq <= wanted).collect();
+    if window.is_empty() {
+        return format!(
+            "slot {wanted} is past the newest commit of customer {id}: slot {got} is its last"
+        );
+    }
+    let (first, last) = (got + 1, window.last().map_or(wanted, |(seq, _)| *seq));
+    if window.iter().all(|(_, size)| log::is_fence_size(*size)) {
+        format!(
+            "slots {first}–{last} hold no commit: they are fences, which every takeover writes (a new holder reserves the next slots so that a paused former holder cannot commit into them); slot {got} is the last commit at or before slot {wanted}. The first commit of a new tenant comes after its first holder's fences."
+        )
+    } else {
+        format!(
+            "slots {first}–{last} hold no commit that can be restored on its own (fences of takeovers, or slots whose compaction folded them into a later snapshot); slot {got} is the last commit at or before slot {wanted}"
+        )
+    }
 }

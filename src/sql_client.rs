@@ -7,8 +7,6 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use tenantd_core::tenant::sql::guard::first_keyword;
-
 #[derive(Args, Debug)]
 pub struct SqlArgs {
     /// The app's URL: `tenantd dev`'s edge, or https://<app>.fly.dev.
@@ -67,8 +65,25 @@ pub async fn run(args: SqlArgs) -> anyhow::Result<()> {
             statements
         }
         Some(sql) => {
-            let params: Vec<Value> = args.params.iter().map(|p| param(p)).collect();
-            vec![json!({"sql": sql, "params": params})]
+            // A script in the argument runs as sqlite3 runs it: statement by
+            // statement (one request, one transaction), each prepared after
+            // the one before it ran.
+            let statements = split_script(sql);
+            if statements.len() > 1 {
+                if !args.params.is_empty() {
+                    bail!(
+                        "parameters go with one statement; the argument has {} statements",
+                        statements.len()
+                    );
+                }
+                statements
+                    .into_iter()
+                    .map(|sql| json!({"sql": sql}))
+                    .collect()
+            } else {
+                let params: Vec<Value> = args.params.iter().map(|p| param(p)).collect();
+                vec![json!({"sql": sql, "params": params})]
+            }
         }
     };
     let token = args
@@ -123,38 +138,7 @@ fn param(text: &str) -> Value {
     }
 }
 
-/// Splits a script into statements where SQLite itself would: at a `;`
-/// that completes a statement (not one inside a string, a comment or a
-/// trigger body). Comment-only pieces are dropped.
-pub fn split_script(script: &str) -> Vec<String> {
-    let mut statements = Vec::new();
-    let mut start = 0;
-    for (index, c) in script.char_indices() {
-        if c != ';' {
-            continue;
-        }
-        let candidate = &script[start..=index];
-        if is_complete(candidate) {
-            statements.push(candidate.trim().trim_end_matches(';').trim().to_string());
-            start = index + 1;
-        }
-    }
-    let rest = script[start..].trim();
-    if !rest.is_empty() {
-        statements.push(rest.to_string());
-    }
-    statements.retain(|s| first_keyword(s).is_some());
-    statements
-}
-
-fn is_complete(sql: &str) -> bool {
-    let Ok(text) = std::ffi::CString::new(sql) else {
-        return false;
-    };
-    // SAFETY: sqlite3_complete reads a NUL-terminated string and keeps no
-    // pointer to it.
-    unsafe { rusqlite::ffi::sqlite3_complete(text.as_ptr()) != 0 }
-}
+pub use tenantd_core::tenant::migrations::script::split as split_script;
 
 /// Each statement's rows as an aligned table, or what it changed.
 pub fn format_results(results: &Value) -> String {

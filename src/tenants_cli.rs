@@ -27,10 +27,25 @@ pub struct TenantsArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum TenantsCommand {
-    /// Create tenants with an empty database (idempotent: existing ones are left as they are).
+    /// Create tenants with an empty database at the latest published schema
+    /// version (idempotent: existing ones are left as they are), or one
+    /// tenant as a fork of another (--from) or from a SQLite file (--from-file).
     Create {
         #[arg(required = true, value_name = "ID")]
         ids: Vec<String>,
+        /// Fork: start as this tenant is (or was, with --at); it is only read.
+        #[arg(long, value_name = "SRC_ID", conflicts_with = "from_file")]
+        from: Option<String>,
+        /// With --from: an RFC 3339 time (the last commit at or before it) or
+        /// a log slot number [default: the newest commit].
+        #[arg(long, requires = "from")]
+        at: Option<String>,
+        /// Import: a SQLite file (e.g. what `tenantd restore --output` wrote).
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<std::path::PathBuf>,
+        /// Largest database a tenant may have, as the machines' --max-db-bytes.
+        #[arg(long, env = "TENANTD_MAX_DB_BYTES", default_value_t = 1 << 30)]
+        max_db_bytes: u64,
     },
     /// Delete every object of the tenants, under their lease (idempotent).
     Delete {
@@ -60,7 +75,28 @@ pub async fn run(args: TenantsArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the store {url}: {e}"))?;
     match args.command {
-        TenantsCommand::Create { ids } => {
+        TenantsCommand::Create {
+            ids,
+            from,
+            at,
+            from_file,
+            max_db_bytes,
+        } if from.is_some() || from_file.is_some() => {
+            let [id] = &parse_ids(&ids)?[..] else {
+                anyhow::bail!("--from and --from-file create one tenant: give one ID");
+            };
+            let source = match (&from, &from_file) {
+                (Some(src), _) => Source::Fork {
+                    src: TenantId::parse(src)
+                        .map_err(|e| anyhow::anyhow!("--from {src:?}: {e}"))?,
+                    at: crate::restore_cli::parse_at(at.as_deref())?,
+                },
+                (None, Some(file)) => Source::File(file.clone()),
+                (None, None) => unreachable!("guarded above"),
+            };
+            create_from(&store, id, source, max_db_bytes).await?;
+        }
+        TenantsCommand::Create { ids, .. } => {
             for id in parse_ids(&ids)? {
                 let created = lifecycle::create(&store, &id).await?;
                 println!("{id} {}", created.as_str());
@@ -124,5 +160,47 @@ async fn ls(store: &DynStore, json: bool) -> anyhow::Result<()> {
             t.holder.as_deref().unwrap_or("-"),
         );
     }
+    Ok(())
+}
+
+enum Source {
+    Fork {
+        src: TenantId,
+        at: tenantd_core::tenant::log::Until,
+    },
+    File(std::path::PathBuf),
+}
+
+/// Fork or import: the database is made in a scratch folder (the source
+/// tenant is only read, never locked), checked, and uploaded as the new
+/// tenant's snapshot with an empty log; nothing is created on any error.
+async fn create_from(
+    store: &DynStore,
+    id: &TenantId,
+    source: Source,
+    max_db_bytes: u64,
+) -> anyhow::Result<()> {
+    use tenantd_core::tenant::migrations::{Scratch, import};
+    let scratch = Scratch::new()?;
+    let (file, what) = match source {
+        Source::Fork { src, at } => {
+            if !lifecycle::tenant_exists(store, &src).await? {
+                anyhow::bail!("--from {src}: {}", lifecycle::not_found_message(&src));
+            }
+            let path = scratch.0.join("fork.sqlite3");
+            let done =
+                tenantd_core::restore::materialize_retrying(store, src.as_str(), &path, at).await?;
+            (path, format!("a fork of {src} as of slot {}", done.seq))
+        }
+        Source::File(file) => {
+            let what = format!("an import of {}", file.display());
+            (file, what)
+        }
+    };
+    let dir = scratch.0.clone();
+    let (ready, version) =
+        tokio::task::spawn_blocking(move || import::prepare(&file, &dir, max_db_bytes)).await??;
+    lifecycle::create_from_file(store, id, &ready, version).await?;
+    println!("{id} created ({what}, schema version {version})");
     Ok(())
 }

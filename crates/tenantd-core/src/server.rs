@@ -246,6 +246,10 @@ pub async fn run_with(
         &metrics,
     ));
     followers.sweep_idle();
+    tokio::spawn(crate::tenant::migrations::watcher::run(
+        registry.clone(),
+        crate::tenant::migrations::watcher::interval(),
+    ));
     let state = AppState {
         registry: registry.clone(),
         metrics,

@@ -20,7 +20,9 @@ use serde_json::json;
 use super::{AppState, Forwardable, admin_denied, error, handoff, incoming_hops};
 use crate::TenantId;
 use crate::replay::Target;
+use crate::tenant::Route;
 use crate::tenant::lifecycle::{self, Created, Deleted, Deleter};
+use crate::tenant::migrations::apply::bring_up_to_date_recorded;
 
 pub(super) async fn create_tenant(
     State(state): State<AppState>,
@@ -108,5 +110,57 @@ pub(super) async fn delete_tenant(
             error(StatusCode::NOT_FOUND, &lifecycle::not_found_message(&id))
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("{e:#}")),
+    }
+}
+
+/// `POST /_admin/tenants/<id>/migrate`: brings the tenant up to the
+/// published schema version now, on its holder (a machine that does not
+/// hold it hands the request on, or takes the tenant when no one holds
+/// it: the claim applies what is pending). Answers the outcome:
+/// `{"customer_id", "latest", "version", "applied", "failed"}`.
+pub(super) async fn migrate_tenant(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(denied) = admin_denied(&state, &headers) {
+        return denied;
+    }
+    let id = match TenantId::parse(&id) {
+        Ok(id) => id,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let registry = &state.registry;
+    let handle = match registry.route(&id, false).await {
+        Route::Local(handle) => handle,
+        Route::Holder(holder) => {
+            let hops = incoming_hops(&headers);
+            let request = Forwardable {
+                method,
+                uri,
+                headers,
+                body,
+            };
+            let target = Target::Instance(holder.holder);
+            return handoff(&state, target, Some(holder.addr), hops, request)
+                .await
+                .0;
+        }
+        Route::NotFound(message) => return error(StatusCode::NOT_FOUND, &message),
+        Route::Corrupt(message) => return error(StatusCode::INTERNAL_SERVER_ERROR, &message),
+        Route::Unavailable(message) => return error(StatusCode::SERVICE_UNAVAILABLE, &message),
+        Route::Elsewhere | Route::Lookup { .. } => {
+            let message = format!(
+                "customer {id} is not served by this machine and no live holder is known; send the request to one of its machines, or run `tenantd migrate apply --customer-id {id}`"
+            );
+            return error(StatusCode::SERVICE_UNAVAILABLE, &message);
+        }
+    };
+    match bring_up_to_date_recorded(&id, registry.store(), &handle).await {
+        Ok(outcome) => (StatusCode::OK, Json(outcome)).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }

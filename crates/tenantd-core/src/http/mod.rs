@@ -86,6 +86,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
             "/_admin/tenants/{id}",
             post(admin::create_tenant).delete(admin::delete_tenant),
         )
+        .route("/_admin/tenants/{id}/migrate", post(admin::migrate_tenant))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

@@ -96,7 +96,7 @@ impl TenantHandle {
     pub async fn call(&self, op: Op) -> Result<Answer, TenantError> {
         match self.request(op).await? {
             Reply::Count(answer) => Ok(answer),
-            Reply::Sql(_) => unreachable!("only SQL requests answer with results"),
+            _ => unreachable!("counter operations answer with a count"),
         }
     }
 
@@ -112,7 +112,7 @@ impl TenantHandle {
         };
         match self.request(op).await? {
             Reply::Sql(answer) => Ok(answer),
-            Reply::Count(_) => unreachable!("SQL requests answer with results"),
+            _ => unreachable!("SQL requests answer with results"),
         }
     }
 
@@ -123,7 +123,7 @@ impl TenantHandle {
     ) -> Result<SqlAnswer, TenantError> {
         match self.request(Op::Hrana(program)).await? {
             Reply::Sql(answer) => Ok(answer),
-            Reply::Count(_) => unreachable!("Hrana pipelines answer with results"),
+            _ => unreachable!("Hrana pipelines answer with results"),
         }
     }
 
@@ -319,7 +319,16 @@ impl TenantActor {
             stop,
             done,
         };
+        let (id, store) = (actor.id.clone(), actor.ctx.store.clone());
         let task = tokio::spawn(actor.run());
+        // No answer below the published schema version: pending migrations
+        // go first (a migration's own failure leaves the tenant serving at
+        // its version; only a store failure gives the tenant up).
+        if let Err(e) = super::migrations::bring_up_to_date(&id, &store, &handle).await {
+            handle.stop();
+            handle.ended().await;
+            return Err(e);
+        }
         Ok((handle, task))
     }
 
@@ -530,6 +539,7 @@ impl TenantActor {
                         idempotency_key,
                     } => Work::Sql(request, idempotency_key.as_deref()),
                     Op::Hrana(program) => Work::Hrana(program, stream.as_deref()),
+                    Op::Migrate(migration) => Work::Migrate(migration),
                 })
                 .collect();
             let applied = copy

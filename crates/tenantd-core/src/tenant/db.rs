@@ -71,6 +71,9 @@ pub enum Work<'a> {
         &'a sql::hrana::Program,
         Option<&'a std::sync::Mutex<sql::hrana::StreamState>>,
     ),
+    /// A published schema migration: run once, its version recorded in the
+    /// same transaction (see [`super::migrations`]).
+    Migrate(&'a super::migrations::Migration),
 }
 
 /// A batch applied: one result per request, in order, and the committed
@@ -192,6 +195,11 @@ impl Db {
 
     pub fn seq(&self) -> rusqlite::Result<u64> {
         meta(&self.conn, "seq")
+    }
+
+    /// The last migration recorded as applied (0: none).
+    pub fn schema_version(&self) -> rusqlite::Result<u32> {
+        Ok(meta(&self.conn, super::migrations::SCHEMA_VERSION_KEY)? as u32)
     }
 
     pub fn count(&self) -> rusqlite::Result<u64> {
@@ -320,6 +328,7 @@ impl Db {
                 Work::Increment(key) => batch.increment(epoch, index, key)?,
                 Work::Sql(request, key) => batch.sql(epoch, index, request, key)?,
                 Work::Hrana(program, stream) => batch.hrana(epoch, index, program, stream)?,
+                Work::Migrate(migration) => batch.migrate(index, migration)?,
             };
             if let Err(lost) = step {
                 return Ok(Err(lost));
@@ -643,6 +652,73 @@ impl Batch<'_> {
             }
         };
         self.replies.push(outcome.map(Reply::Sql));
+        self.current = self.read_count();
+        Ok(Ok(()))
+    }
+
+    /// Runs a migration unless its version is recorded already; the
+    /// version is recorded in the same transaction. A migration that is not
+    /// the next one waits (answered with an error, nothing run).
+    fn migrate(
+        &mut self,
+        index: usize,
+        migration: &super::migrations::Migration,
+    ) -> rusqlite::Result<Result<(), Lost>> {
+        use super::migrations::{Migrated, SCHEMA_VERSION_KEY};
+        let current = meta(self.tx, SCHEMA_VERSION_KEY)? as u32;
+        if current >= migration.version {
+            self.replies.push(Ok(Reply::Migrated(Migrated {
+                version: current,
+                applied: false,
+            })));
+            return Ok(Ok(()));
+        }
+        if current + 1 != migration.version {
+            self.replies.push(Err(SqlError::invalid(
+                None,
+                format!(
+                    "the tenant is at schema version {current}: migration {} waits for {} first",
+                    migration.version,
+                    current + 1
+                ),
+            )));
+            return Ok(Ok(()));
+        }
+        if let Err(lost) = self.flush()? {
+            return Ok(Err(lost));
+        }
+        let limits = super::migrations::limits(self.ctx.limits);
+        let ctx = sql::Context {
+            guard: self.ctx.guard,
+            interrupt: self.ctx.interrupt,
+            limits: &limits,
+        };
+        let outcome = match sql::execute(self.tx, &ctx, &migration.request) {
+            Ok(_) => Ok(()),
+            Err(ExecError::Refused(error)) => Err(error),
+            Err(ExecError::TransactionLost(error)) => return Ok(Err((vec![index], error))),
+            Err(ExecError::Db(e)) => {
+                let what = format!("migration {}", migration.name);
+                match sql::limit_error(&e, None, &what, &limits, None) {
+                    Some(error) if self.tx.is_autocommit() => {
+                        return Ok(Err((vec![index], error)));
+                    }
+                    Some(error) => Err(error),
+                    None => return Err(e),
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                set_meta(self.tx, SCHEMA_VERSION_KEY, migration.version as u64)?;
+                self.sql_wrote = true;
+                self.replies.push(Ok(Reply::Migrated(Migrated {
+                    version: migration.version,
+                    applied: true,
+                })));
+            }
+            Err(error) => self.replies.push(Err(error)),
+        }
         self.current = self.read_count();
         Ok(Ok(()))
     }

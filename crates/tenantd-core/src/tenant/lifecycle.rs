@@ -153,9 +153,16 @@ pub async fn create(store: &DynStore, id: &TenantId) -> anyhow::Result<Created> 
     {
         return Ok(Created::Exists);
     }
-    let bytes = tokio::task::spawn_blocking(super::db::new_database_bytes)
+    // At the latest published schema version: a new tenant never serves
+    // below it, and never needs a migration run at its first claim.
+    let migrations = super::migrations::published(store)
         .await
-        .context("building a new database")??;
+        .with_context(|| format!("cannot create customer {id}"))?;
+    let version = migrations.len() as u32;
+    let bytes =
+        tokio::task::spawn_blocking(move || super::migrations::new_database_bytes(&migrations))
+            .await
+            .context("building a new database")??;
     let key = keys::database(id.as_str());
     let after = leftover_end(store, id)
         .await
@@ -170,10 +177,66 @@ pub async fn create(store: &DynStore, id: &TenantId) -> anyhow::Result<Created> 
         .await
     {
         Ok(_) => {
-            info!(customer_id = %id, "tenant created");
+            info!(customer_id = %id, version, "tenant created");
+            record_version(store, id, version).await;
             Ok(Created::Created)
         }
         Err(StoreError::PreconditionFailed { .. }) => Ok(Created::Exists),
+        Err(e) => Err(anyhow::anyhow!("cannot create customer {id}: {e}")),
+    }
+}
+
+/// The new tenant's migration record (advisory: `migrate status` reads it).
+/// None at version 0: with nothing published there is nothing to report,
+/// and a tenant without a record is at version 0 anyway.
+async fn record_version(store: &DynStore, id: &TenantId, version: u32) {
+    if version == 0 {
+        return;
+    }
+    if let Err(e) = super::migrations::status::write(store, id.as_str(), version, None).await {
+        tracing::warn!(customer_id = %id, error = %e, "could not write the new tenant's migration record");
+    }
+}
+
+/// Creates the tenant with the database in `file` (a fork's materialised
+/// state, or an imported file already checked by
+/// [`super::migrations::import::prepare`]). Unlike [`create`], an existing
+/// tenant is an error: nothing of it is touched.
+pub async fn create_from_file(
+    store: &DynStore,
+    id: &TenantId,
+    file: &std::path::Path,
+    version: u32,
+) -> anyhow::Result<()> {
+    if tenant_exists(store, id)
+        .await
+        .with_context(|| format!("cannot tell whether customer {id} exists"))?
+    {
+        bail!(
+            "customer {id} exists already; nothing was written: choose another id, or delete it first with `tenantd tenants delete {id}`"
+        );
+    }
+    let after = leftover_end(store, id)
+        .await
+        .with_context(|| format!("cannot read what a delete left of customer {id}"))?;
+    let key = keys::database(id.as_str());
+    match super::migrations::import::put_file(
+        store,
+        &key,
+        file,
+        new_database_metadata(after),
+        Precondition::IfAbsent,
+    )
+    .await
+    {
+        Ok(_) => {
+            info!(customer_id = %id, version, "tenant created from a file");
+            record_version(store, id, version).await;
+            Ok(())
+        }
+        Err(StoreError::PreconditionFailed { .. }) => {
+            bail!("customer {id} was created by someone else meanwhile; nothing was written")
+        }
         Err(e) => Err(anyhow::anyhow!("cannot create customer {id}: {e}")),
     }
 }
@@ -289,6 +352,9 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
     .buffer_unordered(8);
     while let Some(done) = deletions.next().await {
         done?;
+    }
+    if let Err(e) = super::migrations::status::remove(store, id.as_str()).await {
+        tracing::warn!(customer_id = %id, error = %e, "could not remove the tenant's migration records");
     }
     // Stop renewing (no release: the lock goes), then delete it.
     drop(lease);

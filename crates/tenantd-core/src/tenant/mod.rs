@@ -11,6 +11,7 @@ pub mod delta;
 pub mod follower;
 pub mod lifecycle;
 pub mod log;
+pub mod migrations;
 pub mod registry;
 pub mod sql;
 pub mod wal;
@@ -35,6 +36,8 @@ pub enum Op {
     /// A Hrana pipeline; answered as `Reply::Sql` with `{baton, results}`
     /// (or `{stream_error}` when its stream is gone).
     Hrana(Arc<sql::hrana::Program>),
+    /// Apply one published schema migration unless it is applied already.
+    Migrate(Arc<migrations::Migration>),
 }
 
 /// What a tenant answers: a count for the counter's operations, results
@@ -43,6 +46,7 @@ pub enum Op {
 pub enum Reply {
     Count(Answer),
     Sql(SqlAnswer),
+    Migrated(migrations::Migrated),
 }
 
 /// A SQL request's durable answer.

@@ -345,6 +345,18 @@ impl Registry {
     }
 
     /// Is this machine holding the tenant right now?
+    /// The tenants this machine holds now, with their actors.
+    pub fn held(&self) -> Vec<(TenantId, TenantHandle)> {
+        let slots = self.slots.lock().unwrap();
+        slots
+            .iter()
+            .filter_map(|(id, slot)| {
+                let handle = slot.state.lock().unwrap().handle.clone()?;
+                handle.is_alive().then(|| (id.clone(), handle))
+            })
+            .collect()
+    }
+
     pub fn holds(&self, id: &TenantId) -> bool {
         self.known_slot(id)
             .is_some_and(|slot| Self::live_handle(&slot).is_some())

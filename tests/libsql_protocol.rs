@@ -356,3 +356,51 @@ fn a_malformed_public_key_stops_the_machine_at_start_naming_it() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("TENANTD_TOKEN_PUBLIC_KEY"), "{stderr}");
 }
+
+/// Hrana answers carry the same consistency headers as `/sql`
+/// (`tenantd-bookmark`, `tenantd-served-by`, `tenantd-role`): a write's
+/// bookmark names the slot it was committed in, so a later request that
+/// sends it back is answered from state at least that new, and a bookmark
+/// tenantd never gave is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn hrana_answers_carry_bookmarks_and_honour_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::file_store(dir.path());
+    setup.create_tenants(&["12"]);
+    let a = setup.machine("a00000000027a1", Some("12"), &args());
+    let send = |bookmark: Option<String>, sql: &'static str| {
+        let mut request = reqwest::Client::new()
+            .post(a.url("/customers/12/v2/pipeline"))
+            .bearer_auth(API_TOKEN)
+            .body(json!({"baton": null, "requests": [execute(sql)]}).to_string());
+        if let Some(bookmark) = bookmark {
+            request = request.header("tenantd-bookmark", bookmark);
+        }
+        request.send()
+    };
+    let created = send(None, "CREATE TABLE t (x)").await.unwrap();
+    assert_eq!(created.status(), 200);
+    let header =
+        |reply: &reqwest::Response, name: &str| reply.headers()[name].to_str().unwrap().to_string();
+    assert_eq!(header(&created, "tenantd-served-by"), "a00000000027a1");
+    assert_eq!(header(&created, "tenantd-role"), "holder");
+    let first = header(&created, "tenantd-bookmark");
+    let inserted = send(Some(first.clone()), "INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(inserted.status(), 200);
+    let second = header(&inserted, "tenantd-bookmark");
+    assert!(
+        second.parse::<u64>().unwrap() > first.parse::<u64>().unwrap(),
+        "a write moves the bookmark on: {first} then {second}"
+    );
+    let read = send(Some(second.clone()), "SELECT count(*) FROM t")
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    assert_eq!(header(&read, "tenantd-bookmark"), second);
+    let bogus = send(Some("not-a-bookmark".into()), "SELECT 1")
+        .await
+        .unwrap();
+    assert_eq!(bogus.status(), 400, "{:?}", bogus.text().await);
+}

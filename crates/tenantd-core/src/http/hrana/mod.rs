@@ -24,6 +24,7 @@ use serde_json::{Value as Json, json};
 use super::{AppState, Forwardable, Served, answered_by, serve};
 use crate::TenantId;
 use crate::tenant::SqlAnswer;
+use crate::tenant::follower::bookmark::{self, Role};
 use crate::tenant::sql::hrana::Program;
 use crate::tenant::sql::hrana::proto::{CursorBody, PipelineBody, StreamRequest, error_json};
 
@@ -157,20 +158,28 @@ async fn run(
     if let Err(message) = program.check(&state.sql_limits) {
         return hrana_error(StatusCode::BAD_REQUEST, &message, "SQLITE_TOOBIG");
     }
+    let wanted = match bookmark::wanted(&request.headers) {
+        Ok(wanted) => wanted,
+        Err(message) => return hrana_error(StatusCode::BAD_REQUEST, &message, "HTTP_PARSE_ERROR"),
+    };
     let program = Arc::new(program);
     let served = serve(state, &id, request, |handle| {
         let program = program.clone();
-        async move { handle.hrana(program).await }
+        async move {
+            super::sql::reach_bookmark(&handle, wanted).await?;
+            let answer = handle.hrana(program).await?;
+            Ok((answer, handle.confirmed()))
+        }
     })
     .await;
     match served {
-        Served::Here(answer) => (respond(state, answer, shape), "served"),
+        Served::Here((answer, slot)) => (respond(state, answer, slot, shape), "served"),
         Served::Done(response, outcome) => (as_hrana(response).await, outcome),
     }
 }
 
 /// Every answer a pipeline gets from this machine is built here.
-fn respond(state: &AppState, answer: SqlAnswer, shape: Shape) -> Response {
+fn respond(state: &AppState, answer: SqlAnswer, slot: u64, shape: Shape) -> Response {
     if let Some(error) = answer.results.get("stream_error") {
         let mut response = (StatusCode::BAD_REQUEST, axum::Json(error.clone())).into_response();
         answered_by(&mut response, &state.machine_id, false);
@@ -190,6 +199,12 @@ fn respond(state: &AppState, answer: SqlAnswer, shape: Shape) -> Response {
             .into_response(),
     };
     answered_by(&mut response, &state.machine_id, false);
+    bookmark::stamp(
+        response.headers_mut(),
+        slot,
+        &state.machine_id,
+        Role::Holder,
+    );
     response
 }
 

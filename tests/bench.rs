@@ -123,8 +123,15 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
     );
     assert_eq!(report["unknown_tenants"]["not_found"], 1000);
     // The cold start replays the snapshot and every commit after it, and a
-    // single increment uploads a few pages, not the database.
-    assert_eq!(report["cold_start"][0]["deltas_replayed"], 101);
+    // single increment uploads a few pages, not the database. An increment
+    // sent again (the holder's session lost on a loaded machine) adds the
+    // new holder's fences to the log.
+    let cold = &report["cold_start"][0];
+    let replayed = cold["deltas_replayed"].as_u64().unwrap();
+    match cold["retries"].as_u64().unwrap() {
+        0 => assert_eq!(replayed, 101, "{cold}"),
+        _ => assert!(replayed >= 101, "{cold}"),
+    }
     let per_commit = report["upload_bytes_per_commit_by_size_mb"]["1"]
         .as_f64()
         .unwrap();

@@ -28,6 +28,7 @@
 //!   one attempt under the same time limit as a `HEAD`. A delete of a
 //!   missing key succeeds, as on S3 (also where a store answers 404).
 
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -43,7 +44,7 @@ use bytes::Bytes;
 
 use super::{
     ETag, Listed, MIN_THROUGHPUT_BYTES_PER_SEC, Metadata, Object, ObjectMeta, ObjectStore,
-    Precondition, StoreError, StoreResult, transfer_allowance,
+    Precondition, StoreError, StoreResult, stream, transfer_allowance,
 };
 
 const CONSISTENT_HEADER: &str = "X-Tigris-Consistent";
@@ -336,6 +337,79 @@ impl S3Store {
         }
     }
 
+    /// A GET's answer up to its head: `None` for a missing key. The attempt
+    /// timeout covers the head; the body is read under its own allowance.
+    async fn get_output(
+        &self,
+        key: &str,
+    ) -> StoreResult<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>> {
+        let request = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key));
+        match consistent!(request)
+            .config_override(self.overrides(0))
+            .send()
+            .await
+        {
+            Ok(output) => Ok(Some(output)),
+            Err(e) => {
+                if let SdkError::ServiceError(service) = &e
+                    && service.err().is_no_such_key()
+                {
+                    return Ok(None);
+                }
+                Err(self.map_error(key, e, false))
+            }
+        }
+    }
+
+    /// A PUT of `body` (`len` bytes) under `condition`.
+    async fn put_body(
+        &self,
+        key: &str,
+        body: ByteStream,
+        len: u64,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .body(body)
+            .content_length(len as i64)
+            .set_metadata(Some(metadata.into_iter().collect()));
+        let conditional = match &condition {
+            Precondition::None => false,
+            Precondition::IfAbsent => {
+                request = request.if_none_match("*");
+                true
+            }
+            Precondition::IfMatch(etag) => {
+                request = request.if_match(etag.to_header());
+                true
+            }
+        };
+        match consistent!(request)
+            .config_override(self.overrides(len))
+            .send()
+            .await
+        {
+            // Without a usable ETag the write happened but cannot be built
+            // on: a transient error, which the retrying layer resolves by
+            // reading the object back.
+            Ok(output) => self.etag_of(
+                key,
+                "a successful PUT (the write may have landed)",
+                output.e_tag(),
+            ),
+            Err(e) => Err(self.map_error(key, e, conditional)),
+        }
+    }
+
     /// The store's key of a listed full key (without the store's prefix).
     fn key_of_listed(&self, full: &str) -> Option<String> {
         if self.prefix.is_empty() {
@@ -388,27 +462,8 @@ impl S3Store {
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
-        let request = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key));
-        // The attempt timeout covers the answer's head; the body is read
-        // below under its own allowance.
-        let output = match consistent!(request)
-            .config_override(self.overrides(0))
-            .send()
-            .await
-        {
-            Ok(output) => output,
-            Err(e) => {
-                if let SdkError::ServiceError(service) = &e
-                    && service.err().is_no_such_key()
-                {
-                    return Ok(None);
-                }
-                return Err(self.map_error(key, e, false));
-            }
+        let Some(output) = self.get_output(key).await? else {
+            return Ok(None);
         };
         let etag = self.etag_of(key, "a GET", output.e_tag())?;
         let metadata: Metadata = output
@@ -487,39 +542,76 @@ impl ObjectStore for S3Store {
         condition: Precondition,
     ) -> StoreResult<ETag> {
         let len = body.len() as u64;
-        let mut request = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key))
-            .body(ByteStream::from(body))
-            .set_metadata(Some(metadata.into_iter().collect()));
-        let conditional = match &condition {
-            Precondition::None => false,
-            Precondition::IfAbsent => {
-                request = request.if_none_match("*");
-                true
-            }
-            Precondition::IfMatch(etag) => {
-                request = request.if_match(etag.to_header());
-                true
-            }
-        };
-        match consistent!(request)
-            .config_override(self.overrides(len))
-            .send()
+        self.put_body(key, ByteStream::from(body), len, metadata, condition)
             .await
-        {
-            // Without a usable ETag the write happened but cannot be built
-            // on: a transient error, which the retrying layer resolves by
-            // reading the object back.
-            Ok(output) => self.etag_of(
-                key,
-                "a successful PUT (the write may have landed)",
-                output.e_tag(),
-            ),
-            Err(e) => Err(self.map_error(key, e, conditional)),
+    }
+
+    /// The body is read from the file as it is sent (never whole in
+    /// memory); a resend reads it again.
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        let len = stream::file_len(key, path).await?;
+        let body = ByteStream::read_from()
+            .path(path)
+            .buffer_size(stream::CHUNK)
+            .length(aws_sdk_s3::primitives::Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| {
+                stream::local_read_error(key, path, std::io::Error::other(e.to_string()))
+            })?;
+        self.put_body(key, body, len, metadata, condition).await
+    }
+
+    /// The body goes to the file chunk by chunk as it arrives, under the
+    /// same allowance as `get`'s, and must be exactly `Content-Length`.
+    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<Option<ObjectMeta>> {
+        let Some(mut output) = self.get_output(key).await? else {
+            return Ok(None);
+        };
+        let etag = self.etag_of(key, "a GET", output.e_tag())?;
+        let metadata: Metadata = output
+            .metadata()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let length = output.content_length().map(|l| l.max(0) as u64);
+        let allowance = attempt_timeout_from(self.attempt_base, length.unwrap_or(0));
+        let mut download = stream::Download::create(key, path, length).await?;
+        let copy =
+            async {
+                while let Some(chunk) = output.body.try_next().await.map_err(|e| {
+                    StoreError::transient(key, format!("reading the body failed: {e}"))
+                })? {
+                    download.write(&chunk).await?;
+                }
+                Ok::<_, StoreError>(())
+            };
+        match tokio::time::timeout(allowance, copy).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(StoreError::transient(
+                    key,
+                    format!(
+                        "reading a {}-byte body took longer than {allowance:?} (under {} MB/s)",
+                        length.unwrap_or(0),
+                        MIN_THROUGHPUT_BYTES_PER_SEC / 1_000_000
+                    ),
+                ));
+            }
         }
+        let size = download.finish().await?;
+        Ok(Some(ObjectMeta {
+            etag,
+            size,
+            metadata,
+        }))
     }
 
     async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {

@@ -598,6 +598,20 @@ impl ObjectStore for FaultStore {
         }
     }
 
+    async fn abort_incomplete_uploads(&self, key: &str) -> StoreResult<usize> {
+        match self.before(key, Op::Delete, 0).await {
+            Injected::Fail(e) => Err(e),
+            Injected::LoseResponse => {
+                let _ = self.inner.abort_incomplete_uploads(key).await;
+                Err(StoreError::transient(
+                    key,
+                    "response lost (fault injection)",
+                ))
+            }
+            _ => self.inner.abort_incomplete_uploads(key).await,
+        }
+    }
+
     async fn check(&self) -> StoreResult<()> {
         match self.before("", Op::Read, 0).await {
             Injected::Fail(e) => Err(e),

@@ -124,6 +124,13 @@ impl ObjectStore for InstrumentedStore {
         result
     }
 
+    async fn abort_incomplete_uploads(&self, key: &str) -> StoreResult<usize> {
+        let started = Instant::now();
+        let result = self.inner.abort_incomplete_uploads(key).await;
+        self.record("abort_uploads", started, &result);
+        result
+    }
+
     async fn check(&self) -> StoreResult<()> {
         self.inner.check().await
     }

@@ -433,6 +433,17 @@ impl ObjectStore for RetryingStore {
         }
     }
 
+    /// Idempotent, as a delete.
+    async fn abort_incomplete_uploads(&self, key: &str) -> StoreResult<usize> {
+        let mut attempts = Attempts::new(&self.policy, 0);
+        loop {
+            match self.inner.abort_incomplete_uploads(key).await {
+                Err(e) if attempts.wait(&e).await => continue,
+                result => return result,
+            }
+        }
+    }
+
     async fn check(&self) -> StoreResult<()> {
         // A store that errs now and then must not stop a machine at start
         // (it would crash-loop): a few retries of transient errors; a store

@@ -42,12 +42,13 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use bytes::Bytes;
 
+use super::multipart;
 use super::{
     ETag, Listed, MIN_THROUGHPUT_BYTES_PER_SEC, Metadata, Object, ObjectMeta, ObjectStore,
     Precondition, StoreError, StoreResult, stream, transfer_allowance,
 };
 
-const CONSISTENT_HEADER: &str = "X-Tigris-Consistent";
+pub(super) const CONSISTENT_HEADER: &str = "X-Tigris-Consistent";
 
 /// Connecting may take this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -109,6 +110,9 @@ pub struct S3Store {
     attempt_base: Duration,
     /// Keys per listing page; `None`: the server's default (1000 on S3).
     page_size: Option<i32>,
+    /// Files above this many bytes go up in parts of `part_size`.
+    multipart_above: u64,
+    part_size: u64,
 }
 
 /// Marks a request to be served by Tigris' leader (ignored by S3 and moto).
@@ -188,6 +192,8 @@ impl S3Store {
             endpoint: endpoint.unwrap_or_else(|| "the default AWS endpoint".to_string()),
             attempt_base: ATTEMPT_TIMEOUT,
             page_size: None,
+            multipart_above: multipart::MULTIPART_ABOVE,
+            part_size: multipart::PART_SIZE,
         })
     }
 
@@ -205,8 +211,24 @@ impl S3Store {
         self
     }
 
+    /// Files above `above` bytes are uploaded in parts of `part` bytes
+    /// (tests: multipart without gigabytes; S3's 5 MiB minimum part holds).
+    pub fn with_multipart(mut self, above: u64, part: u64) -> S3Store {
+        self.multipart_above = above;
+        self.part_size = part;
+        self
+    }
+
+    pub(super) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(super) fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
     /// Per-request timeouts for an attempt that moves `body_len` bytes.
-    fn overrides(&self, body_len: u64) -> aws_sdk_s3::config::Builder {
+    pub(super) fn overrides(&self, body_len: u64) -> aws_sdk_s3::config::Builder {
         aws_sdk_s3::config::Builder::new()
             .timeout_config(Self::timeouts(self.attempt_base, body_len))
     }
@@ -220,7 +242,7 @@ impl S3Store {
     }
 
     /// An ETag header from an answer, checked (see [`ETag::parse_header`]).
-    fn etag_of(&self, key: &str, what: &str, header: Option<&str>) -> StoreResult<ETag> {
+    pub(super) fn etag_of(&self, key: &str, what: &str, header: Option<&str>) -> StoreResult<ETag> {
         let problem = match header {
             None => "no ETag header".to_string(),
             Some(text) => match ETag::parse_header(text) {
@@ -237,7 +259,7 @@ impl S3Store {
         ))
     }
 
-    fn full_key(&self, key: &str) -> String {
+    pub(super) fn full_key(&self, key: &str) -> String {
         if self.prefix.is_empty() {
             key.to_string()
         } else {
@@ -247,7 +269,7 @@ impl S3Store {
 
     /// Maps an SDK error; `conditional_put` turns a 404 into a failed
     /// precondition (the object we expected is gone).
-    fn map_error<E: ProvideErrorMetadata + std::fmt::Debug>(
+    pub(super) fn map_error<E: ProvideErrorMetadata + std::fmt::Debug>(
         &self,
         key: &str,
         error: SdkError<E, HttpResponse>,
@@ -556,6 +578,12 @@ impl ObjectStore for S3Store {
         condition: Precondition,
     ) -> StoreResult<ETag> {
         let len = stream::file_len(key, path).await?;
+        if len > self.multipart_above {
+            let part = multipart::part_size(len, self.part_size);
+            return self
+                .put_multipart(key, path, len, part, metadata, condition)
+                .await;
+        }
         let body = ByteStream::read_from()
             .path(path)
             .buffer_size(stream::CHUNK)
@@ -612,6 +640,10 @@ impl ObjectStore for S3Store {
             size,
             metadata,
         }))
+    }
+
+    async fn abort_incomplete_uploads(&self, key: &str) -> StoreResult<usize> {
+        self.abort_uploads(key).await
     }
 
     async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {

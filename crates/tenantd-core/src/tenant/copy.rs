@@ -9,6 +9,7 @@
 //! WAL holds — which is what a snapshot must be.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -68,14 +69,86 @@ impl WorkingCopy {
         }))
     }
 
-    /// The main file's bytes: the state at `self.slot`, with its checksum.
-    pub fn snapshot(&self) -> std::io::Result<(u64, Bytes, u64)> {
-        let body = std::fs::read(&self.path)?;
-        Ok((self.slot, Bytes::from(body), self.sums.checksum()))
+    /// A copy of the main file (the state at `self.slot`) beside it, with
+    /// its checksum: uploaded from disk, never read into memory.
+    pub fn snapshot(&self) -> std::io::Result<(u64, SnapshotFile, u64)> {
+        let file = SnapshotFile::copy_of(&self.path)?;
+        Ok((self.slot, file, self.sums.checksum()))
     }
 
     /// Size of the main file.
     pub fn db_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// A snapshot's bytes in a file of their own (a copy of the working
+/// database, or a download), removed when the last clone is dropped: what
+/// a snapshot upload streams from, so that a database of any size moves
+/// without being held in memory.
+#[derive(Clone, Debug)]
+pub struct SnapshotFile(Arc<Owned>);
+
+#[derive(Debug)]
+struct Owned {
+    path: PathBuf,
+    len: u64,
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl SnapshotFile {
+    /// A new, unused name beside `path` (`<name>.snapshot.<uuid>`).
+    pub fn name_beside(path: &Path) -> PathBuf {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".snapshot.{}", uuid::Uuid::new_v4().simple()));
+        PathBuf::from(name)
+    }
+
+    /// Copies `path` to a new file beside it (`copy_file_range` where the
+    /// file system has it: no bytes pass through this process).
+    pub fn copy_of(path: &Path) -> std::io::Result<SnapshotFile> {
+        let target = Self::name_beside(path);
+        match std::fs::copy(path, &target) {
+            Ok(len) => Ok(Self::adopt(target, len)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&target);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes `bytes` to a new file beside `path`.
+    pub fn write_beside(path: &Path, bytes: &[u8]) -> std::io::Result<SnapshotFile> {
+        let target = Self::name_beside(path);
+        match std::fs::write(&target, bytes) {
+            Ok(()) => Ok(Self::adopt(target, bytes.len() as u64)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&target);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes ownership of the file at `path` (`len` bytes): removed on
+    /// the last drop.
+    pub fn adopt(path: PathBuf, len: u64) -> SnapshotFile {
+        SnapshotFile(Arc::new(Owned { path, len }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0.path
+    }
+
+    pub fn len(&self) -> u64 {
+        self.0.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.len == 0
     }
 }

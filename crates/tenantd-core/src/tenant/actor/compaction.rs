@@ -97,7 +97,7 @@ impl TenantActor {
                     "the holder stepped down before slot {seq} was confirmed"
                 )));
             }
-            let len = job.body.len() as u64;
+            let len = job.body.len();
             let result = log::compact(&store, &known, job, &retention).await;
             if let Ok(done) = &result {
                 metrics

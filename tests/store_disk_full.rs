@@ -10,9 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{SigHandler, Signal, signal};
-use tenantd_core::store::{
-    DynStore, FileStore, MemoryStore, Metadata, ObjectStore, Precondition, StoreError,
-};
+use tenantd_core::store::{DynStore, FileStore, MemoryStore, Metadata, Precondition, StoreError};
 
 const LIMIT: u64 = 1 << 20;
 

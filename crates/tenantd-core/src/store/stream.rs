@@ -110,11 +110,8 @@ impl<'a> Download<'a> {
         file.flush()
             .await
             .map_err(|e| local_write_error(self.key, self.path, e))?;
-        // Written data reaches the disk (or fails with ENOSPC) here at the
-        // latest, not later when SQLite reads it back.
-        file.sync_data()
-            .await
-            .map_err(|e| local_write_error(self.key, self.path, e))?;
+        // No fsync: a download is a local copy of what the store keeps
+        // durable, and a cold start must not wait for the disk.
         self.file = None;
         Ok(self.written)
     }

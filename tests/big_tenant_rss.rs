@@ -157,10 +157,11 @@ async fn a_200_mb_tenant_goes_through_claim_writes_compaction_release_and_restor
     let faults = r#"{"bandwidth_bytes_per_sec":400000000}"#;
     // A release uploads (and archives) the whole 200 MB database; a debug
     // build on a busy CI machine needs longer than the default 8 s.
+    let drain = format!("{}s", 60 + size / 5);
     let mut m = setup.machine(
         "a0000000000042",
         None,
-        &["--faults", faults, "--drain-timeout", "60s"],
+        &["--faults", faults, "--drain-timeout", &drain],
     );
     let client = cluster::FlyClient::new(&[&m]);
     // Idle: serving a one-page tenant.

@@ -701,6 +701,66 @@ mod tests {
         );
     }
 
+    /// Files move under the same cap as bodies, and a late-applied
+    /// `put_file` lands the bytes that were sent even though the caller
+    /// removed its file when told the write failed.
+    #[tokio::test(start_paused = true)]
+    async fn files_move_at_the_cap_and_land_late_after_their_file_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("snapshot");
+        std::fs::write(&file, vec![7u8; 2_000_000]).unwrap();
+        let inner = Arc::new(MemoryStore::new());
+        let store = FaultStore::new(
+            inner.clone(),
+            FaultConfig {
+                bandwidth_bytes_per_sec: 1_000_000,
+                ..FaultConfig::default()
+            },
+        );
+        let started = Instant::now();
+        store
+            .put_file("k", &file, Metadata::new(), Precondition::IfAbsent)
+            .await
+            .unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        let download = dir.path().join("download");
+        let started = Instant::now();
+        let meta = store.get_to_file("k", &download).await.unwrap().unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(meta.size, 2_000_000);
+        assert_eq!(std::fs::read(&download).unwrap(), vec![7u8; 2_000_000]);
+
+        store.handle().set(FaultConfig {
+            late_apply_rate: 1.0,
+            late_apply_delay: Duration::from_millis(500),
+            ..FaultConfig::default()
+        });
+        std::fs::write(&file, b"sent late").unwrap();
+        let e = store
+            .put_file("late", &file, Metadata::new(), Precondition::IfAbsent)
+            .await
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        tokio::time::sleep(Duration::from_millis(501)).await;
+        for _ in 0..100 {
+            if inner.head("late").await.unwrap().is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(
+            inner.get("late").await.unwrap().unwrap().body,
+            Bytes::from("sent late")
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec!["download"], "the late write's copy is removed");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn slowdown_bursts_last_their_length() {
         let store = FaultStore::new(

@@ -23,6 +23,10 @@ pub struct WorkingCopy {
     path: PathBuf,
     /// The slot whose state the main file holds.
     pub slot: u64,
+    /// Bumped before every checkpoint (the only write to the main file):
+    /// a copy taken without the lock is the state at `slot` if this did
+    /// not move meanwhile.
+    generation: u64,
 }
 
 impl WorkingCopy {
@@ -32,6 +36,7 @@ impl WorkingCopy {
             sums,
             path: path.to_path_buf(),
             slot,
+            generation: 0,
         }
     }
 
@@ -52,6 +57,7 @@ impl WorkingCopy {
         let pre_checksum = self.sums.checksum();
         let pages: Vec<(u32, Bytes)> = commit.pages.into_iter().collect();
         self.sums.apply(commit.db_pages, &pages);
+        self.generation += 1;
         self.db
             .checkpoint()
             .map_err(|e| format!("cannot checkpoint {}: {e}", wal_path.display()))?;
@@ -74,6 +80,38 @@ impl WorkingCopy {
     pub fn snapshot(&self) -> std::io::Result<(u64, SnapshotFile, u64)> {
         let file = SnapshotFile::copy_of(&self.path)?;
         Ok((self.slot, file, self.sums.checksum()))
+    }
+
+    /// A snapshot copied while commits go on: the copy is made without
+    /// holding `copy`'s lock (commits only append to the WAL; only a
+    /// capture's checkpoint writes the main file) and kept if no
+    /// checkpoint ran meanwhile and its pages give the checksum recorded
+    /// for that slot. After a few tries it falls back to a copy under the
+    /// lock (commits wait for that one).
+    pub fn snapshot_unlocked(
+        copy: &std::sync::Mutex<WorkingCopy>,
+    ) -> std::io::Result<(u64, SnapshotFile, u64)> {
+        let lock = || copy.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..3 {
+            let (path, slot, checksum, generation) = {
+                let copy = lock();
+                (
+                    copy.path.clone(),
+                    copy.slot,
+                    copy.sums.checksum(),
+                    copy.generation,
+                )
+            };
+            let file = SnapshotFile::copy_of(&path)?;
+            if lock().generation != generation {
+                continue;
+            }
+            // Belt and braces: the bytes are the state at `slot`.
+            if super::delta::PageSums::of_file(file.path())?.checksum() == checksum {
+                return Ok((slot, file, checksum));
+            }
+        }
+        lock().snapshot()
     }
 
     /// Size of the main file.
@@ -150,5 +188,63 @@ impl SnapshotFile {
 
     pub fn is_empty(&self) -> bool {
         self.0.len == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::tenant::db::Work;
+    use crate::tenant::delta::PageSums;
+    use crate::tenant::sql::SqlLimits;
+
+    /// Snapshots copied while another thread commits and captures without
+    /// pause are each the exact state of the slot they name: their pages
+    /// give the recorded checksum and SQLite reads the count of that slot.
+    #[test]
+    fn a_snapshot_copied_while_commits_continue_is_the_state_of_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.sqlite3");
+        let db = Db::open(&path).unwrap();
+        // The schema into the main file, as a claimed snapshot has it.
+        db.checkpoint().unwrap();
+        let sums = PageSums::of_file(&path).unwrap();
+        let copy = Arc::new(Mutex::new(WorkingCopy::new(db, sums, &path, 0)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (copy, stop) = (copy.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seq = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let mut copy = copy.lock().unwrap();
+                    copy.db
+                        .apply_batch(1, &[Work::Increment(None)], &SqlLimits::default(), false)
+                        .unwrap();
+                    copy.capture(1, seq, 0).unwrap().expect("a delta");
+                }
+                seq
+            })
+        };
+        for n in 0..30 {
+            let (slot, file, checksum) = WorkingCopy::snapshot_unlocked(&copy).unwrap();
+            assert_eq!(
+                PageSums::of_file(file.path()).unwrap().checksum(),
+                checksum,
+                "snapshot {n} at slot {slot}"
+            );
+            let conn = rusqlite::Connection::open(file.path()).unwrap();
+            let count: i64 = conn
+                .query_row("SELECT coalesce(max(count), 0) FROM welcome", [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(count, slot as i64, "snapshot {n}: the count of slot {slot}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(writer.join().unwrap() > 0);
     }
 }

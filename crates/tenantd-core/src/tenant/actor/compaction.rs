@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::TenantActor;
+use crate::tenant::copy::WorkingCopy;
 use crate::tenant::log::{self, Compacted, Compaction, LogError};
 
 /// A finished compaction with the log counters it clears, or why its task
@@ -56,10 +57,9 @@ impl TenantActor {
         if !due {
             return;
         }
-        let snapshot = tokio::task::spawn_blocking(move || {
-            copy.lock().unwrap_or_else(|e| e.into_inner()).snapshot()
-        })
-        .await;
+        // Copied while commits continue (see `snapshot_unlocked`).
+        let snapshot =
+            tokio::task::spawn_blocking(move || WorkingCopy::snapshot_unlocked(&copy)).await;
         let (seq, body, checksum) = match snapshot {
             Ok(Ok(snapshot)) => snapshot,
             Ok(Err(e)) => {

@@ -9,7 +9,6 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::TenantActor;
-use crate::tenant::copy::WorkingCopy;
 use crate::tenant::log::{self, Compacted, Compaction, LogError};
 
 /// A finished compaction with the log counters it clears, or why its task
@@ -57,9 +56,10 @@ impl TenantActor {
         if !due {
             return;
         }
-        // Copied while commits continue (see `snapshot_unlocked`).
-        let snapshot =
-            tokio::task::spawn_blocking(move || WorkingCopy::snapshot_unlocked(&copy)).await;
+        let snapshot = tokio::task::spawn_blocking(move || {
+            copy.lock().unwrap_or_else(|e| e.into_inner()).snapshot()
+        })
+        .await;
         let (seq, body, checksum) = match snapshot {
             Ok(Ok(snapshot)) => snapshot,
             Ok(Err(e)) => {
@@ -97,7 +97,7 @@ impl TenantActor {
                     "the holder stepped down before slot {seq} was confirmed"
                 )));
             }
-            let len = job.body.len();
+            let len = job.body.len() as u64;
             let result = log::compact(&store, &known, job, &retention).await;
             if let Ok(done) = &result {
                 metrics

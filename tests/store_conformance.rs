@@ -81,6 +81,7 @@ async fn retried_409s_and_transient_errors_lose_nothing_on_every_store() {
         conformance::cas_increments_lose_nothing(&flaky_store, &prefix, 4, 10).await;
         conformance::list_filters_and_orders(&flaky_store, &prefix).await;
         conformance::list_spans_pages(&flaky_store, &prefix, 10).await;
+        conformance::files_round_trip(&flaky_store, &prefix).await;
         // Lost delete responses are resent and succeed; without late
         // writes, which could bring a deleted key back.
         conformance::delete_removes(&flaky_with(store, 0.2, 0.0), &prefix).await;

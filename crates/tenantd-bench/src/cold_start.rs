@@ -56,6 +56,10 @@ pub struct ColdStart {
     /// Increments answered with an error and sent again (their time is in
     /// the latencies above): a slow store or disk can cost the lease.
     pub retries: u32,
+    /// A real `tenantd serve` process's peak RSS (VmHWM) after it took the
+    /// tenant over (snapshot download, log replay) and released it again
+    /// (the snapshot brought up to date), over its figure before: MB.
+    pub claim_rss_growth_mb: f64,
 }
 
 pub async fn run(
@@ -155,6 +159,9 @@ pub async fn run(
             bail!("the {size} MB tenant's cold start read {count}, expected at least {expected}");
         }
 
+        let claim_rss_growth_mb =
+            claim_rss_growth_mb(scratch, &setup, faults, lease_ttl, &customer, n).await?;
+
         latencies.sort_by(f64::total_cmp);
         let pick = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
         let result = ColdStart {
@@ -170,15 +177,17 @@ pub async fn run(
             deltas_replayed,
             snapshot_download_ms: downloads[1],
             retries,
+            claim_rss_growth_mb,
         };
         eprintln!(
-            "bench:   {:>4} MB  commit p50 {:>6.1} ms  {:>7.0} B/commit  cold start {:>7.1} ms ({} deltas) vs download {:>7.1} ms",
+            "bench:   {:>4} MB  commit p50 {:>6.1} ms  {:>7.0} B/commit  cold start {:>7.1} ms ({} deltas) vs download {:>7.1} ms  claim RSS +{:.1} MB",
             size,
             result.commit_p50_ms,
             result.upload_bytes_per_commit,
             result.cold_start_ms,
             result.deltas_replayed,
-            result.snapshot_download_ms
+            result.snapshot_download_ms,
+            result.claim_rss_growth_mb
         );
         results.push(result);
         // The big scratch files are not needed past this size.
@@ -269,4 +278,113 @@ async fn plant(
         )
         .await?;
     Ok(())
+}
+
+/// Takes `customer` over with a real `tenantd serve` process (this
+/// binary), reads it once and releases it with SIGTERM, sampling the
+/// process's peak RSS (VmHWM): how much more than at rest the claim, the
+/// replay and the release's compaction needed, in MB.
+async fn claim_rss_growth_mb(
+    scratch: &Path,
+    setup: &Setup,
+    faults: &str,
+    lease_ttl: Duration,
+    customer: &str,
+    n: usize,
+) -> anyhow::Result<f64> {
+    use std::process::Stdio;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let data_dir = scratch.join(format!("rss-local-{n}"));
+    let log_path = scratch.join(format!("rss-serve-{n}.log"));
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let machine_id = format!("r{n:013}");
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["serve", "--listen", &addr.to_string()])
+        .args(["--machine-id", &machine_id, "--customer-id", ""])
+        .env_remove("TENANTD_ADMIN_TOKEN")
+        .arg("--store")
+        .arg(format!("file://{}", setup.store_root.display()))
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args([
+            "--lease-ttl",
+            &humantime::format_duration(lease_ttl).to_string(),
+        ])
+        .args(["--faults", faults, "--drain-timeout", "600s"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path)?)
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start `tenantd serve` for the claim RSS figure")?;
+    let pid = child.id().context("the machine exited at once")?;
+    let http = load::client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "`tenantd serve` exited at start ({status}); see {}",
+                log_path.display()
+            );
+        }
+        if let Ok(reply) = http.get(format!("http://{addr}/healthz")).send().await
+            && reply.status().is_success()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("`tenantd serve` not healthy within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let idle = peak_rss_bytes(pid).context("no VmHWM for the machine")?;
+    // VmHWM only grows: the last figure read before the exit is the peak.
+    let (peak, stop) = (
+        Arc::new(AtomicU64::new(idle)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Some(now) = peak_rss_bytes(pid) else {
+                    return;
+                };
+                peak.fetch_max(now, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let machines = HashMap::from([(machine_id.clone(), addr)]);
+    let read = load::read_count(&http, &machines, &machine_id, customer).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let exited = tokio::time::timeout(Duration::from_secs(600), child.wait()).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    read.context("the claim RSS machine could not read the tenant")?;
+    exited
+        .context("`tenantd serve` did not exit within 600 s of SIGTERM")?
+        .context("waiting for `tenantd serve`")?;
+    let _ = std::fs::remove_dir_all(&data_dir);
+    Ok(peak.load(Ordering::Relaxed).saturating_sub(idle) as f64 / 1e6)
+}
+
+/// A process's peak resident set (VmHWM) in bytes.
+fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }

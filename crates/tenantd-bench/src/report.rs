@@ -467,6 +467,7 @@ impl Report {
             "snapshot_upload_bytes_by_size_mb": by_size(|c| c.snapshot_upload_bytes),
             "cold_start_ms_by_size_mb": by_size(|c| c.cold_start_ms),
             "snapshot_download_ms_by_size_mb": by_size(|c| c.snapshot_download_ms),
+            "claim_rss_growth_mb_by_size_mb": by_size(|c| c.claim_rss_growth_mb),
             "cold_start": self.cold,
             "rss_mb": { "idle": self.failover.rss_idle_mb, "load": self.failover.rss_load_mb },
             "idle": self.idle,

@@ -485,6 +485,153 @@ pub async fn list_spans_pages(store: &DynStore, prefix: &str, count: usize) {
     );
 }
 
+/// A folder for a test's files, removed on drop (the suite is library code,
+/// without the `tempfile` dev-dependency).
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let path =
+            std::env::temp_dir().join(format!("tenantd-conformance-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Bytes of a test file: `len` bytes that differ with `seed`, so that
+/// versions are byte-distinct.
+fn file_bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64 * 31 + u64::from(seed) * 7 + (i as u64 >> 12)) as u8)
+        .collect()
+}
+
+/// `put_file` and `get_to_file` move bodies between files and the store
+/// with the semantics of `put` and `get`: the same ETags, conditions and
+/// metadata; a missing key downloads nothing; a missing local file is an
+/// error naming it. The bodies span several chunks of
+/// [`stream::CHUNK`](super::stream::CHUNK).
+pub async fn files_round_trip(store: &DynStore, prefix: &str) {
+    let dir = TempDir::new();
+    let key = format!("{prefix}/files/db.sqlite3");
+    let first = file_bytes(3 * super::stream::CHUNK + 12_345, 1);
+    let upload = dir.path().join("upload");
+    std::fs::write(&upload, &first).unwrap();
+    let mut metadata = Metadata::new();
+    metadata.insert("tenantd-epoch".into(), "7".into());
+    let etag = store
+        .put_file(&key, &upload, metadata.clone(), Precondition::IfAbsent)
+        .await
+        .expect("put_file of a new key");
+    assert_eq!(etag, ETag::of(&first), "put_file's ETag is the body's MD5");
+    let again = store
+        .put_file(&key, &upload, metadata.clone(), Precondition::IfAbsent)
+        .await
+        .expect_err("put_file if absent of an existing key");
+    assert!(again.is_precondition(), "{again:?}");
+
+    let download = dir.path().join("download");
+    let meta = store
+        .get_to_file(&key, &download)
+        .await
+        .expect("get_to_file")
+        .expect("the object exists");
+    assert_eq!(meta.etag, etag, "get_to_file returns the ETag put_file did");
+    assert_eq!(meta.size, first.len() as u64);
+    assert_eq!(
+        meta.metadata.get("tenantd-epoch").map(String::as_str),
+        Some("7")
+    );
+    assert!(
+        std::fs::read(&download).unwrap() == first,
+        "the downloaded file holds the uploaded bytes"
+    );
+    let head = store.head(&key).await.unwrap().expect("head");
+    assert_eq!((head.etag, head.size), (etag.clone(), first.len() as u64));
+
+    // Replacing: only under the current ETag; the download replaces the
+    // file that was there.
+    let second = file_bytes(2 * super::stream::CHUNK + 1, 2);
+    std::fs::write(&upload, &second).unwrap();
+    let stale = ETag::of(b"not the current body");
+    let refused = store
+        .put_file(
+            &key,
+            &upload,
+            metadata.clone(),
+            Precondition::IfMatch(stale),
+        )
+        .await
+        .expect_err("put_file under a stale ETag");
+    // Through a retrying layer whose first attempt failed, a refusal it
+    // cannot prove is "may have landed"; either way nothing was written.
+    assert!(
+        refused.is_precondition() || matches!(refused, StoreError::Ambiguous { .. }),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.head(&key).await.unwrap().expect("head").etag,
+        etag,
+        "a put_file under a stale ETag changed the object"
+    );
+    let replaced = store
+        .put_file(&key, &upload, metadata, Precondition::IfMatch(etag.clone()))
+        .await
+        .expect("put_file under the current ETag");
+    assert_ne!(replaced, etag);
+    let meta = store.get_to_file(&key, &download).await.unwrap().unwrap();
+    assert_eq!((meta.etag, meta.size), (replaced, second.len() as u64));
+    assert!(std::fs::read(&download).unwrap() == second);
+    assert_eq!(
+        store.get(&key).await.unwrap().unwrap().body,
+        Bytes::from(second),
+        "get reads what put_file wrote"
+    );
+
+    let missing = dir.path().join("missing-download");
+    assert!(
+        store
+            .get_to_file(&format!("{prefix}/files/missing"), &missing)
+            .await
+            .expect("get_to_file of a missing key")
+            .is_none()
+    );
+    assert!(!missing.exists(), "a missing key leaves no file behind");
+
+    let nowhere = dir.path().join("no-such-file");
+    let error = store
+        .put_file(
+            &format!("{prefix}/files/other"),
+            &nowhere,
+            Metadata::new(),
+            Precondition::IfAbsent,
+        )
+        .await
+        .expect_err("put_file of a missing local file");
+    assert!(
+        error.to_string().contains(&nowhere.display().to_string()),
+        "the error names the file: {error}"
+    );
+    assert!(
+        store
+            .head(&format!("{prefix}/files/other"))
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing was written"
+    );
+}
+
 /// Runs every property above against `store`.
 pub async fn run_all(store: DynStore, prefix: &str, contenders: usize, rounds: usize) {
     missing_key_is_none(&store, prefix).await;
@@ -499,4 +646,5 @@ pub async fn run_all(store: DynStore, prefix: &str, contenders: usize, rounds: u
     delete_removes(&store, prefix).await;
     leading_slash_keys_list_apart(&store, prefix).await;
     list_spans_pages(&store, prefix, 10).await;
+    files_round_trip(&store, prefix).await;
 }

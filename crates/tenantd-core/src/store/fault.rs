@@ -25,6 +25,7 @@
 //! every field is optional, unknown fields are refused; see
 //! docs/operations.md.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ use tokio::time::Instant;
 
 use super::{
     DynStore, ETag, Listed, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError,
-    StoreResult,
+    StoreResult, stream,
 };
 
 /// What the fault layer does to each request.
@@ -204,6 +205,56 @@ impl Burst {
                 key,
                 "500 InternalError: We encountered an internal error. Please try again. (fault injection)",
             ),
+        }
+    }
+}
+
+/// What a put sends: bytes, or a file of this many bytes.
+enum Body {
+    Bytes(Bytes),
+    File(PathBuf, u64),
+}
+
+impl Body {
+    fn len(&self) -> u64 {
+        match self {
+            Body::Bytes(bytes) => bytes.len() as u64,
+            Body::File(_, len) => *len,
+        }
+    }
+
+    async fn apply(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        match self {
+            Body::Bytes(bytes) => inner.put(key, bytes.clone(), metadata, condition).await,
+            Body::File(path, _) => inner.put_file(key, path, metadata, condition).await,
+        }
+    }
+
+    /// A body that outlives the caller's file: a second name for it (a
+    /// hard link, else a copy) beside it. tenantd writes a new file for
+    /// every upload, so the link keeps the bytes that were sent.
+    fn keep(self, key: &str) -> StoreResult<Body> {
+        let Body::File(path, len) = self else {
+            return Ok(self);
+        };
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let kept = path.with_file_name(format!(".{name}.late.{}", uuid::Uuid::new_v4().simple()));
+        std::fs::hard_link(&path, &kept)
+            .or_else(|_| std::fs::copy(&path, &kept).map(|_| ()))
+            .map_err(|e| stream::local_read_error(key, &path, e))?;
+        Ok(Body::File(kept, len))
+    }
+
+    /// Removes what [`Body::keep`] made.
+    fn discard(self) {
+        if let Body::File(path, _) = self {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -379,6 +430,65 @@ impl FaultStore {
         Some(kind)
     }
 
+    /// A put of bytes or of a file, with the faults of a put.
+    async fn write(
+        &self,
+        key: &str,
+        body: Body,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        match self.before(key, Op::Put, body.len()).await {
+            Injected::Fail(e) => Err(e),
+            Injected::Pass => {
+                let result = body
+                    .apply(&self.inner, key, metadata, condition.clone())
+                    .await;
+                if result.is_ok() {
+                    self.written.landed(key, &condition);
+                }
+                result
+            }
+            Injected::LoseResponse => {
+                if body
+                    .apply(&self.inner, key, metadata, condition.clone())
+                    .await
+                    .is_ok()
+                {
+                    self.written.landed(key, &condition);
+                }
+                Err(StoreError::transient(
+                    key,
+                    "response lost (fault injection)",
+                ))
+            }
+            Injected::LateApply(delay) => {
+                // The server has the bytes already: the caller may remove
+                // its file once told the write failed.
+                let body = body.keep(key)?;
+                let (inner, owned_key) = (self.inner.clone(), key.to_string());
+                let written = self.written.clone();
+                tokio::spawn(async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let result = body
+                        .apply(&inner, &owned_key, metadata, condition.clone())
+                        .await;
+                    body.discard();
+                    if result.is_ok() {
+                        written.landed(&owned_key, &condition);
+                    }
+                    tracing::debug!(key = %owned_key, ?delay, ok = result.is_ok(), "late-applied write (fault injection)");
+                });
+                Err(StoreError::transient(
+                    key,
+                    "timed out; the request may still be applied (fault injection: late apply)",
+                ))
+            }
+        }
+    }
+
     /// The download time of `bytes` at the configured cap.
     async fn download(&self, bytes: u64) {
         let time = transfer_time(bytes, self.handle.get().bandwidth_bytes_per_sec);
@@ -417,48 +527,38 @@ impl ObjectStore for FaultStore {
         metadata: Metadata,
         condition: Precondition,
     ) -> StoreResult<ETag> {
-        match self.before(key, Op::Put, body.len() as u64).await {
+        self.write(key, Body::Bytes(body), metadata, condition)
+            .await
+    }
+
+    /// As `put`, the upload time taken from the file's size; a late-applied
+    /// write applies the file's bytes as they were when it was sent.
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        let len = stream::file_len(key, path).await?;
+        self.write(
+            key,
+            Body::File(path.to_path_buf(), len),
+            metadata,
+            condition,
+        )
+        .await
+    }
+
+    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<Option<ObjectMeta>> {
+        match self.before(key, Op::Read, 0).await {
             Injected::Fail(e) => Err(e),
-            Injected::Pass => {
-                let result = self.inner.put(key, body, metadata, condition.clone()).await;
-                if result.is_ok() {
-                    self.written.landed(key, &condition);
+            _ => {
+                let meta = self.inner.get_to_file(key, path).await?;
+                if let Some(meta) = &meta {
+                    self.download(meta.size).await;
                 }
-                result
-            }
-            Injected::LoseResponse => {
-                if self
-                    .inner
-                    .put(key, body, metadata, condition.clone())
-                    .await
-                    .is_ok()
-                {
-                    self.written.landed(key, &condition);
-                }
-                Err(StoreError::transient(
-                    key,
-                    "response lost (fault injection)",
-                ))
-            }
-            Injected::LateApply(delay) => {
-                let (inner, owned_key) = (self.inner.clone(), key.to_string());
-                let written = self.written.clone();
-                tokio::spawn(async move {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    let result = inner
-                        .put(&owned_key, body, metadata, condition.clone())
-                        .await;
-                    if result.is_ok() {
-                        written.landed(&owned_key, &condition);
-                    }
-                    tracing::debug!(key = %owned_key, ?delay, ok = result.is_ok(), "late-applied write (fault injection)");
-                });
-                Err(StoreError::transient(
-                    key,
-                    "timed out; the request may still be applied (fault injection: late apply)",
-                ))
+                Ok(meta)
             }
         }
     }
@@ -496,6 +596,13 @@ impl ObjectStore for FaultStore {
                 Ok(())
             }
         }
+    }
+
+    /// Passed through without faults: it runs in the background after a
+    /// claim, and rolling dice for it would shift every seeded
+    /// simulation's faults.
+    async fn abort_incomplete_uploads(&self, key: &str) -> StoreResult<usize> {
+        self.inner.abort_incomplete_uploads(key).await
     }
 
     async fn check(&self) -> StoreResult<()> {
@@ -592,6 +699,66 @@ mod tests {
             inner.get("k").await.unwrap().unwrap().body,
             Bytes::from("v")
         );
+    }
+
+    /// Files move under the same cap as bodies, and a late-applied
+    /// `put_file` lands the bytes that were sent even though the caller
+    /// removed its file when told the write failed.
+    #[tokio::test(start_paused = true)]
+    async fn files_move_at_the_cap_and_land_late_after_their_file_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("snapshot");
+        std::fs::write(&file, vec![7u8; 2_000_000]).unwrap();
+        let inner = Arc::new(MemoryStore::new());
+        let store = FaultStore::new(
+            inner.clone(),
+            FaultConfig {
+                bandwidth_bytes_per_sec: 1_000_000,
+                ..FaultConfig::default()
+            },
+        );
+        let started = Instant::now();
+        store
+            .put_file("k", &file, Metadata::new(), Precondition::IfAbsent)
+            .await
+            .unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        let download = dir.path().join("download");
+        let started = Instant::now();
+        let meta = store.get_to_file("k", &download).await.unwrap().unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(meta.size, 2_000_000);
+        assert_eq!(std::fs::read(&download).unwrap(), vec![7u8; 2_000_000]);
+
+        store.handle().set(FaultConfig {
+            late_apply_rate: 1.0,
+            late_apply_delay: Duration::from_millis(500),
+            ..FaultConfig::default()
+        });
+        std::fs::write(&file, b"sent late").unwrap();
+        let e = store
+            .put_file("late", &file, Metadata::new(), Precondition::IfAbsent)
+            .await
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        tokio::time::sleep(Duration::from_millis(501)).await;
+        for _ in 0..100 {
+            if inner.head("late").await.unwrap().is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(
+            inner.get("late").await.unwrap().unwrap().body,
+            Bytes::from("sent late")
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec!["download"], "the late write's copy is removed");
     }
 
     #[tokio::test(start_paused = true)]

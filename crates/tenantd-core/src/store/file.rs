@@ -55,6 +55,7 @@ use serde::{Deserialize, Serialize};
 use super::memory::check_condition;
 use super::{
     ETag, Listed, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError, StoreResult,
+    stream,
 };
 
 #[derive(Debug, Clone)]
@@ -328,7 +329,7 @@ impl FileStore {
     /// The object now, read without a lock: its data file opened, the tag
     /// of that very file (or what an older build or a copy left), and, with
     /// `with_body`, its bytes.
-    fn read_object(key: &str, paths: &KeyPaths, with_body: bool) -> StoreResult<Option<Found>> {
+    fn read_object(key: &str, paths: &KeyPaths, want: Want<'_>) -> StoreResult<Option<Found>> {
         // Each retry follows a replacement or deletion that happened during
         // the read; a handful is plenty unless the key is rewritten
         // without pause.
@@ -346,14 +347,18 @@ impl FileStore {
                 return Ok(None);
             }
             let id = DataId::of(&stat);
-            let body = match with_body {
-                true => {
+            let body = match want {
+                Want::Body => {
                     let mut body = Vec::with_capacity(stat.len() as usize);
                     file.read_to_end(&mut body)
                         .map_err(|e| Self::io_error(key, "read", e))?;
                     Some(body)
                 }
-                false => None,
+                Want::Meta => None,
+                Want::File(path) => {
+                    Self::copy_out(key, &mut file, path, id.size)?;
+                    None
+                }
             };
             if let Some(tag) = Self::read_tag(key, paths, id)? {
                 return Ok(Some(Found { tag, id, body }));
@@ -372,10 +377,10 @@ impl FileStore {
             let hash = || match &body {
                 Some(body) => Ok(ETag::of(body)),
                 None => {
-                    let mut bytes = Vec::new();
+                    use std::io::{Seek, SeekFrom};
                     (&file)
-                        .read_to_end(&mut bytes)
-                        .map(|_| ETag::of(&bytes))
+                        .seek(SeekFrom::Start(0))
+                        .and_then(|_| stream::hash_reader(&mut &file))
                         .map_err(|e| Self::io_error(key, "read", e))
                 }
             };
@@ -388,6 +393,43 @@ impl FileStore {
         ))
     }
 
+    /// Copies the opened data file (`size` bytes by its stat) to a new file
+    /// at `path`; the copy is removed if it fails or comes out another size
+    /// (a data file is never changed in place, so that is damage).
+    fn copy_out(key: &str, file: &mut File, path: &Path, size: u64) -> StoreResult<()> {
+        let copied = (|| {
+            let mut out = File::create(path)?;
+            // Not synced: a download is a local copy (see stream.rs).
+            std::io::copy(file, &mut out)
+        })();
+        match copied {
+            Ok(copied) if copied == size => Ok(()),
+            Ok(copied) => {
+                stream::remove_partial(path);
+                Err(stream::size_mismatch(key, copied, size))
+            }
+            Err(e) => {
+                stream::remove_partial(path);
+                Err(stream::local_write_error(key, path, e))
+            }
+        }
+    }
+
+    fn get_to_file_blocking(&self, key: &str, path: &Path) -> StoreResult<Option<ObjectMeta>> {
+        let paths = self.paths(key)?;
+        let found = Self::read_object(key, &paths, Want::File(path));
+        if !matches!(found, Ok(Some(_))) {
+            // Absent, or failed after the copy (its tag unreadable): no
+            // file stays behind either way.
+            stream::remove_partial(path);
+        }
+        Ok(found?.map(|found| ObjectMeta {
+            etag: ETag(found.tag.etag),
+            size: found.id.size,
+            metadata: found.tag.metadata,
+        }))
+    }
+
     /// A key with no data file reads as absent.
     fn surely_absent(paths: &KeyPaths) -> bool {
         matches!(fs::symlink_metadata(&paths.data), Err(e) if is_absent(&e))
@@ -395,17 +437,19 @@ impl FileStore {
 
     fn get_blocking(&self, key: &str) -> StoreResult<Option<Object>> {
         let paths = self.paths(key)?;
-        Ok(Self::read_object(key, &paths, true)?.map(|found| Object {
-            body: Bytes::from(found.body.unwrap_or_default()),
-            etag: ETag(found.tag.etag),
-            metadata: found.tag.metadata,
-        }))
+        Ok(
+            Self::read_object(key, &paths, Want::Body)?.map(|found| Object {
+                body: Bytes::from(found.body.unwrap_or_default()),
+                etag: ETag(found.tag.etag),
+                metadata: found.tag.metadata,
+            }),
+        )
     }
 
     fn head_blocking(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         let paths = self.paths(key)?;
         Ok(
-            Self::read_object(key, &paths, false)?.map(|found| ObjectMeta {
+            Self::read_object(key, &paths, Want::Meta)?.map(|found| ObjectMeta {
                 etag: ETag(found.tag.etag),
                 size: found.id.size,
                 metadata: found.tag.metadata,
@@ -416,12 +460,11 @@ impl FileStore {
     fn put_blocking(
         &self,
         key: &str,
-        body: &[u8],
+        body: Source<'_>,
         metadata: Metadata,
         condition: &Precondition,
     ) -> StoreResult<ETag> {
         let paths = self.paths(key)?;
-        let etag = ETag::of(body);
         if matches!(condition, Precondition::IfAbsent) && !Self::surely_absent(&paths) {
             return Err(StoreError::PreconditionFailed {
                 key: key.to_string(),
@@ -429,8 +472,17 @@ impl FileStore {
         }
         // Everything is written and synced before the object changes: the
         // data under a temporary name, then its tag.
-        let mut data_tmp =
-            Temp::write(&paths.data, body).map_err(|e| Self::io_error(key, "write", e))?;
+        let (mut data_tmp, etag) = match body {
+            Source::Bytes(bytes) => (
+                Temp::write(&paths.data, bytes).map_err(|e| Self::io_error(key, "write", e))?,
+                ETag::of(bytes),
+            ),
+            Source::File(from) => {
+                let mut from =
+                    File::open(from).map_err(|e| stream::local_read_error(key, from, e))?;
+                Temp::copy(&paths.data, &mut from).map_err(|e| Self::io_error(key, "write", e))?
+            }
+        };
         let data_id =
             DataId::of(&fs::metadata(&data_tmp.tmp).map_err(|e| Self::io_error(key, "stat", e))?);
         let tag = Sidecar {
@@ -467,7 +519,7 @@ impl FileStore {
             }
             Precondition::IfMatch(_) | Precondition::None => {
                 let _guard = Self::lock(key, &paths)?;
-                let current = Self::read_object(key, &paths, false)?;
+                let current = Self::read_object(key, &paths, Want::Meta)?;
                 check_condition(
                     key,
                     current.as_ref().map(|c| ETag(c.tag.etag.clone())).as_ref(),
@@ -506,6 +558,22 @@ impl FileStore {
         }
         Ok(etag)
     }
+}
+
+/// What a read of an object takes besides its tag.
+#[derive(Clone, Copy)]
+enum Want<'a> {
+    Meta,
+    Body,
+    /// The bytes, copied to a new file at this path.
+    File(&'a Path),
+}
+
+/// Where a put's bytes come from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Bytes(&'a [u8]),
+    File(&'a Path),
 }
 
 /// An object as read: its tag (ETag and metadata), which file, and its
@@ -761,6 +829,21 @@ impl Temp {
         Ok(temp)
     }
 
+    /// As [`Temp::write`], with the bytes of `from`, hashed on the way.
+    fn copy(path: &Path, from: &mut File) -> std::io::Result<(Temp, ETag)> {
+        let dir = path.parent().expect("object paths have a parent");
+        fs::create_dir_all(dir)?;
+        let temp = Temp {
+            tmp: Self::name_beside(path),
+            path: path.to_path_buf(),
+            renamed: false,
+        };
+        let mut file = File::create(&temp.tmp)?;
+        let (etag, _) = stream::copy_hashing(from, &mut file)?;
+        file.sync_all()?;
+        Ok((temp, etag))
+    }
+
     fn rename(&mut self) -> std::io::Result<()> {
         fs::rename(&self.tmp, &self.path)?;
         self.renamed = true;
@@ -824,7 +907,23 @@ impl ObjectStore for FileStore {
         condition: Precondition,
     ) -> StoreResult<ETag> {
         let (store, key) = (self.clone(), key.to_string());
-        blocking(move || store.put_blocking(&key, &body, metadata, &condition)).await
+        blocking(move || store.put_blocking(&key, Source::Bytes(&body), metadata, &condition)).await
+    }
+
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        let (store, key, path) = (self.clone(), key.to_string(), path.to_path_buf());
+        blocking(move || store.put_blocking(&key, Source::File(&path), metadata, &condition)).await
+    }
+
+    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<Option<ObjectMeta>> {
+        let (store, key, path) = (self.clone(), key.to_string(), path.to_path_buf());
+        blocking(move || store.get_to_file_blocking(&key, &path)).await
     }
 
     async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {

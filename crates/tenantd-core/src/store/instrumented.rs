@@ -1,5 +1,6 @@
 //! Counts and times every store request by operation and outcome.
 
+use std::path::Path;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -48,6 +49,16 @@ impl InstrumentedStore {
     }
 }
 
+/// The metrics label of a write: one per condition, whether the body came
+/// from memory or from a file.
+fn put_op(condition: &Precondition) -> &'static str {
+    match condition {
+        Precondition::None => "put",
+        Precondition::IfAbsent => "put_if_absent",
+        Precondition::IfMatch(_) => "put_if_match",
+    }
+}
+
 #[async_trait]
 impl ObjectStore for InstrumentedStore {
     async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
@@ -64,6 +75,27 @@ impl ObjectStore for InstrumentedStore {
         result
     }
 
+    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<Option<ObjectMeta>> {
+        let started = Instant::now();
+        let result = self.inner.get_to_file(key, path).await;
+        self.record("get", started, &result);
+        result
+    }
+
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        let op = put_op(&condition);
+        let started = Instant::now();
+        let result = self.inner.put_file(key, path, metadata, condition).await;
+        self.record(op, started, &result);
+        result
+    }
+
     async fn put(
         &self,
         key: &str,
@@ -71,11 +103,7 @@ impl ObjectStore for InstrumentedStore {
         metadata: Metadata,
         condition: Precondition,
     ) -> StoreResult<ETag> {
-        let op = match condition {
-            Precondition::None => "put",
-            Precondition::IfAbsent => "put_if_absent",
-            Precondition::IfMatch(_) => "put_if_match",
-        };
+        let op = put_op(&condition);
         let started = Instant::now();
         let result = self.inner.put(key, body, metadata, condition).await;
         self.record(op, started, &result);
@@ -93,6 +121,13 @@ impl ObjectStore for InstrumentedStore {
         let started = Instant::now();
         let result = self.inner.delete(key).await;
         self.record("delete", started, &result);
+        result
+    }
+
+    async fn abort_incomplete_uploads(&self, key: &str) -> StoreResult<usize> {
+        let started = Instant::now();
+        let result = self.inner.abort_incomplete_uploads(key).await;
+        self.record("abort_uploads", started, &result);
         result
     }
 

@@ -168,5 +168,6 @@ mod tests {
         conformance::delete_removes(&store, "t").await;
         conformance::leading_slash_keys_list_apart(&store, "t").await;
         conformance::list_spans_pages(&store, "t", 10).await;
+        conformance::files_round_trip(&store, "t").await;
     }
 }

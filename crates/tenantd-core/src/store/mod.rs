@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -29,8 +30,10 @@ pub mod fault;
 pub mod file;
 pub mod instrumented;
 pub mod memory;
+pub mod multipart;
 pub mod retry;
 pub mod s3;
+pub mod stream;
 pub mod url;
 
 pub use fault::{FaultConfig, FaultStore};
@@ -282,6 +285,53 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         metadata: Metadata,
         condition: Precondition,
     ) -> StoreResult<ETag>;
+
+    /// Streams an object's bytes into a new file at `path` (replacing any
+    /// file there) and returns its ETag, size and metadata; `Ok(None)`,
+    /// with no file written, when the key does not exist. A body shorter or
+    /// longer than the store's recorded size is an error naming the key; a
+    /// local write failure (a full disk) is an error naming the path. On
+    /// any error nothing is left at `path`.
+    ///
+    /// The default holds the body in memory (the memory store, which is
+    /// for tests); real backends and every wrapper stream.
+    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<Option<ObjectMeta>> {
+        let Some(object) = self.get(key).await? else {
+            return Ok(None);
+        };
+        stream::write_body(key, path, &object.body).await?;
+        Ok(Some(ObjectMeta {
+            etag: object.etag,
+            size: object.body.len() as u64,
+            metadata: object.metadata,
+        }))
+    }
+
+    /// Writes the bytes of the file at `path` under `key` if `condition`
+    /// holds, as [`put`](ObjectStore::put) does with a body. The file must
+    /// not change until this returns (a retry reads it again).
+    ///
+    /// The default reads the file into memory (see
+    /// [`get_to_file`](ObjectStore::get_to_file)).
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        let body = stream::read_body(key, path).await?;
+        self.put(key, body, metadata, condition).await
+    }
+
+    /// Aborts every incomplete multipart upload of `key` (one a killed
+    /// machine left) and says how many there were. Such uploads are never
+    /// state (no read sees them); this frees their parts. Stores without
+    /// multipart uploads have none.
+    async fn abort_incomplete_uploads(&self, key: &str) -> StoreResult<usize> {
+        let _ = key;
+        Ok(0)
+    }
 
     /// Every key that starts with `prefix` and sorts after `start_after`
     /// (when given), in ascending byte order, across all pages of the

@@ -54,6 +54,7 @@
 //! body's size ([`transfer_allowance`]), so that one slow attempt of a big
 //! upload does not use up the budget of its retries.
 
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -64,7 +65,7 @@ use tokio::time::Instant;
 
 use super::{
     DynStore, ETag, Listed, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreError,
-    StoreResult, WRITE_BASE_KEY, WRITE_ID_KEY, transfer_allowance,
+    StoreResult, WRITE_BASE_KEY, WRITE_ID_KEY, stream, transfer_allowance,
 };
 
 /// Bounds on retrying.
@@ -219,6 +220,84 @@ impl RetryingStore {
         RetryingStore { inner, policy }
     }
 
+    /// A conditional write of `body_len` bytes, each attempt made by
+    /// `attempt` (a put of bytes or of a file), retried and resolved by
+    /// reading back as the module doc says.
+    async fn write<F, Fut>(
+        &self,
+        key: &str,
+        body_len: u64,
+        mut metadata: Metadata,
+        condition: Precondition,
+        attempt: F,
+    ) -> StoreResult<ETag>
+    where
+        F: Fn(Metadata, Precondition) -> Fut + Send + Sync,
+        Fut: std::future::Future<Output = StoreResult<ETag>> + Send,
+    {
+        let write_id = uuid::Uuid::new_v4().simple().to_string();
+        metadata.insert(WRITE_ID_KEY.to_string(), write_id.clone());
+        match base_tag(&condition) {
+            Some(base) => metadata.insert(WRITE_BASE_KEY.to_string(), base),
+            None => metadata.remove(WRITE_BASE_KEY),
+        };
+        let mut attempts = Attempts::new(&self.policy, body_len);
+        // Whether an earlier attempt may have reached the store (and may
+        // still land): from then on no failure means "not written" without
+        // a read-back.
+        let mut maybe_sent = false;
+        loop {
+            let error = match attempt(metadata.clone(), condition.clone()).await {
+                Ok(etag) => return Ok(etag),
+                Err(e) => e,
+            };
+            let resolution = match &error {
+                StoreError::Conflict { .. } => {
+                    if !attempts.wait(&error).await {
+                        return if maybe_sent {
+                            self.last_look(key, &write_id, &condition, error).await
+                        } else {
+                            Err(error)
+                        };
+                    }
+                    continue;
+                }
+                StoreError::Transient { .. } => {
+                    maybe_sent = true;
+                    // The write may have landed: look before trying again.
+                    if !attempts.wait(&error).await {
+                        return self.last_look(key, &write_id, &condition, error).await;
+                    }
+                    self.resolve(key, &write_id, &condition, &mut attempts)
+                        .await?
+                }
+                StoreError::PreconditionFailed { .. } if maybe_sent => {
+                    // Possibly our own earlier attempt, landed late.
+                    let resolution = self
+                        .resolve(key, &write_id, &condition, &mut attempts)
+                        .await?;
+                    if matches!(resolution, Resolution::Retry) {
+                        // The condition holds again after a 412: the state
+                        // moved under us. Wait before resending.
+                        let busy = StoreError::transient(
+                            key,
+                            "412 on a resend although the condition holds on reading back",
+                        );
+                        if !attempts.wait(&busy).await {
+                            return self.last_look(key, &write_id, &condition, busy).await;
+                        }
+                    }
+                    resolution
+                }
+                _ => return Err(error),
+            };
+            match resolution {
+                Resolution::Landed(etag) => return Ok(etag),
+                Resolution::Retry => continue,
+            }
+        }
+    }
+
     /// After a put whose outcome is unknown: did ours land, may we try
     /// again, or did someone else win? Reads back, retrying the read.
     async fn resolve(
@@ -317,72 +396,50 @@ impl ObjectStore for RetryingStore {
         &self,
         key: &str,
         body: Bytes,
-        mut metadata: Metadata,
+        metadata: Metadata,
         condition: Precondition,
     ) -> StoreResult<ETag> {
-        let write_id = uuid::Uuid::new_v4().simple().to_string();
-        metadata.insert(WRITE_ID_KEY.to_string(), write_id.clone());
-        match base_tag(&condition) {
-            Some(base) => metadata.insert(WRITE_BASE_KEY.to_string(), base),
-            None => metadata.remove(WRITE_BASE_KEY),
-        };
-        let mut attempts = Attempts::new(&self.policy, body.len() as u64);
-        // Whether an earlier attempt may have reached the store (and may
-        // still land): from then on no failure means "not written" without
-        // a read-back.
-        let mut maybe_sent = false;
+        let len = body.len() as u64;
+        self.write(key, len, metadata, condition, |metadata, condition| {
+            self.inner.put(key, body.clone(), metadata, condition)
+        })
+        .await
+    }
+
+    /// As `put`: every attempt reads the file again.
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        let len = stream::file_len(key, path).await?;
+        self.write(key, len, metadata, condition, |metadata, condition| {
+            self.inner.put_file(key, path, metadata, condition)
+        })
+        .await
+    }
+
+    /// A download is a read: sent again after a transient failure (each
+    /// attempt rewrites the file from the start).
+    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<Option<ObjectMeta>> {
+        let mut attempts = Attempts::new(&self.policy, 0);
         loop {
-            let error = match self
-                .inner
-                .put(key, body.clone(), metadata.clone(), condition.clone())
-                .await
-            {
-                Ok(etag) => return Ok(etag),
-                Err(e) => e,
-            };
-            let resolution = match &error {
-                StoreError::Conflict { .. } => {
-                    if !attempts.wait(&error).await {
-                        return if maybe_sent {
-                            self.last_look(key, &write_id, &condition, error).await
-                        } else {
-                            Err(error)
-                        };
-                    }
-                    continue;
-                }
-                StoreError::Transient { .. } => {
-                    maybe_sent = true;
-                    // The write may have landed: look before trying again.
-                    if !attempts.wait(&error).await {
-                        return self.last_look(key, &write_id, &condition, error).await;
-                    }
-                    self.resolve(key, &write_id, &condition, &mut attempts)
-                        .await?
-                }
-                StoreError::PreconditionFailed { .. } if maybe_sent => {
-                    // Possibly our own earlier attempt, landed late.
-                    let resolution = self
-                        .resolve(key, &write_id, &condition, &mut attempts)
-                        .await?;
-                    if matches!(resolution, Resolution::Retry) {
-                        // The condition holds again after a 412: the state
-                        // moved under us. Wait before resending.
-                        let busy = StoreError::transient(
-                            key,
-                            "412 on a resend although the condition holds on reading back",
-                        );
-                        if !attempts.wait(&busy).await {
-                            return self.last_look(key, &write_id, &condition, busy).await;
-                        }
-                    }
-                    resolution
-                }
-                _ => return Err(error),
-            };
-            match resolution {
-                Resolution::Landed(etag) => return Ok(etag),
-                Resolution::Retry => continue,
+            match self.inner.get_to_file(key, path).await {
+                Err(e) if attempts.wait(&e).await => continue,
+                result => return result,
+            }
+        }
+    }
+
+    /// Idempotent, as a delete.
+    async fn abort_incomplete_uploads(&self, key: &str) -> StoreResult<usize> {
+        let mut attempts = Attempts::new(&self.policy, 0);
+        loop {
+            match self.inner.abort_incomplete_uploads(key).await {
+                Err(e) if attempts.wait(&e).await => continue,
+                result => return result,
             }
         }
     }

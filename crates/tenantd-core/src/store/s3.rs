@@ -28,6 +28,7 @@
 //!   one attempt under the same time limit as a `HEAD`. A delete of a
 //!   missing key succeeds, as on S3 (also where a store answers 404).
 
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -41,12 +42,13 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use bytes::Bytes;
 
+use super::multipart;
 use super::{
     ETag, Listed, MIN_THROUGHPUT_BYTES_PER_SEC, Metadata, Object, ObjectMeta, ObjectStore,
-    Precondition, StoreError, StoreResult, transfer_allowance,
+    Precondition, StoreError, StoreResult, stream, transfer_allowance,
 };
 
-const CONSISTENT_HEADER: &str = "X-Tigris-Consistent";
+pub(super) const CONSISTENT_HEADER: &str = "X-Tigris-Consistent";
 
 /// Connecting may take this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -108,6 +110,9 @@ pub struct S3Store {
     attempt_base: Duration,
     /// Keys per listing page; `None`: the server's default (1000 on S3).
     page_size: Option<i32>,
+    /// Files above this many bytes go up in parts of `part_size`.
+    multipart_above: u64,
+    part_size: u64,
 }
 
 /// Marks a request to be served by Tigris' leader (ignored by S3 and moto).
@@ -187,6 +192,8 @@ impl S3Store {
             endpoint: endpoint.unwrap_or_else(|| "the default AWS endpoint".to_string()),
             attempt_base: ATTEMPT_TIMEOUT,
             page_size: None,
+            multipart_above: multipart::MULTIPART_ABOVE,
+            part_size: multipart::PART_SIZE,
         })
     }
 
@@ -204,8 +211,24 @@ impl S3Store {
         self
     }
 
+    /// Files above `above` bytes are uploaded in parts of `part` bytes
+    /// (tests: multipart without gigabytes; S3's 5 MiB minimum part holds).
+    pub fn with_multipart(mut self, above: u64, part: u64) -> S3Store {
+        self.multipart_above = above;
+        self.part_size = part;
+        self
+    }
+
+    pub(super) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(super) fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
     /// Per-request timeouts for an attempt that moves `body_len` bytes.
-    fn overrides(&self, body_len: u64) -> aws_sdk_s3::config::Builder {
+    pub(super) fn overrides(&self, body_len: u64) -> aws_sdk_s3::config::Builder {
         aws_sdk_s3::config::Builder::new()
             .timeout_config(Self::timeouts(self.attempt_base, body_len))
     }
@@ -219,7 +242,7 @@ impl S3Store {
     }
 
     /// An ETag header from an answer, checked (see [`ETag::parse_header`]).
-    fn etag_of(&self, key: &str, what: &str, header: Option<&str>) -> StoreResult<ETag> {
+    pub(super) fn etag_of(&self, key: &str, what: &str, header: Option<&str>) -> StoreResult<ETag> {
         let problem = match header {
             None => "no ETag header".to_string(),
             Some(text) => match ETag::parse_header(text) {
@@ -236,7 +259,7 @@ impl S3Store {
         ))
     }
 
-    fn full_key(&self, key: &str) -> String {
+    pub(super) fn full_key(&self, key: &str) -> String {
         if self.prefix.is_empty() {
             key.to_string()
         } else {
@@ -246,7 +269,7 @@ impl S3Store {
 
     /// Maps an SDK error; `conditional_put` turns a 404 into a failed
     /// precondition (the object we expected is gone).
-    fn map_error<E: ProvideErrorMetadata + std::fmt::Debug>(
+    pub(super) fn map_error<E: ProvideErrorMetadata + std::fmt::Debug>(
         &self,
         key: &str,
         error: SdkError<E, HttpResponse>,
@@ -336,6 +359,79 @@ impl S3Store {
         }
     }
 
+    /// A GET's answer up to its head: `None` for a missing key. The attempt
+    /// timeout covers the head; the body is read under its own allowance.
+    async fn get_output(
+        &self,
+        key: &str,
+    ) -> StoreResult<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>> {
+        let request = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key));
+        match consistent!(request)
+            .config_override(self.overrides(0))
+            .send()
+            .await
+        {
+            Ok(output) => Ok(Some(output)),
+            Err(e) => {
+                if let SdkError::ServiceError(service) = &e
+                    && service.err().is_no_such_key()
+                {
+                    return Ok(None);
+                }
+                Err(self.map_error(key, e, false))
+            }
+        }
+    }
+
+    /// A PUT of `body` (`len` bytes) under `condition`.
+    async fn put_body(
+        &self,
+        key: &str,
+        body: ByteStream,
+        len: u64,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .body(body)
+            .content_length(len as i64)
+            .set_metadata(Some(metadata.into_iter().collect()));
+        let conditional = match &condition {
+            Precondition::None => false,
+            Precondition::IfAbsent => {
+                request = request.if_none_match("*");
+                true
+            }
+            Precondition::IfMatch(etag) => {
+                request = request.if_match(etag.to_header());
+                true
+            }
+        };
+        match consistent!(request)
+            .config_override(self.overrides(len))
+            .send()
+            .await
+        {
+            // Without a usable ETag the write happened but cannot be built
+            // on: a transient error, which the retrying layer resolves by
+            // reading the object back.
+            Ok(output) => self.etag_of(
+                key,
+                "a successful PUT (the write may have landed)",
+                output.e_tag(),
+            ),
+            Err(e) => Err(self.map_error(key, e, conditional)),
+        }
+    }
+
     /// The store's key of a listed full key (without the store's prefix).
     fn key_of_listed(&self, full: &str) -> Option<String> {
         if self.prefix.is_empty() {
@@ -388,27 +484,8 @@ impl S3Store {
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
-        let request = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key));
-        // The attempt timeout covers the answer's head; the body is read
-        // below under its own allowance.
-        let output = match consistent!(request)
-            .config_override(self.overrides(0))
-            .send()
-            .await
-        {
-            Ok(output) => output,
-            Err(e) => {
-                if let SdkError::ServiceError(service) = &e
-                    && service.err().is_no_such_key()
-                {
-                    return Ok(None);
-                }
-                return Err(self.map_error(key, e, false));
-            }
+        let Some(output) = self.get_output(key).await? else {
+            return Ok(None);
         };
         let etag = self.etag_of(key, "a GET", output.e_tag())?;
         let metadata: Metadata = output
@@ -487,39 +564,86 @@ impl ObjectStore for S3Store {
         condition: Precondition,
     ) -> StoreResult<ETag> {
         let len = body.len() as u64;
-        let mut request = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key))
-            .body(ByteStream::from(body))
-            .set_metadata(Some(metadata.into_iter().collect()));
-        let conditional = match &condition {
-            Precondition::None => false,
-            Precondition::IfAbsent => {
-                request = request.if_none_match("*");
-                true
-            }
-            Precondition::IfMatch(etag) => {
-                request = request.if_match(etag.to_header());
-                true
-            }
-        };
-        match consistent!(request)
-            .config_override(self.overrides(len))
-            .send()
+        self.put_body(key, ByteStream::from(body), len, metadata, condition)
             .await
-        {
-            // Without a usable ETag the write happened but cannot be built
-            // on: a transient error, which the retrying layer resolves by
-            // reading the object back.
-            Ok(output) => self.etag_of(
-                key,
-                "a successful PUT (the write may have landed)",
-                output.e_tag(),
-            ),
-            Err(e) => Err(self.map_error(key, e, conditional)),
+    }
+
+    /// The body is read from the file as it is sent (never whole in
+    /// memory); a resend reads it again.
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        let len = stream::file_len(key, path).await?;
+        if len > self.multipart_above {
+            let part = multipart::part_size(len, self.part_size);
+            return self
+                .put_multipart(key, path, len, part, metadata, condition)
+                .await;
         }
+        let body = ByteStream::read_from()
+            .path(path)
+            .buffer_size(stream::CHUNK)
+            .length(aws_sdk_s3::primitives::Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| {
+                stream::local_read_error(key, path, std::io::Error::other(e.to_string()))
+            })?;
+        self.put_body(key, body, len, metadata, condition).await
+    }
+
+    /// The body goes to the file chunk by chunk as it arrives, under the
+    /// same allowance as `get`'s, and must be exactly `Content-Length`.
+    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<Option<ObjectMeta>> {
+        let Some(mut output) = self.get_output(key).await? else {
+            return Ok(None);
+        };
+        let etag = self.etag_of(key, "a GET", output.e_tag())?;
+        let metadata: Metadata = output
+            .metadata()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let length = output.content_length().map(|l| l.max(0) as u64);
+        let allowance = attempt_timeout_from(self.attempt_base, length.unwrap_or(0));
+        let mut download = stream::Download::create(key, path, length).await?;
+        let copy =
+            async {
+                while let Some(chunk) = output.body.try_next().await.map_err(|e| {
+                    StoreError::transient(key, format!("reading the body failed: {e}"))
+                })? {
+                    download.write(&chunk).await?;
+                }
+                Ok::<_, StoreError>(())
+            };
+        match tokio::time::timeout(allowance, copy).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(StoreError::transient(
+                    key,
+                    format!(
+                        "reading a {}-byte body took longer than {allowance:?} (under {} MB/s)",
+                        length.unwrap_or(0),
+                        MIN_THROUGHPUT_BYTES_PER_SEC / 1_000_000
+                    ),
+                ));
+            }
+        }
+        let size = download.finish().await?;
+        Ok(Some(ObjectMeta {
+            etag,
+            size,
+            metadata,
+        }))
+    }
+
+    async fn abort_incomplete_uploads(&self, key: &str) -> StoreResult<usize> {
+        self.abort_uploads(key).await
     }
 
     async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {

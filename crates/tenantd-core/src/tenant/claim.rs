@@ -62,7 +62,10 @@ pub async fn claim(
         let rebuilt =
             take_over(id, &ctx.store, lease, &ctx.machine_id, path, &mut deadline).await?;
         match open(id, ctx, lease, path, rebuilt).await {
-            Ok(claimed) => return Ok(claimed),
+            Ok(claimed) => {
+                sweep_uploads(id, &ctx.store);
+                return Ok(claimed);
+            }
             Err(Attempt::Failed(e)) => return Err(e),
             Err(Attempt::Again(why)) => {
                 warn!(customer_id = %id, why, "the tenant's objects changed while taking over; reading them again");
@@ -71,6 +74,26 @@ pub async fn claim(
             Err(Attempt::Raise(_)) => unreachable!("opening never raises the epoch"),
         }
     }
+}
+
+/// Aborts the multipart uploads of the snapshot that an earlier holder
+/// left incomplete (killed mid-upload): never state, but their parts cost
+/// storage. In the background, off the cold start's path; the takeover's
+/// fences already keep the earlier holder from completing anything that
+/// counts (store/multipart.rs).
+fn sweep_uploads(id: &TenantId, store: &DynStore) {
+    let (store, key, id) = (store.clone(), keys::database(id.as_str()), id.clone());
+    tokio::spawn(async move {
+        match store.abort_incomplete_uploads(&key).await {
+            Ok(0) => {}
+            Ok(aborted) => {
+                info!(customer_id = %id, aborted, "aborted incomplete multipart uploads of the snapshot")
+            }
+            Err(e) => {
+                warn!(customer_id = %id, error = %e, "could not list or abort incomplete multipart uploads of the snapshot; the next claim tries again")
+            }
+        }
+    });
 }
 
 /// A tenant's state rebuilt at a path under a lease, with every slot a
@@ -184,15 +207,24 @@ async fn attempt(
         ),
         _ => None,
     };
+    // The snapshot streams straight into the working copy's place (never
+    // whole in memory); a failed download leaves no file there.
+    let owned = path.to_path_buf();
+    blocking(move || {
+        remove_copy(&owned);
+        Ok(())
+    })
+    .await
+    .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?;
     let (object, mut plan) = match &early {
         Some(snapshot) => {
             let (object, plan) = tokio::join!(
-                store.get(key),
+                store.get_to_file(key, path),
                 log::plan(store, id.as_str(), snapshot, Until::End)
             );
             (object, Some(plan))
         }
-        None if head.is_some() => (store.get(key).await, None),
+        None if head.is_some() => (store.get_to_file(key, path).await, None),
         // Absent a moment ago: a new tenant (a creation racing this one
         // makes the conversion's If-None-Match fail, and this read again).
         None => (Ok(None), None),
@@ -207,10 +239,10 @@ async fn attempt(
         Some(object) => {
             // SQLite would open an empty file as a new, empty database:
             // starting the tenant over silently is the one thing not to do.
-            if object.body.is_empty() {
+            if object.size == 0 {
                 return Err(Attempt::Failed(corrupt(id, key, "the object is empty")));
             }
-            *deadline += transfer_allowance(object.body.len() as u64);
+            *deadline += transfer_allowance(object.size);
             let snapshot = log::describe_snapshot(key, object.etag.clone(), &object.metadata)
                 .map_err(|e| Attempt::from_log(id, e))?;
             let recorded = log::recorded_checksum(key, &object.metadata)
@@ -225,7 +257,7 @@ async fn attempt(
                     condition: Precondition::IfMatch(object.etag),
                 },
             };
-            (Some(object.body), snapshot, source, recorded)
+            (true, snapshot, source, recorded)
         }
         None => {
             let stray = log::list_slots(store, id.as_str(), 0)
@@ -238,8 +270,12 @@ async fn attempt(
                 ))));
             }
             let legacy = keys::legacy_database(id.as_str());
-            let body = store.get(&legacy).await.map_err(failed)?.map(|o| o.body);
-            if body.is_some() {
+            let body = store
+                .get_to_file(&legacy, path)
+                .await
+                .map_err(failed)?
+                .is_some();
+            if body {
                 info!(customer_id = %id, legacy_key = %legacy, "importing the original app's database");
             }
             let snapshot = Snapshot {
@@ -260,10 +296,8 @@ async fn attempt(
     // thread, not for a runtime worker that lease renewals need.
     let owned = path.to_path_buf();
     let sums = blocking(move || {
-        remove_copy(&owned);
-        if let Some(body) = body {
-            std::fs::write(&owned, &body)
-                .map_err(|e| format!("cannot write the working copy {}: {e}", owned.display()))?;
+        if !body {
+            remove_copy(&owned);
         }
         // The file was written: what cannot be read as pages is the
         // object's fault.

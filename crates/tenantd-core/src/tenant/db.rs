@@ -131,6 +131,9 @@ impl Db {
         // delta to upload); exclusive locking keeps the WAL index in memory
         // (no -shm file: one descriptor less per tenant), and no automatic
         // checkpoint may fold frames into the file before they are read.
+        // The page cache is bounded per tenant (2 MiB) and nothing is
+        // memory-mapped, so a holder's memory does not grow with its
+        // databases' sizes.
         conn.query_row("PRAGMA locking_mode = EXCLUSIVE", [], |_| Ok(()))
             .map_err(|e| Corrupt(format!("cannot lock: {e}")))?;
         let mode: String = conn
@@ -142,6 +145,8 @@ impl Db {
         conn.execute_batch(
             "PRAGMA synchronous = OFF;
              PRAGMA wal_autocheckpoint = 0;
+             PRAGMA cache_size = -2048;
+             PRAGMA mmap_size = 0;
              CREATE TABLE IF NOT EXISTS welcome (count INTEGER);
              CREATE TABLE IF NOT EXISTS tenantd_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS tenantd_idempotency (

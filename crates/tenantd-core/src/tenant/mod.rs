@@ -5,7 +5,7 @@
 pub mod actor;
 pub(crate) mod claim;
 mod context;
-mod copy;
+pub mod copy;
 pub mod db;
 pub mod delta;
 pub mod follower;

@@ -220,14 +220,15 @@ pub async fn create_from_file(
         .await
         .with_context(|| format!("cannot read what a delete left of customer {id}"))?;
     let key = keys::database(id.as_str());
-    match super::migrations::import::put_file(
-        store,
-        &key,
-        file,
-        new_database_metadata(after),
-        Precondition::IfAbsent,
-    )
-    .await
+    // Streamed from the file: an imported gigabyte is never in memory.
+    match store
+        .put_file(
+            &key,
+            file,
+            new_database_metadata(after),
+            Precondition::IfAbsent,
+        )
+        .await
     {
         Ok(_) => {
             info!(customer_id = %id, version, "tenant created from a file");

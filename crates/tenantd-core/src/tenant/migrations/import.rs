@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use rusqlite::{Connection, OpenFlags};
 
-use crate::store::{DynStore, ETag, Metadata, Precondition, StoreResult};
 use crate::tenant::db::Db;
 
 /// tenantd's own tables, as an export holds them.
@@ -107,22 +106,4 @@ pub fn prepare(source: &Path, scratch: &Path, max_db_bytes: u64) -> anyhow::Resu
         );
     }
     Ok((copy, version))
-}
-
-/// Uploads a file as one object. The one place a whole database file goes
-/// to the store from a path (fork, import): a streaming put replaces the
-/// read into memory here.
-pub async fn put_file(
-    store: &DynStore,
-    key: &str,
-    path: &Path,
-    metadata: Metadata,
-    condition: Precondition,
-) -> StoreResult<ETag> {
-    let bytes = tokio::fs::read(path)
-        .await
-        .map_err(|e| crate::store::StoreError::Fatal {
-            message: format!("cannot read {}: {e}", path.display()),
-        })?;
-    store.put(key, bytes.into(), metadata, condition).await
 }

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use tenantd_sim::service_sim::{Mode, Paths, run_seed_with};
+use tenantd_sim::service_sim::{Interactive, Mode, Paths, run_seed_with};
 
 const SECONDS: u64 = 20;
 
@@ -76,6 +76,42 @@ fn issue_26_single_tenant_machines_lose_nothing_with_every_writing_path() {
 #[test]
 fn issue_26_pool_machines_lose_nothing_with_every_writing_path() {
     no_violation_in_any_seed(Mode::Pool, 20, Paths::ALL);
+}
+
+/// The negative control of the interactive-transaction path (issue 23):
+/// every client increments through Hrana transactions, and their COMMITs
+/// are answered before the upload; the simulation must find one lost.
+#[test]
+fn interactive_commits_answered_before_their_upload_are_caught_as_lost_writes() {
+    let paths = Paths {
+        interactive: Interactive::Only,
+        ..Paths::default()
+    };
+    let found = (0..20u64).find_map(|seed| {
+        let dir = tempfile::tempdir().unwrap();
+        let secs = Duration::from_secs(SECONDS);
+        let report = run_seed_with(seed, secs, dir.path(), Mode::Single, true, paths).report;
+        (!report.violations.is_empty()).then_some((seed, report.violations))
+    });
+    let (seed, violations) = found.expect("some seed must lose an acknowledged transaction");
+    eprintln!("seed {seed}: {violations:?}");
+    assert!(
+        violations
+            .iter()
+            .any(|v| v.contains("lost writes") || v.contains("acknowledged 2 times")),
+        "{violations:?}"
+    );
+}
+
+/// Every increment an interactive transaction, answered only once durable:
+/// nothing acknowledged is lost under the usual nemeses.
+#[test]
+fn interactive_transactions_lose_nothing_under_simulated_chaos() {
+    let paths = Paths {
+        interactive: Interactive::Only,
+        ..Paths::default()
+    };
+    no_violation_in_any_seed(Mode::Single, 20, paths);
 }
 
 #[test]

@@ -43,6 +43,7 @@ use tenantd_core::store::{
 };
 use tenantd_core::tenant::actor::ActorContext;
 use tenantd_core::tenant::db::Db;
+use tenantd_core::tenant::sql::hrana::Program;
 use tenantd_core::tenant::{Op as TenantOp, Registry, RegistryConfig, Route, TenantError};
 
 const TTL: Duration = Duration::from_secs(1);
@@ -97,6 +98,22 @@ pub struct Paths {
     /// The holder crashes and its successor's store fails most requests
     /// while it takes over: a claim that fails after its acquisition.
     pub claim_failure: bool,
+    /// Clients also increment through Hrana interactive transactions: a
+    /// BEGIN pipeline, then a COMMIT pipeline on its baton, whose commit is
+    /// its own writing path (issue 23).
+    pub interactive: Interactive,
+}
+
+/// How many of the clients' increments are interactive transactions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Interactive {
+    #[default]
+    Off,
+    /// One in three.
+    Mixed,
+    /// Every one (the negative control: answered before their upload, only
+    /// transactions can be the lost writes found).
+    Only,
 }
 
 impl Paths {
@@ -104,7 +121,13 @@ impl Paths {
         lock_deleted: true,
         list_lag: true,
         claim_failure: true,
+        interactive: Interactive::Mixed,
     };
+
+    /// Any of issue 26's nemeses.
+    fn nemeses(&self) -> bool {
+        self.lock_deleted || self.list_lag || self.claim_failure
+    }
 }
 
 /// [`run_seed`] with the nemeses of `paths` as well.
@@ -357,7 +380,7 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
     // Every tenant answers again once the faults healed (a tenant that
     // stopped answering for good is a violation).
     let mut unanswered = Vec::new();
-    if world.paths != Paths::default() {
+    if world.paths.nemeses() {
         let mut rng = StdRng::seed_from_u64(seed ^ 0xf1a1);
         for tenant in &world.tenants {
             let key = format!("final-{tenant}");
@@ -452,14 +475,28 @@ async fn client(world: Arc<World>, n: u64, seed: u64, until: Instant) -> Vec<Op>
         let key = format!("c{n}-{k}");
         k += 1;
         let tenant = &world.tenants[rng.random_range(0..world.tenants.len())];
+        let interactive = match world.paths.interactive {
+            Interactive::Off => false,
+            Interactive::Mixed => rng.random_range(0..3) == 0,
+            Interactive::Only => true,
+        };
         let start_ms = world.now_ms();
         let mut outcome = None;
         let mut maybe_applied = false;
         let mut last_error = String::new();
         for _ in 0..ATTEMPTS {
-            let attempt =
-                tokio::time::timeout(ATTEMPT_TIMEOUT, increment(&world, &mut rng, tenant, &key));
-            match attempt.await {
+            // A transaction has no idempotency key: once it may have been
+            // applied, sending it again could count twice.
+            if interactive && maybe_applied {
+                break;
+            }
+            let attempt = async {
+                match interactive {
+                    true => transaction(&world, &mut rng, tenant).await,
+                    false => increment(&world, &mut rng, tenant, &key).await,
+                }
+            };
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
                 Ok(Ok((count, epoch, machine))) => {
                     outcome = Some(Outcome::Ok {
                         count,
@@ -554,6 +591,107 @@ async fn increment(
     Err(Attempt::NotApplied("too many hops".into()))
 }
 
+/// One increment as an interactive transaction through Hrana, routed as
+/// [`increment`] is: BEGIN, UPDATE and a read of the count in one pipeline,
+/// which leaves the transaction open on its stream, then COMMIT on the
+/// stream's baton, answered once the commit is durable.
+async fn transaction(
+    world: &World,
+    rng: &mut StdRng,
+    tenant: &TenantId,
+) -> Result<(u64, u64, String), Attempt> {
+    let no_machine = || Attempt::NotApplied("no machine is up".into());
+    let mut target = world.pick(rng, None).ok_or_else(no_machine)?;
+    let mut fresh = false;
+    for _hop in 0..6 {
+        let registry = world
+            .registry_of(&target)
+            .ok_or_else(|| Attempt::NotApplied(format!("machine {target} is down")))?;
+        match registry.route(tenant, fresh).await {
+            Route::Local(handle) => {
+                let opened = handle
+                    .hrana(pipeline(
+                        None,
+                        serde_json::json!([
+                            execute("BEGIN"),
+                            execute("UPDATE welcome SET count = count + 1"),
+                            execute("SELECT count FROM welcome"),
+                        ]),
+                    ))
+                    .await;
+                // Nothing is committed before the COMMIT: whatever goes
+                // wrong here leaves at most an open transaction, which the
+                // holder rolls back.
+                let opened = match opened {
+                    Ok(answer) => answer,
+                    Err(TenantError::NotHolder) => {
+                        fresh = true;
+                        continue;
+                    }
+                    Err(e) => return Err(Attempt::NotApplied(e.to_string())),
+                };
+                let results = &opened.results;
+                let (Some(baton), Some(count)) = (
+                    results["baton"].as_str(),
+                    results["results"][2]["response"]["result"]["rows"][0][0]["value"]
+                        .as_str()
+                        .and_then(|v| v.parse::<u64>().ok()),
+                ) else {
+                    return Err(Attempt::NotApplied(format!("BEGIN answered {results}")));
+                };
+                let committed = handle
+                    .hrana(pipeline(
+                        Some(baton.to_string()),
+                        serde_json::json!([execute("COMMIT"), {"type": "close"}]),
+                    ))
+                    .await;
+                return match committed {
+                    Ok(answer) if answer.results["results"][0]["type"] == "ok" => {
+                        Ok((count, answer.epoch, target))
+                    }
+                    // The stream ended (bound, step-down) or COMMIT failed:
+                    // rolled back.
+                    Ok(answer) => Err(Attempt::NotApplied(answer.results.to_string())),
+                    // Never written, as a dropped reply means (the actor
+                    // answers a commit it uploaded, or may have, itself).
+                    Err(TenantError::NotHolder) => {
+                        Err(Attempt::NotApplied("not the holder".into()))
+                    }
+                    Err(TenantError::Sql(e)) => Err(Attempt::NotApplied(e.message)),
+                    Err(TenantError::Unavailable(e) | TenantError::Corrupt(e)) => {
+                        Err(Attempt::Maybe(e))
+                    }
+                };
+            }
+            Route::Holder(record) => {
+                target = record.holder;
+                fresh = true;
+            }
+            Route::Elsewhere => {
+                target = world.pick(rng, Some(&target)).ok_or_else(no_machine)?;
+                fresh = true;
+            }
+            Route::Lookup { .. } => return Err(Attempt::NotApplied("lookup".into())),
+            Route::Unavailable(e) | Route::Corrupt(e) | Route::NotFound(e) => {
+                return Err(Attempt::NotApplied(e));
+            }
+        }
+    }
+    Err(Attempt::NotApplied("too many hops".into()))
+}
+
+fn pipeline(baton: Option<String>, requests: serde_json::Value) -> Arc<Program> {
+    Arc::new(Program {
+        requests: serde_json::from_value(requests).expect("valid Hrana requests"),
+        read_only: false,
+        baton,
+    })
+}
+
+fn execute(sql: &str) -> serde_json::Value {
+    serde_json::json!({"type": "execute", "stmt": {"sql": sql}})
+}
+
 /// Faults drawn from the seed until `until`; returns what was done.
 async fn nemeses(world: &World, seed: u64, until: Instant) -> Vec<NemesisEvent> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -581,11 +719,7 @@ async fn nemeses(world: &World, seed: u64, until: Instant) -> Vec<NemesisEvent> 
             continue;
         };
         let lasting = Duration::from_millis(rng.random_range(300..3000));
-        let kinds = if world.paths == Paths::default() {
-            10
-        } else {
-            13
-        };
+        let kinds = if world.paths.nemeses() { 13 } else { 10 };
         let kind = match rng.random_range(0..kinds) {
             10 if world.paths.lock_deleted => {
                 let _ = world.shared.delete(&lock).await;

@@ -25,7 +25,7 @@ use sha2::Sha256;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::upload::InFlight;
+use super::upload::{InFlight, send_all};
 use super::{Exit, Request, TenantActor};
 use crate::tenant::db::stream::RanOpen;
 use crate::tenant::log;
@@ -394,13 +394,18 @@ impl TenantActor {
                 self.streams.open = None;
                 self.streams.forget_closed();
                 self.next_slot += 1;
-                let pending = vec![(request.reply, answer(ran.answer))];
+                let mut unanswered = Some(vec![(request.reply, answer(ran.answer))]);
+                if self.ctx.ack_before_upload {
+                    // Bench-only, as for batches; the simulation's negative
+                    // control must then find lost transactions.
+                    send_all(unanswered.take().expect("not answered yet"));
+                }
                 let metadata = log::slot_metadata(epoch, seq, &self.writer);
                 let put = self.put(seq, delta.clone(), metadata.clone());
                 let pipelined = !self.in_flight.is_empty();
                 self.in_flight.push_back(InFlight {
                     pipelined,
-                    unanswered: Some(pending),
+                    unanswered,
                     epoch,
                     seq,
                     count,

@@ -44,7 +44,9 @@ use tenantd_core::store::{
 use tenantd_core::tenant::actor::ActorContext;
 use tenantd_core::tenant::db::Db;
 use tenantd_core::tenant::sql::hrana::Program;
-use tenantd_core::tenant::{Op as TenantOp, Registry, RegistryConfig, Route, TenantError};
+use tenantd_core::tenant::{
+    Op as TenantOp, Registry, RegistryConfig, Route, TenantError, TenantHandle,
+};
 
 const TTL: Duration = Duration::from_secs(1);
 /// Single-tenant mode serves the first; pool mode all of them.
@@ -545,14 +547,26 @@ enum Attempt {
     Maybe(String),
 }
 
+/// What a request did on the machine the routing led to.
+enum AtHolder<T> {
+    Done(Result<T, Attempt>),
+    /// That machine no longer writes the tenant; nothing was applied.
+    NotHolder,
+}
+
 /// One request through the proxy: to a random machine, then wherever the
-/// routing sends it, as `http.rs` does with `fly-replay`.
-async fn increment(
+/// routing sends it, as `http.rs` does with `fly-replay`, until a machine
+/// runs `request` on the tenant's handle. Answers with the machine too.
+async fn through_proxy<T, F, Fut>(
     world: &World,
     rng: &mut StdRng,
     tenant: &TenantId,
-    key: &str,
-) -> Result<(u64, u64, String), Attempt> {
+    mut request: F,
+) -> Result<(T, String), Attempt>
+where
+    F: FnMut(TenantHandle) -> Fut,
+    Fut: std::future::Future<Output = AtHolder<T>>,
+{
     let no_machine = || Attempt::NotApplied("no machine is up".into());
     let mut target = world.pick(rng, None).ok_or_else(no_machine)?;
     let mut fresh = false;
@@ -561,19 +575,10 @@ async fn increment(
             .registry_of(&target)
             .ok_or_else(|| Attempt::NotApplied(format!("machine {target} is down")))?;
         match registry.route(tenant, fresh).await {
-            Route::Local(handle) => {
-                let op = TenantOp::Increment {
-                    idempotency_key: Some(key.to_string()),
-                };
-                match handle.call(op).await {
-                    Ok(answer) => return Ok((answer.count, answer.epoch, target)),
-                    Err(TenantError::NotHolder) => fresh = true,
-                    Err(TenantError::Unavailable(e) | TenantError::Corrupt(e)) => {
-                        return Err(Attempt::Maybe(e));
-                    }
-                    Err(TenantError::Sql(e)) => unreachable!("increments run no SQL: {e}"),
-                }
-            }
+            Route::Local(handle) => match request(handle).await {
+                AtHolder::Done(result) => return result.map(|answer| (answer, target)),
+                AtHolder::NotHolder => fresh = true,
+            },
             Route::Holder(record) => {
                 target = record.holder;
                 fresh = true;
@@ -591,93 +596,88 @@ async fn increment(
     Err(Attempt::NotApplied("too many hops".into()))
 }
 
-/// One increment as an interactive transaction through Hrana, routed as
-/// [`increment`] is: BEGIN, UPDATE and a read of the count in one pipeline,
-/// which leaves the transaction open on its stream, then COMMIT on the
-/// stream's baton, answered once the commit is durable.
+/// One counter increment with its idempotency key.
+async fn increment(
+    world: &World,
+    rng: &mut StdRng,
+    tenant: &TenantId,
+    key: &str,
+) -> Result<(u64, u64, String), Attempt> {
+    let ((count, epoch), machine) = through_proxy(world, rng, tenant, |handle| async move {
+        let op = TenantOp::Increment {
+            idempotency_key: Some(key.to_string()),
+        };
+        match handle.call(op).await {
+            Ok(answer) => AtHolder::Done(Ok((answer.count, answer.epoch))),
+            Err(TenantError::NotHolder) => AtHolder::NotHolder,
+            Err(TenantError::Unavailable(e) | TenantError::Corrupt(e)) => {
+                AtHolder::Done(Err(Attempt::Maybe(e)))
+            }
+            Err(TenantError::Sql(e)) => unreachable!("increments run no SQL: {e}"),
+        }
+    })
+    .await?;
+    Ok((count, epoch, machine))
+}
+
+/// One increment as an interactive transaction through Hrana: BEGIN,
+/// UPDATE and a read of the count in one pipeline, which leaves the
+/// transaction open on its stream, then COMMIT on the stream's baton,
+/// answered once the commit is durable.
 async fn transaction(
     world: &World,
     rng: &mut StdRng,
     tenant: &TenantId,
 ) -> Result<(u64, u64, String), Attempt> {
-    let no_machine = || Attempt::NotApplied("no machine is up".into());
-    let mut target = world.pick(rng, None).ok_or_else(no_machine)?;
-    let mut fresh = false;
-    for _hop in 0..6 {
-        let registry = world
-            .registry_of(&target)
-            .ok_or_else(|| Attempt::NotApplied(format!("machine {target} is down")))?;
-        match registry.route(tenant, fresh).await {
-            Route::Local(handle) => {
-                let opened = handle
-                    .hrana(pipeline(
-                        None,
-                        serde_json::json!([
-                            execute("BEGIN"),
-                            execute("UPDATE welcome SET count = count + 1"),
-                            execute("SELECT count FROM welcome"),
-                        ]),
-                    ))
-                    .await;
-                // Nothing is committed before the COMMIT: whatever goes
-                // wrong here leaves at most an open transaction, which the
-                // holder rolls back.
-                let opened = match opened {
-                    Ok(answer) => answer,
-                    Err(TenantError::NotHolder) => {
-                        fresh = true;
-                        continue;
-                    }
-                    Err(e) => return Err(Attempt::NotApplied(e.to_string())),
-                };
-                let results = &opened.results;
-                let (Some(baton), Some(count)) = (
-                    results["baton"].as_str(),
-                    results["results"][2]["response"]["result"]["rows"][0][0]["value"]
-                        .as_str()
-                        .and_then(|v| v.parse::<u64>().ok()),
-                ) else {
-                    return Err(Attempt::NotApplied(format!("BEGIN answered {results}")));
-                };
-                let committed = handle
-                    .hrana(pipeline(
-                        Some(baton.to_string()),
-                        serde_json::json!([execute("COMMIT"), {"type": "close"}]),
-                    ))
-                    .await;
-                return match committed {
-                    Ok(answer) if answer.results["results"][0]["type"] == "ok" => {
-                        Ok((count, answer.epoch, target))
-                    }
-                    // The stream ended (bound, step-down) or COMMIT failed:
-                    // rolled back.
-                    Ok(answer) => Err(Attempt::NotApplied(answer.results.to_string())),
-                    // Never written, as a dropped reply means (the actor
-                    // answers a commit it uploaded, or may have, itself).
-                    Err(TenantError::NotHolder) => {
-                        Err(Attempt::NotApplied("not the holder".into()))
-                    }
-                    Err(TenantError::Sql(e)) => Err(Attempt::NotApplied(e.message)),
-                    Err(TenantError::Unavailable(e) | TenantError::Corrupt(e)) => {
-                        Err(Attempt::Maybe(e))
-                    }
-                };
-            }
-            Route::Holder(record) => {
-                target = record.holder;
-                fresh = true;
-            }
-            Route::Elsewhere => {
-                target = world.pick(rng, Some(&target)).ok_or_else(no_machine)?;
-                fresh = true;
-            }
-            Route::Lookup { .. } => return Err(Attempt::NotApplied("lookup".into())),
-            Route::Unavailable(e) | Route::Corrupt(e) | Route::NotFound(e) => {
-                return Err(Attempt::NotApplied(e));
-            }
-        }
-    }
-    Err(Attempt::NotApplied("too many hops".into()))
+    let ((count, epoch), machine) = through_proxy(world, rng, tenant, |handle| async move {
+        let opened = handle
+            .hrana(pipeline(
+                None,
+                serde_json::json!([
+                    execute("BEGIN"),
+                    execute("UPDATE welcome SET count = count + 1"),
+                    execute("SELECT count FROM welcome"),
+                ]),
+            ))
+            .await;
+        // Nothing is committed before the COMMIT: whatever goes wrong here
+        // leaves at most an open transaction, which the holder rolls back.
+        let opened = match opened {
+            Ok(answer) => answer,
+            Err(TenantError::NotHolder) => return AtHolder::NotHolder,
+            Err(e) => return AtHolder::Done(Err(Attempt::NotApplied(e.to_string()))),
+        };
+        let results = &opened.results;
+        let (Some(baton), Some(count)) = (
+            results["baton"].as_str(),
+            results["results"][2]["response"]["result"]["rows"][0][0]["value"]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok()),
+        ) else {
+            return AtHolder::Done(Err(Attempt::NotApplied(format!(
+                "BEGIN answered {results}"
+            ))));
+        };
+        let committed = handle
+            .hrana(pipeline(
+                Some(baton.to_string()),
+                serde_json::json!([execute("COMMIT"), {"type": "close"}]),
+            ))
+            .await;
+        AtHolder::Done(match committed {
+            Ok(answer) if answer.results["results"][0]["type"] == "ok" => Ok((count, answer.epoch)),
+            // The stream ended (bound, step-down) or COMMIT failed: rolled
+            // back.
+            Ok(answer) => Err(Attempt::NotApplied(answer.results.to_string())),
+            // Never written, as a dropped reply means (the actor answers a
+            // commit it uploaded, or may have, itself).
+            Err(TenantError::NotHolder) => Err(Attempt::NotApplied("not the holder".into())),
+            Err(TenantError::Sql(e)) => Err(Attempt::NotApplied(e.message)),
+            Err(TenantError::Unavailable(e) | TenantError::Corrupt(e)) => Err(Attempt::Maybe(e)),
+        })
+    })
+    .await?;
+    Ok((count, epoch, machine))
 }
 
 fn pipeline(baton: Option<String>, requests: serde_json::Value) -> Arc<Program> {

@@ -469,3 +469,158 @@ async fn forwarded_answers_keep_the_consistency_headers() {
     assert_eq!(read.role.as_deref(), Some("follower"));
     assert_eq!(rows(&read), ["through b"]);
 }
+
+/// A Hrana request sent to one machine: its answer and headers.
+async fn hrana(
+    m: &Machine,
+    path: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> (Reply, String) {
+    let mut request = reqwest::Client::new()
+        .post(m.url(&format!("/customers/{CUSTOMER}/{path}")))
+        .bearer_auth(TOKEN)
+        .timeout(Duration::from_secs(20))
+        .json(&body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let reply = request.send().await.expect("the machine answers");
+    let header = |name: &str| {
+        reply
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let (bookmark, role, served_by, fly_replay) = (
+        header("tenantd-bookmark").map(|b| b.parse().expect("a bookmark is a slot")),
+        header("tenantd-role"),
+        header("tenantd-served-by"),
+        header("fly-replay"),
+    );
+    let status = reply.status().as_u16();
+    let text = reply.text().await.unwrap();
+    let reply = Reply {
+        status,
+        bookmark,
+        role,
+        served_by,
+        fly_replay,
+        json: serde_json::from_str(&text).unwrap_or(Value::Null),
+    };
+    (reply, text)
+}
+
+fn execute(sql: &str) -> Value {
+    json!({"type": "execute", "stmt": {"sql": sql}})
+}
+
+/// The count of `notes` in a pipeline's first result, and its
+/// `replication_index`.
+fn counted(reply: &Reply) -> (u64, u64) {
+    let result = &reply.json["results"][0]["response"]["result"];
+    let count = result["rows"][0][0]["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no count in {}", reply.json))
+        .parse()
+        .unwrap();
+    let index = result["replication_index"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no replication_index in {}", reply.json))
+        .parse()
+        .unwrap();
+    (count, index)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hrana_reads_outside_a_transaction_are_answered_by_a_follower() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = slow(Setup::file_store(dir.path()));
+    let (a, b) = two_machines(&setup).await;
+    const COUNT: &str = "SELECT count(*) FROM notes";
+
+    let mut last = 0;
+    for i in 1..=5u64 {
+        last = insert(&a, &format!("note {i}")).await.bookmark.unwrap();
+        // What @libsql/client sends for `execute`: no bookmark, no baton.
+        for version in ["v2", "v3"] {
+            let body = json!({"baton": null, "requests": [execute(COUNT), {"type": "close"}]});
+            let (read, _) = hrana(&b, &format!("{version}/pipeline"), body, &[]).await;
+            assert_eq!(read.status, 200, "{}", read.json);
+            assert_eq!(read.role.as_deref(), Some("follower"), "{}", read.json);
+            assert_eq!(read.served_by.as_deref(), Some("b"));
+            assert_eq!(read.json["baton"], Value::Null, "a follower keeps no stream");
+            let (count, index) = counted(&read);
+            assert_eq!(count, i, "a follower's Hrana read misses an acknowledged write");
+            assert!(index >= last, "replication_index {index} before the write's {last}");
+            assert_eq!(Some(index), read.bookmark);
+        }
+    }
+
+    // A bookmark, as the header or as Hrana's replication_index.
+    let text = last.to_string();
+    let body = json!({"baton": null, "requests": [execute(COUNT)]});
+    let (read, _) = hrana(&b, "v3/pipeline", body.clone(), &[("tenantd-bookmark", &text)]).await;
+    assert_eq!(read.role.as_deref(), Some("follower"), "{}", read.json);
+    assert_eq!(counted(&read).0, 5);
+    let mut indexed = body.clone();
+    indexed["replication_index"] = json!(text);
+    let (read, _) = hrana(&b, "v3/pipeline", indexed, &[]).await;
+    assert_eq!(read.role.as_deref(), Some("follower"), "{}", read.json);
+    assert!(read.bookmark.unwrap() >= last);
+    let mut bad = body.clone();
+    bad["replication_index"] = json!("yesterday");
+    let (refused, _) = hrana(&b, "v3/pipeline", bad, &[]).await;
+    assert_eq!(refused.status, 400, "{}", refused.json);
+    assert!(
+        refused.json["message"]
+            .as_str()
+            .unwrap()
+            .contains("replication_index")
+    );
+
+    // A batch of reads, a describe and a cursor.
+    let body = json!({"baton": null, "requests": [
+        {"type": "batch", "batch": {"steps": [{"stmt": {"sql": COUNT}}, {"stmt": {"sql": "SELECT max(id) FROM notes"}, "condition": {"type": "ok", "step": 0}}]}},
+        {"type": "describe", "sql": COUNT},
+        {"type": "close"}]});
+    let (read, _) = hrana(&b, "v3/pipeline", body, &[]).await;
+    assert_eq!(read.role.as_deref(), Some("follower"), "{}", read.json);
+    let batch = &read.json["results"][0]["response"]["result"];
+    assert_eq!(batch["step_results"][1]["rows"][0][0]["value"], "5");
+    assert!(batch["replication_index"].is_string(), "{batch}");
+    assert_eq!(
+        read.json["results"][1]["response"]["result"]["is_readonly"],
+        true
+    );
+    let body = json!({"baton": null, "batch": {"steps": [{"stmt": {"sql": COUNT}}]}});
+    let (read, text) = hrana(&b, "v3/cursor", body, &[]).await;
+    assert_eq!(read.status, 200, "{text}");
+    assert_eq!(read.role.as_deref(), Some("follower"), "{text}");
+    assert!(text.contains("\"row\""), "{text}");
+
+    // Everything else goes to the holder: a write, a transaction, a
+    // stream's next pipeline, stored SQL that outlives the pipeline.
+    for body in [
+        json!({"baton": null, "requests": [execute("INSERT INTO notes(body) VALUES ('x')"), {"type": "close"}]}),
+        json!({"baton": null, "requests": [execute("BEGIN"), execute(COUNT), execute("COMMIT")]}),
+        json!({"baton": null, "requests": [{"type": "sequence", "sql": "BEGIN; SELECT 1; COMMIT"}]}),
+        json!({"baton": "some-baton", "requests": [execute(COUNT)]}),
+        json!({"baton": null, "requests": [{"type": "store_sql", "sql_id": 1, "sql": COUNT}]}),
+        json!({"baton": null, "batch": {"steps": [{"stmt": {"sql": "DELETE FROM notes"}}]}}),
+    ] {
+        let path = match body.get("batch") {
+            Some(_) => "v3/cursor",
+            None => "v3/pipeline",
+        };
+        let (reply, _) = hrana(&b, path, body.clone(), &[]).await;
+        assert_eq!(reply.status, 307, "{body} answered by b: {}", reply.json);
+        assert!(reply.fly_replay.unwrap().contains("instance=a"), "{body}");
+    }
+    // Nothing was written meanwhile.
+    let (read, _) = hrana(&a, "v3/pipeline", json!({"baton": null, "requests": [execute(COUNT), {"type": "close"}]}), &[]).await;
+    assert_eq!(read.role.as_deref(), Some("holder"));
+    let (count, index) = counted(&read);
+    assert_eq!(count, 5);
+    assert_eq!(Some(index), read.bookmark, "the holder's answers carry it too");
+}

@@ -138,3 +138,33 @@ async fn libsql_client_values_batches_errors_tokens_and_a_holder_sigkill() {
     let through_sql = sql(&b, "7", "SELECT count(*) FROM kv WHERE k LIKE 'ack%'").await;
     assert_eq!(through_sql["results"][0]["rows"][0][0], 20);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn libsql_client_reads_through_a_follower_and_reads_its_own_write() {
+    node_modules();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::file_store(dir.path());
+    setup.create_tenants(&["7"]);
+    let args = ["--replay-mode", "forward", "--api-token", API_TOKEN];
+    let a = setup.machine("a", Some("7"), &args);
+    for statement in [
+        "CREATE TABLE kv (k TEXT PRIMARY KEY, v)",
+        "INSERT INTO kv VALUES ('first', 1)",
+    ] {
+        let reply = reqwest::Client::new()
+            .post(a.url("/customers/7/sql"))
+            .bearer_auth(API_TOKEN)
+            .json(&json!({"statements": [{"sql": statement}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200);
+    }
+    let b = setup.machine("b", Some("7"), &args);
+    let found = client(&["follower", &b.url("/customers/7/"), API_TOKEN]);
+    assert_eq!(found["before"], 1, "{found}");
+    assert_eq!(found["read_role"], "follower", "{found}");
+    assert_eq!(found["write_role"], "holder", "{found}");
+    assert_eq!(found["after"], 1, "the read after the write sees it: {found}");
+    drop(a);
+}

@@ -1,6 +1,6 @@
 // Drives a tenant through @libsql/client (the official TypeScript client,
 // unmodified) the way an app does. Run by tests/libsql_client.rs:
-//   node client.cjs <phase> <url> <token> [<read-only token> <other tenant's token>]
+//   node client.cjs <write|read|follower> <url> <token> [<read-only token> <other tenant's token>]
 // Prints one JSON line of findings; exits non-zero, naming the check, on
 // any failure.
 const { createClient } = require("@libsql/client");
@@ -123,7 +123,39 @@ async function read() {
   };
 }
 
-(phase === "write" ? write() : read()).then(
+// Through a machine that does not hold the tenant: a read is answered by
+// its replica, a write by the holder (forwarded), and a read after it,
+// carrying the write's bookmark the way an app would, sees it.
+async function follower() {
+  const roles = [];
+  let bookmark;
+  const db = createClient({
+    url,
+    authToken: token,
+    fetch: async (request) => {
+      if (bookmark) request.headers.set("tenantd-bookmark", bookmark);
+      const response = await fetch(request);
+      roles.push(response.headers.get("tenantd-role"));
+      bookmark = response.headers.get("tenantd-bookmark") ?? bookmark;
+      return response;
+    },
+  });
+  const before = await db.execute("SELECT count(*) AS n FROM kv");
+  const readRole = roles.at(-1);
+  await db.execute({ sql: "INSERT INTO kv VALUES (?, ?)", args: ["via-follower", 1] });
+  const writeRole = roles.at(-1);
+  const after = await db.execute("SELECT count(*) AS n FROM kv WHERE k = 'via-follower'");
+  return {
+    before: Number(before.rows[0].n),
+    read_role: readRole,
+    write_role: writeRole,
+    after: Number(after.rows[0].n),
+    after_role: roles.at(-1),
+  };
+}
+
+const phases = { write, read, follower };
+phases[phase]().then(
   (found) => console.log(JSON.stringify(found)),
   (e) => {
     console.error(`libsql client check failed: ${e.stack || e}`);

@@ -67,9 +67,18 @@ fn bench_runs_every_section_and_reports_the_contract_keys() {
         "rss_mb_per_held_tenant",
         "follower_read_share",
         "follower_lag_p99_ms",
+        "follower_store_requests_per_1000_commits",
+        "follower_read_availability_during_kill",
+        "follower_read_longest_gap_ms",
     ] {
         assert!(report[key].is_number(), "{key} missing: {report:#}");
     }
+    // Read availability during the kill: a share, of reads that were sent.
+    let availability = report["follower_read_availability_during_kill"]
+        .as_f64()
+        .unwrap();
+    assert!((0.0..=1.0).contains(&availability), "{availability}");
+    assert!(report["follower_kill"]["reads"].as_u64().unwrap() > 0);
     assert!(report["durable_rps"].as_f64().unwrap() > 0.0);
     assert!(report["sql_durable_rps"].as_f64().unwrap() > 0.0);
     assert!(report["sql_p50_ms"].as_f64().unwrap() > 0.0);

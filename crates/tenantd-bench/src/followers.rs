@@ -8,6 +8,9 @@
 //!   read's own round trip).
 //! - `follower_log_reads_per_1000_commits`: log objects the followers read
 //!   from the store (the rest came pushed by the holder).
+//! - `follower_store_requests_per_1000_commits`: store requests of every
+//!   kind per follower (its session heartbeat included), per 1,000
+//!   commits at the holder.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +20,7 @@ use anyhow::Context;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::machines::{API_TOKEN, Machine, Setup, metric_sum};
+use super::machines::{API_TOKEN, Machine, Setup, metric_sum, store_requests};
 
 const CUSTOMER: &str = "7";
 const WRITERS: usize = 4;
@@ -33,6 +36,7 @@ pub struct FollowersResult {
     pub failed_reads: u64,
     pub commits: u64,
     pub follower_log_reads_per_1000_commits: f64,
+    pub follower_store_requests_per_1000_commits: f64,
 }
 
 pub async fn run(
@@ -63,6 +67,7 @@ pub async fn run(
     ];
     let machines: Vec<&Machine> = std::iter::once(&holder).chain(followers.iter()).collect();
     let log_before = log_reads(&followers).await?;
+    let (requests_before, _) = store_requests(&followers).await?;
     let (reads, follower_reads, failed) = (
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
@@ -141,6 +146,7 @@ pub async fn run(
     };
     let commits = commits.load(Ordering::Relaxed);
     let log_reads = log_reads(&followers).await? - log_before;
+    let requests = store_requests(&followers).await?.0 - requests_before;
     let (reads, follower_reads) = (
         reads.load(Ordering::Relaxed),
         follower_reads.load(Ordering::Relaxed),
@@ -154,6 +160,8 @@ pub async fn run(
         failed_reads: failed.load(Ordering::Relaxed),
         commits,
         follower_log_reads_per_1000_commits: log_reads * 1000.0 / commits.max(1) as f64,
+        follower_store_requests_per_1000_commits: requests * 1000.0
+            / (commits.max(1) as f64 * followers.len() as f64),
     };
     for machine in followers {
         machine.stop().await?;

@@ -11,6 +11,7 @@
 mod cold_start;
 mod failover;
 mod followers;
+mod followers_kill;
 mod held_tenants;
 mod idle;
 mod load;
@@ -244,6 +245,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         followers.follower_lag_p99_ms,
         followers.follower_log_reads_per_1000_commits
     );
+    eprintln!(
+        "bench:   {:.1} store requests per follower per 1,000 commits",
+        followers.follower_store_requests_per_1000_commits
+    );
+    eprintln!(
+        "bench:   reads during a holder kill: 3 machines through the dev edge, 4 writers, 8 readers"
+    );
+    let kill = followers_kill::run(
+        &std::env::current_exe()?,
+        &scratch.join("followers-kill"),
+        &faults,
+        args.lease_ttl,
+    )
+    .await?;
+    eprintln!(
+        "bench:   {:.2}% of {} reads answered in the {} ms after the kill ({} by followers); longest read gap {} ms",
+        kill.follower_read_availability_during_kill * 100.0,
+        kill.reads,
+        kill.window_ms,
+        kill.follower_answers,
+        kill.follower_read_longest_gap_ms
+    );
 
     let mut report = Report::new(
         &args,
@@ -260,6 +283,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     report.set_unknown_tenants(unknown);
     report.set_followers(followers);
+    report.set_follower_kill(kill);
     println!("{}", report.table());
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report.json())?)

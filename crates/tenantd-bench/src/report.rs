@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::cold_start::ColdStart;
 use super::failover::FailoverResult;
 use super::followers::FollowersResult;
+use super::followers_kill::KillResult;
 use super::held_tenants::HeldTenantsResult;
 use super::idle::IdleResult;
 use super::svg::{Series, chart};
@@ -32,6 +33,7 @@ pub struct Report {
     elapsed: Duration,
     unknown: Option<UnknownResult>,
     followers: Option<FollowersResult>,
+    follower_kill: Option<KillResult>,
 }
 
 /// A target and whether this run met it.
@@ -71,6 +73,7 @@ impl Report {
             elapsed,
             unknown: None,
             followers: None,
+            follower_kill: None,
         }
     }
 
@@ -82,6 +85,10 @@ impl Report {
     /// Follower reads on three machines of one tenant.
     pub fn set_followers(&mut self, followers: FollowersResult) {
         self.followers = Some(followers);
+    }
+
+    pub fn set_follower_kill(&mut self, kill: KillResult) {
+        self.follower_kill = Some(kill);
     }
 
     /// The level the headline figures come from: 256 clients, or the
@@ -261,6 +268,40 @@ impl Report {
             },
         ];
         targets.extend(unknown);
+        targets.extend(self.follower_targets());
+        targets
+    }
+
+    /// Issue 25's goals for follower reads, when they were measured.
+    fn follower_targets(&self) -> Vec<Target> {
+        let mut targets = Vec::new();
+        if let Some(f) = &self.followers {
+            targets.push(Target {
+                what: format!(
+                    "≥ 60% of read-only answers by followers (3 machines, mixed load): {:.0}%",
+                    100.0 * f.follower_read_share
+                ),
+                met: f.follower_read_share >= 0.6,
+            });
+            targets.push(Target {
+                what: format!(
+                    "≤ 10 store requests per follower per 1,000 commits: {:.1}",
+                    f.follower_store_requests_per_1000_commits
+                ),
+                met: f.follower_store_requests_per_1000_commits <= 10.0,
+            });
+        }
+        if let Some(k) = &self.follower_kill {
+            targets.push(Target {
+                what: format!(
+                    "≥ 99% of read-only requests answered during a holder kill: {:.2}% of {} (longest gap {} ms)",
+                    100.0 * k.follower_read_availability_during_kill,
+                    k.reads,
+                    k.follower_read_longest_gap_ms
+                ),
+                met: k.follower_read_availability_during_kill >= 0.99,
+            });
+        }
         targets
     }
 
@@ -480,6 +521,10 @@ impl Report {
             "follower_read_share": self.followers.as_ref().map(|f| f.follower_read_share),
             "follower_lag_p99_ms": self.followers.as_ref().map(|f| f.follower_lag_p99_ms),
             "followers": self.followers,
+            "follower_store_requests_per_1000_commits": self.followers.as_ref().map(|f| f.follower_store_requests_per_1000_commits),
+            "follower_read_availability_during_kill": self.follower_kill.as_ref().map(|k| k.follower_read_availability_during_kill),
+            "follower_read_longest_gap_ms": self.follower_kill.as_ref().map(|k| k.follower_read_longest_gap_ms),
+            "follower_kill": self.follower_kill,
             "durable": self.durable,
             "unsafe": self.unsafe_,
             "targets": self.targets().iter().map(|t| json!({ "target": t.what, "met": t.met })).collect::<Vec<_>>(),

@@ -366,6 +366,8 @@ async fn run_sql(
             "reads": report.reads,
             "success_ratio": report.success_ratio(),
             "longest_gap_ms": report.longest_gap_ms(),
+            "follower_read_share": report.follower_read_share(),
+            "follower_reads": report.follower_reads,
             "accounts": accounts,
             "sources": report.sources,
             "customers": report.customers,
@@ -518,6 +520,12 @@ fn print_sql_report(report: &SqlReport, nemeses: &[NemesisEvent]) {
     }
     println!("nemeses: {kinds:?}");
     println!("final state read from: {}", report.sources.join(", "));
+    println!(
+        "reads: {} answered, {} by followers ({:.0}%); each must see the client's last acknowledged transfer",
+        report.reads,
+        report.follower_reads,
+        100.0 * report.follower_read_share()
+    );
     if report.violations.is_empty() {
         println!(
             "no violations: the sum of balances is conserved, every acknowledged transfer is stored exactly once, none twice or in part, no refused one, every read saw the whole sum"

@@ -79,13 +79,29 @@ pub struct TransferOp {
 }
 
 /// A read-only `SELECT count(*), sum(balance)` made during the run.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadOp {
     pub customer: String,
+    #[serde(default)]
+    pub client: usize,
     pub start_ms: u64,
     pub end_ms: u64,
     /// (accounts, sum of balances); None when the read failed.
     pub seen: Option<(i64, i64)>,
+    /// The client's last acknowledged transfer to this customer before
+    /// the read, and whether the read saw it stored.
+    #[serde(default)]
+    pub must_see: Option<String>,
+    #[serde(default)]
+    pub saw_own: Option<bool>,
+    /// The `tenantd-bookmark` sent (that transfer's) and answered.
+    #[serde(default)]
+    pub bookmark_sent: Option<u64>,
+    #[serde(default)]
+    pub bookmark: Option<u64>,
+    /// `tenantd-role` of the answer: "holder" or "follower".
+    #[serde(default)]
+    pub role: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +139,8 @@ pub struct SqlCustomerReport {
     /// Acknowledgements that were an earlier attempt's answer replayed.
     pub replayed: usize,
     pub reads: usize,
+    /// Of the reads, those answered by a follower.
+    pub follower_reads: usize,
     pub transfers_stored: usize,
     pub sum_of_balances: i64,
     pub expected_sum: i64,
@@ -137,6 +155,7 @@ pub struct SqlReport {
     pub indeterminate: usize,
     pub refused: usize,
     pub reads: usize,
+    pub follower_reads: usize,
     /// Where the final states were read from.
     pub sources: Vec<String>,
     pub customers: BTreeMap<String, SqlCustomerReport>,
@@ -152,6 +171,11 @@ impl SqlReport {
         } else {
             self.acked as f64 / all as f64
         }
+    }
+
+    /// Reads answered by followers over all answered reads.
+    pub fn follower_read_share(&self) -> f64 {
+        self.follower_reads as f64 / self.reads.max(1) as f64
     }
 
     pub fn longest_gap_ms(&self) -> u64 {
@@ -224,13 +248,31 @@ pub fn check(
                 continue;
             };
             r.reads += 1;
+            let by = read.role.as_deref().unwrap_or("an unnamed machine");
+            if read.role.as_deref() == Some("follower") {
+                r.follower_reads += 1;
+            }
             if count != accounts.count || sum != accounts.total() {
                 violations.push(format!(
-                    "customer {customer}: a read at {}–{} ms saw a sum of {sum} over {count} accounts, expected {} over {}",
+                    "customer {customer}: a read at {}–{} ms (answered by the {by}) saw a sum of {sum} over {count} accounts, expected {} over {}",
                     read.start_ms,
                     read.end_ms,
                     accounts.total(),
                     accounts.count
+                ));
+            }
+            if let (Some(id), Some(false)) = (&read.must_see, read.saw_own) {
+                violations.push(format!(
+                    "customer {customer}: a read at {}–{} ms by client {} (answered by the {by}, bookmark sent {:?}) did not see the client's own acknowledged transfer {id}: a read older than the client's last acknowledged write",
+                    read.start_ms, read.end_ms, read.client, read.bookmark_sent
+                ));
+            }
+            if let (Some(sent), Some(answered)) = (read.bookmark_sent, read.bookmark)
+                && answered < sent
+            {
+                violations.push(format!(
+                    "customer {customer}: a read at {}–{} ms (answered by the {by}) sent bookmark {sent} and was answered from {answered}, an older state",
+                    read.start_ms, read.end_ms
                 ));
             }
         }
@@ -286,6 +328,7 @@ pub fn check(
         report.indeterminate += r.indeterminate;
         report.refused += r.refused;
         report.reads += r.reads;
+        report.follower_reads += r.follower_reads;
         report.customers.insert(customer.to_string(), r);
     }
     report
@@ -496,6 +539,7 @@ mod tests {
             start_ms: 0,
             end_ms: 1,
             seen: Some((3, 300)),
+            ..ReadOp::default()
         }];
         let report = run(&history(), &reads, &[("store", state()), ("api", state())]);
         assert!(report.violations.is_empty(), "{:?}", report.violations);
@@ -577,6 +621,31 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_read_older_than_the_clients_own_write_is_reported() {
+        let read = |saw_own, bookmark| ReadOp {
+            customer: "1".into(),
+            client: 0,
+            start_ms: 5,
+            end_ms: 6,
+            seen: Some((3, 300)),
+            must_see: Some("a".into()),
+            saw_own: Some(saw_own),
+            bookmark_sent: Some(9),
+            bookmark: Some(bookmark),
+            role: Some("follower".into()),
+        };
+        let states = [("store", state()), ("api", state())];
+        let report = run(&history(), &[read(true, 9), read(true, 12)], &states);
+        assert!(report.violations.is_empty(), "{:?}", report.violations);
+        assert_eq!(report.follower_reads, 2);
+        assert_eq!(report.follower_read_share(), 1.0);
+        let report = run(&history(), &[read(false, 9)], &states);
+        assert_reported(&report, "did not see the client's own acknowledged transfer a");
+        let report = run(&history(), &[read(true, 8)], &states);
+        assert_reported(&report, "sent bookmark 9 and was answered from 8");
+    }
+
+    #[test]
     fn a_bad_answer_a_bad_read_and_disagreeing_sources_are_reported() {
         let mut ops = history();
         ops[0].outcome = TransferOutcome::Ok {
@@ -590,6 +659,7 @@ mod tests {
             start_ms: 0,
             end_ms: 1,
             seen: Some((3, 290)),
+            ..ReadOp::default()
         }];
         let mut other = state();
         other.transfers.pop();

@@ -4,7 +4,11 @@
 //! in `chaos_transfers` named by the client-chosen transfer id), sent with
 //! that id as its `Idempotency-Key` and sent again with the same key after
 //! an unclear outcome. Every eighth request of a client is a read-only
-//! `SELECT count(*), sum(balance)` instead. At the end the tables are read
+//! `SELECT count(*), sum(balance)` instead, which may land on a follower;
+//! it also counts the rows of the client's last acknowledged transfer to
+//! that customer (it must see it: no read older than the client's own
+//! acknowledged write), and every other one carries that transfer's
+//! `tenantd-bookmark` (the others rely on the follower's ReadIndex). At the end the tables are read
 //! back through the API and, for a local cluster, from the database object
 //! in the store once every machine has stopped.
 //!
@@ -55,6 +59,9 @@ pub(super) enum Reply {
         machine: String,
         replayed: bool,
         results: Vec<Value>,
+        /// `tenantd-role` and `tenantd-bookmark` of the answer.
+        role: Option<String>,
+        bookmark: Option<u64>,
     },
     /// The SQL API refused it (a 4xx with a `code`): not applied.
     Refused { status: u16, error: String },
@@ -83,6 +90,17 @@ impl Client {
     }
 
     pub(super) async fn send(&self, customer: &str, body: &Value, key: Option<&str>) -> Reply {
+        self.send_at(customer, body, key, None).await
+    }
+
+    /// [`Client::send`] asking for state at least as new as `bookmark`.
+    async fn send_at(
+        &self,
+        customer: &str,
+        body: &Value,
+        key: Option<&str>,
+        bookmark: Option<u64>,
+    ) -> Reply {
         let mut request = self
             .http
             .post(format!("{}/customers/{customer}/sql", self.base))
@@ -90,6 +108,9 @@ impl Client {
             .json(body);
         if let Some(key) = key {
             request = request.header("idempotency-key", key);
+        }
+        if let Some(bookmark) = bookmark {
+            request = request.header("tenantd-bookmark", bookmark.to_string());
         }
         let response = match request.send().await {
             Ok(r) => r,
@@ -100,6 +121,17 @@ impl Client {
             .headers()
             .get("idempotent-replayed")
             .is_some_and(|v| v == "true");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (role, bookmark) = (
+            header("tenantd-role"),
+            header("tenantd-bookmark").and_then(|b| b.parse().ok()),
+        );
         let body: Value = match response.bytes().await {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(
                 |_| json!({"body": String::from_utf8_lossy(&bytes).chars().take(200).collect::<String>()}),
@@ -113,6 +145,8 @@ impl Client {
                     machine: body["machine_id"].as_str().unwrap_or_default().to_string(),
                     replayed,
                     results: results.clone(),
+                    role,
+                    bookmark,
                 },
                 _ => Reply::Unclear(format!("200 without results: {body}")),
             },
@@ -285,17 +319,32 @@ impl SqlWorkload {
                 tokio::spawn(async move {
                     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(client as u64));
                     let mut n = 0u64;
+                    // Per customer: this client's last acknowledged
+                    // transfer and the bookmark of its answer.
+                    let mut last: BTreeMap<String, (String, Option<u64>)> = BTreeMap::new();
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
                         let customer = customers[rng.random_range(0..customers.len())].clone();
                         let start_ms = t0.elapsed().as_millis() as u64;
                         if n.is_multiple_of(8) {
-                            let seen = read_sum(&http, &customer).await;
+                            let own = last.get(&customer).cloned();
+                            let must_see = own.as_ref().map(|(id, _)| id.clone());
+                            // Every other read carries the bookmark.
+                            let bookmark_sent =
+                                own.and_then(|(_, b)| b).filter(|_| n.is_multiple_of(16));
+                            let read = read_sum(&http, &customer, must_see.as_deref(), bookmark_sent)
+                                .await;
                             reads.lock().unwrap().push(ReadOp {
                                 customer,
+                                client,
                                 start_ms,
                                 end_ms: t0.elapsed().as_millis() as u64,
-                                seen,
+                                seen: read.as_ref().map(|r| r.seen),
+                                must_see,
+                                saw_own: read.as_ref().and_then(|r| r.saw_own),
+                                bookmark_sent,
+                                bookmark: read.as_ref().and_then(|r| r.bookmark),
+                                role: read.and_then(|r| r.role),
                             });
                             continue;
                         }
@@ -303,8 +352,11 @@ impl SqlWorkload {
                         let to = (from + rng.random_range(1..accounts.count)) % accounts.count;
                         let amount = rng.random_range(1..=MAX_AMOUNT);
                         let id = format!("{run}-c{client}-{n}");
-                        let (attempts, outcome) =
+                        let (attempts, outcome, bookmark) =
                             transfer(&http, &customer, &id, from, to, amount, &stop).await;
+                        if matches!(outcome, TransferOutcome::Ok { .. }) {
+                            last.insert(customer.clone(), (id.clone(), bookmark));
+                        }
                         transfers.lock().unwrap().push(TransferOp {
                             client,
                             customer,
@@ -340,20 +392,58 @@ impl SqlWorkload {
     }
 }
 
-async fn read_sum(client: &Client, customer: &str) -> Option<(i64, i64)> {
-    let rows = client
-        .query(
-            customer,
-            json!([{"sql": "SELECT count(*), coalesce(sum(balance), 0) FROM chaos_accounts"}]),
-        )
-        .await
-        .ok()?;
-    let row = rows.first()?;
-    Some((int(row, 0).ok()?, int(row, 1).ok()?))
+/// What one read during the run saw.
+struct Read {
+    seen: (i64, i64),
+    saw_own: Option<bool>,
+    bookmark: Option<u64>,
+    role: Option<String>,
+}
+
+/// The accounts' count and sum, and whether transfer `must_see` is
+/// stored; `None` when the read failed.
+async fn read_sum(
+    client: &Client,
+    customer: &str,
+    must_see: Option<&str>,
+    bookmark: Option<u64>,
+) -> Option<Read> {
+    let mut statements =
+        vec![json!({"sql": "SELECT count(*), coalesce(sum(balance), 0) FROM chaos_accounts"})];
+    if let Some(id) = must_see {
+        statements.push(
+            json!({"sql": "SELECT count(*) FROM chaos_transfers WHERE id = ?", "params": [id]}),
+        );
+    }
+    let body = json!({"statements": statements, "read_only": true});
+    let Reply::Ok {
+        results,
+        role,
+        bookmark,
+        ..
+    } = client.send_at(customer, &body, None, bookmark).await
+    else {
+        return None;
+    };
+    let row = |i: usize| -> Option<Vec<Value>> {
+        results.get(i)?["rows"].as_array()?.first()?.as_array().cloned()
+    };
+    let sums = row(0)?;
+    let saw_own = match must_see {
+        Some(_) => Some(int(&row(1)?, 0).ok()? > 0),
+        None => None,
+    };
+    Some(Read {
+        seen: (int(&sums, 0).ok()?, int(&sums, 1).ok()?),
+        saw_own,
+        bookmark,
+        role,
+    })
 }
 
 /// Sends one transfer until its outcome is clear, at most
-/// [`MAX_ATTEMPTS`] times, always with the same key.
+/// [`MAX_ATTEMPTS`] times, always with the same key; the bookmark of an
+/// acknowledgement.
 async fn transfer(
     client: &Client,
     customer: &str,
@@ -362,7 +452,7 @@ async fn transfer(
     to: i64,
     amount: i64,
     stop: &AtomicBool,
-) -> (u32, TransferOutcome) {
+) -> (u32, TransferOutcome, Option<u64>) {
     let body = transfer_body(id, from, to, amount);
     let mut attempts = 0;
     let mut unclear: Option<String> = None;
@@ -374,6 +464,8 @@ async fn transfer(
                 machine,
                 replayed,
                 results,
+                bookmark,
+                ..
             } => {
                 let rows_affected = results
                     .iter()
@@ -387,6 +479,7 @@ async fn transfer(
                         replayed,
                         rows_affected,
                     },
+                    bookmark,
                 );
             }
             // A refusal after an unclear attempt proves nothing: the
@@ -400,11 +493,11 @@ async fn transfer(
                         ),
                     },
                 };
-                return (attempts, outcome);
+                return (attempts, outcome, None);
             }
             Reply::Unclear(error) => {
                 if attempts >= MAX_ATTEMPTS || stop.load(Ordering::Relaxed) {
-                    return (attempts, TransferOutcome::Indeterminate { error });
+                    return (attempts, TransferOutcome::Indeterminate { error }, None);
                 }
                 unclear = Some(error);
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(attempts))).await;

@@ -2,7 +2,12 @@
 //! base URL `/customers/<id>/`: `GET v2`, `GET v3`, `POST v2/pipeline`,
 //! `POST v3/pipeline`, `POST v3/cursor`.
 //!
-//! A pipeline is checked here (token, body, size), then routed exactly
+//! A pipeline is checked here (token, body, size). One that only reads
+//! outside a transaction (no baton, nothing left on the stream, every
+//! statement read-only) reaching a machine that does not hold the tenant
+//! is answered by its replica, under the rules of a `/sql` read_only
+//! request (bookmark or `replication_index`, else ReadIndex; with no
+//! baton back: the replica keeps no stream). Anything else is routed exactly
 //! like `/sql` (served by the holder, `fly-replay` elsewhere) and run by
 //! the tenant's actor through the SQL executor
 //! ([`crate::tenant::sql::hrana`]); its writes are answered once durable.
@@ -25,6 +30,7 @@ use super::{AppState, Forwardable, Served, answered_by, serve};
 use crate::TenantId;
 use crate::tenant::SqlAnswer;
 use crate::tenant::follower::bookmark::{self, Role};
+use crate::tenant::follower::{FollowError, FollowerAnswer, ReadRoute};
 use crate::tenant::sql::hrana::Program;
 use crate::tenant::sql::hrana::proto::{CursorBody, PipelineBody, StreamRequest, error_json};
 
@@ -66,7 +72,10 @@ pub(super) async fn pipeline(
         body,
     };
     let (response, outcome) = match parse_pipeline(&request.body) {
-        Ok((baton, requests)) => run(&state, &id, request, baton, requests, Shape::Pipeline).await,
+        Ok(body) => {
+            let (baton, requests, index) = (body.baton, body.requests, body.replication_index);
+            run(&state, &id, request, Sent { baton, requests, index }, Shape::Pipeline).await
+        }
         Err(message) => hrana_error(StatusCode::BAD_REQUEST, &message, "HTTP_PARSE_ERROR"),
     };
     count(&state, outcome);
@@ -94,8 +103,12 @@ pub(super) async fn cursor(
     });
     let (response, outcome) = match parsed {
         Ok(body) => {
-            let requests = vec![StreamRequest::Batch { batch: body.batch }];
-            run(&state, &id, request, body.baton, requests, Shape::Cursor).await
+            let sent = Sent {
+                baton: body.baton,
+                requests: vec![StreamRequest::Batch { batch: body.batch }],
+                index: body.replication_index,
+            };
+            run(&state, &id, request, sent, Shape::Cursor).await
         }
         Err(message) => hrana_error(StatusCode::BAD_REQUEST, &message, "HTTP_PARSE_ERROR"),
     };
@@ -111,13 +124,37 @@ fn count(state: &AppState, outcome: &'static str) {
         .inc();
 }
 
-fn parse_pipeline(body: &[u8]) -> Result<(Option<String>, Vec<StreamRequest>), String> {
-    let body: PipelineBody = serde_json::from_slice(body).map_err(|e| {
+fn parse_pipeline(body: &[u8]) -> Result<PipelineBody, String> {
+    serde_json::from_slice(body).map_err(|e| {
         format!(
             "invalid pipeline request: {e}; expected {{\"baton\": null, \"requests\": [{{\"type\": \"execute\", \"stmt\": {{\"sql\": \"...\"}}}}, {{\"type\": \"close\"}}]}} (request types: execute, batch, sequence, describe, store_sql, close_sql, get_autocommit, close)"
         )
-    })?;
-    Ok((body.baton, body.requests))
+    })
+}
+
+/// What a pipeline or cursor request sent.
+struct Sent {
+    baton: Option<String>,
+    requests: Vec<StreamRequest>,
+    /// Its `replication_index`, if any.
+    index: Option<Json>,
+}
+
+/// The bookmark a request's `replication_index` names (a string of
+/// digits as libSQL sends it, or a number); the error says what to send.
+fn replication_index(value: &Json) -> Result<Option<u64>, String> {
+    let slot = match value {
+        Json::Null => return Ok(None),
+        Json::String(text) => bookmark::parse(text),
+        Json::Number(n) => n.as_u64(),
+        _ => None,
+    };
+    slot.map(Some).ok_or_else(|| {
+        format!(
+            "replication_index {value} is not one tenantd gave: send back the replication_index (or the {} header) of an earlier answer unchanged, or none",
+            bookmark::BOOKMARK
+        )
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -130,10 +167,14 @@ async fn run(
     state: &AppState,
     id: &str,
     request: Forwardable,
-    baton: Option<String>,
-    requests: Vec<StreamRequest>,
+    sent: Sent,
     shape: Shape,
 ) -> (Response, &'static str) {
+    let Sent {
+        baton,
+        requests,
+        index,
+    } = sent;
     let access = match super::auth::authorize(state, &request.headers, id) {
         Ok(access) => access,
         Err((status, message, outcome)) => {
@@ -158,11 +199,22 @@ async fn run(
     if let Err(message) = program.check(&state.sql_limits) {
         return hrana_error(StatusCode::BAD_REQUEST, &message, "SQLITE_TOOBIG");
     }
-    let wanted = match bookmark::wanted(&request.headers) {
+    let mut wanted = match bookmark::wanted(&request.headers) {
         Ok(wanted) => wanted,
         Err(message) => return hrana_error(StatusCode::BAD_REQUEST, &message, "HTTP_PARSE_ERROR"),
     };
+    match index.as_ref().map(replication_index).transpose() {
+        // Both sent: the newer state is the one asked for.
+        Ok(Some(Some(slot))) => wanted.bookmark = wanted.bookmark.max(Some(slot)),
+        Ok(_) => {}
+        Err(message) => return hrana_error(StatusCode::BAD_REQUEST, &message, "HTTP_PARSE_ERROR"),
+    }
     let program = Arc::new(program);
+    if program.may_run_on_replica()
+        && let Some(done) = follower_read(state, &id, &program, wanted, shape).await
+    {
+        return done;
+    }
     let served = serve(state, &id, request, |handle| {
         let program = program.clone();
         async move {
@@ -173,39 +225,95 @@ async fn run(
     })
     .await;
     match served {
-        Served::Here((answer, slot)) => (respond(state, answer, slot, shape), "served"),
+        Served::Here((answer, slot)) => (
+            respond(state, answer, slot, shape, Role::Holder),
+            "served",
+        ),
         Served::Done(response, outcome) => (as_hrana(response).await, outcome),
     }
 }
 
+/// A pipeline that only reads, on a machine that does not hold the
+/// tenant: its replica answers, or `None` (the holder answers as before).
+async fn follower_read(
+    state: &AppState,
+    id: &TenantId,
+    program: &Arc<Program>,
+    wanted: bookmark::Wanted,
+    shape: Shape,
+) -> Option<(Response, &'static str)> {
+    let ReadRoute::Follow(holder) = state.registry.read_route(id).await else {
+        return None;
+    };
+    match state
+        .followers
+        .read_hrana(id, program.clone(), wanted, &holder)
+        .await
+    {
+        Ok(FollowerAnswer { results, slot }) => {
+            let answer = SqlAnswer {
+                epoch: holder.epoch,
+                repeated: false,
+                results,
+            };
+            let response = respond(state, answer, slot, shape, Role::Follower);
+            Some((response, "follower"))
+        }
+        // Whatever the replica cannot answer as the holder would (a
+        // write, a lost transaction, a replica behind) is the holder's.
+        Err(FollowError::Refused(e)) => {
+            tracing::debug!(customer_id = %id, error = %e.message, "a pipeline the replica refused goes to the holder");
+            None
+        }
+        Err(FollowError::Behind(why)) => {
+            tracing::debug!(customer_id = %id, why, "the replica cannot answer the pipeline; the holder will");
+            None
+        }
+    }
+}
+
 /// Every answer a pipeline gets from this machine is built here.
-fn respond(state: &AppState, answer: SqlAnswer, slot: u64, shape: Shape) -> Response {
+fn respond(state: &AppState, answer: SqlAnswer, slot: u64, shape: Shape, role: Role) -> Response {
     if let Some(error) = answer.results.get("stream_error") {
         let mut response = (StatusCode::BAD_REQUEST, axum::Json(error.clone())).into_response();
         answered_by(&mut response, &state.machine_id, false);
         return response;
     }
+    let mut results = answer.results["results"].clone();
+    with_replication_index(&mut results, slot);
     let mut response = match shape {
         Shape::Pipeline => axum::Json(json!({
             "baton": answer.results["baton"],
             "base_url": null,
-            "results": answer.results["results"],
+            "results": results,
         }))
         .into_response(),
         Shape::Cursor => (
             [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))],
-            cursor::entries(&answer.results["results"][0], &answer.results["baton"]),
+            cursor::entries(&results[0], &answer.results["baton"]),
         )
             .into_response(),
     };
     answered_by(&mut response, &state.machine_id, false);
-    bookmark::stamp(
-        response.headers_mut(),
-        slot,
-        &state.machine_id,
-        Role::Holder,
-    );
+    bookmark::stamp(response.headers_mut(), slot, &state.machine_id, role);
     response
+}
+
+/// Every statement and batch result carries the bookmark as libSQL's
+/// `replication_index` (a string, as libSQL's server sends it), for the
+/// clients that read it there rather than in the header.
+fn with_replication_index(results: &mut Json, slot: u64) {
+    let index = Json::String(bookmark::format(slot));
+    for result in results.as_array_mut().into_iter().flatten() {
+        let Some(response) = result.get_mut("response") else {
+            continue;
+        };
+        if matches!(response["type"].as_str(), Some("execute" | "batch"))
+            && let Some(result) = response.get_mut("result").and_then(Json::as_object_mut)
+        {
+            result.insert("replication_index".into(), index.clone());
+        }
+    }
 }
 
 /// A refused pipeline: Hrana's `{message, code}` (the clients show the

@@ -33,6 +33,7 @@ use crate::TenantId;
 use crate::lease::LockRecord;
 use crate::store::DynStore;
 use crate::tenant::TenantHandle;
+use crate::tenant::sql::hrana::Program;
 use crate::tenant::sql::{SqlError, SqlLimits, SqlRequest};
 use bookmark::Wanted;
 use read::RunError;
@@ -147,6 +148,39 @@ impl Followers {
         wanted: Wanted,
         holder: &LockRecord,
     ) -> Result<FollowerAnswer, FollowError> {
+        let limits = self.limits.clone();
+        self.answer(id, wanted, holder, move |path| {
+            read::run(path, &request, &limits)
+        })
+        .await
+    }
+
+    /// Answers a Hrana pipeline that may run on a replica
+    /// ([`Program::may_run_on_replica`]) as [`Followers::read`] does a
+    /// `/sql` request; `Behind` when it turns out to write.
+    pub async fn read_hrana(
+        &self,
+        id: &TenantId,
+        program: Arc<Program>,
+        wanted: Wanted,
+        holder: &LockRecord,
+    ) -> Result<FollowerAnswer, FollowError> {
+        let limits = self.limits.clone();
+        self.answer(id, wanted, holder, move |path| {
+            read::run_hrana(path, &program, &limits)
+        })
+        .await
+    }
+
+    /// Brings the replica to the state `wanted` asks for, then `run`s the
+    /// request on it under its read lock.
+    async fn answer(
+        &self,
+        id: &TenantId,
+        wanted: Wanted,
+        holder: &LockRecord,
+        run: impl FnOnce(&std::path::Path) -> Result<Json, RunError> + Send + 'static,
+    ) -> Result<FollowerAnswer, FollowError> {
         let replica = self.replica(id);
         let deadline = Instant::now() + CATCH_UP_BOUND;
         let ready = {
@@ -193,9 +227,9 @@ impl Followers {
                 "customer {id}: the replica was dropped"
             )));
         };
-        let (path, limits) = (replica.path.clone(), self.limits.clone());
+        let path = replica.path.clone();
         let ran = tokio::task::spawn_blocking(move || {
-            let ran = read::run(&path, &request, &limits);
+            let ran = run(&path);
             drop(state);
             ran
         })

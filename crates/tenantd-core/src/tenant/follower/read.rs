@@ -8,6 +8,7 @@ use std::sync::Arc;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::Value as Json;
 
+use crate::tenant::sql::hrana::{self, Program};
 use crate::tenant::sql::{self, ExecError, Guard, SqlError, SqlLimits, SqlRequest, limits};
 
 /// Why a replica did not answer.
@@ -21,6 +22,29 @@ pub enum RunError {
 /// Runs `request` (read-only) on the replica at `path`. The caller holds
 /// the replica's read lock, so no apply changes the file meanwhile.
 pub fn run(path: &Path, request: &SqlRequest, limits: &SqlLimits) -> Result<Json, RunError> {
+    on_replica(path, limits, |conn, ctx| {
+        sql::execute(conn, ctx, request).map(|executed| executed.results)
+    })
+}
+
+/// Runs a Hrana pipeline on the replica at `path`, as [`run`] does a
+/// `/sql` request; one that writes or controls a transaction is the
+/// holder's (`Failed`).
+pub fn run_hrana(path: &Path, program: &Program, limits: &SqlLimits) -> Result<Json, RunError> {
+    let answer = on_replica(path, limits, |conn, ctx| {
+        hrana::run_on_replica(conn, ctx, program)
+    })?;
+    answer.ok_or_else(|| {
+        RunError::Failed("the pipeline writes or controls a transaction: the holder runs it".into())
+    })
+}
+
+/// Opens the replica and runs `body` in a transaction it rolls back.
+fn on_replica<T>(
+    path: &Path,
+    limits: &SqlLimits,
+    body: impl FnOnce(&Connection, &sql::Context<'_>) -> Result<T, ExecError>,
+) -> Result<T, RunError> {
     let failed = |e: rusqlite::Error| RunError::Failed(format!("replica {}: {e}", path.display()));
     // Immutable: no locks, no WAL or -shm files; the file changes only
     // under the write lock, and each read opens it anew.
@@ -41,10 +65,10 @@ pub fn run(path: &Path, request: &SqlRequest, limits: &SqlLimits) -> Result<Json
         interrupt: &interrupt,
         limits,
     };
-    let outcome = sql::execute(&conn, &ctx, request);
+    let outcome = body(&conn, &ctx);
     let _ = conn.execute_batch("ROLLBACK");
     match outcome {
-        Ok(executed) => Ok(executed.results),
+        Ok(answer) => Ok(answer),
         Err(ExecError::Refused(e)) | Err(ExecError::TransactionLost(e)) => {
             Err(RunError::Refused(e))
         }

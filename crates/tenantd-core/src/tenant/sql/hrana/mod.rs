@@ -58,6 +58,29 @@ impl Program {
         matches!(self.requests.last(), Some(StreamRequest::Close))
     }
 
+    /// Whether a follower may try the pipeline: it continues no stream,
+    /// leaves nothing on one (stored SQL only when it closes the stream),
+    /// and every statement it names by text looks like a read (a cheap
+    /// first look, so that a write reaching a follower goes to the holder
+    /// without the follower catching up first; the replica's connection
+    /// decides, as SQLite judges each statement).
+    pub fn may_run_on_replica(&self) -> bool {
+        if self.baton.is_some() {
+            return false;
+        }
+        let reads = |stmt: &Stmt| stmt.sql.as_deref().is_none_or(looks_like_a_read);
+        let closes = self.ends_with_close();
+        self.requests.iter().all(|request| match request {
+            StreamRequest::Execute { stmt } => reads(stmt),
+            StreamRequest::Batch { batch } => batch.steps.iter().all(|step| reads(&step.stmt)),
+            StreamRequest::Sequence { sql, .. } => sql.as_deref().is_none_or(looks_like_a_read),
+            StreamRequest::Describe { .. }
+            | StreamRequest::GetAutocommit
+            | StreamRequest::Close => true,
+            StreamRequest::StoreSql { .. } | StreamRequest::CloseSql { .. } => closes,
+        })
+    }
+
     /// Whether the pipeline may start a transaction (`BEGIN` in an
     /// `execute` or a batch step, by text or by a stored SQL id).
     pub fn may_begin(&self, stored: &HashMap<i32, String>) -> bool {
@@ -112,6 +135,9 @@ pub struct Ran {
     pub wrote: bool,
     /// The stream was closed by a `close` request.
     pub closed: bool,
+    /// Run on a replica: a statement wrote or controlled a transaction,
+    /// so the results stand for nothing and the holder answers.
+    pub needs_holder: bool,
 }
 
 /// Runs a pipeline on `conn` inside the open batch transaction. A
@@ -125,10 +151,43 @@ pub fn run(
     stream: &mut StreamState,
     may_stay_open: bool,
 ) -> Result<Ran, ExecError> {
+    run_on(conn, ctx, program, stream, may_stay_open, false)
+}
+
+/// Runs a pipeline that [`Program::may_run_on_replica`] on a replica's
+/// read-only connection: every statement read-only as SQLite judges it.
+/// `None` when one writes or controls a transaction: the holder answers
+/// the whole pipeline instead.
+pub fn run_on_replica(
+    conn: &Connection,
+    ctx: &Context<'_>,
+    program: &Program,
+) -> Result<Option<Json>, ExecError> {
+    let mut stream = StreamState::default();
+    let ran = run_on(conn, ctx, program, &mut stream, false, true)?;
+    if ran.needs_holder {
+        return Ok(None);
+    }
+    // No baton: a replica keeps no stream, and the client's next
+    // pipeline starts a new one (the spec's "the server closed it").
+    stream.baton = None;
+    Ok(Some(answer(ran.results, &stream)))
+}
+
+fn run_on(
+    conn: &Connection,
+    ctx: &Context<'_>,
+    program: &Program,
+    stream: &mut StreamState,
+    may_stay_open: bool,
+    on_replica: bool,
+) -> Result<Ran, ExecError> {
     let mut runner = Runner {
         conn,
         ctx,
-        read_only: program.read_only,
+        read_only: program.read_only || on_replica,
+        on_replica,
+        needs_holder: false,
         stream,
         deadline: Instant::now() + ctx.limits.timeout,
         rows: ctx.limits.max_rows,
@@ -186,6 +245,7 @@ pub fn run(
         results,
         wrote: runner.wrote,
         closed,
+        needs_holder: runner.needs_holder,
     })
 }
 
@@ -226,6 +286,10 @@ struct Runner<'a, 'c> {
     conn: &'c Connection,
     ctx: &'a Context<'a>,
     read_only: bool,
+    /// On a follower's replica: what only the holder may run is noted
+    /// in `needs_holder`, not answered.
+    on_replica: bool,
+    needs_holder: bool,
     stream: &'a mut StreamState,
     /// The pipeline's statements together get the time one `/sql`
     /// request gets, and its answers the same budget.
@@ -431,6 +495,9 @@ impl Runner<'_, '_> {
             Err(e) => return Ok(Err(e)),
         };
         if let Some(control) = transaction_control(&sql) {
+            if self.on_replica {
+                return Ok(Err(self.for_holder()));
+            }
             return self.control(control).map_err(ExecError::Db);
         }
         let params = match params(stmt) {
@@ -467,6 +534,11 @@ impl Runner<'_, '_> {
             // The executor's words for a read_only request would tell the
             // client to send another flag; here the token decides.
             Err(ExecError::Refused(error))
+                if self.on_replica && error.message.contains("but the request is read_only") =>
+            {
+                return Ok(Err(self.for_holder()));
+            }
+            Err(ExecError::Refused(error))
                 if self.read_only && error.message.contains("but the request is read_only") =>
             {
                 return Ok(Err(error_json(
@@ -489,6 +561,12 @@ impl Runner<'_, '_> {
         let rows = result["rows"].as_array().map_or(&[][..], Vec::as_slice);
         self.rows = self.rows.saturating_sub(rows.len());
         Ok(Ok(stmt_result(result, stmt.want_rows.unwrap_or(true))))
+    }
+
+    /// A statement a replica must not answer; the answer is discarded.
+    fn for_holder(&mut self) -> Json {
+        self.needs_holder = true;
+        error_json("only the holder runs this statement", "SQLITE_READONLY")
     }
 
     fn control(&mut self, control: Control) -> rusqlite::Result<Outcome> {
@@ -555,6 +633,27 @@ fn transaction_control(sql: &str) -> Option<Control> {
         "rollback" => transaction_only(rest).then_some(Control::Rollback),
         _ => None,
     }
+}
+
+/// Whether a statement's first word is one a read starts with.
+fn looks_like_a_read(sql: &str) -> bool {
+    let mut rest = sql.trim_start();
+    // Leading comments, as clients and ORMs prefix them.
+    loop {
+        if let Some(after) = rest.strip_prefix("--") {
+            rest = after.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        } else if let Some(after) = rest.strip_prefix("/*") {
+            rest = after.split_once("*/").map_or("", |(_, r)| r).trim_start();
+        } else {
+            break;
+        }
+    }
+    let word: String = rest
+        .chars()
+        .take_while(char::is_ascii_alphabetic)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    matches!(word.as_str(), "select" | "with" | "values" | "explain" | "pragma")
 }
 
 fn params(stmt: &Stmt) -> Result<Params, String> {

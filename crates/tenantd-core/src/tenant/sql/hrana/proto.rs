@@ -13,6 +13,10 @@ pub struct PipelineBody {
     #[serde(default)]
     pub baton: Option<String>,
     pub requests: Vec<StreamRequest>,
+    /// A state the answer must reflect (libSQL's read-your-writes
+    /// index; tenantd's bookmark), as the header `tenantd-bookmark`.
+    #[serde(default)]
+    pub replication_index: Option<Json>,
 }
 
 /// The body of `POST …/v3/cursor`.
@@ -21,6 +25,8 @@ pub struct CursorBody {
     #[serde(default)]
     pub baton: Option<String>,
     pub batch: Batch,
+    #[serde(default)]
+    pub replication_index: Option<Json>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]

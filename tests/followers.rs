@@ -471,12 +471,7 @@ async fn forwarded_answers_keep_the_consistency_headers() {
 }
 
 /// A Hrana request sent to one machine: its answer and headers.
-async fn hrana(
-    m: &Machine,
-    path: &str,
-    body: Value,
-    headers: &[(&str, &str)],
-) -> (Reply, String) {
+async fn hrana(m: &Machine, path: &str, body: Value, headers: &[(&str, &str)]) -> (Reply, String) {
     let mut request = reqwest::Client::new()
         .post(m.url(&format!("/customers/{CUSTOMER}/{path}")))
         .bearer_auth(TOKEN)
@@ -549,10 +544,20 @@ async fn hrana_reads_outside_a_transaction_are_answered_by_a_follower() {
             assert_eq!(read.status, 200, "{}", read.json);
             assert_eq!(read.role.as_deref(), Some("follower"), "{}", read.json);
             assert_eq!(read.served_by.as_deref(), Some("b"));
-            assert_eq!(read.json["baton"], Value::Null, "a follower keeps no stream");
+            assert_eq!(
+                read.json["baton"],
+                Value::Null,
+                "a follower keeps no stream"
+            );
             let (count, index) = counted(&read);
-            assert_eq!(count, i, "a follower's Hrana read misses an acknowledged write");
-            assert!(index >= last, "replication_index {index} before the write's {last}");
+            assert_eq!(
+                count, i,
+                "a follower's Hrana read misses an acknowledged write"
+            );
+            assert!(
+                index >= last,
+                "replication_index {index} before the write's {last}"
+            );
             assert_eq!(Some(index), read.bookmark);
         }
     }
@@ -560,7 +565,13 @@ async fn hrana_reads_outside_a_transaction_are_answered_by_a_follower() {
     // A bookmark, as the header or as Hrana's replication_index.
     let text = last.to_string();
     let body = json!({"baton": null, "requests": [execute(COUNT)]});
-    let (read, _) = hrana(&b, "v3/pipeline", body.clone(), &[("tenantd-bookmark", &text)]).await;
+    let (read, _) = hrana(
+        &b,
+        "v3/pipeline",
+        body.clone(),
+        &[("tenantd-bookmark", &text)],
+    )
+    .await;
     assert_eq!(read.role.as_deref(), Some("follower"), "{}", read.json);
     assert_eq!(counted(&read).0, 5);
     let mut indexed = body.clone();
@@ -618,9 +629,19 @@ async fn hrana_reads_outside_a_transaction_are_answered_by_a_follower() {
         assert!(reply.fly_replay.unwrap().contains("instance=a"), "{body}");
     }
     // Nothing was written meanwhile.
-    let (read, _) = hrana(&a, "v3/pipeline", json!({"baton": null, "requests": [execute(COUNT), {"type": "close"}]}), &[]).await;
+    let (read, _) = hrana(
+        &a,
+        "v3/pipeline",
+        json!({"baton": null, "requests": [execute(COUNT), {"type": "close"}]}),
+        &[],
+    )
+    .await;
     assert_eq!(read.role.as_deref(), Some("holder"));
     let (count, index) = counted(&read);
     assert_eq!(count, 5);
-    assert_eq!(Some(index), read.bookmark, "the holder's answers carry it too");
+    assert_eq!(
+        Some(index),
+        read.bookmark,
+        "the holder's answers carry it too"
+    );
 }

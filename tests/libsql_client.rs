@@ -165,6 +165,9 @@ async fn libsql_client_reads_through_a_follower_and_reads_its_own_write() {
     assert_eq!(found["before"], 1, "{found}");
     assert_eq!(found["read_role"], "follower", "{found}");
     assert_eq!(found["write_role"], "holder", "{found}");
-    assert_eq!(found["after"], 1, "the read after the write sees it: {found}");
+    assert_eq!(
+        found["after"], 1,
+        "the read after the write sees it: {found}"
+    );
     drop(a);
 }

@@ -77,10 +77,13 @@ pub async fn run(
             .bearer_auth(&token)
             .json(&json!({"statements": [{"sql": sql}], "read_only": read_only}))
     };
-    let created = sql("CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)", false)
-        .send()
-        .await
-        .context("creating the table through the edge")?;
+    let created = sql(
+        "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)",
+        false,
+    )
+    .send()
+    .await
+    .context("creating the table through the edge")?;
     anyhow::ensure!(
         created.status().is_success(),
         "creating the table answered {}",
@@ -157,7 +160,12 @@ pub async fn run(
         }
         .await;
         // The load ends after the window, or at once when nothing was killed.
-        let until = Instant::now() + if killed.is_ok() { WINDOW } else { Duration::ZERO };
+        let until = Instant::now()
+            + if killed.is_ok() {
+                WINDOW
+            } else {
+                Duration::ZERO
+            };
         *stop_at.lock().unwrap() = Some(until);
         killed
     };
@@ -272,7 +280,8 @@ mod tests {
     #[ignore = "a measurement, run by hand"]
     async fn kill_step_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let program = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/tenantd");
+        let program =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/tenantd");
         let result = run(&program, dir.path(), "{}", Duration::from_secs(5))
             .await
             .unwrap();

@@ -640,7 +640,10 @@ mod tests {
         assert_eq!(report.follower_reads, 2);
         assert_eq!(report.follower_read_share(), 1.0);
         let report = run(&history(), &[read(false, 9)], &states);
-        assert_reported(&report, "did not see the client's own acknowledged transfer a");
+        assert_reported(
+            &report,
+            "did not see the client's own acknowledged transfer a",
+        );
         let report = run(&history(), &[read(true, 8)], &states);
         assert_reported(&report, "sent bookmark 9 and was answered from 8");
     }

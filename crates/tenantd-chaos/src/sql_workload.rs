@@ -332,8 +332,9 @@ impl SqlWorkload {
                             // Every other read carries the bookmark.
                             let bookmark_sent =
                                 own.and_then(|(_, b)| b).filter(|_| n.is_multiple_of(16));
-                            let read = read_sum(&http, &customer, must_see.as_deref(), bookmark_sent)
-                                .await;
+                            let read =
+                                read_sum(&http, &customer, must_see.as_deref(), bookmark_sent)
+                                    .await;
                             reads.lock().unwrap().push(ReadOp {
                                 customer,
                                 client,
@@ -426,7 +427,11 @@ async fn read_sum(
         return None;
     };
     let row = |i: usize| -> Option<Vec<Value>> {
-        results.get(i)?["rows"].as_array()?.first()?.as_array().cloned()
+        results.get(i)?["rows"]
+            .as_array()?
+            .first()?
+            .as_array()
+            .cloned()
     };
     let sums = row(0)?;
     let saw_own = match must_see {

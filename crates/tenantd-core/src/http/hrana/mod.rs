@@ -74,7 +74,18 @@ pub(super) async fn pipeline(
     let (response, outcome) = match parse_pipeline(&request.body) {
         Ok(body) => {
             let (baton, requests, index) = (body.baton, body.requests, body.replication_index);
-            run(&state, &id, request, Sent { baton, requests, index }, Shape::Pipeline).await
+            run(
+                &state,
+                &id,
+                request,
+                Sent {
+                    baton,
+                    requests,
+                    index,
+                },
+                Shape::Pipeline,
+            )
+            .await
         }
         Err(message) => hrana_error(StatusCode::BAD_REQUEST, &message, "HTTP_PARSE_ERROR"),
     };
@@ -225,10 +236,9 @@ async fn run(
     })
     .await;
     match served {
-        Served::Here((answer, slot)) => (
-            respond(state, answer, slot, shape, Role::Holder),
-            "served",
-        ),
+        Served::Here((answer, slot)) => {
+            (respond(state, answer, slot, shape, Role::Holder), "served")
+        }
         Served::Done(response, outcome) => (as_hrana(response).await, outcome),
     }
 }

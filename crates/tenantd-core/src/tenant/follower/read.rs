@@ -89,3 +89,69 @@ fn uri_path(path: &Path) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::tenant::sql::hrana::proto::PipelineBody;
+
+    fn program(requests: Json) -> Program {
+        let body: PipelineBody =
+            serde_json::from_value(json!({"baton": null, "requests": requests})).unwrap();
+        Program {
+            requests: body.requests,
+            read_only: false,
+            baton: None,
+        }
+    }
+
+    #[test]
+    fn a_replica_answers_a_reading_pipeline_and_hands_anything_else_to_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replica.sqlite3");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (7);")
+            .unwrap();
+        let limits = SqlLimits::default();
+        let execute = |sql: &str| json!({"type": "execute", "stmt": {"sql": sql}});
+        let answer = match run_hrana(
+            &path,
+            &program(json!([execute("SELECT x FROM t"), {"type": "close"}])),
+            &limits,
+        ) {
+            Ok(answer) => answer,
+            Err(_) => panic!("a read is answered by the replica"),
+        };
+        assert_eq!(answer["baton"], Json::Null);
+        assert_eq!(
+            answer["results"][0]["response"]["result"]["rows"][0][0]["value"],
+            "7"
+        );
+        // What SQLite judges a write, or transaction control, anywhere in
+        // the pipeline: the holder's (the file is left as it was).
+        for requests in [
+            json!([
+                execute("SELECT 1"),
+                execute("WITH a AS (SELECT 1) INSERT INTO t SELECT * FROM a")
+            ]),
+            json!([{"type": "sequence", "sql": "SELECT 1; DELETE FROM t"}]),
+            json!([execute("SELECT 1"), execute("BEGIN")]),
+        ] {
+            assert!(
+                matches!(
+                    run_hrana(&path, &program(requests.clone()), &limits),
+                    Err(RunError::Failed(_))
+                ),
+                "{requests}"
+            );
+        }
+        let count: i64 = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 1);
+    }
+}

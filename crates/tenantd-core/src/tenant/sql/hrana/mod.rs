@@ -653,7 +653,10 @@ fn looks_like_a_read(sql: &str) -> bool {
         .take_while(char::is_ascii_alphabetic)
         .collect::<String>()
         .to_ascii_lowercase();
-    matches!(word.as_str(), "select" | "with" | "values" | "explain" | "pragma")
+    matches!(
+        word.as_str(),
+        "select" | "with" | "values" | "explain" | "pragma"
+    )
 }
 
 fn params(stmt: &Stmt) -> Result<Params, String> {

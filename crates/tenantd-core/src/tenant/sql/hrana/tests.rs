@@ -341,3 +341,32 @@ fn a_transaction_left_open_at_the_end_of_a_pipeline_is_rolled_back_and_said_so()
         json!([[{"type": "integer", "value": "1"}]])
     );
 }
+
+#[test]
+fn only_pipelines_that_continue_and_leave_no_stream_and_look_like_reads_may_run_on_a_replica() {
+    let may = |requests: Json| program(requests, false).may_run_on_replica();
+    assert!(may(json!([execute("SELECT 1"), {"type": "close"}])));
+    assert!(may(json!([execute(
+        "  /* orm */ -- x\n WITH a AS (SELECT 1) SELECT * FROM a"
+    )])));
+    assert!(may(
+        json!([{"type": "batch", "batch": {"steps": [{"stmt": {"sql": "select 1"}}]}}])
+    ));
+    assert!(may(
+        json!([{"type": "describe", "sql": "DELETE FROM t"}, {"type": "get_autocommit"}])
+    ));
+    assert!(may(
+        json!([{"type": "store_sql", "sql_id": 1, "sql": "SELECT 1"}, {"type": "execute", "stmt": {"sql_id": 1}}, {"type": "close"}])
+    ));
+    assert!(!may(
+        json!([{"type": "store_sql", "sql_id": 1, "sql": "SELECT 1"}])
+    ));
+    assert!(!may(json!([execute("INSERT INTO t VALUES (1)")])));
+    assert!(!may(json!([execute("BEGIN"), execute("SELECT 1")])));
+    assert!(!may(
+        json!([{"type": "sequence", "sql": "BEGIN; SELECT 1"}])
+    ));
+    let mut continued = program(json!([execute("SELECT 1")]), false);
+    continued.baton = Some("b".into());
+    assert!(!continued.may_run_on_replica());
+}

@@ -9,8 +9,9 @@
 //! - `follower_log_reads_per_1000_commits`: log objects the followers read
 //!   from the store (the rest came pushed by the holder).
 //! - `follower_store_requests_per_1000_commits`: store requests of every
-//!   kind per follower (its session heartbeat included), per 1,000
-//!   commits at the holder.
+//!   kind per follower in steady state (after a first read built its
+//!   replica; reads of the holder's lock and heartbeat included), per
+//!   1,000 commits at the holder.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,8 @@ pub struct FollowersResult {
     pub commits: u64,
     pub follower_log_reads_per_1000_commits: f64,
     pub follower_store_requests_per_1000_commits: f64,
+    /// The same by store operation (`op` label), per follower.
+    pub follower_store_requests_by_op: std::collections::BTreeMap<String, f64>,
 }
 
 pub async fn run(
@@ -66,8 +69,25 @@ pub async fn run(
         Machine::start(&setup, "follower-2").await?,
     ];
     let machines: Vec<&Machine> = std::iter::once(&holder).chain(followers.iter()).collect();
+    // Steady state: each follower's replica is built (the snapshot and
+    // the log so far, once) before the store requests are counted.
+    for follower in &followers {
+        let read = post(
+            &http,
+            follower,
+            &statements("SELECT count(*) FROM notes", true),
+            None,
+        )
+        .await?;
+        anyhow::ensure!(
+            read.0 == 200,
+            "a first read at a follower answered {}",
+            read.0
+        );
+    }
     let log_before = log_reads(&followers).await?;
     let (requests_before, _) = store_requests(&followers).await?;
+    let by_op_before = requests_by_op(&followers).await?;
     let (reads, follower_reads, failed) = (
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
@@ -147,6 +167,10 @@ pub async fn run(
     let commits = commits.load(Ordering::Relaxed);
     let log_reads = log_reads(&followers).await? - log_before;
     let requests = store_requests(&followers).await?.0 - requests_before;
+    let mut by_op = requests_by_op(&followers).await?;
+    for (op, n) in by_op.iter_mut() {
+        *n = (*n - by_op_before.get(op).copied().unwrap_or(0.0)) / followers.len() as f64;
+    }
     let (reads, follower_reads) = (
         reads.load(Ordering::Relaxed),
         follower_reads.load(Ordering::Relaxed),
@@ -162,6 +186,7 @@ pub async fn run(
         follower_log_reads_per_1000_commits: log_reads * 1000.0 / commits.max(1) as f64,
         follower_store_requests_per_1000_commits: requests * 1000.0
             / (commits.max(1) as f64 * followers.len() as f64),
+        follower_store_requests_by_op: by_op,
     };
     for machine in followers {
         machine.stop().await?;
@@ -203,6 +228,33 @@ async fn post(
     );
     let _ = reply.bytes().await;
     Ok(answer)
+}
+
+/// Store requests of `machines` by their `op` label.
+async fn requests_by_op(
+    machines: &[Machine],
+) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let mut by_op = std::collections::BTreeMap::new();
+    for machine in machines {
+        let text = machine.metrics().await?;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("tenantd_store_requests_total{") else {
+                continue;
+            };
+            let op = rest
+                .split("op=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("?");
+            let value: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            *by_op.entry(op.to_string()).or_insert(0.0) += value;
+        }
+    }
+    Ok(by_op)
 }
 
 async fn log_reads(followers: &[Machine]) -> anyhow::Result<f64> {

@@ -311,9 +311,17 @@ impl Registry {
     }
 
     pub(super) async fn read_lock_cached(&self, slot: &Slot, fresh: bool) -> Result<Seen, String> {
-        if !fresh
-            && let Some((at, seen)) = &slot.state.lock().unwrap().seen
-            && at.elapsed() < self.config.lock_cache_ttl
+        let max_age = match fresh {
+            true => Duration::ZERO,
+            false => self.config.lock_cache_ttl,
+        };
+        self.read_lock_within(slot, max_age).await
+    }
+
+    /// The tenant's lock as read no longer than `max_age` ago.
+    async fn read_lock_within(&self, slot: &Slot, max_age: Duration) -> Result<Seen, String> {
+        if let Some((at, seen)) = &slot.state.lock().unwrap().seen
+            && at.elapsed() < max_age
         {
             return Ok(seen.clone());
         }
@@ -358,7 +366,11 @@ impl Registry {
         if let Some(handle) = Self::live_handle(&slot) {
             return ReadRoute::Local(handle);
         }
-        match self.read_lock_cached(&slot, false).await {
+        // The record only names whom a follower asks for its position: a
+        // stale one costs a refused query and a read of the log to its
+        // end, never a wrong answer. So it is reused for a whole lease ttl
+        // (a follower's store requests do not grow with its reads).
+        match self.read_lock_within(&slot, self.config.lease_ttl).await {
             Ok(Seen::Held(record)) if record.holder != self.config.machine_id => {
                 ReadRoute::Follow(record)
             }

@@ -195,7 +195,7 @@ fn followers_applying_unconfirmed_pushes_are_caught_showing_lost_state() {
     assert!(
         violations
             .iter()
-            .any(|v| v.contains("not in the durable history")),
+            .any(|v| v.contains("a lost state")),
         "{violations:?}"
     );
 }

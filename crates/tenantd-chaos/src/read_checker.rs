@@ -145,11 +145,11 @@ pub fn check(
             None => {}
             Some(op) => match history.get(op) {
                 None => report.violations.push(format!(
-                    "{what}: shows a write that is not in the durable history (never written, or later lost)"
+                    "{what}: a lost state: the write it shows is not in the durable history (never written, or later lost)"
                 )),
                 Some(&durable_count) if durable_count != count => {
                     report.violations.push(format!(
-                        "{what}: the durable history has count {durable_count} after that write"
+                        "{what}: a lost state: the durable history has count {durable_count} after that write"
                     ))
                 }
                 Some(_) => {}
@@ -268,9 +268,9 @@ mod tests {
     fn a_lost_write_shown_to_a_reader_is_caught_even_with_a_count_that_was_reached_again() {
         // w2' reached count 2 and was lost; w2 reached it again later.
         let v = violations(&[read(1, 25, Asked::MaxStaleness { ms: 1000 }, 2, "w2'", 4)]);
-        assert!(v[0].contains("not in the durable history"), "{v:?}");
+        assert!(v[0].contains("a lost state: the write"), "{v:?}");
         let v = violations(&[read(1, 25, Asked::MaxStaleness { ms: 1000 }, 3, "w2", 4)]);
-        assert!(v[0].contains("durable history has count 2"), "{v:?}");
+        assert!(v[0].contains("a lost state: the durable history has count 2"), "{v:?}");
     }
 
     #[test]

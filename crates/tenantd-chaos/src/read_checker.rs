@@ -257,8 +257,28 @@ mod tests {
         let reads = [
             read(1, 5, Asked::Nothing, 0, "", 1),
             read(1, 25, Asked::Nothing, 2, "w2", 4),
-            read(2, 21, Asked::Bookmark { bookmark: 4, floor: 2 }, 2, "w2", 4),
-            read(2, 40, Asked::Bookmark { bookmark: 4, floor: 2 }, 3, "w3", 5),
+            read(
+                2,
+                21,
+                Asked::Bookmark {
+                    bookmark: 4,
+                    floor: 2,
+                },
+                2,
+                "w2",
+                4,
+            ),
+            read(
+                2,
+                40,
+                Asked::Bookmark {
+                    bookmark: 4,
+                    floor: 2,
+                },
+                3,
+                "w3",
+                5,
+            ),
             read(3, 35, Asked::MaxStaleness { ms: 10 }, 2, "w2", 4),
         ];
         assert_eq!(violations(&reads), Vec::<String>::new());
@@ -270,7 +290,10 @@ mod tests {
         let v = violations(&[read(1, 25, Asked::MaxStaleness { ms: 1000 }, 2, "w2'", 4)]);
         assert!(v[0].contains("a lost state: the write"), "{v:?}");
         let v = violations(&[read(1, 25, Asked::MaxStaleness { ms: 1000 }, 3, "w2", 4)]);
-        assert!(v[0].contains("a lost state: the durable history has count 2"), "{v:?}");
+        assert!(
+            v[0].contains("a lost state: the durable history has count 2"),
+            "{v:?}"
+        );
     }
 
     #[test]
@@ -293,8 +316,28 @@ mod tests {
         assert!(v.iter().any(|v| v.contains("read-your-writes")), "{v:?}");
         assert!(v.iter().any(|v| v.contains("bookmark below")), "{v:?}");
         let v = violations(&[
-            read(2, 40, Asked::Bookmark { bookmark: 1, floor: 0 }, 3, "w3", 5),
-            read(2, 50, Asked::Bookmark { bookmark: 1, floor: 0 }, 2, "w2", 4),
+            read(
+                2,
+                40,
+                Asked::Bookmark {
+                    bookmark: 1,
+                    floor: 0,
+                },
+                3,
+                "w3",
+                5,
+            ),
+            read(
+                2,
+                50,
+                Asked::Bookmark {
+                    bookmark: 1,
+                    floor: 0,
+                },
+                2,
+                "w2",
+                4,
+            ),
         ]);
         assert!(v[0].contains("monotonic reads"), "{v:?}");
     }

@@ -32,9 +32,8 @@ use tokio::time::Instant;
 
 use crate::sim::HeartbeatCut;
 use tenantd_chaos::checker::{self, Report};
-use tenantd_chaos::read_checker;
-use tenantd_core::tenant::follower::Followers;
 use tenantd_chaos::history::{NemesisEvent, Op, Outcome};
+use tenantd_chaos::read_checker;
 use tenantd_core::TenantId;
 use tenantd_core::lease::{LockState, read_lock};
 use tenantd_core::metrics::Metrics;
@@ -45,6 +44,7 @@ use tenantd_core::store::{
 };
 use tenantd_core::tenant::actor::ActorContext;
 use tenantd_core::tenant::db::Db;
+use tenantd_core::tenant::follower::Followers;
 use tenantd_core::tenant::sql::hrana::Program;
 use tenantd_core::tenant::{
     Op as TenantOp, Registry, RegistryConfig, Route, TenantError, TenantHandle,
@@ -503,7 +503,9 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
     let mut report = checker::check(&ops, &finals, &nemeses, world.now_ms());
     report.violations.extend(unanswered);
     let read_report = read_checker::check(&sent_reads, &ops, &durable);
-    report.violations.extend(read_report.violations.iter().cloned());
+    report
+        .violations
+        .extend(read_report.violations.iter().cloned());
     ServiceSimOutcome {
         reads: read_report.reads,
         reads_answered: read_report.answered,

@@ -45,7 +45,11 @@ pub(super) async fn position(
         return not_holder();
     };
     let follower = query.get("follower").map(String::as_str);
-    match state.followers.answer_position(&id, &handle, follower).await {
+    match state
+        .followers
+        .answer_position(&id, &handle, follower)
+        .await
+    {
         Ok((confirmed, epoch)) => Json(json!({
             "customer_id": id.as_str(),
             "confirmed": confirmed,

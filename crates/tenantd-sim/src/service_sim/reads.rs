@@ -243,7 +243,12 @@ pub(super) async fn reader(world: Arc<World>, n: u64, seed: u64, until: Instant)
         let tenant = world.tenants[rng.random_range(0..world.tenants.len())].clone();
         let (asked, wanted) = match kind {
             Kind::Bookmark => {
-                let handed = world.handed.lock().unwrap().get(&(n, tenant.clone())).copied();
+                let handed = world
+                    .handed
+                    .lock()
+                    .unwrap()
+                    .get(&(n, tenant.clone()))
+                    .copied();
                 let own = seen.get(&tenant).copied();
                 let (bookmark, floor) = [handed, own]
                     .into_iter()
@@ -266,18 +271,16 @@ pub(super) async fn reader(world: Arc<World>, n: u64, seed: u64, until: Instant)
             }
         };
         let start_ms = world.now_ms();
-        let outcome = match tokio::time::timeout(
-            ATTEMPT_TIMEOUT,
-            read(&world, &mut rng, &tenant, wanted),
-        )
-        .await
-        {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(error)) => ReadOutcome::Failed { error },
-            Err(_) => ReadOutcome::Failed {
-                error: "timed out".into(),
-            },
-        };
+        let outcome =
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, read(&world, &mut rng, &tenant, wanted))
+                .await
+            {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(error)) => ReadOutcome::Failed { error },
+                Err(_) => ReadOutcome::Failed {
+                    error: "timed out".into(),
+                },
+            };
         if let (
             Kind::Bookmark,
             ReadOutcome::Ok {

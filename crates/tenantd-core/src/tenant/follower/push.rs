@@ -15,12 +15,12 @@ use bytes::Bytes;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::Instant;
 
+use super::transport::Peers;
 use crate::TenantId;
 use crate::store::{Metadata, keys};
 use crate::tenant::TenantHandle;
 use crate::tenant::actor::ConfirmedSlot;
 use crate::tenant::log::{self, Fetched};
-use super::transport::Peers;
 
 /// A follower keeps receiving pushes this long after its last position
 /// query.
@@ -74,12 +74,7 @@ impl Pushes {
         };
         set.followers.lock().unwrap().insert(addr, Instant::now());
         if !set.running.swap(true, Ordering::SeqCst) {
-            tokio::spawn(push_loop(
-                set,
-                handle.commits(),
-                id.clone(),
-                peers.clone(),
-            ));
+            tokio::spawn(push_loop(set, handle.commits(), id.clone(), peers.clone()));
         }
     }
 }
@@ -114,9 +109,9 @@ async fn push_loop(
         if targets.is_empty() {
             break;
         }
-        let sends = targets.iter().map(|addr| {
-            tokio::time::timeout(PUSH_TIMEOUT, peers.push(&id, addr, &slot))
-        });
+        let sends = targets
+            .iter()
+            .map(|addr| tokio::time::timeout(PUSH_TIMEOUT, peers.push(&id, addr, &slot)));
         futures::future::join_all(sends).await;
     }
     set.running

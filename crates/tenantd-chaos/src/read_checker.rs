@@ -32,8 +32,14 @@ use super::history::Op;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Asked {
     /// `tenantd-bookmark`, and the count the state at that bookmark has at
-    /// least (the write it came from, or the client's last read).
-    Bookmark { bookmark: u64, floor: u64 },
+    /// least (the write it came from, or the client's last read); with
+    /// `tenantd-max-staleness` too when `max_staleness_ms` is set.
+    Bookmark {
+        bookmark: u64,
+        floor: u64,
+        #[serde(default)]
+        max_staleness_ms: Option<u64>,
+    },
     /// Nothing: as the official libSQL clients send.
     Nothing,
     /// `tenantd-max-staleness`.
@@ -138,6 +144,15 @@ pub fn check(
             read.customer, read.client, read.start_ms, read.end_ms, read.asked
         );
         let history = durable.get(&read.customer).unwrap_or(&empty);
+        let stale = |violations: &mut Vec<String>, ms: u64| {
+            let floor = acked_before(&read.customer, read.start_ms.saturating_sub(ms));
+            if read.start_ms > ms && count < floor {
+                violations.push(format!(
+                    "{what}: older than {ms} ms allow: misses count {floor}, acknowledged before {} ms",
+                    read.start_ms - ms
+                ));
+            }
+        };
         match op {
             None if count != 0 => report
                 .violations
@@ -159,7 +174,11 @@ pub fn check(
             Asked::Bookmark {
                 bookmark: sent,
                 floor,
+                max_staleness_ms,
             } => {
+                if let Some(ms) = max_staleness_ms {
+                    stale(&mut report.violations, ms);
+                }
                 if count < floor {
                     report.violations.push(format!(
                         "{what}: read-your-writes: less than the count {floor} its bookmark stands for"
@@ -188,15 +207,7 @@ pub fn check(
                     ));
                 }
             }
-            Asked::MaxStaleness { ms } => {
-                let floor = acked_before(&read.customer, read.start_ms.saturating_sub(ms));
-                if read.start_ms > ms && count < floor {
-                    report.violations.push(format!(
-                        "{what}: older than {ms} ms allow: misses count {floor}, acknowledged before {} ms",
-                        read.start_ms - ms
-                    ));
-                }
-            }
+            Asked::MaxStaleness { ms } => stale(&mut report.violations, ms),
         }
     }
     report
@@ -263,6 +274,7 @@ mod tests {
                 Asked::Bookmark {
                     bookmark: 4,
                     floor: 2,
+                    max_staleness_ms: None,
                 },
                 2,
                 "w2",
@@ -274,6 +286,7 @@ mod tests {
                 Asked::Bookmark {
                     bookmark: 4,
                     floor: 2,
+                    max_staleness_ms: None,
                 },
                 3,
                 "w3",
@@ -308,6 +321,7 @@ mod tests {
             Asked::Bookmark {
                 bookmark: 4,
                 floor: 2,
+                max_staleness_ms: Some(0),
             },
             1,
             "w1",
@@ -315,6 +329,7 @@ mod tests {
         )]);
         assert!(v.iter().any(|v| v.contains("read-your-writes")), "{v:?}");
         assert!(v.iter().any(|v| v.contains("bookmark below")), "{v:?}");
+        assert!(v.iter().any(|v| v.contains("older than 0 ms")), "{v:?}");
         let v = violations(&[
             read(
                 2,
@@ -322,6 +337,7 @@ mod tests {
                 Asked::Bookmark {
                     bookmark: 1,
                     floor: 0,
+                    max_staleness_ms: None,
                 },
                 3,
                 "w3",
@@ -333,6 +349,7 @@ mod tests {
                 Asked::Bookmark {
                     bookmark: 1,
                     floor: 0,
+                    max_staleness_ms: None,
                 },
                 2,
                 "w2",

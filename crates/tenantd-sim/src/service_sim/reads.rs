@@ -226,23 +226,30 @@ pub(super) fn recorded_ops(path: &Path) -> BTreeMap<String, u64> {
 
 /// How reader `n` asks: with its writer's bookmark (and its own last),
 /// with nothing, or with a staleness bound.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Bookmark,
     Nothing,
     MaxStaleness,
+    /// Both headers: at least its bookmark, and no older than the bound.
+    BookmarkAndStaleness,
 }
 
 /// Reads until `until`; reader `n` is paired with writer `n`.
 pub(super) async fn reader(world: Arc<World>, n: u64, seed: u64, until: Instant) -> Vec<Read> {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(37).wrapping_add(n) ^ 0xbead);
-    let kind = [Kind::Bookmark, Kind::Nothing, Kind::MaxStaleness][n as usize % 3];
+    let kind = [
+        Kind::Bookmark,
+        Kind::Nothing,
+        Kind::MaxStaleness,
+        Kind::BookmarkAndStaleness,
+    ][n as usize % 4];
     let mut seen: BTreeMap<TenantId, (u64, u64)> = BTreeMap::new();
     let mut reads = Vec::new();
     while Instant::now() < until {
         let tenant = world.tenants[rng.random_range(0..world.tenants.len())].clone();
         let (asked, wanted) = match kind {
-            Kind::Bookmark => {
+            Kind::Bookmark | Kind::BookmarkAndStaleness => {
                 let handed = world
                     .handed
                     .lock()
@@ -254,11 +261,18 @@ pub(super) async fn reader(world: Arc<World>, n: u64, seed: u64, until: Instant)
                     .into_iter()
                     .flatten()
                     .fold((0, 0), |(b, c), (b2, c2)| (b.max(b2), c.max(c2)));
+                let max_staleness_ms =
+                    (kind == Kind::BookmarkAndStaleness).then(|| rng.random_range(100..2000));
                 let wanted = Wanted {
                     bookmark: (bookmark > 0).then_some(bookmark),
-                    max_staleness: None,
+                    max_staleness: max_staleness_ms.map(Duration::from_millis),
                 };
-                (Asked::Bookmark { bookmark, floor }, wanted)
+                let asked = Asked::Bookmark {
+                    bookmark,
+                    floor,
+                    max_staleness_ms,
+                };
+                (asked, wanted)
             }
             Kind::Nothing => (Asked::Nothing, Wanted::default()),
             Kind::MaxStaleness => {
@@ -282,7 +296,7 @@ pub(super) async fn reader(world: Arc<World>, n: u64, seed: u64, until: Instant)
                 },
             };
         if let (
-            Kind::Bookmark,
+            Kind::Bookmark | Kind::BookmarkAndStaleness,
             ReadOutcome::Ok {
                 count, bookmark, ..
             },

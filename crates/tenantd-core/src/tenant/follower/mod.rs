@@ -150,23 +150,31 @@ impl Followers {
         let deadline = Instant::now() + CATCH_UP_BOUND;
         let ready = {
             let state = replica.state.read().await;
-            state.as_ref().is_some_and(|state| match wanted.bookmark {
-                Some(slot) => state.slot() >= slot,
-                None => wanted
+            state.as_ref().is_some_and(|state| {
+                let fresh = wanted
                     .max_staleness
-                    .is_some_and(|bound| state.fresh_at.is_some_and(|at| at.elapsed() <= bound)),
+                    .is_some_and(|bound| state.fresh_at.is_some_and(|at| at.elapsed() <= bound));
+                match (wanted.bookmark, wanted.max_staleness) {
+                    (Some(slot), None) => state.slot() >= slot,
+                    // Both asked: both hold, or the replica refreshes.
+                    (Some(slot), Some(_)) => state.slot() >= slot && fresh,
+                    (None, _) => fresh,
+                }
             })
         };
         if !ready {
-            let target = match wanted.bookmark {
-                Some(slot) => {
+            let target = match (wanted.bookmark, wanted.max_staleness) {
+                (Some(slot), None) => {
                     await_push(&replica, slot).await;
                     Target::Slot(slot)
                 }
-                None => {
+                (bookmark, _) => {
                     let asked = Instant::now();
                     match self.position(id, holder).await {
                         Ok(slot) => {
+                            // A follower's bookmark may name a slot read
+                            // from the log before its holder confirmed it.
+                            let slot = slot.max(bookmark.unwrap_or(0));
                             await_push(&replica, slot).await;
                             self.catch_up(&replica, Target::Slot(slot), deadline)
                                 .await?;

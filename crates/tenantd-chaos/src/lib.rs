@@ -10,6 +10,7 @@ pub mod availability;
 pub mod checker;
 pub mod history;
 pub mod nemesis;
+pub mod read_checker;
 pub mod sql_checker;
 pub mod sql_hostile;
 pub mod sql_workload;

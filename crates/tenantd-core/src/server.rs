@@ -228,6 +228,7 @@ pub async fn run_with(
             data_dir: args.data_dir.clone(),
             idle_timeout: Some(args.idle_timeout),
             ack_before_upload,
+            push_before_upload: false,
             upload_bound: None,
             sql: args.sql_limits(),
             retention: args.retention(),

@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use crate::sim::HeartbeatCut;
 use tenantd_chaos::checker::{self, Report};
 use tenantd_chaos::history::{NemesisEvent, Op, Outcome};
+use tenantd_chaos::read_checker;
 use tenantd_core::TenantId;
 use tenantd_core::lease::{LockState, read_lock};
 use tenantd_core::metrics::Metrics;
@@ -43,6 +44,7 @@ use tenantd_core::store::{
 };
 use tenantd_core::tenant::actor::ActorContext;
 use tenantd_core::tenant::db::Db;
+use tenantd_core::tenant::follower::Followers;
 use tenantd_core::tenant::sql::hrana::Program;
 use tenantd_core::tenant::{
     Op as TenantOp, Registry, RegistryConfig, Route, TenantError, TenantHandle,
@@ -61,10 +63,16 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 const BASE_LATENCY: Duration = Duration::from_millis(5);
 const BASE_JITTER: Duration = Duration::from_millis(15);
 
+mod reads;
+
 pub struct ServiceSimOutcome {
     pub report: Report,
     pub ops: usize,
     pub acked: usize,
+    /// Reads sent, answered, and answered by followers (with readers on).
+    pub reads: usize,
+    pub reads_answered: usize,
+    pub follower_reads: usize,
     /// Epoch of the stored database at the end: one per holder change.
     pub final_epoch: u64,
     pub nemeses: Vec<NemesisEvent>,
@@ -104,6 +112,22 @@ pub struct Paths {
     /// BEGIN pipeline, then a COMMIT pipeline on its baton, whose commit is
     /// its own writing path (issue 23).
     pub interactive: Interactive,
+    /// Readers besides the writers, answered by followers too.
+    pub reads: Reads,
+}
+
+/// Whether the run has readers, and how followers treat pushes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reads {
+    #[default]
+    Off,
+    /// Writers record each write's op next to the count and hand their
+    /// bookmarks to paired readers; readers go to any machine.
+    Followers,
+    /// The negative control: holders push each slot to followers when its
+    /// upload starts, before it is confirmed; the read checker must see a
+    /// reader shown a lost state.
+    UnconfirmedPushes,
 }
 
 /// How many of the clients' increments are interactive transactions.
@@ -124,6 +148,7 @@ impl Paths {
         list_lag: true,
         claim_failure: true,
         interactive: Interactive::Mixed,
+        reads: Reads::Off,
     };
 
     /// Any of issue 26's nemeses.
@@ -171,8 +196,12 @@ pub fn run_seed_with(
         graveyard: Mutex::new(Vec::new()),
         times: WriteTimes::default(),
         paths,
+        me: Default::default(),
+        handed: Mutex::new(BTreeMap::new()),
     };
-    let outcome = runtime.block_on(simulate(Arc::new(world), seed, duration));
+    let world = Arc::new(world);
+    let _ = world.me.set(Arc::downgrade(&world));
+    let outcome = runtime.block_on(simulate(world, seed, duration));
     // Crashed machines' tasks are still parked on the runtime; dropping it
     // ends them.
     drop(runtime);
@@ -198,7 +227,11 @@ struct Machine {
 
 #[derive(Clone)]
 struct Incarnation {
+    /// Which start of the machine this is (messages of a dead one are
+    /// dropped).
+    n: u64,
     registry: Arc<Registry>,
+    followers: Arc<Followers>,
     faults: FaultHandle,
     /// Cuts this process off from its own heartbeat only.
     heartbeat_cut: Arc<AtomicBool>,
@@ -220,6 +253,11 @@ struct World {
     /// LIST hides young objects whoever wrote them).
     times: WriteTimes,
     paths: Paths,
+    /// For the machines' network (set once the world is shared).
+    me: std::sync::OnceLock<std::sync::Weak<World>>,
+    /// Per (writer, tenant): the bookmark and count of its last
+    /// acknowledged write, for its paired reader.
+    handed: Mutex<BTreeMap<(u64, TenantId), (u64, u64)>>,
 }
 
 impl World {
@@ -252,6 +290,22 @@ impl World {
         let heartbeat_cut = Arc::new(AtomicBool::new(false));
         let cut = HeartbeatCut::new(Arc::new(fault), &id, heartbeat_cut.clone());
         let store: DynStore = Arc::new(RetryingStore::new(Arc::new(cut), RetryPolicy::default()));
+        let metrics = Metrics::new();
+        let data_dir = self.data_dir.join(format!("incarnation-{n}"));
+        let followers = Followers::new(
+            store.clone(),
+            data_dir.clone(),
+            &id,
+            format!("{id}:3000"),
+            None,
+            Default::default(),
+            &metrics,
+        )
+        .with_peers(Arc::new(reads::SimPeers {
+            world: self.me.get().expect("set at start").clone(),
+            index,
+            n,
+        }));
         let registry = Registry::new(
             RegistryConfig {
                 machine_id: id.clone(),
@@ -268,14 +322,15 @@ impl World {
             },
             ActorContext {
                 store,
-                metrics: Metrics::new(),
+                metrics,
                 machine_id: id,
-                data_dir: self.data_dir.join(format!("incarnation-{n}")),
+                data_dir,
                 idle_timeout: match self.mode {
                     Mode::Single => None,
                     Mode::Pool => Some(Duration::from_millis(700)),
                 },
                 ack_before_upload: self.ack_before_upload,
+                push_before_upload: self.paths.reads == Reads::UnconfirmedPushes,
                 upload_bound: None,
                 sql: Default::default(),
                 // Compaction and garbage collection often, so that crashes
@@ -291,7 +346,9 @@ impl World {
             tokio::spawn(registry.clone().standby(self.tenants[0].clone()));
         }
         self.machines.lock().unwrap()[index].up = Some(Incarnation {
+            n,
             registry,
+            followers: Arc::new(followers),
             faults,
             heartbeat_cut,
         });
@@ -353,10 +410,19 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
     for i in 0..MACHINES {
         world.boot(i, seed);
     }
+    if world.paths.reads != Reads::Off {
+        reads::set_up(&world, seed).await;
+    }
     let until = world.start + duration;
     let clients: Vec<_> = (0..CLIENTS)
         .map(|n| tokio::spawn(client(world.clone(), n, seed, until)))
         .collect();
+    let readers: Vec<_> = match world.paths.reads {
+        Reads::Off => Vec::new(),
+        _ => (0..CLIENTS)
+            .map(|n| tokio::spawn(reads::reader(world.clone(), n, seed, until)))
+            .collect(),
+    };
     // Two independent streams, so faults overlap: a holder paused while
     // its successor crashes, a partition during a graceful stop.
     let second = tokio::spawn({
@@ -370,6 +436,10 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
     let mut ops = Vec::new();
     for client in clients {
         ops.extend(client.await.expect("client task"));
+    }
+    let mut sent_reads = Vec::new();
+    for reader in readers {
+        sent_reads.extend(reader.await.expect("reader task"));
     }
     // Quiet: every machine up and healthy, late uploads landed or refused.
     for i in 0..MACHINES {
@@ -422,15 +492,24 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
         }
     }
     let mut finals = BTreeMap::new();
+    let mut durable = BTreeMap::new();
     let mut final_epoch = 0;
     for tenant in &world.tenants {
-        let (count, epoch) = stored(&world, tenant.as_str()).await;
+        let (count, epoch, ops) = stored(&world, tenant.as_str()).await;
         finals.insert(tenant.to_string(), count);
+        durable.insert(tenant.to_string(), ops);
         final_epoch += epoch;
     }
     let mut report = checker::check(&ops, &finals, &nemeses, world.now_ms());
     report.violations.extend(unanswered);
+    let read_report = read_checker::check(&sent_reads, &ops, &durable);
+    report
+        .violations
+        .extend(read_report.violations.iter().cloned());
     ServiceSimOutcome {
+        reads: read_report.reads,
+        reads_answered: read_report.answered,
+        follower_reads: read_report.by_followers,
         acked: ops.iter().filter(|op| op.acked().is_some()).count(),
         ops: ops.len(),
         report,
@@ -440,8 +519,9 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
 }
 
 /// The count and epoch of the tenant as the store holds it (snapshot and
-/// log): what is durable, and what a new holder starts from.
-async fn stored(world: &World, customer: &str) -> (u64, u64) {
+/// log): what is durable, and what a new holder starts from; with the
+/// op → count pairs the writers recorded (readers on).
+async fn stored(world: &World, customer: &str) -> (u64, u64, BTreeMap<String, u64>) {
     let exists = world
         .shared
         .get(&keys::database(customer))
@@ -449,7 +529,7 @@ async fn stored(world: &World, customer: &str) -> (u64, u64) {
         .expect("memory store")
         .is_some();
     if !exists {
-        return (0, 0);
+        return (0, 0, BTreeMap::new());
     }
     let path = world.data_dir.join(format!("final-{customer}.sqlite3"));
     let store: DynStore = world.shared.clone();
@@ -462,7 +542,11 @@ async fn stored(world: &World, customer: &str) -> (u64, u64) {
     .await
     .expect("the stored log replays");
     let db = Db::open(&path).expect("the stored database opens");
-    let result = (db.count().expect("count"), db.epoch().expect("epoch"));
+    let result = (
+        db.count().expect("count"),
+        db.epoch().expect("epoch"),
+        reads::recorded_ops(&path),
+    );
     drop(db);
     let _ = std::fs::remove_file(&path);
     result
@@ -493,9 +577,12 @@ async fn client(world: Arc<World>, n: u64, seed: u64, until: Instant) -> Vec<Op>
                 break;
             }
             let attempt = async {
-                match interactive {
-                    true => transaction(&world, &mut rng, tenant).await,
-                    false => increment(&world, &mut rng, tenant, &key).await,
+                match (interactive, world.paths.reads) {
+                    (_, Reads::Followers | Reads::UnconfirmedPushes) => {
+                        reads::write(&world, &mut rng, n, tenant, &key).await
+                    }
+                    (true, Reads::Off) => transaction(&world, &mut rng, tenant).await,
+                    (false, Reads::Off) => increment(&world, &mut rng, tenant, &key).await,
                 }
             };
             match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {

@@ -17,7 +17,6 @@ use serde_json::json;
 
 use super::{AppState, bearer_matches, error};
 use crate::TenantId;
-use crate::tenant::Op;
 use crate::tenant::follower::push;
 
 pub(super) async fn position(
@@ -45,20 +44,19 @@ pub(super) async fn position(
     let Some(handle) = state.registry.local(&id) else {
         return not_holder();
     };
-    // Through the actor: it checks its lease before it answers.
-    match handle.call(Op::Read).await {
-        Ok(answer) => {
-            if let Some(addr) = query.get("follower").filter(|a| !a.is_empty()) {
-                state.followers.register(&id, &handle, addr.clone());
-            }
-            Json(json!({
+    let follower = query.get("follower").map(String::as_str);
+    match state
+        .followers
+        .answer_position(&id, &handle, follower)
+        .await
+    {
+        Ok((confirmed, epoch)) => Json(json!({
             "customer_id": id.as_str(),
-            "confirmed": handle.confirmed(),
-            "epoch": answer.epoch,
+            "confirmed": confirmed,
+            "epoch": epoch,
             "machine_id": state.machine_id,
-            }))
-            .into_response()
-        }
+        }))
+        .into_response(),
         Err(_) => not_holder(),
     }
 }

@@ -493,6 +493,13 @@ impl TenantActor {
             send_all(unanswered.take().expect("not answered yet"));
         }
         let metadata = log::slot_metadata(epoch, seq, &self.writer);
+        if self.ctx.push_before_upload && self.commits.receiver_count() > 0 {
+            let _ = self.commits.send(Arc::new(ConfirmedSlot {
+                seq,
+                body: delta.clone(),
+                metadata: metadata.clone(),
+            }));
+        }
         let put = self.put(seq, delta.clone(), metadata.clone());
         let pipelined = !self.in_flight.is_empty();
         self.in_flight.push_back(InFlight {

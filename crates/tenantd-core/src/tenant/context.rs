@@ -28,6 +28,11 @@ pub struct ActorContext {
     /// Bench-only: answer before the upload, as the original app did. Not
     /// reachable from `tenantd serve` (no flag, no env var).
     pub ack_before_upload: bool,
+    /// Simulation-only negative control: hand each slot to the followers'
+    /// pushes when its upload starts, not once it is confirmed, so that a
+    /// follower shows state that may be lost. Not reachable from `tenantd
+    /// serve` (no flag, no env var).
+    pub push_before_upload: bool,
     /// How long one log slot is tried before the holder steps down (plus
     /// the body's transfer time); `None`: twice the lease ttl. Tests only.
     pub upload_bound: Option<Duration>,
@@ -46,6 +51,7 @@ impl ActorContext {
             sql: SqlLimits::default(),
             retention: Retention::default(),
             ack_before_upload: false,
+            push_before_upload: false,
             upload_bound: None,
         }
     }

@@ -19,6 +19,7 @@ pub mod bookmark;
 pub mod push;
 mod read;
 mod replica;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -106,7 +107,8 @@ pub struct Followers {
     /// Followers of tenants this machine holds.
     pub pushes: push::Pushes,
     dir: PathBuf,
-    client: reqwest::Client,
+    /// How this machine reaches holders and followers.
+    peers: Arc<dyn transport::Peers>,
     api_token: Option<String>,
     limits: SqlLimits,
     replicas: Mutex<HashMap<TenantId, Arc<Replica>>>,
@@ -128,10 +130,7 @@ impl Followers {
             advertise,
             pushes: push::Pushes::default(),
             dir: data_dir.join(machine_id).join("followers"),
-            client: reqwest::Client::builder()
-                .timeout(POSITION_TIMEOUT)
-                .build()
-                .expect("a client without TLS settings builds"),
+            peers: Arc::new(transport::Http::new(POSITION_TIMEOUT, api_token.clone())),
             api_token,
             limits,
             replicas: Mutex::new(HashMap::new()),
@@ -185,23 +184,31 @@ impl Followers {
         let deadline = Instant::now() + CATCH_UP_BOUND;
         let ready = {
             let state = replica.state.read().await;
-            state.as_ref().is_some_and(|state| match wanted.bookmark {
-                Some(slot) => state.slot() >= slot,
-                None => wanted
+            state.as_ref().is_some_and(|state| {
+                let fresh = wanted
                     .max_staleness
-                    .is_some_and(|bound| state.fresh_at.is_some_and(|at| at.elapsed() <= bound)),
+                    .is_some_and(|bound| state.fresh_at.is_some_and(|at| at.elapsed() <= bound));
+                match (wanted.bookmark, wanted.max_staleness) {
+                    (Some(slot), None) => state.slot() >= slot,
+                    // Both asked: both hold, or the replica refreshes.
+                    (Some(slot), Some(_)) => state.slot() >= slot && fresh,
+                    (None, _) => fresh,
+                }
             })
         };
         if !ready {
-            let target = match wanted.bookmark {
-                Some(slot) => {
+            let target = match (wanted.bookmark, wanted.max_staleness) {
+                (Some(slot), None) => {
                     await_push(&replica, slot).await;
                     Target::Slot(slot)
                 }
-                None => {
+                (bookmark, _) => {
                     let asked = Instant::now();
                     match self.position(id, holder).await {
                         Ok(slot) => {
+                            // A follower's bookmark may name a slot read
+                            // from the log before its holder confirmed it.
+                            let slot = slot.max(bookmark.unwrap_or(0));
                             await_push(&replica, slot).await;
                             self.catch_up(&replica, Target::Slot(slot), deadline)
                                 .await?;
@@ -257,32 +264,47 @@ impl Followers {
             .map_err(|e| FollowError::Behind(e.to_string()))
     }
 
+    /// Reaches holders and followers through `peers` rather than HTTP
+    /// (the service simulation's network).
+    pub fn with_peers(mut self, peers: Arc<dyn transport::Peers>) -> Followers {
+        self.peers = peers;
+        self
+    }
+
     /// The holder's confirmed slot, asked over the private network.
     async fn position(&self, id: &TenantId, holder: &LockRecord) -> Result<u64, String> {
-        let url = format!(
-            "http://{}{}?follower={}",
-            holder.addr,
-            position_path(id),
-            query_value(&self.advertise)
-        );
-        let mut request = self.client.get(&url);
-        if let Some(token) = &self.api_token {
-            request = request.bearer_auth(token);
+        match tokio::time::timeout(
+            POSITION_TIMEOUT,
+            self.peers.position(id, holder, &self.advertise),
+        )
+        .await
+        {
+            Ok(answer) => answer,
+            Err(_) => Err(format!("{} did not say where it is in time", holder.addr)),
         }
-        let reply = request.send().await.map_err(|e| e.to_string())?;
-        if !reply.status().is_success() {
-            return Err(format!("{url} answered {}", reply.status()));
+    }
+
+    /// On the holder: its confirmed slot and epoch for a follower's
+    /// ReadIndex, asked through the actor, which refuses once its lease is
+    /// not valid (a deposed holder never names a position that misses its
+    /// successor's acknowledged writes). Registers `follower` for pushes.
+    pub async fn answer_position(
+        &self,
+        id: &TenantId,
+        handle: &TenantHandle,
+        follower: Option<&str>,
+    ) -> Result<(u64, u64), crate::tenant::TenantError> {
+        let answer = handle.call(crate::tenant::Op::Read).await?;
+        if let Some(addr) = follower.filter(|a| !a.is_empty()) {
+            self.register(id, handle, addr.to_string());
         }
-        let body: Json = reply.json().await.map_err(|e| e.to_string())?;
-        body.get("confirmed")
-            .and_then(Json::as_u64)
-            .ok_or_else(|| format!("{url} answered without a confirmed slot"))
+        Ok((handle.confirmed(), answer.epoch))
     }
 
     /// Registers a follower of a tenant this machine holds for pushes.
     pub fn register(&self, id: &TenantId, handle: &TenantHandle, addr: String) {
-        if let Some(token) = &self.api_token {
-            self.pushes.register(id, handle, addr, &self.client, token);
+        if self.peers.pushes() {
+            self.pushes.register(id, handle, addr, &self.peers);
         }
     }
 

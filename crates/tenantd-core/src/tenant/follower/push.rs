@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::Instant;
 
+use super::transport::Peers;
 use crate::TenantId;
 use crate::store::{Metadata, keys};
 use crate::tenant::TenantHandle;
@@ -25,7 +26,7 @@ use crate::tenant::log::{self, Fetched};
 /// query.
 const REGISTRATION: Duration = Duration::from_secs(60);
 /// One push's bound; a follower that misses it reads the log instead.
-const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
+pub(super) const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The metadata a push carries as headers.
 pub const PUSHED_HEADERS: [&str; 4] = [
@@ -60,8 +61,7 @@ impl Pushes {
         id: &TenantId,
         handle: &TenantHandle,
         addr: String,
-        client: &reqwest::Client,
-        api_token: &str,
+        peers: &Arc<dyn Peers>,
     ) {
         use std::sync::atomic::Ordering;
         let set = {
@@ -74,13 +74,7 @@ impl Pushes {
         };
         set.followers.lock().unwrap().insert(addr, Instant::now());
         if !set.running.swap(true, Ordering::SeqCst) {
-            tokio::spawn(push_loop(
-                set,
-                handle.commits(),
-                id.clone(),
-                client.clone(),
-                api_token.to_string(),
-            ));
+            tokio::spawn(push_loop(set, handle.commits(), id.clone(), peers.clone()));
         }
     }
 }
@@ -99,8 +93,7 @@ async fn push_loop(
     set: Arc<PushSet>,
     mut commits: broadcast::Receiver<Arc<ConfirmedSlot>>,
     id: TenantId,
-    client: reqwest::Client,
-    api_token: String,
+    peers: Arc<dyn Peers>,
 ) {
     loop {
         let slot = match commits.recv().await {
@@ -116,19 +109,9 @@ async fn push_loop(
         if targets.is_empty() {
             break;
         }
-        let sends = targets.iter().map(|addr| {
-            let mut request = client
-                .post(format!("http://{addr}{}", push_path(&id)))
-                .bearer_auth(&api_token)
-                .timeout(PUSH_TIMEOUT)
-                .body(slot.body.clone());
-            for name in PUSHED_HEADERS {
-                if let Some(value) = slot.metadata.get(name) {
-                    request = request.header(name, value);
-                }
-            }
-            request.send()
-        });
+        let sends = targets
+            .iter()
+            .map(|addr| tokio::time::timeout(PUSH_TIMEOUT, peers.push(&id, addr, &slot)));
         futures::future::join_all(sends).await;
     }
     set.running

@@ -166,7 +166,12 @@ async fn race(point: Point, then_commit: bool) {
     else {
         panic!("the lease is free");
     };
-    let mut ctx = ActorContext::new(store.clone(), Metrics::new(), "a".into(), dir.path().join("a"));
+    let mut ctx = ActorContext::new(
+        store.clone(),
+        Metrics::new(),
+        "a".into(),
+        dir.path().join("a"),
+    );
     ctx.retention = Retention {
         keep: Duration::ZERO,
         max_deltas: 2,
@@ -210,10 +215,11 @@ async fn race(point: Point, then_commit: bool) {
     let confirmed = *confirmed.lock().unwrap();
     assert!(confirmed > 0, "the hook ran");
     assert_eq!(count as u64, confirmed, "the state at the end of the log");
-    let (listed, _) = (store.list(&keys::log_prefix(ID), None).await.unwrap(), ());
+    let listed = store.list(&keys::log_prefix(ID), None).await.unwrap();
     let last = listed
         .iter()
         .filter_map(|l| keys::log_seq(&l.key))
+        .chain([snapshot_seq(&store).await])
         .max()
         .unwrap();
     assert_eq!(done.seq, last, "named by the slot it reaches");

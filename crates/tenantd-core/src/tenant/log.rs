@@ -855,10 +855,37 @@ pub struct Materialized {
     pub last_committed_at_ms: Option<u64>,
 }
 
+/// Reads of a tenant that a compaction kept overtaking before giving up.
+const MATERIALIZE_TRIES: u32 = 10;
+
 /// Writes the tenant's database as of `until` to `path`: the newest
 /// snapshot that does not reach past `until` (the current one, or an
-/// archived one), and the log after it.
+/// archived one), and the log after it. A live holder may replace the
+/// snapshot and delete the slots after it at any moment: a read it
+/// overtook starts over (a few times, then `Raced`).
 pub async fn materialize(
+    store: &DynStore,
+    id: &str,
+    path: &Path,
+    until: Until,
+) -> Result<Materialized, LogError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match materialize_once(store, id, path, until).await {
+            Err(LogError::Raced(why)) if tries < MATERIALIZE_TRIES => {
+                info!(
+                    customer_id = id,
+                    why, "the log changed while it was read; reading it again"
+                );
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(tries))).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn materialize_once(
     store: &DynStore,
     id: &str,
     path: &Path,
@@ -913,7 +940,7 @@ pub async fn materialize(
             base = Some((archive, snapshot));
         }
     }
-    let Some((base_key, snapshot)) = base else {
+    let Some((base_key, _)) = base else {
         return Err(LogError::Corrupt(match current {
             None => format!("customer {id} has no snapshot ({key}): it does not exist"),
             Some(_) => format!(
@@ -926,6 +953,16 @@ pub async fn materialize(
         .get(&base_key)
         .await?
         .ok_or_else(|| LogError::Raced(format!("{base_key} disappeared while it was read")))?;
+    // What was downloaded names its own slot: the snapshot looked at a
+    // moment ago may have been replaced since.
+    let snapshot = describe_snapshot(&base_key, object.etag.clone(), &object.metadata)?;
+    if let Until::Seq(target) = until
+        && snapshot.seq > target
+    {
+        return Err(LogError::Raced(format!(
+            "{base_key} moved past slot {target} while it was read"
+        )));
+    }
     let recorded = recorded_checksum(&base_key, &object.metadata)?;
     let (owned_path, body) = (path.to_path_buf(), object.body);
     let sums = tokio::task::spawn_blocking(move || -> Result<PageSums, String> {
@@ -944,7 +981,24 @@ pub async fn materialize(
         )));
     }
     let mut sums = sums;
-    let replayed = replay(store, id, path, &snapshot, &mut sums, until).await?;
+    let replayed = replay(store, id, path, &snapshot, &mut sums, until).await;
+    // A compaction deletes the slots its snapshot covers only after writing
+    // it. So if the snapshot read is still the current one after the log
+    // was listed, the listing saw every slot after it; if not, those slots
+    // may be gone (a gap, or nothing after it at all: an older state that
+    // looks complete), and the read starts over.
+    if base_key == key && !matches!(replayed, Err(LogError::Store(_))) {
+        let now = store.head(&key).await?;
+        let same = now.as_ref().is_some_and(|m| {
+            m.etag == object.etag && number(&m.metadata, SEQ_KEY) == Some(snapshot.seq)
+        });
+        if !same {
+            return Err(LogError::Raced(format!(
+                "{key} was replaced while the log after it was read"
+            )));
+        }
+    }
+    let replayed = replayed?;
     Ok(Materialized {
         seq: replayed.applied,
         base: base_key,

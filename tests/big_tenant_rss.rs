@@ -131,7 +131,6 @@ fn count_in(path: &Path) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "compaction, release and restore hold the snapshot in memory again: their file-streaming version lost writes in tests/service_sim.rs issue_26_single (see the branch's last commit); passes with it"]
 async fn a_200_mb_tenant_goes_through_claim_writes_compaction_release_and_restore_in_bounded_memory()
  {
     let started = std::time::Instant::now();

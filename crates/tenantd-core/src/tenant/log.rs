@@ -34,10 +34,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tracing::{info, warn};
 
+use super::copy::SnapshotFile;
 use super::delta::{self, Delta, Kind, PageSums};
 use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, keys};
 
@@ -661,7 +661,8 @@ pub struct Compaction {
     pub seq: u64,
     pub epoch: u64,
     pub checksum: u64,
-    pub body: Bytes,
+    /// The snapshot's bytes, uploaded from the file.
+    pub body: SnapshotFile,
     pub writer: Writer,
     /// Also delete what no restore within the retention needs. Off on
     /// release, where every round trip delays the handoff: the next
@@ -701,12 +702,15 @@ pub async fn compact(
         // The snapshot about to be replaced is the only base for restoring
         // the commits between it and this one: keep it (once per tenant;
         // later compactions archive their own snapshots).
-        if let Some(current) = store.get(&key).await? {
+        // Through a file beside the new snapshot's: never whole in memory.
+        let download = SnapshotFile::name_beside(job.body.path());
+        if let Some(current) = store.get_to_file(&key, &download).await? {
+            let copy = SnapshotFile::adopt(download, current.size);
             let seq = number(&current.metadata, SEQ_KEY).unwrap_or(known.seq);
             match store
-                .put(
+                .put_file(
                     &keys::archive(id, seq),
-                    current.body,
+                    copy.path(),
                     current.metadata,
                     Precondition::IfAbsent,
                 )
@@ -728,7 +732,7 @@ pub async fn compact(
             let archive = keys::archive(id, job.seq);
             let metadata = snapshot_metadata(job.epoch, job.seq, job.checksum, &job.writer);
             match store
-                .put(&archive, job.body.clone(), metadata, Precondition::IfAbsent)
+                .put_file(&archive, job.body.path(), metadata, Precondition::IfAbsent)
                 .await
             {
                 Ok(_) => archived = true,
@@ -798,7 +802,7 @@ async fn write_snapshot(
     };
     for _ in 0..3 {
         match store
-            .put(key, job.body.clone(), metadata.clone(), condition.clone())
+            .put_file(key, job.body.path(), metadata.clone(), condition.clone())
             .await
         {
             Ok(etag) => {
@@ -949,8 +953,9 @@ async fn materialize_once(
             ),
         }));
     };
+    // Streamed to `path`: a restore of any size in bounded memory.
     let object = store
-        .get(&base_key)
+        .get_to_file(&base_key, path)
         .await?
         .ok_or_else(|| LogError::Raced(format!("{base_key} disappeared while it was read")))?;
     // What was downloaded names its own slot: the snapshot looked at a
@@ -964,9 +969,8 @@ async fn materialize_once(
         )));
     }
     let recorded = recorded_checksum(&base_key, &object.metadata)?;
-    let (owned_path, body) = (path.to_path_buf(), object.body);
+    let owned_path = path.to_path_buf();
     let sums = tokio::task::spawn_blocking(move || -> Result<PageSums, String> {
-        std::fs::write(&owned_path, &body).map_err(|e| e.to_string())?;
         PageSums::of_file(&owned_path).map_err(|e| e.to_string())
     })
     .await

@@ -148,6 +148,25 @@ impl Drop for Owned {
     }
 }
 
+/// Removes the snapshot files (`<id>.<epoch>.sqlite3.snapshot.<uuid>`) of
+/// tenant `id`'s earlier holdings in `dir`: only a killed process leaves
+/// them (a running one removes its own on drop), and a new acquisition's
+/// copy has a name of its own, so none of them is ever read as state; this
+/// only frees the disk.
+pub fn remove_leftover_snapshots(dir: &Path, id: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{id}.");
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && name.contains(".sqlite3.snapshot.") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 impl SnapshotFile {
     /// A new, unused name beside `path` (`<name>.snapshot.<uuid>`).
     pub fn name_beside(path: &Path) -> PathBuf {
@@ -255,6 +274,29 @@ mod tests {
         }
         stop.store(true, Ordering::Relaxed);
         assert!(writer.join().unwrap() > 0);
+    }
+
+    /// What a killed process left of a tenant's snapshot copies goes; the
+    /// working copies and other tenants' files stay.
+    #[test]
+    fn leftover_snapshot_copies_of_the_tenant_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "7.3.sqlite3.snapshot.0123abcd",
+            "7.4.sqlite3",
+            "7.4.sqlite3-wal",
+            "77.1.sqlite3.snapshot.0123abcd",
+        ];
+        for name in names {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        remove_leftover_snapshots(dir.path(), "7");
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, names[1..].to_vec());
     }
 
     /// The copy holds no lock: commits and captures run while it is being

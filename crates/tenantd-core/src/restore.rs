@@ -19,6 +19,7 @@ use crate::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
 use crate::store::{DynStore, Precondition, keys};
 use crate::tenant::TenantError;
 use crate::tenant::claim::take_over;
+use crate::tenant::copy::SnapshotFile;
 use crate::tenant::delta::{self, Delta, Kind, PageSums};
 use crate::tenant::log::{self, LogError, Materialized, Until, Writer};
 
@@ -171,7 +172,7 @@ async fn rewrite(
             let post = PageSums::of_file(&tgt)?;
             let (db_pages, pages) = delta::diff_files(&cur, &tgt)?;
             let page_size = pages.first().map_or(4096, |(_, p)| p.len() as u32);
-            let body = std::fs::read(&tgt)?;
+            let body = SnapshotFile::copy_of(&tgt)?;
             Ok((pre, post, db_pages, pages, page_size, body))
         })
         .await??;
@@ -213,7 +214,7 @@ async fn rewrite(
         seq,
         epoch,
         checksum: post.checksum(),
-        body: body.into(),
+        body,
         writer,
         collect: true,
     };

@@ -252,6 +252,7 @@ impl TenantActor {
         // One file per acquisition: nothing of an earlier holding (or a
         // crashed process) can be mistaken for this one's copy.
         let path = dir.join(format!("{id}.{}.sqlite3", lease.epoch()));
+        crate::tenant::copy::remove_leftover_snapshots(&dir, id.as_str());
         let claimed = match claim(&id, &ctx, &mut lease, &path).await {
             Ok(claimed) => claimed,
             Err(e) => {

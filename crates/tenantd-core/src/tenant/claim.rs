@@ -613,8 +613,8 @@ async fn open(
     };
     let metadata = log::snapshot_metadata(epoch, seq, checksum, &writer);
     let written = ctx.metrics.upload_bytes.with_label_values(&["snapshot"]);
-    let len = body.len() as u64;
-    match store.put(&key, body, metadata, condition).await {
+    let len = body.len();
+    match store.put_file(&key, body.path(), metadata, condition).await {
         Ok(etag) => {
             written.inc_by(len);
             info!(customer_id = %id, seq, "converted the database to the commit-log format");

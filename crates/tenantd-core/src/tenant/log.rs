@@ -34,10 +34,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tracing::{info, warn};
 
+use super::copy::SnapshotFile;
 use super::delta::{self, Delta, Kind, PageSums};
 use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, keys};
 
@@ -661,7 +661,8 @@ pub struct Compaction {
     pub seq: u64,
     pub epoch: u64,
     pub checksum: u64,
-    pub body: Bytes,
+    /// The snapshot's bytes, uploaded from the file.
+    pub body: SnapshotFile,
     pub writer: Writer,
     /// Also delete what no restore within the retention needs. Off on
     /// release, where every round trip delays the handoff: the next
@@ -701,12 +702,15 @@ pub async fn compact(
         // The snapshot about to be replaced is the only base for restoring
         // the commits between it and this one: keep it (once per tenant;
         // later compactions archive their own snapshots).
-        if let Some(current) = store.get(&key).await? {
+        // Through a file beside the new snapshot's: never whole in memory.
+        let download = SnapshotFile::name_beside(job.body.path());
+        if let Some(current) = store.get_to_file(&key, &download).await? {
+            let copy = SnapshotFile::adopt(download, current.size);
             let seq = number(&current.metadata, SEQ_KEY).unwrap_or(known.seq);
             match store
-                .put(
+                .put_file(
                     &keys::archive(id, seq),
-                    current.body,
+                    copy.path(),
                     current.metadata,
                     Precondition::IfAbsent,
                 )
@@ -728,7 +732,7 @@ pub async fn compact(
             let archive = keys::archive(id, job.seq);
             let metadata = snapshot_metadata(job.epoch, job.seq, job.checksum, &job.writer);
             match store
-                .put(&archive, job.body.clone(), metadata, Precondition::IfAbsent)
+                .put_file(&archive, job.body.path(), metadata, Precondition::IfAbsent)
                 .await
             {
                 Ok(_) => archived = true,
@@ -798,7 +802,7 @@ async fn write_snapshot(
     };
     for _ in 0..3 {
         match store
-            .put(key, job.body.clone(), metadata.clone(), condition.clone())
+            .put_file(key, job.body.path(), metadata.clone(), condition.clone())
             .await
         {
             Ok(etag) => {
@@ -855,10 +859,37 @@ pub struct Materialized {
     pub last_committed_at_ms: Option<u64>,
 }
 
+/// Reads of a tenant that a compaction kept overtaking before giving up.
+const MATERIALIZE_TRIES: u32 = 10;
+
 /// Writes the tenant's database as of `until` to `path`: the newest
 /// snapshot that does not reach past `until` (the current one, or an
-/// archived one), and the log after it.
+/// archived one), and the log after it. A live holder may replace the
+/// snapshot and delete the slots after it at any moment: a read it
+/// overtook starts over (a few times, then `Raced`).
 pub async fn materialize(
+    store: &DynStore,
+    id: &str,
+    path: &Path,
+    until: Until,
+) -> Result<Materialized, LogError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match materialize_once(store, id, path, until).await {
+            Err(LogError::Raced(why)) if tries < MATERIALIZE_TRIES => {
+                info!(
+                    customer_id = id,
+                    why, "the log changed while it was read; reading it again"
+                );
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(tries))).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn materialize_once(
     store: &DynStore,
     id: &str,
     path: &Path,
@@ -913,7 +944,7 @@ pub async fn materialize(
             base = Some((archive, snapshot));
         }
     }
-    let Some((base_key, snapshot)) = base else {
+    let Some((base_key, _)) = base else {
         return Err(LogError::Corrupt(match current {
             None => format!("customer {id} has no snapshot ({key}): it does not exist"),
             Some(_) => format!(
@@ -922,14 +953,24 @@ pub async fn materialize(
             ),
         }));
     };
+    // Streamed to `path`: a restore of any size in bounded memory.
     let object = store
-        .get(&base_key)
+        .get_to_file(&base_key, path)
         .await?
         .ok_or_else(|| LogError::Raced(format!("{base_key} disappeared while it was read")))?;
+    // What was downloaded names its own slot: the snapshot looked at a
+    // moment ago may have been replaced since.
+    let snapshot = describe_snapshot(&base_key, object.etag.clone(), &object.metadata)?;
+    if let Until::Seq(target) = until
+        && snapshot.seq > target
+    {
+        return Err(LogError::Raced(format!(
+            "{base_key} moved past slot {target} while it was read"
+        )));
+    }
     let recorded = recorded_checksum(&base_key, &object.metadata)?;
-    let (owned_path, body) = (path.to_path_buf(), object.body);
+    let owned_path = path.to_path_buf();
     let sums = tokio::task::spawn_blocking(move || -> Result<PageSums, String> {
-        std::fs::write(&owned_path, &body).map_err(|e| e.to_string())?;
         PageSums::of_file(&owned_path).map_err(|e| e.to_string())
     })
     .await
@@ -944,7 +985,24 @@ pub async fn materialize(
         )));
     }
     let mut sums = sums;
-    let replayed = replay(store, id, path, &snapshot, &mut sums, until).await?;
+    let replayed = replay(store, id, path, &snapshot, &mut sums, until).await;
+    // A compaction deletes the slots its snapshot covers only after writing
+    // it. So if the snapshot read is still the current one after the log
+    // was listed, the listing saw every slot after it; if not, those slots
+    // may be gone (a gap, or nothing after it at all: an older state that
+    // looks complete), and the read starts over.
+    if base_key == key && !matches!(replayed, Err(LogError::Store(_))) {
+        let now = store.head(&key).await?;
+        let same = now.as_ref().is_some_and(|m| {
+            m.etag == object.etag && number(&m.metadata, SEQ_KEY) == Some(snapshot.seq)
+        });
+        if !same {
+            return Err(LogError::Raced(format!(
+                "{key} was replaced while the log after it was read"
+            )));
+        }
+    }
+    let replayed = replayed?;
     Ok(Materialized {
         seq: replayed.applied,
         base: base_key,

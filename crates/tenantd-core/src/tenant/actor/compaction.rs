@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::TenantActor;
+use crate::tenant::copy::WorkingCopy;
 use crate::tenant::log::{self, Compacted, Compaction, LogError};
 
 /// A finished compaction with the log counters it clears, or why its task
@@ -34,9 +35,9 @@ pub(super) async fn compaction_result(running: &mut Option<Running>) -> Compacti
 
 impl TenantActor {
     /// Starts a compaction when the log after the snapshot costs enough
-    /// (or, with `now`, whenever it holds anything). The copy is taken
-    /// here, between commits; its upload waits until every slot it covers
-    /// is confirmed.
+    /// (or, with `now`, whenever it holds anything). The copy is taken in
+    /// the compaction's task while commits go on; its upload waits until
+    /// every slot it covers is confirmed.
     pub(super) async fn maybe_compact(&mut self, now: bool) {
         if self.compaction.is_some() || (!now && Instant::now() < self.compact_after) {
             return;
@@ -56,48 +57,52 @@ impl TenantActor {
         if !due {
             return;
         }
-        let snapshot = tokio::task::spawn_blocking(move || {
-            copy.lock().unwrap_or_else(|e| e.into_inner()).snapshot()
-        })
-        .await;
-        let (seq, body, checksum) = match snapshot {
-            Ok(Ok(snapshot)) => snapshot,
-            Ok(Err(e)) => {
-                warn!(customer_id = %self.id, error = %e, "cannot copy the working database for a snapshot");
-                self.compact_after = Instant::now() + Duration::from_secs(10);
-                return;
-            }
-            Err(e) => {
-                warn!(customer_id = %self.id, error = %e, "snapshot copy failed");
-                return;
-            }
-        };
-        if seq <= self.snapshot.seq {
-            return;
-        }
-        let job = Compaction {
-            id: self.id.to_string(),
-            seq,
-            epoch: self.lease.epoch(),
-            checksum,
-            body,
-            writer: self.writer.clone(),
-            collect: !now,
-        };
+        let id = self.id.to_string();
+        let epoch = self.lease.epoch();
+        let writer = self.writer.clone();
         let store = self.ctx.store.clone();
         let known = self.snapshot.clone();
         let retention = self.ctx.retention.clone();
         let mut confirmed = self.confirmed.subscribe();
         let metrics = self.ctx.metrics.clone();
+        // Every slot captured so far is in the copy (its slot is at least
+        // the newest of them): what this compaction clears.
         let covers = (deltas + pending, bytes);
         let task = tokio::spawn(async move {
+            // Copied in the task, while the actor goes on committing (see
+            // `snapshot_unlocked`: the copy holds no lock either).
+            let (seq, body, checksum) =
+                tokio::task::spawn_blocking(move || WorkingCopy::snapshot_unlocked(&copy))
+                    .await
+                    .map_err(|e| LogError::Local(format!("snapshot copy failed: {e}")))?
+                    .map_err(|e| {
+                        LogError::Local(format!(
+                            "cannot copy the working database for a snapshot: {e}"
+                        ))
+                    })?;
+            if seq <= known.seq {
+                return Ok(Compacted {
+                    snapshot: known,
+                    archived: false,
+                    deleted: 0,
+                });
+            }
+            let job = Compaction {
+                id,
+                seq,
+                epoch,
+                checksum,
+                body,
+                writer,
+                collect: !now,
+            };
             // Only confirmed state may become the snapshot.
             if confirmed.wait_for(|c| *c >= seq).await.is_err() {
                 return Err(LogError::Raced(format!(
                     "the holder stepped down before slot {seq} was confirmed"
                 )));
             }
-            let len = job.body.len() as u64;
+            let len = job.body.len();
             let result = log::compact(&store, &known, job, &retention).await;
             if let Ok(done) = &result {
                 metrics

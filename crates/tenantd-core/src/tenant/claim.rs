@@ -21,9 +21,10 @@ use super::copy::WorkingCopy;
 use super::db::{Corrupt, Db};
 use super::delta::PageSums;
 use super::log::{self, Fetched, LogError, Snapshot, Until, WINDOW, Writer};
+use super::prefetch::{Prefetch, Prefetched};
 use crate::TenantId;
 use crate::lease::Lease;
-use crate::store::{DynStore, Precondition, StoreError, keys, transfer_allowance};
+use crate::store::{DynStore, ObjectMeta, Precondition, StoreError, keys, transfer_allowance};
 
 /// A tenant taken over.
 pub struct Claimed {
@@ -56,13 +57,34 @@ pub async fn claim(
     ctx: &ActorContext,
     lease: &mut Lease,
     path: &Path,
+    prefetch: Option<Prefetch>,
 ) -> Result<Claimed, TenantError> {
+    let began = Instant::now();
     let mut deadline = Instant::now() + Duration::from_secs(30);
+    let mut early = match prefetch {
+        Some(prefetch) => prefetch.take(id, path).await,
+        None => None,
+    };
     loop {
-        let rebuilt =
-            take_over(id, &ctx.store, lease, &ctx.machine_id, path, &mut deadline).await?;
+        let rebuilt = take_over_from(
+            id,
+            &ctx.store,
+            lease,
+            &ctx.machine_id,
+            path,
+            &mut deadline,
+            early.take(),
+        )
+        .await?;
+        let opening = Instant::now();
         match open(id, ctx, lease, path, rebuilt).await {
             Ok(claimed) => {
+                info!(
+                    customer_id = %id,
+                    claim_ms = began.elapsed().as_millis() as u64,
+                    open_ms = opening.elapsed().as_millis() as u64,
+                    "claimed"
+                );
                 sweep_uploads(id, &ctx.store);
                 return Ok(claimed);
             }
@@ -125,6 +147,20 @@ pub(crate) async fn take_over(
     path: &Path,
     deadline: &mut Instant,
 ) -> Result<Rebuilt, TenantError> {
+    take_over_from(id, store, lease, holder, path, deadline, None).await
+}
+
+/// [`take_over`], the first attempt starting from reads made before the
+/// lease was settled (`early`, its snapshot already at `path`).
+async fn take_over_from(
+    id: &TenantId,
+    store: &DynStore,
+    lease: &mut Lease,
+    holder: &str,
+    path: &Path,
+    deadline: &mut Instant,
+    mut early: Option<Prefetched>,
+) -> Result<Rebuilt, TenantError> {
     let key = keys::database(id.as_str());
     loop {
         if !lease.is_valid() || Instant::now() > *deadline {
@@ -134,7 +170,19 @@ pub(crate) async fn take_over(
             holder: holder.to_string(),
             token: lease.token().to_string(),
         };
-        match attempt(id, store, lease.epoch(), &writer, path, &key, deadline).await {
+        let reads = early.take();
+        match attempt(
+            id,
+            store,
+            lease.epoch(),
+            &writer,
+            path,
+            &key,
+            deadline,
+            reads,
+        )
+        .await
+        {
             Ok(rebuilt) => return Ok(rebuilt),
             Err(Attempt::Again(why)) => {
                 warn!(customer_id = %id, why, "the tenant's objects changed while taking over; reading them again");
@@ -187,18 +235,23 @@ fn unavailable(id: &TenantId, e: StoreError) -> TenantError {
     ))
 }
 
-async fn attempt(
+type SnapshotRead = (
+    Option<ObjectMeta>,
+    Result<Option<ObjectMeta>, StoreError>,
+    Option<Result<log::Plan, LogError>>,
+);
+
+/// The snapshot's HEAD, its body streamed to `path` (never whole in
+/// memory; a failed download leaves no file there) and, for a commit-log
+/// snapshot, the log after it, listed and fetched during the download
+/// (cold start ~ the download, not download + log).
+async fn read_snapshot(
     id: &TenantId,
     store: &DynStore,
-    epoch: u64,
-    writer: &Writer,
-    path: &Path,
     key: &str,
-    deadline: &mut Instant,
-) -> Result<Rebuilt, Attempt> {
+    path: &Path,
+) -> Result<SnapshotRead, Attempt> {
     let failed = |e: StoreError| Attempt::Failed(unavailable(id, e));
-    // A commit-log snapshot: list and fetch the log after it while the
-    // snapshot downloads (cold start ~ the download, not download + log).
     let head = store.head(key).await.map_err(failed)?;
     let early = match &head {
         Some(meta) if meta.metadata.contains_key(log::FORMAT_KEY) => Some(
@@ -207,8 +260,6 @@ async fn attempt(
         ),
         _ => None,
     };
-    // The snapshot streams straight into the working copy's place (never
-    // whole in memory); a failed download leaves no file there.
     let owned = path.to_path_buf();
     blocking(move || {
         remove_copy(&owned);
@@ -216,7 +267,7 @@ async fn attempt(
     })
     .await
     .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?;
-    let (object, mut plan) = match &early {
+    let (object, plan) = match &early {
         Some(snapshot) => {
             let (object, plan) = tokio::join!(
                 store.get_to_file(key, path),
@@ -228,6 +279,35 @@ async fn attempt(
         // Absent a moment ago: a new tenant (a creation racing this one
         // makes the conversion's If-None-Match fail, and this read again).
         None => (Ok(None), None),
+    };
+    Ok((head, object, plan))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    id: &TenantId,
+    store: &DynStore,
+    epoch: u64,
+    writer: &Writer,
+    path: &Path,
+    key: &str,
+    deadline: &mut Instant,
+    prefetched: Option<Prefetched>,
+) -> Result<Rebuilt, Attempt> {
+    let failed = |e: StoreError| Attempt::Failed(unavailable(id, e));
+    let began = Instant::now();
+    let (head, object, mut plan) = match prefetched {
+        Some(p) => {
+            info!(
+                customer_id = %id,
+                head_ms = p.head_ms,
+                download_and_log_ms = p.download_ms,
+                waited_under_lease_ms = p.began.elapsed().as_millis() as u64,
+                "taking over from reads made while the lease was contended"
+            );
+            (Some(p.head), Ok(Some(p.object)), Some(p.plan))
+        }
+        None => read_snapshot(id, store, key, path).await?,
     };
     let object = object.map_err(failed)?;
     if let (Some(meta), Some(object)) = (&head, &object)
@@ -373,6 +453,7 @@ async fn attempt(
                 }
                 Err(e) => return Err(Attempt::from_log(id, e)),
             };
+            let read_and_replayed_ms = began.elapsed().as_millis() as u64;
             // This writer's fences and commits must outrank everything
             // another acquisition wrote, or readers would skip them.
             let others = replayed.others_epoch(writer);
@@ -402,11 +483,21 @@ async fn attempt(
             }
             let end = replayed.contiguous_end;
             let next = end + WINDOW + 1;
-            info!(customer_id = %id, from = end + 1, to = end + WINDOW, epoch, "fenced the log for this takeover");
+            let fenced_ms = began.elapsed().as_millis() as u64;
             // After the fences, the old holder can confirm nothing past
             // `end`, so it can compact nothing newer than what was read: a
             // snapshot unchanged now means nothing read was compacted away.
             recheck().await?;
+            info!(
+                customer_id = %id,
+                from = end + 1,
+                to = end + WINDOW,
+                epoch,
+                read_and_replayed_ms,
+                fenced_ms,
+                rechecked_ms = began.elapsed().as_millis() as u64,
+                "fenced the log for this takeover"
+            );
             (
                 replayed.applied,
                 next,

@@ -296,19 +296,37 @@ async fn attempt(
 ) -> Result<Rebuilt, Attempt> {
     let failed = |e: StoreError| Attempt::Failed(unavailable(id, e));
     let began = Instant::now();
-    let (head, object, mut plan) = match prefetched {
-        Some(p) => {
-            info!(
-                customer_id = %id,
-                head_ms = p.head_ms,
-                download_and_log_ms = p.download_ms,
-                waited_under_lease_ms = p.began.elapsed().as_millis() as u64,
-                "taking over from reads made while the lease was contended"
-            );
-            (Some(p.head), Ok(Some(p.object)), Some(p.plan))
-        }
-        None => read_snapshot(id, store, key, path).await?,
-    };
+    if let Some(p) = prefetched {
+        info!(
+            customer_id = %id,
+            from_replica = p.from_replica,
+            read_and_replayed_ms = p.read_ms,
+            waited_for_the_lease_ms = p.began.elapsed().as_millis() as u64,
+            "taking over from reads made while the lease was contended"
+        );
+        let Prefetched {
+            snapshot,
+            recorded,
+            mut sums,
+            replayed,
+            ..
+        } = p;
+        let (applied, next_slot, since) = fence_after(
+            id, store, key, epoch, writer, path, &snapshot, &mut sums, replayed, began,
+        )
+        .await?;
+        return Ok(Rebuilt {
+            snapshot,
+            sums,
+            applied,
+            next_slot,
+            since,
+            converting: false,
+            source: Source::Snapshot,
+            recorded,
+        });
+    }
+    let (head, object, mut plan) = read_snapshot(id, store, key, path).await?;
     let object = object.map_err(failed)?;
     if let (Some(meta), Some(object)) = (&head, &object)
         && meta.etag != object.etag
@@ -413,19 +431,6 @@ async fn attempt(
     }
     let (applied, next_slot, since) = match &source {
         Source::Snapshot => {
-            // A deposed holder may compact while this takeover reads: its
-            // snapshot write comes before its deletes, so a log that looks
-            // broken, or a snapshot that changed by the time the fences
-            // are in, means "read again", not "corrupt".
-            let recheck = async || -> Result<(), Attempt> {
-                let now = store.head(key).await.map_err(failed)?;
-                match now {
-                    Some(meta) if Some(&meta.etag) == snapshot.etag.as_ref() => Ok(()),
-                    _ => Err(Attempt::Again(format!(
-                        "{key} was rewritten while the tenant was taken over"
-                    ))),
-                }
-            };
             let planned = match plan.take() {
                 Some(plan) => plan,
                 None => log::plan(store, id.as_str(), &snapshot, Until::End).await,
@@ -445,64 +450,18 @@ async fn attempt(
                 }
                 Err(e) => Err(e),
             };
-            let mut replayed = match replayed {
+            let replayed = match replayed {
                 Ok(replayed) => replayed,
                 Err(e @ LogError::Corrupt(_)) => {
-                    recheck().await?;
+                    recheck(store, id, key, &snapshot).await?;
                     return Err(Attempt::from_log(id, e));
                 }
                 Err(e) => return Err(Attempt::from_log(id, e)),
             };
-            let read_and_replayed_ms = began.elapsed().as_millis() as u64;
-            // This writer's fences and commits must outrank everything
-            // another acquisition wrote, or readers would skip them.
-            let others = replayed.others_epoch(writer);
-            if others >= epoch {
-                return Err(Attempt::Raise(others + 1));
-            }
-            // Every slot after the run that a deposed writer could reach
-            // becomes this writer's (see `fence_round`); taken slots that
-            // continue the run are applied, and the window moves on.
-            let mut ours = BTreeSet::new();
-            loop {
-                let end = replayed.contiguous_end;
-                let mut taken = fence_round(store, id, epoch, writer, end, &mut ours, true).await?;
-                while let Some(found) = taken.remove(&(replayed.contiguous_end + 1)) {
-                    match replayed.extend(id.as_str(), path, &mut sums, found).await {
-                        Ok(()) => {}
-                        Err(e @ LogError::Corrupt(_)) => {
-                            recheck().await?;
-                            return Err(Attempt::from_log(id, e));
-                        }
-                        Err(e) => return Err(Attempt::from_log(id, e)),
-                    }
-                }
-                if replayed.contiguous_end == end {
-                    break;
-                }
-            }
-            let end = replayed.contiguous_end;
-            let next = end + WINDOW + 1;
-            let fenced_ms = began.elapsed().as_millis() as u64;
-            // After the fences, the old holder can confirm nothing past
-            // `end`, so it can compact nothing newer than what was read: a
-            // snapshot unchanged now means nothing read was compacted away.
-            recheck().await?;
-            info!(
-                customer_id = %id,
-                from = end + 1,
-                to = end + WINDOW,
-                epoch,
-                read_and_replayed_ms,
-                fenced_ms,
-                rechecked_ms = began.elapsed().as_millis() as u64,
-                "fenced the log for this takeover"
-            );
-            (
-                replayed.applied,
-                next,
-                (replayed.deltas, replayed.delta_bytes),
+            fence_after(
+                id, store, key, epoch, writer, path, &snapshot, &mut sums, replayed, began,
             )
+            .await?
         }
         Source::Convert { .. } => (snapshot.seq, snapshot.seq + 1, (0, 0)),
     };
@@ -516,6 +475,98 @@ async fn attempt(
         source,
         recorded,
     })
+}
+
+/// Makes the slots after a replayed run this writer's: judges the epochs
+/// read, fences (applying taken slots that continue the run), and checks
+/// the snapshot again once the fences are in. Returns the last slot
+/// applied, the first slot this writer uses, and the deltas after the
+/// snapshot.
+#[allow(clippy::too_many_arguments)]
+async fn fence_after(
+    id: &TenantId,
+    store: &DynStore,
+    key: &str,
+    epoch: u64,
+    writer: &Writer,
+    path: &Path,
+    snapshot: &Snapshot,
+    sums: &mut PageSums,
+    mut replayed: log::Replayed,
+    began: Instant,
+) -> Result<(u64, u64, (u64, u64)), Attempt> {
+    let read_and_replayed_ms = began.elapsed().as_millis() as u64;
+    // This writer's fences and commits must outrank everything
+    // another acquisition wrote, or readers would skip them.
+    let others = replayed.others_epoch(writer);
+    if others >= epoch {
+        return Err(Attempt::Raise(others + 1));
+    }
+    // Every slot after the run that a deposed writer could reach
+    // becomes this writer's (see `fence_round`); taken slots that
+    // continue the run are applied, and the window moves on.
+    let mut ours = BTreeSet::new();
+    loop {
+        let end = replayed.contiguous_end;
+        let mut taken = fence_round(store, id, epoch, writer, end, &mut ours, true).await?;
+        while let Some(found) = taken.remove(&(replayed.contiguous_end + 1)) {
+            match replayed.extend(id.as_str(), path, sums, found).await {
+                Ok(()) => {}
+                Err(e @ LogError::Corrupt(_)) => {
+                    recheck(store, id, key, snapshot).await?;
+                    return Err(Attempt::from_log(id, e));
+                }
+                Err(e) => return Err(Attempt::from_log(id, e)),
+            }
+        }
+        if replayed.contiguous_end == end {
+            break;
+        }
+    }
+    let end = replayed.contiguous_end;
+    let next = end + WINDOW + 1;
+    let fenced_ms = began.elapsed().as_millis() as u64;
+    // After the fences, the old holder can confirm nothing past
+    // `end`, so it can compact nothing newer than what was read: a
+    // snapshot unchanged now means nothing read was compacted away.
+    recheck(store, id, key, snapshot).await?;
+    info!(
+        customer_id = %id,
+        from = end + 1,
+        to = end + WINDOW,
+        epoch,
+        read_and_replayed_ms,
+        fenced_ms,
+        rechecked_ms = began.elapsed().as_millis() as u64,
+        "fenced the log for this takeover"
+    );
+    Ok((
+        replayed.applied,
+        next,
+        (replayed.deltas, replayed.delta_bytes),
+    ))
+}
+
+/// A deposed holder may compact while this takeover reads: its snapshot
+/// write comes before its deletes, so a log that looks broken, or a
+/// snapshot that changed by the time the fences are in, means "read
+/// again", not "corrupt".
+async fn recheck(
+    store: &DynStore,
+    id: &TenantId,
+    key: &str,
+    snapshot: &Snapshot,
+) -> Result<(), Attempt> {
+    let now = store
+        .head(key)
+        .await
+        .map_err(|e| Attempt::Failed(unavailable(id, e)))?;
+    match now {
+        Some(meta) if Some(&meta.etag) == snapshot.etag.as_ref() => Ok(()),
+        _ => Err(Attempt::Again(format!(
+            "{key} was rewritten while the tenant was taken over"
+        ))),
+    }
 }
 
 /// One round of making the slots after the run ending at `end` this

@@ -14,13 +14,16 @@
 //! so reading them early reads the same bytes.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::claim::remove_copy;
-use super::log::{self, LogError, Plan, Until};
+use super::delta::PageSums;
+use super::follower::Followers;
+use super::log::{self, Replayed, Snapshot, Until};
 use crate::TenantId;
 use crate::store::{DynStore, ObjectMeta, keys};
 
@@ -31,60 +34,175 @@ pub struct Prefetch {
     temp: PathBuf,
 }
 
-/// What a prefetch read: a commit-log snapshot in a file, and its log.
+/// What a prefetch read and replayed, in its own file: a commit-log
+/// snapshot (downloaded, or this machine's follower replica of the tenant)
+/// and the log after it, every checksum checked as the claim checks them.
 pub(crate) struct Prefetched {
-    pub head: ObjectMeta,
-    pub object: ObjectMeta,
-    pub plan: Result<Plan, LogError>,
-    /// When the reads began and how long each took (for the claim's log line).
+    /// The snapshot as its HEAD showed it (checked again after the fences).
+    pub snapshot: Snapshot,
+    pub recorded: Option<u64>,
+    pub sums: PageSums,
+    pub replayed: Replayed,
+    /// Whether it began from a follower replica rather than a download.
+    pub from_replica: bool,
+    /// When the reads began and when they were done (for the claim's log line).
     pub began: Instant,
-    pub head_ms: u64,
-    pub download_ms: u64,
+    pub read_ms: u64,
 }
 
 /// Starts the reads of a takeover of `id` whose working copies live in
-/// `dir`. Only a commit-log snapshot is fetched; anything else (a new
-/// tenant, a database to convert) is left to the claim.
-pub fn start(store: &DynStore, dir: &Path, id: &TenantId) -> Prefetch {
+/// `dir`, from `replica` when this machine follows the tenant. Only a
+/// commit-log snapshot is fetched; anything else (a new tenant, a database
+/// to convert) is left to the claim.
+pub fn start(
+    store: &DynStore,
+    dir: &Path,
+    id: &TenantId,
+    replica: Option<Arc<Followers>>,
+) -> Prefetch {
     let temp = dir.join(format!("{id}.prefetch-{}.sqlite3", uuid::Uuid::new_v4()));
     let (store, owned, id, dir) = (store.clone(), temp.clone(), id.clone(), dir.to_path_buf());
     let task = tokio::spawn(async move {
         let began = Instant::now();
-        let key = keys::database(id.as_str());
-        let head = store
-            .head(&key)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("no snapshot")?;
-        if !head.metadata.contains_key(log::FORMAT_KEY) {
-            return Err("not a commit-log snapshot".to_string());
-        }
-        let snapshot = log::describe_snapshot(&key, head.etag.clone(), &head.metadata)
-            .map_err(|e| e.to_string())?;
-        let head_ms = began.elapsed().as_millis() as u64;
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let (object, plan) = tokio::join!(
-            store.get_to_file(&key, &owned),
-            log::plan(&store, id.as_str(), &snapshot, Until::End)
-        );
-        let object = object
-            .map_err(|e| e.to_string())?
-            .ok_or("the snapshot vanished")?;
-        Ok(Prefetched {
-            head,
-            object,
-            plan,
-            began,
-            head_ms,
-            download_ms: began.elapsed().as_millis() as u64 - head_ms,
-        })
+        if let Some(followers) = replica {
+            match from_replica(&store, &id, &owned, &followers, began).await {
+                Ok(prefetched) => return Ok(prefetched),
+                Err(why) => {
+                    debug!(customer_id = %id, why, "not taking over from the replica; downloading the snapshot");
+                    remove_copy(&owned);
+                }
+            }
+        }
+        download(&store, &id, &owned, began).await
     });
     Prefetch {
         task: Some(task),
         temp,
     }
+}
+
+/// The snapshot's HEAD, as a commit-log snapshot.
+async fn head(store: &DynStore, key: &str) -> Result<(ObjectMeta, Snapshot), String> {
+    let head = store
+        .head(key)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no snapshot")?;
+    if !head.metadata.contains_key(log::FORMAT_KEY) {
+        return Err("not a commit-log snapshot".to_string());
+    }
+    let snapshot = log::describe_snapshot(key, head.etag.clone(), &head.metadata)
+        .map_err(|e| e.to_string())?;
+    if snapshot.legacy {
+        return Err("not a commit-log snapshot".to_string());
+    }
+    Ok((head, snapshot))
+}
+
+/// Downloads the snapshot into `temp` while the log after it is listed and
+/// fetched, then replays it.
+async fn download(
+    store: &DynStore,
+    id: &TenantId,
+    temp: &Path,
+    began: Instant,
+) -> Result<Prefetched, String> {
+    let key = keys::database(id.as_str());
+    let (head, snapshot) = head(store, &key).await?;
+    let (object, plan) = tokio::join!(
+        store.get_to_file(&key, temp),
+        log::plan(store, id.as_str(), &snapshot, Until::End)
+    );
+    let object = object
+        .map_err(|e| e.to_string())?
+        .ok_or("the snapshot vanished")?;
+    if object.etag != head.etag || object.size == 0 {
+        return Err("the snapshot changed while it was read".to_string());
+    }
+    let recorded = log::recorded_checksum(&key, &object.metadata).map_err(|e| e.to_string())?;
+    let mut sums = sums_of(temp).await?;
+    if let Some(recorded) = recorded
+        && recorded != sums.checksum()
+    {
+        return Err("the snapshot does not match its recorded checksum".to_string());
+    }
+    let plan = plan.map_err(|e| e.to_string())?;
+    let replayed = log::replay_planned(
+        store,
+        id.as_str(),
+        temp,
+        &snapshot,
+        &mut sums,
+        Until::End,
+        plan,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(Prefetched {
+        snapshot,
+        recorded,
+        sums,
+        replayed,
+        from_replica: false,
+        began,
+        read_ms: began.elapsed().as_millis() as u64,
+    })
+}
+
+/// Copies this machine's replica of the tenant into `temp` and replays the
+/// log after it: no snapshot download, as long as the snapshot in the
+/// store does not cover slots after the replica's (a compaction past it
+/// may have deleted the deltas in between).
+async fn from_replica(
+    store: &DynStore,
+    id: &TenantId,
+    temp: &Path,
+    followers: &Followers,
+    began: Instant,
+) -> Result<Prefetched, String> {
+    let key = keys::database(id.as_str());
+    let (copied, head) = tokio::join!(followers.copy_replica(id, temp), head(store, &key));
+    let (sums, mut replayed) = copied.ok_or("no replica of the tenant here")?;
+    let (head, snapshot) = head?;
+    if snapshot.seq > replayed.contiguous_end {
+        return Err(format!(
+            "the snapshot (slot {}) is newer than the replica (slot {})",
+            snapshot.seq, replayed.contiguous_end
+        ));
+    }
+    // The copy must be the state the replica's checksum chain ends in, as
+    // a downloaded snapshot must match its recorded checksum.
+    let mut copied = sums_of(temp).await?;
+    if copied.checksum() != sums.checksum() {
+        return Err(format!(
+            "the replica's copy has checksum {:016x}, its chain says {:016x}",
+            copied.checksum(),
+            sums.checksum()
+        ));
+    }
+    log::replay_onward(store, id.as_str(), temp, &mut copied, &mut replayed)
+        .await
+        .map_err(|e| e.to_string())?;
+    let recorded = log::recorded_checksum(&key, &head.metadata).map_err(|e| e.to_string())?;
+    Ok(Prefetched {
+        snapshot,
+        recorded,
+        sums: copied,
+        replayed,
+        from_replica: true,
+        began,
+        read_ms: began.elapsed().as_millis() as u64,
+    })
+}
+
+async fn sums_of(path: &Path) -> Result<PageSums, String> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || PageSums::of_file(&owned).map_err(|e| e.to_string()))
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 impl Prefetch {

@@ -77,6 +77,12 @@ impl Registry {
         // rather than sending it to a machine that will not answer.
         let patience = Instant::now() + self.config.lease_ttl + Duration::from_millis(500);
         let mut prefetch = self.prefetch(id, &slot);
+        // A machine's first lease starts its session (the heartbeat read
+        // and written): begun beside the lock read, not after it.
+        let _session = prefetch.as_ref().map(|_| {
+            let session = self.session.clone();
+            tokio::spawn(async move { session.incarnation().await.ok() })
+        });
         loop {
             // A store that does not answer must not hold a request for the
             // retrying layer's whole budget: give up after one ttl.
@@ -206,10 +212,12 @@ impl Registry {
             Some((_, Seen::Held(record))) => !self.looks_live(record),
             _ => true,
         };
-        likely_ours.then(|| {
-            let dir = self.actor.data_dir.join(&self.actor.machine_id);
-            prefetch::start(&self.store, &dir, id)
-        })
+        likely_ours.then(|| self.prefetch_now(id))
+    }
+
+    pub(super) fn prefetch_now(&self, id: &TenantId) -> Prefetch {
+        let dir = self.actor.data_dir.join(&self.actor.machine_id);
+        prefetch::start(&self.store, &dir, id, self.followers.get().cloned())
     }
 
     pub(super) async fn start_actor(

@@ -76,7 +76,7 @@ impl Registry {
         // hold the request for up to one ttl while the stale rule runs out,
         // rather than sending it to a machine that will not answer.
         let patience = Instant::now() + self.config.lease_ttl + Duration::from_millis(500);
-        let mut prefetch = self.prefetch(id, &slot);
+        let mut prefetch = self.prefetch(id, &slot, fresh);
         // A machine's first lease starts its session (the heartbeat read
         // and written): begun beside the lock read, not after it.
         let _session = prefetch.as_ref().map(|_| {
@@ -206,12 +206,15 @@ impl Registry {
 
     /// Starts a takeover's reads while the lease is contended, unless the
     /// lock was last seen held by a live holder (then the request most
-    /// likely goes there, and a download would be wasted).
-    fn prefetch(&self, id: &TenantId, slot: &Slot) -> Option<Prefetch> {
-        let likely_ours = match &slot.state.lock().unwrap().seen {
-            Some((_, Seen::Held(record))) => !self.looks_live(record),
-            _ => true,
-        };
+    /// likely goes there, and a download would be wasted) and the sender
+    /// did not find that view stale (`fresh`: a holder handing the tenant
+    /// over sends its requests on that way).
+    fn prefetch(&self, id: &TenantId, slot: &Slot, fresh: bool) -> Option<Prefetch> {
+        let likely_ours = fresh
+            || match &slot.state.lock().unwrap().seen {
+                Some((_, Seen::Held(record))) => !self.looks_live(record),
+                _ => true,
+            };
         likely_ours.then(|| self.prefetch_now(id))
     }
 

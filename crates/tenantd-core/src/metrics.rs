@@ -37,6 +37,9 @@ pub struct Metrics {
     /// Log slots applied to follower replicas, by `source`: `push` (sent
     /// by the holder) or `log` (read from the store).
     pub follower_slots: IntCounterVec,
+    /// Reads of tenants' snapshot bodies (`customer/<id>/db.sqlite3`), by
+    /// operation: what a takeover from a replica saves.
+    pub snapshot_reads: IntCounterVec,
 }
 
 impl Metrics {
@@ -140,7 +143,16 @@ impl Metrics {
             &["outcome"],
         )
         .unwrap();
+        let snapshot_reads = IntCounterVec::new(
+            Opts::new(
+                "tenantd_store_snapshot_reads_total",
+                "Reads of tenants' snapshot bodies (db.sqlite3) from the store",
+            ),
+            &["op"],
+        )
+        .unwrap();
         for c in [
+            &snapshot_reads,
             &requests,
             &store_requests,
             &pipelined_uploads,
@@ -171,6 +183,7 @@ impl Metrics {
             store_seconds,
             heartbeat_writes,
             follower_slots,
+            snapshot_reads,
         }
     }
 

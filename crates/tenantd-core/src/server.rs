@@ -247,6 +247,7 @@ pub async fn run_with(
         &metrics,
     ));
     followers.sweep_idle();
+    registry.take_over_from_replicas(followers.clone());
     tokio::spawn(crate::tenant::migrations::watcher::run(
         registry.clone(),
         crate::tenant::migrations::watcher::interval(),

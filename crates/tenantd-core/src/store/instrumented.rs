@@ -49,6 +49,14 @@ impl InstrumentedStore {
     }
 }
 
+impl InstrumentedStore {
+    fn count_snapshot_read(&self, op: &str, key: &str) {
+        if key.starts_with("customer/") && key.ends_with("/db.sqlite3") {
+            self.metrics.0.snapshot_reads.with_label_values(&[op]).inc();
+        }
+    }
+}
+
 /// The metrics label of a write: one per condition, whether the body came
 /// from memory or from a file.
 fn put_op(condition: &Precondition) -> &'static str {
@@ -65,6 +73,7 @@ impl ObjectStore for InstrumentedStore {
         let started = Instant::now();
         let result = self.inner.get(key).await;
         self.record("get", started, &result);
+        self.count_snapshot_read("get", key);
         result
     }
 
@@ -79,6 +88,7 @@ impl ObjectStore for InstrumentedStore {
         let started = Instant::now();
         let result = self.inner.get_to_file(key, path).await;
         self.record("get", started, &result);
+        self.count_snapshot_read("get_to_file", key);
         result
     }
 

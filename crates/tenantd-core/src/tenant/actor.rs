@@ -240,7 +240,18 @@ impl TenantActor {
     pub async fn start(
         id: TenantId,
         ctx: ActorContext,
+        lease: Lease,
+    ) -> Result<(TenantHandle, tokio::task::JoinHandle<Exit>), TenantError> {
+        Self::start_from(id, ctx, lease, None).await
+    }
+
+    /// [`Self::start`], beginning from reads started while the lease was
+    /// contended ([`super::prefetch`]).
+    pub async fn start_from(
+        id: TenantId,
+        ctx: ActorContext,
         mut lease: Lease,
+        prefetch: Option<super::prefetch::Prefetch>,
     ) -> Result<(TenantHandle, tokio::task::JoinHandle<Exit>), TenantError> {
         let dir = ctx.data_dir.join(&ctx.machine_id);
         std::fs::create_dir_all(&dir).map_err(|e| {
@@ -253,7 +264,7 @@ impl TenantActor {
         // crashed process) can be mistaken for this one's copy.
         let path = dir.join(format!("{id}.{}.sqlite3", lease.epoch()));
         crate::tenant::copy::remove_leftover_snapshots(&dir, id.as_str());
-        let claimed = match claim(&id, &ctx, &mut lease, &path).await {
+        let claimed = match claim(&id, &ctx, &mut lease, &path, prefetch).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 remove_copy(&path);

@@ -21,9 +21,10 @@ use super::copy::WorkingCopy;
 use super::db::{Corrupt, Db};
 use super::delta::PageSums;
 use super::log::{self, Fetched, LogError, Snapshot, Until, WINDOW, Writer};
+use super::prefetch::{Prefetch, Prefetched};
 use crate::TenantId;
 use crate::lease::Lease;
-use crate::store::{DynStore, Precondition, StoreError, keys, transfer_allowance};
+use crate::store::{DynStore, ObjectMeta, Precondition, StoreError, keys, transfer_allowance};
 
 /// A tenant taken over.
 pub struct Claimed {
@@ -56,13 +57,34 @@ pub async fn claim(
     ctx: &ActorContext,
     lease: &mut Lease,
     path: &Path,
+    prefetch: Option<Prefetch>,
 ) -> Result<Claimed, TenantError> {
+    let began = Instant::now();
     let mut deadline = Instant::now() + Duration::from_secs(30);
+    let mut early = match prefetch {
+        Some(prefetch) => prefetch.take(id, path).await,
+        None => None,
+    };
     loop {
-        let rebuilt =
-            take_over(id, &ctx.store, lease, &ctx.machine_id, path, &mut deadline).await?;
+        let rebuilt = take_over_from(
+            id,
+            &ctx.store,
+            lease,
+            &ctx.machine_id,
+            path,
+            &mut deadline,
+            early.take(),
+        )
+        .await?;
+        let opening = Instant::now();
         match open(id, ctx, lease, path, rebuilt).await {
             Ok(claimed) => {
+                info!(
+                    customer_id = %id,
+                    claim_ms = began.elapsed().as_millis() as u64,
+                    open_ms = opening.elapsed().as_millis() as u64,
+                    "claimed"
+                );
                 sweep_uploads(id, &ctx.store);
                 return Ok(claimed);
             }
@@ -125,6 +147,20 @@ pub(crate) async fn take_over(
     path: &Path,
     deadline: &mut Instant,
 ) -> Result<Rebuilt, TenantError> {
+    take_over_from(id, store, lease, holder, path, deadline, None).await
+}
+
+/// [`take_over`], the first attempt starting from reads made before the
+/// lease was settled (`early`, its snapshot already at `path`).
+async fn take_over_from(
+    id: &TenantId,
+    store: &DynStore,
+    lease: &mut Lease,
+    holder: &str,
+    path: &Path,
+    deadline: &mut Instant,
+    mut early: Option<Prefetched>,
+) -> Result<Rebuilt, TenantError> {
     let key = keys::database(id.as_str());
     loop {
         if !lease.is_valid() || Instant::now() > *deadline {
@@ -134,7 +170,19 @@ pub(crate) async fn take_over(
             holder: holder.to_string(),
             token: lease.token().to_string(),
         };
-        match attempt(id, store, lease.epoch(), &writer, path, &key, deadline).await {
+        let reads = early.take();
+        match attempt(
+            id,
+            store,
+            lease.epoch(),
+            &writer,
+            path,
+            &key,
+            deadline,
+            reads,
+        )
+        .await
+        {
             Ok(rebuilt) => return Ok(rebuilt),
             Err(Attempt::Again(why)) => {
                 warn!(customer_id = %id, why, "the tenant's objects changed while taking over; reading them again");
@@ -187,18 +235,23 @@ fn unavailable(id: &TenantId, e: StoreError) -> TenantError {
     ))
 }
 
-async fn attempt(
+type SnapshotRead = (
+    Option<ObjectMeta>,
+    Result<Option<ObjectMeta>, StoreError>,
+    Option<Result<log::Plan, LogError>>,
+);
+
+/// The snapshot's HEAD, its body streamed to `path` (never whole in
+/// memory; a failed download leaves no file there) and, for a commit-log
+/// snapshot, the log after it, listed and fetched during the download
+/// (cold start ~ the download, not download + log).
+async fn read_snapshot(
     id: &TenantId,
     store: &DynStore,
-    epoch: u64,
-    writer: &Writer,
-    path: &Path,
     key: &str,
-    deadline: &mut Instant,
-) -> Result<Rebuilt, Attempt> {
+    path: &Path,
+) -> Result<SnapshotRead, Attempt> {
     let failed = |e: StoreError| Attempt::Failed(unavailable(id, e));
-    // A commit-log snapshot: list and fetch the log after it while the
-    // snapshot downloads (cold start ~ the download, not download + log).
     let head = store.head(key).await.map_err(failed)?;
     let early = match &head {
         Some(meta) if meta.metadata.contains_key(log::FORMAT_KEY) => Some(
@@ -207,8 +260,6 @@ async fn attempt(
         ),
         _ => None,
     };
-    // The snapshot streams straight into the working copy's place (never
-    // whole in memory); a failed download leaves no file there.
     let owned = path.to_path_buf();
     blocking(move || {
         remove_copy(&owned);
@@ -216,7 +267,7 @@ async fn attempt(
     })
     .await
     .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?;
-    let (object, mut plan) = match &early {
+    let (object, plan) = match &early {
         Some(snapshot) => {
             let (object, plan) = tokio::join!(
                 store.get_to_file(key, path),
@@ -229,6 +280,53 @@ async fn attempt(
         // makes the conversion's If-None-Match fail, and this read again).
         None => (Ok(None), None),
     };
+    Ok((head, object, plan))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    id: &TenantId,
+    store: &DynStore,
+    epoch: u64,
+    writer: &Writer,
+    path: &Path,
+    key: &str,
+    deadline: &mut Instant,
+    prefetched: Option<Prefetched>,
+) -> Result<Rebuilt, Attempt> {
+    let failed = |e: StoreError| Attempt::Failed(unavailable(id, e));
+    let began = Instant::now();
+    if let Some(p) = prefetched {
+        info!(
+            customer_id = %id,
+            from_replica = p.from_replica,
+            read_and_replayed_ms = p.read_ms,
+            waited_for_the_lease_ms = p.began.elapsed().as_millis() as u64,
+            "taking over from reads made while the lease was contended"
+        );
+        let Prefetched {
+            snapshot,
+            recorded,
+            mut sums,
+            replayed,
+            ..
+        } = p;
+        let (applied, next_slot, since) = fence_after(
+            id, store, key, epoch, writer, path, &snapshot, &mut sums, replayed, began,
+        )
+        .await?;
+        return Ok(Rebuilt {
+            snapshot,
+            sums,
+            applied,
+            next_slot,
+            since,
+            converting: false,
+            source: Source::Snapshot,
+            recorded,
+        });
+    }
+    let (head, object, mut plan) = read_snapshot(id, store, key, path).await?;
     let object = object.map_err(failed)?;
     if let (Some(meta), Some(object)) = (&head, &object)
         && meta.etag != object.etag
@@ -333,19 +431,6 @@ async fn attempt(
     }
     let (applied, next_slot, since) = match &source {
         Source::Snapshot => {
-            // A deposed holder may compact while this takeover reads: its
-            // snapshot write comes before its deletes, so a log that looks
-            // broken, or a snapshot that changed by the time the fences
-            // are in, means "read again", not "corrupt".
-            let recheck = async || -> Result<(), Attempt> {
-                let now = store.head(key).await.map_err(failed)?;
-                match now {
-                    Some(meta) if Some(&meta.etag) == snapshot.etag.as_ref() => Ok(()),
-                    _ => Err(Attempt::Again(format!(
-                        "{key} was rewritten while the tenant was taken over"
-                    ))),
-                }
-            };
             let planned = match plan.take() {
                 Some(plan) => plan,
                 None => log::plan(store, id.as_str(), &snapshot, Until::End).await,
@@ -365,53 +450,18 @@ async fn attempt(
                 }
                 Err(e) => Err(e),
             };
-            let mut replayed = match replayed {
+            let replayed = match replayed {
                 Ok(replayed) => replayed,
                 Err(e @ LogError::Corrupt(_)) => {
-                    recheck().await?;
+                    recheck(store, id, key, &snapshot).await?;
                     return Err(Attempt::from_log(id, e));
                 }
                 Err(e) => return Err(Attempt::from_log(id, e)),
             };
-            // This writer's fences and commits must outrank everything
-            // another acquisition wrote, or readers would skip them.
-            let others = replayed.others_epoch(writer);
-            if others >= epoch {
-                return Err(Attempt::Raise(others + 1));
-            }
-            // Every slot after the run that a deposed writer could reach
-            // becomes this writer's (see `fence_round`); taken slots that
-            // continue the run are applied, and the window moves on.
-            let mut ours = BTreeSet::new();
-            loop {
-                let end = replayed.contiguous_end;
-                let mut taken = fence_round(store, id, epoch, writer, end, &mut ours, true).await?;
-                while let Some(found) = taken.remove(&(replayed.contiguous_end + 1)) {
-                    match replayed.extend(id.as_str(), path, &mut sums, found).await {
-                        Ok(()) => {}
-                        Err(e @ LogError::Corrupt(_)) => {
-                            recheck().await?;
-                            return Err(Attempt::from_log(id, e));
-                        }
-                        Err(e) => return Err(Attempt::from_log(id, e)),
-                    }
-                }
-                if replayed.contiguous_end == end {
-                    break;
-                }
-            }
-            let end = replayed.contiguous_end;
-            let next = end + WINDOW + 1;
-            info!(customer_id = %id, from = end + 1, to = end + WINDOW, epoch, "fenced the log for this takeover");
-            // After the fences, the old holder can confirm nothing past
-            // `end`, so it can compact nothing newer than what was read: a
-            // snapshot unchanged now means nothing read was compacted away.
-            recheck().await?;
-            (
-                replayed.applied,
-                next,
-                (replayed.deltas, replayed.delta_bytes),
+            fence_after(
+                id, store, key, epoch, writer, path, &snapshot, &mut sums, replayed, began,
             )
+            .await?
         }
         Source::Convert { .. } => (snapshot.seq, snapshot.seq + 1, (0, 0)),
     };
@@ -425,6 +475,98 @@ async fn attempt(
         source,
         recorded,
     })
+}
+
+/// Makes the slots after a replayed run this writer's: judges the epochs
+/// read, fences (applying taken slots that continue the run), and checks
+/// the snapshot again once the fences are in. Returns the last slot
+/// applied, the first slot this writer uses, and the deltas after the
+/// snapshot.
+#[allow(clippy::too_many_arguments)]
+async fn fence_after(
+    id: &TenantId,
+    store: &DynStore,
+    key: &str,
+    epoch: u64,
+    writer: &Writer,
+    path: &Path,
+    snapshot: &Snapshot,
+    sums: &mut PageSums,
+    mut replayed: log::Replayed,
+    began: Instant,
+) -> Result<(u64, u64, (u64, u64)), Attempt> {
+    let read_and_replayed_ms = began.elapsed().as_millis() as u64;
+    // This writer's fences and commits must outrank everything
+    // another acquisition wrote, or readers would skip them.
+    let others = replayed.others_epoch(writer);
+    if others >= epoch {
+        return Err(Attempt::Raise(others + 1));
+    }
+    // Every slot after the run that a deposed writer could reach
+    // becomes this writer's (see `fence_round`); taken slots that
+    // continue the run are applied, and the window moves on.
+    let mut ours = BTreeSet::new();
+    loop {
+        let end = replayed.contiguous_end;
+        let mut taken = fence_round(store, id, epoch, writer, end, &mut ours, true).await?;
+        while let Some(found) = taken.remove(&(replayed.contiguous_end + 1)) {
+            match replayed.extend(id.as_str(), path, sums, found).await {
+                Ok(()) => {}
+                Err(e @ LogError::Corrupt(_)) => {
+                    recheck(store, id, key, snapshot).await?;
+                    return Err(Attempt::from_log(id, e));
+                }
+                Err(e) => return Err(Attempt::from_log(id, e)),
+            }
+        }
+        if replayed.contiguous_end == end {
+            break;
+        }
+    }
+    let end = replayed.contiguous_end;
+    let next = end + WINDOW + 1;
+    let fenced_ms = began.elapsed().as_millis() as u64;
+    // After the fences, the old holder can confirm nothing past
+    // `end`, so it can compact nothing newer than what was read: a
+    // snapshot unchanged now means nothing read was compacted away.
+    recheck(store, id, key, snapshot).await?;
+    info!(
+        customer_id = %id,
+        from = end + 1,
+        to = end + WINDOW,
+        epoch,
+        read_and_replayed_ms,
+        fenced_ms,
+        rechecked_ms = began.elapsed().as_millis() as u64,
+        "fenced the log for this takeover"
+    );
+    Ok((
+        replayed.applied,
+        next,
+        (replayed.deltas, replayed.delta_bytes),
+    ))
+}
+
+/// A deposed holder may compact while this takeover reads: its snapshot
+/// write comes before its deletes, so a log that looks broken, or a
+/// snapshot that changed by the time the fences are in, means "read
+/// again", not "corrupt".
+async fn recheck(
+    store: &DynStore,
+    id: &TenantId,
+    key: &str,
+    snapshot: &Snapshot,
+) -> Result<(), Attempt> {
+    let now = store
+        .head(key)
+        .await
+        .map_err(|e| Attempt::Failed(unavailable(id, e)))?;
+    match now {
+        Some(meta) if Some(&meta.etag) == snapshot.etag.as_ref() => Ok(()),
+        _ => Err(Attempt::Again(format!(
+            "{key} was rewritten while the tenant was taken over"
+        ))),
+    }
 }
 
 /// One round of making the slots after the run ending at `end` this

@@ -282,6 +282,7 @@ impl std::fmt::Display for Until {
 }
 
 /// The result of replaying a log onto a snapshot.
+#[derive(Clone, Debug)]
 pub struct Replayed {
     pub applied: u64,
     pub contiguous_end: u64,
@@ -538,6 +539,43 @@ pub async fn replay_planned(
         }
     }
     Ok(replayed)
+}
+
+/// Continues a replay where its run ended (a replica's, or one made
+/// before a lease was settled): the log after it, listed and applied with
+/// the same rules, slot by slot.
+pub async fn replay_onward(
+    store: &DynStore,
+    id: &str,
+    path: &Path,
+    sums: &mut PageSums,
+    replayed: &mut Replayed,
+) -> Result<(), LogError> {
+    let from = Snapshot {
+        etag: None,
+        seq: replayed.contiguous_end,
+        epoch: 0,
+        legacy: false,
+        token: None,
+    };
+    let Plan {
+        stray,
+        wanted,
+        fetched,
+        ..
+    } = plan(store, id, &from, Until::End).await?;
+    replayed.stray = stray;
+    let mut prefetched = Some(fetched);
+    for chunk in wanted.chunks(CHUNK) {
+        let objects = match prefetched.take() {
+            Some(objects) => objects,
+            None => fetch_slots(store, id, chunk).await?,
+        };
+        for fetched in objects {
+            replayed.extend(id, path, sums, fetched).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Puts this writer's fence into every slot of `end + 1 ..= end + WINDOW`

@@ -12,6 +12,7 @@ pub mod follower;
 pub mod lifecycle;
 pub mod log;
 pub mod migrations;
+pub mod prefetch;
 pub mod registry;
 pub mod sql;
 pub mod wal;

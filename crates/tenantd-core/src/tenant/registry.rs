@@ -175,6 +175,8 @@ pub struct Registry {
     /// Tenants being deleted through this machine: answered 404.
     deleting: Mutex<HashSet<TenantId>>,
     draining: CancellationToken,
+    /// This machine's follower replicas: a takeover starts from one.
+    followers: std::sync::OnceLock<Arc<crate::tenant::follower::Followers>>,
 }
 
 impl Registry {
@@ -197,6 +199,7 @@ impl Registry {
                 NonZeroUsize::new(config.max_known_tenants.max(1)).expect("at least 1"),
             )),
             deleting: Mutex::new(HashSet::new()),
+            followers: std::sync::OnceLock::new(),
             config,
             draining: CancellationToken::new(),
         })
@@ -226,6 +229,11 @@ impl Registry {
 
     pub fn is_draining(&self) -> bool {
         self.draining.is_cancelled()
+    }
+
+    /// Lets takeovers start from this machine's follower replicas.
+    pub fn take_over_from_replicas(&self, followers: Arc<crate::tenant::follower::Followers>) {
+        let _ = self.followers.set(followers);
     }
 
     /// This machine's session (one heartbeat for every tenant it holds).

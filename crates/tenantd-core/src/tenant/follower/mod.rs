@@ -323,6 +323,17 @@ impl Followers {
     }
 
     /// Whether pushes are accepted (they carry the API token).
+    /// Copies this machine's replica of `id` to `dest` for a takeover
+    /// ([`crate::tenant::prefetch`]).
+    pub(crate) async fn copy_replica(
+        &self,
+        id: &TenantId,
+        dest: &std::path::Path,
+    ) -> Option<(crate::tenant::delta::PageSums, crate::tenant::log::Replayed)> {
+        let replica = self.replicas.lock().unwrap().get(id).cloned()?;
+        replica.copy_to(dest).await
+    }
+
     pub fn api_token(&self) -> Option<&str> {
         self.api_token.as_deref()
     }

@@ -133,6 +133,16 @@ impl Replica {
 }
 
 impl Replica {
+    /// Copies the replica's file to `dest` (a new holder's start), with
+    /// the checksums and run it stands for; `None` when there is none.
+    pub(crate) async fn copy_to(&self, dest: &Path) -> Option<(PageSums, Replayed)> {
+        let guard = self.state.read().await;
+        let state = guard.as_ref()?;
+        let (from, to) = (self.path.clone(), dest.to_path_buf());
+        let copied = tokio::task::spawn_blocking(move || std::fs::copy(&from, &to)).await;
+        matches!(copied, Ok(Ok(_))).then(|| (state.sums.clone(), state.replayed.clone()))
+    }
+
     /// Applies a pushed object when it is the replica's next slot (the
     /// claim's rules decide whether it is history); false otherwise.
     pub async fn accept(&self, fetched: Fetched) -> bool {

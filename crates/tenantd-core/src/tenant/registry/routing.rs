@@ -18,6 +18,7 @@ use crate::store::keys;
 use crate::tenant::actor::TenantActor;
 use crate::tenant::follower::ReadRoute;
 use crate::tenant::lifecycle::{self};
+use crate::tenant::prefetch::{self, Prefetch};
 use crate::tenant::{TenantError, TenantHandle};
 
 impl Registry {
@@ -75,6 +76,13 @@ impl Registry {
         // hold the request for up to one ttl while the stale rule runs out,
         // rather than sending it to a machine that will not answer.
         let patience = Instant::now() + self.config.lease_ttl + Duration::from_millis(500);
+        let mut prefetch = self.prefetch(id, &slot, fresh);
+        // A machine's first lease starts its session (the heartbeat read
+        // and written): begun beside the lock read, not after it.
+        let _session = prefetch.as_ref().map(|_| {
+            let session = self.session.clone();
+            tokio::spawn(async move { session.incarnation().await.ok() })
+        });
         loop {
             // A store that does not answer must not hold a request for the
             // retrying layer's whole budget: give up after one ttl.
@@ -100,7 +108,7 @@ impl Registry {
                     };
                     // Keep the contender locked until the actor runs: no
                     // other path of this machine may acquire meanwhile.
-                    let route = self.start_actor(id, &slot, lease).await;
+                    let route = self.start_actor(id, &slot, lease, prefetch.take()).await;
                     drop(contender);
                     return route;
                 }
@@ -196,18 +204,38 @@ impl Registry {
         }
     }
 
+    /// Starts a takeover's reads while the lease is contended, unless the
+    /// lock was last seen held by a live holder (then the request most
+    /// likely goes there, and a download would be wasted) and the sender
+    /// did not find that view stale (`fresh`: a holder handing the tenant
+    /// over sends its requests on that way).
+    fn prefetch(&self, id: &TenantId, slot: &Slot, fresh: bool) -> Option<Prefetch> {
+        let likely_ours = fresh
+            || match &slot.state.lock().unwrap().seen {
+                Some((_, Seen::Held(record))) => !self.looks_live(record),
+                _ => true,
+            };
+        likely_ours.then(|| self.prefetch_now(id))
+    }
+
+    pub(super) fn prefetch_now(&self, id: &TenantId) -> Prefetch {
+        let dir = self.actor.data_dir.join(&self.actor.machine_id);
+        prefetch::start(&self.store, &dir, id, self.followers.get().cloned())
+    }
+
     pub(super) async fn start_actor(
         self: &Arc<Self>,
         id: &TenantId,
         slot: &Arc<Slot>,
         lease: crate::lease::Lease,
+        prefetch: Option<Prefetch>,
     ) -> Route {
         self.make_room(id);
         let mut ctx = self.actor.clone();
         if self.config.customer_id.is_some() {
             ctx.idle_timeout = None;
         }
-        match TenantActor::start(id.clone(), ctx, lease).await {
+        match TenantActor::start_from(id.clone(), ctx, lease, prefetch).await {
             Ok((handle, task)) => {
                 {
                     let mut state = slot.state.lock().unwrap();

@@ -100,7 +100,9 @@ impl Registry {
                     Ok(Acquire::Acquired(lease)) => {
                         match self.exists_under(&id, &slot, lease).await {
                             Ok(lease) => {
-                                let route = self.start_actor(&id, &slot, lease).await;
+                                let route = self
+                                    .start_actor(&id, &slot, lease, Some(self.prefetch_now(&id)))
+                                    .await;
                                 drop(contender);
                                 Some(route)
                             }

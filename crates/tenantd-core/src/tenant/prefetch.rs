@@ -1,0 +1,257 @@
+//! A takeover's reads started before its lease is settled: the snapshot's
+//! HEAD, its download into a file of its own and the log after it (listed,
+//! the first deltas fetched), while the lock is read and written. A cold
+//! start then costs about the download plus the round trips that need the
+//! lease (its lock write, the fences, the snapshot checked again).
+//!
+//! Safe because nothing read here is used before the lease is held: the
+//! claim takes the file and the plan only under the lease, and then does
+//! what it does with bytes it read itself (docs/protocol.md, "Claim"): the
+//! snapshot's ETag must match its HEAD, the checksum chain is checked, the
+//! fences find every slot the listing missed, and the snapshot is read
+//! again after the fences, so a compaction since these reads means "read
+//! again", never state. Log objects are put-if-absent and never rewritten,
+//! so reading them early reads the same bytes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::claim::remove_copy;
+use super::delta::PageSums;
+use super::follower::Followers;
+use super::log::{self, Replayed, Snapshot, Until};
+use crate::TenantId;
+use crate::store::{DynStore, ObjectMeta, keys};
+
+/// Reads under way for one takeover. Dropped unused (the lock was held by
+/// a live holder, the claim failed), it stops them and removes its file.
+pub struct Prefetch {
+    task: Option<JoinHandle<Result<Prefetched, String>>>,
+    temp: PathBuf,
+}
+
+/// What a prefetch read and replayed, in its own file: a commit-log
+/// snapshot (downloaded, or this machine's follower replica of the tenant)
+/// and the log after it, every checksum checked as the claim checks them.
+pub(crate) struct Prefetched {
+    /// The snapshot as its HEAD showed it (checked again after the fences).
+    pub snapshot: Snapshot,
+    pub recorded: Option<u64>,
+    pub sums: PageSums,
+    pub replayed: Replayed,
+    /// Whether it began from a follower replica rather than a download.
+    pub from_replica: bool,
+    /// When the reads began and when they were done (for the claim's log line).
+    pub began: Instant,
+    pub read_ms: u64,
+}
+
+/// Starts the reads of a takeover of `id` whose working copies live in
+/// `dir`, from `replica` when this machine follows the tenant. Only a
+/// commit-log snapshot is fetched; anything else (a new tenant, a database
+/// to convert) is left to the claim.
+pub fn start(
+    store: &DynStore,
+    dir: &Path,
+    id: &TenantId,
+    replica: Option<Arc<Followers>>,
+) -> Prefetch {
+    let temp = dir.join(format!("{id}.prefetch-{}.sqlite3", uuid::Uuid::new_v4()));
+    let (store, owned, id, dir) = (store.clone(), temp.clone(), id.clone(), dir.to_path_buf());
+    let task = tokio::spawn(async move {
+        let began = Instant::now();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        if let Some(followers) = replica {
+            match from_replica(&store, &id, &owned, &followers, began).await {
+                Ok(prefetched) => return Ok(prefetched),
+                Err(why) => {
+                    debug!(customer_id = %id, why, "not taking over from the replica; downloading the snapshot");
+                    remove_copy(&owned);
+                }
+            }
+        }
+        download(&store, &id, &owned, began).await
+    });
+    Prefetch {
+        task: Some(task),
+        temp,
+    }
+}
+
+/// The snapshot's HEAD, as a commit-log snapshot.
+async fn head(store: &DynStore, key: &str) -> Result<(ObjectMeta, Snapshot), String> {
+    let head = store
+        .head(key)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no snapshot")?;
+    if !head.metadata.contains_key(log::FORMAT_KEY) {
+        return Err("not a commit-log snapshot".to_string());
+    }
+    let snapshot = log::describe_snapshot(key, head.etag.clone(), &head.metadata)
+        .map_err(|e| e.to_string())?;
+    if snapshot.legacy {
+        return Err("not a commit-log snapshot".to_string());
+    }
+    Ok((head, snapshot))
+}
+
+/// Downloads the snapshot into `temp` while the log after it is listed and
+/// fetched, then replays it.
+async fn download(
+    store: &DynStore,
+    id: &TenantId,
+    temp: &Path,
+    began: Instant,
+) -> Result<Prefetched, String> {
+    let key = keys::database(id.as_str());
+    let (head, snapshot) = head(store, &key).await?;
+    let (object, plan) = tokio::join!(
+        store.get_to_file(&key, temp),
+        log::plan(store, id.as_str(), &snapshot, Until::End)
+    );
+    let object = object
+        .map_err(|e| e.to_string())?
+        .ok_or("the snapshot vanished")?;
+    if object.etag != head.etag || object.size == 0 {
+        return Err("the snapshot changed while it was read".to_string());
+    }
+    let recorded = log::recorded_checksum(&key, &object.metadata).map_err(|e| e.to_string())?;
+    let mut sums = sums_of(temp).await?;
+    if let Some(recorded) = recorded
+        && recorded != sums.checksum()
+    {
+        return Err("the snapshot does not match its recorded checksum".to_string());
+    }
+    let plan = plan.map_err(|e| e.to_string())?;
+    let replayed = log::replay_planned(
+        store,
+        id.as_str(),
+        temp,
+        &snapshot,
+        &mut sums,
+        Until::End,
+        plan,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(Prefetched {
+        snapshot,
+        recorded,
+        sums,
+        replayed,
+        from_replica: false,
+        began,
+        read_ms: began.elapsed().as_millis() as u64,
+    })
+}
+
+/// Copies this machine's replica of the tenant into `temp` and replays the
+/// log after it: no snapshot download, as long as the snapshot in the
+/// store does not cover slots after the replica's (a compaction past it
+/// may have deleted the deltas in between).
+async fn from_replica(
+    store: &DynStore,
+    id: &TenantId,
+    temp: &Path,
+    followers: &Followers,
+    began: Instant,
+) -> Result<Prefetched, String> {
+    let key = keys::database(id.as_str());
+    let (copied, head) = tokio::join!(followers.copy_replica(id, temp), head(store, &key));
+    let (sums, mut replayed) = copied.ok_or("no replica of the tenant here")?;
+    let (head, snapshot) = head?;
+    if snapshot.seq > replayed.contiguous_end {
+        return Err(format!(
+            "the snapshot (slot {}) is newer than the replica (slot {})",
+            snapshot.seq, replayed.contiguous_end
+        ));
+    }
+    // The copy must be the state the replica's checksum chain ends in, as
+    // a downloaded snapshot must match its recorded checksum.
+    let mut copied = sums_of(temp).await?;
+    if copied.checksum() != sums.checksum() {
+        return Err(format!(
+            "the replica's copy has checksum {:016x}, its chain says {:016x}",
+            copied.checksum(),
+            sums.checksum()
+        ));
+    }
+    log::replay_onward(store, id.as_str(), temp, &mut copied, &mut replayed)
+        .await
+        .map_err(|e| e.to_string())?;
+    let recorded = log::recorded_checksum(&key, &head.metadata).map_err(|e| e.to_string())?;
+    Ok(Prefetched {
+        snapshot,
+        recorded,
+        sums: copied,
+        replayed,
+        from_replica: true,
+        began,
+        read_ms: began.elapsed().as_millis() as u64,
+    })
+}
+
+async fn sums_of(path: &Path) -> Result<PageSums, String> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || PageSums::of_file(&owned).map_err(|e| e.to_string()))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+impl Prefetch {
+    /// Waits for the reads and moves the downloaded snapshot to `path`, the
+    /// claim's working copy. `None` when they failed: the claim reads
+    /// everything itself.
+    pub(crate) async fn take(mut self, id: &TenantId, path: &Path) -> Option<Prefetched> {
+        let task = self.task.take()?;
+        let prefetched = match task.await {
+            Ok(Ok(prefetched)) => prefetched,
+            Ok(Err(why)) => {
+                debug!(customer_id = %id, why, "no prefetched snapshot; the claim reads it");
+                return None;
+            }
+            Err(e) => {
+                debug!(customer_id = %id, error = %e, "the prefetch ended early");
+                return None;
+            }
+        };
+        remove_copy(path);
+        match std::fs::rename(&self.temp, path) {
+            Ok(()) => Some(prefetched),
+            Err(e) => {
+                debug!(customer_id = %id, error = %e, "cannot move the prefetched snapshot; the claim reads it");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        let temp = std::mem::take(&mut self.temp);
+        match (self.task.take(), tokio::runtime::Handle::try_current()) {
+            // A download stopped mid-write may still hold the file: remove
+            // it once the task has really ended.
+            (Some(task), Ok(runtime)) => {
+                task.abort();
+                runtime.spawn(async move {
+                    let _ = task.await;
+                    remove_copy(&temp);
+                });
+            }
+            (task, _) => {
+                if let Some(task) = task {
+                    task.abort();
+                }
+                remove_copy(&temp);
+            }
+        }
+    }
+}

@@ -342,13 +342,20 @@ impl World {
                 },
             },
         );
+        let followers = Arc::new(followers);
+        if self.paths.reads != Reads::Off {
+            // As `tenantd serve` does: a takeover starts from this machine's
+            // replica when it is current, so the runs with readers also walk
+            // that start and the claim's early reads.
+            registry.take_over_from_replicas(followers.clone());
+        }
         if self.mode == Mode::Single {
             tokio::spawn(registry.clone().standby(self.tenants[0].clone()));
         }
         self.machines.lock().unwrap()[index].up = Some(Incarnation {
             n,
             registry,
-            followers: Arc::new(followers),
+            followers,
             faults,
             heartbeat_cut,
         });

@@ -217,17 +217,17 @@ fn issue_26_followers_answer_reads_without_lost_stale_or_backward_states() {
     no_violation_in_any_seed(Mode::Single, 4, paths);
 }
 
-/// Finding (fails today, seed 3 of 6: "answered by … (holder) count 311 …
-/// misses a write acknowledged before it started (count 315)", 300 ms
-/// after the lock was deleted by hand): a machine that acquires an absent
-/// lock acknowledges writes at once, while the holder whose lock was
-/// deleted still has a valid lease by its clock and answers reads (and
-/// followers' position queries) from a state without them, until its next
-/// renewal fails. Writes stay safe (fences); reads with nothing go stale
-/// for up to a ttl. A fix: an acquisition of an absent lock of a tenant
-/// with history waits one ttl before it answers.
+/// Finding of the read checker (failed before the fix, seed 3 of 6:
+/// "answered by … (holder) count 311 … misses a write acknowledged before it
+/// started (count 315)", 300 ms after the lock was deleted by hand): a
+/// machine that acquires an absent lock acknowledges writes at once, while
+/// the holder whose lock was deleted keeps its session's heartbeat, so its
+/// lease stays valid, and it answered reads (and followers' position
+/// queries) from a state without them. Writes were safe (fences). The fix:
+/// a holder answers a batch that commits nothing only within half a ttl of
+/// reading its lock, and an acquisition whose lock did not know the
+/// tenant's history waits one ttl before it answers.
 #[test]
-#[ignore = "finding of issue 25's read checker under issue 26's lock-deleted nemesis; fails today"]
 fn issue_26_followers_with_the_lock_deleted_by_hand_show_no_stale_state() {
     let paths = Paths {
         interactive: Interactive::Off,

@@ -560,6 +560,22 @@ impl Lease {
         Ok(())
     }
 
+    /// Whether the lock still names this acquisition, read now. A lock
+    /// deleted or reset by hand is taken by the next machine at once while
+    /// this session goes on renewing: only the lock itself tells a holder
+    /// that serves reads without writing that it has been replaced.
+    pub async fn still_ours(&self) -> StoreResult<bool> {
+        Ok(match read_lock(&self.store, &self.key).await? {
+            LockState::Held { record, .. } => record.token == self.record.token,
+            LockState::Absent | LockState::Released { .. } | LockState::Unparsable { .. } => false,
+        })
+    }
+
+    /// The lease's ttl.
+    pub fn ttl(&self) -> Duration {
+        self.config.ttl
+    }
+
     /// Writes the lock as released (same epoch), so that another machine
     /// can take over at once. A lock someone else has taken meanwhile (only
     /// possible once this session looked dead) is left alone.

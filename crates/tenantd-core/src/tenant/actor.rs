@@ -219,6 +219,10 @@ pub struct TenantActor {
     compaction: Option<Running>,
     /// No new compaction before this (after a failed one).
     compact_after: Instant,
+    /// When the lock was last read naming this acquisition (None: not
+    /// since the claim): what lets a batch that commits nothing be answered
+    /// ([`TenantActor::still_holder`]).
+    lock_read_at: Option<Instant>,
     /// Requests in the previous batch: how many to expect in the next.
     last_batch: usize,
     /// How long the last upload took.
@@ -324,6 +328,7 @@ impl TenantActor {
             since_snapshot: claimed.since_snapshot,
             compaction: None,
             compact_after: Instant::now(),
+            lock_read_at: None,
             last_batch: 1,
             last_upload: Duration::ZERO,
             in_flight: VecDeque::new(),
@@ -446,6 +451,10 @@ impl TenantActor {
         // acknowledged increment has seen; uploads still under way are not
         // acknowledged.
         if batch.iter().all(|r| matches!(r.op, Op::Read)) {
+            if let Err((e, exit)) = self.still_holder(Instant::now()).await {
+                answer_all(batch, Err(e));
+                return exit.map_or(Ok(()), Err);
+            }
             let answer = Answer {
                 count: self.count,
                 epoch,
@@ -455,7 +464,9 @@ impl TenantActor {
             return Ok(());
         }
         let seq = self.next_slot;
-        let (applied, delta) = match self.apply(epoch, seq, &batch).await {
+        let applied = self.apply(epoch, seq, &batch).await;
+        let computed = Instant::now();
+        let (applied, delta) = match applied {
             Ok(applied) => applied,
             // SQLite rolled the batch back: the working copy is as the last
             // commit left it, so the holder stays (no request can make it
@@ -487,6 +498,12 @@ impl TenantActor {
             }
         }
         let (Some(committed), Some(delta)) = (applied.committed, delta) else {
+            if let Err((e, exit)) = self.still_holder(computed).await {
+                for (reply, _) in pending {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                return exit.map_or(Ok(()), Err);
+            }
             match self.in_flight.back_mut() {
                 Some(InFlight {
                     unanswered: Some(waiting),
@@ -528,6 +545,45 @@ impl TenantActor {
         });
         self.maybe_compact(false).await;
         Ok(())
+    }
+
+    /// Whether answers computed at `computed` that commit nothing may be
+    /// sent. A batch that commits proves its holder by its upload (a
+    /// successor's fences come after it), but a read proves nothing, and
+    /// the session's heartbeat goes on while a lock deleted by hand is
+    /// taken over. So the lock must have named this acquisition after
+    /// `computed`, or at most half a ttl before it: a successor that found
+    /// the lock without the tenant's history waits a whole ttl before its
+    /// first answer (`claim`), so nothing it acknowledged is missed.
+    /// `Err` carries the answer and, when the lock is gone, the exit.
+    async fn still_holder(&mut self, computed: Instant) -> Result<(), (TenantError, Option<Exit>)> {
+        if self
+            .lock_read_at
+            .is_some_and(|at| computed <= at + self.ttl / 2)
+        {
+            return Ok(());
+        }
+        let sent = Instant::now();
+        match self.lease.still_ours().await {
+            Ok(true) => {
+                self.lock_read_at = Some(sent);
+                Ok(())
+            }
+            Ok(false) => {
+                warn!(customer_id = %self.id, epoch = self.lease.epoch(), "machine.lock no longer names this holder (deleted or reset by hand, then taken): stepping down");
+                Err((TenantError::NotHolder, Some(Exit::LeaseLost)))
+            }
+            Err(e) => {
+                warn!(customer_id = %self.id, error = %e, "cannot read machine.lock to confirm this holder before answering a read; refusing it rather than risk a stale answer");
+                Err((
+                    TenantError::Unavailable(format!(
+                        "customer {}: cannot confirm this machine still holds the tenant ({e}); retry",
+                        self.id
+                    )),
+                    None,
+                ))
+            }
+        }
     }
 
     /// Applies a batch to the working copy off the runtime, and captures

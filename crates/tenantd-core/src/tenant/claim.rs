@@ -60,6 +60,7 @@ pub async fn claim(
     prefetch: Option<Prefetch>,
 ) -> Result<Claimed, TenantError> {
     let began = Instant::now();
+    let epoch_at_start = lease.epoch();
     let mut deadline = Instant::now() + Duration::from_secs(30);
     let mut early = match prefetch {
         Some(prefetch) => prefetch.take(id, path).await,
@@ -86,6 +87,17 @@ pub async fn claim(
                     "claimed"
                 );
                 sweep_uploads(id, &ctx.store);
+                if lease.epoch() > epoch_at_start {
+                    // The lock did not know the tenant's history: it was
+                    // deleted or reset by hand, and the holder it named may
+                    // not have noticed (its heartbeat goes on). It answers
+                    // reads only within half a ttl of reading its lock
+                    // (actor `still_holder`), so wait one ttl before this
+                    // holder acknowledges anything it could miss.
+                    let wait = (began + lease.ttl()).saturating_duration_since(Instant::now());
+                    warn!(customer_id = %id, wait_ms = wait.as_millis() as u64, "machine.lock did not know the tenant's history (deleted or reset by hand): waiting one lease ttl before answering, so that the holder it replaced has stopped answering reads");
+                    tokio::time::sleep(wait).await;
+                }
                 return Ok(claimed);
             }
             Err(Attempt::Failed(e)) => return Err(e),

@@ -85,6 +85,13 @@ impl Setup {
     }
 
     pub fn machine(&self, id: &str, customer: Option<&str>, extra: &[&str]) -> Machine {
+        let mut m = self.machine_starting(id, customer, extra);
+        m.wait_healthy();
+        m
+    }
+
+    /// A machine whose process is spawned but may not serve yet.
+    pub fn machine_starting(&self, id: &str, customer: Option<&str>, extra: &[&str]) -> Machine {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut args: Vec<String> = vec![
@@ -113,7 +120,7 @@ impl Setup {
             env: self.env.clone(),
             log: self.root.join(format!("{id}.log")),
         };
-        m.start();
+        m.spawn();
         m
     }
 
@@ -200,6 +207,11 @@ impl Setup {
 
 impl Machine {
     pub fn start(&mut self) {
+        self.spawn();
+        self.wait_healthy();
+    }
+
+    fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -216,7 +228,6 @@ impl Machine {
             .spawn()
             .expect("spawn tenantd");
         self.child = Some(child);
-        self.wait_healthy();
     }
 
     pub fn url(&self, path: &str) -> String {

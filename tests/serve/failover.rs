@@ -365,6 +365,45 @@ async fn sigterm_of_the_holder_under_traffic_fails_no_request() {
     );
 }
 
+/// A deploy may stop a machine that is still starting (checking the
+/// store, claiming): the signal must reach the graceful shutdown, not kill
+/// the process with the default action (CI found this: SIGINT during the
+/// first claim left the process killed by the signal, exit code none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_while_the_machine_is_still_starting_is_a_graceful_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::file_store(dir.path());
+    // Every store request takes 300 ms, so the start's store check is
+    // still running when the signal arrives.
+    let mut a = setup.machine_starting(
+        "a00000000000i2",
+        Some("100"),
+        &["--faults", r#"{"latency":"300ms"}"#],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !a.logs().contains("SQLite's heap is capped") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no start:\n{}",
+            a.logs()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        !a.logs().contains("tenantd serving"),
+        "the signal must arrive before the machine serves:\n{}",
+        a.logs()
+    );
+    a.signal(Signal::SIGTERM);
+    assert_eq!(
+        a.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "a signal during the start exits 0 (not killed by the signal):\n{}",
+        a.logs()
+    );
+    assert!(a.logs().contains("SIGTERM received"), "{}", a.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_releases_the_lock_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();

@@ -340,22 +340,29 @@ fn finder(args: &ServeConfig, max_cached: usize) -> Option<Arc<dyn http::Machine
 }
 
 /// Completes on the first SIGTERM or SIGINT; a second one exits at once.
-async fn shutdown_signal() {
+///
+/// The handlers are installed here, before the future is first polled:
+/// the server polls it only once it serves, and a signal arriving before
+/// that (a deploy stopping a machine that is still claiming) would
+/// otherwise kill the process with the default action, releasing nothing.
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
-    tokio::spawn(async move {
+    async move {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
         }
-        error!("second signal: exiting without releasing");
-        std::process::exit(130);
-    });
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            error!("second signal: exiting without releasing");
+            std::process::exit(130);
+        });
+    }
 }
 
 pub fn init_tracing(format: LogFormat) {

@@ -276,3 +276,55 @@ async fn a_holder_whose_lock_was_deleted_never_answers_a_read_missing_the_next_h
         Err(other) => panic!("unexpected answer {other:?}"),
     }
 }
+
+/// The same deleted lock, read through a Hrana interactive transaction:
+/// its pipelines are answered by the stream path, not by the batch path
+/// that checks the lock before answering a read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_lock_was_deleted_never_answers_a_transactions_read_missing_a_later_write()
+{
+    use tenantd_core::tenant::Reply;
+    use tenantd_core::tenant::sql::hrana::{Program, proto::StreamRequest};
+
+    let shared = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_secs(1);
+    let mut a = Machine::start(&shared, "a", ttl, dir.path());
+    lifecycle::create(&a.store, &tenant()).await.unwrap();
+    let lease = a.acquire().await;
+    let (old, _task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
+        .await
+        .unwrap();
+    assert_eq!(old.call(increment()).await.unwrap().count, 1);
+
+    let mut b = Machine::start(&shared, "b", ttl, dir.path());
+    shared.delete(&keys::lock(TENANT)).await.unwrap();
+    let lease = b.acquire().await;
+    let (new, _task) = TenantActor::start(tenant(), b.ctx.clone(), lease)
+        .await
+        .unwrap();
+    assert_eq!(new.call(increment()).await.unwrap().count, 2);
+
+    let requests: Vec<StreamRequest> = serde_json::from_value(serde_json::json!([
+        {"type": "execute", "stmt": {"sql": "BEGIN"}},
+        {"type": "execute", "stmt": {"sql": "SELECT count FROM welcome"}},
+    ]))
+    .unwrap();
+    let program = Program {
+        requests,
+        read_only: false,
+        baton: None,
+    };
+    match old.request(Op::Hrana(Arc::new(program))).await {
+        Ok(Reply::Sql(answer)) => {
+            let json = answer.results.to_string();
+            assert!(
+                json.contains(r#""value":"2""#),
+                "the old holder answered a transaction's read missing the write the new holder acknowledged: {json}"
+            );
+        }
+        Ok(_) => panic!("a pipeline answers with SQL results"),
+        Err(TenantError::NotHolder | TenantError::Unavailable(_)) => {}
+        Err(other) => panic!("unexpected answer {other:?}"),
+    }
+}

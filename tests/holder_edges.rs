@@ -281,8 +281,7 @@ async fn a_holder_whose_lock_was_deleted_never_answers_a_read_missing_the_next_h
 /// its pipelines are answered by the stream path, not by the batch path
 /// that checks the lock before answering a read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_holder_whose_lock_was_deleted_never_answers_a_transactions_read_missing_a_later_write()
-{
+async fn a_holder_whose_lock_was_deleted_never_answers_a_transactions_read_missing_a_later_write() {
     use tenantd_core::tenant::Reply;
     use tenantd_core::tenant::sql::hrana::{Program, proto::StreamRequest};
 

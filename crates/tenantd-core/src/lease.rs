@@ -425,6 +425,7 @@ impl Contender {
         // lost, the lock is still recognised as this process's own (and,
         // with no lease alive, taken back at once).
         self.session.remember_token(record.token);
+        let created = matches!(condition, Precondition::IfAbsent);
         match self
             .store
             .put(&self.key, record.to_bytes(), Metadata::new(), condition)
@@ -445,6 +446,7 @@ impl Contender {
                     etag,
                     record,
                     previous,
+                    created,
                     _alive: alive,
                 }))
             }
@@ -490,6 +492,8 @@ pub struct Lease {
     etag: ETag,
     record: LockRecord,
     previous: Option<LockRecord>,
+    /// Acquired by creating an absent lock (`If-None-Match: *`).
+    created: bool,
     /// Tells this process's contender that the lease is still held.
     _alive: Arc<()>,
 }
@@ -569,6 +573,13 @@ impl Lease {
             LockState::Held { record, .. } => record.token == self.record.token,
             LockState::Absent | LockState::Released { .. } | LockState::Unparsable { .. } => false,
         })
+    }
+
+    /// Whether this lease created the lock (it was absent). For a tenant
+    /// with a history that means the lock was deleted by hand, and the
+    /// holder it named may not know yet.
+    pub fn created_the_lock(&self) -> bool {
+        self.created
     }
 
     /// The lease's ttl.

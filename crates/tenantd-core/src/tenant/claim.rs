@@ -78,6 +78,9 @@ pub async fn claim(
         )
         .await?;
         let opening = Instant::now();
+        // Some acquisition held the tenant before (a new tenant's snapshot
+        // is written with epoch 0 and no log).
+        let had_holders = rebuilt.applied > 0 || rebuilt.snapshot.epoch > 0;
         match open(id, ctx, lease, path, rebuilt).await {
             Ok(claimed) => {
                 info!(
@@ -87,13 +90,16 @@ pub async fn claim(
                     "claimed"
                 );
                 sweep_uploads(id, &ctx.store);
-                if lease.epoch() > epoch_at_start {
-                    // The lock did not know the tenant's history: it was
-                    // deleted or reset by hand, and the holder it named may
-                    // not have noticed (its heartbeat goes on). It answers
+                if lease.epoch() > epoch_at_start || (lease.created_the_lock() && had_holders) {
+                    // The lock was deleted or reset by hand: the epoch had
+                    // to be raised, or the lock was absent although the
+                    // tenant has had holders. The holder it named may not
+                    // have noticed (its heartbeat goes on); it answers
                     // reads only within half a ttl of reading its lock
-                    // (actor `still_holder`), so wait one ttl before this
-                    // holder acknowledges anything it could miss.
+                    // (actor `still_holder`), a read made before this
+                    // lease was acquired, before `began`. So wait one ttl
+                    // from `began` before this holder acknowledges
+                    // anything that holder could miss.
                     let wait = (began + lease.ttl()).saturating_duration_since(Instant::now());
                     warn!(customer_id = %id, wait_ms = wait.as_millis() as u64, "machine.lock did not know the tenant's history (deleted or reset by hand): waiting one lease ttl before answering, so that the holder it replaced has stopped answering reads");
                     tokio::time::sleep(wait).await;

@@ -357,6 +357,7 @@ impl TenantActor {
         let ran = tokio::task::spawn_blocking(work)
             .await
             .unwrap_or_else(|e| Err(format!("the transaction's SQLite work failed: {e}")));
+        let computed = Instant::now();
         let answer = |json| {
             Reply::Sql(SqlAnswer {
                 epoch,
@@ -368,6 +369,17 @@ impl TenantActor {
             Ok(Ran::Open(ran)) => {
                 if begin {
                     self.streams.open = Some((id, Instant::now()));
+                }
+                // What the transaction read so far is answered now, before
+                // any commit could prove this holder: as for a batch that
+                // commits nothing, the lock must vouch for it.
+                if let Err((e, exit)) = self.still_holder(computed).await {
+                    self.end_open(
+                        "this machine could not confirm it still holds the tenant; the transaction was rolled back".into(),
+                    )
+                    .await;
+                    let _ = request.reply.send(Err(e));
+                    return exit.map_or(Ok(false), Err);
                 }
                 let _ = request.reply.send(Ok(answer(ran.answer)));
                 Ok(true)
@@ -386,8 +398,12 @@ impl TenantActor {
             }
             Ok(Ran::Ended(ran, None)) => {
                 self.streams.open = None;
-                let _ = request.reply.send(Ok(answer(ran.answer)));
                 self.streams.forget_closed();
+                if let Err((e, exit)) = self.still_holder(computed).await {
+                    let _ = request.reply.send(Err(e));
+                    return exit.map_or(Ok(false), Err);
+                }
+                let _ = request.reply.send(Ok(answer(ran.answer)));
                 Ok(false)
             }
             Ok(Ran::Ended(ran, Some((count, delta)))) => {

@@ -13,9 +13,10 @@ use tenantd_core::store::fault::FaultHandle;
 use tenantd_core::store::{
     DynStore, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition, keys,
 };
-use tenantd_core::tenant::actor::{ActorContext, TenantActor};
+use tenantd_core::tenant::actor::{ActorContext, Exit, TenantActor, TenantHandle};
 use tenantd_core::tenant::log;
 use tenantd_core::tenant::{Op, TenantError, lifecycle};
+use tokio::task::JoinHandle;
 
 const TENANT: &str = "42";
 
@@ -56,6 +57,14 @@ impl Machine {
             _ => panic!("expected to acquire the tenant's lease"),
         }
     }
+
+    /// Acquires the tenant and starts its actor.
+    async fn hold(&mut self) -> (TenantHandle, JoinHandle<Exit>) {
+        let lease = self.acquire().await;
+        TenantActor::start(tenant(), self.ctx.clone(), lease)
+            .await
+            .unwrap()
+    }
 }
 
 fn tenant() -> TenantId {
@@ -78,10 +87,7 @@ async fn a_snapshot_without_metadata_while_the_log_holds_deltas_is_refused() {
     let ttl = Duration::from_secs(2);
     let mut a = Machine::start(&shared, "a", ttl, dir.path());
     lifecycle::create(&a.store, &tenant()).await.unwrap();
-    let lease = a.acquire().await;
-    let (handle, _task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
-        .await
-        .unwrap();
+    let (handle, _task) = a.hold().await;
     for expected in 1..=5 {
         assert_eq!(handle.call(increment()).await.unwrap().count, expected);
     }
@@ -142,10 +148,7 @@ async fn a_release_whose_compaction_failed_does_not_mark_the_lock_released() {
     let ttl = Duration::from_secs(2);
     let mut a = Machine::start(&shared, "a", ttl, dir.path());
     lifecycle::create(&a.store, &tenant()).await.unwrap();
-    let lease = a.acquire().await;
-    let (handle, _task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
-        .await
-        .unwrap();
+    let (handle, _task) = a.hold().await;
     for expected in 1..=3 {
         assert_eq!(handle.call(increment()).await.unwrap().count, expected);
     }
@@ -163,10 +166,7 @@ async fn a_release_whose_compaction_failed_does_not_mark_the_lock_released() {
 
     // Control: the same stop with a working store releases.
     a.faults.set(FaultConfig::default());
-    let lease = a.acquire().await;
-    let (handle, _task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
-        .await
-        .unwrap();
+    let (handle, _task) = a.hold().await;
     assert_eq!(handle.call(increment()).await.unwrap().count, 4);
     handle.stop();
     handle.ended().await;
@@ -187,10 +187,7 @@ async fn an_upload_that_never_succeeds_makes_the_holder_step_down() {
     let ttl = Duration::from_millis(500);
     let mut a = Machine::start(&shared, "a", ttl, dir.path());
     lifecycle::create(&a.store, &tenant()).await.unwrap();
-    let lease = a.acquire().await;
-    let (handle, task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
-        .await
-        .unwrap();
+    let (handle, task) = a.hold().await;
     assert_eq!(handle.call(increment()).await.unwrap().count, 1);
 
     let last = log::list_slots(&a.store, TENANT, 0)
@@ -222,10 +219,7 @@ async fn an_upload_that_never_succeeds_makes_the_holder_step_down() {
     // The slot heals; the tenant is claimed again (by this machine, which
     // takes its own dropped lock back at once) and serves.
     a.faults.set(FaultConfig::default());
-    let lease = a.acquire().await;
-    let (handle, _task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
-        .await
-        .unwrap();
+    let (handle, _task) = a.hold().await;
     assert_eq!(handle.call(increment()).await.unwrap().count, 2);
 }
 
@@ -243,10 +237,7 @@ async fn a_holder_whose_lock_was_deleted_never_answers_a_read_missing_the_next_h
     let ttl = Duration::from_secs(2);
     let mut a = Machine::start(&shared, "a", ttl, dir.path());
     lifecycle::create(&a.store, &tenant()).await.unwrap();
-    let lease = a.acquire().await;
-    let (old, _task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
-        .await
-        .unwrap();
+    let (old, _task) = a.hold().await;
     for expected in 1..=3 {
         assert_eq!(old.call(increment()).await.unwrap().count, expected);
     }
@@ -290,18 +281,12 @@ async fn a_holder_whose_lock_was_deleted_never_answers_a_transactions_read_missi
     let ttl = Duration::from_secs(1);
     let mut a = Machine::start(&shared, "a", ttl, dir.path());
     lifecycle::create(&a.store, &tenant()).await.unwrap();
-    let lease = a.acquire().await;
-    let (old, _task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
-        .await
-        .unwrap();
+    let (old, _task) = a.hold().await;
     assert_eq!(old.call(increment()).await.unwrap().count, 1);
 
     let mut b = Machine::start(&shared, "b", ttl, dir.path());
     shared.delete(&keys::lock(TENANT)).await.unwrap();
-    let lease = b.acquire().await;
-    let (new, _task) = TenantActor::start(tenant(), b.ctx.clone(), lease)
-        .await
-        .unwrap();
+    let (new, _task) = b.hold().await;
     assert_eq!(new.call(increment()).await.unwrap().count, 2);
 
     let requests: Vec<StreamRequest> = serde_json::from_value(serde_json::json!([

@@ -312,3 +312,23 @@ async fn a_holder_whose_lock_was_deleted_never_answers_a_transactions_read_missi
         Err(other) => panic!("unexpected answer {other:?}"),
     }
 }
+
+/// The wait above is for a lock deleted by hand, not for every absent
+/// lock: a new tenant's first holder (its lock absent, no holder before)
+/// answers at once. The ttl is long so that a wait could not go unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_tenants_first_holder_does_not_wait_a_ttl() {
+    let shared = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_secs(60);
+    let mut a = Machine::start(&shared, "a", ttl, dir.path());
+    lifecycle::create(&a.store, &tenant()).await.unwrap();
+    let started = std::time::Instant::now();
+    let (handle, _task) = a.hold().await;
+    assert_eq!(handle.call(increment()).await.unwrap().count, 1);
+    assert!(
+        started.elapsed() < ttl / 2,
+        "the first claim of a new tenant waited {:?}",
+        started.elapsed()
+    );
+}

@@ -78,9 +78,7 @@ pub async fn claim(
         )
         .await?;
         let opening = Instant::now();
-        // Some acquisition held the tenant before (a new tenant's snapshot
-        // is written with epoch 0 and no log).
-        let had_holders = rebuilt.applied > 0 || rebuilt.snapshot.epoch > 0;
+        let had_holders = rebuilt.had_holders();
         match open(id, ctx, lease, path, rebuilt).await {
             Ok(claimed) => {
                 info!(
@@ -151,6 +149,20 @@ pub(crate) struct Rebuilt {
     pub converting: bool,
     source: Source,
     recorded: Option<u64>,
+}
+
+impl Rebuilt {
+    /// Whether some acquisition held the tenant before this one: it wrote
+    /// the snapshot, or log objects after it (every claim fences, so the
+    /// run read before this claim's own fences is not empty). A new or
+    /// re-created tenant's snapshot has epoch 0 and nothing after it.
+    fn had_holders(&self) -> bool {
+        let run_end = match self.source {
+            Source::Snapshot => self.next_slot - WINDOW - 1,
+            Source::Convert { .. } => self.snapshot.seq,
+        };
+        self.snapshot.epoch > 0 || run_end > self.snapshot.seq
+    }
 }
 
 /// Takes the tenant over for `lease`: rebuilds its state at `path` from

@@ -36,6 +36,10 @@ pub struct ActorContext {
     /// How long one log slot is tried before the holder steps down (plus
     /// the body's transfer time); `None`: twice the lease ttl. Tests only.
     pub upload_bound: Option<Duration>,
+    /// How long a release may take from its stop: committing what is
+    /// queued, the snapshot, the `released` lock write (`tenantd serve`
+    /// derives it from `--drain-timeout`). `None`: unbounded.
+    pub release_budget: Option<Duration>,
 }
 
 impl ActorContext {
@@ -53,6 +57,7 @@ impl ActorContext {
             ack_before_upload: false,
             push_before_upload: false,
             upload_bound: None,
+            release_budget: None,
         }
     }
 }

@@ -98,6 +98,11 @@ async fn sigterm_releases_a_tenant_whose_snapshot_cannot_upload_in_time_with_its
         "an acknowledged write is missing"
     );
     assert!(
+        !b.logs().contains("another end of the log"),
+        "the released lock's log_end is where the next claim found the log to end: {lock}\n{}",
+        b.logs()
+    );
+    assert!(
         asked.elapsed() < Duration::from_secs(10),
         "the second machine waited {:?} (lease ttl 20 s): the release did not hand the tenant over",
         asked.elapsed()

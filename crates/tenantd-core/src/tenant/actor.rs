@@ -280,6 +280,7 @@ impl TenantActor {
                 return Err(e);
             }
         };
+        release::check_log_end(id.as_str(), lease.previous().as_ref(), claimed.next_slot);
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         let stop = CancellationToken::new();
         let done = CancellationToken::new();

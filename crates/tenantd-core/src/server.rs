@@ -234,6 +234,7 @@ pub async fn run_with(
                 args.drain_timeout,
                 lock_cache_ttl + DRAIN_LINGER_EXTRA,
             )),
+            release_log_end_behind: false,
             sql: args.sql_limits(),
             retention: args.retention(),
         },

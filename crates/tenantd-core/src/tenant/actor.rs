@@ -280,7 +280,7 @@ impl TenantActor {
                 return Err(e);
             }
         };
-        release::check_log_end(id.as_str(), lease.previous().as_ref(), claimed.next_slot);
+        release::check_log_end(&id, &ctx, lease.previous().as_ref(), claimed.next_slot);
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         let stop = CancellationToken::new();
         let done = CancellationToken::new();
@@ -722,7 +722,7 @@ impl TenantActor {
             .set(0);
         // Every slot up to it exists: the previous holder's, fenced, or
         // this holder's, each read back.
-        let log_end = *self.confirmed.borrow();
+        let log_end = *self.confirmed.borrow() - self.ctx.release_log_end_behind as u64;
         match exit {
             Exit::Stopped | Exit::Idle => match self.release(snapshot_current, log_end).await {
                 Ok(()) => {

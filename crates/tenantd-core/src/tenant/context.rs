@@ -40,6 +40,10 @@ pub struct ActorContext {
     /// queued, the snapshot, the `released` lock write (`tenantd serve`
     /// derives it from `--drain-timeout`). `None`: unbounded.
     pub release_budget: Option<Duration>,
+    /// Simulation-only negative control: a release with the log names the
+    /// slot before its last confirmed one, so the next claim must report
+    /// the mismatch. Not reachable from `tenantd serve`.
+    pub release_log_end_behind: bool,
 }
 
 impl ActorContext {
@@ -58,6 +62,7 @@ impl ActorContext {
             push_before_upload: false,
             upload_bound: None,
             release_budget: None,
+            release_log_end_behind: false,
         }
     }
 }

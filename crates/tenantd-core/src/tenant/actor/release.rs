@@ -109,12 +109,18 @@ pub(super) fn plan(
 /// mismatch is only reported: an end before the hint means confirmed
 /// slots are gone from the store, one after it a release that misnamed
 /// its end.
-pub(super) fn check_log_end(id: &str, previous: Option<&LockRecord>, next_slot: u64) {
+pub(super) fn check_log_end(
+    id: &crate::TenantId,
+    ctx: &super::ActorContext,
+    previous: Option<&LockRecord>,
+    next_slot: u64,
+) {
     let Some(hint) = previous.filter(|r| r.released).and_then(|r| r.log_end) else {
         return;
     };
     let end = next_slot.saturating_sub(WINDOW + 1);
     if end != hint {
+        ctx.metrics.release_log_end_mismatches.inc();
         warn!(customer_id = %id, log_end = hint, found = end, "the released lock named another end of the log than this claim found after its fences (a store that lost slots, or a release that misnamed its end); the fences decided what was replayed");
     }
 }

@@ -232,8 +232,7 @@ async fn a_release_snapshot_that_outlasts_the_budget_is_cancelled_and_released_w
         assert_eq!(handle.call(increment()).await.unwrap().count, expected);
     }
     let snapshot_before = a.store.head(&keys::database(TENANT)).await.unwrap();
-    a.faults
-        .update(|c| c.bandwidth_bytes_per_sec = 100_000);
+    a.faults.update(|c| c.bandwidth_bytes_per_sec = 100_000);
     let stopped = std::time::Instant::now();
     handle.stop();
     tokio::time::timeout(Duration::from_secs(15), handle.ended())

@@ -166,7 +166,15 @@ pub fn run_seed_with(
     ack_before_upload: bool,
     paths: Paths,
 ) -> ServiceSimOutcome {
-    run(seed, duration, data_dir, mode, ack_before_upload, paths, false)
+    run(
+        seed,
+        duration,
+        data_dir,
+        mode,
+        ack_before_upload,
+        paths,
+        false,
+    )
 }
 
 /// The negative control of releases with the log: every release skips
@@ -374,8 +382,7 @@ impl World {
                 // On a third of the seeds no release has time for a
                 // snapshot: every release hands the tenant over with its
                 // log (the `released` record naming the log's end).
-                release_budget: (self.misname_log_end || seed % 3 == 1)
-                    .then_some(Duration::ZERO),
+                release_budget: (self.misname_log_end || seed % 3 == 1).then_some(Duration::ZERO),
                 release_log_end_behind: self.misname_log_end,
                 sql: Default::default(),
                 // Compaction and garbage collection often, so that crashes

@@ -222,7 +222,10 @@ mod tests {
     fn a_database_too_big_for_the_measured_speed_is_not_tried() {
         let left = Some(Duration::from_secs(2));
         // 20 MB at 5 MB/s: 4 s.
-        assert!(matches!(plan(20 * MB, 20 * MB, Some(5e6), left), Plan::Log(_)));
+        assert!(matches!(
+            plan(20 * MB, 20 * MB, Some(5e6), left),
+            Plan::Log(_)
+        ));
         assert_eq!(plan(20 * MB, 20 * MB, Some(50e6), left), Plan::Snapshot);
         // Nothing measured yet: the slowest speed an upload is allowed.
         assert!(matches!(plan(20 * MB, 20 * MB, None, left), Plan::Log(_)));

@@ -190,7 +190,7 @@ impl Sim {
             self.lock.released = true;
             self.outcome.releases += 1;
         }
-        if !(says_released && ours) || !compacted {
+        if !(says_released && ours && compacted) {
             self.outcome.releases_unclean += 1;
         }
         self.event(format!(

@@ -91,6 +91,10 @@ async fn sigterm_releases_a_tenant_whose_snapshot_cannot_upload_in_time_with_its
     let client = cluster::FlyClient::new(&[&b]);
     let asked = Instant::now();
     let reply = client.increment(&b.id, "big").await.unwrap();
+    eprintln!(
+        "SIGTERM to exit: {took:?}; the next machine's first answer: {:?}",
+        asked.elapsed()
+    );
     assert_eq!(reply.status, 200, "{:?}\n{}", reply.json, b.logs());
     assert_eq!(
         reply.json["count"],

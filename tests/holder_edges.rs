@@ -1,7 +1,8 @@
 //! Edges of holding a tenant, with real tenant actors on the memory store
 //! behind the fault layer: a snapshot that lost its metadata while the log
-//! holds deltas, a release whose compaction failed, and a log slot that
-//! cannot be written however long the holder tries.
+//! holds deltas, a release whose compaction failed or outlasted its
+//! budget, and a log slot that cannot be written however long the holder
+//! tries.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,11 +139,12 @@ async fn a_snapshot_without_metadata_while_the_log_holds_deltas_is_refused() {
     assert_eq!(after, before, "nothing of the tenant was written");
 }
 
-/// A release promises that `db.sqlite3` alone holds every acknowledged
-/// write. When the release's compaction fails, the lock must not say
-/// `released`: the lease is dropped instead.
+/// Every acknowledged write is in the log, so a release whose compaction
+/// failed still releases: the lock says `released` and names the last
+/// confirmed slot (`log_end`), and the next holder takes over at once with
+/// every write. A release whose snapshot is current names no log end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_release_whose_compaction_failed_does_not_mark_the_lock_released() {
+async fn a_release_whose_compaction_failed_releases_with_the_log() {
     let shared = Arc::new(MemoryStore::new());
     let dir = tempfile::tempdir().unwrap();
     let ttl = Duration::from_secs(2);
@@ -152,28 +154,124 @@ async fn a_release_whose_compaction_failed_does_not_mark_the_lock_released() {
     for expected in 1..=3 {
         assert_eq!(handle.call(increment()).await.unwrap().count, expected);
     }
+    let last = log::list_slots(&a.store, TENANT, 0)
+        .await
+        .unwrap()
+        .last()
+        .unwrap()
+        .0;
     a.faults
         .update(|c| c.failing_puts = vec![keys::database(TENANT)]);
     handle.stop();
     handle.ended().await;
     match lock_state(&a.store).await {
-        LockState::Held { record, .. } => assert_eq!(record.holder, "a"),
-        LockState::Released { .. } => {
-            panic!("the lock says released although db.sqlite3 misses the last commits")
-        }
-        other => panic!("unexpected lock {other:?}"),
+        LockState::Released { record, .. } => assert_eq!(
+            record.log_end,
+            Some(last),
+            "the release names the last confirmed slot"
+        ),
+        other => panic!("the lock was not released: {other:?}"),
     }
 
-    // Control: the same stop with a working store releases.
+    // The next holder (at once: the lock is released) has every write.
     a.faults.set(FaultConfig::default());
     let (handle, _task) = a.hold().await;
     assert_eq!(handle.call(increment()).await.unwrap().count, 4);
+    // Control: with a working store the snapshot is brought up to date,
+    // and the record names no log end.
     handle.stop();
     handle.ended().await;
-    assert!(matches!(
-        lock_state(&a.store).await,
-        LockState::Released { .. }
-    ));
+    match lock_state(&a.store).await {
+        LockState::Released { record, .. } => assert_eq!(record.log_end, None),
+        other => panic!("the lock was not released: {other:?}"),
+    }
+}
+
+/// A tenant database of about `mb` MB in the format before the commit log
+/// (its first claim converts it), holding count 41.
+fn old_format_database(dir: &std::path::Path, mb: usize) -> bytes::Bytes {
+    let path = dir.join("old.sqlite3");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(&format!(
+        "CREATE TABLE welcome (count INTEGER); INSERT INTO welcome VALUES (41);
+         CREATE TABLE ballast (b BLOB);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {mb})
+         INSERT INTO ballast SELECT zeroblob(1048576) FROM n;"
+    ))
+    .unwrap();
+    drop(conn);
+    bytes::Bytes::from(std::fs::read(&path).unwrap())
+}
+
+/// A release's snapshot that is not confirmed within the release's budget
+/// is cancelled, and the tenant released with its log: the store slowed
+/// down after the holder judged the snapshot would fit, so the upload
+/// (20 s at the new speed) is under way when the budget runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_snapshot_that_outlasts_the_budget_is_cancelled_and_released_with_the_log() {
+    let shared = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    shared
+        .put(
+            &keys::database(TENANT),
+            old_format_database(dir.path(), 2),
+            Metadata::new(),
+            Precondition::IfAbsent,
+        )
+        .await
+        .unwrap();
+    let mut a = Machine::start(&shared, "a", Duration::from_secs(2), dir.path());
+    // The snapshot must be confirmed 1.5 s after the stop; 2 MB at the
+    // assumed 4 MiB/s fits, so it is tried.
+    a.ctx.release_budget = Some(Duration::from_secs(2));
+    let lease = a.acquire().await;
+    let (handle, _task) = TenantActor::start(tenant(), a.ctx.clone(), lease)
+        .await
+        .unwrap();
+    for expected in 42..=44 {
+        assert_eq!(handle.call(increment()).await.unwrap().count, expected);
+    }
+    let snapshot_before = a.store.head(&keys::database(TENANT)).await.unwrap();
+    a.faults.update(|c| c.bandwidth_bytes_per_sec = 100_000);
+    let stopped = std::time::Instant::now();
+    handle.stop();
+    tokio::time::timeout(Duration::from_secs(15), handle.ended())
+        .await
+        .expect("the release waited for the whole snapshot");
+    let took = stopped.elapsed();
+    eprintln!("the release took {took:?}");
+    a.faults.set(FaultConfig::default());
+    let log_end = match lock_state(&a.store).await {
+        LockState::Released { record, .. } => record.log_end,
+        other => panic!("the lock was not released: {other:?}"),
+    };
+    let last = log::list_slots(&a.store, TENANT, 0)
+        .await
+        .unwrap()
+        .last()
+        .unwrap()
+        .0;
+    assert_eq!(log_end, Some(last), "the release names the log's end");
+    assert!(
+        took < Duration::from_secs(8),
+        "the release took {took:?}: its snapshot was not cancelled at the budget"
+    );
+    let snapshot_after = a.store.head(&keys::database(TENANT)).await.unwrap();
+    assert_eq!(
+        snapshot_before.map(|m| m.etag),
+        snapshot_after.map(|m| m.etag),
+        "the cancelled snapshot never became the object"
+    );
+
+    // Another machine takes it over at once, with every write.
+    let mut b = Machine::start(&shared, "b", Duration::from_secs(2), dir.path());
+    let lease = b.acquire().await;
+    let (handle, _task) = TenantActor::start(tenant(), b.ctx.clone(), lease)
+        .await
+        .unwrap();
+    assert_eq!(handle.call(increment()).await.unwrap().count, 45);
+    handle.stop();
+    handle.ended().await;
 }
 
 /// A log slot that cannot be written (every PUT to it fails) must not

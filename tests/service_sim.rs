@@ -7,7 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use tenantd_sim::service_sim::{Interactive, Mode, Paths, Reads, run_seed_with};
+use tenantd_sim::service_sim::{
+    Interactive, Mode, Paths, Reads, run_seed_misnaming_log_end, run_seed_with,
+};
 
 const SECONDS: u64 = 20;
 
@@ -96,6 +98,25 @@ fn issue_26_single_tenant_machines_lose_nothing_with_every_writing_path() {
 #[test]
 fn issue_26_pool_machines_lose_nothing_with_every_writing_path() {
     no_violation_in_any_seed(Mode::Pool, 20, Paths::ALL);
+}
+
+/// The negative control of releases with the log (issue 22): every
+/// release names the slot before its last confirmed one as the log's end;
+/// the next claim's check must report it.
+#[test]
+fn releases_misnaming_the_log_end_are_caught() {
+    let found = (0..10u64).find_map(|seed| {
+        let dir = tempfile::tempdir().unwrap();
+        let secs = Duration::from_secs(SECONDS);
+        let report = run_seed_misnaming_log_end(seed, secs, dir.path(), Mode::Pool).report;
+        (!report.violations.is_empty()).then_some((seed, report.violations))
+    });
+    let (seed, violations) = found.expect("some seed must catch a misnamed log end");
+    eprintln!("seed {seed}: {violations:?}");
+    assert!(
+        violations.iter().any(|v| v.contains("log_end")),
+        "{violations:?}"
+    );
 }
 
 /// The negative control of the interactive-transaction path (issue 23):

@@ -110,6 +110,11 @@ pub struct LockRecord {
     /// than renewed itself.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub session: bool,
+    /// On a release whose snapshot does not hold every acknowledged write:
+    /// the holder's last confirmed log slot (every slot up to it exists).
+    /// A hint for the next claim's reads; never what decides its fences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_end: Option<u64>,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -419,6 +424,7 @@ impl Contender {
             released: false,
             incarnation: Some(incarnation.id()),
             session: true,
+            log_end: None,
             extra: Default::default(),
         };
         // Remembered before sending: if the write lands but its answer is
@@ -591,8 +597,21 @@ impl Lease {
     /// can take over at once. A lock someone else has taken meanwhile (only
     /// possible once this session looked dead) is left alone.
     pub async fn release(self) -> StoreResult<()> {
+        self.release_at(None).await
+    }
+
+    /// [`Self::release`] of a tenant whose snapshot does not hold every
+    /// acknowledged write: the record names `log_end`, the last slot this
+    /// holder confirmed, so the next holder knows how far the log it must
+    /// replay reaches (its fences still decide; docs/protocol.md).
+    pub async fn release_with_log(self, log_end: u64) -> StoreResult<()> {
+        self.release_at(Some(log_end)).await
+    }
+
+    async fn release_at(self, log_end: Option<u64>) -> StoreResult<()> {
         let mut record = self.record.clone();
         record.released = true;
+        record.log_end = log_end;
         record.renewed_at = self.config.wall_clock.now();
         match self
             .store
@@ -605,7 +624,7 @@ impl Lease {
             .await
         {
             Ok(_) => {
-                info!(key = %self.key, epoch = record.epoch, "lease released");
+                info!(key = %self.key, epoch = record.epoch, ?log_end, "lease released");
                 Ok(())
             }
             Err(StoreError::PreconditionFailed { .. }) => {

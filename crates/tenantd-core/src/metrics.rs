@@ -2,7 +2,8 @@
 //! servers in one test process do not share counters).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 #[derive(Clone)]
@@ -22,6 +23,10 @@ pub struct Metrics {
     pub upload_bytes: IntCounterVec,
     /// Compactions by outcome (`ok`, `failed`).
     pub compactions: IntCounterVec,
+    /// Claims whose fences found the log ending elsewhere than the
+    /// released lock they replaced said (`log_end`): slots lost by the
+    /// store, or a release that misnamed its end.
+    pub release_log_end_mismatches: IntCounter,
     /// 1 when this machine holds the tenant's lease, else 0.
     pub lease_holder: IntGaugeVec,
     /// Epoch of the tenant's lease as last seen by this machine.
@@ -151,6 +156,14 @@ impl Metrics {
             &["op"],
         )
         .unwrap();
+        let release_log_end_mismatches = IntCounter::new(
+            "tenantd_release_log_end_mismatches_total",
+            "Claims that found the log ending elsewhere than the released lock's log_end said",
+        )
+        .unwrap();
+        registry
+            .register(Box::new(release_log_end_mismatches.clone()))
+            .unwrap();
         for c in [
             &snapshot_reads,
             &requests,
@@ -175,6 +188,7 @@ impl Metrics {
             pipelined_uploads,
             upload_bytes,
             compactions,
+            release_log_end_mismatches,
             batch_size,
             upload_seconds,
             lease_holder,

@@ -230,6 +230,11 @@ pub async fn run_with(
             ack_before_upload,
             push_before_upload: false,
             upload_bound: None,
+            release_budget: Some(release_budget(
+                args.drain_timeout,
+                lock_cache_ttl + DRAIN_LINGER_EXTRA,
+            )),
+            release_log_end_behind: false,
             sql: args.sql_limits(),
             retention: args.retention(),
         },

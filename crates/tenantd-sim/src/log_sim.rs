@@ -164,8 +164,9 @@ pub struct LogSimOutcome {
     pub probed_applied: usize,
     /// Claims that raised their lock's epoch (R3).
     pub epoch_raises: usize,
-    /// Releases that said `released`, and those that could not (their
-    /// compaction failed).
+    /// Releases that said `released`, and those that did not end with a
+    /// current snapshot (their compaction failed: released with the log,
+    /// or not released at all).
     pub releases: usize,
     pub releases_unclean: usize,
     pub claim_failures: usize,

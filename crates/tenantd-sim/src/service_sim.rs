@@ -166,6 +166,46 @@ pub fn run_seed_with(
     ack_before_upload: bool,
     paths: Paths,
 ) -> ServiceSimOutcome {
+    run(
+        seed,
+        duration,
+        data_dir,
+        mode,
+        ack_before_upload,
+        paths,
+        false,
+    )
+}
+
+/// The negative control of releases with the log: every release skips
+/// the snapshot and names the slot before its last confirmed one as the
+/// log's end; the next claims must report it (a violation).
+pub fn run_seed_misnaming_log_end(
+    seed: u64,
+    duration: Duration,
+    data_dir: &Path,
+    mode: Mode,
+) -> ServiceSimOutcome {
+    run(
+        seed,
+        duration,
+        data_dir,
+        mode,
+        false,
+        Paths::default(),
+        true,
+    )
+}
+
+fn run(
+    seed: u64,
+    duration: Duration,
+    data_dir: &Path,
+    mode: Mode,
+    ack_before_upload: bool,
+    paths: Paths,
+    misname_log_end: bool,
+) -> ServiceSimOutcome {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -196,6 +236,8 @@ pub fn run_seed_with(
         graveyard: Mutex::new(Vec::new()),
         times: WriteTimes::default(),
         paths,
+        misname_log_end,
+        all_metrics: Mutex::new(Vec::new()),
         me: Default::default(),
         handed: Mutex::new(BTreeMap::new()),
     };
@@ -253,6 +295,10 @@ struct World {
     /// LIST hides young objects whoever wrote them).
     times: WriteTimes,
     paths: Paths,
+    /// The negative control of [`run_seed_misnaming_log_end`].
+    misname_log_end: bool,
+    /// Every incarnation's metrics, for the claims' log-end checks.
+    all_metrics: Mutex<Vec<Metrics>>,
     /// For the machines' network (set once the world is shared).
     me: std::sync::OnceLock<std::sync::Weak<World>>,
     /// Per (writer, tenant): the bookmark and count of its last
@@ -291,6 +337,7 @@ impl World {
         let cut = HeartbeatCut::new(Arc::new(fault), &id, heartbeat_cut.clone());
         let store: DynStore = Arc::new(RetryingStore::new(Arc::new(cut), RetryPolicy::default()));
         let metrics = Metrics::new();
+        self.all_metrics.lock().unwrap().push(metrics.clone());
         let data_dir = self.data_dir.join(format!("incarnation-{n}"));
         let followers = Followers::new(
             store.clone(),
@@ -332,6 +379,11 @@ impl World {
                 ack_before_upload: self.ack_before_upload,
                 push_before_upload: self.paths.reads == Reads::UnconfirmedPushes,
                 upload_bound: None,
+                // On a third of the seeds no release has time for a
+                // snapshot: every release hands the tenant over with its
+                // log (the `released` record naming the log's end).
+                release_budget: (self.misname_log_end || seed % 3 == 1).then_some(Duration::ZERO),
+                release_log_end_behind: self.misname_log_end,
                 sql: Default::default(),
                 // Compaction and garbage collection often, so that crashes
                 // and pauses land in the middle of them.
@@ -509,6 +561,20 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
     }
     let mut report = checker::check(&ops, &finals, &nemeses, world.now_ms());
     report.violations.extend(unanswered);
+    // A released lock's log_end is exactly where the log ends: every claim
+    // after such a release compares it with what its fences found.
+    let mismatches: u64 = world
+        .all_metrics
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| m.release_log_end_mismatches.get())
+        .sum();
+    if mismatches > 0 {
+        report.violations.push(format!(
+            "{mismatches} claims found the log ending elsewhere than the released lock's log_end said"
+        ));
+    }
     let read_report = read_checker::check(&sent_reads, &ops, &durable);
     report
         .violations

@@ -18,13 +18,15 @@
 //! Compaction: after enough deltas, a copy of the working file (the state
 //! at a slot) is written as the snapshot once every slot up to it is
 //! confirmed, in the background; on release the snapshot is brought up to
-//! date so a released tenant's `db.sqlite3` holds every acknowledged write.
+//! date when the release's budget allows, else the tenant is released with
+//! its log ([`release`]).
 //!
 //! This file owns the actor's life (start, the batching loop, the end) and
 //! applying a batch; [`upload`] owns the slots in flight and their
 //! confirmation, [`compaction`] the background snapshot.
 
 mod compaction;
+mod release;
 mod streams;
 mod upload;
 
@@ -217,6 +219,8 @@ pub struct TenantActor {
     /// Deltas (and their bytes) in the log after the snapshot.
     since_snapshot: (u64, u64),
     compaction: Option<Running>,
+    /// How fast this holder's compactions went: what a release expects.
+    speed: release::CompactionSpeed,
     /// No new compaction before this (after a failed one).
     compact_after: Instant,
     /// When the lock was last read naming this acquisition (None: not
@@ -276,6 +280,7 @@ impl TenantActor {
                 return Err(e);
             }
         };
+        release::check_log_end(&id, &ctx, lease.previous().as_ref(), claimed.next_slot);
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         let stop = CancellationToken::new();
         let done = CancellationToken::new();
@@ -327,6 +332,7 @@ impl TenantActor {
             snapshot: claimed.snapshot,
             since_snapshot: claimed.since_snapshot,
             compaction: None,
+            speed: Default::default(),
             compact_after: Instant::now(),
             lock_read_at: None,
             last_batch: 1,
@@ -650,9 +656,11 @@ impl TenantActor {
     }
 
     /// Ends the actor: on a clean stop, commits what is queued, brings the
-    /// snapshot up to date and releases the lease; in every case drops the
-    /// working copy.
+    /// snapshot up to date within the release's budget and releases the
+    /// lease (naming the log's end when the snapshot is behind); in every
+    /// case drops the working copy.
     async fn finish(mut self, exit: Exit) -> Exit {
+        let stopped = Instant::now();
         let mut exit = exit;
         // Never half a transaction: an open one is undone, its stream gone.
         self.end_open(format!(
@@ -694,30 +702,17 @@ impl TenantActor {
         while let Ok(request) = self.rx.try_recv() {
             let _ = request.reply.send(Err(TenantError::NotHolder));
         }
-        if matches!(exit, Exit::Stopped | Exit::Idle) {
-            // A released tenant's snapshot holds every acknowledged write.
+        // Every acknowledged write is in the log: the snapshot is brought
+        // up to date only within the release's budget, else the tenant is
+        // released with its log (`release`).
+        let snapshot_current = if matches!(exit, Exit::Stopped | Exit::Idle) {
+            self.release_snapshot(stopped).await
+        } else {
             if let Some(running) = self.compaction.take() {
-                let result = (running.task.await)
-                    .map(|r| (r, running.covers))
-                    .map_err(|e| e.to_string());
-                self.compacted(result);
+                running.task.abort();
             }
-            self.compact_after = Instant::now();
-            self.maybe_compact(true).await;
-            if let Some(running) = self.compaction.take() {
-                let result = (running.task.await)
-                    .map(|r| (r, running.covers))
-                    .map_err(|e| e.to_string());
-                self.compacted(result);
-            }
-        } else if let Some(running) = self.compaction.take() {
-            running.task.abort();
-        }
-        // `released` promises that db.sqlite3 alone holds every acknowledged
-        // write (routing hands the tenant on at once): without a snapshot
-        // that covers every delta, the lease is dropped instead, and the
-        // next holder takes over as after a crash.
-        let snapshot_current = self.since_snapshot.0 == 0;
+            false
+        };
         remove_copy(&self.path);
         let id = self.id.clone();
         self.ctx
@@ -725,12 +720,14 @@ impl TenantActor {
             .lease_holder
             .with_label_values(&[id.as_str()])
             .set(0);
+        // Every slot up to it exists: the previous holder's, fenced, or
+        // this holder's, each read back.
+        let log_end = *self.confirmed.borrow() - self.ctx.release_log_end_behind as u64;
         match exit {
-            Exit::Stopped | Exit::Idle if !snapshot_current => {
-                warn!(customer_id = %id, ?exit, deltas_after_snapshot = self.since_snapshot.0, "the snapshot could not be brought up to date: leaving the lease unreleased; others take over once it is stale")
-            }
-            Exit::Stopped | Exit::Idle => match self.lease.release().await {
-                Ok(()) => info!(customer_id = %id, ?exit, "released tenant"),
+            Exit::Stopped | Exit::Idle => match self.release(snapshot_current, log_end).await {
+                Ok(()) => {
+                    info!(customer_id = %id, ?exit, snapshot_current, log_end, "released tenant")
+                }
                 Err(e) => {
                     warn!(customer_id = %id, error = %e, "could not release the lease; others take over once it is stale")
                 }
@@ -740,6 +737,15 @@ impl TenantActor {
             }
         }
         exit
+    }
+}
+
+impl TenantActor {
+    async fn release(self, snapshot_current: bool, log_end: u64) -> crate::store::StoreResult<()> {
+        match snapshot_current {
+            true => self.lease.release().await,
+            false => self.lease.release_with_log(log_end).await,
+        }
     }
 }
 

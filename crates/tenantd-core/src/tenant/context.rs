@@ -36,6 +36,14 @@ pub struct ActorContext {
     /// How long one log slot is tried before the holder steps down (plus
     /// the body's transfer time); `None`: twice the lease ttl. Tests only.
     pub upload_bound: Option<Duration>,
+    /// How long a release may take from its stop: committing what is
+    /// queued, the snapshot, the `released` lock write (`tenantd serve`
+    /// derives it from `--drain-timeout`). `None`: unbounded.
+    pub release_budget: Option<Duration>,
+    /// Simulation-only negative control: a release with the log names the
+    /// slot before its last confirmed one, so the next claim must report
+    /// the mismatch. Not reachable from `tenantd serve`.
+    pub release_log_end_behind: bool,
 }
 
 impl ActorContext {
@@ -53,6 +61,8 @@ impl ActorContext {
             ack_before_upload: false,
             push_before_upload: false,
             upload_bound: None,
+            release_budget: None,
+            release_log_end_behind: false,
         }
     }
 }

@@ -185,10 +185,12 @@ impl Sim {
             self.outcome.restores += 1;
         }
         let says_released = compacted || !self.rules.release_after_compaction;
-        if says_released && self.lock.present && self.lock.token == writer.token {
+        let ours = self.lock.present && self.lock.token == writer.token;
+        if says_released && ours {
             self.lock.released = true;
             self.outcome.releases += 1;
-        } else {
+        }
+        if !(says_released && ours && compacted) {
             self.outcome.releases_unclean += 1;
         }
         self.event(format!(

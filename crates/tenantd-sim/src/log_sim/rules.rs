@@ -29,7 +29,9 @@ pub struct Rules {
     /// skips fences without R1).
     pub failed_claim_keeps_lock: bool,
     /// Release (SIGTERM, idle) says `released` only after its compaction
-    /// succeeded. Off: whatever the compaction did.
+    /// succeeded. Off: whatever the compaction did, which is tenantd's rule
+    /// since issue 22 (a release with the log; R1 makes it safe, and the
+    /// control without R1 shows it needs R1).
     pub release_after_compaction: bool,
     /// `restore --in-place` takes over through the claim. Off: it fences
     /// from the last applied delta (not the end of the run), and releases
@@ -56,7 +58,7 @@ impl Rules {
         strict_epochs: true,
         token_identity: true,
         failed_claim_keeps_lock: true,
-        release_after_compaction: true,
+        release_after_compaction: false,
         restore_claims: true,
         delete_claims: true,
         refuse_bare_snapshot: true,

@@ -65,6 +65,7 @@ impl TenantActor {
         let retention = self.ctx.retention.clone();
         let mut confirmed = self.confirmed.subscribe();
         let metrics = self.ctx.metrics.clone();
+        let speed = self.speed.clone();
         // Every slot captured so far is in the copy (its slot is at least
         // the newest of them): what this compaction clears.
         let covers = (deltas + pending, bytes);
@@ -103,8 +104,10 @@ impl TenantActor {
                 )));
             }
             let len = job.body.len();
+            let began = Instant::now();
             let result = log::compact(&store, &known, job, &retention).await;
             if let Ok(done) = &result {
+                speed.record(len, began.elapsed());
                 metrics
                     .upload_bytes
                     .with_label_values(&["snapshot"])

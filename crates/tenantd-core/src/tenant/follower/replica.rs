@@ -274,3 +274,63 @@ async fn build(store: &DynStore, id: &TenantId, path: &Path) -> Result<State, Lo
         fresh_at: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::{Replica, Target};
+    use crate::TenantId;
+    use crate::metrics::Metrics;
+    use crate::store::{DynStore, InstrumentedStore, MemoryStore};
+
+    /// A replica that is at the log's end and reads it to its end again
+    /// (a follower whose holder did not say where it is) costs the next
+    /// slot's read and the snapshot's head, not a whole fetch-ahead window.
+    #[tokio::test]
+    async fn reading_to_the_log_end_at_its_end_reads_one_slot() {
+        let metrics = Metrics::new();
+        let store: DynStore = Arc::new(InstrumentedStore::new(
+            Arc::new(MemoryStore::new()),
+            metrics.clone(),
+        ));
+        let id = TenantId::parse("7").unwrap();
+        crate::tenant::lifecycle::create(&store, &id).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let replica = Replica::new(
+            id.clone(),
+            dir.path().join("7.sqlite3"),
+            metrics.follower_slots.clone(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        replica
+            .catch_up(&store, Target::LogEnd, deadline)
+            .await
+            .unwrap();
+        let before = requests(&metrics);
+        replica
+            .catch_up(&store, Target::LogEnd, deadline)
+            .await
+            .unwrap();
+        let cost = requests(&metrics) - before;
+        assert!(
+            cost <= 2,
+            "reading to the log's end from its end cost {cost} store requests"
+        );
+    }
+
+    fn requests(metrics: &Metrics) -> u64 {
+        ["get", "head", "list"]
+            .iter()
+            .map(|op| {
+                metrics
+                    .store_requests
+                    .with_label_values(&[op, "ok"])
+                    .get()
+            })
+            .sum()
+    }
+}

@@ -188,13 +188,18 @@ async fn advance(
     target: Target,
     deadline: Instant,
 ) -> Result<Advanced, LogError> {
+    // Reading to the log's end, a replica is usually at it or near it (the
+    // holder pushes): the next slot alone is asked first, and the window
+    // doubles while every slot asked for was there.
+    let mut window = 1;
     loop {
         let from = state.slot() + 1;
         let upto = match target {
             Target::Slot(slot) if state.slot() >= slot => return Ok(Advanced::Done),
             Target::Slot(slot) => slot.min(from + FETCH_AHEAD as u64 - 1),
-            Target::LogEnd => from + FETCH_AHEAD as u64 - 1,
+            Target::LogEnd => from + window - 1,
         };
+        window = (window * 2).min(FETCH_AHEAD as u64);
         let fetches = futures::future::try_join_all(
             (from..=upto).map(|seq| log::fetch_slot(store, id.as_str(), seq)),
         );

@@ -741,3 +741,47 @@ async fn a_replica_behind_a_compaction_is_not_taken_over_from() {
         "the snapshot was not downloaded although the replica was behind it"
     );
 }
+
+/// Store requests of `op` on objects of `object` (lock, heartbeat, log,
+/// snapshot) a machine made.
+async fn store_requests(m: &Machine, op: &str, object: &str) -> u64 {
+    let text = reqwest::get(m.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix =
+        format!("tenantd_store_requests_by_object_total{{object=\"{object}\",op=\"{op}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_holder_pushes_a_follower_routes_reads_without_reading_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = slow(Setup::file_store(dir.path()));
+    let (a, b) = two_machines(&setup).await;
+    assert_eq!(bodies(&b, &[]).await.role.as_deref(), Some("follower"));
+    let before = store_requests(&b, "get", "lock").await;
+    // Two and a half lease ttls of commits, each read at the follower: a
+    // lock cached for one ttl would be read twice.
+    let until = Instant::now() + Duration::from_millis(7_500);
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        insert(&a, &format!("note {n}")).await;
+        let reply = bodies(&b, &[]).await;
+        assert_eq!(reply.role.as_deref(), Some("follower"));
+        assert_eq!(rows(&reply).len(), n);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lock_reads = store_requests(&b, "get", "lock").await - before;
+    // The standby's own rereads (every 30 heartbeat polls) may add one.
+    assert!(
+        lock_reads <= 1,
+        "the follower read the lock {lock_reads} times in 7.5 s of pushes"
+    );
+}

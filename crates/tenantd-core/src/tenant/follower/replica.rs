@@ -291,6 +291,8 @@ mod tests {
     use crate::TenantId;
     use crate::metrics::Metrics;
     use crate::store::{DynStore, InstrumentedStore, MemoryStore};
+    use crate::tenant::delta::{self, Delta, Kind, PageSums};
+    use crate::tenant::log::Fetched;
 
     /// A replica that is at the log's end and reads it to its end again
     /// (a follower whose holder did not say where it is) costs the next
@@ -305,11 +307,11 @@ mod tests {
         let id = TenantId::parse("7").unwrap();
         crate::tenant::lifecycle::create(&store, &id).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let replica = Replica::new(
+        let replica = Arc::new(Replica::new(
             id.clone(),
             dir.path().join("7.sqlite3"),
             metrics.follower_slots.clone(),
-        );
+        ));
         let deadline = Instant::now() + Duration::from_secs(10);
         replica
             .catch_up(&store, Target::LogEnd, deadline)
@@ -325,6 +327,80 @@ mod tests {
             cost <= 2,
             "reading to the log's end from its end cost {cost} store requests"
         );
+    }
+
+    /// A push whose handler is dropped part way (the holder was killed and
+    /// its connection closed) leaves a replica that either has the slot
+    /// applied whole, its sums matching its file, or none to answer from.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_apply_cut_off_part_way_never_leaves_a_replica_to_answer_from() {
+        let metrics = Metrics::new();
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let id = TenantId::parse("7").unwrap();
+        crate::tenant::lifecycle::create(&store, &id).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("7.sqlite3");
+        let replica = Arc::new(Replica::new(
+            id.clone(),
+            path.clone(),
+            metrics.follower_slots.clone(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        replica
+            .catch_up(&store, Target::LogEnd, deadline)
+            .await
+            .unwrap();
+        let fetched = big_delta(&path, dir.path());
+        // One poll: the apply is under way on a blocking thread when the
+        // future is dropped.
+        let cut = futures::FutureExt::now_or_never(replica.accept(fetched));
+        assert!(cut.is_none(), "the apply finished within one poll");
+        let state = replica.state.read().await;
+        if let Some(state) = state.as_ref() {
+            let on_disk = PageSums::of_file(&path).unwrap().checksum();
+            assert_eq!(
+                state.sums.checksum(),
+                on_disk,
+                "the replica answers at slot {} from a file its sums do not describe",
+                state.slot()
+            );
+            assert_eq!(state.slot(), 1, "the file holds slot 1");
+        }
+    }
+
+    /// Slot 1 on a new tenant's snapshot: a table with a few MB of rows.
+    fn big_delta(base: &std::path::Path, dir: &std::path::Path) -> Fetched {
+        let changed = dir.join("changed.sqlite3");
+        std::fs::copy(base, &changed).unwrap();
+        {
+            let conn = rusqlite::Connection::open(&changed).unwrap();
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL; CREATE TABLE blobs(b BLOB);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+                 INSERT INTO blobs SELECT randomblob(4000) FROM n;
+                 PRAGMA wal_checkpoint(TRUNCATE);",
+            )
+            .unwrap();
+        }
+        let before = PageSums::of_file(base).unwrap();
+        let after = PageSums::of_file(&changed).unwrap();
+        let (db_pages, pages) = delta::diff_files(base, &changed).unwrap();
+        let delta = Delta {
+            kind: Kind::Delta,
+            epoch: 1,
+            seq: 1,
+            committed_at_ms: 0,
+            page_size: 4096,
+            db_pages,
+            pre_checksum: before.checksum(),
+            post_checksum: after.checksum(),
+            pages,
+        };
+        Fetched {
+            delta,
+            token: None,
+            bytes: 0,
+        }
     }
 
     fn requests(metrics: &Metrics) -> u64 {

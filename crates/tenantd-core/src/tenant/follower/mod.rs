@@ -258,7 +258,7 @@ impl Followers {
 
     async fn catch_up(
         &self,
-        replica: &Replica,
+        replica: &Arc<Replica>,
         target: Target,
         deadline: Instant,
     ) -> Result<u64, FollowError> {

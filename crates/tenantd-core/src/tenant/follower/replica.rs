@@ -76,7 +76,23 @@ impl Replica {
 
     /// Brings the replica to `target` before `deadline`. On an error the
     /// replica is dropped, to be built again from the store.
+    ///
+    /// Runs as its own task: an apply cut off part way (the reader's
+    /// connection closed) would leave the run advanced, the sums taken and
+    /// the file still being written while readers come in.
     pub async fn catch_up(
+        self: &Arc<Self>,
+        store: &DynStore,
+        target: Target,
+        deadline: Instant,
+    ) -> Result<u64, LogError> {
+        let (replica, store) = (self.clone(), store.clone());
+        tokio::spawn(async move { replica.catch_up_whole(&store, target, deadline).await })
+            .await
+            .map_err(|e| LogError::Local(format!("catching the replica up failed: {e}")))?
+    }
+
+    async fn catch_up_whole(
         &self,
         store: &DynStore,
         target: Target,
@@ -144,8 +160,17 @@ impl Replica {
     }
 
     /// Applies a pushed object when it is the replica's next slot (the
-    /// claim's rules decide whether it is history); false otherwise.
-    pub async fn accept(&self, fetched: Fetched) -> bool {
+    /// claim's rules decide whether it is history); false otherwise. Runs
+    /// as its own task, as [`Replica::catch_up`] does: a push handler is
+    /// dropped when the holder's connection closes (a killed holder).
+    pub async fn accept(self: &Arc<Self>, fetched: Fetched) -> bool {
+        let replica = self.clone();
+        tokio::spawn(async move { replica.accept_whole(fetched).await })
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn accept_whole(&self, fetched: Fetched) -> bool {
         let mut guard = self.state.write().await;
         let Some(state) = guard.as_mut() else {
             return false;
@@ -355,17 +380,24 @@ mod tests {
         // future is dropped.
         let cut = futures::FutureExt::now_or_never(replica.accept(fetched));
         assert!(cut.is_none(), "the apply finished within one poll");
-        let state = replica.state.read().await;
-        if let Some(state) = state.as_ref() {
-            let on_disk = PageSums::of_file(&path).unwrap().checksum();
-            assert_eq!(
-                state.sums.checksum(),
-                on_disk,
-                "the replica answers at slot {} from a file its sums do not describe",
-                state.slot()
-            );
-            assert_eq!(state.slot(), 1, "the file holds slot 1");
-        }
+        let consistent = || async {
+            let state = replica.state.read().await;
+            if let Some(state) = state.as_ref() {
+                let on_disk = PageSums::of_file(&path).unwrap().checksum();
+                assert_eq!(
+                    state.sums.checksum(),
+                    on_disk,
+                    "the replica answers at slot {} from a file its sums do not describe",
+                    state.slot()
+                );
+            }
+            state.as_ref().map(|s| s.slot())
+        };
+        consistent().await;
+        // The push, once begun, is applied whole.
+        let mut applied = replica.applied.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(10), applied.wait_for(|s| *s >= 1)).await;
+        assert_eq!(consistent().await, Some(1));
     }
 
     /// Slot 1 on a new tenant's snapshot: a table with a few MB of rows.

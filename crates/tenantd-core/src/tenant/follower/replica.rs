@@ -438,12 +438,7 @@ mod tests {
     fn requests(metrics: &Metrics) -> u64 {
         ["get", "head", "list"]
             .iter()
-            .map(|op| {
-                metrics
-                    .store_requests
-                    .with_label_values(&[op, "ok"])
-                    .get()
-            })
+            .map(|op| metrics.store_requests.with_label_values(&[op, "ok"]).get())
             .sum()
     }
 }

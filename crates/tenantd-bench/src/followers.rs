@@ -11,7 +11,7 @@
 //! - `follower_store_requests_per_1000_commits`: store requests of every
 //!   kind per follower in steady state (after a first read built its
 //!   replica; reads of the holder's lock and heartbeat included), per
-//!   1,000 commits at the holder.
+//!   1,000 commits at the holder; by `op/object` and per second besides.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +46,9 @@ pub struct FollowersResult {
     pub follower_store_requests_by_object: std::collections::BTreeMap<String, f64>,
     /// The run's length, for the figures above.
     pub seconds: f64,
+    /// Store requests per follower per second: the cost that stays when
+    /// commits stop (the per-1,000-commits figure hides it under load).
+    pub follower_store_requests_per_second: f64,
 }
 
 pub async fn run(
@@ -203,6 +206,7 @@ pub async fn run(
         follower_store_requests_by_op: by_op,
         follower_store_requests_by_object: by_object,
         seconds,
+        follower_store_requests_per_second: requests / (seconds * followers.len() as f64),
     };
     for machine in followers {
         machine.stop().await?;

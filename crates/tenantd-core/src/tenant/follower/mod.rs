@@ -225,7 +225,7 @@ impl Followers {
                         }
                         Err(why) => {
                             debug!(customer_id = %id, why, "the holder did not say where it is; reading the log to its end");
-                            Target::LogEnd
+                            Target::LogEnd { asked }
                         }
                     }
                 }

@@ -58,8 +58,9 @@ impl State {
 pub enum Target {
     /// At least this slot (a bookmark, or the holder's confirmed slot).
     Slot(u64),
-    /// Every object in the log now: every acknowledged write is there.
-    LogEnd,
+    /// Every object in the log as of `asked` (when the request arrived):
+    /// every write acknowledged by then is there.
+    LogEnd { asked: Instant },
 }
 
 impl Replica {
@@ -135,7 +136,7 @@ impl Replica {
         };
         match result {
             Ok(slot) => {
-                if let (Target::LogEnd, Some(state)) = (target, guard.as_mut()) {
+                if let (Target::LogEnd { .. }, Some(state)) = (target, guard.as_mut()) {
                     state.fresh_at = Some(started);
                 }
                 Ok(slot)
@@ -222,7 +223,7 @@ async fn advance(
         let upto = match target {
             Target::Slot(slot) if state.slot() >= slot => return Ok(Advanced::Done),
             Target::Slot(slot) => slot.min(from + FETCH_AHEAD as u64 - 1),
-            Target::LogEnd => from + window - 1,
+            Target::LogEnd { .. } => from + window - 1,
         };
         window = (window * 2).min(FETCH_AHEAD as u64);
         let fetches = futures::future::try_join_all(
@@ -245,7 +246,7 @@ async fn advance(
                         return Ok(Advanced::Compacted);
                     }
                     return Ok(match target {
-                        Target::LogEnd => Advanced::Done,
+                        Target::LogEnd { .. } => Advanced::Done,
                         Target::Slot(_) => Advanced::Waiting,
                     });
                 }
@@ -339,12 +340,12 @@ mod tests {
         ));
         let deadline = Instant::now() + Duration::from_secs(10);
         replica
-            .catch_up(&store, Target::LogEnd, deadline)
+            .catch_up(&store, log_end(), deadline)
             .await
             .unwrap();
         let before = requests(&metrics);
         replica
-            .catch_up(&store, Target::LogEnd, deadline)
+            .catch_up(&store, log_end(), deadline)
             .await
             .unwrap();
         let cost = requests(&metrics) - before;
@@ -372,7 +373,7 @@ mod tests {
         ));
         let deadline = Instant::now() + Duration::from_secs(10);
         replica
-            .catch_up(&store, Target::LogEnd, deadline)
+            .catch_up(&store, log_end(), deadline)
             .await
             .unwrap();
         let fetched = big_delta(&path, dir.path());
@@ -433,6 +434,44 @@ mod tests {
             token: None,
             bytes: 0,
         }
+    }
+
+    fn log_end() -> Target {
+        Target::LogEnd {
+            asked: Instant::now(),
+        }
+    }
+
+    /// Readers that arrived before a read of the log's end began need no
+    /// read of their own once it is done: under load, when the holder is
+    /// slow to say where it is, they queue behind one another.
+    #[tokio::test]
+    async fn reads_to_the_log_end_queued_behind_one_share_it() {
+        let metrics = Metrics::new();
+        let store: DynStore = Arc::new(InstrumentedStore::new(
+            Arc::new(MemoryStore::new()),
+            metrics.clone(),
+        ));
+        let id = TenantId::parse("7").unwrap();
+        crate::tenant::lifecycle::create(&store, &id).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let replica = Arc::new(Replica::new(
+            id.clone(),
+            dir.path().join("7.sqlite3"),
+            metrics.follower_slots.clone(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let asked = Target::LogEnd {
+            asked: Instant::now(),
+        };
+        replica.catch_up(&store, asked, deadline).await.unwrap();
+        let before = requests(&metrics);
+        replica.catch_up(&store, asked, deadline).await.unwrap();
+        let cost = requests(&metrics) - before;
+        assert_eq!(cost, 0, "a second read of the log's end for the same arrival");
+        // One that arrived after it began reads again.
+        replica.catch_up(&store, log_end(), deadline).await.unwrap();
+        assert!(requests(&metrics) > before);
     }
 
     fn requests(metrics: &Metrics) -> u64 {

@@ -101,6 +101,13 @@ impl Replica {
     ) -> Result<u64, LogError> {
         let mut guard = self.state.write().await;
         let started = Instant::now();
+        // Held every write acknowledged by the time this request arrived:
+        // a catch-up (or a position query) that began after it did the work.
+        if let (Target::LogEnd { asked }, Some(state)) = (target, guard.as_ref())
+            && state.fresh_at.is_some_and(|at| at >= asked)
+        {
+            return Ok(state.slot());
+        }
         // The deadline is checked between steps, never by dropping one: an
         // apply cut off half way would leave the file ahead of its sums.
         let result = loop {

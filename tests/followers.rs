@@ -716,10 +716,16 @@ async fn a_replica_behind_a_compaction_is_not_taken_over_from() {
     let dir = tempfile::tempdir().unwrap();
     let setup = slow(Setup::file_store(dir.path()));
     let (mut a, b) = two_machines(&setup).await;
+    let mut bookmark = 0;
     for i in 1..=3 {
-        insert(&a, &format!("note {i}")).await;
+        bookmark = insert(&a, &format!("note {i}")).await.bookmark.unwrap();
     }
-    assert_eq!(rows(&bodies(&b, &[]).await).len(), 3);
+    // A read with a bookmark asks the holder nothing, so b is not
+    // registered for pushes: pushes queued while it is stopped would be
+    // applied whole once it runs again, and its replica be current.
+    let read = bodies(&b, &[("tenantd-bookmark", &bookmark.to_string())]).await;
+    assert_eq!(read.role.as_deref(), Some("follower"));
+    assert_eq!(rows(&read).len(), 3);
     // b hears nothing while a commits more and releases, compacting the
     // snapshot past b's replica.
     b.signal(Signal::SIGSTOP);

@@ -346,15 +346,9 @@ mod tests {
             metrics.follower_slots.clone(),
         ));
         let deadline = Instant::now() + Duration::from_secs(10);
-        replica
-            .catch_up(&store, log_end(), deadline)
-            .await
-            .unwrap();
+        replica.catch_up(&store, log_end(), deadline).await.unwrap();
         let before = requests(&metrics);
-        replica
-            .catch_up(&store, log_end(), deadline)
-            .await
-            .unwrap();
+        replica.catch_up(&store, log_end(), deadline).await.unwrap();
         let cost = requests(&metrics) - before;
         assert!(
             cost <= 2,
@@ -379,10 +373,7 @@ mod tests {
             metrics.follower_slots.clone(),
         ));
         let deadline = Instant::now() + Duration::from_secs(10);
-        replica
-            .catch_up(&store, log_end(), deadline)
-            .await
-            .unwrap();
+        replica.catch_up(&store, log_end(), deadline).await.unwrap();
         let fetched = big_delta(&path, dir.path());
         // One poll: the apply is under way on a blocking thread when the
         // future is dropped.
@@ -475,7 +466,10 @@ mod tests {
         let before = requests(&metrics);
         replica.catch_up(&store, asked, deadline).await.unwrap();
         let cost = requests(&metrics) - before;
-        assert_eq!(cost, 0, "a second read of the log's end for the same arrival");
+        assert_eq!(
+            cost, 0,
+            "a second read of the log's end for the same arrival"
+        );
         // One that arrived after it began reads again.
         replica.catch_up(&store, log_end(), deadline).await.unwrap();
         assert!(requests(&metrics) > before);

@@ -11,7 +11,7 @@
 //! - `follower_store_requests_per_1000_commits`: store requests of every
 //!   kind per follower in steady state (after a first read built its
 //!   replica; reads of the holder's lock and heartbeat included), per
-//!   1,000 commits at the holder.
+//!   1,000 commits at the holder; by `op/object` and per second besides.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +40,15 @@ pub struct FollowersResult {
     pub follower_store_requests_per_1000_commits: f64,
     /// The same by store operation (`op` label), per follower.
     pub follower_store_requests_by_op: std::collections::BTreeMap<String, f64>,
+    /// Store requests per follower over the run (not per 1,000 commits) by
+    /// `op/object` (`get/heartbeat`, `get/lock`, `list/log`, ...): what
+    /// the steady state is made of.
+    pub follower_store_requests_by_object: std::collections::BTreeMap<String, f64>,
+    /// The run's length, for the figures above.
+    pub seconds: f64,
+    /// Store requests per follower per second: the cost that stays when
+    /// commits stop (the per-1,000-commits figure hides it under load).
+    pub follower_store_requests_per_second: f64,
 }
 
 pub async fn run(
@@ -88,6 +97,8 @@ pub async fn run(
     let log_before = log_reads(&followers).await?;
     let (requests_before, _) = store_requests(&followers).await?;
     let by_op_before = requests_by_op(&followers).await?;
+    let by_object_before = requests_by_object(&followers).await?;
+    let started = Instant::now();
     let (reads, follower_reads, failed) = (
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
@@ -171,6 +182,12 @@ pub async fn run(
     for (op, n) in by_op.iter_mut() {
         *n = (*n - by_op_before.get(op).copied().unwrap_or(0.0)) / followers.len() as f64;
     }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut by_object = requests_by_object(&followers).await?;
+    for (key, n) in by_object.iter_mut() {
+        *n = (*n - by_object_before.get(key).copied().unwrap_or(0.0)) / followers.len() as f64;
+    }
+    by_object.retain(|_, n| *n > 0.0);
     let (reads, follower_reads) = (
         reads.load(Ordering::Relaxed),
         follower_reads.load(Ordering::Relaxed),
@@ -187,6 +204,9 @@ pub async fn run(
         follower_store_requests_per_1000_commits: requests * 1000.0
             / (commits.max(1) as f64 * followers.len() as f64),
         follower_store_requests_by_op: by_op,
+        follower_store_requests_by_object: by_object,
+        seconds,
+        follower_store_requests_per_second: requests / (seconds * followers.len() as f64),
     };
     for machine in followers {
         machine.stop().await?;
@@ -255,6 +275,37 @@ async fn requests_by_op(
         }
     }
     Ok(by_op)
+}
+
+/// Store requests of `machines` by `op/object`.
+async fn requests_by_object(
+    machines: &[Machine],
+) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let mut by_object = std::collections::BTreeMap::new();
+    for machine in machines {
+        let text = machine.metrics().await?;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("tenantd_store_requests_by_object_total{") else {
+                continue;
+            };
+            let label = |name: &str| {
+                rest.split(&format!("{name}=\""))
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            let value: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            *by_object
+                .entry(format!("{}/{}", label("op"), label("object")))
+                .or_insert(0.0) += value;
+        }
+    }
+    Ok(by_object)
 }
 
 async fn log_reads(followers: &[Machine]) -> anyhow::Result<f64> {

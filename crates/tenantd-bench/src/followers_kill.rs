@@ -8,6 +8,10 @@
 //! - `follower_read_longest_gap_ms`: the longest stretch in that window
 //!   without an answered read (from the kill to the first answer, between
 //!   answers, and from the last answer to the window's end).
+//!
+//! Half the readers send `/sql` with `read_only`, half a Hrana pipeline
+//! (`v3/pipeline`, an `execute` outside a transaction, as the libSQL
+//! clients do): both are counted apart as well.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,6 +44,20 @@ pub struct KillResult {
     /// Writes acknowledged over the whole run.
     pub commits: u64,
     pub window_ms: u64,
+    /// The same three counts and availability for each way of reading.
+    pub sql: ProtocolCounts,
+    pub hrana: ProtocolCounts,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProtocolCounts {
+    pub reads: u64,
+    pub answered: u64,
+    pub follower_answers: u64,
+    /// Answered / reads.
+    pub availability: f64,
+    /// Follower answers / answered.
+    pub follower_share: f64,
 }
 
 /// One read: when it started and ended (ms from the start), and whether
@@ -50,6 +68,8 @@ struct Read {
     end_ms: u64,
     ok: bool,
     follower: bool,
+    /// Sent as a Hrana pipeline rather than `/sql`.
+    hrana: bool,
 }
 
 /// `program`: the `tenantd` binary the machines run.
@@ -72,6 +92,16 @@ pub async fn run(
     let url = format!("{}/customers/{CUSTOMER}/sql", cluster.edge_url());
     let token = cluster.api_token().to_string();
     let http = reqwest::Client::builder().timeout(READ_TIMEOUT).build()?;
+    let pipeline = format!("{}/customers/{CUSTOMER}/v3/pipeline", cluster.edge_url());
+    let hrana_read = || {
+        http.post(&pipeline).bearer_auth(&token).json(&json!({
+            "baton": null,
+            "requests": [
+                {"type": "execute", "stmt": {"sql": "SELECT count(*) FROM notes"}},
+                {"type": "close"},
+            ],
+        }))
+    };
     let sql = |sql: &str, read_only: bool| {
         http.post(&url)
             .bearer_auth(&token)
@@ -117,19 +147,29 @@ pub async fn run(
             }
         }
     });
-    let readers = (0..READERS).map(|_| {
-        let (sql, stop_at, reads) = (&sql, &stop_at, &reads);
+    let readers = (0..READERS).map(|r| {
+        let (sql, hrana_read, stop_at, reads) = (&sql, &hrana_read, &stop_at, &reads);
+        let hrana = r % 2 == 1;
         async move {
             while !stopped(stop_at) {
                 let start_ms = t0.elapsed().as_millis() as u64;
-                let reply = sql("SELECT count(*) FROM notes", true).send().await;
+                let reply = match hrana {
+                    true => hrana_read().send().await,
+                    false => sql("SELECT count(*) FROM notes", true).send().await,
+                };
                 let (ok, follower) = match reply {
                     Ok(reply) => {
                         let follower = reply
                             .headers()
                             .get("tenantd-role")
                             .is_some_and(|role| role == "follower");
-                        let ok = reply.status().is_success() && reply.bytes().await.is_ok();
+                        let status = reply.status().is_success();
+                        let ok = match reply.json::<serde_json::Value>().await {
+                            // A pipeline's request may fail inside a 200.
+                            Ok(body) if hrana => status && body["results"][0]["type"] == "ok",
+                            Ok(_) => status,
+                            Err(_) => false,
+                        };
                         (ok, follower)
                     }
                     Err(_) => (false, false),
@@ -140,6 +180,7 @@ pub async fn run(
                     end_ms,
                     ok,
                     follower,
+                    hrana,
                 });
                 if !ok {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -220,6 +261,21 @@ fn summarize(reads: &[Read], at: u64, window_ms: u64, commits: u64) -> KillResul
         follower_answers: in_window.iter().filter(|r| r.ok && r.follower).count() as u64,
         commits,
         window_ms,
+        sql: counts(&in_window, false),
+        hrana: counts(&in_window, true),
+    }
+}
+
+fn counts(in_window: &[&Read], hrana: bool) -> ProtocolCounts {
+    let reads: Vec<&&Read> = in_window.iter().filter(|r| r.hrana == hrana).collect();
+    let answered = reads.iter().filter(|r| r.ok).count() as u64;
+    let follower_answers = reads.iter().filter(|r| r.ok && r.follower).count() as u64;
+    ProtocolCounts {
+        reads: reads.len() as u64,
+        answered,
+        follower_answers,
+        availability: answered as f64 / reads.len().max(1) as f64,
+        follower_share: follower_answers as f64 / answered.max(1) as f64,
     }
 }
 
@@ -251,6 +307,7 @@ mod tests {
             end_ms,
             ok,
             follower: ok,
+            hrana: false,
         }
     }
 
@@ -261,13 +318,19 @@ mod tests {
             read(1000, 1100, true), // gap 100 from the kill
             read(1100, 1700, false),
             read(1100, 1900, true), // gap 800
-            read(1950, 2000, true), // then 1000 to the window's end
+            Read {
+                hrana: true,
+                ..read(1950, 2000, true) // then 1000 to the window's end
+            },
         ];
         let result = summarize(&reads, 1000, 2000, 7);
         assert_eq!(result.reads, 4);
         assert_eq!(result.answered, 3);
         assert_eq!(result.follower_read_availability_during_kill, 0.75);
         assert_eq!(result.follower_read_longest_gap_ms, 1000);
+        // The one at 1950 is a Hrana read.
+        assert_eq!((result.sql.reads, result.sql.answered), (3, 2));
+        assert_eq!((result.hrana.reads, result.hrana.answered), (1, 1));
         // No answer at all: the whole window is the gap.
         let result = summarize(&[read(1000, 2000, false)], 1000, 2000, 0);
         assert_eq!(result.follower_read_longest_gap_ms, 2000);

@@ -294,10 +294,16 @@ impl Report {
         if let Some(k) = &self.follower_kill {
             targets.push(Target {
                 what: format!(
-                    "≥ 99% of read-only requests answered during a holder kill: {:.2}% of {} (longest gap {} ms)",
+                    "≥ 99% of read-only requests answered during a holder kill: {:.2}% of {} (longest gap {} ms; /sql {:.2}% of {}, Hrana {:.2}% of {}; follower share /sql {:.2}, Hrana {:.2})",
                     100.0 * k.follower_read_availability_during_kill,
                     k.reads,
-                    k.follower_read_longest_gap_ms
+                    k.follower_read_longest_gap_ms,
+                    100.0 * k.sql.availability,
+                    k.sql.reads,
+                    100.0 * k.hrana.availability,
+                    k.hrana.reads,
+                    k.sql.follower_share,
+                    k.hrana.follower_share,
                 ),
                 met: k.follower_read_availability_during_kill >= 0.99,
             });

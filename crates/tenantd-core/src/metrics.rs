@@ -33,6 +33,10 @@ pub struct Metrics {
     pub lease_epoch: IntGaugeVec,
     /// Store requests by operation and outcome (as sent, after fault injection).
     pub store_requests: IntCounterVec,
+    /// Store requests by operation and the kind of object named
+    /// (`lock`, `heartbeat`, `log`, `snapshot`, `other`): which objects a
+    /// machine's steady state costs.
+    pub store_requests_by_object: IntCounterVec,
     /// Store request latency by operation.
     pub store_seconds: HistogramVec,
     /// Writes of this machine's session heartbeat by outcome: `started`
@@ -123,6 +127,14 @@ impl Metrics {
             &["op", "outcome"],
         )
         .unwrap();
+        let store_requests_by_object = IntCounterVec::new(
+            Opts::new(
+                "tenantd_store_requests_by_object_total",
+                "Object store requests by operation and kind of object",
+            ),
+            &["op", "object"],
+        )
+        .unwrap();
         let follower_slots = IntCounterVec::new(
             Opts::new(
                 "tenantd_follower_slots_total",
@@ -168,6 +180,7 @@ impl Metrics {
             &snapshot_reads,
             &requests,
             &store_requests,
+            &store_requests_by_object,
             &pipelined_uploads,
             &heartbeat_writes,
             &upload_bytes,
@@ -194,6 +207,7 @@ impl Metrics {
             lease_holder,
             lease_epoch,
             store_requests,
+            store_requests_by_object,
             store_seconds,
             heartbeat_writes,
             follower_slots,

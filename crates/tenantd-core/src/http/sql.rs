@@ -158,7 +158,11 @@ async fn follower_read(
             );
             Some((response, "follower"))
         }
-        Err(FollowError::Refused(e)) => Some(refused(&e)),
+        Err(FollowError::Refused(e)) => {
+            let (mut response, outcome) = refused(&e);
+            bookmark::stamp_role(response.headers_mut(), &state.machine_id, Role::Follower);
+            Some((response, outcome))
+        }
         Err(FollowError::Behind(why)) => {
             tracing::debug!(customer_id = %id, why, "the replica cannot answer; the holder will");
             None

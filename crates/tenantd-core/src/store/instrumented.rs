@@ -36,13 +36,16 @@ impl InstrumentedStore {
         }
     }
 
-    fn record<T>(&self, op: &str, started: Instant, result: &StoreResult<T>) {
+    fn record<T>(&self, op: &str, key: &str, started: Instant, result: &StoreResult<T>) {
         let outcome = match result {
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
         let m = &self.metrics.0;
         m.store_requests.with_label_values(&[op, outcome]).inc();
+        m.store_requests_by_object
+            .with_label_values(&[op, object_kind(key)])
+            .inc();
         m.store_seconds
             .with_label_values(&[op])
             .observe(started.elapsed().as_secs_f64());
@@ -54,6 +57,21 @@ impl InstrumentedStore {
         if key.starts_with("customer/") && key.ends_with("/db.sqlite3") {
             self.metrics.0.snapshot_reads.with_label_values(&[op]).inc();
         }
+    }
+}
+
+/// The metrics label of the object a request names (a list: its prefix).
+fn object_kind(key: &str) -> &'static str {
+    if key.starts_with("machines/") && key.ends_with("/heartbeat.json") {
+        "heartbeat"
+    } else if key.ends_with("/machine.lock") {
+        "lock"
+    } else if key.contains("/log/") {
+        "log"
+    } else if key.ends_with("/db.sqlite3") {
+        "snapshot"
+    } else {
+        "other"
     }
 }
 
@@ -72,7 +90,7 @@ impl ObjectStore for InstrumentedStore {
     async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
         let started = Instant::now();
         let result = self.inner.get(key).await;
-        self.record("get", started, &result);
+        self.record("get", key, started, &result);
         self.count_snapshot_read("get", key);
         result
     }
@@ -80,14 +98,14 @@ impl ObjectStore for InstrumentedStore {
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         let started = Instant::now();
         let result = self.inner.head(key).await;
-        self.record("head", started, &result);
+        self.record("head", key, started, &result);
         result
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<Option<ObjectMeta>> {
         let started = Instant::now();
         let result = self.inner.get_to_file(key, path).await;
-        self.record("get", started, &result);
+        self.record("get", key, started, &result);
         self.count_snapshot_read("get_to_file", key);
         result
     }
@@ -102,7 +120,7 @@ impl ObjectStore for InstrumentedStore {
         let op = put_op(&condition);
         let started = Instant::now();
         let result = self.inner.put_file(key, path, metadata, condition).await;
-        self.record(op, started, &result);
+        self.record(op, key, started, &result);
         result
     }
 
@@ -116,28 +134,28 @@ impl ObjectStore for InstrumentedStore {
         let op = put_op(&condition);
         let started = Instant::now();
         let result = self.inner.put(key, body, metadata, condition).await;
-        self.record(op, started, &result);
+        self.record(op, key, started, &result);
         result
     }
 
     async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
         let started = Instant::now();
         let result = self.inner.list(prefix, start_after).await;
-        self.record("list", started, &result);
+        self.record("list", prefix, started, &result);
         result
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
         let started = Instant::now();
         let result = self.inner.delete(key).await;
-        self.record("delete", started, &result);
+        self.record("delete", key, started, &result);
         result
     }
 
     async fn abort_incomplete_uploads(&self, key: &str) -> StoreResult<usize> {
         let started = Instant::now();
         let result = self.inner.abort_incomplete_uploads(key).await;
-        self.record("abort_uploads", started, &result);
+        self.record("abort_uploads", key, started, &result);
         result
     }
 

@@ -1,4 +1,11 @@
 //! `POST …/v3/cursor`: a batch's answer as newline-delimited entries.
+//!
+//! The bookmark goes in the `tenantd-bookmark` header only. The Hrana 3
+//! spec has no place for `replication_index` among cursor entries; the
+//! libSQL server sends it as an entry of its own type
+//! (`{"type": "replication_index"}`), which `@libsql/hrana-client` 0.7 (the
+//! installed `@libsql/client`'s) rejects as an unexpected entry. A field on
+//! `step_end` would be ignored by every client, so none is sent.
 
 use serde_json::{Value as Json, json};
 

@@ -95,6 +95,11 @@ pub fn stamp(headers: &mut HeaderMap, slot: u64, machine_id: &str, role: Role) {
         BOOKMARK,
         HeaderValue::from_str(&format(slot)).expect("digits are header-safe"),
     );
+    stamp_role(headers, machine_id, role);
+}
+
+/// Who answered, on an answer that reflects no state (a refusal).
+pub fn stamp_role(headers: &mut HeaderMap, machine_id: &str, role: Role) {
     if let Ok(machine) = HeaderValue::from_str(machine_id) {
         headers.insert(SERVED_BY, machine);
     }

@@ -112,6 +112,9 @@ pub struct Followers {
     api_token: Option<String>,
     limits: SqlLimits,
     replicas: Mutex<HashMap<TenantId, Arc<Replica>>>,
+    /// Per tenant, the epoch of the last push received and when: a holder
+    /// that pushes is alive and holds that epoch's lease.
+    pushed: Mutex<HashMap<TenantId, (u64, Instant)>>,
     counted: prometheus::IntCounterVec,
 }
 
@@ -134,6 +137,7 @@ impl Followers {
             api_token,
             limits,
             replicas: Mutex::new(HashMap::new()),
+            pushed: Mutex::new(HashMap::new()),
             counted: metrics.follower_slots.clone(),
         }
     }
@@ -221,7 +225,7 @@ impl Followers {
                         }
                         Err(why) => {
                             debug!(customer_id = %id, why, "the holder did not say where it is; reading the log to its end");
-                            Target::LogEnd
+                            Target::LogEnd { asked }
                         }
                     }
                 }
@@ -254,7 +258,7 @@ impl Followers {
 
     async fn catch_up(
         &self,
-        replica: &Replica,
+        replica: &Arc<Replica>,
         target: Target,
         deadline: Instant,
     ) -> Result<u64, FollowError> {
@@ -319,10 +323,24 @@ impl Followers {
             return Ok(false);
         };
         let fetched = push::decode(id, metadata, body).await?;
+        if let Some(epoch) = crate::tenant::log::number(metadata, crate::tenant::log::EPOCH_KEY) {
+            self.pushed
+                .lock()
+                .unwrap()
+                .insert(id.clone(), (epoch, Instant::now()));
+        }
         Ok(replica.accept(fetched).await)
     }
 
-    /// Whether pushes are accepted (they carry the API token).
+    /// The epoch of `id`'s holder as its pushes (API token checked,
+    /// object decoded) named it within `within`: while a holder pushes,
+    /// routing needs no read of the lock to know who it is.
+    pub fn pushed_epoch(&self, id: &TenantId, within: Duration) -> Option<u64> {
+        let pushed = self.pushed.lock().unwrap();
+        let (epoch, at) = pushed.get(id)?;
+        (at.elapsed() < within).then_some(*epoch)
+    }
+
     /// Copies this machine's replica of `id` to `dest` for a takeover
     /// ([`crate::tenant::prefetch`]).
     pub(crate) async fn copy_replica(
@@ -349,6 +367,11 @@ impl Followers {
                 };
                 let mut replicas = followers.replicas.lock().unwrap();
                 followers.prune(&mut replicas);
+                followers
+                    .pushed
+                    .lock()
+                    .unwrap()
+                    .retain(|id, _| replicas.contains_key(id));
             }
         });
     }

@@ -58,8 +58,9 @@ impl State {
 pub enum Target {
     /// At least this slot (a bookmark, or the holder's confirmed slot).
     Slot(u64),
-    /// Every object in the log now: every acknowledged write is there.
-    LogEnd,
+    /// Every object in the log as of `asked` (when the request arrived):
+    /// every write acknowledged by then is there.
+    LogEnd { asked: Instant },
 }
 
 impl Replica {
@@ -76,7 +77,23 @@ impl Replica {
 
     /// Brings the replica to `target` before `deadline`. On an error the
     /// replica is dropped, to be built again from the store.
+    ///
+    /// Runs as its own task: an apply cut off part way (the reader's
+    /// connection closed) would leave the run advanced, the sums taken and
+    /// the file still being written while readers come in.
     pub async fn catch_up(
+        self: &Arc<Self>,
+        store: &DynStore,
+        target: Target,
+        deadline: Instant,
+    ) -> Result<u64, LogError> {
+        let (replica, store) = (self.clone(), store.clone());
+        tokio::spawn(async move { replica.catch_up_whole(&store, target, deadline).await })
+            .await
+            .map_err(|e| LogError::Local(format!("catching the replica up failed: {e}")))?
+    }
+
+    async fn catch_up_whole(
         &self,
         store: &DynStore,
         target: Target,
@@ -84,6 +101,13 @@ impl Replica {
     ) -> Result<u64, LogError> {
         let mut guard = self.state.write().await;
         let started = Instant::now();
+        // Held every write acknowledged by the time this request arrived:
+        // a catch-up (or a position query) that began after it did the work.
+        if let (Target::LogEnd { asked }, Some(state)) = (target, guard.as_ref())
+            && state.fresh_at.is_some_and(|at| at >= asked)
+        {
+            return Ok(state.slot());
+        }
         // The deadline is checked between steps, never by dropping one: an
         // apply cut off half way would leave the file ahead of its sums.
         let result = loop {
@@ -119,7 +143,7 @@ impl Replica {
         };
         match result {
             Ok(slot) => {
-                if let (Target::LogEnd, Some(state)) = (target, guard.as_mut()) {
+                if let (Target::LogEnd { .. }, Some(state)) = (target, guard.as_mut()) {
                     state.fresh_at = Some(started);
                 }
                 Ok(slot)
@@ -144,8 +168,17 @@ impl Replica {
     }
 
     /// Applies a pushed object when it is the replica's next slot (the
-    /// claim's rules decide whether it is history); false otherwise.
-    pub async fn accept(&self, fetched: Fetched) -> bool {
+    /// claim's rules decide whether it is history); false otherwise. Runs
+    /// as its own task, as [`Replica::catch_up`] does: a push handler is
+    /// dropped when the holder's connection closes (a killed holder).
+    pub async fn accept(self: &Arc<Self>, fetched: Fetched) -> bool {
+        let replica = self.clone();
+        tokio::spawn(async move { replica.accept_whole(fetched).await })
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn accept_whole(&self, fetched: Fetched) -> bool {
         let mut guard = self.state.write().await;
         let Some(state) = guard.as_mut() else {
             return false;
@@ -188,13 +221,18 @@ async fn advance(
     target: Target,
     deadline: Instant,
 ) -> Result<Advanced, LogError> {
+    // Reading to the log's end, a replica is usually at it or near it (the
+    // holder pushes): the next slot alone is asked first, and the window
+    // doubles while every slot asked for was there.
+    let mut window = 1;
     loop {
         let from = state.slot() + 1;
         let upto = match target {
             Target::Slot(slot) if state.slot() >= slot => return Ok(Advanced::Done),
             Target::Slot(slot) => slot.min(from + FETCH_AHEAD as u64 - 1),
-            Target::LogEnd => from + FETCH_AHEAD as u64 - 1,
+            Target::LogEnd { .. } => from + window - 1,
         };
+        window = (window * 2).min(FETCH_AHEAD as u64);
         let fetches = futures::future::try_join_all(
             (from..=upto).map(|seq| log::fetch_slot(store, id.as_str(), seq)),
         );
@@ -215,7 +253,7 @@ async fn advance(
                         return Ok(Advanced::Compacted);
                     }
                     return Ok(match target {
-                        Target::LogEnd => Advanced::Done,
+                        Target::LogEnd { .. } => Advanced::Done,
                         Target::Slot(_) => Advanced::Waiting,
                     });
                 }
@@ -273,4 +311,174 @@ async fn build(store: &DynStore, id: &TenantId, path: &Path) -> Result<State, Lo
         sums,
         fresh_at: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::{Replica, Target};
+    use crate::TenantId;
+    use crate::metrics::Metrics;
+    use crate::store::{DynStore, InstrumentedStore, MemoryStore};
+    use crate::tenant::delta::{self, Delta, Kind, PageSums};
+    use crate::tenant::log::Fetched;
+
+    /// A replica that is at the log's end and reads it to its end again
+    /// (a follower whose holder did not say where it is) costs the next
+    /// slot's read and the snapshot's head, not a whole fetch-ahead window.
+    #[tokio::test]
+    async fn reading_to_the_log_end_at_its_end_reads_one_slot() {
+        let metrics = Metrics::new();
+        let store: DynStore = Arc::new(InstrumentedStore::new(
+            Arc::new(MemoryStore::new()),
+            metrics.clone(),
+        ));
+        let id = TenantId::parse("7").unwrap();
+        crate::tenant::lifecycle::create(&store, &id).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let replica = Arc::new(Replica::new(
+            id.clone(),
+            dir.path().join("7.sqlite3"),
+            metrics.follower_slots.clone(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        replica.catch_up(&store, log_end(), deadline).await.unwrap();
+        let before = requests(&metrics);
+        replica.catch_up(&store, log_end(), deadline).await.unwrap();
+        let cost = requests(&metrics) - before;
+        assert!(
+            cost <= 2,
+            "reading to the log's end from its end cost {cost} store requests"
+        );
+    }
+
+    /// A push whose handler is dropped part way (the holder was killed and
+    /// its connection closed) leaves a replica that either has the slot
+    /// applied whole, its sums matching its file, or none to answer from.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_apply_cut_off_part_way_never_leaves_a_replica_to_answer_from() {
+        let metrics = Metrics::new();
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let id = TenantId::parse("7").unwrap();
+        crate::tenant::lifecycle::create(&store, &id).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("7.sqlite3");
+        let replica = Arc::new(Replica::new(
+            id.clone(),
+            path.clone(),
+            metrics.follower_slots.clone(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        replica.catch_up(&store, log_end(), deadline).await.unwrap();
+        let fetched = big_delta(&path, dir.path());
+        // One poll: the apply is under way on a blocking thread when the
+        // future is dropped.
+        let cut = futures::FutureExt::now_or_never(replica.accept(fetched));
+        assert!(cut.is_none(), "the apply finished within one poll");
+        let consistent = || async {
+            let state = replica.state.read().await;
+            if let Some(state) = state.as_ref() {
+                let on_disk = PageSums::of_file(&path).unwrap().checksum();
+                assert_eq!(
+                    state.sums.checksum(),
+                    on_disk,
+                    "the replica answers at slot {} from a file its sums do not describe",
+                    state.slot()
+                );
+            }
+            state.as_ref().map(|s| s.slot())
+        };
+        consistent().await;
+        // The push, once begun, is applied whole.
+        let mut applied = replica.applied.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(10), applied.wait_for(|s| *s >= 1)).await;
+        assert_eq!(consistent().await, Some(1));
+    }
+
+    /// Slot 1 on a new tenant's snapshot: a table with a few MB of rows.
+    fn big_delta(base: &std::path::Path, dir: &std::path::Path) -> Fetched {
+        let changed = dir.join("changed.sqlite3");
+        std::fs::copy(base, &changed).unwrap();
+        {
+            let conn = rusqlite::Connection::open(&changed).unwrap();
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL; CREATE TABLE blobs(b BLOB);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+                 INSERT INTO blobs SELECT randomblob(4000) FROM n;
+                 PRAGMA wal_checkpoint(TRUNCATE);",
+            )
+            .unwrap();
+        }
+        let before = PageSums::of_file(base).unwrap();
+        let after = PageSums::of_file(&changed).unwrap();
+        let (db_pages, pages) = delta::diff_files(base, &changed).unwrap();
+        let delta = Delta {
+            kind: Kind::Delta,
+            epoch: 1,
+            seq: 1,
+            committed_at_ms: 0,
+            page_size: 4096,
+            db_pages,
+            pre_checksum: before.checksum(),
+            post_checksum: after.checksum(),
+            pages,
+        };
+        Fetched {
+            delta,
+            token: None,
+            bytes: 0,
+        }
+    }
+
+    fn log_end() -> Target {
+        Target::LogEnd {
+            asked: Instant::now(),
+        }
+    }
+
+    /// Readers that arrived before a read of the log's end began need no
+    /// read of their own once it is done: under load, when the holder is
+    /// slow to say where it is, they queue behind one another.
+    #[tokio::test]
+    async fn reads_to_the_log_end_queued_behind_one_share_it() {
+        let metrics = Metrics::new();
+        let store: DynStore = Arc::new(InstrumentedStore::new(
+            Arc::new(MemoryStore::new()),
+            metrics.clone(),
+        ));
+        let id = TenantId::parse("7").unwrap();
+        crate::tenant::lifecycle::create(&store, &id).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let replica = Arc::new(Replica::new(
+            id.clone(),
+            dir.path().join("7.sqlite3"),
+            metrics.follower_slots.clone(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let asked = Target::LogEnd {
+            asked: Instant::now(),
+        };
+        replica.catch_up(&store, asked, deadline).await.unwrap();
+        let before = requests(&metrics);
+        replica.catch_up(&store, asked, deadline).await.unwrap();
+        let cost = requests(&metrics) - before;
+        assert_eq!(
+            cost, 0,
+            "a second read of the log's end for the same arrival"
+        );
+        // One that arrived after it began reads again.
+        replica.catch_up(&store, log_end(), deadline).await.unwrap();
+        assert!(requests(&metrics) > before);
+    }
+
+    fn requests(metrics: &Metrics) -> u64 {
+        ["get", "head", "list"]
+            .iter()
+            .map(|op| metrics.store_requests.with_label_values(&[op, "ok"]).get())
+            .sum()
+    }
 }

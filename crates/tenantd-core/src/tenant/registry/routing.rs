@@ -397,8 +397,21 @@ impl Registry {
         // The record only names whom a follower asks for its position: a
         // stale one costs a refused query and a read of the log to its
         // end, never a wrong answer. So it is reused for a whole lease ttl
-        // (a follower's store requests do not grow with its reads).
-        match self.read_lock_within(&slot, self.config.lease_ttl).await {
+        // (a follower's store requests do not grow with its reads). While
+        // the holder it names keeps pushing commits of its epoch, it is
+        // alive and still the holder: no read at all.
+        let ttl = self.config.lease_ttl;
+        let pushed = self.followers.get().and_then(|f| f.pushed_epoch(id, ttl));
+        let vouched = match &slot.state.lock().unwrap().seen {
+            Some((_, Seen::Held(record))) if Some(record.epoch) == pushed => Some(record.clone()),
+            _ => None,
+        };
+        if let Some(record) = vouched
+            && record.holder != self.config.machine_id
+        {
+            return ReadRoute::Follow(record);
+        }
+        match self.read_lock_within(&slot, ttl).await {
             Ok(Seen::Held(record)) if record.holder != self.config.machine_id => {
                 ReadRoute::Follow(record)
             }

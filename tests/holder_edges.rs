@@ -430,3 +430,34 @@ async fn a_new_tenants_first_holder_does_not_wait_a_ttl() {
         started.elapsed()
     );
 }
+
+/// A snapshot downloaded before the lease was settled (the prefetch) may
+/// take longer than the claim's budget for reading again: a 10 GB
+/// tenant's download on a busy disk took minutes, and every claim then
+/// gave up at once after it ("not the holder", the lease released, the
+/// download started over), so the tenant could never be served. The
+/// budget counts from when the prefetched reads are in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetched_download_longer_than_the_claims_retry_budget_is_used() {
+    let shared = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_secs(10);
+    let mut a = Machine::start(&shared, "a", ttl, dir.path());
+    lifecycle::create(&a.store, &tenant()).await.unwrap();
+    let snapshot = shared.head(&keys::database(TENANT)).await.unwrap().unwrap();
+    // The download takes about two seconds, twice the budget.
+    let rate = snapshot.size / 2;
+    a.faults.update(|c| c.bandwidth_bytes_per_sec = rate);
+    a.ctx.claim_retries_for = Duration::from_secs(1);
+    let prefetch = tenantd_core::tenant::prefetch::start(
+        &a.store,
+        &dir.path().join("a").join("a"),
+        &tenant(),
+        None,
+    );
+    let lease = a.acquire().await;
+    let (handle, _task) = TenantActor::start_from(tenant(), a.ctx.clone(), lease, Some(prefetch))
+        .await
+        .expect("the claim uses the prefetched snapshot however long it took");
+    assert_eq!(handle.call(increment()).await.unwrap().count, 1);
+}

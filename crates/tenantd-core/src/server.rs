@@ -222,21 +222,20 @@ pub async fn run_with(
             create_on_first_request: args.create_on_first_request,
         },
         ActorContext {
-            store: store.clone(),
-            metrics: metrics.clone(),
-            machine_id: machine_id.clone(),
-            data_dir: args.data_dir.clone(),
             idle_timeout: Some(args.idle_timeout),
             ack_before_upload,
-            push_before_upload: false,
-            upload_bound: None,
             release_budget: Some(release_budget(
                 args.drain_timeout,
                 lock_cache_ttl + DRAIN_LINGER_EXTRA,
             )),
-            release_log_end_behind: false,
             sql: args.sql_limits(),
             retention: args.retention(),
+            ..ActorContext::new(
+                store.clone(),
+                metrics.clone(),
+                machine_id.clone(),
+                args.data_dir.clone(),
+            )
         },
     );
     if let Some(id) = customer_id.clone() {

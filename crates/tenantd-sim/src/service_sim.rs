@@ -384,6 +384,7 @@ impl World {
                 // log (the `released` record naming the log's end).
                 release_budget: (self.misname_log_end || seed % 3 == 1).then_some(Duration::ZERO),
                 release_log_end_behind: self.misname_log_end,
+                claim_retries_for: Duration::from_secs(30),
                 sql: Default::default(),
                 // Compaction and garbage collection often, so that crashes
                 // and pauses land in the middle of them.

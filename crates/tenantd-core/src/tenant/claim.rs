@@ -61,7 +61,7 @@ pub async fn claim(
 ) -> Result<Claimed, TenantError> {
     let began = Instant::now();
     let epoch_at_start = lease.epoch();
-    let mut deadline = Instant::now() + Duration::from_secs(30);
+    let mut deadline = Instant::now() + ctx.claim_retries_for;
     let mut early = match prefetch {
         Some(prefetch) => prefetch.take(id, path).await,
         None => None,

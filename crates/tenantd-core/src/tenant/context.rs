@@ -44,6 +44,10 @@ pub struct ActorContext {
     /// slot before its last confirmed one, so the next claim must report
     /// the mismatch. Not reachable from `tenantd serve`.
     pub release_log_end_behind: bool,
+    /// How long a claim may go on reading again when the tenant's objects
+    /// change under it (a late upload, a compaction), counted after the
+    /// reads begun before the lease (a big snapshot's download) are in.
+    pub claim_retries_for: Duration,
 }
 
 impl ActorContext {
@@ -63,6 +67,7 @@ impl ActorContext {
             upload_bound: None,
             release_budget: None,
             release_log_end_behind: false,
+            claim_retries_for: Duration::from_secs(30),
         }
     }
 }

@@ -61,11 +61,13 @@ pub async fn claim(
 ) -> Result<Claimed, TenantError> {
     let began = Instant::now();
     let epoch_at_start = lease.epoch();
-    let mut deadline = Instant::now() + ctx.claim_retries_for;
     let mut early = match prefetch {
         Some(prefetch) => prefetch.take(id, path).await,
         None => None,
     };
+    // Counted from here: a big snapshot's download is not a retry (the
+    // claim's own download adds its transfer time, `transfer_allowance`).
+    let mut deadline = Instant::now() + ctx.claim_retries_for;
     loop {
         let rebuilt = take_over_from(
             id,
@@ -193,8 +195,14 @@ async fn take_over_from(
 ) -> Result<Rebuilt, TenantError> {
     let key = keys::database(id.as_str());
     loop {
-        if !lease.is_valid() || Instant::now() > *deadline {
+        if !lease.is_valid() {
             return Err(TenantError::NotHolder);
+        }
+        if Instant::now() > *deadline {
+            warn!(customer_id = %id, "the takeover kept reading the tenant's objects again (they changed under it) past its budget; giving the lease up");
+            return Err(TenantError::Unavailable(format!(
+                "customer {id}: the tenant's objects kept changing while this machine took it over; retry"
+            )));
         }
         let writer = Writer {
             holder: holder.to_string(),

@@ -36,11 +36,20 @@ impl InstrumentedStore {
         }
     }
 
-    fn record<T>(&self, op: &str, started: Instant, result: &StoreResult<T>) {
+    fn record<T>(&self, op: &str, key: &str, started: Instant, result: &StoreResult<T>) {
         let outcome = match result {
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
+        // One line per request, for breaking a cold start or a handoff down
+        // by round trip (`RUST_LOG=tenantd_core::store::instrumented=trace`).
+        tracing::trace!(
+            op,
+            key,
+            outcome,
+            took_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "store request"
+        );
         let m = &self.metrics.0;
         m.store_requests.with_label_values(&[op, outcome]).inc();
         m.store_seconds
@@ -72,7 +81,7 @@ impl ObjectStore for InstrumentedStore {
     async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
         let started = Instant::now();
         let result = self.inner.get(key).await;
-        self.record("get", started, &result);
+        self.record("get", key, started, &result);
         self.count_snapshot_read("get", key);
         result
     }
@@ -80,14 +89,14 @@ impl ObjectStore for InstrumentedStore {
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         let started = Instant::now();
         let result = self.inner.head(key).await;
-        self.record("head", started, &result);
+        self.record("head", key, started, &result);
         result
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<Option<ObjectMeta>> {
         let started = Instant::now();
         let result = self.inner.get_to_file(key, path).await;
-        self.record("get", started, &result);
+        self.record("get", key, started, &result);
         self.count_snapshot_read("get_to_file", key);
         result
     }
@@ -102,7 +111,7 @@ impl ObjectStore for InstrumentedStore {
         let op = put_op(&condition);
         let started = Instant::now();
         let result = self.inner.put_file(key, path, metadata, condition).await;
-        self.record(op, started, &result);
+        self.record(op, key, started, &result);
         result
     }
 
@@ -116,28 +125,28 @@ impl ObjectStore for InstrumentedStore {
         let op = put_op(&condition);
         let started = Instant::now();
         let result = self.inner.put(key, body, metadata, condition).await;
-        self.record(op, started, &result);
+        self.record(op, key, started, &result);
         result
     }
 
     async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
         let started = Instant::now();
         let result = self.inner.list(prefix, start_after).await;
-        self.record("list", started, &result);
+        self.record("list", prefix, started, &result);
         result
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
         let started = Instant::now();
         let result = self.inner.delete(key).await;
-        self.record("delete", started, &result);
+        self.record("delete", key, started, &result);
         result
     }
 
     async fn abort_incomplete_uploads(&self, key: &str) -> StoreResult<usize> {
         let started = Instant::now();
         let result = self.inner.abort_incomplete_uploads(key).await;
-        self.record("abort_uploads", started, &result);
+        self.record("abort_uploads", key, started, &result);
         result
     }
 

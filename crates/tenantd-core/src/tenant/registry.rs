@@ -419,3 +419,5 @@ impl Registry {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod cold_start_tests;

@@ -137,13 +137,21 @@ async fn a_cold_start_reads_the_lock_once() {
     assert_eq!(count(&sent, "get", &keys::lock("cold")), 1, "{sent:#?}");
 }
 
-/// The snapshot's metadata comes with its GET: besides the existence
-/// check and the check after the fences, a cold start sends no HEAD of it.
+/// The snapshot's GET is the first read of the takeover, not behind a
+/// HEAD: after the existence check, the next request naming the snapshot
+/// is its GET (its HEAD and the log go beside the download).
 #[tokio::test]
-async fn a_cold_start_heads_the_snapshot_only_around_the_lease() {
+async fn a_cold_start_sends_the_snapshot_get_before_any_other_read_of_it() {
     let sent = cold_read().await;
-    assert_eq!(count(&sent, "head", &keys::database("cold")), 2, "{sent:#?}");
-    assert_eq!(count(&sent, "get", &keys::database("cold")), 1, "{sent:#?}");
+    let snapshot = keys::database("cold");
+    let reads: Vec<&str> = sent
+        .iter()
+        .filter(|(op, key)| *key == snapshot && (*op == "get" || *op == "head"))
+        .map(|(op, _)| *op)
+        .collect();
+    assert_eq!(reads.first(), Some(&"head"), "the existence check: {sent:#?}");
+    assert_eq!(reads.get(1), Some(&"get"), "{sent:#?}");
+    assert_eq!(reads.iter().filter(|op| **op == "get").count(), 1, "{sent:#?}");
 }
 
 /// The published migrations are read beside the claim, not after it: the

@@ -351,7 +351,9 @@ impl TenantActor {
         // go first (a migration's own failure leaves the tenant serving at
         // its version; only a store failure gives the tenant up).
         let brought_up = match head {
-            Ok((head, _)) => super::migrations::apply::apply_head(&id, &store, &handle, &head).await,
+            Ok((head, _)) => {
+                super::migrations::apply::apply_head(&id, &store, &handle, &head).await
+            }
             Err(e) => Err(TenantError::Unavailable(format!(
                 "customer {id}: cannot read the published migrations: {e}"
             ))),

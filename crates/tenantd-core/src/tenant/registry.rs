@@ -418,6 +418,6 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod cold_start_tests;
+#[cfg(test)]
+mod tests;

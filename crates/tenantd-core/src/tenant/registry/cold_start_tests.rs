@@ -10,8 +10,7 @@ use bytes::Bytes;
 use super::*;
 use crate::metrics::Metrics;
 use crate::store::{
-    ETag, Listed, MemoryStore, Metadata, Object, ObjectMeta, ObjectStore, Precondition,
-    StoreResult,
+    ETag, Listed, MemoryStore, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreResult,
 };
 use crate::tenant::Op;
 use crate::tenant::lifecycle;
@@ -149,9 +148,17 @@ async fn a_cold_start_sends_the_snapshot_get_before_any_other_read_of_it() {
         .filter(|(op, key)| *key == snapshot && (*op == "get" || *op == "head"))
         .map(|(op, _)| *op)
         .collect();
-    assert_eq!(reads.first(), Some(&"head"), "the existence check: {sent:#?}");
+    assert_eq!(
+        reads.first(),
+        Some(&"head"),
+        "the existence check: {sent:#?}"
+    );
     assert_eq!(reads.get(1), Some(&"get"), "{sent:#?}");
-    assert_eq!(reads.iter().filter(|op| **op == "get").count(), 1, "{sent:#?}");
+    assert_eq!(
+        reads.iter().filter(|op| **op == "get").count(),
+        1,
+        "{sent:#?}"
+    );
 }
 
 /// The published migrations are read beside the claim, not after it: the
@@ -164,11 +171,9 @@ async fn a_cold_start_reads_the_migrations_before_fencing() {
             .position(wanted)
             .unwrap_or_else(|| panic!("{sent:#?}"))
     };
-    let migrations = position(&|(op, key)| {
-        *op == "get" && key == crate::tenant::migrations::HEAD_KEY
-    });
-    let first_fence = position(&|(op, key)| {
-        *op == "put" && key.starts_with(&keys::log_prefix("cold"))
-    });
+    let migrations =
+        position(&|(op, key)| *op == "get" && key == crate::tenant::migrations::HEAD_KEY);
+    let first_fence =
+        position(&|(op, key)| *op == "put" && key.starts_with(&keys::log_prefix("cold")));
     assert!(migrations < first_fence, "{sent:#?}");
 }

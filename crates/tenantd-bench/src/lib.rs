@@ -219,6 +219,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.kills
     );
     let failover = failover::run(
+        &std::env::current_exe()?,
         &scratch.join("failover"),
         &faults,
         args.lease_ttl,

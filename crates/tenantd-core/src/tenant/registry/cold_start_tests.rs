@@ -93,6 +93,12 @@ fn machine(store: DynStore, name: &str, dir: &Path) -> Arc<Registry> {
 /// A tenant with a few commits, left released by its holder `m1`; then a
 /// fresh machine `m2` reads it once. Returns what `m2` sent.
 async fn cold_read() -> Vec<(&'static str, String)> {
+    cold_read_with(false).await
+}
+
+/// [`cold_read`], `m2` taking over from follower replicas when it has one
+/// (as `serve` sets it up; it has none of this tenant).
+async fn cold_read_with(replicas: bool) -> Vec<(&'static str, String)> {
     let dir = tempfile::tempdir().unwrap();
     let memory: DynStore = Arc::new(MemoryStore::new());
     let tenant = TenantId::parse("cold").unwrap();
@@ -117,6 +123,18 @@ async fn cold_read() -> Vec<(&'static str, String)> {
         sent: StdMutex::new(Vec::new()),
     });
     let m2 = machine(recording.clone(), "m2", dir.path());
+    if replicas {
+        let store: DynStore = recording.clone();
+        m2.take_over_from_replicas(Arc::new(crate::tenant::follower::Followers::new(
+            store,
+            dir.path().into(),
+            "m2",
+            "127.0.0.1:1".into(),
+            None,
+            Default::default(),
+            &Metrics::new(),
+        )));
+    }
     let Route::Local(handle) = m2.route(&tenant, false).await else {
         panic!("m2 must take the released tenant over");
     };
@@ -141,7 +159,12 @@ async fn a_cold_start_reads_the_lock_once() {
 /// is its GET (its HEAD and the log go beside the download).
 #[tokio::test]
 async fn a_cold_start_sends_the_snapshot_get_before_any_other_read_of_it() {
-    let sent = cold_read().await;
+    for replicas in [false, true] {
+        snapshot_get_first(cold_read_with(replicas).await);
+    }
+}
+
+fn snapshot_get_first(sent: Vec<(&'static str, String)>) {
     let snapshot = keys::database("cold");
     let reads: Vec<&str> = sent
         .iter()

@@ -227,8 +227,16 @@ async fn from_replica(
     began: Instant,
 ) -> Result<Prefetched, String> {
     let key = keys::database(id.as_str());
-    let (copied, head) = tokio::join!(followers.copy_replica(id, temp), head(store, &key));
-    let (sums, mut replayed) = copied.ok_or("no replica of the tenant here")?;
+    // No replica here: give up at once, not after the HEAD (the download
+    // waits for this). A copy under way is always waited for: the
+    // download writes the same file next.
+    let none = || "no replica of the tenant here".to_string();
+    let (copy, head) = (followers.copy_replica(id, temp), head(store, &key));
+    tokio::pin!(copy, head);
+    let ((sums, mut replayed), head) = tokio::select! {
+        copied = &mut copy => (copied.ok_or_else(none)?, head.await),
+        head = &mut head => (copy.await.ok_or_else(none)?, head),
+    };
     let (head, snapshot) = head?;
     if snapshot.seq > replayed.contiguous_end {
         return Err(format!(

@@ -172,6 +172,10 @@ impl Session {
         &self.shared.config
     }
 
+    /// Reads this machine's heartbeat ahead of a start (not yet: the
+    /// test comes first).
+    pub async fn prime(&self) {}
+
     pub(crate) fn observer(&self) -> &Observer {
         &self.shared.observer
     }

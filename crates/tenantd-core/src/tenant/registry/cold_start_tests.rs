@@ -200,3 +200,64 @@ async fn a_cold_start_reads_the_migrations_before_fencing() {
         position(&|(op, key)| *op == "put" && key.starts_with(&keys::log_prefix("cold")));
     assert!(migrations < first_fence, "{sent:#?}");
 }
+
+fn recording(inner: DynStore) -> Arc<Recording> {
+    Arc::new(Recording {
+        inner,
+        sent: StdMutex::new(Vec::new()),
+    })
+}
+
+/// A machine's heartbeat read ahead of its session's start (a standby
+/// waiting, a first request being checked): the start writes on that read,
+/// one round trip instead of two before the lock can be written.
+#[tokio::test]
+async fn a_primed_session_starts_with_one_write() {
+    let memory: DynStore = Arc::new(MemoryStore::new());
+    for earlier in [false, true] {
+        if earlier {
+            // An earlier process of the machine left its heartbeat.
+            let old = crate::lease::Session::new(
+                memory.clone(),
+                crate::lease::LeaseConfig::new("m", "a", Duration::from_secs(2)),
+            );
+            drop(old.incarnation().await.unwrap());
+        }
+        let store = recording(memory.clone());
+        let session = crate::lease::Session::new(
+            store.clone(),
+            crate::lease::LeaseConfig::new("m", "a", Duration::from_secs(2)),
+        );
+        session.prime().await;
+        assert_eq!(store.take(), [("get", keys::heartbeat("m"))]);
+        let incarnation = session.incarnation().await.unwrap();
+        assert!(incarnation.is_valid());
+        assert_eq!(store.take(), [("put", keys::heartbeat("m"))], "earlier: {earlier}");
+    }
+}
+
+/// A read ahead that went stale (the heartbeat written since) costs a
+/// refused write and a read, never a session started on a wrong view.
+#[tokio::test]
+async fn a_stale_primed_read_is_read_again() {
+    let memory: DynStore = Arc::new(MemoryStore::new());
+    let store = recording(memory.clone());
+    let config = crate::lease::LeaseConfig::new("m", "a", Duration::from_secs(2));
+    let session = crate::lease::Session::new(store.clone(), config.clone());
+    session.prime().await;
+    // Written behind the primed read's back (its own earlier process).
+    let other = crate::lease::Session::new(memory.clone(), config);
+    drop(other.incarnation().await.unwrap());
+    store.take();
+    let incarnation = session.incarnation().await.unwrap();
+    assert!(incarnation.is_valid());
+    let heartbeat = keys::heartbeat("m");
+    assert_eq!(
+        store.take(),
+        [
+            ("put", heartbeat.clone()),
+            ("get", heartbeat.clone()),
+            ("put", heartbeat)
+        ]
+    );
+}

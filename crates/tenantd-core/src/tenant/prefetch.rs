@@ -234,6 +234,8 @@ async fn from_replica(
     let (copy, head) = (followers.copy_replica(id, temp), head(store, &key));
     tokio::pin!(copy, head);
     let ((sums, mut replayed), head) = tokio::select! {
+        // The copy first: without a replica it ends before the HEAD is sent.
+        biased;
         copied = &mut copy => (copied.ok_or_else(none)?, head.await),
         head = &mut head => (copy.await.ok_or_else(none)?, head),
     };

@@ -60,6 +60,10 @@ pub struct ColdStart {
     /// tenant over (snapshot download, log replay) and released it again
     /// (the snapshot brought up to date), over its figure before: MB.
     pub claim_rss_growth_mb: f64,
+    /// SIGKILL of the holder (a real `tenantd serve`) to the first answer
+    /// of another machine that was already up: the stale rule's wait (one
+    /// lease ttl) plus the cold start, ms (0 when not measured).
+    pub failover_after_kill_ms: f64,
 }
 
 pub async fn run(
@@ -171,6 +175,21 @@ pub async fn run(
             }
             None => 0.0,
         };
+        let failover_after_kill_ms = match rss_program {
+            Some(program) => {
+                super::kill_by_size::failover_after_kill_ms(
+                    program,
+                    &setup,
+                    faults,
+                    lease_ttl,
+                    &customer,
+                    n,
+                    &scratch.join(format!("kill-{n}")),
+                )
+                .await?
+            }
+            None => 0.0,
+        };
 
         latencies.sort_by(f64::total_cmp);
         let pick = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
@@ -188,16 +207,19 @@ pub async fn run(
             snapshot_download_ms: downloads[1],
             retries,
             claim_rss_growth_mb,
+            failover_after_kill_ms,
         };
         eprintln!(
-            "bench:   {:>4} MB  commit p50 {:>6.1} ms  {:>7.0} B/commit  cold start {:>7.1} ms ({} deltas) vs download {:>7.1} ms  claim RSS +{:.1} MB",
+            "bench:   {:>4} MB  commit p50 {:>6.1} ms  {:>7.0} B/commit  cold start {:>7.1} ms ({} deltas) vs download {:>7.1} ms  claim RSS +{:.1} MB  failover after SIGKILL {:.0} ms (ttl + 1 s = {} ms)",
             size,
             result.commit_p50_ms,
             result.upload_bytes_per_commit,
             result.cold_start_ms,
             result.deltas_replayed,
             result.snapshot_download_ms,
-            result.claim_rss_growth_mb
+            result.claim_rss_growth_mb,
+            result.failover_after_kill_ms,
+            lease_ttl.as_millis() + 1000
         );
         results.push(result);
         // The big scratch files are not needed past this size.
@@ -420,16 +442,24 @@ mod tests {
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let faults = r#"{"latency":"20ms","jitter":"5ms"}"#;
-        let results = run(dir.path(), faults, Duration::from_secs(5), &sizes, None)
+        // With `COLD_WITH_PROCESSES=1` (after `cargo build -p tenantd`) also
+        // the claim RSS and the failover after a SIGKILL, per size.
+        let program =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/tenantd");
+        let program = std::env::var("COLD_WITH_PROCESSES")
+            .is_ok()
+            .then_some(program.as_path());
+        let results = run(dir.path(), faults, Duration::from_secs(5), &sizes, program)
             .await
             .unwrap();
         for r in &results {
             println!(
-                "cold start {} MB: {:.1} ms vs download {:.1} ms (goal {:.1} ms)",
+                "cold start {} MB: {:.1} ms vs download {:.1} ms (goal {:.1} ms); failover after SIGKILL {:.0} ms",
                 r.size_mb,
                 r.cold_start_ms,
                 r.snapshot_download_ms,
-                r.snapshot_download_ms * 1.2 + 50.0
+                r.snapshot_download_ms * 1.2 + 50.0,
+                r.failover_after_kill_ms
             );
         }
     }

@@ -14,6 +14,7 @@ mod followers;
 mod followers_kill;
 mod held_tenants;
 mod idle;
+mod kill_by_size;
 mod load;
 mod machines;
 mod report;

@@ -60,6 +60,10 @@ pub struct ColdStart {
     /// tenant over (snapshot download, log replay) and released it again
     /// (the snapshot brought up to date), over its figure before: MB.
     pub claim_rss_growth_mb: f64,
+    /// SIGKILL of the holder (a real `tenantd serve`) to the first answer
+    /// of another machine that was already up: the stale rule's wait (one
+    /// lease ttl) plus the cold start, ms (0 when not measured).
+    pub failover_after_kill_ms: f64,
 }
 
 pub async fn run(
@@ -67,6 +71,7 @@ pub async fn run(
     faults: &str,
     lease_ttl: Duration,
     sizes_mb: &[u64],
+    rss_program: Option<&Path>,
 ) -> anyhow::Result<Vec<ColdStart>> {
     let mut setup = Setup::new(scratch, faults, lease_ttl);
     // A release uploads the whole snapshot: at 1 GB that outlasts the
@@ -150,17 +155,41 @@ pub async fn run(
 
         let reader = Machine::start(&setup, &format!("f{n:013}")).await?;
         let machines = HashMap::from([(reader.id.clone(), reader.addr)]);
+        // Brackets the cold start's store requests in a trace
+        // (`RUST_LOG=tenantd_bench=debug,tenantd_core::store::instrumented=trace`).
+        tracing::debug!(size_mb = size, "cold start begins");
         let started = Instant::now();
         let count = load::read_count(&http, &machines, &reader.id, &customer).await?;
         let cold_start_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::debug!(size_mb = size, cold_start_ms, "cold start done");
         reader.stop().await?;
         let expected = (DELTAS_AFTER_SNAPSHOT + 1) as u64;
         if count < expected {
             bail!("the {size} MB tenant's cold start read {count}, expected at least {expected}");
         }
 
-        let claim_rss_growth_mb =
-            claim_rss_growth_mb(scratch, &setup, faults, lease_ttl, &customer, n).await?;
+        let claim_rss_growth_mb = match rss_program {
+            Some(program) => {
+                claim_rss_growth_mb(program, scratch, &setup, faults, lease_ttl, &customer, n)
+                    .await?
+            }
+            None => 0.0,
+        };
+        let failover_after_kill_ms = match rss_program {
+            Some(program) => {
+                super::kill_by_size::failover_after_kill_ms(
+                    program,
+                    &setup,
+                    faults,
+                    lease_ttl,
+                    &customer,
+                    n,
+                    &scratch.join(format!("kill-{n}")),
+                )
+                .await?
+            }
+            None => 0.0,
+        };
 
         latencies.sort_by(f64::total_cmp);
         let pick = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
@@ -178,16 +207,19 @@ pub async fn run(
             snapshot_download_ms: downloads[1],
             retries,
             claim_rss_growth_mb,
+            failover_after_kill_ms,
         };
         eprintln!(
-            "bench:   {:>4} MB  commit p50 {:>6.1} ms  {:>7.0} B/commit  cold start {:>7.1} ms ({} deltas) vs download {:>7.1} ms  claim RSS +{:.1} MB",
+            "bench:   {:>4} MB  commit p50 {:>6.1} ms  {:>7.0} B/commit  cold start {:>7.1} ms ({} deltas) vs download {:>7.1} ms  claim RSS +{:.1} MB  failover after SIGKILL {:.0} ms (ttl + 1 s = {} ms)",
             size,
             result.commit_p50_ms,
             result.upload_bytes_per_commit,
             result.cold_start_ms,
             result.deltas_replayed,
             result.snapshot_download_ms,
-            result.claim_rss_growth_mb
+            result.claim_rss_growth_mb,
+            result.failover_after_kill_ms,
+            lease_ttl.as_millis() + 1000
         );
         results.push(result);
         // The big scratch files are not needed past this size.
@@ -285,6 +317,7 @@ async fn plant(
 /// process's peak RSS (VmHWM): how much more than at rest the claim, the
 /// replay and the release's compaction needed, in MB.
 async fn claim_rss_growth_mb(
+    program: &Path,
     scratch: &Path,
     setup: &Setup,
     faults: &str,
@@ -300,7 +333,7 @@ async fn claim_rss_growth_mb(
     let log_path = scratch.join(format!("rss-serve-{n}.log"));
     let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let machine_id = format!("r{n:013}");
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+    let mut child = tokio::process::Command::new(program)
         .args(["serve", "--listen", &addr.to_string()])
         .args(["--machine-id", &machine_id, "--customer-id", ""])
         .env_remove("TENANTD_ADMIN_TOKEN")
@@ -387,4 +420,47 @@ fn peak_rss_bytes(pid: u32) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cold starts alone, without the claim RSS figure (no `tenantd`
+    /// binary needed), sizes from `COLD_SIZES_MB` (default 1,10,100):
+    /// `RUST_LOG=tenantd_bench=debug,tenantd_core::store::instrumented=trace,tenantd_core::tenant::claim=info
+    /// cargo test -p tenantd-bench --lib cold_start_alone -- --ignored --nocapture`
+    /// prints every store request between "cold start begins" and "done".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, run by hand"]
+    async fn cold_start_alone() {
+        tenantd_core::server::init_tracing_at(tenantd_core::config::LogFormat::Text, "warn");
+        let sizes: Vec<u64> = std::env::var("COLD_SIZES_MB")
+            .unwrap_or_else(|_| "1,10,100".into())
+            .split(',')
+            .map(|s| s.trim().parse().unwrap())
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let faults = r#"{"latency":"20ms","jitter":"5ms"}"#;
+        // With `COLD_WITH_PROCESSES=1` (after `cargo build -p tenantd`) also
+        // the claim RSS and the failover after a SIGKILL, per size.
+        let program =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/tenantd");
+        let program = std::env::var("COLD_WITH_PROCESSES")
+            .is_ok()
+            .then_some(program.as_path());
+        let results = run(dir.path(), faults, Duration::from_secs(5), &sizes, program)
+            .await
+            .unwrap();
+        for r in &results {
+            println!(
+                "cold start {} MB: {:.1} ms vs download {:.1} ms (goal {:.1} ms); failover after SIGKILL {:.0} ms",
+                r.size_mb,
+                r.cold_start_ms,
+                r.snapshot_download_ms,
+                r.snapshot_download_ms * 1.2 + 50.0,
+                r.failover_after_kill_ms
+            );
+        }
+    }
 }

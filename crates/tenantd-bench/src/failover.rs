@@ -37,6 +37,7 @@ const WAIT: Duration = Duration::from_secs(30);
 const RESTART_DELAY: Duration = Duration::from_millis(500);
 
 pub async fn run(
+    program: &Path,
     scratch: &Path,
     faults: &str,
     lease_ttl: Duration,
@@ -44,7 +45,7 @@ pub async fn run(
     stops: usize,
     clients: usize,
 ) -> anyhow::Result<FailoverResult> {
-    let mut config = DevConfig::new(std::env::current_exe()?, scratch);
+    let mut config = DevConfig::new(program.to_path_buf(), scratch);
     config.customers = vec![CUSTOMER.into()];
     config.machines_per_customer = 2;
     config.lease_ttl = lease_ttl;
@@ -52,6 +53,12 @@ pub async fn run(
     config.restart_delay = None;
     config.log_sink = LogSink::Quiet;
     config.extra_env = vec![("TENANTD_FAULTS".into(), faults.into())];
+    // For breaking a handoff down: the machines' logs, at this filter, on
+    // stdout beside the bench's own trace.
+    if let Ok(filter) = std::env::var("TENANTD_BENCH_MACHINE_LOG") {
+        config.log_sink = LogSink::Stdout;
+        config.extra_env.push(("RUST_LOG".into(), filter));
+    }
     let cluster = Cluster::start(config).await?;
 
     let http = reqwest::Client::new();
@@ -110,8 +117,10 @@ pub async fn run(
     for n in 1..=stops {
         let (holder, epoch) = holder(&cluster).await?;
         let at = t0.elapsed().as_millis() as u64;
+        tracing::debug!(%holder, epoch, "handoff: SIGTERM");
         cluster.stop(&holder)?;
         let next = next_ack(&load, at, epoch).await?;
+        tracing::debug!(%holder, after_ms = next - at, "handoff: first write acknowledged under a new epoch");
         let ops = load.ops.lock().unwrap().clone();
         let gap = longest_gap(&ops, at, next);
         handoff_failed_requests += ops
@@ -242,6 +251,31 @@ mod tests {
                 }
             },
         }
+    }
+
+    /// The handoff alone (after `cargo build -p tenantd`), no kills:
+    /// `RUST_LOG=tenantd_bench=debug TENANTD_BENCH_MACHINE_LOG=info cargo test -p tenantd-bench --lib handoff_alone -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, run by hand"]
+    async fn handoff_alone() {
+        tenantd_core::server::init_tracing_at(tenantd_core::config::LogFormat::Text, "warn");
+        let dir = tempfile::tempdir().unwrap();
+        let program =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/tenantd");
+        let faults = r#"{"latency":"20ms","jitter":"5ms"}"#;
+        let stops = std::env::var("HANDOFF_STOPS").map_or(3, |s| s.parse().unwrap());
+        let result = run(
+            &program,
+            dir.path(),
+            faults,
+            Duration::from_secs(5),
+            0,
+            stops,
+            16,
+        )
+        .await
+        .unwrap();
+        println!("handoff_gap_ms {:?}", result.handoff_gap_ms);
     }
 
     #[test]

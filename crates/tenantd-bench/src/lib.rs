@@ -14,6 +14,7 @@ mod followers;
 mod followers_kill;
 mod held_tenants;
 mod idle;
+mod kill_by_size;
 mod load;
 mod machines;
 mod report;
@@ -205,13 +206,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
 
     eprintln!("bench: [7/10] commit cost and cold start by database size");
-    let cold = cold_start::run(&scratch.join("cold"), &faults, args.lease_ttl, &sizes_mb).await?;
+    let cold = cold_start::run(
+        &scratch.join("cold"),
+        &faults,
+        args.lease_ttl,
+        &sizes_mb,
+        Some(&std::env::current_exe()?),
+    )
+    .await?;
 
     eprintln!(
         "bench: [8/10] failover ({} SIGKILLs) and handoff ({stops} SIGTERMs) with real processes",
         args.kills
     );
     let failover = failover::run(
+        &std::env::current_exe()?,
         &scratch.join("failover"),
         &faults,
         args.lease_ttl,

@@ -513,6 +513,7 @@ impl Report {
             "upload_bytes_per_commit_by_size_mb": by_size(|c| c.upload_bytes_per_commit),
             "snapshot_upload_bytes_by_size_mb": by_size(|c| c.snapshot_upload_bytes),
             "cold_start_ms_by_size_mb": by_size(|c| c.cold_start_ms),
+            "failover_after_kill_ms_by_size_mb": by_size(|c| c.failover_after_kill_ms),
             "snapshot_download_ms_by_size_mb": by_size(|c| c.snapshot_download_ms),
             "claim_rss_growth_mb_by_size_mb": by_size(|c| c.claim_rss_growth_mb),
             "cold_start": self.cold,

@@ -432,6 +432,7 @@ impl Contender {
         // with no lease alive, taken back at once).
         self.session.remember_token(record.token);
         let created = matches!(condition, Precondition::IfAbsent);
+        let sent = Instant::now();
         match self
             .store
             .put(&self.key, record.to_bytes(), Metadata::new(), condition)
@@ -453,6 +454,7 @@ impl Contender {
                     record,
                     previous,
                     created,
+                    written_at: sent,
                     _alive: alive,
                 }))
             }
@@ -500,6 +502,9 @@ pub struct Lease {
     previous: Option<LockRecord>,
     /// Acquired by creating an absent lock (`If-None-Match: *`).
     created: bool,
+    /// When the write that last made the lock name this acquisition was
+    /// sent: the lock named it at some moment after this.
+    written_at: Instant,
     /// Tells this process's contender that the lease is still held.
     _alive: Arc<()>,
 }
@@ -526,6 +531,12 @@ impl Lease {
     /// The record this lease replaced, if any.
     pub fn previous(&self) -> Option<LockRecord> {
         self.previous.clone()
+    }
+
+    /// When the lock was last written naming this acquisition (the send
+    /// time of that write): as good as a read of the lock at that time.
+    pub fn written_at(&self) -> Instant {
+        self.written_at
     }
 
     /// True while this machine may act as the holder.
@@ -555,6 +566,7 @@ impl Lease {
         }
         let mut record = self.record.clone();
         record.epoch = epoch;
+        let sent = Instant::now();
         let etag = self
             .store
             .put(
@@ -567,6 +579,7 @@ impl Lease {
         info!(key = %self.key, from = self.record.epoch, epoch, "lease epoch raised");
         self.etag = etag;
         self.record = record;
+        self.written_at = sent;
         Ok(())
     }
 

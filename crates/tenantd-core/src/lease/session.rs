@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use super::LeaseConfig;
@@ -98,6 +98,10 @@ struct Shared {
     /// not fight it (machine ids are unique per process).
     displaced: Mutex<Option<Uuid>>,
     observer: Observer,
+    /// This machine's heartbeat as read ahead of a start ([`Session::prime`]),
+    /// used (and dropped) by the next start; the lock is held while the
+    /// read is in flight, so a start waits for it rather than reading too.
+    primed: tokio::sync::Mutex<Option<Option<crate::store::Object>>>,
     /// Tokens of every acquisition made under this session, by any
     /// contender of the process, each with a handle that lives as long as
     /// its [`super::Lease`]: a lock carrying a live one is a current lease
@@ -160,6 +164,7 @@ impl Session {
                 config,
                 metrics,
                 current: tokio::sync::Mutex::new(Weak::new()),
+                primed: tokio::sync::Mutex::new(None),
                 live_tokens: Mutex::new(Vec::new()),
                 own: Mutex::new(Vec::new()),
                 displaced: Mutex::new(None),
@@ -170,6 +175,33 @@ impl Session {
 
     pub fn config(&self) -> &LeaseConfig {
         &self.shared.config
+    }
+
+    /// Reads this machine's heartbeat ahead of a start (a standby
+    /// waiting for its tenant, a first request whose tenant is being
+    /// checked), so that the start only writes: one round trip before the
+    /// first lock write instead of two. Only reads; does nothing while a
+    /// session runs or a read is kept. A read gone stale costs the start a
+    /// refused conditional write and a read again, nothing else: the start
+    /// judges it as it judges its own reads.
+    pub async fn prime(&self) {
+        let shared = &self.shared;
+        match shared.current.try_lock() {
+            Ok(current) if current.upgrade().is_some_and(|i| i.is_valid()) => return,
+            Ok(_) => {}
+            // A start is under way: it reads for itself.
+            Err(_) => return,
+        }
+        let mut primed = shared.primed.lock().await;
+        if primed.is_some() {
+            return;
+        }
+        match shared.store.get(&shared.key).await {
+            Ok(read) => *primed = Some(read),
+            Err(e) => {
+                debug!(key = %shared.key, error = %e, "could not read the heartbeat ahead; the session's start reads it")
+            }
+        }
     }
 
     pub(crate) fn observer(&self) -> &Observer {
@@ -202,7 +234,12 @@ impl Session {
         }
         let id = Uuid::new_v4();
         for _ in 0..5 {
-            let condition = match shared.store.get(&shared.key).await? {
+            let primed = shared.primed.lock().await.take();
+            let read = match primed {
+                Some(read) => read,
+                None => shared.store.get(&shared.key).await?,
+            };
+            let condition = match read {
                 None => Precondition::IfAbsent,
                 Some(object) => {
                     let theirs = serde_json::from_slice::<HeartbeatRecord>(&object.body)

@@ -41,6 +41,15 @@ impl InstrumentedStore {
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
+        // One line per request, for breaking a cold start or a handoff down
+        // by round trip (`RUST_LOG=tenantd_core::store::instrumented=trace`).
+        tracing::trace!(
+            op,
+            key,
+            outcome,
+            took_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "store request"
+        );
         let m = &self.metrics.0;
         m.store_requests.with_label_values(&[op, outcome]).inc();
         m.store_requests_by_object

@@ -223,8 +223,8 @@ pub struct TenantActor {
     speed: release::CompactionSpeed,
     /// No new compaction before this (after a failed one).
     compact_after: Instant,
-    /// When the lock was last read naming this acquisition (None: not
-    /// since the claim): what lets a batch that commits nothing be answered
+    /// When the lock was last read (or, at the claim, written) naming
+    /// this acquisition: what lets a batch that commits nothing be answered
     /// ([`TenantActor::still_holder`]).
     lock_read_at: Option<Instant>,
     /// Requests in the previous batch: how many to expect in the next.
@@ -272,7 +272,13 @@ impl TenantActor {
         // crashed process) can be mistaken for this one's copy.
         let path = dir.join(format!("{id}.{}.sqlite3", lease.epoch()));
         crate::tenant::copy::remove_leftover_snapshots(&dir, id.as_str());
-        let claimed = match claim(&id, &ctx, &mut lease, &path, prefetch).await {
+        // The published migrations are read beside the claim, not after it
+        // (a push landing meanwhile is caught by the migrations watcher).
+        let (head, claimed) = tokio::join!(
+            super::migrations::read_head(&ctx.store),
+            claim(&id, &ctx, &mut lease, &path, prefetch)
+        );
+        let claimed = match claimed {
             Ok(claimed) => claimed,
             Err(e) => {
                 remove_copy(&path);
@@ -316,6 +322,9 @@ impl TenantActor {
             token: lease.token().to_string(),
         };
         let streams = streams::Streams::new(id.as_str(), lease.epoch(), &lease.token().to_string());
+        // The acquisition's own lock write counts as a read of the lock
+        // naming it: the first read after a cold start needs no other.
+        let lock_written_at = lease.written_at();
         let actor = TenantActor {
             streams,
             id,
@@ -334,7 +343,7 @@ impl TenantActor {
             compaction: None,
             speed: Default::default(),
             compact_after: Instant::now(),
-            lock_read_at: None,
+            lock_read_at: Some(lock_written_at),
             last_batch: 1,
             last_upload: Duration::ZERO,
             in_flight: VecDeque::new(),
@@ -347,7 +356,15 @@ impl TenantActor {
         // No answer below the published schema version: pending migrations
         // go first (a migration's own failure leaves the tenant serving at
         // its version; only a store failure gives the tenant up).
-        if let Err(e) = super::migrations::bring_up_to_date(&id, &store, &handle).await {
+        let brought_up = match head {
+            Ok((head, _)) => {
+                super::migrations::apply::apply_head(&id, &store, &handle, &head).await
+            }
+            Err(e) => Err(TenantError::Unavailable(format!(
+                "customer {id}: cannot read the published migrations: {e}"
+            ))),
+        };
+        if let Err(e) = brought_up {
             handle.stop();
             handle.ended().await;
             return Err(e);

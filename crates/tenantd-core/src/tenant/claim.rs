@@ -21,10 +21,10 @@ use super::copy::WorkingCopy;
 use super::db::{Corrupt, Db};
 use super::delta::PageSums;
 use super::log::{self, Fetched, LogError, Snapshot, Until, WINDOW, Writer};
-use super::prefetch::{Prefetch, Prefetched};
+use super::prefetch::{Prefetch, Prefetched, SnapshotRead, read_snapshot};
 use crate::TenantId;
 use crate::lease::Lease;
-use crate::store::{DynStore, ObjectMeta, Precondition, StoreError, keys, transfer_allowance};
+use crate::store::{DynStore, Precondition, StoreError, keys, transfer_allowance};
 
 /// A tenant taken over.
 pub struct Claimed {
@@ -273,31 +273,14 @@ fn unavailable(id: &TenantId, e: StoreError) -> TenantError {
     ))
 }
 
-type SnapshotRead = (
-    Option<ObjectMeta>,
-    Result<Option<ObjectMeta>, StoreError>,
-    Option<Result<log::Plan, LogError>>,
-);
-
-/// The snapshot's HEAD, its body streamed to `path` (never whole in
-/// memory; a failed download leaves no file there) and, for a commit-log
-/// snapshot, the log after it, listed and fetched during the download
-/// (cold start ~ the download, not download + log).
-async fn read_snapshot(
+/// Removes what an earlier holding left at `path`, then reads the
+/// snapshot there with the log beside it ([`read_snapshot`]).
+async fn read_fresh(
     id: &TenantId,
     store: &DynStore,
     key: &str,
     path: &Path,
 ) -> Result<SnapshotRead, Attempt> {
-    let failed = |e: StoreError| Attempt::Failed(unavailable(id, e));
-    let head = store.head(key).await.map_err(failed)?;
-    let early = match &head {
-        Some(meta) if meta.metadata.contains_key(log::FORMAT_KEY) => Some(
-            log::describe_snapshot(key, meta.etag.clone(), &meta.metadata)
-                .map_err(|e| Attempt::from_log(id, e))?,
-        ),
-        _ => None,
-    };
     let owned = path.to_path_buf();
     blocking(move || {
         remove_copy(&owned);
@@ -305,20 +288,13 @@ async fn read_snapshot(
     })
     .await
     .map_err(|e| Attempt::Failed(TenantError::Unavailable(format!("customer {id}: {e}"))))?;
-    let (object, plan) = match &early {
-        Some(snapshot) => {
-            let (object, plan) = tokio::join!(
-                store.get_to_file(key, path),
-                log::plan(store, id.as_str(), snapshot, Until::End)
-            );
-            (object, Some(plan))
-        }
-        None if head.is_some() => (store.get_to_file(key, path).await, None),
-        // Absent a moment ago: a new tenant (a creation racing this one
-        // makes the conversion's If-None-Match fail, and this read again).
-        None => (Ok(None), None),
-    };
-    Ok((head, object, plan))
+    let read = read_snapshot(store, id, key, path)
+        .await
+        .map_err(|e| Attempt::Failed(unavailable(id, e)))?;
+    if read.changed {
+        return Err(Attempt::Again(format!("{key} changed while it was read")));
+    }
+    Ok(read)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -364,13 +340,9 @@ async fn attempt(
             recorded,
         });
     }
-    let (head, object, mut plan) = read_snapshot(id, store, key, path).await?;
-    let object = object.map_err(failed)?;
-    if let (Some(meta), Some(object)) = (&head, &object)
-        && meta.etag != object.etag
-    {
-        return Err(Attempt::Again(format!("{key} changed while it was read")));
-    }
+    let read = read_fresh(id, store, key, path).await?;
+    let object = read.object;
+    let mut plan = read.planned.map(|(_, plan)| plan);
     let (body, snapshot, source, recorded) = match object {
         Some(object) => {
             // SQLite would open an empty file as a new, empty database:

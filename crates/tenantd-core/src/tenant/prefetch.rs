@@ -1,15 +1,16 @@
 //! A takeover's reads started before its lease is settled: the snapshot's
-//! HEAD, its download into a file of its own and the log after it (listed,
-//! the first deltas fetched), while the lock is read and written. A cold
+//! download into a file of its own and, beside it, its HEAD and the log
+//! after it (listed, the first deltas fetched), while the lock is read and
+//! written ([`read_snapshot`], the claim's read step too). A cold
 //! start then costs about the download plus the round trips that need the
 //! lease (its lock write, the fences, the snapshot checked again).
 //!
 //! Safe because nothing read here is used before the lease is held: the
 //! claim takes the file and the plan only under the lease, and then does
 //! what it does with bytes it read itself (docs/protocol.md, "Claim"): the
-//! snapshot's ETag must match its HEAD, the checksum chain is checked, the
-//! fences find every slot the listing missed, and the snapshot is read
-//! again after the fences, so a compaction since these reads means "read
+//! snapshot's GET must show the ETag its HEAD showed, the checksum chain
+//! is checked, the fences find every slot the listing missed, and the
+//! snapshot is read again after the fences, so a compaction since these reads means "read
 //! again", never state. Log objects are put-if-absent and never rewritten,
 //! so reading them early reads the same bytes.
 
@@ -23,9 +24,9 @@ use tracing::debug;
 use super::claim::remove_copy;
 use super::delta::PageSums;
 use super::follower::Followers;
-use super::log::{self, Replayed, Snapshot, Until};
+use super::log::{self, LogError, Replayed, Snapshot, Until};
 use crate::TenantId;
-use crate::store::{DynStore, ObjectMeta, keys};
+use crate::store::{DynStore, ObjectMeta, StoreError, keys};
 
 /// Reads under way for one takeover. Dropped unused (the lock was held by
 /// a live holder, the claim failed), it stops them and removes its file.
@@ -91,15 +92,77 @@ async fn head(store: &DynStore, key: &str) -> Result<(ObjectMeta, Snapshot), Str
         .await
         .map_err(|e| e.to_string())?
         .ok_or("no snapshot")?;
-    if !head.metadata.contains_key(log::FORMAT_KEY) {
-        return Err("not a commit-log snapshot".to_string());
-    }
-    let snapshot = log::describe_snapshot(key, head.etag.clone(), &head.metadata)
-        .map_err(|e| e.to_string())?;
-    if snapshot.legacy {
-        return Err("not a commit-log snapshot".to_string());
-    }
+    let snapshot = commit_log_snapshot(key, &head).ok_or("not a commit-log snapshot")?;
     Ok((head, snapshot))
+}
+
+/// The snapshot an object's metadata describes, when it is in the
+/// commit-log format (anything else is the claim's to judge).
+fn commit_log_snapshot(key: &str, meta: &ObjectMeta) -> Option<Snapshot> {
+    if !meta.metadata.contains_key(log::FORMAT_KEY) {
+        return None;
+    }
+    log::describe_snapshot(key, meta.etag.clone(), &meta.metadata)
+        .ok()
+        .filter(|snapshot| !snapshot.legacy)
+}
+
+/// The snapshot streamed into a file, with the log after it read beside
+/// the download.
+pub(crate) struct SnapshotRead {
+    /// The object as its GET returned it (`None`: absent, no file
+    /// written), its body at the path given.
+    pub object: Option<ObjectMeta>,
+    /// For a commit-log snapshot: how its HEAD described it and the log
+    /// after it, listed with the first deltas fetched. Only when the HEAD
+    /// showed the version the GET returned.
+    pub planned: Option<(Snapshot, Result<log::Plan, LogError>)>,
+    /// The HEAD and the GET saw different versions (a compaction between
+    /// them): read again.
+    pub changed: bool,
+}
+
+/// The read step of every takeover (the claim's, and a prefetch's): the
+/// snapshot's GET starts at once, streaming its body to `path` (never
+/// whole in memory; a failed download leaves no file there), while its
+/// HEAD, and for a commit-log snapshot the log after it, are read beside
+/// it. The download is on the critical path; the HEAD, the listing and
+/// the first deltas are not (cold start ~ the download, not HEAD +
+/// download).
+pub(crate) async fn read_snapshot(
+    store: &DynStore,
+    id: &TenantId,
+    key: &str,
+    path: &Path,
+) -> Result<SnapshotRead, StoreError> {
+    let beside = async {
+        let head = store.head(key).await?;
+        let planned = match head
+            .as_ref()
+            .and_then(|meta| commit_log_snapshot(key, meta))
+        {
+            Some(snapshot) => {
+                let plan = log::plan(store, id.as_str(), &snapshot, Until::End).await;
+                Some((snapshot, plan))
+            }
+            None => None,
+        };
+        Ok::<_, StoreError>((head, planned))
+    };
+    let (object, beside) = tokio::join!(store.get_to_file(key, path), beside);
+    let object = object?;
+    let (head, planned) = beside?;
+    let changed =
+        matches!((&head, &object), (Some(head), Some(object)) if head.etag != object.etag);
+    let planned = match changed || object.is_none() {
+        true => None,
+        false => planned,
+    };
+    Ok(SnapshotRead {
+        object,
+        planned,
+        changed,
+    })
 }
 
 /// Downloads the snapshot into `temp` while the log after it is listed and
@@ -111,16 +174,16 @@ async fn download(
     began: Instant,
 ) -> Result<Prefetched, String> {
     let key = keys::database(id.as_str());
-    let (head, snapshot) = head(store, &key).await?;
-    let (object, plan) = tokio::join!(
-        store.get_to_file(&key, temp),
-        log::plan(store, id.as_str(), &snapshot, Until::End)
-    );
-    let object = object
-        .map_err(|e| e.to_string())?
-        .ok_or("the snapshot vanished")?;
-    if object.etag != head.etag || object.size == 0 {
+    let read = read_snapshot(store, id, &key, temp)
+        .await
+        .map_err(|e| e.to_string())?;
+    if read.changed {
         return Err("the snapshot changed while it was read".to_string());
+    }
+    let object = read.object.ok_or("no snapshot")?;
+    let (snapshot, plan) = read.planned.ok_or("not a commit-log snapshot")?;
+    if object.size == 0 {
+        return Err("the snapshot is empty".to_string());
     }
     let recorded = log::recorded_checksum(&key, &object.metadata).map_err(|e| e.to_string())?;
     let mut sums = sums_of(temp).await?;
@@ -164,8 +227,18 @@ async fn from_replica(
     began: Instant,
 ) -> Result<Prefetched, String> {
     let key = keys::database(id.as_str());
-    let (copied, head) = tokio::join!(followers.copy_replica(id, temp), head(store, &key));
-    let (sums, mut replayed) = copied.ok_or("no replica of the tenant here")?;
+    // No replica here: give up at once, not after the HEAD (the download
+    // waits for this). A copy under way is always waited for: the
+    // download writes the same file next.
+    let none = || "no replica of the tenant here".to_string();
+    let (copy, head) = (followers.copy_replica(id, temp), head(store, &key));
+    tokio::pin!(copy, head);
+    let ((sums, mut replayed), head) = tokio::select! {
+        // The copy first: without a replica it ends before the HEAD is sent.
+        biased;
+        copied = &mut copy => (copied.ok_or_else(none)?, head.await),
+        head = &mut head => (copy.await.ok_or_else(none)?, head),
+    };
     let (head, snapshot) = head?;
     if snapshot.seq > replayed.contiguous_end {
         return Err(format!(

@@ -418,4 +418,6 @@ impl Registry {
 }
 
 #[cfg(test)]
+mod cold_start_tests;
+#[cfg(test)]
 mod tests;

@@ -28,6 +28,12 @@ impl Registry {
         if !self.serves(id) {
             return self.route_other(id, fresh).await;
         }
+        if !self.is_draining() && self.local(id).is_none() {
+            // Beside the existence check: a takeover then only writes the
+            // heartbeat before the lock (read once per session, no more).
+            let session = self.session.clone();
+            tokio::spawn(async move { session.prime().await });
+        }
         let slot = match self.existing_slot(id).await {
             Ok(Some(slot)) => slot,
             Ok(None) => return Route::NotFound(lifecycle::not_found_message(id)),

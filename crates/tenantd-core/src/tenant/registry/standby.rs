@@ -96,6 +96,10 @@ impl Registry {
                         continue;
                     }
                 }
+                // The heartbeat read while waiting (once per session, no
+                // more): a takeover then only writes it before the lock.
+                let session = self.session.clone();
+                tokio::spawn(async move { session.prime().await });
                 match contender.watch(reread).await {
                     Ok(Acquire::Acquired(lease)) => {
                         match self.exists_under(&id, &slot, lease).await {

@@ -1,0 +1,274 @@
+//! The store requests of a cold start, in the order they are sent: which
+//! round trips a fresh machine's first read pays (issue 22, item 5).
+
+use std::path::Path;
+use std::sync::Mutex as StdMutex;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::*;
+use crate::metrics::Metrics;
+use crate::store::{
+    ETag, Listed, MemoryStore, Metadata, Object, ObjectMeta, ObjectStore, Precondition, StoreResult,
+};
+use crate::tenant::Op;
+use crate::tenant::lifecycle;
+
+/// Records every request as it is sent: `(op, key)`.
+#[derive(Debug)]
+struct Recording {
+    inner: DynStore,
+    sent: StdMutex<Vec<(&'static str, String)>>,
+}
+
+impl Recording {
+    fn note(&self, op: &'static str, key: &str) {
+        self.sent.lock().unwrap().push((op, key.to_string()));
+    }
+
+    fn take(&self) -> Vec<(&'static str, String)> {
+        std::mem::take(&mut *self.sent.lock().unwrap())
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Recording {
+    async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
+        self.note("get", key);
+        self.inner.get(key).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        self.note("head", key);
+        self.inner.head(key).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        self.note("put", key);
+        self.inner.put(key, body, metadata, condition).await
+    }
+    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<Option<ObjectMeta>> {
+        self.note("get", key);
+        self.inner.get_to_file(key, path).await
+    }
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        self.note("put", key);
+        self.inner.put_file(key, path, metadata, condition).await
+    }
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        self.note("list", prefix);
+        self.inner.list(prefix, start_after).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.note("delete", key);
+        self.inner.delete(key).await
+    }
+    async fn check(&self) -> StoreResult<()> {
+        self.inner.check().await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+fn machine(store: DynStore, name: &str, dir: &Path) -> Arc<Registry> {
+    let metrics = Metrics::new();
+    Registry::new(
+        RegistryConfig::new(name, "127.0.0.1:1", Duration::from_secs(2), None),
+        ActorContext::new(store, metrics, name.into(), dir.into()),
+    )
+}
+
+/// A tenant with a few commits, left released by its holder `m1`; then a
+/// fresh machine `m2` reads it once. Returns what `m2` sent.
+async fn cold_read() -> Vec<(&'static str, String)> {
+    cold_read_with(false).await
+}
+
+/// [`cold_read`], `m2` taking over from follower replicas when it has one
+/// (as `serve` sets it up; it has none of this tenant).
+async fn cold_read_with(replicas: bool) -> Vec<(&'static str, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    let memory: DynStore = Arc::new(MemoryStore::new());
+    let tenant = TenantId::parse("cold").unwrap();
+    lifecycle::create(&memory, &tenant).await.unwrap();
+    let m1 = machine(memory.clone(), "m1", dir.path());
+    let Route::Local(handle) = m1.route(&tenant, false).await else {
+        panic!("m1 must hold the tenant");
+    };
+    for _ in 0..3 {
+        handle
+            .call(Op::Increment {
+                idempotency_key: None,
+            })
+            .await
+            .unwrap();
+    }
+    handle.stop();
+    handle.ended().await;
+
+    let recording = Arc::new(Recording {
+        inner: memory.clone(),
+        sent: StdMutex::new(Vec::new()),
+    });
+    let m2 = machine(recording.clone(), "m2", dir.path());
+    if replicas {
+        let store: DynStore = recording.clone();
+        m2.take_over_from_replicas(Arc::new(crate::tenant::follower::Followers::new(
+            store,
+            dir.path().into(),
+            "m2",
+            "127.0.0.1:1".into(),
+            None,
+            Default::default(),
+            &Metrics::new(),
+        )));
+    }
+    let Route::Local(handle) = m2.route(&tenant, false).await else {
+        panic!("m2 must take the released tenant over");
+    };
+    assert_eq!(handle.call(Op::Read).await.unwrap().count, 3);
+    recording.take()
+}
+
+fn count(sent: &[(&'static str, String)], op: &str, key: &str) -> usize {
+    sent.iter().filter(|(o, k)| *o == op && k == key).count()
+}
+
+/// The acquisition's own lock write names it: the first read after a claim
+/// needs no second read of the lock.
+#[tokio::test]
+async fn a_cold_start_reads_the_lock_once() {
+    let sent = cold_read().await;
+    assert_eq!(count(&sent, "get", &keys::lock("cold")), 1, "{sent:#?}");
+}
+
+/// The snapshot's GET is the first read of the takeover, not behind a
+/// HEAD: after the existence check, the next request naming the snapshot
+/// is its GET (its HEAD and the log go beside the download).
+#[tokio::test]
+async fn a_cold_start_sends_the_snapshot_get_before_any_other_read_of_it() {
+    for replicas in [false, true] {
+        snapshot_get_first(cold_read_with(replicas).await);
+    }
+}
+
+fn snapshot_get_first(sent: Vec<(&'static str, String)>) {
+    let snapshot = keys::database("cold");
+    let reads: Vec<&str> = sent
+        .iter()
+        .filter(|(op, key)| *key == snapshot && (*op == "get" || *op == "head"))
+        .map(|(op, _)| *op)
+        .collect();
+    assert_eq!(
+        reads.first(),
+        Some(&"head"),
+        "the existence check: {sent:#?}"
+    );
+    assert_eq!(reads.get(1), Some(&"get"), "{sent:#?}");
+    assert_eq!(
+        reads.iter().filter(|op| **op == "get").count(),
+        1,
+        "{sent:#?}"
+    );
+}
+
+/// The published migrations are read beside the claim, not after it: the
+/// read is sent before the fences.
+#[tokio::test]
+async fn a_cold_start_reads_the_migrations_before_fencing() {
+    let sent = cold_read().await;
+    let position = |wanted: &dyn Fn(&(&'static str, String)) -> bool| {
+        sent.iter()
+            .position(wanted)
+            .unwrap_or_else(|| panic!("{sent:#?}"))
+    };
+    let migrations =
+        position(&|(op, key)| *op == "get" && key == crate::tenant::migrations::HEAD_KEY);
+    let first_fence =
+        position(&|(op, key)| *op == "put" && key.starts_with(&keys::log_prefix("cold")));
+    assert!(migrations < first_fence, "{sent:#?}");
+}
+
+fn recording(inner: DynStore) -> Arc<Recording> {
+    Arc::new(Recording {
+        inner,
+        sent: StdMutex::new(Vec::new()),
+    })
+}
+
+/// A machine's heartbeat read ahead of its session's start (a standby
+/// waiting, a first request being checked): the start writes on that read,
+/// one round trip instead of two before the lock can be written.
+#[tokio::test]
+async fn a_primed_session_starts_with_one_write() {
+    let memory: DynStore = Arc::new(MemoryStore::new());
+    for earlier in [false, true] {
+        if earlier {
+            // An earlier process of the machine left its heartbeat.
+            let old = crate::lease::Session::new(
+                memory.clone(),
+                crate::lease::LeaseConfig::new("m", "a", Duration::from_secs(2)),
+            );
+            drop(old.incarnation().await.unwrap());
+        }
+        let store = recording(memory.clone());
+        let session = crate::lease::Session::new(
+            store.clone(),
+            crate::lease::LeaseConfig::new("m", "a", Duration::from_secs(2)),
+        );
+        session.prime().await;
+        assert_eq!(store.take(), [("get", keys::heartbeat("m"))]);
+        let incarnation = session.incarnation().await.unwrap();
+        assert!(incarnation.is_valid());
+        assert_eq!(
+            store.take(),
+            [("put", keys::heartbeat("m"))],
+            "earlier: {earlier}"
+        );
+    }
+}
+
+/// A read ahead that went stale (the heartbeat written since) costs a
+/// refused write and a read, never a session started on a wrong view
+/// (here the writer is another process of the same machine id, which the
+/// read again finds).
+#[tokio::test]
+async fn a_stale_primed_read_is_read_again() {
+    let memory: DynStore = Arc::new(MemoryStore::new());
+    let store = recording(memory.clone());
+    let config = crate::lease::LeaseConfig::new("m", "a", Duration::from_secs(2));
+    let session = crate::lease::Session::new(store.clone(), config.clone());
+    session.prime().await;
+    // Written behind the primed read's back (its own earlier process).
+    let other = crate::lease::Session::new(memory.clone(), config);
+    drop(other.incarnation().await.unwrap());
+    store.take();
+    let started = session.incarnation().await;
+    let heartbeat = keys::heartbeat("m");
+    let sent = store.take();
+    assert_eq!(
+        sent[..2],
+        [("put", heartbeat.clone()), ("get", heartbeat.clone())],
+        "{:?}",
+        started.as_ref().err()
+    );
+    let Err(e) = started else {
+        panic!("started over another process's heartbeat");
+    };
+    assert!(
+        e.to_string().contains("two processes share one machine id"),
+        "{e}"
+    );
+}

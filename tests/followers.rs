@@ -929,6 +929,13 @@ async fn a_followers_connection_refuses_attach_in_every_spelling() {
                     "Hrana sequence {what}: {}",
                     reply.json
                 );
+                assert!(
+                    reply.json["results"][0]["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("ATTACH")),
+                    "Hrana sequence {what}: the refusal names its rule: {}",
+                    reply.json
+                );
                 assert_eq!(
                     reply.json["results"][0], held.json["results"][0],
                     "Hrana sequence {what}: the holder answers otherwise"

@@ -417,13 +417,14 @@ impl Runner<'_, '_> {
     fn sequence(&mut self, sql: &str) -> Result<Result<(), Json>, ExecError> {
         let mut rest = sql;
         loop {
-            let len = match first_statement_len(self.conn, rest) {
+            let found = {
+                let _user = self.ctx.guard.enter(self.ctx.limits.timeout);
+                first_statement_len(self.conn, rest)
+            };
+            let len = match found {
                 Ok(Some(len)) => len,
                 Ok(None) => return Ok(Ok(())),
-                Err(e) => {
-                    let error = SqlError::invalid(Some(0), e.to_string()).with_sqlite_code(&e);
-                    return Ok(Err(sql_error(&error)));
-                }
+                Err(e) => return Ok(Err(sql_error(&self.prepare_error(&e)))),
             };
             let (first, tail) = rest.split_at(len.min(rest.len()));
             let stmt = Stmt {
@@ -440,21 +441,24 @@ impl Runner<'_, '_> {
         }
     }
 
+    /// A statement SQLite would not prepare: the authorizer's rule when
+    /// it was the one refusing (as `/sql` names it), else SQLite's error.
+    fn prepare_error(&self, e: &rusqlite::Error) -> SqlError {
+        match self.ctx.guard.take_denial() {
+            Some(rule) => SqlError::new(
+                super::SqlErrorKind::Denied,
+                Some(0),
+                format!("statement is not allowed: {rule}"),
+            ),
+            None => SqlError::invalid(Some(0), e.to_string()).with_sqlite_code(e),
+        }
+    }
+
     fn describe(&mut self, sql: &str) -> Outcome {
         let _user = self.ctx.guard.enter(self.ctx.limits.timeout);
         let cursor = match Cursor::prepare(self.conn, sql) {
             Ok(cursor) => cursor,
-            Err(PrepareError::Sqlite(e)) => {
-                let error = match self.ctx.guard.take_denial() {
-                    Some(rule) => SqlError::new(
-                        super::SqlErrorKind::Denied,
-                        Some(0),
-                        format!("statement is not allowed: {rule}"),
-                    ),
-                    None => SqlError::invalid(Some(0), e.to_string()).with_sqlite_code(&e),
-                };
-                return Err(sql_error(&error));
-            }
+            Err(PrepareError::Sqlite(e)) => return Err(sql_error(&self.prepare_error(&e))),
             Err(PrepareError::Empty) => {
                 return Err(error_json(
                     "the SQL text has only comments",

@@ -775,14 +775,16 @@ async fn store_requests(m: &Machine, op: &str, object: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn while_the_holder_pushes_a_follower_routes_reads_without_reading_the_lock() {
+async fn while_the_holder_pushes_a_follower_reads_neither_the_lock_nor_the_holders_heartbeat() {
     let dir = tempfile::tempdir().unwrap();
     let setup = slow(Setup::file_store(dir.path()));
     let (a, b) = two_machines(&setup).await;
     assert_eq!(bodies(&b, &[]).await.role.as_deref(), Some("follower"));
-    let before = store_requests(&b, "get", "lock").await;
+    let lock_before = store_requests(&b, "get", "lock").await;
+    let beat_before = store_requests(&b, "get", "heartbeat").await;
     // Two and a half lease ttls of commits, each read at the follower: a
-    // lock cached for one ttl would be read twice.
+    // lock cached for one ttl would be read twice, and a standby polling
+    // the holder's heartbeat every ttl/3 would read it seven times.
     let until = Instant::now() + Duration::from_millis(7_500);
     let mut n = 0;
     while Instant::now() < until {
@@ -793,13 +795,21 @@ async fn while_the_holder_pushes_a_follower_routes_reads_without_reading_the_loc
         assert_eq!(rows(&reply).len(), n);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let lock_reads = store_requests(&b, "get", "lock").await - before;
+    let lock_reads = store_requests(&b, "get", "lock").await - lock_before;
+    let beat_reads = store_requests(&b, "get", "heartbeat").await - beat_before;
     // The standby's own rereads (every 30 heartbeat polls, or when the
     // holder's heartbeat is late on a loaded machine) may add one or two;
     // routing that reads the lock once per ttl made five.
     assert!(
         lock_reads <= 2,
         "the follower read the lock {lock_reads} times in 7.5 s of pushes"
+    );
+    // Each push carries the holder's current heartbeat: a renewal is
+    // known as soon as the next commit arrives. One or two reads remain
+    // for a renewal no commit followed in time on a loaded machine.
+    assert!(
+        beat_reads <= 2,
+        "the follower read the holder's heartbeat {beat_reads} times in 7.5 s of pushes"
     );
 }
 

@@ -36,7 +36,7 @@ mod session;
 
 pub use heartbeat::HeartbeatRecord;
 pub use observer::{Beat, Observation};
-pub use session::{Incarnation, Session};
+pub use session::{Credited, Incarnation, Session};
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -259,7 +259,7 @@ impl Contender {
             let seen = self
                 .session
                 .observer()
-                .observe_within(&record.holder, ttl, max_age)
+                .observe_until_due(&record.holder, ttl, max_age)
                 .await?;
             if let Beat::Live(beat) = &seen.beat
                 && Some(beat.incarnation) == record.incarnation

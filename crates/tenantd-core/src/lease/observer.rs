@@ -96,6 +96,53 @@ impl Observer {
         cell.try_lock().ok()?.clone()
     }
 
+    /// A heartbeat its machine vouched for in a push ([`crate::lease::Session::vouch`]):
+    /// a new ETag is taken as first seen now, as if a read had just
+    /// answered it. Safe for the stale rule because the push left after
+    /// the write that made the ETag was sent; `checked` moves only with a
+    /// store read of the same ETag, so a takeover is still decided by a
+    /// read that saw the heartbeat unchanged for a ttl. A push never
+    /// overwrites a newer heartbeat (by `renewed_at`, the holder's own
+    /// clock) nor waits for a read in flight.
+    pub fn learn(&self, etag: ETag, record: HeartbeatRecord) {
+        let cell = {
+            let mut machines = self.machines.lock().unwrap();
+            machines
+                .entry(record.machine_id.clone())
+                .or_default()
+                .clone()
+        };
+        let Ok(mut cached) = cell.try_lock() else {
+            return;
+        };
+        let mut lag = VecDeque::new();
+        if let Some(seen) = cached.as_ref() {
+            if seen.etag.as_ref() == Some(&etag) {
+                return;
+            }
+            if let Beat::Live(was) = &seen.beat {
+                if was.renewed_at >= record.renewed_at {
+                    return;
+                }
+                if was.incarnation == record.incarnation {
+                    lag = seen.lag.clone();
+                }
+            }
+        }
+        lag.push_back(chrono::Utc::now() - record.renewed_at);
+        if lag.len() > LAG_SAMPLES {
+            lag.pop_front();
+        }
+        let now = Instant::now();
+        *cached = Some(Observation {
+            beat: Beat::Live(record),
+            etag: Some(etag),
+            first_seen: now,
+            checked: now,
+            lag,
+        });
+    }
+
     /// The heartbeat of `machine`, read again only when the cached read is
     /// older than the refresh interval, or when a read now could show it
     /// unchanged for `ttl` (the moment a takeover may be decided).
@@ -110,6 +157,30 @@ impl Observer {
         machine: &str,
         ttl: Duration,
         max_age: Duration,
+    ) -> StoreResult<Observation> {
+        self.observe_inner(machine, ttl, max_age, false).await
+    }
+
+    /// [`Observer::observe_within`] for a standby's poll, which also keeps
+    /// a read up to one refresh interval old while the holder's next
+    /// renewal is not due yet ([`Observation::next_beat`]): a read then
+    /// could only show what is known. With pushes vouching for each
+    /// renewal as it happens, a standby of a busy tenant reads nothing.
+    pub async fn observe_until_due(
+        &self,
+        machine: &str,
+        ttl: Duration,
+        max_age: Duration,
+    ) -> StoreResult<Observation> {
+        self.observe_inner(machine, ttl, max_age, true).await
+    }
+
+    async fn observe_inner(
+        &self,
+        machine: &str,
+        ttl: Duration,
+        max_age: Duration,
+        until_due: bool,
     ) -> StoreResult<Observation> {
         let cell = {
             let mut machines = self.machines.lock().unwrap();
@@ -127,7 +198,12 @@ impl Observer {
         let now = Instant::now();
         if let Some(seen) = cached.as_ref() {
             let decisive = now >= seen.first_seen + ttl && seen.checked < seen.first_seen + ttl;
-            if now.saturating_duration_since(seen.checked) < max_age && !decisive {
+            let age = now.saturating_duration_since(seen.checked);
+            // Bounded by the refresh interval: a holder's clock that jumps
+            // ahead moves its next beat, never the polls' pace.
+            let not_due =
+                until_due && age < self.refresh && seen.next_beat().is_some_and(|due| now < due);
+            if (age < max_age || not_due) && !decisive {
                 return Ok(seen.clone());
             }
         }
@@ -174,5 +250,109 @@ impl Observer {
         };
         *cached = Some(seen.clone());
         Ok(seen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{Metadata, Precondition};
+
+    const TTL: Duration = Duration::from_secs(3);
+
+    fn record(seq: u64, renewed_at: chrono::DateTime<chrono::Utc>) -> HeartbeatRecord {
+        HeartbeatRecord {
+            machine_id: "h".into(),
+            incarnation: uuid::Uuid::nil(),
+            addr: "127.0.0.1:1".into(),
+            ttl_ms: TTL.as_millis() as u64,
+            renewed_at,
+            seq,
+            extra: Default::default(),
+        }
+    }
+
+    async fn write(store: &DynStore, record: &HeartbeatRecord) -> ETag {
+        store
+            .put(
+                &keys::heartbeat("h"),
+                record.to_bytes(),
+                Metadata::new(),
+                Precondition::None,
+            )
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pushed_heartbeat_is_first_seen_on_arrival_and_only_a_read_makes_it_stale() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let observer = Observer::new(store.clone(), TTL / 3);
+        let first = record(1, chrono::Utc::now());
+        let etag = write(&store, &first).await;
+        observer.learn(etag.clone(), first.clone());
+        let seen = observer.peek("h").unwrap();
+        assert_eq!(seen.etag.as_ref(), Some(&etag));
+        assert_eq!(seen.unchanged_for(), Duration::ZERO);
+        // Pushes of the same heartbeat for a whole ttl: each vouches, none
+        // counts as having seen it still current.
+        for _ in 0..10 {
+            tokio::time::advance(TTL / 10).await;
+            observer.learn(etag.clone(), first.clone());
+        }
+        let seen = observer.peek("h").unwrap();
+        assert_eq!(
+            seen.unchanged_for(),
+            Duration::ZERO,
+            "a push moved `checked`"
+        );
+        // The read that may decide a takeover is a store read.
+        let read = observer.observe_within("h", TTL, TTL).await.unwrap();
+        assert!(read.unchanged_for() >= TTL, "{read:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_older_push_never_replaces_a_newer_heartbeat() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let observer = Observer::new(store.clone(), TTL / 3);
+        let old = record(1, chrono::Utc::now() - chrono::Duration::seconds(1));
+        let old_etag = write(&store, &old).await;
+        let new = record(2, chrono::Utc::now());
+        let new_etag = write(&store, &new).await;
+        observer.observe("h", TTL).await.unwrap();
+        observer.learn(old_etag, old);
+        assert_eq!(observer.peek("h").unwrap().etag, Some(new_etag));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_standby_skips_reads_until_a_renewal_is_due_and_never_for_longer_than_one_interval() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let observer = Observer::new(store.clone(), TTL / 3);
+        let max_age = TTL / 9;
+        // Renewed just now: past max_age but before the next renewal,
+        // a read could show nothing new.
+        let first = record(1, chrono::Utc::now());
+        observer.learn(write(&store, &first).await, first);
+        tokio::time::advance(max_age * 2).await;
+        assert!(
+            !store_reads(&observer, max_age).await,
+            "read although no renewal was due"
+        );
+        // The paused clock moves, the wall clock does not: to the observer
+        // the holder's next renewal stays a third of a ttl ahead, as if its
+        // clock had jumped. One refresh interval on, it reads all the same.
+        tokio::time::advance(TTL / 3).await;
+        assert!(
+            store_reads(&observer, max_age).await,
+            "no read one refresh interval after the last"
+        );
+    }
+
+    /// Whether a standby's poll now reads the store.
+    async fn store_reads(observer: &Observer, max_age: Duration) -> bool {
+        let was = observer.peek("h").unwrap().checked;
+        let seen = observer.observe_until_due("h", TTL, max_age).await.unwrap();
+        seen.checked != was
     }
 }

@@ -29,6 +29,10 @@ use super::observer::Observer;
 use crate::metrics::Metrics;
 use crate::store::{DynStore, ETag, Metadata, Precondition, StoreError, StoreResult, keys};
 
+/// The heartbeat as last written with credit: its ETag, its record, and
+/// the deadline that write gave the incarnation.
+pub type Credited = Option<(ETag, HeartbeatRecord, Instant)>;
+
 /// What the renewal task tells the leases of an incarnation.
 #[derive(Clone, Copy, Debug)]
 struct Status {
@@ -107,6 +111,10 @@ struct Shared {
     /// its [`super::Lease`]: a lock carrying a live one is a current lease
     /// of this process, never "left by an earlier process".
     live_tokens: Mutex<Vec<(Uuid, Weak<()>)>>,
+    /// The heartbeat as last written with credit, until the deadline that
+    /// write gave the incarnation: what a push vouches for ([`Session::vouch`]).
+    /// Watched by the push loops, which send each renewal to followers.
+    credited: watch::Sender<Credited>,
 }
 
 /// The session of this process. Cheap to clone; all clones share one
@@ -168,6 +176,7 @@ impl Session {
                 live_tokens: Mutex::new(Vec::new()),
                 own: Mutex::new(Vec::new()),
                 displaced: Mutex::new(None),
+                credited: watch::Sender::new(None),
                 observer,
             }),
         }
@@ -206,6 +215,23 @@ impl Session {
 
     pub(crate) fn observer(&self) -> &Observer {
         &self.shared.observer
+    }
+
+    /// This machine's heartbeat as last written, while the incarnation
+    /// that write credited is valid: sent with each push, so that a
+    /// follower learns of a renewal without reading the heartbeat (the
+    /// write was sent before the push, which is all the observer's stale
+    /// rule asks of the moment it first sees an ETag).
+    pub fn vouch(&self) -> Option<(ETag, HeartbeatRecord)> {
+        let credited = self.shared.credited.borrow();
+        let (etag, record, deadline) = credited.as_ref()?;
+        (Instant::now() < *deadline).then(|| (etag.clone(), record.clone()))
+    }
+
+    /// Changes whenever a heartbeat write is credited (or the session is
+    /// lost): a holder's push loop sends each renewal on at once.
+    pub fn renewals(&self) -> watch::Receiver<Credited> {
+        self.shared.credited.subscribe()
     }
 
     /// The incarnation new leases belong to: the running one, or a new one
@@ -283,6 +309,9 @@ impl Session {
                     }
                     info!(key = %shared.key, incarnation = %id, "session started");
                     self.count("started");
+                    shared
+                        .credited
+                        .send_replace(Some((etag.clone(), record.clone(), deadline)));
                     let (tx, rx) = watch::channel(Status {
                         deadline,
                         lost: false,
@@ -338,6 +367,7 @@ async fn renew(
     let incarnation = record.incarnation;
     let lose = |why: &str| {
         warn!(key = %shared.key, %incarnation, "{why}; every lease of this session is lost");
+        shared.credited.send_replace(None);
         tx.send_modify(|s| s.lost = true);
     };
     loop {
@@ -363,7 +393,7 @@ async fn renew(
         );
         let attempt_deadline = deadline.min(sent_at + interval);
         let credited = match tokio::time::timeout_at(attempt_deadline, put).await {
-            Ok(Ok(new)) => Some((new, sent_at)),
+            Ok(Ok(new)) => Some((new, sent_at, record.clone())),
             Ok(Err(StoreError::PreconditionFailed { .. }))
             | Ok(Err(StoreError::Ambiguous { .. })) => {
                 // Either an earlier attempt of ours landed late, or another
@@ -376,7 +406,7 @@ async fn renew(
                                 match pending.iter().find(|(seq, _)| *seq == current.seq) {
                                     Some((seq, sent)) => {
                                         record.seq = record.seq.max(*seq);
-                                        Some((object.etag, *sent))
+                                        Some((object.etag, *sent, current))
                                     }
                                     None => {
                                         count(&shared, "lost");
@@ -427,13 +457,17 @@ async fn renew(
         match credited {
             // Credited only if answered before the deadline in force (the
             // timeouts above ensure it; checked again for clarity).
-            Some((new, sent)) if Instant::now() < deadline => {
+            Some((new, sent, written)) if Instant::now() < deadline => {
                 count(&shared, "ok");
                 etag = new;
                 last_sent = last_sent.max(sent);
                 pending.retain(|(_, at)| *at > sent);
                 let deadline = last_sent + config.ttl.saturating_sub(config.margin);
                 tx.send_modify(|s| s.deadline = s.deadline.max(deadline));
+                let deadline = tx.borrow().deadline;
+                shared
+                    .credited
+                    .send_replace(Some((etag.clone(), written, deadline)));
                 next = last_sent + interval;
             }
             Some(_) => {

@@ -233,6 +233,7 @@ impl Registry {
 
     /// Lets takeovers start from this machine's follower replicas.
     pub fn take_over_from_replicas(&self, followers: Arc<crate::tenant::follower::Followers>) {
+        followers.use_session(self.session.clone());
         let _ = self.followers.set(followers);
     }
 

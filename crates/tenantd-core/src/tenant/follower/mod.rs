@@ -116,6 +116,9 @@ pub struct Followers {
     /// that pushes is alive and holds that epoch's lease.
     pushed: Mutex<HashMap<TenantId, (u64, Instant)>>,
     counted: prometheus::IntCounterVec,
+    /// This machine's session: its heartbeat goes with each push, and
+    /// holders' heartbeats that come with theirs go to its observer.
+    session: std::sync::OnceLock<crate::lease::Session>,
 }
 
 impl Followers {
@@ -139,6 +142,7 @@ impl Followers {
             replicas: Mutex::new(HashMap::new()),
             pushed: Mutex::new(HashMap::new()),
             counted: metrics.follower_slots.clone(),
+            session: std::sync::OnceLock::new(),
         }
     }
 
@@ -308,8 +312,15 @@ impl Followers {
     /// Registers a follower of a tenant this machine holds for pushes.
     pub fn register(&self, id: &TenantId, handle: &TenantHandle, addr: String) {
         if self.peers.pushes() {
-            self.pushes.register(id, handle, addr, &self.peers);
+            let session = self.session.get().cloned();
+            self.pushes.register(id, handle, addr, &self.peers, session);
         }
+    }
+
+    /// The session of the machine these followers run on (set once, by
+    /// the registry that owns it).
+    pub fn use_session(&self, session: crate::lease::Session) {
+        let _ = self.session.set(session);
     }
 
     /// A pushed log object: applied when it is the replica's next slot.
@@ -319,6 +330,16 @@ impl Followers {
         metadata: &crate::store::Metadata,
         body: bytes::Bytes,
     ) -> Result<bool, String> {
+        // The holder's renewal, learnt without a read: a standby of this
+        // tenant (or of any other of that holder's) skips its next poll.
+        if let (Some(session), Some((etag, record))) =
+            (self.session.get(), push::heartbeat(metadata))
+        {
+            session.observer().learn(etag, record);
+        }
+        if push::beat_only(metadata, &body) {
+            return Ok(false);
+        }
         let Some(replica) = self.replicas.lock().unwrap().get(id).cloned() else {
             return Ok(false);
         };

@@ -17,6 +17,8 @@ use tokio::time::Instant;
 
 use super::transport::Peers;
 use crate::TenantId;
+use crate::lease::{Credited, HeartbeatRecord, Session};
+use crate::store::ETag;
 use crate::store::{Metadata, keys};
 use crate::tenant::TenantHandle;
 use crate::tenant::actor::ConfirmedSlot;
@@ -28,12 +30,19 @@ const REGISTRATION: Duration = Duration::from_secs(60);
 /// One push's bound; a follower that misses it reads the log instead.
 pub(super) const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The holder's heartbeat ETag as of a push ([`Session::vouch`]).
+pub const HEARTBEAT_ETAG_KEY: &str = "tenantd-heartbeat-etag";
+/// The heartbeat record that ETag names, as base64 of its JSON.
+pub const HEARTBEAT_KEY: &str = "tenantd-heartbeat";
+
 /// The metadata a push carries as headers.
-pub const PUSHED_HEADERS: [&str; 4] = [
+pub const PUSHED_HEADERS: [&str; 6] = [
     log::SEQ_KEY,
     log::EPOCH_KEY,
     log::TOKEN_KEY,
     log::HOLDER_KEY,
+    HEARTBEAT_ETAG_KEY,
+    HEARTBEAT_KEY,
 ];
 
 /// The internal route a follower accepts pushes on.
@@ -62,6 +71,7 @@ impl Pushes {
         handle: &TenantHandle,
         addr: String,
         peers: &Arc<dyn Peers>,
+        session: Option<Session>,
     ) {
         use std::sync::atomic::Ordering;
         let set = {
@@ -74,7 +84,13 @@ impl Pushes {
         };
         set.followers.lock().unwrap().insert(addr, Instant::now());
         if !set.running.swap(true, Ordering::SeqCst) {
-            tokio::spawn(push_loop(set, handle.commits(), id.clone(), peers.clone()));
+            tokio::spawn(push_loop(
+                set,
+                handle.commits(),
+                id.clone(),
+                peers.clone(),
+                session,
+            ));
         }
     }
 }
@@ -88,18 +104,30 @@ fn new_set(handle: &TenantHandle) -> Arc<PushSet> {
 }
 
 /// Pushes each confirmed slot to every registered follower, in slot order
-/// per follower; ends with the actor, or when no follower is left.
+/// per follower, with this machine's heartbeat as of the push, and each
+/// renewal of that heartbeat as it is credited (a push without a slot), so
+/// that a follower's standby learns of renewals without reading them;
+/// ends with the actor, or when no follower is left.
 async fn push_loop(
     set: Arc<PushSet>,
     mut commits: broadcast::Receiver<Arc<ConfirmedSlot>>,
     id: TenantId,
     peers: Arc<dyn Peers>,
+    session: Option<Session>,
 ) {
+    let mut renewals = session.as_ref().map(Session::renewals);
     loop {
-        let slot = match commits.recv().await {
-            Ok(slot) => slot,
-            Err(RecvError::Lagged(_)) => continue,
-            Err(RecvError::Closed) => break,
+        let slot = tokio::select! {
+            commit = commits.recv() => match commit {
+                Ok(slot) => slot,
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => break,
+            },
+            Some(()) = renewed(&mut renewals) => Arc::new(ConfirmedSlot {
+                seq: 0,
+                body: Bytes::new(),
+                metadata: Metadata::new(),
+            }),
         };
         let targets: Vec<String> = {
             let mut followers = set.followers.lock().unwrap();
@@ -109,6 +137,11 @@ async fn push_loop(
         if targets.is_empty() {
             break;
         }
+        let slot = match session.as_ref().and_then(Session::vouch) {
+            Some((etag, record)) => with_heartbeat(&slot, &etag, &record),
+            None if slot.body.is_empty() => continue,
+            None => slot,
+        };
         let sends = targets
             .iter()
             .map(|addr| tokio::time::timeout(PUSH_TIMEOUT, peers.push(&id, addr, &slot)));
@@ -116,6 +149,55 @@ async fn push_loop(
     }
     set.running
         .store(false, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Resolves when the session credits a renewal; never without a session.
+async fn renewed(renewals: &mut Option<tokio::sync::watch::Receiver<Credited>>) -> Option<()> {
+    match renewals {
+        Some(renewals) => renewals.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether a push carries no slot, only its holder's heartbeat.
+pub fn beat_only(headers: &Metadata, body: &[u8]) -> bool {
+    body.is_empty() && !headers.contains_key(log::SEQ_KEY)
+}
+
+/// `slot` with the heartbeat it is pushed under in its metadata (left out
+/// if the ETag could not travel as a header).
+fn with_heartbeat(
+    slot: &Arc<ConfirmedSlot>,
+    etag: &ETag,
+    record: &HeartbeatRecord,
+) -> Arc<ConfirmedSlot> {
+    use base64::Engine;
+    if !etag.0.bytes().all(|b| b.is_ascii_graphic()) {
+        return slot.clone();
+    }
+    let json = serde_json::to_vec(record).expect("heartbeat records serialize");
+    let mut metadata = slot.metadata.clone();
+    metadata.insert(HEARTBEAT_ETAG_KEY.into(), etag.0.clone());
+    metadata.insert(
+        HEARTBEAT_KEY.into(),
+        base64::engine::general_purpose::STANDARD.encode(json),
+    );
+    Arc::new(ConfirmedSlot {
+        seq: slot.seq,
+        body: slot.body.clone(),
+        metadata,
+    })
+}
+
+/// The heartbeat a push vouches for, if it carries a readable one.
+pub fn heartbeat(headers: &Metadata) -> Option<(ETag, HeartbeatRecord)> {
+    use base64::Engine;
+    let etag = headers.get(HEARTBEAT_ETAG_KEY)?;
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(headers.get(HEARTBEAT_KEY)?)
+        .ok()?;
+    let record = serde_json::from_slice(&json).ok()?;
+    Some((ETag(etag.clone()), record))
 }
 
 /// A pushed object as a follower decodes it: the same checks as a log

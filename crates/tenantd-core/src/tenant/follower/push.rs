@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::transport::Peers;
 use crate::TenantId;
-use crate::lease::{Credited, HeartbeatRecord, Session};
+use crate::lease::{HeartbeatRecord, Session};
 use crate::store::ETag;
 use crate::store::{Metadata, keys};
 use crate::tenant::TenantHandle;
@@ -50,10 +50,21 @@ pub fn push_path(id: &TenantId) -> String {
     format!("/_internal/tenants/{id}/push")
 }
 
-/// Followers registered with this holder, per tenant.
+/// Followers registered with this holder, per tenant, and the machines
+/// they run on, which get each heartbeat renewal once whatever the number
+/// of tenants they follow here.
 #[derive(Default)]
 pub struct Pushes {
     tenants: Mutex<HashMap<TenantId, Arc<PushSet>>>,
+    beats: Arc<Beats>,
+}
+
+/// Follower addresses registered lately, each with a tenant it follows
+/// (the push route names one).
+#[derive(Default)]
+struct Beats {
+    followers: Mutex<HashMap<String, (TenantId, Instant)>>,
+    running: std::sync::atomic::AtomicBool,
 }
 
 struct PushSet {
@@ -82,15 +93,29 @@ impl Pushes {
             }
             set.clone()
         };
-        set.followers.lock().unwrap().insert(addr, Instant::now());
+        set.followers
+            .lock()
+            .unwrap()
+            .insert(addr.clone(), Instant::now());
         if !set.running.swap(true, Ordering::SeqCst) {
             tokio::spawn(push_loop(
                 set,
                 handle.commits(),
                 id.clone(),
                 peers.clone(),
-                session,
+                session.clone(),
             ));
+        }
+        let Some(session) = session else {
+            return;
+        };
+        self.beats
+            .followers
+            .lock()
+            .unwrap()
+            .insert(addr, (id.clone(), Instant::now()));
+        if !self.beats.running.swap(true, Ordering::SeqCst) {
+            tokio::spawn(beat_loop(self.beats.clone(), session, peers.clone()));
         }
     }
 }
@@ -104,10 +129,8 @@ fn new_set(handle: &TenantHandle) -> Arc<PushSet> {
 }
 
 /// Pushes each confirmed slot to every registered follower, in slot order
-/// per follower, with this machine's heartbeat as of the push, and each
-/// renewal of that heartbeat as it is credited (a push without a slot), so
-/// that a follower's standby learns of renewals without reading them;
-/// ends with the actor, or when no follower is left.
+/// per follower, with this machine's heartbeat as of the push; ends with
+/// the actor, or when no follower is left.
 async fn push_loop(
     set: Arc<PushSet>,
     mut commits: broadcast::Receiver<Arc<ConfirmedSlot>>,
@@ -115,19 +138,11 @@ async fn push_loop(
     peers: Arc<dyn Peers>,
     session: Option<Session>,
 ) {
-    let mut renewals = session.as_ref().map(Session::renewals);
     loop {
-        let slot = tokio::select! {
-            commit = commits.recv() => match commit {
-                Ok(slot) => slot,
-                Err(RecvError::Lagged(_)) => continue,
-                Err(RecvError::Closed) => break,
-            },
-            Some(()) = renewed(&mut renewals) => Arc::new(ConfirmedSlot {
-                seq: 0,
-                body: Bytes::new(),
-                metadata: Metadata::new(),
-            }),
+        let slot = match commits.recv().await {
+            Ok(slot) => slot,
+            Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => break,
         };
         let targets: Vec<String> = {
             let mut followers = set.followers.lock().unwrap();
@@ -139,7 +154,6 @@ async fn push_loop(
         }
         let slot = match session.as_ref().and_then(Session::vouch) {
             Some((etag, record)) => with_heartbeat(&slot, &etag, &record),
-            None if slot.body.is_empty() => continue,
             None => slot,
         };
         let sends = targets
@@ -151,12 +165,44 @@ async fn push_loop(
         .store(false, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Resolves when the session credits a renewal; never without a session.
-async fn renewed(renewals: &mut Option<tokio::sync::watch::Receiver<Credited>>) -> Option<()> {
-    match renewals {
-        Some(renewals) => renewals.changed().await.ok(),
-        None => std::future::pending().await,
+/// Pushes each heartbeat renewal, as it is credited, to every machine
+/// with a follower registered here (a push without a slot), so that a
+/// follower's standby learns of renewals without reading them even when
+/// no commit follows; ends when no follower is left.
+async fn beat_loop(beats: Arc<Beats>, session: Session, peers: Arc<dyn Peers>) {
+    let mut renewals = session.renewals();
+    while renewals.changed().await.is_ok() {
+        let targets: Vec<(String, TenantId)> = {
+            let mut followers = beats.followers.lock().unwrap();
+            followers.retain(|_, (_, at)| at.elapsed() < REGISTRATION);
+            followers
+                .iter()
+                .map(|(addr, (id, _))| (addr.clone(), id.clone()))
+                .collect()
+        };
+        if targets.is_empty() {
+            break;
+        }
+        let Some((etag, record)) = session.vouch() else {
+            continue;
+        };
+        let beat = with_heartbeat(
+            &Arc::new(ConfirmedSlot {
+                seq: 0,
+                body: Bytes::new(),
+                metadata: Metadata::new(),
+            }),
+            &etag,
+            &record,
+        );
+        let sends = targets
+            .iter()
+            .map(|(addr, id)| tokio::time::timeout(PUSH_TIMEOUT, peers.push(id, addr, &beat)));
+        futures::future::join_all(sends).await;
     }
+    beats
+        .running
+        .store(false, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// Whether a push carries no slot, only its holder's heartbeat.

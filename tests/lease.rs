@@ -525,6 +525,11 @@ async fn a_412_on_the_heartbeat_loses_the_session() {
             a.contender(&tenant_key(n)).try_acquire().await.unwrap(),
         ));
     }
+    // What its pushes vouch for: the heartbeat as stored.
+    let (etag, record) = a.session.vouch().expect("a running session vouches");
+    let stored = shared.get(&keys::heartbeat("a")).await.unwrap().unwrap();
+    assert_eq!(etag, stored.etag);
+    assert_eq!(record, heartbeat(&shared, "a").await);
     let mut intruder = heartbeat(&shared, "a").await;
     intruder.incarnation = uuid::Uuid::new_v4();
     shared
@@ -546,6 +551,10 @@ async fn a_412_on_the_heartbeat_loses_the_session() {
             "lost by the 412, not by the deadline"
         );
     }
+    assert!(
+        a.session.vouch().is_none(),
+        "a lost session still vouches for a heartbeat"
+    );
     // This process does not fight the other one for the machine id.
     assert!(a.contender(&tenant_key(9)).try_acquire().await.is_err());
 }

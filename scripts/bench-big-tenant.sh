@@ -103,7 +103,7 @@ echo "${size} MiB tenant, file store, $(nproc) cores:"
 report import import
 printf '%-9s idle VmHWM %d MiB; claim (first increment) %.1f s; compaction written %s s after the 10th commit, the next 10 commits meanwhile took %s s; VmHWM then %d MiB\n' \
     serve "$idle" "$claim" "$compacted" "$during" "$served"
-printf '%-9s %8s s  (SIGTERM to exit: the snapshot brought up to date)\n' release "$released"
+printf '%-9s %8s s  (SIGTERM to exit: the snapshot brought up to date, or the deltas left to the next holder in the log when they are small beside the database; serve.log says which)\n' release "$released"
 report serve "serve"
 report restore restore
 echo "restored count: $count (20 expected)"

@@ -229,14 +229,14 @@ impl Report {
             },
             Target {
                 what: format!(
-                    "cold start ≤ snapshot download + 20% at every size: {}",
+                    "cold start ≤ snapshot download × 1.2 + 50 ms at every size (issue 22): {}",
                     self.cold
                         .iter()
                         .map(|c| format!(
                             "{} MB {:.0} / {:.0} ms",
                             c.size_mb,
                             c.cold_start_ms,
-                            1.2 * c.snapshot_download_ms
+                            cold_start_goal_ms(c.snapshot_download_ms)
                         ))
                         .collect::<Vec<_>>()
                         .join(", ")
@@ -244,7 +244,7 @@ impl Report {
                 met: self
                     .cold
                     .iter()
-                    .all(|c| c.cold_start_ms <= 1.2 * c.snapshot_download_ms),
+                    .all(|c| c.cold_start_ms <= cold_start_goal_ms(c.snapshot_download_ms)),
             },
             Target {
                 what: format!(
@@ -603,4 +603,10 @@ fn median(values: &[u64]) -> u64 {
     let mut sorted = values.to_vec();
     sorted.sort_unstable();
     sorted.get(sorted.len() / 2).copied().unwrap_or(0)
+}
+
+/// Issue 22's bound on a cold start: the snapshot's download with a fifth
+/// more, and 50 ms for the lease and the fences around it.
+fn cold_start_goal_ms(download_ms: f64) -> f64 {
+    1.2 * download_ms + 50.0
 }

@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use tenantd_core::TenantId;
-use tenantd_core::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
+use tenantd_core::lease::{Acquire, Contender, Lease, LeaseConfig, LockState, Session, read_lock};
 use tenantd_core::metrics::Metrics;
 use tenantd_core::store::{
     DynStore, ETag, Listed, MemoryStore, Metadata, Object, ObjectMeta, ObjectStore, Precondition,
@@ -733,4 +733,83 @@ async fn a_takeover_from_reads_made_before_its_lease_loses_nothing() {
         );
         assert_eq!(stored_count(&net.base, dir.path()).await.unwrap(), 6);
     }
+}
+
+/// A claim that reads again after its own fences went in (its early
+/// reads were overtaken by a compaction) compares a released lock's
+/// `log_end` with the log as the previous holder left it, not with the
+/// end of its own first fences. Found by the service simulation (pool
+/// seed 20, about one interleaving in forty): "claims found the log
+/// ending elsewhere than the released lock's log_end said".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_reading_again_after_its_own_fences_agrees_with_the_released_log_end() {
+    logs();
+    let net = Net::new();
+    let dir = tempfile::tempdir().unwrap();
+    lifecycle::create(&net.base, &id()).await.unwrap();
+    let (a_store, _a) = net.view();
+    let lease = acquire(&a_store, "a").await;
+    let mut ctx = ActorContext::new(
+        a_store.clone(),
+        Metrics::new(),
+        "a".into(),
+        dir.path().join("a"),
+    );
+    ctx.retention.max_deltas = 6;
+    // No time for a snapshot at the release: it goes with the log.
+    ctx.release_budget = Some(Duration::ZERO);
+    let (handle_a, task_a) = TenantActor::start(id(), ctx, lease).await.unwrap();
+    assert_eq!(counts(&handle_a, 1).await, [1]);
+
+    let snapshot_seq = || async {
+        let head = net.base.head(&keys::database(ID)).await.unwrap().unwrap();
+        head.metadata["tenantd-seq"].parse::<u64>().unwrap()
+    };
+    let read_early = snapshot_seq().await;
+    let (b_store, _b) = net.view();
+    let early = tenantd_core::tenant::prefetch::start(&b_store, &dir.path().join("b"), &id(), None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Enough deltas for a compaction: the snapshot B read is replaced.
+    let mut n = 1;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while snapshot_seq().await == read_early {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no compaction after {n} increments"
+        );
+        n += 1;
+        assert_eq!(counts(&handle_a, 1).await, [n]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    n += 1;
+    assert_eq!(counts(&handle_a, 1).await, [n]);
+    handle_a.stop();
+    task_a.await.unwrap();
+    let released = read_lock(&net.base, &keys::lock(ID)).await.unwrap();
+    let LockState::Released { record, .. } = released else {
+        panic!("A released its lease: {released:?}");
+    };
+    assert!(
+        record.log_end.is_some(),
+        "A released with its log: {record:?}"
+    );
+
+    let lease = acquire(&b_store, "b").await;
+    let metrics = Metrics::new();
+    let ctx = ActorContext::new(
+        b_store.clone(),
+        metrics.clone(),
+        "b".into(),
+        dir.path().join("b"),
+    );
+    let (handle_b, _task_b) = TenantActor::start_from(id(), ctx, lease, Some(early))
+        .await
+        .unwrap();
+    assert_eq!(handle_b.call(increment()).await.map(|a| a.count), Ok(n + 1));
+    assert_eq!(
+        metrics.release_log_end_mismatches.get(),
+        0,
+        "the claim compared log_end {:?} with an end that counts its own fences",
+        record.log_end
+    );
 }

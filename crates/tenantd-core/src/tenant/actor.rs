@@ -286,7 +286,7 @@ impl TenantActor {
                 return Err(e);
             }
         };
-        release::check_log_end(&id, &ctx, lease.previous().as_ref(), claimed.next_slot);
+        release::check_log_end(&id, &ctx, lease.previous().as_ref(), claimed.previous_end);
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         let stop = CancellationToken::new();
         let done = CancellationToken::new();

@@ -35,6 +35,10 @@ pub struct Claimed {
     pub next_slot: u64,
     /// Deltas (and their bytes) after the snapshot.
     pub since_snapshot: (u64, u64),
+    /// Where the log ended as the previous holders left it: the run
+    /// without this acquisition's own fences (compared with a released
+    /// lock's `log_end`).
+    pub previous_end: u64,
 }
 
 /// Where the body to start from came from.
@@ -149,6 +153,8 @@ pub(crate) struct Rebuilt {
     pub since: (u64, u64),
     /// The snapshot is not in the commit-log format yet (or absent).
     pub converting: bool,
+    /// The run's end without this acquisition's objects ([`Claimed::previous_end`]).
+    pub previous_end: u64,
     source: Source,
     recorded: Option<u64>,
 }
@@ -325,11 +331,12 @@ async fn attempt(
             replayed,
             ..
         } = p;
-        let (applied, next_slot, since) = fence_after(
+        let (applied, next_slot, since, previous_end) = fence_after(
             id, store, key, epoch, writer, path, &snapshot, &mut sums, replayed, began,
         )
         .await?;
         return Ok(Rebuilt {
+            previous_end,
             snapshot,
             sums,
             applied,
@@ -439,7 +446,7 @@ async fn attempt(
             ),
         )));
     }
-    let (applied, next_slot, since) = match &source {
+    let (applied, next_slot, since, previous_end) = match &source {
         Source::Snapshot => {
             let planned = match plan.take() {
                 Some(plan) => plan,
@@ -473,9 +480,10 @@ async fn attempt(
             )
             .await?
         }
-        Source::Convert { .. } => (snapshot.seq, snapshot.seq + 1, (0, 0)),
+        Source::Convert { .. } => (snapshot.seq, snapshot.seq + 1, (0, 0), snapshot.seq),
     };
     Ok(Rebuilt {
+        previous_end,
         snapshot,
         sums,
         applied,
@@ -490,8 +498,8 @@ async fn attempt(
 /// Makes the slots after a replayed run this writer's: judges the epochs
 /// read, fences (applying taken slots that continue the run), and checks
 /// the snapshot again once the fences are in. Returns the last slot
-/// applied, the first slot this writer uses, and the deltas after the
-/// snapshot.
+/// applied, the first slot this writer uses, the deltas after the
+/// snapshot, and where the previous holders left the log's end.
 #[allow(clippy::too_many_arguments)]
 async fn fence_after(
     id: &TenantId,
@@ -504,7 +512,7 @@ async fn fence_after(
     sums: &mut PageSums,
     mut replayed: log::Replayed,
     began: Instant,
-) -> Result<(u64, u64, (u64, u64)), Attempt> {
+) -> Result<(u64, u64, (u64, u64), u64), Attempt> {
     let read_and_replayed_ms = began.elapsed().as_millis() as u64;
     // This writer's fences and commits must outrank everything
     // another acquisition wrote, or readers would skip them.
@@ -554,6 +562,7 @@ async fn fence_after(
         replayed.applied,
         next,
         (replayed.deltas, replayed.delta_bytes),
+        replayed.end_before(writer),
     ))
 }
 
@@ -710,6 +719,7 @@ async fn open(
         since,
         source,
         recorded,
+        previous_end,
         ..
     } = rebuilt;
     let (owned, source_key) = (
@@ -744,6 +754,7 @@ async fn open(
             snapshot,
             next_slot,
             since_snapshot: since,
+            previous_end,
         });
     };
     // Converted once, by writing the database back as a commit-log
@@ -782,6 +793,7 @@ async fn open(
                 },
                 next_slot: next_slot.max(seq + 1),
                 since_snapshot: since,
+                previous_end,
             })
         }
         Err(e) if e.is_precondition() => Err(Attempt::Again(format!(

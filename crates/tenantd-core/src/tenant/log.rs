@@ -300,6 +300,10 @@ pub struct Replayed {
     /// Each acquisition seen (snapshot and every object read, skipped ones
     /// too), with the newest epoch it wrote.
     writers: Vec<(Option<String>, u64)>,
+    /// The snapshot's slot, and the last slot of the run each acquisition
+    /// wrote (skipped objects too).
+    snapshot_seq: u64,
+    last_slots: Vec<(Option<String>, u64)>,
 }
 
 impl Replayed {
@@ -314,7 +318,24 @@ impl Replayed {
             max_epoch: snapshot.epoch,
             max_token: snapshot.token.clone(),
             writers: vec![(snapshot.token.clone(), snapshot.epoch)],
+            snapshot_seq: snapshot.seq,
+            last_slots: Vec::new(),
         }
+    }
+
+    /// Where the run ends when the objects of `writer`'s own acquisition
+    /// are left out: the log as the previous holders left it, even when
+    /// this claim reads again after its own fences went in (a snapshot
+    /// rewritten meanwhile). What a released lock's `log_end` is compared
+    /// with.
+    pub fn end_before(&self, writer: &Writer) -> u64 {
+        self.last_slots
+            .iter()
+            .filter(|(token, _)| !writer.owns(token.as_deref()))
+            .map(|(_, seq)| *seq)
+            .max()
+            .unwrap_or(self.snapshot_seq)
+            .max(self.snapshot_seq)
     }
 
     fn saw(&mut self, token: Option<&String>, epoch: u64) {
@@ -372,6 +393,10 @@ impl Replayed {
             bytes,
         } = fetched;
         self.saw(token.as_ref(), delta.epoch);
+        match self.last_slots.iter_mut().find(|(t, _)| *t == token) {
+            Some((_, last)) => *last = (*last).max(delta.seq),
+            None => self.last_slots.push((token.clone(), delta.seq)),
+        }
         // Not history: an object older than one before it, or as old as
         // one of another acquisition before it. Two acquisitions share an
         // epoch only until the later one raises its own (a lock deleted by

@@ -15,7 +15,6 @@ use tracing::{info, warn};
 use super::TenantActor;
 use super::upload::MIN_UPLOAD_BYTES_PER_SEC;
 use crate::lease::LockRecord;
-use crate::tenant::log::WINDOW;
 
 /// Databases up to this size are brought up to date whenever the budget
 /// allows: their upload costs little more than a round trip, and a
@@ -102,23 +101,23 @@ pub(super) fn plan(
     Plan::Snapshot
 }
 
-/// Compares where this claim's fences found the log's end with what the
-/// lock it replaced said when it was released with its log. A release
-/// drains its uploads first and nothing but the next holder writes after
-/// it, so they agree; the hint decided nothing here (the fences did), so a
-/// mismatch is only reported: an end before the hint means confirmed
-/// slots are gone from the store, one after it a release that misnamed
-/// its end.
+/// Compares where this claim found the log's end, without its own objects
+/// (fences it wrote before reading again, when the snapshot changed under
+/// it, are its own, not the previous holder's), with what the lock it
+/// replaced said when it was released with its log. A release drains its
+/// uploads first and nothing but the next holder writes after it, so they
+/// agree; the hint decided nothing here (the fences did), so a mismatch is
+/// only reported: an end before the hint means confirmed slots are gone
+/// from the store, one after it a release that misnamed its end.
 pub(super) fn check_log_end(
     id: &crate::TenantId,
     ctx: &super::ActorContext,
     previous: Option<&LockRecord>,
-    next_slot: u64,
+    end: u64,
 ) {
     let Some(hint) = previous.filter(|r| r.released).and_then(|r| r.log_end) else {
         return;
     };
-    let end = next_slot.saturating_sub(WINDOW + 1);
     if end != hint {
         ctx.metrics.release_log_end_mismatches.inc();
         warn!(customer_id = %id, log_end = hint, found = end, "the released lock named another end of the log than this claim found after its fences (a store that lost slots, or a release that misnamed its end); the fences decided what was replayed");

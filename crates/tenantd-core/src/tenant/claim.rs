@@ -162,14 +162,10 @@ pub(crate) struct Rebuilt {
 impl Rebuilt {
     /// Whether some acquisition held the tenant before this one: it wrote
     /// the snapshot, or log objects after it (every claim fences, so the
-    /// run read before this claim's own fences is not empty). A new or
+    /// run without this claim's own objects is not empty). A new or
     /// re-created tenant's snapshot has epoch 0 and nothing after it.
     fn had_holders(&self) -> bool {
-        let run_end = match self.source {
-            Source::Snapshot => self.next_slot - WINDOW - 1,
-            Source::Convert { .. } => self.snapshot.seq,
-        };
-        self.snapshot.epoch > 0 || run_end > self.snapshot.seq
+        self.snapshot.epoch > 0 || self.previous_end > self.snapshot.seq
     }
 }
 

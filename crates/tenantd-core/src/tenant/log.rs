@@ -298,12 +298,10 @@ pub struct Replayed {
     /// not skipped).
     max_token: Option<String>,
     /// Each acquisition seen (snapshot and every object read, skipped ones
-    /// too), with the newest epoch it wrote.
-    writers: Vec<(Option<String>, u64)>,
-    /// The snapshot's slot, and the last slot of the run each acquisition
-    /// wrote (skipped objects too).
+    /// too), with the newest epoch and the last slot it wrote.
+    writers: Vec<(Option<String>, u64, u64)>,
+    /// The snapshot's slot: where the run starts.
     snapshot_seq: u64,
-    last_slots: Vec<(Option<String>, u64)>,
 }
 
 impl Replayed {
@@ -317,9 +315,8 @@ impl Replayed {
             last_committed_at_ms: None,
             max_epoch: snapshot.epoch,
             max_token: snapshot.token.clone(),
-            writers: vec![(snapshot.token.clone(), snapshot.epoch)],
+            writers: vec![(snapshot.token.clone(), snapshot.epoch, snapshot.seq)],
             snapshot_seq: snapshot.seq,
-            last_slots: Vec::new(),
         }
     }
 
@@ -329,31 +326,42 @@ impl Replayed {
     /// rewritten meanwhile). What a released lock's `log_end` is compared
     /// with.
     pub fn end_before(&self, writer: &Writer) -> u64 {
-        self.last_slots
-            .iter()
-            .filter(|(token, _)| !writer.owns(token.as_deref()))
-            .map(|(_, seq)| *seq)
-            .max()
-            .unwrap_or(self.snapshot_seq)
-            .max(self.snapshot_seq)
+        self.others(writer)
+            .map(|(_, _, seq)| *seq)
+            .fold(self.snapshot_seq, u64::max)
     }
 
-    fn saw(&mut self, token: Option<&String>, epoch: u64) {
-        match self.writers.iter_mut().find(|(t, _)| t.as_ref() == token) {
-            Some((_, newest)) => *newest = (*newest).max(epoch),
-            None => self.writers.push((token.cloned(), epoch)),
+    fn saw(&mut self, token: Option<&String>, epoch: u64, seq: u64) {
+        match self
+            .writers
+            .iter_mut()
+            .find(|(t, _, _)| t.as_ref() == token)
+        {
+            Some((_, newest, last)) => {
+                *newest = (*newest).max(epoch);
+                *last = (*last).max(seq);
+            }
+            None => self.writers.push((token.cloned(), epoch, seq)),
         }
     }
 
     /// The newest epoch any acquisition but `writer`'s wrote in what was
     /// read: a new writer's epoch must be above it.
     pub fn others_epoch(&self, writer: &Writer) -> u64 {
-        self.writers
-            .iter()
-            .filter(|(token, _)| !writer.owns(token.as_deref()))
-            .map(|(_, epoch)| *epoch)
+        self.others(writer)
+            .map(|(_, epoch, _)| *epoch)
             .max()
             .unwrap_or(0)
+    }
+
+    /// What every acquisition but `writer`'s wrote in what was read.
+    fn others<'a>(
+        &'a self,
+        writer: &'a Writer,
+    ) -> impl Iterator<Item = &'a (Option<String>, u64, u64)> + 'a {
+        self.writers
+            .iter()
+            .filter(|(token, _, _)| !writer.owns(token.as_deref()))
     }
 
     /// Applies the object in the slot after the run (read directly, not
@@ -392,11 +400,7 @@ impl Replayed {
             token,
             bytes,
         } = fetched;
-        self.saw(token.as_ref(), delta.epoch);
-        match self.last_slots.iter_mut().find(|(t, _)| *t == token) {
-            Some((_, last)) => *last = (*last).max(delta.seq),
-            None => self.last_slots.push((token.clone(), delta.seq)),
-        }
+        self.saw(token.as_ref(), delta.epoch, delta.seq);
         // Not history: an object older than one before it, or as old as
         // one of another acquisition before it. Two acquisitions share an
         // epoch only until the later one raises its own (a lock deleted by

@@ -105,34 +105,21 @@ impl Observer {
     /// overwrites a newer heartbeat (by `renewed_at`, the holder's own
     /// clock) nor waits for a read in flight.
     pub fn learn(&self, etag: ETag, record: HeartbeatRecord) {
-        let cell = {
-            let mut machines = self.machines.lock().unwrap();
-            machines
-                .entry(record.machine_id.clone())
-                .or_default()
-                .clone()
-        };
+        let cell = self.cell(&record.machine_id);
         let Ok(mut cached) = cell.try_lock() else {
             return;
         };
-        let mut lag = VecDeque::new();
         if let Some(seen) = cached.as_ref() {
             if seen.etag.as_ref() == Some(&etag) {
                 return;
             }
-            if let Beat::Live(was) = &seen.beat {
-                if was.renewed_at >= record.renewed_at {
-                    return;
-                }
-                if was.incarnation == record.incarnation {
-                    lag = seen.lag.clone();
-                }
+            if let Beat::Live(was) = &seen.beat
+                && was.renewed_at >= record.renewed_at
+            {
+                return;
             }
         }
-        lag.push_back(chrono::Utc::now() - record.renewed_at);
-        if lag.len() > LAG_SAMPLES {
-            lag.pop_front();
-        }
+        let lag = lag_with(cached.as_ref(), &record);
         let now = Instant::now();
         *cached = Some(Observation {
             beat: Beat::Live(record),
@@ -182,18 +169,7 @@ impl Observer {
         max_age: Duration,
         until_due: bool,
     ) -> StoreResult<Observation> {
-        let cell = {
-            let mut machines = self.machines.lock().unwrap();
-            if machines.len() > 256 {
-                let forget = self.refresh * FORGET_AFTER;
-                machines.retain(|_, cell| {
-                    cell.try_lock()
-                        .map(|o| o.as_ref().is_some_and(|o| o.checked.elapsed() < forget))
-                        .unwrap_or(true)
-                });
-            }
-            machines.entry(machine.to_string()).or_default().clone()
-        };
+        let cell = self.cell(machine);
         let mut cached = cell.lock().await;
         let now = Instant::now();
         if let Some(seen) = cached.as_ref() {
@@ -228,19 +204,15 @@ impl Observer {
             Some(seen) if unchanged => seen.first_seen,
             _ => answered,
         };
-        let mut lag = match (cached.as_ref(), &beat) {
-            (Some(seen), Beat::Live(now)) => match &seen.beat {
-                Beat::Live(was) if was.incarnation == now.incarnation => seen.lag.clone(),
-                _ => VecDeque::new(),
-            },
+        let lag = match &beat {
+            Beat::Live(record) if !unchanged => lag_with(cached.as_ref(), record),
+            // The same ETag: the same record, and its samples.
+            Beat::Live(_) => cached
+                .as_ref()
+                .map(|seen| seen.lag.clone())
+                .unwrap_or_default(),
             _ => VecDeque::new(),
         };
-        if let (Beat::Live(record), false) = (&beat, unchanged) {
-            lag.push_back(chrono::Utc::now() - record.renewed_at);
-            if lag.len() > LAG_SAMPLES {
-                lag.pop_front();
-            }
-        }
         let seen = Observation {
             beat,
             etag,
@@ -251,6 +223,35 @@ impl Observer {
         *cached = Some(seen.clone());
         Ok(seen)
     }
+
+    /// The cached observation of `machine`, made empty if there is none;
+    /// entries long unread are dropped once there are many.
+    fn cell(&self, machine: &str) -> Arc<tokio::sync::Mutex<Option<Observation>>> {
+        let mut machines = self.machines.lock().unwrap();
+        if machines.len() > 256 {
+            let forget = self.refresh * FORGET_AFTER;
+            machines.retain(|_, cell| {
+                cell.try_lock()
+                    .map(|o| o.as_ref().is_some_and(|o| o.checked.elapsed() < forget))
+                    .unwrap_or(true)
+            });
+        }
+        machines.entry(machine.to_string()).or_default().clone()
+    }
+}
+
+/// The lag samples after a new heartbeat `record` was first seen now: the
+/// earlier ones of the same incarnation, and this one.
+fn lag_with(seen: Option<&Observation>, record: &HeartbeatRecord) -> VecDeque<chrono::Duration> {
+    let mut lag = match seen.map(|seen| (&seen.beat, &seen.lag)) {
+        Some((Beat::Live(was), lag)) if was.incarnation == record.incarnation => lag.clone(),
+        _ => VecDeque::new(),
+    };
+    lag.push_back(chrono::Utc::now() - record.renewed_at);
+    if lag.len() > LAG_SAMPLES {
+        lag.pop_front();
+    }
+    lag
 }
 
 #[cfg(test)]

@@ -152,8 +152,16 @@ async fn push_loop(
         if targets.is_empty() {
             break;
         }
-        let slot = match session.as_ref().and_then(Session::vouch) {
-            Some((etag, record)) => with_heartbeat(&slot, &etag, &record),
+        let slot = match vouched(session.as_ref()) {
+            Some(beat) => {
+                let mut metadata = slot.metadata.clone();
+                metadata.extend(beat);
+                Arc::new(ConfirmedSlot {
+                    seq: slot.seq,
+                    body: slot.body.clone(),
+                    metadata,
+                })
+            }
             None => slot,
         };
         let sends = targets
@@ -183,18 +191,14 @@ async fn beat_loop(beats: Arc<Beats>, session: Session, peers: Arc<dyn Peers>) {
         if targets.is_empty() {
             break;
         }
-        let Some((etag, record)) = session.vouch() else {
+        let Some(metadata) = vouched(Some(&session)) else {
             continue;
         };
-        let beat = with_heartbeat(
-            &Arc::new(ConfirmedSlot {
-                seq: 0,
-                body: Bytes::new(),
-                metadata: Metadata::new(),
-            }),
-            &etag,
-            &record,
-        );
+        let beat = ConfirmedSlot {
+            seq: 0,
+            body: Bytes::new(),
+            metadata,
+        };
         let sends = targets
             .iter()
             .map(|(addr, id)| tokio::time::timeout(PUSH_TIMEOUT, peers.push(id, addr, &beat)));
@@ -210,29 +214,23 @@ pub fn beat_only(headers: &Metadata, body: &[u8]) -> bool {
     body.is_empty() && !headers.contains_key(log::SEQ_KEY)
 }
 
-/// `slot` with the heartbeat it is pushed under in its metadata (left out
-/// if the ETag could not travel as a header).
-fn with_heartbeat(
-    slot: &Arc<ConfirmedSlot>,
-    etag: &ETag,
-    record: &HeartbeatRecord,
-) -> Arc<ConfirmedSlot> {
+/// The headers that carry this machine's heartbeat as its session vouches
+/// for it now; none without a valid session, or for an ETag that cannot
+/// travel as a header.
+fn vouched(session: Option<&Session>) -> Option<Metadata> {
     use base64::Engine;
+    let (etag, record) = session?.vouch()?;
     if !etag.0.bytes().all(|b| b.is_ascii_graphic()) {
-        return slot.clone();
+        return None;
     }
-    let json = serde_json::to_vec(record).expect("heartbeat records serialize");
-    let mut metadata = slot.metadata.clone();
-    metadata.insert(HEARTBEAT_ETAG_KEY.into(), etag.0.clone());
+    let json = serde_json::to_vec(&record).expect("heartbeat records serialize");
+    let mut metadata = Metadata::new();
+    metadata.insert(HEARTBEAT_ETAG_KEY.into(), etag.0);
     metadata.insert(
         HEARTBEAT_KEY.into(),
         base64::engine::general_purpose::STANDARD.encode(json),
     );
-    Arc::new(ConfirmedSlot {
-        seq: slot.seq,
-        body: slot.body.clone(),
-        metadata,
-    })
+    Some(metadata)
 }
 
 /// The heartbeat a push vouches for, if it carries a readable one.

@@ -240,6 +240,21 @@ impl Contender {
         self.decide(state, true).await
     }
 
+    /// [`Contender::try_acquire`] starting from a read of the lock made
+    /// earlier (beside the tenant's existence check): used when it showed
+    /// the lock absent or released, which the conditional write itself
+    /// checks again (`If-None-Match` / `If-Match` its ETag). A held lock is
+    /// read again: the stale rule counts from the send time of the read
+    /// that saw it, which an early read would overstate.
+    pub async fn try_acquire_from(&mut self, early: Option<LockState>) -> StoreResult<Acquire> {
+        match early {
+            Some(state @ (LockState::Absent | LockState::Released { .. })) => {
+                self.decide(state, true).await
+            }
+            _ => self.try_acquire().await,
+        }
+    }
+
     /// A standby's cheap attempt: while the last lock read showed a session
     /// lock whose holder's heartbeat still names it and is not stale, only
     /// the (shared, cached) heartbeat is looked at; the lock is read again

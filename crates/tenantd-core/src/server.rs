@@ -238,6 +238,13 @@ pub async fn run_with(
             )
         },
     );
+    {
+        // The machine's own heartbeat, read once at boot (nothing written):
+        // its first takeover's session start then only writes, beside the
+        // first request's existence check.
+        let session = registry.session().clone();
+        tokio::spawn(async move { session.prime().await });
+    }
     if let Some(id) = customer_id.clone() {
         tokio::spawn(registry.clone().standby(id));
     }

@@ -259,11 +259,27 @@ impl Session {
             });
         }
         let id = Uuid::new_v4();
+        // The process's first start with no read of the heartbeat at hand
+        // (none made yet, or the read ahead still under way) assumes there
+        // is none: a new machine's id has none, and `If-None-Match` makes
+        // the guess safe (a 412 costs one round trip, then the read
+        // decides; later starts find their own earlier heartbeat).
+        let first = shared.own.lock().unwrap().is_empty();
+        let mut guess_absent = first
+            && match shared.primed.try_lock() {
+                Ok(primed) => primed.is_none(),
+                Err(_) => true,
+            };
         for _ in 0..5 {
-            let primed = shared.primed.lock().await.take();
-            let read = match primed {
-                Some(read) => read,
-                None => shared.store.get(&shared.key).await?,
+            let guessed = std::mem::take(&mut guess_absent);
+            let read = if guessed {
+                None
+            } else {
+                let primed = shared.primed.lock().await.take();
+                match primed {
+                    Some(read) => read,
+                    None => shared.store.get(&shared.key).await?,
+                }
             };
             let condition = match read {
                 None => Precondition::IfAbsent,
@@ -323,6 +339,13 @@ impl Session {
                         status: rx,
                         renewal,
                     }));
+                }
+                Err(StoreError::PreconditionFailed { .. }) if guessed => {
+                    // Certainly not written (the first attempt, refused):
+                    // the heartbeat there is an earlier process's, which
+                    // must not look like another process's from now on.
+                    shared.own.lock().unwrap().retain(|own| *own != id);
+                    continue;
                 }
                 Err(StoreError::PreconditionFailed { .. }) | Err(StoreError::Ambiguous { .. }) => {
                     continue;

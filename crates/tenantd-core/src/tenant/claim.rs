@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -21,7 +22,7 @@ use super::copy::WorkingCopy;
 use super::db::{Corrupt, Db};
 use super::delta::PageSums;
 use super::log::{self, Fetched, LogError, Snapshot, Until, WINDOW, Writer};
-use super::prefetch::{Prefetch, Prefetched, SnapshotRead, read_snapshot};
+use super::prefetch::{Listed, Prefetch, Prefetched, SnapshotRead, read_snapshot};
 use crate::TenantId;
 use crate::lease::Lease;
 use crate::store::{DynStore, Precondition, StoreError, keys, transfer_allowance};
@@ -66,7 +67,28 @@ pub async fn claim(
     let began = Instant::now();
     let epoch_at_start = lease.epoch();
     let mut early = match prefetch {
-        Some(prefetch) => prefetch.take(id, path).await,
+        Some(mut prefetch) => {
+            // The fences need only where the listing ended: sent now,
+            // beside the deltas' fetches and replay (the snapshot is
+            // checked again once they are in, as always).
+            let ahead = match prefetch.listed().await {
+                Some(listed) if lease.is_valid() => Some(fence_ahead(
+                    id,
+                    &ctx.store,
+                    lease.epoch(),
+                    Writer {
+                        holder: ctx.machine_id.clone(),
+                        token: lease.token().to_string(),
+                    },
+                    listed,
+                )),
+                _ => None,
+            };
+            prefetch.take(id, path).await.map(|mut prefetched| {
+                prefetched.ahead = ahead;
+                prefetched
+            })
+        }
         None => None,
     };
     // Counted from here: a big snapshot's download is not a retry (the
@@ -325,10 +347,11 @@ async fn attempt(
             recorded,
             mut sums,
             replayed,
+            ahead,
             ..
         } = p;
         let (applied, next_slot, since, previous_end) = fence_after(
-            id, store, key, epoch, writer, path, &snapshot, &mut sums, replayed, began,
+            id, store, key, epoch, writer, path, &snapshot, &mut sums, replayed, began, ahead,
         )
         .await?;
         return Ok(Rebuilt {
@@ -472,7 +495,7 @@ async fn attempt(
                 Err(e) => return Err(Attempt::from_log(id, e)),
             };
             fence_after(
-                id, store, key, epoch, writer, path, &snapshot, &mut sums, replayed, began,
+                id, store, key, epoch, writer, path, &snapshot, &mut sums, replayed, began, None,
             )
             .await?
         }
@@ -508,21 +531,46 @@ async fn fence_after(
     sums: &mut PageSums,
     mut replayed: log::Replayed,
     began: Instant,
+    ahead: Option<JoinHandle<Ahead>>,
 ) -> Result<(u64, u64, (u64, u64), u64), Attempt> {
     let read_and_replayed_ms = began.elapsed().as_millis() as u64;
     // This writer's fences and commits must outrank everything
-    // another acquisition wrote, or readers would skip them.
+    // another acquisition wrote, or readers would skip them (fences sent
+    // ahead under a lower epoch are fences written before a raise).
     let others = replayed.others_epoch(writer);
     if others >= epoch {
         return Err(Attempt::Raise(others + 1));
     }
+    // Fences sent ahead count as this writer's first round when they
+    // were sent after the run replayed here (same snapshot, same end);
+    // otherwise the rounds below find them again as this writer's own.
+    let mut ahead = match ahead {
+        Some(task) => task.await.ok(),
+        None => None,
+    }
+    .filter(|a| a.listed.end == replayed.contiguous_end && a.listed.snapshot == snapshot.etag);
+    let mut rechecked_ahead = false;
+    let mut rounds = 0;
     // Every slot after the run that a deposed writer could reach
     // becomes this writer's (see `fence_round`); taken slots that
     // continue the run are applied, and the window moves on.
     let mut ours = BTreeSet::new();
     loop {
         let end = replayed.contiguous_end;
-        let mut taken = fence_round(store, id, epoch, writer, end, &mut ours, true).await?;
+        rounds += 1;
+        let mut taken = match ahead.take() {
+            Some(Ahead {
+                fenced: Ok(taken),
+                ours: theirs,
+                rechecked,
+                ..
+            }) => {
+                ours = theirs;
+                rechecked_ahead = rechecked;
+                judge_epochs(taken, epoch)?
+            }
+            _ => fence_round(store, id, epoch, writer, end, &mut ours, true).await?,
+        };
         while let Some(found) = taken.remove(&(replayed.contiguous_end + 1)) {
             match replayed.extend(id.as_str(), path, sums, found).await {
                 Ok(()) => {}
@@ -542,8 +590,13 @@ async fn fence_after(
     let fenced_ms = began.elapsed().as_millis() as u64;
     // After the fences, the old holder can confirm nothing past
     // `end`, so it can compact nothing newer than what was read: a
-    // snapshot unchanged now means nothing read was compacted away.
-    recheck(store, id, key, snapshot).await?;
+    // snapshot unchanged now means nothing read was compacted away (a
+    // delta deleted after that, before it was fetched, fails its fetch).
+    // Fences sent ahead that took the whole window at once were followed
+    // by that read already.
+    if !(rounds == 1 && rechecked_ahead) {
+        recheck(store, id, key, snapshot).await?;
+    }
     info!(
         customer_id = %id,
         from = end + 1,
@@ -601,18 +654,67 @@ async fn fence_round(
     writer: &Writer,
     end: u64,
     ours: &mut BTreeSet<u64>,
-    judge_epochs: bool,
+    judge: bool,
 ) -> Result<BTreeMap<u64, Fetched>, Attempt> {
     let taken = log::fence_window(store, id.as_str(), epoch, writer, end, ours)
         .await
         .map_err(|e| Attempt::from_log(id, e))?;
-    if judge_epochs
-        && let Some(newest) = taken.values().map(|f| f.delta.epoch).max()
-        && newest >= epoch
-    {
-        return Err(Attempt::Raise(newest + 1));
+    match judge {
+        true => judge_epochs(taken, epoch),
+        false => Ok(taken),
     }
-    Ok(taken)
+}
+
+/// Objects of other acquisitions found in the window with an epoch as new
+/// as `epoch` would not be skipped after this writer's fence: raise first.
+fn judge_epochs(
+    taken: BTreeMap<u64, Fetched>,
+    epoch: u64,
+) -> Result<BTreeMap<u64, Fetched>, Attempt> {
+    match taken.values().map(|f| f.delta.epoch).max() {
+        Some(newest) if newest >= epoch => Err(Attempt::Raise(newest + 1)),
+        _ => Ok(taken),
+    }
+}
+
+/// The first fence round of a takeover that read ahead, sent as soon as
+/// the listing told where the run ends, while the deltas are still being
+/// fetched and replayed; when the whole window became this writer's at
+/// once, the snapshot's HEAD follows at once too (the recheck).
+pub(crate) struct Ahead {
+    listed: Listed,
+    fenced: Result<BTreeMap<u64, Fetched>, LogError>,
+    ours: BTreeSet<u64>,
+    /// The HEAD after the fences showed the snapshot that was listed.
+    rechecked: bool,
+}
+
+fn fence_ahead(
+    id: &TenantId,
+    store: &DynStore,
+    epoch: u64,
+    writer: Writer,
+    listed: Listed,
+) -> JoinHandle<Ahead> {
+    let (store, key, id) = (store.clone(), keys::database(id.as_str()), id.clone());
+    tokio::spawn(async move {
+        let mut ours = BTreeSet::new();
+        let fenced =
+            log::fence_window(&store, id.as_str(), epoch, &writer, listed.end, &mut ours).await;
+        let rechecked = match &fenced {
+            Ok(taken) if taken.is_empty() => matches!(
+                store.head(&key).await,
+                Ok(Some(meta)) if Some(&meta.etag) == listed.snapshot.as_ref()
+            ),
+            _ => false,
+        };
+        Ahead {
+            listed,
+            fenced,
+            ours,
+            rechecked,
+        }
+    })
 }
 
 /// Fences a tenant's log for its deletion, under the deleter's lease: the

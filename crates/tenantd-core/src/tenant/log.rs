@@ -502,7 +502,37 @@ pub async fn plan(
     snapshot: &Snapshot,
     until: Until,
 ) -> Result<Plan, LogError> {
-    let listed = list_slots(store, id, snapshot.seq).await?;
+    plan_telling(store, id, snapshot, until, |_| {}).await
+}
+
+/// [`plan`], telling `listed` where the listing's contiguous run ends as
+/// soon as it is known (before the deltas are fetched): a takeover fences
+/// after it beside the fetches.
+pub async fn plan_telling(
+    store: &DynStore,
+    id: &str,
+    snapshot: &Snapshot,
+    until: Until,
+    listed: impl FnOnce(u64),
+) -> Result<Plan, LogError> {
+    let listed_slots = list_slots(store, id, snapshot.seq).await?;
+    let listed_end = {
+        let mut end = snapshot.seq;
+        for (seq, _) in &listed_slots {
+            if *seq != end + 1 {
+                break;
+            }
+            end = *seq;
+        }
+        end
+    };
+    if !listed_slots
+        .iter()
+        .any(|(seq, _)| *seq > listed_end + WINDOW)
+    {
+        listed(listed_end);
+    }
+    let listed = listed_slots;
     let mut contiguous_end = snapshot.seq;
     for (seq, _) in &listed {
         if *seq == contiguous_end + 1 {

@@ -17,6 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::debug;
@@ -26,13 +27,24 @@ use super::delta::PageSums;
 use super::follower::Followers;
 use super::log::{self, LogError, Replayed, Snapshot, Until};
 use crate::TenantId;
-use crate::store::{DynStore, ObjectMeta, StoreError, keys};
+use crate::store::{DynStore, ETag, ObjectMeta, StoreError, keys};
 
 /// Reads under way for one takeover. Dropped unused (the lock was held by
 /// a live holder, the claim failed), it stops them and removes its file.
 pub struct Prefetch {
     task: Option<JoinHandle<Result<Prefetched, String>>>,
     temp: PathBuf,
+    /// Where the listed run after the snapshot ends, once listed.
+    listed: watch::Receiver<Option<Listed>>,
+}
+
+/// The snapshot a prefetch read (its ETag) and where the listing found
+/// the contiguous run after it ending: enough to fence after, before the
+/// deltas are fetched and replayed.
+#[derive(Clone, Debug)]
+pub(crate) struct Listed {
+    pub snapshot: Option<ETag>,
+    pub end: u64,
 }
 
 /// What a prefetch read and replayed, in its own file: a commit-log
@@ -49,6 +61,8 @@ pub(crate) struct Prefetched {
     /// When the reads began and when they were done (for the claim's log line).
     pub began: Instant,
     pub read_ms: u64,
+    /// The claim's first fences, sent once the log was listed ([`super::claim`]).
+    pub ahead: Option<JoinHandle<super::claim::Ahead>>,
 }
 
 /// Starts the reads of a takeover of `id` whose working copies live in
@@ -63,6 +77,7 @@ pub fn start(
 ) -> Prefetch {
     let temp = dir.join(format!("{id}.prefetch-{}.sqlite3", uuid::Uuid::new_v4()));
     let (store, owned, id, dir) = (store.clone(), temp.clone(), id.clone(), dir.to_path_buf());
+    let (tell, listed) = watch::channel(None);
     let task = tokio::spawn(async move {
         let began = Instant::now();
         tokio::fs::create_dir_all(&dir)
@@ -77,11 +92,12 @@ pub fn start(
                 }
             }
         }
-        download(&store, &id, &owned, began).await
+        download(&store, &id, &owned, began, tell).await
     });
     Prefetch {
         task: Some(task),
         temp,
+        listed,
     }
 }
 
@@ -135,6 +151,18 @@ pub(crate) async fn read_snapshot(
     key: &str,
     path: &Path,
 ) -> Result<SnapshotRead, StoreError> {
+    read_snapshot_telling(store, id, key, path, |_| {}).await
+}
+
+/// [`read_snapshot`], telling `listed` where the listed run after the
+/// snapshot ends ([`log::plan_telling`]) before the deltas are fetched.
+async fn read_snapshot_telling(
+    store: &DynStore,
+    id: &TenantId,
+    key: &str,
+    path: &Path,
+    listed: impl FnOnce(Listed),
+) -> Result<SnapshotRead, StoreError> {
     let beside = async {
         let head = store.head(key).await?;
         let planned = match head
@@ -142,7 +170,13 @@ pub(crate) async fn read_snapshot(
             .and_then(|meta| commit_log_snapshot(key, meta))
         {
             Some(snapshot) => {
-                let plan = log::plan(store, id.as_str(), &snapshot, Until::End).await;
+                let plan = log::plan_telling(store, id.as_str(), &snapshot, Until::End, |end| {
+                    listed(Listed {
+                        snapshot: snapshot.etag.clone(),
+                        end,
+                    })
+                })
+                .await;
                 Some((snapshot, plan))
             }
             None => None,
@@ -172,10 +206,13 @@ async fn download(
     id: &TenantId,
     temp: &Path,
     began: Instant,
+    listed: watch::Sender<Option<Listed>>,
 ) -> Result<Prefetched, String> {
     let key = keys::database(id.as_str());
-    let read = read_snapshot(store, id, &key, temp)
-        .await
+    let read = read_snapshot_telling(store, id, &key, temp, |end| {
+        listed.send_replace(Some(end));
+    })
+    .await
         .map_err(|e| e.to_string())?;
     if read.changed {
         return Err("the snapshot changed while it was read".to_string());
@@ -212,6 +249,7 @@ async fn download(
         from_replica: false,
         began,
         read_ms: began.elapsed().as_millis() as u64,
+        ahead: None,
     })
 }
 
@@ -268,6 +306,7 @@ async fn from_replica(
         from_replica: true,
         began,
         read_ms: began.elapsed().as_millis() as u64,
+        ahead: None,
     })
 }
 
@@ -279,6 +318,13 @@ async fn sums_of(path: &Path) -> Result<PageSums, String> {
 }
 
 impl Prefetch {
+    /// Waits until the log after the snapshot is listed (`None`: the
+    /// reads ended without a listing, from a replica or failed).
+    pub(crate) async fn listed(&mut self) -> Option<Listed> {
+        let seen = self.listed.wait_for(|listed| listed.is_some()).await;
+        seen.ok().and_then(|listed| listed.clone())
+    }
+
     /// Waits for the reads and moves the downloaded snapshot to `path`, the
     /// claim's working copy. `None` when they failed: the claim reads
     /// everything itself.

@@ -25,6 +25,7 @@
 //! single-tenant standby loop) and [`teardown`] (drain and delete).
 
 mod existence;
+mod first_contact;
 mod routing;
 mod standby;
 mod teardown;
@@ -177,6 +178,9 @@ pub struct Registry {
     draining: CancellationToken,
     /// This machine's follower replicas: a takeover starts from one.
     followers: std::sync::OnceLock<Arc<crate::tenant::follower::Followers>>,
+    /// When a first request last started the session early
+    /// (`first_contact`): at most once per lease ttl.
+    early_session_at: Mutex<Option<Instant>>,
 }
 
 impl Registry {
@@ -200,6 +204,7 @@ impl Registry {
             )),
             deleting: Mutex::new(HashSet::new()),
             followers: std::sync::OnceLock::new(),
+            early_session_at: Mutex::new(None),
             config,
             draining: CancellationToken::new(),
         })

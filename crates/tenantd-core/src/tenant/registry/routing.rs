@@ -28,7 +28,11 @@ impl Registry {
         if !self.serves(id) {
             return self.route_other(id, fresh).await;
         }
-        if !self.is_draining() && self.local(id).is_none() {
+        // A tenant not seen yet: the takeover's reads and the session's
+        // start go beside the existence check (nothing of the tenant is
+        // written before it answers).
+        let mut early = self.first_contact(id);
+        if early.is_none() && !self.is_draining() && self.local(id).is_none() {
             // Beside the existence check: a takeover then only writes the
             // heartbeat before the lock (read once per session, no more).
             let session = self.session.clone();
@@ -82,7 +86,14 @@ impl Registry {
         // hold the request for up to one ttl while the stale rule runs out,
         // rather than sending it to a machine that will not answer.
         let patience = Instant::now() + self.config.lease_ttl + Duration::from_millis(500);
-        let mut prefetch = self.prefetch(id, &slot, fresh);
+        let mut prefetch = match early.as_mut().and_then(|e| e.prefetch.take()) {
+            Some(early) => Some(early),
+            None => self.prefetch(id, &slot, fresh),
+        };
+        let mut early_lock = match early.as_mut() {
+            Some(early) => early.lock().await,
+            None => None,
+        };
         // A machine's first lease starts its session (the heartbeat read
         // and written): begun beside the lock read, not after it.
         let _session = prefetch.as_ref().map(|_| {
@@ -92,7 +103,10 @@ impl Registry {
         loop {
             // A store that does not answer must not hold a request for the
             // retrying layer's whole budget: give up after one ttl.
-            let attempt = tokio::time::timeout(self.config.lease_ttl, contender.try_acquire())
+            let attempt = tokio::time::timeout(
+                self.config.lease_ttl,
+                contender.try_acquire_from(early_lock.take()),
+            )
                 .await
                 .unwrap_or_else(|_| {
                     Err(crate::store::StoreError::transient(

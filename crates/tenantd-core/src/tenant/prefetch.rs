@@ -213,7 +213,7 @@ async fn download(
         listed.send_replace(Some(end));
     })
     .await
-        .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?;
     if read.changed {
         return Err("the snapshot changed while it was read".to_string());
     }

@@ -16,15 +16,56 @@ use crate::tenant::Op;
 use crate::tenant::lifecycle;
 
 /// Records every request as it is sent: `(op, key)`.
+/// Requests of one op on keys under a prefix can be held until let go.
 #[derive(Debug)]
 struct Recording {
     inner: DynStore,
     sent: StdMutex<Vec<(&'static str, String)>>,
+    held: StdMutex<Option<(&'static str, String)>>,
+    go: tokio::sync::Notify,
 }
 
 impl Recording {
     fn note(&self, op: &'static str, key: &str) {
         self.sent.lock().unwrap().push((op, key.to_string()));
+    }
+
+    /// Records the request, then waits while it is held.
+    async fn pass(&self, op: &'static str, key: &str) {
+        self.note(op, key);
+        loop {
+            let go = self.go.notified();
+            let held = self
+                .held
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|(o, prefix)| *o == op && key.starts_with(prefix.as_str()));
+            if !held {
+                return;
+            }
+            go.await;
+        }
+    }
+
+    fn hold(&self, op: &'static str, prefix: &str) {
+        *self.held.lock().unwrap() = Some((op, prefix.to_string()));
+    }
+
+    fn let_go(&self) {
+        *self.held.lock().unwrap() = None;
+        self.go.notify_waiters();
+    }
+
+    /// Waits (up to 10 s) until a request matching `wanted` was sent.
+    async fn until_sent(&self, wanted: impl Fn(&(&'static str, String)) -> bool) {
+        for _ in 0..1000 {
+            if self.sent.lock().unwrap().iter().any(&wanted) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never sent: {:#?}", self.sent.lock().unwrap());
     }
 
     fn take(&self) -> Vec<(&'static str, String)> {
@@ -35,11 +76,11 @@ impl Recording {
 #[async_trait]
 impl ObjectStore for Recording {
     async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
-        self.note("get", key);
+        self.pass("get", key).await;
         self.inner.get(key).await
     }
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.note("head", key);
+        self.pass("head", key).await;
         self.inner.head(key).await
     }
     async fn put(
@@ -49,11 +90,11 @@ impl ObjectStore for Recording {
         metadata: Metadata,
         condition: Precondition,
     ) -> StoreResult<ETag> {
-        self.note("put", key);
+        self.pass("put", key).await;
         self.inner.put(key, body, metadata, condition).await
     }
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<Option<ObjectMeta>> {
-        self.note("get", key);
+        self.pass("get", key).await;
         self.inner.get_to_file(key, path).await
     }
     async fn put_file(
@@ -63,11 +104,11 @@ impl ObjectStore for Recording {
         metadata: Metadata,
         condition: Precondition,
     ) -> StoreResult<ETag> {
-        self.note("put", key);
+        self.pass("put", key).await;
         self.inner.put_file(key, path, metadata, condition).await
     }
     async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
-        self.note("list", prefix);
+        self.pass("list", prefix).await;
         self.inner.list(prefix, start_after).await
     }
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -118,10 +159,7 @@ async fn cold_read_with(replicas: bool) -> Vec<(&'static str, String)> {
     handle.stop();
     handle.ended().await;
 
-    let recording = Arc::new(Recording {
-        inner: memory.clone(),
-        sent: StdMutex::new(Vec::new()),
-    });
+    let recording = recording(memory.clone());
     let m2 = machine(recording.clone(), "m2", dir.path());
     if replicas {
         let store: DynStore = recording.clone();
@@ -205,6 +243,8 @@ fn recording(inner: DynStore) -> Arc<Recording> {
     Arc::new(Recording {
         inner,
         sent: StdMutex::new(Vec::new()),
+        held: StdMutex::new(None),
+        go: tokio::sync::Notify::new(),
     })
 }
 
@@ -270,5 +310,120 @@ async fn a_stale_primed_read_is_read_again() {
     assert!(
         e.to_string().contains("two processes share one machine id"),
         "{e}"
+    );
+}
+
+/// A tenant with three commits, released by its holder without bringing
+/// the snapshot up to date (a zero release budget): the next holder
+/// replays deltas.
+async fn released_with_log(memory: &DynStore, dir: &Path) -> TenantId {
+    let tenant = TenantId::parse("cold").unwrap();
+    lifecycle::create(memory, &tenant).await.unwrap();
+    let mut ctx = ActorContext::new(memory.clone(), Metrics::new(), "m1".into(), dir.into());
+    ctx.release_budget = Some(Duration::ZERO);
+    let m1 = Registry::new(
+        RegistryConfig::new("m1", "127.0.0.1:1", Duration::from_secs(2), None),
+        ctx,
+    );
+    let Route::Local(handle) = m1.route(&tenant, false).await else {
+        panic!("m1 must hold the tenant");
+    };
+    for _ in 0..3 {
+        handle
+            .call(Op::Increment {
+                idempotency_key: None,
+            })
+            .await
+            .unwrap();
+    }
+    handle.stop();
+    handle.ended().await;
+    tenant
+}
+
+/// A fresh machine's first request reads the lock, downloads the snapshot
+/// and starts its session while the existence check is still unanswered:
+/// its lock write then waits for one round trip, not three.
+#[tokio::test]
+async fn a_first_request_reads_the_lock_and_starts_the_session_beside_the_existence_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory: DynStore = Arc::new(MemoryStore::new());
+    let tenant = released_with_log(&memory, dir.path()).await;
+    let store = recording(memory.clone());
+    store.hold("head", &keys::database("cold"));
+    let m2 = machine(store.clone(), "m2", dir.path());
+    let routed = tokio::spawn({
+        let (m2, tenant) = (m2.clone(), tenant.clone());
+        async move { m2.route(&tenant, false).await }
+    });
+    for wanted in [
+        ("get", keys::lock("cold")),
+        ("get", keys::database("cold")),
+        ("put", keys::heartbeat("m2")),
+    ] {
+        store.until_sent(|sent| *sent == wanted).await;
+    }
+    let sent = store.take();
+    assert!(
+        !sent
+            .iter()
+            .any(|(op, key)| *op == "put" && key.starts_with("customer/")),
+        "nothing of the tenant is written before it is known to exist: {sent:#?}"
+    );
+    store.let_go();
+    let Ok(Route::Local(handle)) = routed.await else {
+        panic!("m2 must take the released tenant over");
+    };
+    assert_eq!(handle.call(Op::Read).await.unwrap().count, 3);
+}
+
+/// The takeover's first fences go out once the log after the snapshot is
+/// listed, while its deltas are still being fetched (held here until the
+/// fences were sent), and the state is still every commit.
+#[tokio::test]
+async fn a_takeover_fences_while_the_deltas_are_still_fetched() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory: DynStore = Arc::new(MemoryStore::new());
+    let tenant = released_with_log(&memory, dir.path()).await;
+    let store = recording(memory.clone());
+    let log = keys::log_prefix("cold");
+    store.hold("get", &log);
+    let m2 = machine(store.clone(), "m2", dir.path());
+    let routed = tokio::spawn({
+        let (m2, tenant) = (m2.clone(), tenant.clone());
+        async move { m2.route(&tenant, false).await }
+    });
+    store
+        .until_sent(|(op, key)| *op == "get" && key.starts_with(&log))
+        .await;
+    store
+        .until_sent(|(op, key)| *op == "put" && key.starts_with(&log))
+        .await;
+    store.let_go();
+    let Ok(Route::Local(handle)) = routed.await else {
+        panic!("m2 must take the released tenant over");
+    };
+    assert_eq!(handle.call(Op::Read).await.unwrap().count, 3);
+}
+
+/// Requests for tenants that do not exist write nothing of any tenant, and
+/// start the machine's session (its own heartbeat) at most once per ttl.
+#[tokio::test]
+async fn requests_for_absent_tenants_start_the_session_at_most_once_per_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory: DynStore = Arc::new(MemoryStore::new());
+    let store = recording(memory.clone());
+    let m = machine(store.clone(), "m", dir.path());
+    for n in 0..5 {
+        let tenant = TenantId::parse(&format!("absent{n}")).unwrap();
+        assert!(matches!(m.route(&tenant, false).await, Route::NotFound(_)));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let sent = store.take();
+    let writes: Vec<_> = sent.iter().filter(|(op, _)| *op == "put").collect();
+    assert_eq!(
+        writes,
+        [&("put", keys::heartbeat("m"))],
+        "one heartbeat start, nothing of a tenant: {sent:#?}"
     );
 }

@@ -74,6 +74,8 @@ impl Registry {
             *last = Some(Instant::now());
         }
         let session = self.session.clone();
-        Some(tokio::spawn(async move { session.incarnation().await.ok() }))
+        Some(tokio::spawn(
+            async move { session.incarnation().await.ok() },
+        ))
     }
 }

@@ -107,13 +107,13 @@ impl Registry {
                 self.config.lease_ttl,
                 contender.try_acquire_from(early_lock.take()),
             )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(crate::store::StoreError::transient(
-                        &slot.lock_key,
-                        "no answer within one lease ttl",
-                    ))
-                });
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::store::StoreError::transient(
+                    &slot.lock_key,
+                    "no answer within one lease ttl",
+                ))
+            });
             match attempt {
                 Ok(Acquire::Acquired(lease)) => {
                     let lease = match self.exists_under(id, &slot, lease).await {

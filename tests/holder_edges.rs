@@ -177,12 +177,20 @@ async fn a_release_whose_compaction_failed_releases_with_the_log() {
     a.faults.set(FaultConfig::default());
     let (handle, _task) = a.hold().await;
     assert_eq!(handle.call(increment()).await.unwrap().count, 4);
-    // Control: with a working store the snapshot is brought up to date,
-    // and the record names no log end.
+    // With a working store the snapshot is brought up to date, and the
+    // record still names the log's end (the snapshot's slot): a holder's
+    // release always does, a failed claim's never.
     handle.stop();
     handle.ended().await;
+    let snapshot = a
+        .store
+        .head(&keys::database(TENANT))
+        .await
+        .unwrap()
+        .unwrap();
+    let covered: u64 = snapshot.metadata["tenantd-seq"].parse().unwrap();
     match lock_state(&a.store).await {
-        LockState::Released { record, .. } => assert_eq!(record.log_end, None),
+        LockState::Released { record, .. } => assert_eq!(record.log_end, Some(covered)),
         other => panic!("the lock was not released: {other:?}"),
     }
 }

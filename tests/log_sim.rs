@@ -11,7 +11,9 @@
 //! runs the first N, `TENANTD_LOG_SIM_TRACE=1` prints a failing seed's
 //! events.
 
-use tenantd_sim::log_sim::{LogSimConfig, LogSimOutcome, Paths, Recheck, Rules, run_seed};
+use tenantd_sim::log_sim::{
+    FenceAhead, LogSimConfig, LogSimOutcome, Paths, Recheck, Rules, run_seed,
+};
 
 fn seeds() -> Vec<u64> {
     match std::env::var("TENANTD_LOG_SIM_SEED") {
@@ -64,6 +66,7 @@ fn no_seed_loses_an_acknowledged_increment() {
         assert!(total.deleted > 0 && total.snapshots > 0, "{total:?}");
         // And every path of issue 26.
         assert!(total.probed_applied > 0, "{total:?}");
+        assert!(total.fenced_ahead > 0, "{total:?}");
         assert!(total.epoch_raises > 0, "{total:?}");
         assert!(
             total.releases > 0 && total.releases_unclean > 0,
@@ -159,6 +162,21 @@ fn a_claim_that_does_not_recheck_the_snapshot_is_fooled_by_a_compaction() {
         ..LogSimConfig::default()
     };
     first_violation("no snapshot recheck", config);
+}
+
+/// Fences sent before the run is read (a cold start) carry an epoch that
+/// must be above every epoch in the run: without the guard (the lock
+/// replaced was a holder's release naming the log's end), a lock deleted
+/// by hand lets a fence under a low epoch sit in a deposed holder's
+/// window, where readers skip it and its next delta breaks the chain.
+#[test]
+fn claims_fencing_ahead_after_any_lock_break_the_chain() {
+    let config = LogSimConfig {
+        fence_ahead: FenceAhead::Unguarded,
+        ..LogSimConfig::default()
+    };
+    let (_, violations) = first_violation("fences ahead after any lock", config);
+    assert!(lost_or_corrupt(&violations), "{violations:#?}");
 }
 
 /// Issue 26 item 1: a failed claim released as clean, and a successor

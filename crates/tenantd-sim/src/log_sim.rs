@@ -101,6 +101,9 @@ pub struct LogSimConfig {
     /// When a claim checks that the snapshot it started from is still the
     /// current one.
     pub recheck: Recheck,
+    /// Whether claims may fence as soon as the log is listed, before its
+    /// deltas are read (half of them, chosen by the seed).
+    pub fence_ahead: FenceAhead,
     pub rules: Rules,
     pub paths: Paths,
     pub steps: usize,
@@ -115,6 +118,7 @@ impl Default for LogSimConfig {
             keep_fences: true,
             window_from_acked: true,
             recheck: Recheck::AfterFences,
+            fence_ahead: FenceAhead::ThenRecheck,
             rules: Rules::NEW,
             paths: Paths::ALL,
             steps: 1000,
@@ -134,6 +138,23 @@ pub enum Recheck {
     /// Never (negative control): the listing may miss slots a compaction
     /// deleted, and look like an older log or a log with a gap.
     Never,
+}
+
+/// A cold start's claim (`tenant/claim.rs`, `fence_ahead`): the window
+/// after the listed run is fenced while the run's deltas are still being
+/// read, and when the fences took the whole window at once, the snapshot's
+/// HEAD right after them is the recheck.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FenceAhead {
+    /// Every claim reads the run before it fences.
+    Off,
+    /// The protocol: half of the claims whose lock was a holder's release
+    /// naming the log's end fence ahead, then HEAD the snapshot, then
+    /// read the run.
+    ThenRecheck,
+    /// Negative control: any claim may fence ahead, whatever the lock it
+    /// replaced (its epoch may be below a deposed holder's deltas).
+    Unguarded,
 }
 
 /// What one seed did.
@@ -162,6 +183,9 @@ pub struct LogSimOutcome {
     /// Taken slots a claim read directly (R2), and those it applied.
     pub probes: usize,
     pub probed_applied: usize,
+    /// Claims completed on fences sent ahead of reading the run, the HEAD
+    /// after them serving as the recheck ([`FenceAhead`]).
+    pub fenced_ahead: usize,
     /// Claims that raised their lock's epoch (R3).
     pub epoch_raises: usize,
     /// Releases that said `released`, and those that did not end with a
@@ -203,6 +227,7 @@ impl LogSimOutcome {
         self.garbage_skipped += o.garbage_skipped;
         self.probes += o.probes;
         self.probed_applied += o.probed_applied;
+        self.fenced_ahead += o.fenced_ahead;
         self.epoch_raises += o.epoch_raises;
         self.releases += o.releases;
         self.releases_unclean += o.releases_unclean;
@@ -274,10 +299,16 @@ struct Lock {
     epoch: u64,
     token: u64,
     released: bool,
+    /// Released by a holder that had completed its claim, naming the
+    /// log's end (a failed claim's or a restore's release does not).
+    log_end: bool,
 }
 
 struct Writer {
     epoch: u64,
+    /// The lock it replaced was a holder's release naming the log's end:
+    /// its claim may fence before reading the run ([`FenceAhead`]).
+    ahead_safe: bool,
     /// Its acquisition's token (R4), unique per writer.
     token: u64,
     role: Role,
@@ -563,7 +594,8 @@ impl Sim {
     /// Takes `machine.lock`: the next epoch, or with the lock deleted by
     /// hand 1 or an epoch some contender remembers (possibly the live
     /// holder's own).
-    fn acquire(&mut self, token: u64) -> (u64, bool, bool) {
+    fn acquire(&mut self, token: u64) -> (u64, bool, bool, bool) {
+        let ahead_safe = self.lock.present && self.lock.released && self.lock.log_end;
         let (epoch, clean, absent) = if self.lock.present {
             (self.lock.epoch + 1, self.lock.released, false)
         } else if self.max_epoch == 0 || self.rng.random_range(0..2) == 0 {
@@ -576,14 +608,15 @@ impl Sim {
             epoch,
             token,
             released: false,
+            log_end: false,
         };
         self.max_epoch = self.max_epoch.max(epoch);
-        (epoch, clean, absent)
+        (epoch, clean, absent, ahead_safe)
     }
 
     fn new_writer(&mut self, role: Role, store: Option<DynStore>) -> usize {
         let token = self.writers.len() as u64 + 1;
-        let (epoch, clean, lock_was_absent) = self.acquire(token);
+        let (epoch, clean, lock_was_absent, ahead_safe) = self.acquire(token);
         let fault = self.fault_store(token, true);
         let faults = fault.handle();
         self.writers.push(Writer {
@@ -592,6 +625,7 @@ impl Sim {
             role,
             clean,
             lock_was_absent,
+            ahead_safe,
             inc: self.incarnation,
             store: store.unwrap_or_else(|| Arc::new(fault)),
             faults,
@@ -897,6 +931,7 @@ impl Sim {
             epoch: self.lock.epoch.max(self.max_epoch),
             token: 0,
             released: false,
+            log_end: false,
         };
         if !self.exists {
             self.create().await;

@@ -741,7 +741,7 @@ impl TenantActor {
         // this holder's, each read back.
         let log_end = *self.confirmed.borrow() - self.ctx.release_log_end_behind as u64;
         match exit {
-            Exit::Stopped | Exit::Idle => match self.release(snapshot_current, log_end).await {
+            Exit::Stopped | Exit::Idle => match self.release(log_end).await {
                 Ok(()) => {
                     info!(customer_id = %id, ?exit, snapshot_current, log_end, "released tenant")
                 }
@@ -758,11 +758,13 @@ impl TenantActor {
 }
 
 impl TenantActor {
-    async fn release(self, snapshot_current: bool, log_end: u64) -> crate::store::StoreResult<()> {
-        match snapshot_current {
-            true => self.lease.release().await,
-            false => self.lease.release_with_log(log_end).await,
-        }
+    /// Every release of a holder that completed its claim names the
+    /// log's end, whether or not the snapshot covers it: besides the
+    /// next holder's check, it tells a cold start that this lock's epoch
+    /// is above every epoch in the log (a failed claim releases without
+    /// it), which fencing before the run is read relies on (`claim.rs`).
+    async fn release(self, log_end: u64) -> crate::store::StoreResult<()> {
+        self.lease.release_with_log(log_end).await
     }
 }
 

@@ -72,16 +72,18 @@ pub async fn claim(
             // beside the deltas' fetches and replay (the snapshot is
             // checked again once they are in, as always).
             let ahead = match prefetch.listed().await {
-                Some(listed) if lease.is_valid() => Some(fence_ahead(
-                    id,
-                    &ctx.store,
-                    lease.epoch(),
-                    Writer {
-                        holder: ctx.machine_id.clone(),
-                        token: lease.token().to_string(),
-                    },
-                    listed,
-                )),
+                Some(listed) if lease.is_valid() && may_fence_ahead(lease, &listed) => {
+                    Some(fence_ahead(
+                        id,
+                        &ctx.store,
+                        lease.epoch(),
+                        Writer {
+                            holder: ctx.machine_id.clone(),
+                            token: lease.token().to_string(),
+                        },
+                        listed,
+                    ))
+                }
                 _ => None,
             };
             prefetch.take(id, path).await.map(|mut prefetched| {
@@ -687,6 +689,22 @@ pub(crate) struct Ahead {
     ours: BTreeSet<u64>,
     /// The HEAD after the fences showed the snapshot that was listed.
     rechecked: bool,
+}
+
+/// Fences may go out before the run's epochs are read only when this
+/// lease's epoch is surely above all of them: the lock it replaced was
+/// released by a holder that had completed its claim (it names the log's
+/// end; a failed claim's release does not), so its epoch was above every
+/// epoch in the log, and ours is above that. Otherwise a fence under a
+/// lower epoch than a deposed holder's deltas would be skipped by readers
+/// and break the chain after it (the model simulation finds this with a
+/// lock deleted by hand).
+fn may_fence_ahead(lease: &Lease, listed: &Listed) -> bool {
+    let epoch = lease.epoch();
+    lease
+        .previous()
+        .is_some_and(|p| p.released && p.log_end.is_some() && p.epoch < epoch)
+        && listed.snapshot_epoch < epoch
 }
 
 fn fence_ahead(

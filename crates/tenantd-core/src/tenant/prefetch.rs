@@ -44,6 +44,7 @@ pub struct Prefetch {
 #[derive(Clone, Debug)]
 pub(crate) struct Listed {
     pub snapshot: Option<ETag>,
+    pub snapshot_epoch: u64,
     pub end: u64,
 }
 
@@ -173,6 +174,7 @@ async fn read_snapshot_telling(
                 let plan = log::plan_telling(store, id.as_str(), &snapshot, Until::End, |end| {
                     listed(Listed {
                         snapshot: snapshot.etag.clone(),
+                        snapshot_epoch: snapshot.epoch,
                         end,
                     })
                 })

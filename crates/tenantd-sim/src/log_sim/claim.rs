@@ -7,8 +7,8 @@
 use std::collections::BTreeSet;
 
 use super::{
-    FORMAT_KEY, Phase, Position, Recheck, Role, Sim, TENANT, WINDOW, counter_of, slot_metadata,
-    snapshot_metadata, token_of,
+    FORMAT_KEY, FenceAhead, Phase, Position, Recheck, Role, Sim, TENANT, WINDOW, counter_of,
+    slot_metadata, snapshot_metadata, token_of,
 };
 use tenantd_core::store::{ETag, Precondition, keys};
 use tenantd_core::tenant::delta::{Delta, Kind};
@@ -37,6 +37,16 @@ pub(super) enum ClaimStep {
         prefix_end: u64,
         listed: BTreeSet<u64>,
         objects: Vec<(Delta, Option<u64>)>,
+        /// Fences placed before the run was read.
+        ahead: Option<Ahead>,
+    },
+    /// Fences the window after the listed run before reading it; the
+    /// HEAD after them (or, negative control, before them) is the recheck.
+    FenceAhead {
+        snap: Snap,
+        prefix_end: u64,
+        listed: BTreeSet<u64>,
+        ahead: Ahead,
     },
     Fence(Fencing),
     /// R2: reads a slot its fence found taken.
@@ -55,6 +65,28 @@ pub(super) enum ClaimStep {
         /// on no older holder can acknowledge anything the claim misses.
         acked_before: usize,
     },
+}
+
+/// What one request of fencing ahead leads to.
+pub(super) enum AheadStep {
+    Continue(Ahead),
+    /// The window is the claim's and the snapshot unchanged: read the run.
+    Done(Ahead),
+    /// A slot of the window was taken: read the run, then fence as usual.
+    Taken(Ahead),
+    /// The snapshot changed: read everything again.
+    Reread,
+}
+
+/// Fences a claim placed before reading the run.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Ahead {
+    mine: BTreeSet<u64>,
+    sent_at: std::collections::BTreeMap<u64, usize>,
+    landed_at: usize,
+    /// The snapshot's HEAD showed it unchanged after the whole window
+    /// became the claim's.
+    rechecked: bool,
 }
 
 /// The state of a claim's fencing.
@@ -80,6 +112,8 @@ pub(super) struct Fencing {
     /// Increments acknowledged by the time its fences had landed, as far
     /// as it can tell (a lower bound).
     landed_at: usize,
+    /// The recheck was made by fencing ahead, and no fence was put since.
+    rechecked: bool,
 }
 
 impl ClaimStep {
@@ -96,6 +130,12 @@ impl ClaimStep {
             } => format!(
                 "reads slot {} of the run ending at {prefix_end}",
                 snap.pos.seq + objects.len() as u64 + 1
+            ),
+            ClaimStep::FenceAhead {
+                prefix_end, ahead, ..
+            } => format!(
+                "fences ahead after the listed {prefix_end} (mine {:?})",
+                ahead.mine
             ),
             ClaimStep::Fence(f) => format!("fences after {} (mine {:?})", f.prefix_end, f.mine),
             ClaimStep::Probe { seq, .. } => format!("reads the taken slot {seq}"),
@@ -205,16 +245,57 @@ impl Sim {
                                 first_slot: 0,
                                 acked_before: 0,
                             }
+                        } else if (snap.pos.epoch < self.writers[w].epoch
+                            || self.config.fence_ahead == FenceAhead::Unguarded)
+                            && self.fences_ahead(w)
+                        {
+                            ClaimStep::FenceAhead {
+                                snap,
+                                prefix_end,
+                                listed,
+                                ahead: Ahead::default(),
+                            }
                         } else {
                             ClaimStep::Read {
                                 snap,
                                 prefix_end,
                                 listed,
                                 objects: vec![],
+                                ahead: None,
                             }
                         }
                     }
                     Err(_) => ClaimStep::List { snap },
+                }
+            }
+            ClaimStep::FenceAhead {
+                snap,
+                prefix_end,
+                listed,
+                ahead,
+            } => {
+                let read = |ahead| ClaimStep::Read {
+                    snap: snap.clone(),
+                    prefix_end,
+                    listed: listed.clone(),
+                    objects: vec![],
+                    ahead: Some(ahead),
+                };
+                match self.fence_ahead_step(w, &snap, prefix_end, ahead).await {
+                    AheadStep::Continue(ahead) => ClaimStep::FenceAhead {
+                        snap,
+                        prefix_end,
+                        listed,
+                        ahead,
+                    },
+                    AheadStep::Done(ahead) => read(ahead),
+                    // A slot taken: read the run and fence as usual (its
+                    // own fences are found again as its own).
+                    AheadStep::Taken(ahead) => read(Ahead {
+                        rechecked: false,
+                        ..ahead
+                    }),
+                    AheadStep::Reread => ClaimStep::ReadSnapshot,
                 }
             }
             ClaimStep::Read {
@@ -222,10 +303,11 @@ impl Sim {
                 prefix_end,
                 listed,
                 mut objects,
+                ahead,
             } => {
                 let seq = snap.pos.seq + objects.len() as u64 + 1;
                 if seq > prefix_end {
-                    return self.after_replay(w, snap, prefix_end, listed, &objects);
+                    return self.after_replay(w, snap, prefix_end, listed, &objects, ahead);
                 }
                 let key = keys::log_slot(TENANT, seq);
                 match store.get(&key).await {
@@ -237,6 +319,7 @@ impl Sim {
                                 prefix_end,
                                 listed,
                                 objects,
+                                ahead,
                             }
                         }
                         Err(e) => {
@@ -251,6 +334,7 @@ impl Sim {
                         prefix_end,
                         listed,
                         objects,
+                        ahead,
                     },
                 }
             }
@@ -268,7 +352,11 @@ impl Sim {
                 first_slot,
                 acked_before,
             } => {
+                if fencing.rechecked {
+                    self.outcome.fenced_ahead += 1;
+                }
                 let unchanged = match self.config.recheck {
+                    _ if fencing.rechecked => Ok(true),
                     Recheck::Never => Ok(true),
                     Recheck::AfterFences => store
                         .head(&db_key)
@@ -333,6 +421,7 @@ impl Sim {
             fail_on_taken: false,
             sent_at: std::collections::BTreeMap::new(),
             landed_at: 0,
+            rechecked: false,
         }
     }
 
@@ -344,6 +433,7 @@ impl Sim {
         prefix_end: u64,
         listed: BTreeSet<u64>,
         objects: &[(Delta, Option<u64>)],
+        ahead: Option<Ahead>,
     ) {
         let Some((state, max_other)) = self.replay(w, &snap, objects) else {
             return;
@@ -409,6 +499,12 @@ impl Sim {
             }
         } else {
             let mut f = self.fencing(state, snap.etag, prefix_end, listed);
+            if let Some(ahead) = ahead {
+                f.mine = ahead.mine;
+                f.sent_at = ahead.sent_at;
+                f.landed_at = ahead.landed_at;
+                f.rechecked = ahead.rechecked;
+            }
             if !self.rules.probe_taken_slots {
                 f.todo = (prefix_end + 1..=prefix_end + WINDOW)
                     .filter(|s| !f.listed.contains(s))
@@ -417,6 +513,66 @@ impl Sim {
             ClaimStep::Fence(f)
         };
         self.writers[w].phase = Phase::Claiming(Box::new(next));
+    }
+
+    /// Whether this claim fences ahead of reading its run (the cold start
+    /// of a holder; half of them, by the seed).
+    fn fences_ahead(&mut self, w: usize) -> bool {
+        use rand::RngExt;
+        self.config.fence_ahead != FenceAhead::Off
+            && self.config.fences
+            && self.rules.probe_taken_slots
+            && self.rules.strict_epochs
+            && self.rules.always_fence
+            && matches!(self.writers[w].role, Role::Holder)
+            && (self.writers[w].ahead_safe || self.config.fence_ahead == FenceAhead::Unguarded)
+            && self.rng.random_bool(0.5)
+    }
+
+    /// One request of fencing ahead: the next fence of the window after
+    /// the listed run, then the snapshot's HEAD.
+    async fn fence_ahead_step(
+        &mut self,
+        w: usize,
+        snap: &Snap,
+        prefix_end: u64,
+        mut ahead: Ahead,
+    ) -> AheadStep {
+        let Some(seq) = (prefix_end + 1..=prefix_end + WINDOW).find(|s| !ahead.mine.contains(s))
+        else {
+            return match self.writers[w].store.head(&keys::database(TENANT)).await {
+                Ok(now) if now.as_ref().map(|m| &m.etag) == snap.etag.as_ref() => {
+                    ahead.rechecked = true;
+                    AheadStep::Done(ahead)
+                }
+                Ok(_) => AheadStep::Reread,
+                Err(_) => AheadStep::Continue(ahead),
+            };
+        };
+        let (epoch, token) = (self.writers[w].epoch, self.writers[w].token);
+        ahead.sent_at.entry(seq).or_insert(self.check.acked.len());
+        let fence = Delta::fence(epoch, seq, self.now_ms())
+            .encode()
+            .expect("a fence has no pages to miss");
+        let result = self.writers[w]
+            .store
+            .put(
+                &keys::log_slot(TENANT, seq),
+                fence,
+                slot_metadata(token, epoch),
+                Precondition::IfAbsent,
+            )
+            .await;
+        match result {
+            Ok(_) => {
+                ahead.mine.insert(seq);
+                ahead.landed_at = self.check.acked.len();
+                self.writers[w].fenced_slots.insert(seq);
+                AheadStep::Continue(ahead)
+            }
+            Err(e) if e.is_precondition() => AheadStep::Taken(ahead),
+            Err(_) => AheadStep::Continue(ahead),
+        }
     }
 
     /// Puts one fence. R2: into the first slot of the window that is
@@ -443,6 +599,7 @@ impl Sim {
                 acked_before,
             });
         };
+        f.rechecked = false;
         f.sent_at.entry(seq).or_insert(self.check.acked.len());
         let fence = Delta::fence(epoch, seq, self.now_ms())
             .encode()
@@ -521,6 +678,7 @@ impl Sim {
                 Ok(state) => {
                     f.prefix_end = seq;
                     f.state = Position { seq, ..state };
+                    f.rechecked = false;
                     self.outcome.probed_applied += 1;
                 }
                 Err(e) => {

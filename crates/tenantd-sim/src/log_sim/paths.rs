@@ -188,6 +188,7 @@ impl Sim {
         let ours = self.lock.present && self.lock.token == writer.token;
         if says_released && ours {
             self.lock.released = true;
+            self.lock.log_end = matches!(writer.role, Role::Holder);
             self.outcome.releases += 1;
         }
         if !(says_released && ours && compacted) {

@@ -596,7 +596,8 @@ async fn fence_after(
     // delta deleted after that, before it was fetched, fails its fetch).
     // Fences sent ahead that took the whole window at once were followed
     // by that read already.
-    if !(rounds == 1 && rechecked_ahead) {
+    let fenced_ahead = rounds == 1 && rechecked_ahead;
+    if !fenced_ahead {
         recheck(store, id, key, snapshot).await?;
     }
     info!(
@@ -607,6 +608,7 @@ async fn fence_after(
         read_and_replayed_ms,
         fenced_ms,
         rechecked_ms = began.elapsed().as_millis() as u64,
+        fenced_ahead,
         "fenced the log for this takeover"
     );
     Ok((

@@ -178,9 +178,6 @@ pub struct Registry {
     draining: CancellationToken,
     /// This machine's follower replicas: a takeover starts from one.
     followers: std::sync::OnceLock<Arc<crate::tenant::follower::Followers>>,
-    /// When a first request last started the session early
-    /// (`first_contact`): at most once per lease ttl.
-    early_session_at: Mutex<Option<Instant>>,
 }
 
 impl Registry {
@@ -204,7 +201,6 @@ impl Registry {
             )),
             deleting: Mutex::new(HashSet::new()),
             followers: std::sync::OnceLock::new(),
-            early_session_at: Mutex::new(None),
             config,
             draining: CancellationToken::new(),
         })

@@ -1,23 +1,19 @@
 //! The first request for a tenant this machine knows nothing of: the
 //! takeover's reads (the snapshot's download, the log after it, the lock)
-//! and the machine's session start go out beside the existence check, so
-//! that a cold start's lock write follows one round trip, not three.
+//! go out beside the existence check, so that a cold start's session and
+//! lock writes follow the check's round trip at once.
 //!
-//! Nothing of the tenant is written before it is known to exist: the lock
-//! is only read here, and written by the routing once the existence check
-//! answered yes (and checked again under the lease when it was absent).
-//! The session is the machine's: starting it early writes the machine's
-//! heartbeat, at most once per lease ttl for requests that turn out to
-//! name no tenant.
-
-use std::sync::Arc;
+//! Nothing is written before the tenant is known to exist (not even the
+//! machine's heartbeat: a request for a tenant that does not exist writes
+//! nothing at all): the lock is only read here, and written by the routing
+//! once the existence check answered yes (and checked again under the
+//! lease when it was absent).
 
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use super::Registry;
 use crate::TenantId;
-use crate::lease::{Incarnation, LockState, read_lock};
+use crate::lease::{LockState, read_lock};
 use crate::store::keys;
 use crate::tenant::prefetch::Prefetch;
 
@@ -27,9 +23,6 @@ use crate::tenant::prefetch::Prefetch;
 pub(super) struct EarlyReads {
     pub prefetch: Option<Prefetch>,
     lock: Option<JoinHandle<Option<LockState>>>,
-    /// A session started here: the task's output is the incarnation, kept
-    /// while this handle lives, so until the lease holds it.
-    _session: Option<JoinHandle<Option<Arc<Incarnation>>>>,
 }
 
 impl EarlyReads {
@@ -57,25 +50,6 @@ impl Registry {
         Some(EarlyReads {
             prefetch: Some(self.prefetch_now(id)),
             lock: Some(lock),
-            _session: self.start_session_early(),
         })
-    }
-
-    /// Starts the session (its heartbeat written) unless an early start
-    /// was made within the last lease ttl: a stream of requests for
-    /// tenants that do not exist costs at most one heartbeat start per
-    /// ttl. A session already running is only joined.
-    fn start_session_early(&self) -> Option<JoinHandle<Option<Arc<Incarnation>>>> {
-        {
-            let mut last = self.early_session_at.lock().unwrap();
-            if last.is_some_and(|at| at.elapsed() < self.config.lease_ttl) {
-                return None;
-            }
-            *last = Some(Instant::now());
-        }
-        let session = self.session.clone();
-        Some(tokio::spawn(
-            async move { session.incarnation().await.ok() },
-        ))
     }
 }

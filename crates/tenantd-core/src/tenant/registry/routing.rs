@@ -28,11 +28,10 @@ impl Registry {
         if !self.serves(id) {
             return self.route_other(id, fresh).await;
         }
-        // A tenant not seen yet: the takeover's reads and the session's
-        // start go beside the existence check (nothing of the tenant is
-        // written before it answers).
+        // A tenant not seen yet: the takeover's reads go beside the
+        // existence check (nothing is written before it answers).
         let mut early = self.first_contact(id);
-        if early.is_none() && !self.is_draining() && self.local(id).is_none() {
+        if !self.is_draining() && self.local(id).is_none() {
             // Beside the existence check: a takeover then only writes the
             // heartbeat before the lock (read once per session, no more).
             let session = self.session.clone();

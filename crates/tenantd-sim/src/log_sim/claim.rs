@@ -549,8 +549,22 @@ impl Sim {
                 Err(_) => AheadStep::Continue(ahead),
             };
         };
-        let (epoch, token) = (self.writers[w].epoch, self.writers[w].token);
         ahead.sent_at.entry(seq).or_insert(self.check.acked.len());
+        match self.put_fence(w, seq).await {
+            Ok(_) => {
+                ahead.mine.insert(seq);
+                ahead.landed_at = self.check.acked.len();
+                AheadStep::Continue(ahead)
+            }
+            Err(e) if e.is_precondition() => AheadStep::Taken(ahead),
+            Err(_) => AheadStep::Continue(ahead),
+        }
+    }
+
+    /// Puts writer `w`'s fence into slot `seq` (`If-None-Match: *`),
+    /// remembering it as the writer's when it lands.
+    async fn put_fence(&mut self, w: usize, seq: u64) -> tenantd_core::store::StoreResult<ETag> {
+        let (epoch, token) = (self.writers[w].epoch, self.writers[w].token);
         let fence = Delta::fence(epoch, seq, self.now_ms())
             .encode()
             .expect("a fence has no pages to miss");
@@ -563,16 +577,10 @@ impl Sim {
                 Precondition::IfAbsent,
             )
             .await;
-        match result {
-            Ok(_) => {
-                ahead.mine.insert(seq);
-                ahead.landed_at = self.check.acked.len();
-                self.writers[w].fenced_slots.insert(seq);
-                AheadStep::Continue(ahead)
-            }
-            Err(e) if e.is_precondition() => AheadStep::Taken(ahead),
-            Err(_) => AheadStep::Continue(ahead),
+        if result.is_ok() {
+            self.writers[w].fenced_slots.insert(seq);
         }
+        result
     }
 
     /// Puts one fence. R2: into the first slot of the window that is
@@ -580,7 +588,6 @@ impl Sim {
     /// taken slot is read next. The old rules: the next empty slot of the
     /// listing; a taken one starts the claim over.
     async fn fence_step(&mut self, w: usize, mut f: Fencing) -> Option<ClaimStep> {
-        let (epoch, token) = (self.writers[w].epoch, self.writers[w].token);
         let probing = self.rules.probe_taken_slots && !f.fail_on_taken;
         let target = if probing {
             (f.prefix_end + 1..=f.prefix_end + WINDOW).find(|&s| {
@@ -601,24 +608,11 @@ impl Sim {
         };
         f.rechecked = false;
         f.sent_at.entry(seq).or_insert(self.check.acked.len());
-        let fence = Delta::fence(epoch, seq, self.now_ms())
-            .encode()
-            .expect("a fence has no pages to miss");
-        let result = self.writers[w]
-            .store
-            .put(
-                &keys::log_slot(TENANT, seq),
-                fence,
-                slot_metadata(token, epoch),
-                Precondition::IfAbsent,
-            )
-            .await;
-        match result {
+        match self.put_fence(w, seq).await {
             Ok(_) => {
                 f.mine.insert(seq);
                 f.landed_at = self.check.acked.len();
                 f.todo.retain(|s| *s != seq);
-                self.writers[w].fenced_slots.insert(seq);
                 Some(ClaimStep::Fence(f))
             }
             Err(e) if e.is_precondition() => {

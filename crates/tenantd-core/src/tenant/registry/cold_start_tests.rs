@@ -142,23 +142,7 @@ async fn cold_read() -> Vec<(&'static str, String)> {
 async fn cold_read_with(replicas: bool) -> Vec<(&'static str, String)> {
     let dir = tempfile::tempdir().unwrap();
     let memory: DynStore = Arc::new(MemoryStore::new());
-    let tenant = TenantId::parse("cold").unwrap();
-    lifecycle::create(&memory, &tenant).await.unwrap();
-    let m1 = machine(memory.clone(), "m1", dir.path());
-    let Route::Local(handle) = m1.route(&tenant, false).await else {
-        panic!("m1 must hold the tenant");
-    };
-    for _ in 0..3 {
-        handle
-            .call(Op::Increment {
-                idempotency_key: None,
-            })
-            .await
-            .unwrap();
-    }
-    handle.stop();
-    handle.ended().await;
-
+    let tenant = released(&memory, dir.path(), None).await;
     let recording = recording(memory.clone());
     let m2 = machine(recording.clone(), "m2", dir.path());
     if replicas {
@@ -317,10 +301,16 @@ async fn a_stale_primed_read_is_read_again() {
 /// the snapshot up to date (a zero release budget): the next holder
 /// replays deltas.
 async fn released_with_log(memory: &DynStore, dir: &Path) -> TenantId {
+    released(memory, dir, Some(Duration::ZERO)).await
+}
+
+/// The tenant `cold` created, held by `m1` (with this release budget)
+/// for three commits, and released.
+async fn released(memory: &DynStore, dir: &Path, release_budget: Option<Duration>) -> TenantId {
     let tenant = TenantId::parse("cold").unwrap();
     lifecycle::create(memory, &tenant).await.unwrap();
     let mut ctx = ActorContext::new(memory.clone(), Metrics::new(), "m1".into(), dir.into());
-    ctx.release_budget = Some(Duration::ZERO);
+    ctx.release_budget = release_budget;
     let m1 = Registry::new(
         RegistryConfig::new("m1", "127.0.0.1:1", Duration::from_secs(2), None),
         ctx,
@@ -341,31 +331,26 @@ async fn released_with_log(memory: &DynStore, dir: &Path) -> TenantId {
     tenant
 }
 
-/// A fresh machine's first request reads the lock and downloads the
-/// snapshot while the existence check is still unanswered, and writes
-/// nothing (not even its heartbeat) before it answers: its session and
-/// lock writes then follow the check at once.
-#[tokio::test]
-async fn a_first_request_reads_the_lock_and_the_snapshot_beside_the_existence_check() {
+/// A fresh machine `m2` routes a request for the tenant `m1` released,
+/// while `op` requests on keys under `prefix` are held; `meanwhile` runs
+/// (and checks what was sent), then they are let go and `m2` must hold
+/// the tenant with every commit.
+async fn take_over_holding(
+    op: &'static str,
+    prefix: &str,
+    meanwhile: impl AsyncFnOnce(&Recording),
+) {
     let dir = tempfile::tempdir().unwrap();
     let memory: DynStore = Arc::new(MemoryStore::new());
     let tenant = released_with_log(&memory, dir.path()).await;
     let store = recording(memory.clone());
-    store.hold("head", &keys::database("cold"));
+    store.hold(op, prefix);
     let m2 = machine(store.clone(), "m2", dir.path());
     let routed = tokio::spawn({
         let (m2, tenant) = (m2.clone(), tenant.clone());
         async move { m2.route(&tenant, false).await }
     });
-    for wanted in [("get", keys::lock("cold")), ("get", keys::database("cold"))] {
-        store.until_sent(|sent| *sent == wanted).await;
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let sent = store.take();
-    assert!(
-        !sent.iter().any(|(op, _)| *op == "put"),
-        "nothing is written before the tenant is known to exist: {sent:#?}"
-    );
+    meanwhile(&store).await;
     store.let_go();
     let Ok(Route::Local(handle)) = routed.await else {
         panic!("m2 must take the released tenant over");
@@ -373,33 +358,41 @@ async fn a_first_request_reads_the_lock_and_the_snapshot_beside_the_existence_ch
     assert_eq!(handle.call(Op::Read).await.unwrap().count, 3);
 }
 
+/// A fresh machine's first request reads the lock and downloads the
+/// snapshot while the existence check is still unanswered, and writes
+/// nothing (not even its heartbeat) before it answers: its session and
+/// lock writes then follow the check at once.
+#[tokio::test]
+async fn a_first_request_reads_the_lock_and_the_snapshot_beside_the_existence_check() {
+    take_over_holding("head", &keys::database("cold"), async |store| {
+        for wanted in [("get", keys::lock("cold")), ("get", keys::database("cold"))] {
+            store.until_sent(|sent| *sent == wanted).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let sent = store.take();
+        assert!(
+            !sent.iter().any(|(op, _)| *op == "put"),
+            "nothing is written before the tenant is known to exist: {sent:#?}"
+        );
+    })
+    .await;
+}
+
 /// The takeover's first fences go out once the log after the snapshot is
 /// listed, while its deltas are still being fetched (held here until the
 /// fences were sent), and the state is still every commit.
 #[tokio::test]
 async fn a_takeover_fences_while_the_deltas_are_still_fetched() {
-    let dir = tempfile::tempdir().unwrap();
-    let memory: DynStore = Arc::new(MemoryStore::new());
-    let tenant = released_with_log(&memory, dir.path()).await;
-    let store = recording(memory.clone());
     let log = keys::log_prefix("cold");
-    store.hold("get", &log);
-    let m2 = machine(store.clone(), "m2", dir.path());
-    let routed = tokio::spawn({
-        let (m2, tenant) = (m2.clone(), tenant.clone());
-        async move { m2.route(&tenant, false).await }
-    });
-    store
-        .until_sent(|(op, key)| *op == "get" && key.starts_with(&log))
-        .await;
-    store
-        .until_sent(|(op, key)| *op == "put" && key.starts_with(&log))
-        .await;
-    store.let_go();
-    let Ok(Route::Local(handle)) = routed.await else {
-        panic!("m2 must take the released tenant over");
-    };
-    assert_eq!(handle.call(Op::Read).await.unwrap().count, 3);
+    take_over_holding("get", &log, async |store| {
+        store
+            .until_sent(|(op, key)| *op == "get" && key.starts_with(&log))
+            .await;
+        store
+            .until_sent(|(op, key)| *op == "put" && key.starts_with(&log))
+            .await;
+    })
+    .await;
 }
 
 /// Requests for tenants that do not exist write nothing at all, though

@@ -89,8 +89,14 @@ impl Registry {
             Some(early) => Some(early),
             None => self.prefetch(id, &slot, fresh),
         };
+        // Answered beside the existence check, as a rule; a store that
+        // stopped answering since costs no more than the attempt's own
+        // bound (then the contender reads the lock itself).
         let mut early_lock = match early.as_mut() {
-            Some(early) => early.lock().await,
+            Some(early) => tokio::time::timeout(self.config.lease_ttl, early.lock())
+                .await
+                .ok()
+                .flatten(),
             None => None,
         };
         // A machine's first lease starts its session (the heartbeat read

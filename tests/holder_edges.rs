@@ -188,7 +188,7 @@ async fn a_release_whose_compaction_failed_releases_with_the_log() {
         .await
         .unwrap()
         .unwrap();
-    let covered: u64 = snapshot.metadata["tenantd-seq"].parse().unwrap();
+    let covered: u64 = snapshot.metadata[log::SEQ_KEY].parse().unwrap();
     match lock_state(&a.store).await {
         LockState::Released { record, .. } => assert_eq!(record.log_end, Some(covered)),
         other => panic!("the lock was not released: {other:?}"),

@@ -25,7 +25,7 @@ use super::log::{self, Fetched, LogError, Snapshot, Until, WINDOW, Writer};
 use super::prefetch::{Listed, Prefetch, Prefetched, SnapshotRead, read_snapshot};
 use crate::TenantId;
 use crate::lease::Lease;
-use crate::store::{DynStore, Precondition, StoreError, keys, transfer_allowance};
+use crate::store::{DynStore, ETag, Precondition, StoreError, keys, transfer_allowance};
 
 /// A tenant taken over.
 pub struct Claimed {
@@ -491,7 +491,7 @@ async fn attempt(
             let replayed = match replayed {
                 Ok(replayed) => replayed,
                 Err(e @ LogError::Corrupt(_)) => {
-                    recheck(store, id, key, &snapshot).await?;
+                    recheck(store, id, key, snapshot.etag.as_ref()).await?;
                     return Err(Attempt::from_log(id, e));
                 }
                 Err(e) => return Err(Attempt::from_log(id, e)),
@@ -551,15 +551,15 @@ async fn fence_after(
         None => None,
     }
     .filter(|a| a.listed.end == replayed.contiguous_end && a.listed.snapshot == snapshot.etag);
-    let mut rechecked_ahead = false;
-    let mut rounds = 0;
+    // Whether the last round was the one sent ahead with its HEAD after
+    // it: any round made here needs the recheck below.
+    let mut fenced_ahead;
     // Every slot after the run that a deposed writer could reach
     // becomes this writer's (see `fence_round`); taken slots that
     // continue the run are applied, and the window moves on.
     let mut ours = BTreeSet::new();
     loop {
         let end = replayed.contiguous_end;
-        rounds += 1;
         let mut taken = match ahead.take() {
             Some(Ahead {
                 fenced: Ok(taken),
@@ -568,16 +568,19 @@ async fn fence_after(
                 ..
             }) => {
                 ours = theirs;
-                rechecked_ahead = rechecked;
+                fenced_ahead = rechecked;
                 judge_epochs(taken, epoch)?
             }
-            _ => fence_round(store, id, epoch, writer, end, &mut ours, true).await?,
+            _ => {
+                fenced_ahead = false;
+                fence_round(store, id, epoch, writer, end, &mut ours, true).await?
+            }
         };
         while let Some(found) = taken.remove(&(replayed.contiguous_end + 1)) {
             match replayed.extend(id.as_str(), path, sums, found).await {
                 Ok(()) => {}
                 Err(e @ LogError::Corrupt(_)) => {
-                    recheck(store, id, key, snapshot).await?;
+                    recheck(store, id, key, snapshot.etag.as_ref()).await?;
                     return Err(Attempt::from_log(id, e));
                 }
                 Err(e) => return Err(Attempt::from_log(id, e)),
@@ -596,9 +599,8 @@ async fn fence_after(
     // delta deleted after that, before it was fetched, fails its fetch).
     // Fences sent ahead that took the whole window at once were followed
     // by that read already.
-    let fenced_ahead = rounds == 1 && rechecked_ahead;
     if !fenced_ahead {
-        recheck(store, id, key, snapshot).await?;
+        recheck(store, id, key, snapshot.etag.as_ref()).await?;
     }
     info!(
         customer_id = %id,
@@ -627,14 +629,14 @@ async fn recheck(
     store: &DynStore,
     id: &TenantId,
     key: &str,
-    snapshot: &Snapshot,
+    snapshot: Option<&ETag>,
 ) -> Result<(), Attempt> {
     let now = store
         .head(key)
         .await
         .map_err(|e| Attempt::Failed(unavailable(id, e)))?;
     match now {
-        Some(meta) if Some(&meta.etag) == snapshot.etag.as_ref() => Ok(()),
+        Some(meta) if Some(&meta.etag) == snapshot => Ok(()),
         _ => Err(Attempt::Again(format!(
             "{key} was rewritten while the tenant was taken over"
         ))),
@@ -722,10 +724,9 @@ fn fence_ahead(
         let fenced =
             log::fence_window(&store, id.as_str(), epoch, &writer, listed.end, &mut ours).await;
         let rechecked = match &fenced {
-            Ok(taken) if taken.is_empty() => matches!(
-                store.head(&key).await,
-                Ok(Some(meta)) if Some(&meta.etag) == listed.snapshot.as_ref()
-            ),
+            Ok(taken) if taken.is_empty() => recheck(&store, &id, &key, listed.snapshot.as_ref())
+                .await
+                .is_ok(),
             _ => false,
         };
         Ahead {

@@ -505,7 +505,7 @@ pub async fn plan(
     plan_telling(store, id, snapshot, until, |_| {}).await
 }
 
-/// [`plan`], telling `listed` where the listing's contiguous run ends as
+/// [`plan`], telling `tell` where the listing's contiguous run ends as
 /// soon as it is known (before the deltas are fetched): a takeover fences
 /// after it beside the fetches.
 pub async fn plan_telling(
@@ -513,26 +513,9 @@ pub async fn plan_telling(
     id: &str,
     snapshot: &Snapshot,
     until: Until,
-    listed: impl FnOnce(u64),
+    tell: impl FnOnce(u64),
 ) -> Result<Plan, LogError> {
-    let listed_slots = list_slots(store, id, snapshot.seq).await?;
-    let listed_end = {
-        let mut end = snapshot.seq;
-        for (seq, _) in &listed_slots {
-            if *seq != end + 1 {
-                break;
-            }
-            end = *seq;
-        }
-        end
-    };
-    if !listed_slots
-        .iter()
-        .any(|(seq, _)| *seq > listed_end + WINDOW)
-    {
-        listed(listed_end);
-    }
-    let listed = listed_slots;
+    let listed = list_slots(store, id, snapshot.seq).await?;
     let mut contiguous_end = snapshot.seq;
     for (seq, _) in &listed {
         if *seq == contiguous_end + 1 {
@@ -553,6 +536,7 @@ pub async fn plan_telling(
             keys::log_slot(id, *far),
         )));
     }
+    tell(contiguous_end);
     let last = match until {
         Until::Seq(seq) => seq.min(contiguous_end),
         _ => contiguous_end,

@@ -41,7 +41,7 @@ pub(super) enum ClaimStep {
         ahead: Option<Ahead>,
     },
     /// Fences the window after the listed run before reading it; the
-    /// HEAD after them (or, negative control, before them) is the recheck.
+    /// HEAD after them is the recheck.
     FenceAhead {
         snap: Snap,
         prefix_end: u64,
@@ -245,10 +245,7 @@ impl Sim {
                                 first_slot: 0,
                                 acked_before: 0,
                             }
-                        } else if (snap.pos.epoch < self.writers[w].epoch
-                            || self.config.fence_ahead == FenceAhead::Unguarded)
-                            && self.fences_ahead(w)
-                        {
+                        } else if self.fences_ahead(w, &snap) {
                             ClaimStep::FenceAhead {
                                 snap,
                                 prefix_end,
@@ -291,10 +288,7 @@ impl Sim {
                     AheadStep::Done(ahead) => read(ahead),
                     // A slot taken: read the run and fence as usual (its
                     // own fences are found again as its own).
-                    AheadStep::Taken(ahead) => read(Ahead {
-                        rechecked: false,
-                        ..ahead
-                    }),
+                    AheadStep::Taken(ahead) => read(ahead),
                     AheadStep::Reread => ClaimStep::ReadSnapshot,
                 }
             }
@@ -358,10 +352,7 @@ impl Sim {
                 let unchanged = match self.config.recheck {
                     _ if fencing.rechecked => Ok(true),
                     Recheck::Never => Ok(true),
-                    Recheck::AfterFences => store
-                        .head(&db_key)
-                        .await
-                        .map(|now| now.as_ref().map(|m| &m.etag) == fencing.etag.as_ref()),
+                    Recheck::AfterFences => self.snapshot_is(w, fencing.etag.as_ref()).await,
                 };
                 match unchanged {
                     Ok(true) => {
@@ -515,17 +506,22 @@ impl Sim {
         self.writers[w].phase = Phase::Claiming(Box::new(next));
     }
 
-    /// Whether this claim fences ahead of reading its run (the cold start
-    /// of a holder; half of them, by the seed).
-    fn fences_ahead(&mut self, w: usize) -> bool {
+    /// Whether this claim, starting from `snap`, fences ahead of reading
+    /// its run (the cold start of a holder; half of them, by the seed).
+    /// The guard, as `claim.rs` `may_fence_ahead`: the lock it replaced was
+    /// a holder's release naming the log's end, and the snapshot's epoch
+    /// is below its own (negative control: no guard).
+    fn fences_ahead(&mut self, w: usize, snap: &Snap) -> bool {
         use rand::RngExt;
+        let writer = &self.writers[w];
+        let guarded = writer.ahead_safe && snap.pos.epoch < writer.epoch;
         self.config.fence_ahead != FenceAhead::Off
             && self.config.fences
             && self.rules.probe_taken_slots
             && self.rules.strict_epochs
             && self.rules.always_fence
-            && matches!(self.writers[w].role, Role::Holder)
-            && (self.writers[w].ahead_safe || self.config.fence_ahead == FenceAhead::Unguarded)
+            && matches!(writer.role, Role::Holder)
+            && (guarded || self.config.fence_ahead == FenceAhead::Unguarded)
             && self.rng.random_bool(0.5)
     }
 
@@ -540,12 +536,12 @@ impl Sim {
     ) -> AheadStep {
         let Some(seq) = (prefix_end + 1..=prefix_end + WINDOW).find(|s| !ahead.mine.contains(s))
         else {
-            return match self.writers[w].store.head(&keys::database(TENANT)).await {
-                Ok(now) if now.as_ref().map(|m| &m.etag) == snap.etag.as_ref() => {
+            return match self.snapshot_is(w, snap.etag.as_ref()).await {
+                Ok(true) => {
                     ahead.rechecked = true;
                     AheadStep::Done(ahead)
                 }
-                Ok(_) => AheadStep::Reread,
+                Ok(false) => AheadStep::Reread,
                 Err(_) => AheadStep::Continue(ahead),
             };
         };
@@ -559,6 +555,16 @@ impl Sim {
             Err(e) if e.is_precondition() => AheadStep::Taken(ahead),
             Err(_) => AheadStep::Continue(ahead),
         }
+    }
+
+    /// Whether the snapshot's HEAD, sent by writer `w` now, shows `etag`.
+    async fn snapshot_is(
+        &mut self,
+        w: usize,
+        etag: Option<&ETag>,
+    ) -> tenantd_core::store::StoreResult<bool> {
+        let now = self.writers[w].store.head(&keys::database(TENANT)).await?;
+        Ok(now.as_ref().map(|m| &m.etag) == etag)
     }
 
     /// Puts writer `w`'s fence into slot `seq` (`If-None-Match: *`),

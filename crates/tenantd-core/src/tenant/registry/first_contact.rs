@@ -21,16 +21,10 @@ use crate::tenant::prefetch::Prefetch;
 /// does not exist, another holder answers), the download stops and its
 /// file is removed.
 pub(super) struct EarlyReads {
-    pub prefetch: Option<Prefetch>,
-    lock: Option<JoinHandle<Option<LockState>>>,
-}
-
-impl EarlyReads {
-    /// The lock as read beside the existence check (`None`: the read
-    /// failed, or was taken already; the contender reads for itself).
-    pub async fn lock(&mut self) -> Option<LockState> {
-        self.lock.take()?.await.ok().flatten()
-    }
+    pub prefetch: Prefetch,
+    /// The lock as read (`None`: the read failed; the contender reads for
+    /// itself).
+    pub lock: JoinHandle<Option<LockState>>,
 }
 
 impl Registry {
@@ -48,8 +42,8 @@ impl Registry {
         let (store, key) = (self.store.clone(), keys::lock(id.as_str()));
         let lock = tokio::spawn(async move { read_lock(&store, &key).await.ok() });
         Some(EarlyReads {
-            prefetch: Some(self.prefetch_now(id)),
-            lock: Some(lock),
+            prefetch: self.prefetch_now(id),
+            lock,
         })
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::first_contact::EarlyReads;
 use super::{Registry, Route, Seen, Slot};
 use crate::TenantId;
 use crate::lease::{Acquire, Beat, LockRecord, LockState, read_lock};
@@ -30,7 +31,7 @@ impl Registry {
         }
         // A tenant not seen yet: the takeover's reads go beside the
         // existence check (nothing is written before it answers).
-        let mut early = self.first_contact(id);
+        let early = self.first_contact(id);
         if !self.is_draining() && self.local(id).is_none() {
             // Beside the existence check: a takeover then only writes the
             // heartbeat before the lock (read once per session, no more).
@@ -85,19 +86,9 @@ impl Registry {
         // hold the request for up to one ttl while the stale rule runs out,
         // rather than sending it to a machine that will not answer.
         let patience = Instant::now() + self.config.lease_ttl + Duration::from_millis(500);
-        let mut prefetch = match early.as_mut().and_then(|e| e.prefetch.take()) {
-            Some(early) => Some(early),
-            None => self.prefetch(id, &slot, fresh),
-        };
-        // Answered beside the existence check, as a rule; a store that
-        // stopped answering since costs no more than the attempt's own
-        // bound (then the contender reads the lock itself).
-        let mut early_lock = match early.as_mut() {
-            Some(early) => tokio::time::timeout(self.config.lease_ttl, early.lock())
-                .await
-                .ok()
-                .flatten(),
-            None => None,
+        let (mut prefetch, early_lock) = match early {
+            Some(EarlyReads { prefetch, lock }) => (Some(prefetch), Some(lock)),
+            None => (self.prefetch(id, &slot, fresh), None),
         };
         // A machine's first lease starts its session (the heartbeat read
         // and written): begun beside the lock read, not after it.
@@ -105,6 +96,17 @@ impl Registry {
             let session = self.session.clone();
             tokio::spawn(async move { session.incarnation().await.ok() })
         });
+        // Answered beside the existence check, as a rule; a store that
+        // stopped answering since costs no more than the attempt's own
+        // bound (then the contender reads the lock itself).
+        let mut early_lock = match early_lock {
+            Some(read) => tokio::time::timeout(self.config.lease_ttl, read)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten(),
+            None => None,
+        };
         loop {
             // A store that does not answer must not hold a request for the
             // retrying layer's whole budget: give up after one ttl.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use std::sync::atomic::Ordering;
 use tenantd_core::lease::{
     Acquire, Contender, HeartbeatRecord, Lease, LeaseConfig, LockState, Session, read_lock,
 };
@@ -14,7 +15,8 @@ use tenantd_core::metrics::Metrics;
 use tenantd_core::store::fault::FaultHandle;
 use tenantd_core::store::instrumented::InstrumentedStore;
 use tenantd_core::store::{
-    DynStore, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition, keys,
+    DynStore, ETag, FaultConfig, FaultStore, Listed, MemoryStore, Metadata, Object, ObjectMeta,
+    ObjectStore, Precondition, StoreError, StoreResult, keys,
 };
 use tokio::time::Instant;
 
@@ -33,7 +35,12 @@ struct Machine {
 
 impl Machine {
     fn start(shared: &Arc<MemoryStore>, id: &str) -> Machine {
-        let fault = FaultStore::new(shared.clone() as DynStore, FaultConfig::default());
+        Machine::start_on(shared.clone() as DynStore, id)
+    }
+
+    /// A machine whose path to the bucket is `store`.
+    fn start_on(store: DynStore, id: &str) -> Machine {
+        let fault = FaultStore::new(store, FaultConfig::default());
         let faults = fault.handle();
         let metrics = Metrics::new();
         let store: DynStore = Arc::new(InstrumentedStore::new(Arc::new(fault), metrics.clone()));
@@ -817,4 +824,107 @@ async fn a_heartbeat_of_another_incarnation_or_none_leaves_the_observation_rule(
             assert!(lease.is_valid(), "x's own session is untouched");
         }
     }
+}
+
+/// Answers the first write of a heartbeat as the retrying layer answers a
+/// write it cannot resolve (`Ambiguous`), without applying it: the store
+/// erred, the resend was refused, and the read-back could not tell whose
+/// heartbeat it found.
+#[derive(Debug)]
+struct FirstHeartbeatWriteAmbiguous {
+    inner: DynStore,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FirstHeartbeatWriteAmbiguous {
+    async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
+        self.inner.get(key).await
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        self.inner.head(key).await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        if key.ends_with("heartbeat.json") && self.armed.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Ambiguous { key: key.into() });
+        }
+        self.inner.put(key, body, metadata, condition).await
+    }
+
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        self.inner.list(prefix, start_after).await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+
+    async fn check(&self) -> StoreResult<()> {
+        self.inner.check().await
+    }
+
+    fn describe(&self) -> String {
+        "memory store whose first heartbeat write is ambiguous".into()
+    }
+}
+
+/// Found by the service simulation (CI, seed 1): a machine restarted under
+/// the same id whose first heartbeat write was ambiguous read the earlier
+/// process's heartbeat next and took it for a second live process: it
+/// refused every lease from then on, and its tenant never answered again.
+/// A write of this process that may not have landed proves nothing about
+/// who wrote the heartbeat since.
+#[tokio::test(start_paused = true)]
+async fn a_restart_whose_first_heartbeat_write_is_ambiguous_still_takes_its_locks_back() {
+    let shared = Arc::new(MemoryStore::new());
+    let earlier = Machine::start(&shared, "a");
+    let old = acquired(earlier.contender(KEY).try_acquire().await.unwrap());
+    // Crashed: it never reaches the store again.
+    earlier.faults.partition(true);
+    let store: DynStore = Arc::new(FirstHeartbeatWriteAmbiguous {
+        inner: shared.clone(),
+        armed: true.into(),
+    });
+    let restarted = Machine::start_on(store, "a");
+    let outcome = restarted.contender(KEY).try_acquire().await;
+    let lease = acquired(outcome.expect("the restarted process takes its lock back"));
+    assert_eq!(lease.epoch(), old.epoch() + 1);
+    assert_eq!(
+        heartbeat(&shared, "a").await.incarnation,
+        lease.incarnation()
+    );
+}
+
+/// The other side of that rule: once a heartbeat write of this process
+/// landed, a heartbeat naming an incarnation it never wrote is another
+/// live process's, and this one stops taking leases rather than fight it.
+#[tokio::test(start_paused = true)]
+async fn a_process_whose_landed_heartbeat_was_written_over_does_not_start_again() {
+    let shared = Arc::new(MemoryStore::new());
+    let a = Machine::start(&shared, "a");
+    let first = acquired(a.contender(&tenant_key(0)).try_acquire().await.unwrap());
+    // Cut off until its session runs out, so no renewal sees the intruder.
+    a.faults.partition(true);
+    tokio::time::timeout(TTL * 2, first.lost())
+        .await
+        .expect("the session runs out while cut off");
+    let twin = Machine::start(&shared, "a");
+    let theirs = acquired(twin.contender(&tenant_key(1)).try_acquire().await.unwrap());
+    a.faults.partition(false);
+    let Err(e) = a.contender(&tenant_key(2)).try_acquire().await else {
+        panic!("started a session over another live process's heartbeat");
+    };
+    assert!(
+        e.to_string().contains("two processes share one machine id"),
+        "{e}"
+    );
+    assert!(theirs.is_valid(), "the other process keeps its lease");
 }

@@ -88,6 +88,25 @@ impl Drop for Incarnation {
     }
 }
 
+/// The incarnations this process wrote the heartbeat for, and whether one
+/// of those writes is known to have landed. Until one has, a heartbeat
+/// naming another incarnation is an earlier process's (Fly restarts a
+/// crashed machine under the same id, and a write the crashed process sent
+/// may still land); once one has, only a live process can have written
+/// over it (a dead one's conditional write fails on the changed ETag).
+#[derive(Default)]
+struct Own {
+    /// Every incarnation whose write may have landed.
+    written: Vec<Uuid>,
+    landed: bool,
+}
+
+impl Own {
+    fn foreign(&self, theirs: Uuid) -> bool {
+        self.landed && !self.written.contains(&theirs)
+    }
+}
+
 struct Shared {
     store: DynStore,
     config: LeaseConfig,
@@ -95,9 +114,8 @@ struct Shared {
     metrics: Option<Metrics>,
     /// The incarnation leases are being given to, if it is still alive.
     current: tokio::sync::Mutex<Weak<Incarnation>>,
-    /// Incarnations this process started: a heartbeat naming any other one
-    /// after the first start was written by another process.
-    own: Mutex<Vec<Uuid>>,
+    /// This process's heartbeat writes so far.
+    own: Mutex<Own>,
     /// Set when another process took the heartbeat over: this process must
     /// not fight it (machine ids are unique per process).
     displaced: Mutex<Option<Uuid>>,
@@ -174,7 +192,7 @@ impl Session {
                 current: tokio::sync::Mutex::new(Weak::new()),
                 primed: tokio::sync::Mutex::new(None),
                 live_tokens: Mutex::new(Vec::new()),
-                own: Mutex::new(Vec::new()),
+                own: Mutex::default(),
                 displaced: Mutex::new(None),
                 credited: watch::Sender::new(None),
                 observer,
@@ -264,7 +282,7 @@ impl Session {
         // is none: a new machine's id has none, and `If-None-Match` makes
         // the guess safe (a 412 costs one round trip, then the read
         // decides; later starts find their own earlier heartbeat).
-        let first = shared.own.lock().unwrap().is_empty();
+        let first = shared.own.lock().unwrap().written.is_empty();
         let mut guess_absent = first
             && match shared.primed.try_lock() {
                 Ok(primed) => primed.is_none(),
@@ -287,10 +305,8 @@ impl Session {
                     let theirs = serde_json::from_slice::<HeartbeatRecord>(&object.body)
                         .ok()
                         .map(|r| r.incarnation);
-                    let foreign = theirs.filter(|theirs| {
-                        let own = shared.own.lock().unwrap();
-                        !own.is_empty() && !own.contains(theirs)
-                    });
+                    let foreign =
+                        theirs.filter(|&theirs| shared.own.lock().unwrap().foreign(theirs));
                     if let Some(theirs) = foreign {
                         *shared.displaced.lock().unwrap() = Some(theirs);
                         return Box::pin(self.start()).await;
@@ -310,7 +326,7 @@ impl Session {
                 seq: 0,
                 extra: Default::default(),
             };
-            shared.own.lock().unwrap().push(id);
+            shared.own.lock().unwrap().written.push(id);
             let sent_at = Instant::now();
             match shared
                 .store
@@ -318,6 +334,7 @@ impl Session {
                 .await
             {
                 Ok(etag) => {
+                    shared.own.lock().unwrap().landed = true;
                     let deadline = sent_at + shared.config.ttl.saturating_sub(shared.config.margin);
                     if Instant::now() >= deadline {
                         warn!(key = %shared.key, "heartbeat write answered after its own deadline; starting again");
@@ -340,16 +357,13 @@ impl Session {
                         renewal,
                     }));
                 }
-                Err(StoreError::PreconditionFailed { .. }) if guessed => {
-                    // Certainly not written (the first attempt, refused):
-                    // the heartbeat there is an earlier process's, which
-                    // must not look like another process's from now on.
-                    shared.own.lock().unwrap().retain(|own| *own != id);
+                Err(StoreError::PreconditionFailed { .. }) => {
+                    // Certainly not written (the retrying layer passes a
+                    // 412 on only when no attempt of it can have landed).
+                    shared.own.lock().unwrap().written.retain(|own| *own != id);
                     continue;
                 }
-                Err(StoreError::PreconditionFailed { .. }) | Err(StoreError::Ambiguous { .. }) => {
-                    continue;
-                }
+                Err(StoreError::Ambiguous { .. }) => continue,
                 Err(e) => return Err(e),
             }
         }

@@ -928,3 +928,107 @@ async fn a_process_whose_landed_heartbeat_was_written_over_does_not_start_again(
     );
     assert!(theirs.is_valid(), "the other process keeps its lease");
 }
+
+/// One life of a machine's process in [`restarted_processes_always_start_again`].
+#[derive(Clone, Debug)]
+struct Life {
+    error_rate: f64,
+    lost_response_rate: f64,
+    late_apply_rate: f64,
+    primed: bool,
+    /// How long it runs under those faults before it crashes.
+    runs_ms: u64,
+}
+
+fn life() -> impl Strategy<Value = Life> {
+    (
+        0.0..0.6f64,
+        0.0..0.4f64,
+        0.0..0.4f64,
+        any::<bool>(),
+        0..4_000u64,
+    )
+        .prop_map(
+            |(error_rate, lost_response_rate, late_apply_rate, primed, runs_ms)| Life {
+                error_rate,
+                lost_response_rate,
+                late_apply_rate,
+                primed,
+                runs_ms,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Fly restarts a crashed machine under the same id, again and again,
+    /// each process through the retrying layer over a store that errs,
+    /// loses responses and applies writes after the client gave up, and
+    /// each crash leaves writes in flight. Only one process lives at a
+    /// time, so none may take another for a second live process with its
+    /// id: once the store heals, every one of them starts its session.
+    #[test]
+    fn restarted_processes_always_start_again(seed in any::<u64>(), lives in prop::collection::vec(life(), 1..6)) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        runtime.block_on(async move {
+            let shared = Arc::new(MemoryStore::new());
+            for (n, life) in lives.into_iter().enumerate() {
+                let fault = FaultStore::seeded(
+                    shared.clone() as DynStore,
+                    FaultConfig {
+                        latency: Duration::from_millis(20),
+                        jitter: Duration::from_millis(10),
+                        error_rate: life.error_rate,
+                        lost_response_rate: life.lost_response_rate,
+                        late_apply_rate: life.late_apply_rate,
+                        late_apply_delay: Duration::from_millis(300),
+                        ..FaultConfig::default()
+                    },
+                    seed ^ n as u64,
+                );
+                let faults = fault.handle();
+                let store: DynStore = Arc::new(tenantd_core::store::RetryingStore::new(
+                    Arc::new(fault),
+                    tenantd_core::store::retry::RetryPolicy::default(),
+                ));
+                let session = Session::new(store, LeaseConfig::new("a", "a:3000", TTL));
+                if life.primed {
+                    session.prime().await;
+                }
+                let faulty = tokio::time::timeout(
+                    Duration::from_millis(life.runs_ms),
+                    session.incarnation(),
+                )
+                .await;
+                if let Ok(Err(e)) = &faulty {
+                    assert!(!e.to_string().contains("share one machine id"), "life {n} under faults: {e}");
+                }
+                faults.update(|c| {
+                    c.error_rate = 0.0;
+                    c.lost_response_rate = 0.0;
+                    c.late_apply_rate = 0.0;
+                });
+                let mut started = None;
+                for _ in 0..5 {
+                    match session.incarnation().await {
+                        Ok(incarnation) => {
+                            started = Some(incarnation);
+                            break;
+                        }
+                        Err(e) => {
+                            assert!(!e.to_string().contains("share one machine id"), "life {n} after the faults healed: {e}");
+                            tokio::time::sleep(TTL).await;
+                        }
+                    }
+                }
+                let started = started.unwrap_or_else(|| panic!("life {n} never started its session"));
+                assert!(started.is_valid());
+                // Crashed: cut off, with whatever it sent still in flight.
+                faults.partition(true);
+                drop(started);
+                drop(session);
+            }
+        });
+    }
+}

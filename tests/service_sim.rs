@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use tenantd_sim::service_sim::{
-    Interactive, Mode, Paths, Reads, run_seed_misnaming_log_end, run_seed_with,
+    Interactive, Mode, Paths, Reads, Rebirth, run_seed_misnaming_log_end, run_seed_with,
 };
 
 const SECONDS: u64 = 20;
@@ -35,6 +35,7 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
     let (mut ops, mut acked, mut epochs) = (0, 0, 0);
     let (mut reads, mut answered, mut by_followers) = (0, 0, 0);
     let mut kinds = std::collections::BTreeSet::new();
+    let mut customers = 0;
     for seed in seeds(default_seeds) {
         let dir = tempfile::tempdir().unwrap();
         let secs = Duration::from_secs(SECONDS);
@@ -56,9 +57,15 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
         answered += outcome.reads_answered;
         by_followers += outcome.follower_reads;
         kinds.extend(outcome.nemeses.iter().map(|n| n.kind.clone()));
+        customers += outcome
+            .report
+            .customers
+            .values()
+            .filter(|c| c.acked > 0)
+            .count();
     }
     eprintln!(
-        "{mode:?}: {ops} operations, {acked} acknowledged, {epochs} holder epochs, nemeses {kinds:?}, in {:?}",
+        "{mode:?}: {ops} operations, {acked} acknowledged, {customers} customers (or lives of one) with acknowledged writes, {epochs} holder epochs, nemeses {kinds:?}, in {:?}",
         started.elapsed()
     );
     if paths.reads != Reads::Off {
@@ -74,6 +81,9 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
     }
     assert!(acked > ops / 2, "mostly available: {acked} of {ops}");
     assert!(kinds.len() >= 6, "every kind of nemesis ran: {kinds:?}");
+    if paths.rebirth != Rebirth::Off {
+        assert!(kinds.contains("delete-and-create"), "{kinds:?}");
+    }
 }
 
 #[test]
@@ -100,6 +110,42 @@ fn issue_26_single_tenant_machines_lose_nothing_with_every_writing_path() {
 #[test]
 fn issue_26_pool_machines_lose_nothing_with_every_writing_path() {
     no_violation_in_any_seed(Mode::Pool, 12, Paths::ALL);
+}
+
+/// An operator deletes one of the pool's tenants and creates it again
+/// every few seconds, through `tenantd_core::tenant::lifecycle` as `tenants
+/// delete` and `tenants create` do, while the machines serve it under
+/// every nemesis: each life of the tenant is checked on its own.
+#[test]
+fn pool_machines_lose_nothing_while_a_tenant_is_deleted_and_created_again() {
+    let paths = Paths {
+        rebirth: Rebirth::On,
+        ..Paths::ALL
+    };
+    no_violation_in_any_seed(Mode::Pool, 12, paths);
+}
+
+/// Its negative control: the new life's log starts at slot 0, whatever
+/// the delete left (its fences, its tombstone); some seed must show it.
+#[test]
+fn a_tenant_created_again_over_the_deletes_fences_is_caught() {
+    let paths = Paths {
+        rebirth: Rebirth::FromSlotZero,
+        ..Paths::ALL
+    };
+    let found = (0..10u64).find_map(|seed| {
+        let dir = tempfile::tempdir().unwrap();
+        let secs = Duration::from_secs(SECONDS);
+        let report = run_seed_with(seed, secs, dir.path(), Mode::Pool, false, paths).report;
+        (!report.violations.is_empty()).then_some((seed, report.violations))
+    });
+    let (seed, violations) =
+        found.expect("some seed must catch a creation over the delete's fences");
+    eprintln!("seed {seed}: {violations:?}");
+    assert!(
+        violations.iter().any(|v| v.contains("simpool3")),
+        "{violations:?}"
+    );
 }
 
 /// The negative control of releases with the log (issue 22): every
@@ -191,6 +237,7 @@ const FOLLOWERS: Paths = Paths {
     claim_failure: false,
     interactive: Interactive::Off,
     reads: Reads::Followers,
+    rebirth: Rebirth::Off,
 };
 
 #[test]

@@ -64,6 +64,9 @@ const BASE_LATENCY: Duration = Duration::from_millis(5);
 const BASE_JITTER: Duration = Duration::from_millis(15);
 
 mod reads;
+mod rebirth;
+
+pub use rebirth::Rebirth;
 
 pub struct ServiceSimOutcome {
     pub report: Report,
@@ -114,6 +117,9 @@ pub struct Paths {
     pub interactive: Interactive,
     /// Readers besides the writers, answered by followers too.
     pub reads: Reads,
+    /// An operator deletes the last tenant and creates it again, again and
+    /// again (pool mode).
+    pub rebirth: Rebirth,
 }
 
 /// Whether the run has readers, and how followers treat pushes.
@@ -149,6 +155,7 @@ impl Paths {
         claim_failure: true,
         interactive: Interactive::Mixed,
         reads: Reads::Off,
+        rebirth: Rebirth::Off,
     };
 
     /// Any of issue 26's nemeses.
@@ -240,6 +247,7 @@ fn run(
         all_metrics: Mutex::new(Vec::new()),
         me: Default::default(),
         handed: Mutex::new(BTreeMap::new()),
+        lives: Mutex::default(),
     };
     let world = Arc::new(world);
     let _ = world.me.set(Arc::downgrade(&world));
@@ -304,6 +312,8 @@ struct World {
     /// Per (writer, tenant): the bookmark and count of its last
     /// acknowledged write, for its paired reader.
     handed: Mutex<BTreeMap<(u64, TenantId), (u64, u64)>>,
+    /// The lives of the tenant an operator deletes and creates again.
+    lives: Mutex<rebirth::Lives>,
 }
 
 impl World {
@@ -489,8 +499,10 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
         let world = world.clone();
         async move { nemeses(&world, seed ^ 0x5eed, until).await }
     });
+    let operator = tokio::spawn(rebirth::operator(world.clone(), seed, until));
     let mut nemeses = nemeses(&world, seed, until).await;
     nemeses.extend(second.await.expect("nemesis task"));
+    nemeses.extend(operator.await.expect("operator task"));
     nemeses.sort_by_key(|n| n.start_ms);
 
     let mut ops = Vec::new();
@@ -541,7 +553,7 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
             }
             ops.push(Op {
                 client: CLIENTS as usize,
-                customer: tenant.to_string(),
+                customer: rebirth::label(&world, tenant),
                 key,
                 start_ms,
                 end_ms: world.now_ms(),
@@ -551,17 +563,22 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
             });
         }
     }
-    let mut finals = BTreeMap::new();
+    let mut finals = rebirth::earlier_finals(&world);
     let mut durable = BTreeMap::new();
     let mut final_epoch = 0;
+    let mut unreadable = rebirth::violations(&world);
     for tenant in &world.tenants {
-        let (count, epoch, ops) = stored(&world, tenant.as_str()).await;
-        finals.insert(tenant.to_string(), count);
-        durable.insert(tenant.to_string(), ops);
+        let (count, epoch, ops) = stored(&world, tenant.as_str()).await.unwrap_or_else(|e| {
+            unreadable.push(e);
+            (0, 0, BTreeMap::new())
+        });
+        finals.insert(rebirth::label(&world, tenant), count);
+        durable.insert(rebirth::label(&world, tenant), ops);
         final_epoch += epoch;
     }
     let mut report = checker::check(&ops, &finals, &nemeses, world.now_ms());
     report.violations.extend(unanswered);
+    report.violations.extend(unreadable);
     // A released lock's log_end is exactly where the log ends: every claim
     // after such a release compares it with what its fences found.
     let mismatches: u64 = world
@@ -594,8 +611,9 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
 
 /// The count and epoch of the tenant as the store holds it (snapshot and
 /// log): what is durable, and what a new holder starts from; with the
-/// op → count pairs the writers recorded (readers on).
-async fn stored(world: &World, customer: &str) -> (u64, u64, BTreeMap<String, u64>) {
+/// op → count pairs the writers recorded (readers on). A log that does not
+/// replay is a violation, named.
+async fn stored(world: &World, customer: &str) -> Result<Stored, String> {
     let exists = world
         .shared
         .get(&keys::database(customer))
@@ -603,7 +621,7 @@ async fn stored(world: &World, customer: &str) -> (u64, u64, BTreeMap<String, u6
         .expect("memory store")
         .is_some();
     if !exists {
-        return (0, 0, BTreeMap::new());
+        return Ok((0, 0, BTreeMap::new()));
     }
     let path = world.data_dir.join(format!("final-{customer}.sqlite3"));
     let store: DynStore = world.shared.clone();
@@ -614,7 +632,7 @@ async fn stored(world: &World, customer: &str) -> (u64, u64, BTreeMap<String, u6
         tenantd_core::tenant::log::Until::End,
     )
     .await
-    .expect("the stored log replays");
+    .map_err(|e| format!("customer {customer}: the stored log does not replay: {e}"))?;
     let db = Db::open(&path).expect("the stored database opens");
     let result = (
         db.count().expect("count"),
@@ -623,8 +641,11 @@ async fn stored(world: &World, customer: &str) -> (u64, u64, BTreeMap<String, u6
     );
     drop(db);
     let _ = std::fs::remove_file(&path);
-    result
+    Ok(result)
 }
+
+/// Count, epoch, and the op → count pairs of a stored tenant.
+type Stored = (u64, u64, BTreeMap<String, u64>);
 
 /// Increments with unique keys until `until`, each retried with its key.
 async fn client(world: Arc<World>, n: u64, seed: u64, until: Instant) -> Vec<Op> {
@@ -635,6 +656,10 @@ async fn client(world: Arc<World>, n: u64, seed: u64, until: Instant) -> Vec<Op>
         let key = format!("c{n}-{k}");
         k += 1;
         let tenant = &world.tenants[rng.random_range(0..world.tenants.len())];
+        let Some(customer) = rebirth::begin(&world, tenant) else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
         let interactive = match world.paths.interactive {
             Interactive::Off => false,
             Interactive::Mixed => rng.random_range(0..3) == 0,
@@ -688,9 +713,10 @@ async fn client(world: Arc<World>, n: u64, seed: u64, until: Instant) -> Vec<Op>
                 error: last_error,
             }
         });
+        rebirth::end(&world, tenant);
         ops.push(Op {
             client: n as usize,
-            customer: tenant.to_string(),
+            customer,
             key,
             start_ms,
             end_ms: world.now_ms(),

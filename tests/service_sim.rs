@@ -81,8 +81,10 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
     }
     assert!(acked > ops / 2, "mostly available: {acked} of {ops}");
     assert!(kinds.len() >= 6, "every kind of nemesis ran: {kinds:?}");
-    if paths.rebirth != Rebirth::Off {
-        assert!(kinds.contains("delete-and-create"), "{kinds:?}");
+    if paths.rebirth == Rebirth::On {
+        for kind in ["delete-and-create", "delete-and-import", "delete-and-fork"] {
+            assert!(kinds.contains(kind), "{kind} never ran: {kinds:?}");
+        }
     }
 }
 
@@ -112,10 +114,12 @@ fn issue_26_pool_machines_lose_nothing_with_every_writing_path() {
     no_violation_in_any_seed(Mode::Pool, 12, Paths::ALL);
 }
 
-/// An operator deletes one of the pool's tenants and creates it again
-/// every few seconds, through `tenantd_core::tenant::lifecycle` as `tenants
-/// delete` and `tenants create` do, while the machines serve it under
-/// every nemesis: each life of the tenant is checked on its own.
+/// An operator deletes one of the pool's tenants every few seconds and
+/// creates it again (empty, imported from a file, or forked from another
+/// tenant), through `tenantd_core::tenant::lifecycle` as `tenants delete`
+/// and `tenants create [--from-file | --from]` do, while the machines
+/// serve it under every nemesis: each life of the tenant is checked on its
+/// own.
 #[test]
 fn pool_machines_lose_nothing_while_a_tenant_is_deleted_and_created_again() {
     let paths = Paths {

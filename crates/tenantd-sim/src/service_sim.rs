@@ -551,15 +551,17 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
                     (world.now_ms() - start_ms) / 1000
                 ));
             }
+            let customer = rebirth::now(&world, tenant);
+            let outcome = customer.relative(outcome.unwrap_or(Outcome::Indeterminate {
+                error: "no answer".into(),
+            }));
             ops.push(Op {
                 client: CLIENTS as usize,
-                customer: rebirth::label(&world, tenant),
+                customer: customer.label,
                 key,
                 start_ms,
                 end_ms: world.now_ms(),
-                outcome: outcome.unwrap_or(Outcome::Indeterminate {
-                    error: "no answer".into(),
-                }),
+                outcome,
             });
         }
     }
@@ -572,8 +574,9 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
             unreadable.push(e);
             (0, 0, BTreeMap::new())
         });
-        finals.insert(rebirth::label(&world, tenant), count);
-        durable.insert(rebirth::label(&world, tenant), ops);
+        let customer = rebirth::now(&world, tenant);
+        finals.insert(customer.label.clone(), count.saturating_sub(customer.base));
+        durable.insert(customer.label, ops);
         final_epoch += epoch;
     }
     let mut report = checker::check(&ops, &finals, &nemeses, world.now_ms());
@@ -714,9 +717,10 @@ async fn client(world: Arc<World>, n: u64, seed: u64, until: Instant) -> Vec<Op>
             }
         });
         rebirth::end(&world, tenant);
+        let outcome = customer.relative(outcome);
         ops.push(Op {
             client: n as usize,
-            customer,
+            customer: customer.label,
             key,
             start_ms,
             end_ms: world.now_ms(),

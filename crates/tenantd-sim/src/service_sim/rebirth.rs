@@ -2,7 +2,10 @@
 //! an operator process of its own (its own store stack and session) while
 //! the machines serve it and the nemeses run: the delete takes the lease
 //! and fences like a takeover, the creation starts the new life's log after
-//! what the delete left.
+//! what the delete left. A life begins as `tenants create` makes it (an
+//! empty database), as `--from-file` imports one, or as `--from` forks
+//! another tenant (its count then starts at the fork's: counts of the life
+//! are checked relative to it).
 //!
 //! Each life of the tenant is checked as a customer of its own
 //! (`<tenant>#<life>`): clients stop sending to the tenant and wait for
@@ -21,13 +24,14 @@ use rand::{RngExt, SeedableRng};
 use tokio::time::Instant;
 
 use super::{BASE_JITTER, BASE_LATENCY, TTL, World, stored};
-use tenantd_chaos::history::NemesisEvent;
+use tenantd_chaos::history::{NemesisEvent, Outcome};
 use tenantd_core::TenantId;
 use tenantd_core::lease::{LeaseConfig, Session};
 use tenantd_core::store::retry::RetryPolicy;
 use tenantd_core::store::{
     DynStore, FaultConfig, FaultStore, MemoryStore, Precondition, RetryingStore, keys,
 };
+use tenantd_core::tenant::db::Db;
 use tenantd_core::tenant::lifecycle::{self, Deleter};
 
 /// Whether a tenant is deleted and created again during the run (pool
@@ -47,6 +51,8 @@ pub enum Rebirth {
 #[derive(Default)]
 pub(super) struct Lives {
     life: u32,
+    /// The count the current life began with (a fork's).
+    base: u64,
     deleting: bool,
     in_flight: u32,
     /// Final counts of the lives before the current one.
@@ -64,16 +70,46 @@ fn phoenix(world: &World) -> Option<&TenantId> {
 /// The customer an operation on `tenant` is checked as, and it counts as
 /// in flight until [`end`]; `None` while the tenant is being deleted and
 /// created again (the client sends nothing to it then).
-pub(super) fn begin(world: &World, tenant: &TenantId) -> Option<String> {
+pub(super) fn begin(world: &World, tenant: &TenantId) -> Option<Customer> {
     if phoenix(world) != Some(tenant) {
-        return Some(tenant.to_string());
+        return Some(Customer {
+            label: tenant.to_string(),
+            base: 0,
+        });
     }
     let mut lives = world.lives.lock().unwrap();
     if lives.deleting {
         return None;
     }
     lives.in_flight += 1;
-    Some(format!("{tenant}#{}", lives.life))
+    Some(Customer {
+        label: format!("{tenant}#{}", lives.life),
+        base: lives.base,
+    })
+}
+
+/// What an operation is checked as.
+pub(super) struct Customer {
+    pub label: String,
+    /// Subtracted from the counts it was answered with.
+    pub base: u64,
+}
+
+impl Customer {
+    pub fn relative(&self, outcome: Outcome) -> Outcome {
+        match outcome {
+            Outcome::Ok {
+                count,
+                epoch,
+                machine,
+            } => Outcome::Ok {
+                count: count.saturating_sub(self.base),
+                epoch,
+                machine,
+            },
+            other => other,
+        }
+    }
 }
 
 pub(super) fn end(world: &World, tenant: &TenantId) {
@@ -83,10 +119,19 @@ pub(super) fn end(world: &World, tenant: &TenantId) {
 }
 
 /// The customer `tenant`'s operations are checked as now.
-pub(super) fn label(world: &World, tenant: &TenantId) -> String {
+pub(super) fn now(world: &World, tenant: &TenantId) -> Customer {
     match phoenix(world) {
-        Some(p) if p == tenant => format!("{tenant}#{}", world.lives.lock().unwrap().life),
-        _ => tenant.to_string(),
+        Some(p) if p == tenant => {
+            let lives = world.lives.lock().unwrap();
+            Customer {
+                label: format!("{tenant}#{}", lives.life),
+                base: lives.base,
+            }
+        }
+        _ => Customer {
+            label: tenant.to_string(),
+            base: 0,
+        },
     }
 }
 
@@ -150,29 +195,110 @@ pub(super) async fn operator(world: Arc<World>, seed: u64, until: Instant) -> Ve
             tracing::info!(customer_id = %tenant, error = %e, "the operator's delete failed; again");
             tokio::time::sleep(TTL).await;
         }
-        match world.paths.rebirth {
-            Rebirth::FromSlotZero => create_from_slot_zero(&store, &tenant).await,
-            _ => {
-                while let Err(e) = lifecycle::create(&store, &tenant).await {
-                    tracing::info!(customer_id = %tenant, error = %e, "the operator's create failed; again");
-                    tokio::time::sleep(TTL).await;
-                }
+        let (kind, base) = match world.paths.rebirth {
+            Rebirth::FromSlotZero => {
+                create_from_slot_zero(&store, &tenant).await;
+                ("delete-and-create", 0)
             }
-        }
+            _ => match rng.random_range(0..3) {
+                0 => {
+                    while let Err(e) = lifecycle::create(&store, &tenant).await {
+                        tracing::info!(customer_id = %tenant, error = %e, "the operator's create failed; again");
+                        tokio::time::sleep(TTL).await;
+                    }
+                    ("delete-and-create", 0)
+                }
+                1 => (
+                    "delete-and-import",
+                    import(&store, &world, &tenant, None).await,
+                ),
+                _ => {
+                    let source = world.tenants[0].clone();
+                    let base = import(&store, &world, &tenant, Some(&source)).await;
+                    ("delete-and-fork", base)
+                }
+            },
+        };
         let mut lives = world.lives.lock().unwrap();
         let ended = format!("{tenant}#{}", lives.life);
-        lives.finals.insert(ended, count);
+        let relative = count.saturating_sub(lives.base);
+        lives.finals.insert(ended, relative);
         lives.life += 1;
+        lives.base = base;
         lives.deleting = false;
         drop(lives);
         events.push(NemesisEvent {
-            kind: "delete-and-create".into(),
+            kind: kind.into(),
             customer: Some(tenant.to_string()),
             machine: None,
             start_ms,
             end_ms: world.now_ms(),
         });
     }
+}
+
+/// `tenants create --from-file` of an empty database, or `--from <source>`
+/// (a fork of its whole log): the file made and checked as the CLI makes
+/// it, then `lifecycle::create_from_file`. Returns the count the new life
+/// begins with.
+async fn import(
+    store: &DynStore,
+    world: &World,
+    tenant: &TenantId,
+    source: Option<&TenantId>,
+) -> u64 {
+    let dir = world.data_dir.join(format!("import-{}", world.now_ms()));
+    std::fs::create_dir_all(&dir).expect("scratch folder");
+    let file = dir.join("source.sqlite3");
+    let base = match source {
+        Some(source) => loop {
+            match tenantd_core::restore::materialize_retrying(
+                store,
+                source.as_str(),
+                &file,
+                tenantd_core::tenant::log::Until::End,
+            )
+            .await
+            {
+                Ok(_) => {
+                    let db = Db::open(&file).expect("the fork opens");
+                    break db.count().expect("the fork has a count");
+                }
+                Err(e) => {
+                    tracing::info!(customer_id = %source, error = %e, "the operator's fork could not read its source; again");
+                    tokio::time::sleep(TTL).await;
+                }
+            }
+        },
+        None => {
+            let scratch: DynStore = Arc::new(MemoryStore::new());
+            lifecycle::create(&scratch, tenant)
+                .await
+                .expect("creating in a memory store");
+            let empty = scratch
+                .get(&keys::database(tenant.as_str()))
+                .await
+                .expect("memory store")
+                .expect("just created");
+            std::fs::write(&file, &empty.body).expect("writing the file to import");
+            0
+        }
+    };
+    let (ready, version) = tenantd_core::tenant::migrations::import::prepare(&file, &dir, u64::MAX)
+        .expect("the file to import is a sound database");
+    loop {
+        match lifecycle::create_from_file(store, tenant, &ready, version).await {
+            Ok(()) => break,
+            // An earlier attempt of this one landed after all.
+            Err(e) if e.to_string().contains("exists already") => break,
+            Err(e) => {
+                tracing::info!(customer_id = %tenant, error = %e, "the operator's import failed; again");
+                tokio::time::sleep(TTL).await;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    base
 }
 
 /// The negative control's creation: a new database whose log starts at

@@ -82,7 +82,12 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
     assert!(acked > ops / 2, "mostly available: {acked} of {ops}");
     assert!(kinds.len() >= 6, "every kind of nemesis ran: {kinds:?}");
     if paths.rebirth == Rebirth::On {
-        for kind in ["delete-and-create", "delete-and-import", "delete-and-fork"] {
+        for kind in [
+            "delete-and-create",
+            "delete-and-import",
+            "delete-and-fork",
+            "restore-in-place",
+        ] {
             assert!(kinds.contains(kind), "{kind} never ran: {kinds:?}");
         }
     }

@@ -189,6 +189,20 @@ pub(super) async fn operator(world: Arc<World>, seed: u64, until: Instant) -> Ve
                 0
             }
         };
+        let restore = world.paths.rebirth == Rebirth::On && rng.random_range(0..4) == 0;
+        if restore {
+            let base = restore_in_place(&store, &world, &tenant).await;
+            tracing::info!(customer_id = %tenant, from = count, to = base, "the operator restored the tenant in place");
+            next_life(&world, &tenant, count, base);
+            events.push(NemesisEvent {
+                kind: "restore-in-place".into(),
+                customer: Some(tenant.to_string()),
+                machine: None,
+                start_ms,
+                end_ms: world.now_ms(),
+            });
+            continue;
+        }
         // Until it is done: a delete that fails midway leaves a tenant
         // that does not exist, which only finishing it repairs.
         while let Err(e) = lifecycle::delete(&store, &tenant, &deleter).await {
@@ -219,14 +233,7 @@ pub(super) async fn operator(world: Arc<World>, seed: u64, until: Instant) -> Ve
                 }
             },
         };
-        let mut lives = world.lives.lock().unwrap();
-        let ended = format!("{tenant}#{}", lives.life);
-        let relative = count.saturating_sub(lives.base);
-        lives.finals.insert(ended, relative);
-        lives.life += 1;
-        lives.base = base;
-        lives.deleting = false;
-        drop(lives);
+        next_life(&world, &tenant, count, base);
         events.push(NemesisEvent {
             kind: kind.into(),
             customer: Some(tenant.to_string()),
@@ -234,6 +241,55 @@ pub(super) async fn operator(world: Arc<World>, seed: u64, until: Instant) -> Ve
             start_ms,
             end_ms: world.now_ms(),
         });
+    }
+}
+
+/// Ends the current life at `count` (as stored) and begins the next at
+/// `base`; clients may send again.
+fn next_life(world: &World, tenant: &TenantId, count: u64, base: u64) {
+    let mut lives = world.lives.lock().unwrap();
+    let ended = format!("{tenant}#{}", lives.life);
+    let relative = count.saturating_sub(lives.base);
+    lives.finals.insert(ended, relative);
+    lives.life += 1;
+    lives.base = base;
+    lives.deleting = false;
+}
+
+/// `tenantd restore --in-place --at <slot> --yes` to the state its snapshot
+/// holds (the oldest one every retention keeps), which rolls back the
+/// commits after it: the restore takes the lease and the tenant over
+/// through the claim's code, appends the difference as the next slot and
+/// releases. Returns the count the tenant has after it (the next life
+/// begins there).
+async fn restore_in_place(store: &DynStore, world: &World, tenant: &TenantId) -> u64 {
+    for _ in 0..5 {
+        let seq = match store.head(&keys::database(tenant.as_str())).await {
+            Ok(Some(meta)) => meta
+                .metadata
+                .get(tenantd_core::tenant::log::SEQ_KEY)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
+            _ => {
+                tokio::time::sleep(TTL).await;
+                continue;
+            }
+        };
+        let until = tenantd_core::tenant::log::Until::Seq(seq);
+        match tenantd_core::restore::in_place(store, tenant, until, true, 5 * TTL, TTL).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::info!(customer_id = %tenant, error = %e, "the operator's restore failed; again");
+                tokio::time::sleep(TTL).await;
+            }
+        }
+    }
+    match stored(world, tenant.as_str()).await {
+        Ok((count, _, _)) => count,
+        Err(e) => {
+            world.lives.lock().unwrap().violations.push(e);
+            0
+        }
     }
 }
 

@@ -57,7 +57,8 @@ pub(super) struct Lives {
     in_flight: u32,
     /// Final counts of the lives before the current one.
     finals: BTreeMap<String, u64>,
-    /// Lives whose stored state could not be read before their delete.
+    /// Lives whose stored state could not be read before their delete or
+    /// restore.
     violations: Vec<String>,
 }
 
@@ -72,20 +73,24 @@ fn phoenix(world: &World) -> Option<&TenantId> {
 /// created again (the client sends nothing to it then).
 pub(super) fn begin(world: &World, tenant: &TenantId) -> Option<Customer> {
     if phoenix(world) != Some(tenant) {
-        return Some(Customer {
-            label: tenant.to_string(),
-            base: 0,
-        });
+        return Some(Customer::plain(tenant));
     }
     let mut lives = world.lives.lock().unwrap();
     if lives.deleting {
         return None;
     }
     lives.in_flight += 1;
-    Some(Customer {
-        label: format!("{tenant}#{}", lives.life),
-        base: lives.base,
-    })
+    Some(lives.current(tenant))
+}
+
+impl Lives {
+    /// The current life of the reborn `tenant`.
+    fn current(&self, tenant: &TenantId) -> Customer {
+        Customer {
+            label: format!("{tenant}#{}", self.life),
+            base: self.base,
+        }
+    }
 }
 
 /// What an operation is checked as.
@@ -96,6 +101,14 @@ pub(super) struct Customer {
 }
 
 impl Customer {
+    /// A tenant that lives once.
+    fn plain(tenant: &TenantId) -> Customer {
+        Customer {
+            label: tenant.to_string(),
+            base: 0,
+        }
+    }
+
     pub fn relative(&self, outcome: Outcome) -> Outcome {
         match outcome {
             Outcome::Ok {
@@ -121,17 +134,8 @@ pub(super) fn end(world: &World, tenant: &TenantId) {
 /// The customer `tenant`'s operations are checked as now.
 pub(super) fn now(world: &World, tenant: &TenantId) -> Customer {
     match phoenix(world) {
-        Some(p) if p == tenant => {
-            let lives = world.lives.lock().unwrap();
-            Customer {
-                label: format!("{tenant}#{}", lives.life),
-                base: lives.base,
-            }
-        }
-        _ => Customer {
-            label: tenant.to_string(),
-            base: 0,
-        },
+        Some(p) if p == tenant => world.lives.lock().unwrap().current(tenant),
+        _ => Customer::plain(tenant),
     }
 }
 
@@ -182,13 +186,7 @@ pub(super) async fn operator(world: Arc<World>, seed: u64, until: Instant) -> Ve
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let start_ms = world.now_ms();
-        let count = match stored(&world, tenant.as_str()).await {
-            Ok((count, _, _)) => count,
-            Err(e) => {
-                world.lives.lock().unwrap().violations.push(e);
-                0
-            }
-        };
+        let count = stored_count(&world, &tenant).await;
         let restore = world.paths.rebirth == Rebirth::On && rng.random_range(0..4) == 0;
         if restore {
             let base = restore_in_place(&store, &world, &tenant).await;
@@ -248,9 +246,10 @@ pub(super) async fn operator(world: Arc<World>, seed: u64, until: Instant) -> Ve
 /// `base`; clients may send again.
 fn next_life(world: &World, tenant: &TenantId, count: u64, base: u64) {
     let mut lives = world.lives.lock().unwrap();
-    let ended = format!("{tenant}#{}", lives.life);
-    let relative = count.saturating_sub(lives.base);
-    lives.finals.insert(ended, relative);
+    let ended = lives.current(tenant);
+    lives
+        .finals
+        .insert(ended.label, count.saturating_sub(ended.base));
     lives.life += 1;
     lives.base = base;
     lives.deleting = false;
@@ -284,6 +283,12 @@ async fn restore_in_place(store: &DynStore, world: &World, tenant: &TenantId) ->
             }
         }
     }
+    stored_count(world, tenant).await
+}
+
+/// The tenant's count as stored; a log that does not replay is recorded
+/// as a violation (and counts 0).
+async fn stored_count(world: &World, tenant: &TenantId) -> u64 {
     match stored(world, tenant.as_str()).await {
         Ok((count, _, _)) => count,
         Err(e) => {

@@ -462,6 +462,7 @@ async fn a_prefetched_download_longer_than_the_claims_retry_budget_is_used() {
         &dir.path().join("a").join("a"),
         &tenant(),
         None,
+        None,
     );
     let lease = a.acquire().await;
     let (handle, _task) = TenantActor::start_from(tenant(), a.ctx.clone(), lease, Some(prefetch))

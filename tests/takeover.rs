@@ -703,8 +703,13 @@ async fn a_takeover_from_reads_made_before_its_lease_loses_nothing() {
         assert_eq!(counts(&handle_a, 3).await, [1, 2, 3]);
 
         let (b_store, _b) = net.view();
-        let early =
-            tenantd_core::tenant::prefetch::start(&b_store, &dir.path().join("b"), &id(), None);
+        let early = tenantd_core::tenant::prefetch::start(
+            &b_store,
+            &dir.path().join("b"),
+            &id(),
+            None,
+            None,
+        );
         // Let the early reads finish (only what they cover depends on it).
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(counts(&handle_a, 2).await, [4, 5]);
@@ -767,7 +772,8 @@ async fn a_claim_reading_again_after_its_own_fences_agrees_with_the_released_log
     };
     let read_early = snapshot_seq().await;
     let (b_store, _b) = net.view();
-    let early = tenantd_core::tenant::prefetch::start(&b_store, &dir.path().join("b"), &id(), None);
+    let early =
+        tenantd_core::tenant::prefetch::start(&b_store, &dir.path().join("b"), &id(), None, None);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Enough deltas for a compaction: the snapshot B read is replaced.
     let mut n = 1;

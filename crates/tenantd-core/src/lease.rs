@@ -203,6 +203,20 @@ pub struct Contender {
     max_epoch: u64,
     /// The last lock read, for [`Contender::watch`].
     last_read: Option<(Instant, LockState)>,
+    /// The acquisition planned for the attempt under way ([`Contender::plan`]).
+    planned: Option<Planned>,
+}
+
+/// An acquisition chosen before its lock write: the epoch and token the
+/// lock will carry if the write wins, and the log end the released lock
+/// it replaces names.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub epoch: u64,
+    pub token: Uuid,
+    pub log_end: u64,
+    /// The token of the released lock's acquisition.
+    pub replaces: Uuid,
 }
 
 impl Contender {
@@ -214,6 +228,7 @@ impl Contender {
             observed: None,
             max_epoch: 0,
             last_read: None,
+            planned: None,
         }
     }
 
@@ -247,12 +262,43 @@ impl Contender {
     /// read again: the stale rule counts from the send time of the read
     /// that saw it, which an early read would overstate.
     pub async fn try_acquire_from(&mut self, early: Option<LockState>) -> StoreResult<Acquire> {
+        self.try_acquire_planned(early, None).await
+    }
+
+    /// The acquisition this contender would attempt from `early`, a
+    /// released lock naming where its holder's log ended: its epoch and
+    /// a token chosen now, so that a takeover can fence that log's window
+    /// under them while the lock write is still to come (docs/protocol.md,
+    /// "Fences before the lock write"). `None` for any other lock.
+    pub fn plan(&self, early: &LockState) -> Option<Planned> {
         match early {
+            LockState::Released { record, .. } => Some(Planned {
+                epoch: record.epoch.max(self.max_epoch) + 1,
+                token: Uuid::new_v4(),
+                log_end: record.log_end?,
+                replaces: record.token,
+            }),
+            _ => None,
+        }
+    }
+
+    /// [`Contender::try_acquire_from`], writing the lock with `planned`'s
+    /// token when the attempt is the one planned (the same released lock,
+    /// the same epoch); any other attempt draws a token of its own.
+    pub async fn try_acquire_planned(
+        &mut self,
+        early: Option<LockState>,
+        planned: Option<Planned>,
+    ) -> StoreResult<Acquire> {
+        self.planned = planned;
+        let outcome = match early {
             Some(state @ (LockState::Absent | LockState::Released { .. })) => {
                 self.decide(state, true).await
             }
             _ => self.try_acquire().await,
-        }
+        };
+        self.planned = None;
+        outcome
     }
 
     /// A standby's cheap attempt: while the last lock read showed a session
@@ -429,11 +475,24 @@ impl Contender {
     ) -> StoreResult<Acquire> {
         let incarnation = self.session.incarnation().await?;
         let config = self.config().clone();
+        // The planned token only for the planned write: a token is one
+        // acquisition's, and fences may already carry this one.
+        let token = match self.planned.take() {
+            Some(planned)
+                if planned.epoch == epoch
+                    && previous
+                        .as_ref()
+                        .is_some_and(|p| p.released && p.token == planned.replaces) =>
+            {
+                planned.token
+            }
+            _ => Uuid::new_v4(),
+        };
         let record = LockRecord {
             holder: config.machine_id.clone(),
             addr: config.addr.clone(),
             epoch,
-            token: Uuid::new_v4(),
+            token,
             ttl_ms: config.ttl.as_millis() as u64,
             renewed_at: config.wall_clock.now(),
             released: false,

@@ -274,8 +274,23 @@ impl TenantActor {
         crate::tenant::copy::remove_leftover_snapshots(&dir, id.as_str());
         // The published migrations are read beside the claim, not after it
         // (a push landing meanwhile is caught by the migrations watcher).
+        let mut prefetch = prefetch;
+        let head = match prefetch.as_mut().and_then(|p| p.migrations()) {
+            Some(read) => read,
+            None => {
+                let store = ctx.store.clone();
+                tokio::spawn(async move { super::migrations::read_head(&store).await })
+            }
+        };
         let (head, claimed) = tokio::join!(
-            super::migrations::read_head(&ctx.store),
+            async {
+                head.await.unwrap_or_else(|e| {
+                    Err(crate::store::StoreError::transient(
+                        super::migrations::HEAD_KEY,
+                        format!("the read ended early: {e}"),
+                    ))
+                })
+            },
             claim(&id, &ctx, &mut lease, &path, prefetch)
         );
         let claimed = match claimed {

@@ -68,23 +68,32 @@ pub async fn claim(
     let epoch_at_start = lease.epoch();
     let mut early = match prefetch {
         Some(mut prefetch) => {
-            // The fences need only where the listing ended: sent now,
-            // beside the deltas' fetches and replay (the snapshot is
-            // checked again once they are in, as always).
-            let ahead = match prefetch.listed().await {
-                Some(listed) if lease.is_valid() && may_fence_ahead(lease, &listed) => {
-                    Some(fence_ahead(
-                        id,
-                        &ctx.store,
-                        lease.epoch(),
-                        Writer {
-                            holder: ctx.machine_id.clone(),
-                            token: lease.token().to_string(),
-                        },
-                        listed,
-                    ))
-                }
+            // Fences sent before the lock write count for the acquisition
+            // they were planned for, and for no other.
+            let sent_early = match prefetch.early_fences.take() {
+                Some((token, fences)) if token == lease.token() => Some(fences),
                 _ => None,
+            };
+            // Otherwise the fences need only where the listing ended: sent
+            // now, beside the deltas' fetches and replay (the snapshot is
+            // checked again once they are in, as always).
+            let ahead = match sent_early {
+                Some(fences) => Some(fences),
+                None => match prefetch.listed().await {
+                    Some(listed) if lease.is_valid() && may_fence_ahead(lease, &listed) => {
+                        Some(fence_ahead(
+                            id,
+                            &ctx.store,
+                            lease.epoch(),
+                            Writer {
+                                holder: ctx.machine_id.clone(),
+                                token: lease.token().to_string(),
+                            },
+                            listed,
+                        ))
+                    }
+                    _ => None,
+                },
             };
             prefetch.take(id, path).await.map(|mut prefetched| {
                 prefetched.ahead = ahead;
@@ -544,41 +553,54 @@ async fn fence_after(
         return Err(Attempt::Raise(others + 1));
     }
     // Fences sent ahead count as this writer's first round when they
-    // were sent after the run replayed here (same snapshot, same end);
-    // otherwise the rounds below find them again as this writer's own.
+    // were sent after the run replayed here as the previous holders left
+    // it (same snapshot, same end). Fences sent before the lock write may
+    // show up in that run themselves (the listing beside them saw them):
+    // then every slot of the run past that end must be one of them, and
+    // the window stays the one after that end. Otherwise the rounds below
+    // find them again as this writer's own.
+    let before = replayed.end_before(writer);
     let mut ahead = match ahead {
         Some(task) => task.await.ok(),
         None => None,
     }
-    .filter(|a| a.listed.end == replayed.contiguous_end && a.listed.snapshot == snapshot.etag);
+    .filter(|a| {
+        a.listed.end == before
+            && a.listed.snapshot == snapshot.etag
+            && (before + 1..=replayed.contiguous_end).all(|seq| a.ours.contains(&seq))
+    });
     // Whether the last round was the one sent ahead with its HEAD after
     // it: any round made here needs the recheck below.
     let mut fenced_ahead;
     // Every slot after the run that a deposed writer could reach
     // becomes this writer's (see `fence_round`); taken slots that
-    // continue the run are applied, and the window moves on.
+    // continue the run are applied, and the window moves on. `end` is
+    // where the run ended when the last round was sent: its window,
+    // `end + 1 ..= end + WINDOW`, is this writer's or lower epochs'.
     let mut ours = BTreeSet::new();
-    loop {
-        let end = replayed.contiguous_end;
-        let mut taken = match ahead.take() {
+    let end = loop {
+        let (end, mut taken) = match ahead.take() {
             Some(Ahead {
                 fenced: Ok(taken),
                 ours: theirs,
                 rechecked,
-                ..
+                listed,
             }) => {
                 ours = theirs;
                 fenced_ahead = rechecked;
-                judge_epochs(taken, epoch)?
+                (listed.end, judge_epochs(taken, epoch)?)
             }
             _ => {
                 fenced_ahead = false;
-                fence_round(store, id, epoch, writer, end, &mut ours, true).await?
+                let end = replayed.contiguous_end;
+                let taken = fence_round(store, id, epoch, writer, end, &mut ours, true).await?;
+                (end, taken)
             }
         };
+        let mut extended = false;
         while let Some(found) = taken.remove(&(replayed.contiguous_end + 1)) {
             match replayed.extend(id.as_str(), path, sums, found).await {
-                Ok(()) => {}
+                Ok(()) => extended = true,
                 Err(e @ LogError::Corrupt(_)) => {
                     recheck(store, id, key, snapshot.etag.as_ref()).await?;
                     return Err(Attempt::from_log(id, e));
@@ -586,11 +608,10 @@ async fn fence_after(
                 Err(e) => return Err(Attempt::from_log(id, e)),
             }
         }
-        if replayed.contiguous_end == end {
-            break;
+        if !extended {
+            break end;
         }
-    }
-    let end = replayed.contiguous_end;
+    };
     let next = end + WINDOW + 1;
     let fenced_ms = began.elapsed().as_millis() as u64;
     // After the fences, the old holder can confirm nothing past
@@ -695,6 +716,13 @@ pub(crate) struct Ahead {
     rechecked: bool,
 }
 
+impl Ahead {
+    /// Every fence of the window landed as this writer's.
+    pub(crate) fn took_the_window(&self) -> bool {
+        matches!(&self.fenced, Ok(taken) if taken.is_empty()) && self.ours.len() as u64 == WINDOW
+    }
+}
+
 /// Fences may go out before the run's epochs are read only when this
 /// lease's epoch is surely above all of them: the lock it replaced was
 /// released by a holder that had completed its claim (it names the log's
@@ -718,22 +746,83 @@ fn fence_ahead(
     writer: Writer,
     listed: Listed,
 ) -> JoinHandle<Ahead> {
-    let (store, key, id) = (store.clone(), keys::database(id.as_str()), id.clone());
+    let (store, id) = (store.clone(), id.clone());
+    tokio::spawn(async move { fence_and_recheck(&store, &id, epoch, &writer, listed).await })
+}
+
+/// One fence round after `listed.end`, and the snapshot's HEAD right
+/// after it when the whole window became this writer's.
+async fn fence_and_recheck(
+    store: &DynStore,
+    id: &TenantId,
+    epoch: u64,
+    writer: &Writer,
+    listed: Listed,
+) -> Ahead {
+    let key = keys::database(id.as_str());
+    let mut ours = BTreeSet::new();
+    let fenced = log::fence_window(store, id.as_str(), epoch, writer, listed.end, &mut ours).await;
+    let rechecked = match &fenced {
+        Ok(taken) if taken.is_empty() => recheck(store, id, &key, listed.snapshot.as_ref())
+            .await
+            .is_ok(),
+        _ => false,
+    };
+    Ahead {
+        listed,
+        fenced,
+        ours,
+        rechecked,
+    }
+}
+
+/// Fences sent before the lock write (docs/protocol.md, "Fences before
+/// the lock write"): a contender that read a lock released by a holder
+/// naming `log_end` fences `log_end + 1 ..= log_end + WINDOW` under the
+/// acquisition it is about to attempt (its epoch, one above the release's,
+/// and its token) beside its heartbeat's start, once the snapshot's HEAD
+/// shows an epoch below that one and a slot no later than `log_end`.
+///
+/// Safe whether or not the lock write then wins: every slot up to
+/// `log_end` exists, and no writer puts a commit at or below `log_end +
+/// WINDOW` after that release (the next acquisition's claim fences that
+/// window before it commits, and finds any fence of these there by
+/// reading its slot). So these fences land only in slots no commit will
+/// ever use, and a contender that lost leaves fences the winner reads and
+/// outranks (a raise when its epoch is the same). `None` when the HEAD
+/// rules them out: the claim fences after the run, as without them.
+pub(crate) fn fence_early(
+    store: &DynStore,
+    id: &TenantId,
+    holder: &str,
+    planned: &crate::lease::Planned,
+    described: impl std::future::Future<Output = Option<Snapshot>> + Send + 'static,
+) -> JoinHandle<Ahead> {
+    let (store, id) = (store.clone(), id.clone());
+    let (epoch, end) = (planned.epoch, planned.log_end);
+    let writer = Writer {
+        holder: holder.to_string(),
+        token: planned.token.to_string(),
+    };
     tokio::spawn(async move {
-        let mut ours = BTreeSet::new();
-        let fenced =
-            log::fence_window(&store, id.as_str(), epoch, &writer, listed.end, &mut ours).await;
-        let rechecked = match &fenced {
-            Ok(taken) if taken.is_empty() => recheck(&store, &id, &key, listed.snapshot.as_ref())
-                .await
-                .is_ok(),
-            _ => false,
+        let snapshot = described.await;
+        let listed = Listed {
+            snapshot: snapshot.as_ref().and_then(|s| s.etag.clone()),
+            snapshot_epoch: snapshot.as_ref().map_or(0, |s| s.epoch),
+            end,
         };
-        Ahead {
-            listed,
-            fenced,
-            ours,
-            rechecked,
+        match snapshot {
+            Some(snapshot) if snapshot.epoch < epoch && snapshot.seq <= end => {
+                fence_and_recheck(&store, &id, epoch, &writer, listed).await
+            }
+            _ => Ahead {
+                listed,
+                fenced: Err(LogError::Raced(
+                    "no fences before the lock write: the snapshot rules them out".into(),
+                )),
+                ours: BTreeSet::new(),
+                rechecked: false,
+            },
         }
     })
 }

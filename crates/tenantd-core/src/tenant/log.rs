@@ -515,20 +515,44 @@ pub async fn plan_telling(
     until: Until,
     tell: impl FnOnce(u64),
 ) -> Result<Plan, LogError> {
-    let listed = list_slots(store, id, snapshot.seq).await?;
+    plan_hinted(store, id, snapshot, until, std::future::ready(None), tell).await
+}
+
+/// [`plan_telling`] with a hint of where the log ends (`hint`: a released
+/// lock's `log_end`, read beside the snapshot): the slots up to it are
+/// fetched beside the listing rather than after it. Those fetched are
+/// known to exist, so a listing that lags behind them does not shorten the
+/// run; the listing still finds slots past the hint, and gaps.
+pub async fn plan_hinted(
+    store: &DynStore,
+    id: &str,
+    snapshot: &Snapshot,
+    until: Until,
+    hint: impl std::future::Future<Output = Option<u64>>,
+    tell: impl FnOnce(u64),
+) -> Result<Plan, LogError> {
+    let hinted = async {
+        let Some(end) = hint.await.filter(|end| *end > snapshot.seq) else {
+            return Ok(vec![]);
+        };
+        let end = match until {
+            Until::Seq(seq) => end.min(seq),
+            _ => end,
+        };
+        let slots: Vec<u64> = (snapshot.seq + 1..=end).take(CHUNK).collect();
+        fetch_slots(store, id, &slots).await
+    };
+    let (listed, hinted) = tokio::join!(list_slots(store, id, snapshot.seq), hinted);
+    // A hinted slot that is gone was compacted away since the release (or
+    // lost): the listing decides alone, and the replay finds out.
+    let hinted = hinted.unwrap_or_default();
+    let mut present: BTreeSet<u64> = listed?.iter().map(|(seq, _)| *seq).collect();
+    present.extend(hinted.iter().map(|f| f.delta.seq));
     let mut contiguous_end = snapshot.seq;
-    for (seq, _) in &listed {
-        if *seq == contiguous_end + 1 {
-            contiguous_end = *seq;
-        } else {
-            break;
-        }
+    while present.contains(&(contiguous_end + 1)) {
+        contiguous_end += 1;
     }
-    let stray: Vec<u64> = listed
-        .iter()
-        .map(|(seq, _)| *seq)
-        .filter(|seq| *seq > contiguous_end)
-        .collect();
+    let stray: Vec<u64> = present.range(contiguous_end + 1..).copied().collect();
     if let Some(far) = stray.iter().find(|seq| **seq > contiguous_end + WINDOW) {
         return Err(LogError::Corrupt(format!(
             "gap in the log of customer {id}: {} is missing while {} exists (no holder leaves a hole wider than {WINDOW} slots): restore the missing object, or use `tenantd restore` to rebuild the tenant from what is left",
@@ -543,7 +567,14 @@ pub async fn plan_telling(
     };
     let wanted: Vec<u64> = ((snapshot.seq + 1)..=last).collect();
     let first = &wanted[..wanted.len().min(CHUNK)];
-    let fetched = fetch_slots(store, id, first).await?;
+    let mut fetched: Vec<Fetched> = hinted
+        .into_iter()
+        .zip(first)
+        .take_while(|(f, seq)| f.delta.seq == **seq)
+        .map(|(f, _)| f)
+        .collect();
+    let rest = fetch_slots(store, id, &first[fetched.len()..]).await?;
+    fetched.extend(rest);
     Ok(Plan {
         contiguous_end,
         stray,

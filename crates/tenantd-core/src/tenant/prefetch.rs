@@ -26,6 +26,7 @@ use super::claim::remove_copy;
 use super::delta::PageSums;
 use super::follower::Followers;
 use super::log::{self, LogError, Replayed, Snapshot, Until};
+use super::migrations::{Head, read_head};
 use crate::TenantId;
 use crate::store::{DynStore, ETag, ObjectMeta, StoreError, keys};
 
@@ -36,6 +37,26 @@ pub struct Prefetch {
     temp: PathBuf,
     /// Where the listed run after the snapshot ends, once listed.
     listed: watch::Receiver<Option<Listed>>,
+    /// The snapshot as its HEAD showed it (`Some(None)`: no commit-log
+    /// snapshot), once answered.
+    described: watch::Receiver<Option<Option<Snapshot>>>,
+    /// Fences sent at a released lock's `log_end` before the lock write,
+    /// under the planned acquisition's token ([`super::claim::fence_early`]).
+    pub(crate) early_fences: Option<(uuid::Uuid, JoinHandle<super::claim::Ahead>)>,
+    /// The published migrations, read once the tenant was known to exist
+    /// ([`Prefetch::read_migrations`]).
+    migrations: Option<JoinHandle<Result<(Head, Option<ETag>), StoreError>>>,
+}
+
+/// Where a released lock read beside the existence check says its
+/// holder's log ended: `None` until the lock is read, then its `log_end`
+/// (`None` for any other lock, or a failed read).
+pub type LogEndHint = watch::Receiver<Option<Option<u64>>>;
+
+async fn hinted_end(hint: Option<LogEndHint>) -> Option<u64> {
+    let mut hint = hint?;
+    let seen = hint.wait_for(Option::is_some).await.ok()?;
+    (*seen).flatten()
 }
 
 /// The snapshot a prefetch read (its ETag) and where the listing found
@@ -75,10 +96,12 @@ pub fn start(
     dir: &Path,
     id: &TenantId,
     replica: Option<Arc<Followers>>,
+    hint: Option<LogEndHint>,
 ) -> Prefetch {
     let temp = dir.join(format!("{id}.prefetch-{}.sqlite3", uuid::Uuid::new_v4()));
     let (store, owned, id, dir) = (store.clone(), temp.clone(), id.clone(), dir.to_path_buf());
     let (tell, listed) = watch::channel(None);
+    let (describe, described) = watch::channel(None);
     let task = tokio::spawn(async move {
         let began = Instant::now();
         tokio::fs::create_dir_all(&dir)
@@ -93,12 +116,15 @@ pub fn start(
                 }
             }
         }
-        download(&store, &id, &owned, began, tell).await
+        download(&store, &id, &owned, began, tell, describe, hint).await
     });
     Prefetch {
         task: Some(task),
         temp,
         listed,
+        described,
+        early_fences: None,
+        migrations: None,
     }
 }
 
@@ -152,32 +178,65 @@ pub(crate) async fn read_snapshot(
     key: &str,
     path: &Path,
 ) -> Result<SnapshotRead, StoreError> {
-    read_snapshot_telling(store, id, key, path, |_| {}).await
+    read_snapshot_telling(store, id, key, path, Telling::default()).await
 }
 
-/// [`read_snapshot`], telling `listed` where the listed run after the
-/// snapshot ends ([`log::plan_telling`]) before the deltas are fetched.
+/// Who a prefetch's reads tell what as soon as they know it.
+#[derive(Default)]
+struct Telling {
+    /// Where the listed run after the snapshot ends ([`log::plan_telling`]),
+    /// before the deltas are fetched.
+    listed: Option<watch::Sender<Option<Listed>>>,
+    /// The snapshot its HEAD describes.
+    described: Option<watch::Sender<Option<Option<Snapshot>>>>,
+    /// Where the log ends by the lock read beside (its slots fetched
+    /// beside the listing).
+    hint: Option<LogEndHint>,
+}
+
+/// [`read_snapshot`], telling what it learns as it goes ([`Telling`]).
 async fn read_snapshot_telling(
     store: &DynStore,
     id: &TenantId,
     key: &str,
     path: &Path,
-    listed: impl FnOnce(Listed),
+    telling: Telling,
 ) -> Result<SnapshotRead, StoreError> {
+    let Telling {
+        listed,
+        described,
+        hint,
+    } = telling;
     let beside = async {
-        let head = store.head(key).await?;
-        let planned = match head
-            .as_ref()
-            .and_then(|meta| commit_log_snapshot(key, meta))
-        {
+        let head = store.head(key).await;
+        let snapshot = match &head {
+            Ok(head) => head
+                .as_ref()
+                .and_then(|meta| commit_log_snapshot(key, meta)),
+            Err(_) => None,
+        };
+        if let Some(described) = described {
+            described.send_replace(Some(snapshot.clone()));
+        }
+        let head = head?;
+        let planned = match snapshot {
             Some(snapshot) => {
-                let plan = log::plan_telling(store, id.as_str(), &snapshot, Until::End, |end| {
-                    listed(Listed {
-                        snapshot: snapshot.etag.clone(),
-                        snapshot_epoch: snapshot.epoch,
-                        end,
-                    })
-                })
+                let plan = log::plan_hinted(
+                    store,
+                    id.as_str(),
+                    &snapshot,
+                    Until::End,
+                    hinted_end(hint),
+                    |end| {
+                        if let Some(listed) = listed {
+                            listed.send_replace(Some(Listed {
+                                snapshot: snapshot.etag.clone(),
+                                snapshot_epoch: snapshot.epoch,
+                                end,
+                            }));
+                        }
+                    },
+                )
                 .await;
                 Some((snapshot, plan))
             }
@@ -209,13 +268,18 @@ async fn download(
     temp: &Path,
     began: Instant,
     listed: watch::Sender<Option<Listed>>,
+    described: watch::Sender<Option<Option<Snapshot>>>,
+    hint: Option<LogEndHint>,
 ) -> Result<Prefetched, String> {
     let key = keys::database(id.as_str());
-    let read = read_snapshot_telling(store, id, &key, temp, |end| {
-        listed.send_replace(Some(end));
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    let telling = Telling {
+        listed: Some(listed),
+        described: Some(described),
+        hint,
+    };
+    let read = read_snapshot_telling(store, id, &key, temp, telling)
+        .await
+        .map_err(|e| e.to_string())?;
     if read.changed {
         return Err("the snapshot changed while it was read".to_string());
     }
@@ -320,6 +384,32 @@ async fn sums_of(path: &Path) -> Result<PageSums, String> {
 }
 
 impl Prefetch {
+    /// Starts reading the published migrations, which the new holder
+    /// applies before its first answer: beside the lease's writes rather
+    /// than after them. Only once the tenant is known to exist.
+    pub(crate) fn read_migrations(&mut self, store: &DynStore) {
+        let store = store.clone();
+        self.migrations = Some(tokio::spawn(async move { read_head(&store).await }));
+    }
+
+    /// The migrations read by [`Prefetch::read_migrations`], if started.
+    pub(crate) fn migrations(
+        &mut self,
+    ) -> Option<JoinHandle<Result<(Head, Option<ETag>), StoreError>>> {
+        self.migrations.take()
+    }
+
+    /// The snapshot as its HEAD showed it, once answered (`None`: no
+    /// commit-log snapshot, the HEAD failed, or the reads began from a
+    /// replica).
+    pub(crate) fn described(&self) -> impl std::future::Future<Output = Option<Snapshot>> + use<> {
+        let mut described = self.described.clone();
+        async move {
+            let seen = described.wait_for(Option::is_some).await.ok()?;
+            (*seen).clone().flatten()
+        }
+    }
+
     /// Waits until the log after the snapshot is listed (`None`: the
     /// reads ended without a listing, from a replica or failed).
     pub(crate) async fn listed(&mut self) -> Option<Listed> {

@@ -21,7 +21,7 @@ use crate::tenant::lifecycle;
 struct Recording {
     inner: DynStore,
     sent: StdMutex<Vec<(&'static str, String)>>,
-    held: StdMutex<Option<(&'static str, String)>>,
+    held: StdMutex<Vec<(&'static str, String)>>,
     go: tokio::sync::Notify,
 }
 
@@ -39,8 +39,8 @@ impl Recording {
                 .held
                 .lock()
                 .unwrap()
-                .as_ref()
-                .is_some_and(|(o, prefix)| *o == op && key.starts_with(prefix.as_str()));
+                .iter()
+                .any(|(o, prefix)| *o == op && key.starts_with(prefix.as_str()));
             if !held {
                 return;
             }
@@ -49,11 +49,11 @@ impl Recording {
     }
 
     fn hold(&self, op: &'static str, prefix: &str) {
-        *self.held.lock().unwrap() = Some((op, prefix.to_string()));
+        self.held.lock().unwrap().push((op, prefix.to_string()));
     }
 
     fn let_go(&self) {
-        *self.held.lock().unwrap() = None;
+        self.held.lock().unwrap().clear();
         self.go.notify_waiters();
     }
 
@@ -227,7 +227,7 @@ fn recording(inner: DynStore) -> Arc<Recording> {
     Arc::new(Recording {
         inner,
         sent: StdMutex::new(Vec::new()),
-        held: StdMutex::new(None),
+        held: StdMutex::new(Vec::new()),
         go: tokio::sync::Notify::new(),
     })
 }
@@ -416,4 +416,162 @@ async fn requests_for_absent_tenants_write_nothing() {
         !sent.iter().any(|(op, _)| *op == "put" || *op == "delete"),
         "{sent:#?}"
     );
+}
+
+/// The log objects of `tenant` in the store: `(slot, is a fence, token)`.
+async fn log_objects(memory: &DynStore, tenant: &str) -> Vec<(u64, bool, Option<String>)> {
+    let mut objects = vec![];
+    for listed in memory.list(&keys::log_prefix(tenant), None).await.unwrap() {
+        let seq = keys::log_seq(&listed.key).unwrap();
+        let object = memory.get(&listed.key).await.unwrap().unwrap();
+        let token = object.metadata.get(crate::tenant::log::TOKEN_KEY).cloned();
+        objects.push((seq, crate::tenant::log::is_fence_size(listed.size), token));
+    }
+    objects
+}
+
+/// After a release naming the log's end, a fresh machine fences the
+/// window after that end beside its session's start, before its lock
+/// write, and fetches the log up to that end beside the listing. Here the
+/// listing is held until the fences landed, so it shows them: the claim
+/// still takes them as its window (no second round of fences, no hole
+/// before its first commit).
+#[tokio::test]
+async fn a_cold_start_after_a_release_fences_before_the_lock_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory: DynStore = Arc::new(MemoryStore::new());
+    let tenant = released_with_log(&memory, dir.path()).await;
+    let before = log_objects(&memory, "cold").await;
+    let end = before.last().unwrap().0;
+    let store = recording(memory.clone());
+    let log = keys::log_prefix("cold");
+    store.hold("list", &log);
+    store.hold("put", &keys::lock("cold"));
+    let m2 = machine(store.clone(), "m2", dir.path());
+    let routed = tokio::spawn({
+        let (m2, tenant) = (m2.clone(), tenant.clone());
+        async move { m2.route(&tenant, false).await }
+    });
+    // Every fence of the window, and the log up to the released end,
+    // while the lock write and the listing are held.
+    for slot in 1..=crate::tenant::log::WINDOW {
+        let fence = keys::log_slot("cold", end + slot);
+        store
+            .until_sent(|(op, key)| *op == "put" && *key == fence)
+            .await;
+    }
+    let last = keys::log_slot("cold", end);
+    store
+        .until_sent(|(op, key)| *op == "get" && *key == last)
+        .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.take();
+    store.let_go();
+    let Ok(Route::Local(handle)) = routed.await else {
+        panic!("m2 must take the released tenant over");
+    };
+    assert_eq!(handle.call(Op::Read).await.unwrap().count, 3);
+    let sent = store.take();
+    assert!(
+        !sent
+            .iter()
+            .any(|(op, key)| *op == "put" && key.starts_with(&log)),
+        "the fences sent before the lock write were the claim's only round: {sent:#?}"
+    );
+    let next = handle
+        .call(Op::Increment {
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(next.count, 4);
+    let after = log_objects(&memory, "cold").await;
+    let fences: Vec<u64> = after[before.len()..]
+        .iter()
+        .filter(|(_, fence, _)| *fence)
+        .map(|(seq, _, _)| *seq)
+        .collect();
+    assert_eq!(
+        fences,
+        (end + 1..=end + crate::tenant::log::WINDOW).collect::<Vec<_>>()
+    );
+    let (seq, fence, _) = after.last().unwrap();
+    assert_eq!(
+        (*seq, *fence),
+        (end + crate::tenant::log::WINDOW + 1, false),
+        "the first commit right after the window: {after:?}"
+    );
+    handle.stop();
+    handle.ended().await;
+    // A third machine replays the whole log to the same state.
+    let m3 = machine(memory.clone(), "m3", dir.path());
+    let Route::Local(handle) = m3.route(&tenant, false).await else {
+        panic!("m3 must take the tenant over");
+    };
+    assert_eq!(handle.call(Op::Read).await.unwrap().count, 4);
+}
+
+/// A contender that fenced after a release and then lost the lock race
+/// (or died before its lock write) leaves fences under the epoch it
+/// planned, the winner's own: the winner finds them in the window, raises
+/// its epoch above them, and loses nothing.
+#[tokio::test]
+async fn fences_of_a_contender_that_lost_the_lock_race_are_outranked() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory: DynStore = Arc::new(MemoryStore::new());
+    let tenant = released_with_log(&memory, dir.path()).await;
+    let end = log_objects(&memory, "cold").await.last().unwrap().0;
+    // The loser: read the released lock, planned its acquisition, fenced.
+    let lock = crate::lease::read_lock(&memory, &keys::lock("cold"))
+        .await
+        .unwrap();
+    let session = crate::lease::Session::new(
+        memory.clone(),
+        crate::lease::LeaseConfig::new("m3", "a", Duration::from_secs(2)),
+    );
+    let contender = crate::lease::Contender::new(memory.clone(), keys::lock("cold"), session);
+    let planned = contender.plan(&lock).expect("a release naming its log end");
+    let prefetch =
+        crate::tenant::prefetch::start(&memory, &dir.path().join("m3"), &tenant, None, None);
+    let fences =
+        crate::tenant::claim::fence_early(&memory, &tenant, "m3", &planned, prefetch.described());
+    let ahead = fences.await.unwrap();
+    assert!(ahead.took_the_window(), "the loser's fences landed");
+    drop(prefetch);
+    // The winner, whose acquisition has the same epoch.
+    let m2 = machine(memory.clone(), "m2", dir.path());
+    let Route::Local(handle) = m2.route(&tenant, false).await else {
+        panic!("m2 must take the released tenant over");
+    };
+    assert_eq!(handle.call(Op::Read).await.unwrap().count, 3);
+    assert!(
+        handle.epoch() > planned.epoch,
+        "the winner outranks the loser's fences: epoch {} after {}",
+        handle.epoch(),
+        planned.epoch
+    );
+    let next = handle
+        .call(Op::Increment {
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(next.count, 4);
+    let objects = log_objects(&memory, "cold").await;
+    let theirs = planned.token.to_string();
+    assert_eq!(
+        objects
+            .iter()
+            .filter(|(_, _, token)| token.as_deref() == Some(theirs.as_str()))
+            .map(|(seq, _, _)| *seq)
+            .collect::<Vec<_>>(),
+        (end + 1..=end + crate::tenant::log::WINDOW).collect::<Vec<_>>()
+    );
+    handle.stop();
+    handle.ended().await;
+    let m4 = machine(memory.clone(), "m4", dir.path());
+    let Route::Local(handle) = m4.route(&tenant, false).await else {
+        panic!("m4 must take the tenant over");
+    };
+    assert_eq!(handle.call(Op::Read).await.unwrap().count, 4);
 }

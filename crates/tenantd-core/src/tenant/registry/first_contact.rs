@@ -9,6 +9,7 @@
 //! once the existence check answered yes (and checked again under the
 //! lease when it was absent).
 
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::Registry;
@@ -40,9 +41,20 @@ impl Registry {
             return None;
         }
         let (store, key) = (self.store.clone(), keys::lock(id.as_str()));
-        let lock = tokio::spawn(async move { read_lock(&store, &key).await.ok() });
+        // A released lock names where its holder's log ended: the
+        // download's log reads fetch up to there beside the listing.
+        let (tell, hint) = watch::channel(None);
+        let lock = tokio::spawn(async move {
+            let lock = read_lock(&store, &key).await.ok();
+            let log_end = match &lock {
+                Some(LockState::Released { record, .. }) => record.log_end,
+                _ => None,
+            };
+            tell.send_replace(Some(log_end));
+            lock
+        });
         Some(EarlyReads {
-            prefetch: self.prefetch_now(id),
+            prefetch: self.prefetch_now(id, Some(hint)),
             lock,
         })
     }

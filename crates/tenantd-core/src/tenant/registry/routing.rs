@@ -17,9 +17,10 @@ use crate::TenantId;
 use crate::lease::{Acquire, Beat, LockRecord, LockState, read_lock};
 use crate::store::keys;
 use crate::tenant::actor::TenantActor;
+use crate::tenant::claim;
 use crate::tenant::follower::ReadRoute;
 use crate::tenant::lifecycle::{self};
-use crate::tenant::prefetch::{self, Prefetch};
+use crate::tenant::prefetch::{self, LogEndHint, Prefetch};
 use crate::tenant::{TenantError, TenantHandle};
 
 impl Registry {
@@ -107,12 +108,31 @@ impl Registry {
                 .flatten(),
             None => None,
         };
+        // A lock released by a holder naming its log's end: the window
+        // after that end is fenced now, under the acquisition about to be
+        // attempted, beside the session's start rather than after the lock
+        // write (the tenant is known to exist; docs/protocol.md, "Fences
+        // before the lock write").
+        if let Some(prefetch) = prefetch.as_mut() {
+            prefetch.read_migrations(&self.store);
+        }
+        let mut planned = early_lock.as_ref().and_then(|lock| contender.plan(lock));
+        if let (Some(planned), Some(prefetch)) = (&planned, prefetch.as_mut()) {
+            let fences = claim::fence_early(
+                &self.store,
+                id,
+                &self.config.machine_id,
+                planned,
+                prefetch.described(),
+            );
+            prefetch.early_fences = Some((planned.token, fences));
+        }
         loop {
             // A store that does not answer must not hold a request for the
             // retrying layer's whole budget: give up after one ttl.
             let attempt = tokio::time::timeout(
                 self.config.lease_ttl,
-                contender.try_acquire_from(early_lock.take()),
+                contender.try_acquire_planned(early_lock.take(), planned.take()),
             )
             .await
             .unwrap_or_else(|_| {
@@ -242,12 +262,12 @@ impl Registry {
                 Some((_, Seen::Held(record))) => !self.looks_live(record),
                 _ => true,
             };
-        likely_ours.then(|| self.prefetch_now(id))
+        likely_ours.then(|| self.prefetch_now(id, None))
     }
 
-    pub(super) fn prefetch_now(&self, id: &TenantId) -> Prefetch {
+    pub(super) fn prefetch_now(&self, id: &TenantId, hint: Option<LogEndHint>) -> Prefetch {
         let dir = self.actor.data_dir.join(&self.actor.machine_id);
-        prefetch::start(&self.store, &dir, id, self.followers.get().cloned())
+        prefetch::start(&self.store, &dir, id, self.followers.get().cloned(), hint)
     }
 
     pub(super) async fn start_actor(

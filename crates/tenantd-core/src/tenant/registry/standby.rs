@@ -105,7 +105,12 @@ impl Registry {
                         match self.exists_under(&id, &slot, lease).await {
                             Ok(lease) => {
                                 let route = self
-                                    .start_actor(&id, &slot, lease, Some(self.prefetch_now(&id)))
+                                    .start_actor(
+                                        &id,
+                                        &slot,
+                                        lease,
+                                        Some(self.prefetch_now(&id, None)),
+                                    )
                                     .await;
                                 drop(contender);
                                 Some(route)

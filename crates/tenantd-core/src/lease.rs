@@ -36,6 +36,7 @@ mod session;
 
 pub use heartbeat::HeartbeatRecord;
 pub use observer::{Beat, Observation};
+use session::Begun;
 pub use session::{Credited, Incarnation, Session};
 
 use std::fmt::Debug;
@@ -473,7 +474,12 @@ impl Contender {
         epoch: u64,
         previous: Option<LockRecord>,
     ) -> StoreResult<Acquire> {
-        let incarnation = self.session.incarnation().await?;
+        // The lock goes out beside the session's start when one is under
+        // way: it names the incarnation whose heartbeat write was just sent.
+        let (named, starting) = match self.session.begin().await? {
+            Begun::Running(incarnation) => (incarnation.id(), Ok(incarnation)),
+            Begun::Starting { id, started, .. } => (id, Err(started)),
+        };
         let config = self.config().clone();
         // The planned token only for the planned write: a token is one
         // acquisition's, and fences may already carry this one.
@@ -496,7 +502,7 @@ impl Contender {
             ttl_ms: config.ttl.as_millis() as u64,
             renewed_at: config.wall_clock.now(),
             released: false,
-            incarnation: Some(incarnation.id()),
+            incarnation: Some(named),
             session: true,
             log_end: None,
             extra: Default::default(),
@@ -507,12 +513,30 @@ impl Contender {
         self.session.remember_token(record.token);
         let created = matches!(condition, Precondition::IfAbsent);
         let sent = Instant::now();
-        match self
+        let put = self
             .store
-            .put(&self.key, record.to_bytes(), Metadata::new(), condition)
-            .await
-        {
+            .put(&self.key, record.to_bytes(), Metadata::new(), condition);
+        let (written, incarnation) = match starting {
+            Ok(running) => (put.await, Ok(running)),
+            Err(started) => {
+                let (written, started) = tokio::join!(put, started);
+                let started = started.unwrap_or_else(|e| {
+                    Err(StoreError::transient(
+                        &self.key,
+                        format!("the session's start ended early: {e}"),
+                    ))
+                });
+                (written, started)
+            }
+        };
+        match written {
             Ok(etag) => {
+                // A lock whose session did not start leaves no lease: it
+                // names this machine, so the next attempt takes it back
+                // at once.
+                let incarnation = incarnation?;
+                let (etag, record, sent) =
+                    self.cover(incarnation.as_ref(), etag, record, sent).await?;
                 self.observed = None;
                 self.last_read = None;
                 self.max_epoch = epoch;
@@ -541,6 +565,37 @@ impl Contender {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// A lock written beside its session's start is covered by the session
+    /// only if it names the incarnation that started and was sent after
+    /// the heartbeat write that started it; otherwise (that write failed
+    /// and a later one or another incarnation started) it is written once
+    /// more, `If-Match` the ETag just written, naming the incarnation now
+    /// running: its clock starts again from that send.
+    async fn cover(
+        &self,
+        incarnation: &Incarnation,
+        etag: ETag,
+        mut record: LockRecord,
+        sent: Instant,
+    ) -> StoreResult<(ETag, LockRecord, Instant)> {
+        if record.incarnation == Some(incarnation.id()) && incarnation.started_at() <= sent {
+            return Ok((etag, record, sent));
+        }
+        debug!(key = %self.key, "the lock was written beside a session start that was not the one credited; writing it again");
+        record.incarnation = Some(incarnation.id());
+        let again = Instant::now();
+        let etag = self
+            .store
+            .put(
+                &self.key,
+                record.to_bytes(),
+                Metadata::new(),
+                Precondition::IfMatch(etag),
+            )
+            .await?;
+        Ok((etag, record, again))
     }
 
     /// Tries until acquired or `until` passes, polling every ttl/3 (or

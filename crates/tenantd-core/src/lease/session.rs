@@ -44,13 +44,35 @@ struct Status {
 /// renewal task is aborted and the heartbeat goes quiet.
 pub struct Incarnation {
     id: Uuid,
+    /// When the heartbeat write that started it was sent.
+    started_at: Instant,
     status: watch::Receiver<Status>,
     renewal: tokio::task::JoinHandle<()>,
+}
+
+/// The incarnation a lock about to be written will name
+/// ([`Session::begin`]).
+pub(crate) enum Begun {
+    Running(Arc<Incarnation>),
+    /// A start whose heartbeat write naming `id` was sent, not answered
+    /// yet; `started` ends with the incarnation (which may be another
+    /// one, or started by a later write, if that one failed).
+    Starting {
+        id: Uuid,
+        started: tokio::task::JoinHandle<StoreResult<Arc<Incarnation>>>,
+    },
 }
 
 impl Incarnation {
     pub fn id(&self) -> Uuid {
         self.id
+    }
+
+    /// When the heartbeat write that started this incarnation was sent:
+    /// a lock naming it written no earlier than this is covered by the
+    /// session from its own send on (docs/protocol.md, "Session leases").
+    pub(crate) fn started_at(&self) -> Instant {
+        self.started_at
     }
 
     pub fn is_valid(&self) -> bool {
@@ -133,6 +155,9 @@ struct Shared {
     /// write gave the incarnation: what a push vouches for ([`Session::vouch`]).
     /// Watched by the push loops, which send each renewal to followers.
     credited: watch::Sender<Credited>,
+    /// The start under way, once its heartbeat write is sent: the
+    /// incarnation it names and the write's send time ([`Session::begin`]).
+    starting: watch::Sender<Option<(Uuid, Instant)>>,
 }
 
 /// The session of this process. Cheap to clone; all clones share one
@@ -195,6 +220,7 @@ impl Session {
                 own: Mutex::default(),
                 displaced: Mutex::new(None),
                 credited: watch::Sender::new(None),
+                starting: watch::Sender::new(None),
                 observer,
             }),
         }
@@ -266,7 +292,43 @@ impl Session {
         Ok(started)
     }
 
+    /// The incarnation a lock about to be written will name, without
+    /// waiting for a session's start to be answered: the running one, or
+    /// the one whose heartbeat write a start (begun here if none is under
+    /// way) has just sent. A lock naming it may go out beside that write:
+    /// until the write lands the heartbeat does not vouch for the lock,
+    /// which contenders then judge by the lock's own ETag, first seen after
+    /// the lock's send; so the session covers the lock from the start
+    /// write's send on, if that write is the one credited and was sent
+    /// first ([`Incarnation::started_at`]).
+    pub(crate) async fn begin(&self) -> StoreResult<Begun> {
+        if let Ok(current) = self.shared.current.try_lock()
+            && let Some(running) = current.upgrade()
+            && running.is_valid()
+        {
+            return Ok(Begun::Running(running));
+        }
+        let mut starting = self.shared.starting.subscribe();
+        let session = self.clone();
+        let mut started = tokio::spawn(async move { session.incarnation().await });
+        tokio::select! {
+            seen = starting.wait_for(Option::is_some) => match *seen.expect("the session keeps its sender") {
+                Some((id, _)) => Ok(Begun::Starting { id, started }),
+                None => unreachable!("waited for a start"),
+            },
+            done = &mut started => Ok(Begun::Running(done.map_err(|e| {
+                StoreError::transient(&self.shared.key, format!("the session's start ended early: {e}"))
+            })??)),
+        }
+    }
+
     async fn start(&self) -> StoreResult<Arc<Incarnation>> {
+        let started = self.start_telling().await;
+        self.shared.starting.send_replace(None);
+        started
+    }
+
+    async fn start_telling(&self) -> StoreResult<Arc<Incarnation>> {
         let shared = &self.shared;
         if let Some(by) = *shared.displaced.lock().unwrap() {
             return Err(StoreError::Fatal {
@@ -309,7 +371,7 @@ impl Session {
                         theirs.filter(|&theirs| shared.own.lock().unwrap().foreign(theirs));
                     if let Some(theirs) = foreign {
                         *shared.displaced.lock().unwrap() = Some(theirs);
-                        return Box::pin(self.start()).await;
+                        return Box::pin(self.start_telling()).await;
                     }
                     // An earlier process of this machine (Fly restarts a
                     // crashed machine under the same id), or an earlier
@@ -328,6 +390,7 @@ impl Session {
             };
             shared.own.lock().unwrap().written.push(id);
             let sent_at = Instant::now();
+            shared.starting.send_replace(Some((id, sent_at)));
             match shared
                 .store
                 .put(&shared.key, record.to_bytes(), Metadata::new(), condition)
@@ -353,6 +416,7 @@ impl Session {
                         tokio::spawn(renew(self.shared.clone(), record, etag, sent_at, tx));
                     return Ok(Arc::new(Incarnation {
                         id,
+                        started_at: sent_at,
                         status: rx,
                         renewal,
                     }));

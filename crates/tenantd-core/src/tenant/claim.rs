@@ -585,9 +585,18 @@ async fn fence_after(
                 ours: theirs,
                 rechecked,
                 listed,
+                early,
             }) => {
                 ours = theirs;
-                fenced_ahead = rechecked;
+                // Fences sent before the lock write of an acquisition
+                // that then replaced the release they were planned on,
+                // after a run that ends where that release said: no
+                // holder has acknowledged anything past that end, and the
+                // run up to it was read whole, so there is nothing a
+                // compaction could have taken from under this claim and
+                // no HEAD to wait for (docs/protocol.md, "Fences before
+                // the lock write").
+                fenced_ahead = rechecked || early;
                 (listed.end, judge_epochs(taken, epoch)?)
             }
             _ => {
@@ -714,10 +723,13 @@ pub(crate) struct Ahead {
     ours: BTreeSet<u64>,
     /// The HEAD after the fences showed the snapshot that was listed.
     rechecked: bool,
+    /// Sent before the lock write ([`fence_early`]), with no HEAD after.
+    early: bool,
 }
 
 impl Ahead {
     /// Every fence of the window landed as this writer's.
+    #[cfg(test)]
     pub(crate) fn took_the_window(&self) -> bool {
         matches!(&self.fenced, Ok(taken) if taken.is_empty()) && self.ours.len() as u64 == WINDOW
     }
@@ -747,25 +759,29 @@ fn fence_ahead(
     listed: Listed,
 ) -> JoinHandle<Ahead> {
     let (store, id) = (store.clone(), id.clone());
-    tokio::spawn(async move { fence_and_recheck(&store, &id, epoch, &writer, listed).await })
+    tokio::spawn(async move { fence_once(&store, &id, epoch, &writer, listed, true).await })
 }
 
-/// One fence round after `listed.end`, and the snapshot's HEAD right
-/// after it when the whole window became this writer's.
-async fn fence_and_recheck(
+/// One fence round after `listed.end`, and (`recheck_after`) the
+/// snapshot's HEAD right after it when the whole window became this
+/// writer's.
+async fn fence_once(
     store: &DynStore,
     id: &TenantId,
     epoch: u64,
     writer: &Writer,
     listed: Listed,
+    recheck_after: bool,
 ) -> Ahead {
     let key = keys::database(id.as_str());
     let mut ours = BTreeSet::new();
     let fenced = log::fence_window(store, id.as_str(), epoch, writer, listed.end, &mut ours).await;
     let rechecked = match &fenced {
-        Ok(taken) if taken.is_empty() => recheck(store, id, &key, listed.snapshot.as_ref())
-            .await
-            .is_ok(),
+        Ok(taken) if taken.is_empty() && recheck_after => {
+            recheck(store, id, &key, listed.snapshot.as_ref())
+                .await
+                .is_ok()
+        }
         _ => false,
     };
     Ahead {
@@ -773,6 +789,7 @@ async fn fence_and_recheck(
         fenced,
         ours,
         rechecked,
+        early: !recheck_after,
     }
 }
 
@@ -813,7 +830,7 @@ pub(crate) fn fence_early(
         };
         match snapshot {
             Some(snapshot) if snapshot.epoch < epoch && snapshot.seq <= end => {
-                fence_and_recheck(&store, &id, epoch, &writer, listed).await
+                fence_once(&store, &id, epoch, &writer, listed, false).await
             }
             _ => Ahead {
                 listed,
@@ -822,6 +839,7 @@ pub(crate) fn fence_early(
                 )),
                 ours: BTreeSet::new(),
                 rechecked: false,
+                early: true,
             },
         }
     })

@@ -520,9 +520,12 @@ pub async fn plan_telling(
 
 /// [`plan_telling`] with a hint of where the log ends (`hint`: a released
 /// lock's `log_end`, read beside the snapshot): the slots up to it are
-/// fetched beside the listing rather than after it. Those fetched are
-/// known to exist, so a listing that lags behind them does not shorten the
-/// run; the listing still finds slots past the hint, and gaps.
+/// fetched beside the listing rather than after it, and the run planned
+/// stops there. Those fetched are known to exist, so a listing that lags
+/// behind them does not shorten the run; slots past the hint are left to
+/// the claim's fences, which read every slot they find taken (the listing
+/// beside fences sent before the lock write may show the contender's own
+/// fences there). The listing still finds gaps.
 pub async fn plan_hinted(
     store: &DynStore,
     id: &str,
@@ -532,34 +535,32 @@ pub async fn plan_hinted(
     tell: impl FnOnce(u64),
 ) -> Result<Plan, LogError> {
     let hinted = async {
-        let Some(end) = hint.await.filter(|end| *end > snapshot.seq) else {
-            return Ok(vec![]);
-        };
-        let end = match until {
-            Until::Seq(seq) => end.min(seq),
-            _ => end,
-        };
+        let end = hint.await.filter(|end| *end > snapshot.seq)?;
         let slots: Vec<u64> = (snapshot.seq + 1..=end).take(CHUNK).collect();
-        fetch_slots(store, id, &slots).await
+        Some((end, fetch_slots(store, id, &slots).await))
     };
     let (listed, hinted) = tokio::join!(list_slots(store, id, snapshot.seq), hinted);
     // A hinted slot that is gone was compacted away since the release (or
     // lost): the listing decides alone, and the replay finds out.
-    let hinted = hinted.unwrap_or_default();
+    let (hint, hinted) = match hinted {
+        Some((end, Ok(fetched))) => (Some(end), fetched),
+        _ => (None, vec![]),
+    };
     let mut present: BTreeSet<u64> = listed?.iter().map(|(seq, _)| *seq).collect();
     present.extend(hinted.iter().map(|f| f.delta.seq));
-    let mut contiguous_end = snapshot.seq;
-    while present.contains(&(contiguous_end + 1)) {
-        contiguous_end += 1;
+    let mut listed_end = snapshot.seq;
+    while present.contains(&(listed_end + 1)) {
+        listed_end += 1;
     }
-    let stray: Vec<u64> = present.range(contiguous_end + 1..).copied().collect();
-    if let Some(far) = stray.iter().find(|seq| **seq > contiguous_end + WINDOW) {
+    if let Some(far) = present.range(listed_end + WINDOW + 1..).next() {
         return Err(LogError::Corrupt(format!(
             "gap in the log of customer {id}: {} is missing while {} exists (no holder leaves a hole wider than {WINDOW} slots): restore the missing object, or use `tenantd restore` to rebuild the tenant from what is left",
-            keys::log_slot(id, contiguous_end + 1),
+            keys::log_slot(id, listed_end + 1),
             keys::log_slot(id, *far),
         )));
     }
+    let contiguous_end = hint.map_or(listed_end, |hint| hint.min(listed_end));
+    let stray: Vec<u64> = present.range(contiguous_end + 1..).copied().collect();
     tell(contiguous_end);
     let last = match until {
         Until::Seq(seq) => seq.min(contiguous_end),

@@ -435,7 +435,8 @@ async fn log_objects(memory: &DynStore, tenant: &str) -> Vec<(u64, bool, Option<
 /// write, and fetches the log up to that end beside the listing. Here the
 /// listing is held until the fences landed, so it shows them: the claim
 /// still takes them as its window (no second round of fences, no hole
-/// before its first commit).
+/// before its first commit), and with its lock written over the release
+/// they were planned on, needs no HEAD of the snapshot after them.
 #[tokio::test]
 async fn a_cold_start_after_a_release_fences_before_the_lock_write() {
     let dir = tempfile::tempdir().unwrap();
@@ -477,6 +478,12 @@ async fn a_cold_start_after_a_release_fences_before_the_lock_write() {
             .iter()
             .any(|(op, key)| *op == "put" && key.starts_with(&log)),
         "the fences sent before the lock write were the claim's only round: {sent:#?}"
+    );
+    assert!(
+        !sent
+            .iter()
+            .any(|(op, key)| *op == "head" && *key == keys::database("cold")),
+        "no recheck of the snapshot after fences planned on the release the lock write replaced: {sent:#?}"
     );
     let next = handle
         .call(Op::Increment {
@@ -574,4 +581,48 @@ async fn fences_of_a_contender_that_lost_the_lock_race_are_outranked() {
         panic!("m4 must take the tenant over");
     };
     assert_eq!(handle.call(Op::Read).await.unwrap().count, 4);
+}
+
+/// A lease's lock goes out beside its session's start: it names the
+/// incarnation whose heartbeat write was just sent (held here until the
+/// lock write was sent too). When that write is the one credited, the
+/// lock is written once; when it was refused (an earlier process of the
+/// machine left its heartbeat, and the start guessed there was none) and
+/// a later write started the session, the lock is written again, so that
+/// its clock starts after the write that covers it.
+#[tokio::test]
+async fn a_lock_goes_out_beside_the_session_start() {
+    for earlier in [false, true] {
+        let memory: DynStore = Arc::new(MemoryStore::new());
+        let config = crate::lease::LeaseConfig::new("m", "a", Duration::from_secs(2));
+        if earlier {
+            let old = crate::lease::Session::new(memory.clone(), config.clone());
+            drop(old.incarnation().await.unwrap());
+        }
+        let store = recording(memory.clone());
+        let heartbeat = keys::heartbeat("m");
+        store.hold("put", &heartbeat);
+        let session = crate::lease::Session::new(store.clone(), config.clone());
+        let lock = keys::lock("t");
+        let mut contender = crate::lease::Contender::new(store.clone(), lock.clone(), session);
+        let acquiring = tokio::spawn(async move { contender.try_acquire().await });
+        store
+            .until_sent(|(op, key)| *op == "put" && *key == lock)
+            .await;
+        store.let_go();
+        let Ok(Ok(crate::lease::Acquire::Acquired(lease))) = acquiring.await else {
+            panic!("the lock is free");
+        };
+        assert!(lease.is_valid());
+        let sent = store.take();
+        assert_eq!(
+            count(&sent, "put", &lock),
+            if earlier { 2 } else { 1 },
+            "earlier: {earlier}: {sent:#?}"
+        );
+        let stored = memory.get(&lock).await.unwrap().unwrap();
+        let record: crate::lease::LockRecord = serde_json::from_slice(&stored.body).unwrap();
+        assert_eq!(record.incarnation, Some(lease.incarnation()));
+        assert_eq!(record.token, lease.token());
+    }
 }

@@ -1,4 +1,4 @@
-//! The commit-log protocol's model simulation in CI: 500 seeds of writers
+//! The commit-log protocol's model simulation in CI: 2,000 seeds of writers
 //! racing for one tenant's log (takeovers with zombies, pauses, crashes,
 //! reordered and late-applied PUTs, compactions abandoned midway, releases,
 //! failed claims, restores in place, deletes and re-creations, the lock
@@ -12,14 +12,14 @@
 //! events.
 
 use tenantd_sim::log_sim::{
-    FenceAhead, LogSimConfig, LogSimOutcome, Paths, Recheck, Rules, run_seed,
+    EarlyFences, FenceAhead, LogSimConfig, LogSimOutcome, Paths, Recheck, Rules, run_seed,
 };
 
 fn seeds() -> Vec<u64> {
     match std::env::var("TENANTD_LOG_SIM_SEED") {
         Ok(seed) => vec![seed.parse().expect("TENANTD_LOG_SIM_SEED is a number")],
         Err(_) => {
-            let count = std::env::var("TENANTD_LOG_SIM_SEEDS").map_or(500, |n| {
+            let count = std::env::var("TENANTD_LOG_SIM_SEEDS").map_or(2000, |n| {
                 n.parse().expect("TENANTD_LOG_SIM_SEEDS is a number")
             });
             (0..count).collect()
@@ -67,6 +67,10 @@ fn no_seed_loses_an_acknowledged_increment() {
         // And every path of issue 26.
         assert!(total.probed_applied > 0, "{total:?}");
         assert!(total.fenced_ahead > 0, "{total:?}");
+        // Fences sent before the lock write: taken as a claim's window,
+        // and left by contenders whose lock write lost.
+        assert!(total.fenced_early > 0, "{total:?}");
+        assert!(total.loser_fences > 0, "{total:?}");
         assert!(total.epoch_raises > 0, "{total:?}");
         assert!(
             total.releases > 0 && total.releases_unclean > 0,
@@ -176,6 +180,55 @@ fn claims_fencing_ahead_after_any_lock_break_the_chain() {
         ..LogSimConfig::default()
     };
     let (_, violations) = first_violation("fences ahead after any lock", config);
+    assert!(lost_or_corrupt(&violations), "{violations:#?}");
+}
+
+/// The same model with handoffs (releases) as the only path beside
+/// takeovers and a current LIST: a release is followed by claims, half
+/// of them fencing before their lock write, and by contenders that lost with
+/// fences planned on some release. Nothing acknowledged is lost.
+#[test]
+fn handoffs_fencing_before_the_lock_write_lose_nothing() {
+    let config = LogSimConfig {
+        paths: Paths {
+            release: true,
+            ..Paths::TAKEOVERS
+        },
+        ..LogSimConfig::default()
+    };
+    let mut total = LogSimOutcome::default();
+    for seed in 0..2000 {
+        let outcome = run_seed(seed, config);
+        assert!(
+            outcome.violations.is_empty(),
+            "seed {seed}: {:#?}",
+            outcome.violations
+        );
+        total.add(&outcome);
+    }
+    eprintln!("handoffs: {total:?}");
+    assert!(total.fenced_early > 10, "{total:?}");
+    assert!(total.loser_fences > 0, "{total:?}");
+}
+
+/// Fences sent before the lock write after the end a released lock
+/// named, which the listing beside them may show: a claim that reads its
+/// run on through them and takes the window as fenced after that run's
+/// end leaves a hole after its fences and writes past it, where its
+/// successor's fences skip its acknowledged commits.
+#[test]
+fn taking_early_fences_as_the_window_after_a_run_through_them_loses_writes() {
+    // Handoffs (releases) with a current LIST, so that the listing shows
+    // the fences: the case the control gets wrong.
+    let config = LogSimConfig {
+        early_fences: EarlyFences::WindowAfterTheRun,
+        paths: Paths {
+            release: true,
+            ..Paths::TAKEOVERS
+        },
+        ..LogSimConfig::default()
+    };
+    let (_, violations) = first_violation("early fences taken after the run", config);
     assert!(lost_or_corrupt(&violations), "{violations:#?}");
 }
 

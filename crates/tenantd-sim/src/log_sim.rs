@@ -104,6 +104,9 @@ pub struct LogSimConfig {
     /// Whether claims may fence as soon as the log is listed, before its
     /// deltas are read (half of them, chosen by the seed).
     pub fence_ahead: FenceAhead,
+    /// Whether a contender that read a holder's release naming the log's
+    /// end fences the window after it before its lock write.
+    pub early_fences: EarlyFences,
     pub rules: Rules,
     pub paths: Paths,
     pub steps: usize,
@@ -119,6 +122,7 @@ impl Default for LogSimConfig {
             window_from_acked: true,
             recheck: Recheck::AfterFences,
             fence_ahead: FenceAhead::ThenRecheck,
+            early_fences: EarlyFences::OnRelease,
             rules: Rules::NEW,
             paths: Paths::ALL,
             steps: 1000,
@@ -157,6 +161,28 @@ pub enum FenceAhead {
     Unguarded,
 }
 
+/// A cold start's fences before the lock write (`tenant/claim.rs`,
+/// `fence_early`): a contender that read a lock released by a holder
+/// naming the log's end `L` fences `L + 1 ..= L + WINDOW` under the epoch
+/// and token of the acquisition it is about to attempt, before (or while)
+/// it lists the log; its listing then may show those fences. Contenders
+/// whose lock write lost (or that read a release long gone) leave theirs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EarlyFences {
+    Off,
+    /// The protocol: half of the acquisitions of such a release fence
+    /// early, the run read stops at `L` (slots past it are the fences'
+    /// to find), and the window after `L` counts as the claim's first
+    /// round, with no recheck when nothing else was fenced; a third of
+    /// the takeovers also bring a contender that lost with fences planned
+    /// on some earlier release.
+    OnRelease,
+    /// Negative control: the run read goes on through the claim's own
+    /// early fences, and the window is taken as fenced after that run's
+    /// end (the claim writes from there on with no more fences).
+    WindowAfterTheRun,
+}
+
 /// What one seed did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LogSimOutcome {
@@ -186,6 +212,10 @@ pub struct LogSimOutcome {
     /// Claims completed on fences sent ahead of reading the run, the HEAD
     /// after them serving as the recheck ([`FenceAhead`]).
     pub fenced_ahead: usize,
+    /// Claims that took fences sent before their lock write as their
+    /// window ([`EarlyFences`]); fences landed by contenders that lost.
+    pub fenced_early: usize,
+    pub loser_fences: usize,
     /// Claims that raised their lock's epoch (R3).
     pub epoch_raises: usize,
     /// Releases that said `released`, and those that did not end with a
@@ -228,6 +258,8 @@ impl LogSimOutcome {
         self.probes += o.probes;
         self.probed_applied += o.probed_applied;
         self.fenced_ahead += o.fenced_ahead;
+        self.fenced_early += o.fenced_early;
+        self.loser_fences += o.loser_fences;
         self.epoch_raises += o.epoch_raises;
         self.releases += o.releases;
         self.releases_unclean += o.releases_unclean;
@@ -302,6 +334,8 @@ struct Lock {
     /// Released by a holder that had completed its claim, naming the
     /// log's end (a failed claim's or a restore's release does not).
     log_end: bool,
+    /// That end: the holder's last confirmed slot.
+    end: u64,
 }
 
 struct Writer {
@@ -311,6 +345,16 @@ struct Writer {
     ahead_safe: bool,
     /// Its acquisition's token (R4), unique per writer.
     token: u64,
+    /// The end named by the release its lock replaced, while its claim
+    /// may still fence after it before reading ([`EarlyFences`]), and
+    /// those fences once sent.
+    early_anchor: Option<u64>,
+    early: Option<(u64, claim::Ahead)>,
+    /// A contender whose lock write lost: it only fences early.
+    loser: bool,
+    /// Asked to release (SIGTERM): sends nothing more, and releases once
+    /// its uploads are answered.
+    draining: bool,
     role: Role,
     /// The lock said `released` when it was acquired.
     clean: bool,
@@ -456,6 +500,9 @@ struct Sim {
     /// Log keys some compaction deleted, and those seen again afterwards.
     deleted_keys: HashSet<String>,
     recreated_keys: HashSet<String>,
+    /// Every release naming the log's end so far, `(epoch, end)`: what a
+    /// contender with a stale read of the lock may plan on.
+    releases_seen: Vec<(u64, u64)>,
 }
 
 impl Sim {
@@ -480,6 +527,7 @@ impl Sim {
             lag: Duration::ZERO,
             deleted_keys: HashSet::new(),
             recreated_keys: HashSet::new(),
+            releases_seen: vec![],
         }
     }
 
@@ -609,6 +657,7 @@ impl Sim {
             token,
             released: false,
             log_end: false,
+            end: 0,
         };
         self.max_epoch = self.max_epoch.max(epoch);
         (epoch, clean, absent, ahead_safe)
@@ -616,7 +665,17 @@ impl Sim {
 
     fn new_writer(&mut self, role: Role, store: Option<DynStore>) -> usize {
         let token = self.writers.len() as u64 + 1;
+        let released_end = self.lock.end;
         let (epoch, clean, lock_was_absent, ahead_safe) = self.acquire(token);
+        let early_anchor = (ahead_safe
+            && role == Role::Holder
+            && self.config.early_fences != EarlyFences::Off
+            && self.config.fences
+            && self.rules.probe_taken_slots
+            && self.rules.strict_epochs
+            && self.rules.always_fence
+            && self.rng.random_bool(0.5))
+        .then_some(released_end);
         let fault = self.fault_store(token, true);
         let faults = fault.handle();
         self.writers.push(Writer {
@@ -626,6 +685,10 @@ impl Sim {
             clean,
             lock_was_absent,
             ahead_safe,
+            early_anchor,
+            early: None,
+            loser: false,
+            draining: false,
             inc: self.incarnation,
             store: store.unwrap_or_else(|| Arc::new(fault)),
             faults,
@@ -671,10 +734,60 @@ impl Sim {
         {
             self.writers[newest].paused = true;
         }
+        if role == Role::Holder
+            && self.config.early_fences != EarlyFences::Off
+            && !self.releases_seen.is_empty()
+            && self.rng.random_range(0..3) == 0
+        {
+            self.loser();
+        }
         let w = self.new_writer(role, None);
         self.event(format!(
             "takeover: {role:?} epoch {} token {} starts claiming (lock {:?})",
             self.writers[w].epoch, self.writers[w].token, self.lock
+        ));
+    }
+
+    /// A contender that read some release naming the log's end (perhaps
+    /// long gone), planned the acquisition after it and fenced that end's
+    /// window, and whose lock write then lost: its fences stay.
+    fn loser(&mut self) {
+        let (epoch, end) = self.releases_seen[self.rng.random_range(0..self.releases_seen.len())];
+        let token = self.writers.len() as u64 + 1;
+        let fault = self.fault_store(token, true);
+        let faults = fault.handle();
+        self.writers.push(Writer {
+            epoch: epoch + 1,
+            token,
+            role: Role::Holder,
+            clean: false,
+            lock_was_absent: false,
+            ahead_safe: false,
+            early_anchor: None,
+            early: None,
+            loser: true,
+            draining: false,
+            inc: self.incarnation,
+            store: Arc::new(fault),
+            faults,
+            phase: Phase::Claiming(Box::new(ClaimStep::Lose {
+                anchor: end,
+                placed: 0,
+            })),
+            paused: false,
+            head: Position::default(),
+            acked: Position::default(),
+            slots: BTreeMap::new(),
+            fenced_slots: BTreeSet::new(),
+            inbox: vec![],
+            snapshot_etag: None,
+            snapshot_seq: 0,
+            compaction: None,
+            deleting: None,
+        });
+        self.event(format!(
+            "a contender planned epoch {} token {token} on the release ending at {end}, and will lose the lock race",
+            epoch + 1
         ));
     }
 
@@ -689,7 +802,11 @@ impl Sim {
         } else {
             writer.slots.values().filter(|s| !s.confirmed).count()
         };
-        if !writer.active() || in_window as u64 >= WINDOW || writer.deleting.is_some() {
+        if !writer.active()
+            || in_window as u64 >= WINDOW
+            || writer.deleting.is_some()
+            || writer.draining
+        {
             return;
         }
         let n = match writer.role {
@@ -797,6 +914,8 @@ impl Sim {
                     && self.writers[w].slots.is_empty()
                 {
                     self.release(w).await;
+                } else if self.writers[w].draining && self.writers[w].slots.is_empty() {
+                    self.release_and_hand_off(w).await;
                 }
             }
             Phase::Stopped(_) => {}
@@ -932,6 +1051,7 @@ impl Sim {
             token: 0,
             released: false,
             log_end: false,
+            end: 0,
         };
         if !self.exists {
             self.create().await;

@@ -244,10 +244,13 @@ async fn take_over_from(
             token: lease.token().to_string(),
         };
         let reads = early.take();
+        // The release this lease replaced: objects of newer epochs after
+        // it are contenders' fences, not the log its holder left.
+        let released = lease.previous().filter(|p| p.released).map(|p| p.epoch);
         match attempt(
             id,
             store,
-            lease.epoch(),
+            (lease.epoch(), released),
             &writer,
             path,
             &key,
@@ -336,7 +339,7 @@ async fn read_fresh(
 async fn attempt(
     id: &TenantId,
     store: &DynStore,
-    epoch: u64,
+    (epoch, released): (u64, Option<u64>),
     writer: &Writer,
     path: &Path,
     key: &str,
@@ -362,7 +365,17 @@ async fn attempt(
             ..
         } = p;
         let (applied, next_slot, since, previous_end) = fence_after(
-            id, store, key, epoch, writer, path, &snapshot, &mut sums, replayed, began, ahead,
+            id,
+            store,
+            key,
+            (epoch, released),
+            writer,
+            path,
+            &snapshot,
+            &mut sums,
+            replayed,
+            began,
+            ahead,
         )
         .await?;
         return Ok(Rebuilt {
@@ -506,7 +519,17 @@ async fn attempt(
                 Err(e) => return Err(Attempt::from_log(id, e)),
             };
             fence_after(
-                id, store, key, epoch, writer, path, &snapshot, &mut sums, replayed, began, None,
+                id,
+                store,
+                key,
+                (epoch, released),
+                writer,
+                path,
+                &snapshot,
+                &mut sums,
+                replayed,
+                began,
+                None,
             )
             .await?
         }
@@ -535,7 +558,7 @@ async fn fence_after(
     id: &TenantId,
     store: &DynStore,
     key: &str,
-    epoch: u64,
+    (epoch, released): (u64, Option<u64>),
     writer: &Writer,
     path: &Path,
     snapshot: &Snapshot,
@@ -647,7 +670,7 @@ async fn fence_after(
         replayed.applied,
         next,
         (replayed.deltas, replayed.delta_bytes),
-        replayed.end_before(writer),
+        replayed.end_left_at_release(writer, released),
     ))
 }
 

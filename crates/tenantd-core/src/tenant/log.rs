@@ -331,6 +331,18 @@ impl Replayed {
             .fold(self.snapshot_seq, u64::max)
     }
 
+    /// [`Self::end_before`] leaving out, too, acquisitions of epochs above
+    /// `released` (when the lock this writer replaced was a release of that
+    /// epoch): contenders that planned on that release and fenced its
+    /// window before their lock write lost. What the release's `log_end`
+    /// must equal.
+    pub fn end_left_at_release(&self, writer: &Writer, released: Option<u64>) -> u64 {
+        self.others(writer)
+            .filter(|(_, epoch, _)| released.is_none_or(|released| *epoch <= released))
+            .map(|(_, _, seq)| *seq)
+            .fold(self.snapshot_seq, u64::max)
+    }
+
     fn saw(&mut self, token: Option<&String>, epoch: u64, seq: u64) {
         match self
             .writers

@@ -45,13 +45,16 @@ pub struct Prefetch {
     pub(crate) early_fences: Option<(uuid::Uuid, JoinHandle<super::claim::Ahead>)>,
     /// The published migrations, read once the tenant was known to exist
     /// ([`Prefetch::read_migrations`]).
-    migrations: Option<JoinHandle<Result<(Head, Option<ETag>), StoreError>>>,
+    migrations: Option<MigrationsRead>,
 }
 
 /// Where a released lock read beside the existence check says its
 /// holder's log ended: `None` until the lock is read, then its `log_end`
 /// (`None` for any other lock, or a failed read).
 pub type LogEndHint = watch::Receiver<Option<Option<u64>>>;
+
+/// The published migrations' head, being read.
+pub(crate) type MigrationsRead = JoinHandle<Result<(Head, Option<ETag>), StoreError>>;
 
 async fn hinted_end(hint: Option<LogEndHint>) -> Option<u64> {
     let mut hint = hint?;
@@ -393,9 +396,7 @@ impl Prefetch {
     }
 
     /// The migrations read by [`Prefetch::read_migrations`], if started.
-    pub(crate) fn migrations(
-        &mut self,
-    ) -> Option<JoinHandle<Result<(Head, Option<ETag>), StoreError>>> {
+    pub(crate) fn migrations(&mut self) -> Option<MigrationsRead> {
         self.migrations.take()
     }
 

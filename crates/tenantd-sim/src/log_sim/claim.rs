@@ -6,9 +6,11 @@
 
 use std::collections::BTreeSet;
 
+use rand::RngExt;
+
 use super::{
-    FORMAT_KEY, FenceAhead, Phase, Position, Recheck, Role, Sim, TENANT, WINDOW, counter_of,
-    slot_metadata, snapshot_metadata, token_of,
+    EarlyFences, FORMAT_KEY, FenceAhead, Phase, Position, Recheck, Role, Sim, TENANT, WINDOW,
+    counter_of, slot_metadata, snapshot_metadata, token_of,
 };
 use tenantd_core::store::{ETag, Precondition, keys};
 use tenantd_core::tenant::delta::{Delta, Kind};
@@ -47,6 +49,21 @@ pub(super) enum ClaimStep {
         prefix_end: u64,
         listed: BTreeSet<u64>,
         ahead: Ahead,
+    },
+    /// Fences the window after the end a released lock named, before
+    /// its lock write is answered ([`EarlyFences`]): before listing the
+    /// log (`listed: None`), or after (the listing's run end and slots).
+    FenceEarly {
+        snap: Snap,
+        anchor: u64,
+        ahead: Ahead,
+        listed: Option<(u64, BTreeSet<u64>)>,
+    },
+    /// A contender whose lock write lost: it fences `anchor + 1 ..=
+    /// anchor + WINDOW` (`placed` of them sent so far), then stops.
+    Lose {
+        anchor: u64,
+        placed: u64,
     },
     Fence(Fencing),
     /// R2: reads a slot its fence found taken.
@@ -114,6 +131,8 @@ pub(super) struct Fencing {
     landed_at: usize,
     /// The recheck was made by fencing ahead, and no fence was put since.
     rechecked: bool,
+    /// Its first round was sent before the lock write.
+    early: bool,
 }
 
 impl ClaimStep {
@@ -136,6 +155,14 @@ impl ClaimStep {
             } => format!(
                 "fences ahead after the listed {prefix_end} (mine {:?})",
                 ahead.mine
+            ),
+            ClaimStep::FenceEarly { anchor, ahead, .. } => format!(
+                "fences after the released end {anchor} before its lock write (mine {:?})",
+                ahead.mine
+            ),
+            ClaimStep::Lose { anchor, placed } => format!(
+                "fences slot {} after the released end {anchor}, its lock write lost",
+                anchor + placed + 1
             ),
             ClaimStep::Fence(f) => format!("fences after {} (mine {:?})", f.prefix_end, f.mine),
             ClaimStep::Probe { seq, .. } => format!("reads the taken slot {seq}"),
@@ -183,7 +210,20 @@ impl Sim {
                         token: token_of(&object.metadata),
                     };
                     if object.metadata.contains_key(FORMAT_KEY) {
-                        ClaimStep::List { snap }
+                        // The negative control always lists after its
+                        // fences (the case it gets wrong).
+                        let before_listing = self.writers[w].early_anchor.is_some()
+                            && (self.config.early_fences == EarlyFences::WindowAfterTheRun
+                                || self.rng.random_range(0..2) == 0);
+                        match before_listing.then(|| self.take_early(w, &snap)).flatten() {
+                            Some(anchor) => ClaimStep::FenceEarly {
+                                snap,
+                                anchor,
+                                ahead: Ahead::default(),
+                                listed: None,
+                            },
+                            None => ClaimStep::List { snap },
+                        }
                     } else if self.rules.refuse_bare_snapshot {
                         self.outcome.bare_refused += 1;
                         return self.claim_failed(w, "refused a snapshot without metadata");
@@ -233,11 +273,19 @@ impl Sim {
                         while listed.contains(&(prefix_end + 1)) {
                             prefix_end += 1;
                         }
+                        let listed_end = prefix_end;
+                        // The run read stops at the released end its fences
+                        // were sent after (the listing may show them).
+                        if let Some((anchor, _)) = &self.writers[w].early
+                            && self.config.early_fences == EarlyFences::OnRelease
+                        {
+                            prefix_end = prefix_end.min(*anchor);
+                        }
                         // No holder leaves a wider hole: corrupt, unless a
                         // compaction deleted slots under the listing. With
                         // R2 the listing is a hint (a lagging one hides
                         // young slots), checked after the fences instead.
-                        let gap = listed.range(prefix_end + WINDOW + 1..).next().copied();
+                        let gap = listed.range(listed_end + WINDOW + 1..).next().copied();
                         if gap.is_some() && !self.rules.probe_taken_slots {
                             ClaimStep::Recheck {
                                 fencing: self.fencing(snap.pos, snap.etag, prefix_end, listed),
@@ -245,7 +293,14 @@ impl Sim {
                                 first_slot: 0,
                                 acked_before: 0,
                             }
-                        } else if self.fences_ahead(w, &snap) {
+                        } else if let Some(anchor) = self.take_early(w, &snap) {
+                            ClaimStep::FenceEarly {
+                                snap,
+                                anchor,
+                                ahead: Ahead::default(),
+                                listed: Some((prefix_end.min(anchor), listed)),
+                            }
+                        } else if self.writers[w].early.is_none() && self.fences_ahead(w, &snap) {
                             ClaimStep::FenceAhead {
                                 snap,
                                 prefix_end,
@@ -278,7 +333,10 @@ impl Sim {
                     objects: vec![],
                     ahead: Some(ahead),
                 };
-                match self.fence_ahead_step(w, &snap, prefix_end, ahead).await {
+                match self
+                    .fence_ahead_step(w, &snap, prefix_end, ahead, true)
+                    .await
+                {
                     AheadStep::Continue(ahead) => ClaimStep::FenceAhead {
                         snap,
                         prefix_end,
@@ -290,6 +348,45 @@ impl Sim {
                     // own fences are found again as its own).
                     AheadStep::Taken(ahead) => read(ahead),
                     AheadStep::Reread => ClaimStep::ReadSnapshot,
+                }
+            }
+            ClaimStep::FenceEarly {
+                snap,
+                anchor,
+                ahead,
+                listed,
+            } => match self.fence_ahead_step(w, &snap, anchor, ahead, false).await {
+                AheadStep::Continue(ahead) => ClaimStep::FenceEarly {
+                    snap,
+                    anchor,
+                    ahead,
+                    listed,
+                },
+                AheadStep::Done(ahead) | AheadStep::Taken(ahead) => {
+                    self.writers[w].early = Some((anchor, ahead));
+                    match listed {
+                        None => ClaimStep::List { snap },
+                        Some((prefix_end, listed)) => ClaimStep::Read {
+                            snap,
+                            prefix_end,
+                            listed,
+                            objects: vec![],
+                            ahead: None,
+                        },
+                    }
+                }
+                AheadStep::Reread => unreachable!("no HEAD after early fences"),
+            },
+            ClaimStep::Lose { anchor, placed } => {
+                if placed == WINDOW {
+                    return self.stop(w, "lost the lock race");
+                }
+                if self.put_fence(w, anchor + placed + 1).await.is_ok() {
+                    self.outcome.loser_fences += 1;
+                }
+                ClaimStep::Lose {
+                    anchor,
+                    placed: placed + 1,
                 }
             }
             ClaimStep::Read {
@@ -346,8 +443,10 @@ impl Sim {
                 first_slot,
                 acked_before,
             } => {
-                if fencing.rechecked {
-                    self.outcome.fenced_ahead += 1;
+                match (fencing.rechecked, fencing.early) {
+                    (true, true) => self.outcome.fenced_early += 1,
+                    (true, false) => self.outcome.fenced_ahead += 1,
+                    _ => {}
                 }
                 let unchanged = match self.config.recheck {
                     _ if fencing.rechecked => Ok(true),
@@ -357,9 +456,20 @@ impl Sim {
                 match unchanged {
                     Ok(true) => {
                         let mine = &self.writers[w].fenced_slots;
+                        // A claim on fences sent before its lock write
+                        // read its run only up to the released end; its
+                        // listing's run goes on through whatever it shows
+                        // after (as `log::plan_hinted` checks gaps).
+                        let mut listed_end = fencing.prefix_end;
+                        while fencing.early
+                            && (fencing.listed.contains(&(listed_end + 1))
+                                || mine.contains(&(listed_end + 1)))
+                        {
+                            listed_end += 1;
+                        }
                         let late_gap = fencing
                             .listed
-                            .range(fencing.prefix_end + WINDOW + 1..)
+                            .range(listed_end + WINDOW + 1..)
                             .find(|s| !mine.contains(s))
                             .copied();
                         if let Some(beyond) = gap.or(late_gap) {
@@ -413,6 +523,7 @@ impl Sim {
             sent_at: std::collections::BTreeMap::new(),
             landed_at: 0,
             rechecked: false,
+            early: false,
         }
     }
 
@@ -426,6 +537,7 @@ impl Sim {
         objects: &[(Delta, Option<u64>)],
         ahead: Option<Ahead>,
     ) {
+        let early = self.writers[w].early.take();
         let Some((state, max_other)) = self.replay(w, &snap, objects) else {
             return;
         };
@@ -488,9 +600,42 @@ impl Sim {
                 first_slot: prefix_end + WINDOW + 1,
                 acked_before: acked_now,
             }
+        } else if let Some((anchor, ahead)) = early.as_ref().filter(|(anchor, ahead)| {
+            self.config.early_fences == EarlyFences::WindowAfterTheRun
+                && prefix_end > *anchor
+                && ahead.mine.len() as u64 == WINDOW
+        }) {
+            let (anchor, ahead) = (*anchor, ahead.clone());
+            // The negative control: the early window taken as fenced after
+            // the run read, which went on through those very fences.
+            self.event(format!(
+                "epoch {epoch}: takes its fences after {anchor} as the window after the run's end {prefix_end}"
+            ));
+            let mut f = self.fencing(state, snap.etag, prefix_end, listed);
+            f.mine = ahead.mine;
+            f.rechecked = true;
+            ClaimStep::Recheck {
+                fencing: f,
+                gap: None,
+                first_slot: prefix_end + WINDOW + 1,
+                acked_before: acked_now,
+            }
         } else {
             let mut f = self.fencing(state, snap.etag, prefix_end, listed);
-            if let Some(ahead) = ahead {
+            if let Some((anchor, early)) = early
+                && anchor == prefix_end
+            {
+                // Fences sent before the lock write, after the end the
+                // released lock named, which is where the run read ends:
+                // the claim's first round. With nothing fenced after them,
+                // no recheck (no holder acknowledged anything past that
+                // end, and the run up to it was read whole).
+                f.mine = early.mine;
+                f.sent_at = early.sent_at;
+                f.landed_at = early.landed_at;
+                f.rechecked = true;
+                f.early = true;
+            } else if let Some(ahead) = ahead {
                 f.mine = ahead.mine;
                 f.sent_at = ahead.sent_at;
                 f.landed_at = ahead.landed_at;
@@ -504,6 +649,16 @@ impl Sim {
             ClaimStep::Fence(f)
         };
         self.writers[w].phase = Phase::Claiming(Box::new(next));
+    }
+
+    /// The released end this claim fences after before its lock write,
+    /// if it still may: once, and only when the snapshot's epoch is below
+    /// its own and the snapshot does not reach past that end (as
+    /// `claim.rs` `fence_early` checks the HEAD).
+    fn take_early(&mut self, w: usize, snap: &Snap) -> Option<u64> {
+        let writer = &mut self.writers[w];
+        let anchor = writer.early_anchor.take()?;
+        (snap.pos.epoch < writer.epoch && snap.pos.seq <= anchor).then_some(anchor)
     }
 
     /// Whether this claim, starting from `snap`, fences ahead of reading
@@ -533,9 +688,13 @@ impl Sim {
         snap: &Snap,
         prefix_end: u64,
         mut ahead: Ahead,
+        recheck: bool,
     ) -> AheadStep {
         let Some(seq) = (prefix_end + 1..=prefix_end + WINDOW).find(|s| !ahead.mine.contains(s))
         else {
+            if !recheck {
+                return AheadStep::Done(ahead);
+            }
             return match self.snapshot_is(w, snap.etag.as_ref()).await {
                 Ok(true) => {
                     ahead.rechecked = true;

@@ -143,13 +143,26 @@ impl Sim {
     pub(super) async fn release_newest(&mut self) {
         let Some(w) = (0..self.writers.len()).rev().find(|&w| {
             let writer = &self.writers[w];
-            writer.live() && writer.role == Role::Holder
+            writer.live() && writer.role == Role::Holder && !writer.loser
         }) else {
             return;
         };
         let writer = &self.writers[w];
         if writer.active() && writer.slots.is_empty() && writer.compaction.is_none() {
             self.release(w).await;
+        } else if writer.active() && self.rng.random_range(0..2) == 0 {
+            // SIGTERM: it drains first, and hands the tenant off.
+            self.writers[w].draining = true;
+        }
+    }
+
+    /// A drained holder releases, and the next request reaches another
+    /// machine at once (a cold start on that release: fences before its
+    /// lock write, [`super::EarlyFences`]).
+    pub(super) async fn release_and_hand_off(&mut self, w: usize) {
+        self.release(w).await;
+        if self.lock.released && self.lock.log_end {
+            self.takeover(Role::Holder);
         }
     }
 
@@ -189,6 +202,10 @@ impl Sim {
         if says_released && ours {
             self.lock.released = true;
             self.lock.log_end = matches!(writer.role, Role::Holder);
+            self.lock.end = writer.acked.seq;
+            if self.lock.log_end {
+                self.releases_seen.push((self.lock.epoch, writer.acked.seq));
+            }
             self.outcome.releases += 1;
         }
         if !(says_released && ours && compacted) {

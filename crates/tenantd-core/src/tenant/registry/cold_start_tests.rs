@@ -521,7 +521,9 @@ async fn a_cold_start_after_a_release_fences_before_the_lock_write() {
 /// A contender that fenced after a release and then lost the lock race
 /// (or died before its lock write) leaves fences under the epoch it
 /// planned, the winner's own: the winner finds them in the window, raises
-/// its epoch above them, and loses nothing.
+/// its epoch above them, and loses nothing; the release's `log_end` is
+/// still the end the winner finds (the service simulation found every
+/// such claim reported as a mismatch).
 #[tokio::test]
 async fn fences_of_a_contender_that_lost_the_lock_race_are_outranked() {
     let dir = tempfile::tempdir().unwrap();
@@ -557,6 +559,9 @@ async fn fences_of_a_contender_that_lost_the_lock_race_are_outranked() {
         handle.epoch(),
         planned.epoch
     );
+    // The loser's fences are not the log the release left: its log_end
+    // still matches what the winner found.
+    assert_eq!(m2.actor.metrics.release_log_end_mismatches.get(), 0);
     let next = handle
         .call(Op::Increment {
             idempotency_key: None,

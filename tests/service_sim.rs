@@ -36,6 +36,7 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
     let (mut reads, mut answered, mut by_followers) = (0, 0, 0);
     let mut kinds = std::collections::BTreeSet::new();
     let mut customers = 0;
+    let mut fenced_early = 0;
     for seed in seeds(default_seeds) {
         let dir = tempfile::tempdir().unwrap();
         let secs = Duration::from_secs(SECONDS);
@@ -53,6 +54,7 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
         ops += outcome.ops;
         acked += outcome.acked;
         epochs += outcome.final_epoch;
+        fenced_early += outcome.claims_fenced_early;
         reads += outcome.reads;
         answered += outcome.reads_answered;
         by_followers += outcome.follower_reads;
@@ -65,7 +67,7 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
             .count();
     }
     eprintln!(
-        "{mode:?}: {ops} operations, {acked} acknowledged, {customers} customers (or lives of one) with acknowledged writes, {epochs} holder epochs, nemeses {kinds:?}, in {:?}",
+        "{mode:?}: {ops} operations, {acked} acknowledged, {customers} customers (or lives of one) with acknowledged writes, {epochs} holder epochs, {fenced_early} claims fenced before their lock write, nemeses {kinds:?}, in {:?}",
         started.elapsed()
     );
     if paths.reads != Reads::Off {
@@ -80,6 +82,11 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
         );
     }
     assert!(acked > ops / 2, "mostly available: {acked} of {ops}");
+    if matches!(mode, Mode::Pool) {
+        // Machines meeting a released tenant for the first time (a fresh
+        // process) fence before their lock write.
+        assert!(fenced_early > 0, "no claim fenced before its lock write");
+    }
     assert!(kinds.len() >= 6, "every kind of nemesis ran: {kinds:?}");
     if paths.rebirth == Rebirth::On {
         for kind in [

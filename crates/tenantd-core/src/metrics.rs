@@ -27,6 +27,9 @@ pub struct Metrics {
     /// released lock they replaced said (`log_end`): slots lost by the
     /// store, or a release that misnamed its end.
     pub release_log_end_mismatches: IntCounter,
+    /// Claims whose first fence round went out before their lock write
+    /// (after a release naming `log_end`) and was their last.
+    pub claims_fenced_before_lock_write: IntCounter,
     /// 1 when this machine holds the tenant's lease, else 0.
     pub lease_holder: IntGaugeVec,
     /// Epoch of the tenant's lease as last seen by this machine.
@@ -176,6 +179,14 @@ impl Metrics {
         registry
             .register(Box::new(release_log_end_mismatches.clone()))
             .unwrap();
+        let claims_fenced_before_lock_write = IntCounter::new(
+            "tenantd_claims_fenced_before_lock_write_total",
+            "Takeovers whose fences went out before their lock write (after a release naming log_end), with no fence round after",
+        )
+        .unwrap();
+        registry
+            .register(Box::new(claims_fenced_before_lock_write.clone()))
+            .unwrap();
         for c in [
             &snapshot_reads,
             &requests,
@@ -202,6 +213,7 @@ impl Metrics {
             upload_bytes,
             compactions,
             release_log_end_mismatches,
+            claims_fenced_before_lock_write,
             batch_size,
             upload_seconds,
             lease_holder,

@@ -78,6 +78,9 @@ pub struct ServiceSimOutcome {
     pub follower_reads: usize,
     /// Epoch of the stored database at the end: one per holder change.
     pub final_epoch: u64,
+    /// Claims whose fences went out before their lock write, in one round
+    /// (`tenantd_claims_fenced_before_lock_write_total`).
+    pub claims_fenced_early: u64,
     pub nemeses: Vec<NemesisEvent>,
 }
 
@@ -596,6 +599,13 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
             "{mismatches} claims found the log ending elsewhere than the released lock's log_end said"
         ));
     }
+    let claims_fenced_early: u64 = world
+        .all_metrics
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| m.claims_fenced_before_lock_write.get())
+        .sum();
     let read_report = read_checker::check(&sent_reads, &ops, &durable);
     report
         .violations
@@ -608,6 +618,7 @@ async fn simulate(world: Arc<World>, seed: u64, duration: Duration) -> ServiceSi
         ops: ops.len(),
         report,
         final_epoch,
+        claims_fenced_early,
         nemeses,
     }
 }

@@ -40,6 +40,8 @@ pub struct Claimed {
     /// without this acquisition's own fences (compared with a released
     /// lock's `log_end`).
     pub previous_end: u64,
+    /// Its fences went out before its lock write, in one round.
+    pub fenced_early: bool,
 }
 
 /// Where the body to start from came from.
@@ -120,6 +122,9 @@ pub async fn claim(
         let had_holders = rebuilt.had_holders();
         match open(id, ctx, lease, path, rebuilt).await {
             Ok(claimed) => {
+                if claimed.fenced_early {
+                    ctx.metrics.claims_fenced_before_lock_write.inc();
+                }
                 info!(
                     customer_id = %id,
                     claim_ms = began.elapsed().as_millis() as u64,
@@ -188,6 +193,8 @@ pub(crate) struct Rebuilt {
     pub converting: bool,
     /// The run's end without this acquisition's objects ([`Claimed::previous_end`]).
     pub previous_end: u64,
+    /// [`Claimed::fenced_early`].
+    pub fenced_early: bool,
     source: Source,
     recorded: Option<u64>,
 }
@@ -364,7 +371,7 @@ async fn attempt(
             ahead,
             ..
         } = p;
-        let (applied, next_slot, since, previous_end) = fence_after(
+        let (applied, next_slot, since, previous_end, fenced_early) = fence_after(
             id,
             store,
             key,
@@ -380,6 +387,7 @@ async fn attempt(
         .await?;
         return Ok(Rebuilt {
             previous_end,
+            fenced_early,
             snapshot,
             sums,
             applied,
@@ -489,7 +497,7 @@ async fn attempt(
             ),
         )));
     }
-    let (applied, next_slot, since, previous_end) = match &source {
+    let (applied, next_slot, since, previous_end, fenced_early) = match &source {
         Source::Snapshot => {
             let planned = match plan.take() {
                 Some(plan) => plan,
@@ -533,10 +541,11 @@ async fn attempt(
             )
             .await?
         }
-        Source::Convert { .. } => (snapshot.seq, snapshot.seq + 1, (0, 0), snapshot.seq),
+        Source::Convert { .. } => (snapshot.seq, snapshot.seq + 1, (0, 0), snapshot.seq, false),
     };
     Ok(Rebuilt {
         previous_end,
+        fenced_early,
         snapshot,
         sums,
         applied,
@@ -566,7 +575,7 @@ async fn fence_after(
     mut replayed: log::Replayed,
     began: Instant,
     ahead: Option<JoinHandle<Ahead>>,
-) -> Result<(u64, u64, (u64, u64), u64), Attempt> {
+) -> Result<(u64, u64, (u64, u64), u64, bool), Attempt> {
     let read_and_replayed_ms = began.elapsed().as_millis() as u64;
     // This writer's fences and commits must outrank everything
     // another acquisition wrote, or readers would skip them (fences sent
@@ -595,6 +604,8 @@ async fn fence_after(
     // Whether the last round was the one sent ahead with its HEAD after
     // it: any round made here needs the recheck below.
     let mut fenced_ahead;
+    // Whether that round went out before the lock write.
+    let mut early_round;
     // Every slot after the run that a deposed writer could reach
     // becomes this writer's (see `fence_round`); taken slots that
     // continue the run are applied, and the window moves on. `end` is
@@ -611,6 +622,7 @@ async fn fence_after(
                 early,
             }) => {
                 ours = theirs;
+                early_round = early;
                 // Fences sent before the lock write of an acquisition
                 // that then replaced the release they were planned on,
                 // after a run that ends where that release said: no
@@ -624,6 +636,7 @@ async fn fence_after(
             }
             _ => {
                 fenced_ahead = false;
+                early_round = false;
                 let end = replayed.contiguous_end;
                 let taken = fence_round(store, id, epoch, writer, end, &mut ours, true).await?;
                 (end, taken)
@@ -671,6 +684,7 @@ async fn fence_after(
         next,
         (replayed.deltas, replayed.delta_bytes),
         replayed.end_left_at_release(writer, released),
+        fenced_ahead && early_round,
     ))
 }
 
@@ -969,6 +983,7 @@ async fn open(
         source,
         recorded,
         previous_end,
+        fenced_early,
         ..
     } = rebuilt;
     let (owned, source_key) = (
@@ -1004,6 +1019,7 @@ async fn open(
             next_slot,
             since_snapshot: since,
             previous_end,
+            fenced_early,
         });
     };
     // Converted once, by writing the database back as a commit-log
@@ -1043,6 +1059,7 @@ async fn open(
                 next_slot: next_slot.max(seq + 1),
                 since_snapshot: since,
                 previous_end,
+                fenced_early,
             })
         }
         Err(e) if e.is_precondition() => Err(Attempt::Again(format!(

@@ -1032,3 +1032,109 @@ proptest! {
         });
     }
 }
+
+/// A store whose heartbeat reads and second heartbeat write are slow: the
+/// write lands, and is answered, `write_delay` after it was sent.
+#[derive(Debug)]
+struct SlowHeartbeat {
+    inner: DynStore,
+    read_delay: Duration,
+    write_delay: Duration,
+    writes: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for SlowHeartbeat {
+    async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
+        if key.ends_with("heartbeat.json") {
+            tokio::time::sleep(self.read_delay).await;
+        }
+        self.inner.get(key).await
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        self.inner.head(key).await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        if key.ends_with("heartbeat.json") && self.writes.fetch_add(1, Ordering::SeqCst) == 1 {
+            tokio::time::sleep(self.write_delay).await;
+        }
+        self.inner.put(key, body, metadata, condition).await
+    }
+
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        self.inner.list(prefix, start_after).await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+
+    async fn check(&self) -> StoreResult<()> {
+        self.inner.check().await
+    }
+
+    fn describe(&self) -> String {
+        "memory store with slow heartbeat reads and a slow second heartbeat write".into()
+    }
+}
+
+/// A lock goes out beside its session's start, naming the incarnation
+/// whose heartbeat write was just sent. Here that write is refused (an
+/// earlier process of the machine left its heartbeat), and the write that
+/// starts the session goes out a second later and lands 2.2 s after that,
+/// still in time to be credited. Meanwhile another machine has watched
+/// the lock, and the earlier heartbeat, unchanged for a full ttl, and
+/// took the lock. The lease written beside must not outlive that: the
+/// lock is written again once the session started, which fails, so no
+/// lease exists (without that second write the lease lived on, renewed
+/// until 5.6 s, while the other machine held the lock from 3.01 s).
+#[tokio::test(start_paused = true)]
+async fn a_lock_written_beside_a_late_session_start_never_overlaps_a_takeover() {
+    let shared = Arc::new(MemoryStore::new());
+    let earlier = Session::new(
+        shared.clone() as DynStore,
+        LeaseConfig::new("a", "a:3000", TTL),
+    );
+    drop(earlier.incarnation().await.unwrap());
+    let slow: DynStore = Arc::new(SlowHeartbeat {
+        inner: shared.clone(),
+        read_delay: Duration::from_millis(1000),
+        write_delay: Duration::from_millis(2200),
+        writes: 0.into(),
+    });
+    let restarted = Machine::start_on(slow, "a");
+    let began = Instant::now();
+    let mut beside = restarted.contender(KEY);
+    let acquiring = tokio::spawn(async move { beside.try_acquire().await });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let (mut other, _) = contender(&shared, "c");
+    let taken_at = loop {
+        if let Acquire::Acquired(lease) = other.try_acquire().await.unwrap() {
+            break (Instant::now(), lease);
+        }
+        assert!(
+            began.elapsed() < TTL * 3,
+            "the other machine never took the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    match acquiring.await.unwrap() {
+        Ok(Acquire::Acquired(lease)) => assert!(
+            lease.deadline() <= taken_at.0,
+            "the lease written beside runs until {:?}, the other machine took the lock at {:?}",
+            lease.deadline() - began,
+            taken_at.0 - began
+        ),
+        Ok(_) => {}
+        Err(e) => assert!(e.is_precondition(), "{e}"),
+    }
+    assert!(taken_at.1.is_valid());
+}

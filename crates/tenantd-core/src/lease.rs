@@ -585,16 +585,7 @@ impl Contender {
         }
         debug!(key = %self.key, "the lock was written beside a session start that was not the one credited; writing it again");
         record.incarnation = Some(incarnation.id());
-        let again = Instant::now();
-        let etag = self
-            .store
-            .put(
-                &self.key,
-                record.to_bytes(),
-                Metadata::new(),
-                Precondition::IfMatch(etag),
-            )
-            .await?;
+        let (etag, again) = write_over(&self.store, &self.key, &record, etag).await?;
         Ok((etag, record, again))
     }
 
@@ -615,6 +606,26 @@ impl Contender {
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// Writes `record` over this acquisition's own lock (`If-Match` the ETag
+/// it last wrote); returns the new ETag and when the write was sent.
+async fn write_over(
+    store: &DynStore,
+    key: &str,
+    record: &LockRecord,
+    etag: ETag,
+) -> StoreResult<(ETag, Instant)> {
+    let sent = Instant::now();
+    let etag = store
+        .put(
+            key,
+            record.to_bytes(),
+            Metadata::new(),
+            Precondition::IfMatch(etag),
+        )
+        .await?;
+    Ok((etag, sent))
 }
 
 /// A held lease, valid while its session incarnation is. Dropping it
@@ -695,16 +706,7 @@ impl Lease {
         }
         let mut record = self.record.clone();
         record.epoch = epoch;
-        let sent = Instant::now();
-        let etag = self
-            .store
-            .put(
-                &self.key,
-                record.to_bytes(),
-                Metadata::new(),
-                Precondition::IfMatch(self.etag.clone()),
-            )
-            .await?;
+        let (etag, sent) = write_over(&self.store, &self.key, &record, self.etag.clone()).await?;
         info!(key = %self.key, from = self.record.epoch, epoch, "lease epoch raised");
         self.etag = etag;
         self.record = record;

@@ -511,11 +511,16 @@ async fn a_cold_start_after_a_release_fences_before_the_lock_write() {
     handle.stop();
     handle.ended().await;
     // A third machine replays the whole log to the same state.
-    let m3 = machine(memory.clone(), "m3", dir.path());
-    let Route::Local(handle) = m3.route(&tenant, false).await else {
-        panic!("m3 must take the tenant over");
+    replays_to(&memory, dir.path(), &tenant, 4).await;
+}
+
+/// A fresh machine takes `tenant` over and reads `count`.
+async fn replays_to(memory: &DynStore, dir: &Path, tenant: &TenantId, count: u64) {
+    let fresh = machine(memory.clone(), "fresh", dir);
+    let Route::Local(handle) = fresh.route(tenant, false).await else {
+        panic!("a fresh machine must take the tenant over");
     };
-    assert_eq!(handle.call(Op::Read).await.unwrap().count, 4);
+    assert_eq!(handle.call(Op::Read).await.unwrap().count, count);
 }
 
 /// A contender that fenced after a release and then lost the lock race
@@ -581,11 +586,7 @@ async fn fences_of_a_contender_that_lost_the_lock_race_are_outranked() {
     );
     handle.stop();
     handle.ended().await;
-    let m4 = machine(memory.clone(), "m4", dir.path());
-    let Route::Local(handle) = m4.route(&tenant, false).await else {
-        panic!("m4 must take the tenant over");
-    };
-    assert_eq!(handle.call(Op::Read).await.unwrap().count, 4);
+    replays_to(&memory, dir.path(), &tenant, 4).await;
 }
 
 /// A lease's lock goes out beside its session's start: it names the

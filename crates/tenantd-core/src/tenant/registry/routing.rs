@@ -108,14 +108,16 @@ impl Registry {
                 .flatten(),
             None => None,
         };
+        // The new holder applies the published migrations before its first
+        // answer: read beside the lease's writes, not after them.
+        if let Some(prefetch) = prefetch.as_mut() {
+            prefetch.read_migrations(&self.store);
+        }
         // A lock released by a holder naming its log's end: the window
         // after that end is fenced now, under the acquisition about to be
         // attempted, beside the session's start rather than after the lock
         // write (the tenant is known to exist; docs/protocol.md, "Fences
         // before the lock write").
-        if let Some(prefetch) = prefetch.as_mut() {
-            prefetch.read_migrations(&self.store);
-        }
         let mut planned = early_lock.as_ref().and_then(|lock| contender.plan(lock));
         if let (Some(planned), Some(prefetch)) = (&planned, prefetch.as_mut()) {
             let fences = claim::fence_early(

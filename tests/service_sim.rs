@@ -284,8 +284,15 @@ fn followers_applying_unconfirmed_pushes_are_caught_showing_lost_state() {
     });
     let (seed, violations) = found.expect("some seed must show a reader a lost state");
     eprintln!("seed {seed}: {violations:?}");
+    // Caught where it was shown ("a lost state"), or by the client's next
+    // read going back below it: when a retry of the lost write (same
+    // idempotency key) committed it again with the very count the reader
+    // was shown, that first read matches the durable history, and only the
+    // bookmark it left the client shows the loss (CI, seed 1).
     assert!(
-        violations.iter().any(|v| v.contains("a lost state")),
+        violations.iter().any(|v| v.contains("a lost state")
+            || v.contains("read-your-writes")
+            || v.contains("monotonic reads")),
         "{violations:?}"
     );
 }

@@ -82,9 +82,11 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
         );
     }
     assert!(acked > ops / 2, "mostly available: {acked} of {ops}");
-    if matches!(mode, Mode::Pool) {
+    if matches!(mode, Mode::Pool) && paths.reads == Reads::Off {
         // Machines meeting a released tenant for the first time (a fresh
-        // process) fence before their lock write.
+        // process) fence before their lock write. (With followers, a
+        // machine takes over from its replica, whose reads do not plan
+        // fences: that path is not timed by the cold start.)
         assert!(fenced_early > 0, "no claim fenced before its lock write");
     }
     assert!(kinds.len() >= 6, "every kind of nemesis ran: {kinds:?}");

@@ -37,7 +37,10 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
     let mut kinds = std::collections::BTreeSet::new();
     let mut customers = 0;
     let mut fenced_early = 0;
-    for seed in seeds(default_seeds) {
+    let seeds = seeds(default_seeds);
+    // What the whole set must show; one seed replayed need not.
+    let whole_set = seeds.len() as u64 >= default_seeds;
+    for seed in seeds {
         let dir = tempfile::tempdir().unwrap();
         let secs = Duration::from_secs(SECONDS);
         let outcome = run_seed_with(seed, secs, dir.path(), mode, false, paths);
@@ -82,6 +85,9 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
         );
     }
     assert!(acked > ops / 2, "mostly available: {acked} of {ops}");
+    if !whole_set {
+        return;
+    }
     if matches!(mode, Mode::Pool) && paths.reads == Reads::Off {
         // Machines meeting a released tenant for the first time (a fresh
         // process) fence before their lock write. (With followers, a

@@ -663,6 +663,47 @@ impl Sim {
         (epoch, clean, absent, ahead_safe)
     }
 
+    /// A writer of this acquisition starting at `step`, over its own
+    /// fault layer unless `store` is given; returns its index.
+    fn push_writer(
+        &mut self,
+        token: u64,
+        epoch: u64,
+        role: Role,
+        store: Option<DynStore>,
+        step: ClaimStep,
+    ) -> usize {
+        let fault = self.fault_store(token, true);
+        let faults = fault.handle();
+        self.writers.push(Writer {
+            epoch,
+            token,
+            role,
+            clean: false,
+            lock_was_absent: false,
+            ahead_safe: false,
+            early_anchor: None,
+            early: None,
+            loser: false,
+            draining: false,
+            inc: self.incarnation,
+            store: store.unwrap_or_else(|| Arc::new(fault)),
+            faults,
+            phase: Phase::Claiming(Box::new(step)),
+            paused: false,
+            head: Position::default(),
+            acked: Position::default(),
+            slots: BTreeMap::new(),
+            fenced_slots: BTreeSet::new(),
+            inbox: vec![],
+            snapshot_etag: None,
+            snapshot_seq: 0,
+            compaction: None,
+            deleting: None,
+        });
+        self.writers.len() - 1
+    }
+
     fn new_writer(&mut self, role: Role, store: Option<DynStore>) -> usize {
         let token = self.writers.len() as u64 + 1;
         let released_end = self.lock.end;
@@ -676,35 +717,12 @@ impl Sim {
             && self.rules.always_fence
             && self.rng.random_bool(0.5))
         .then_some(released_end);
-        let fault = self.fault_store(token, true);
-        let faults = fault.handle();
-        self.writers.push(Writer {
-            epoch,
-            token,
-            role,
-            clean,
-            lock_was_absent,
-            ahead_safe,
-            early_anchor,
-            early: None,
-            loser: false,
-            draining: false,
-            inc: self.incarnation,
-            store: store.unwrap_or_else(|| Arc::new(fault)),
-            faults,
-            phase: Phase::Claiming(Box::new(ClaimStep::ReadSnapshot)),
-            paused: false,
-            head: Position::default(),
-            acked: Position::default(),
-            slots: BTreeMap::new(),
-            fenced_slots: BTreeSet::new(),
-            inbox: vec![],
-            snapshot_etag: None,
-            snapshot_seq: 0,
-            compaction: None,
-            deleting: None,
-        });
-        let w = self.writers.len() - 1;
+        let w = self.push_writer(token, epoch, role, store, ClaimStep::ReadSnapshot);
+        let writer = &mut self.writers[w];
+        writer.clean = clean;
+        writer.lock_was_absent = lock_was_absent;
+        writer.ahead_safe = ahead_safe;
+        writer.early_anchor = early_anchor;
         if role == Role::Delete && !self.rules.delete_claims {
             // The old delete: no claim, straight to deleting.
             self.writers[w].phase = Phase::Active;
@@ -754,37 +772,12 @@ impl Sim {
     fn loser(&mut self) {
         let (epoch, end) = self.releases_seen[self.rng.random_range(0..self.releases_seen.len())];
         let token = self.writers.len() as u64 + 1;
-        let fault = self.fault_store(token, true);
-        let faults = fault.handle();
-        self.writers.push(Writer {
-            epoch: epoch + 1,
-            token,
-            role: Role::Holder,
-            clean: false,
-            lock_was_absent: false,
-            ahead_safe: false,
-            early_anchor: None,
-            early: None,
-            loser: true,
-            draining: false,
-            inc: self.incarnation,
-            store: Arc::new(fault),
-            faults,
-            phase: Phase::Claiming(Box::new(ClaimStep::Lose {
-                anchor: end,
-                placed: 0,
-            })),
-            paused: false,
-            head: Position::default(),
-            acked: Position::default(),
-            slots: BTreeMap::new(),
-            fenced_slots: BTreeSet::new(),
-            inbox: vec![],
-            snapshot_etag: None,
-            snapshot_seq: 0,
-            compaction: None,
-            deleting: None,
-        });
+        let lose = ClaimStep::Lose {
+            anchor: end,
+            placed: 0,
+        };
+        let w = self.push_writer(token, epoch + 1, Role::Holder, None, lose);
+        self.writers[w].loser = true;
         self.event(format!(
             "a contender planned epoch {} token {token} on the release ending at {end}, and will lose the lock race",
             epoch + 1

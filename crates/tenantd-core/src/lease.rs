@@ -256,16 +256,6 @@ impl Contender {
         self.decide(state, true).await
     }
 
-    /// [`Contender::try_acquire`] starting from a read of the lock made
-    /// earlier (beside the tenant's existence check): used when it showed
-    /// the lock absent or released, which the conditional write itself
-    /// checks again (`If-None-Match` / `If-Match` its ETag). A held lock is
-    /// read again: the stale rule counts from the send time of the read
-    /// that saw it, which an early read would overstate.
-    pub async fn try_acquire_from(&mut self, early: Option<LockState>) -> StoreResult<Acquire> {
-        self.try_acquire_planned(early, None).await
-    }
-
     /// The acquisition this contender would attempt from `early`, a
     /// released lock naming where its holder's log ended: its epoch and
     /// a token chosen now, so that a takeover can fence that log's window
@@ -283,9 +273,14 @@ impl Contender {
         }
     }
 
-    /// [`Contender::try_acquire_from`], writing the lock with `planned`'s
-    /// token when the attempt is the one planned (the same released lock,
-    /// the same epoch); any other attempt draws a token of its own.
+    /// [`Contender::try_acquire`] starting from a read of the lock made
+    /// earlier (beside the tenant's existence check): used when it showed
+    /// the lock absent or released, which the conditional write itself
+    /// checks again (`If-None-Match` / `If-Match` its ETag). A held lock is
+    /// read again: the stale rule counts from the send time of the read
+    /// that saw it, which an early read would overstate. The lock carries
+    /// `planned`'s token when the attempt is the one planned (the same
+    /// released lock, the same epoch); any other attempt draws its own.
     pub async fn try_acquire_planned(
         &mut self,
         early: Option<LockState>,

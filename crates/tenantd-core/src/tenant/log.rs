@@ -514,30 +514,19 @@ pub async fn plan(
     snapshot: &Snapshot,
     until: Until,
 ) -> Result<Plan, LogError> {
-    plan_telling(store, id, snapshot, until, |_| {}).await
+    plan_hinted(store, id, snapshot, until, std::future::ready(None), |_| {}).await
 }
 
-/// [`plan`], telling `tell` where the listing's contiguous run ends as
-/// soon as it is known (before the deltas are fetched): a takeover fences
-/// after it beside the fetches.
-pub async fn plan_telling(
-    store: &DynStore,
-    id: &str,
-    snapshot: &Snapshot,
-    until: Until,
-    tell: impl FnOnce(u64),
-) -> Result<Plan, LogError> {
-    plan_hinted(store, id, snapshot, until, std::future::ready(None), tell).await
-}
-
-/// [`plan_telling`] with a hint of where the log ends (`hint`: a released
+/// [`plan`] with a hint of where the log ends (`hint`: a released
 /// lock's `log_end`, read beside the snapshot): the slots up to it are
 /// fetched beside the listing rather than after it, and the run planned
 /// stops there. Those fetched are known to exist, so a listing that lags
 /// behind them does not shorten the run; slots past the hint are left to
 /// the claim's fences, which read every slot they find taken (the listing
 /// beside fences sent before the lock write may show the contender's own
-/// fences there). The listing still finds gaps.
+/// fences there). The listing still finds gaps. `tell` learns where the
+/// run planned ends before the deltas past the hint are fetched (a
+/// takeover fences after it beside the fetches).
 pub async fn plan_hinted(
     store: &DynStore,
     id: &str,

@@ -187,7 +187,7 @@ pub(crate) async fn read_snapshot(
 /// Who a prefetch's reads tell what as soon as they know it.
 #[derive(Default)]
 struct Telling {
-    /// Where the listed run after the snapshot ends ([`log::plan_telling`]),
+    /// Where the listed run after the snapshot ends ([`log::plan_hinted`]),
     /// before the deltas are fetched.
     listed: Option<watch::Sender<Option<Listed>>>,
     /// The snapshot its HEAD describes.

@@ -366,6 +366,9 @@ struct Writer {
     faults: FaultHandle,
     phase: Phase,
     paused: bool,
+    /// Not scheduled before this step of the run (a process stalled for a
+    /// while, as a delete after its snapshot: see `Deleting::Snapshot`).
+    stalled_until: usize,
     /// The state after its last commit.
     head: Position,
     /// Its acknowledged prefix: every slot up to `acked.seq` confirmed.
@@ -497,6 +500,8 @@ struct Sim {
     incarnation: u64,
     /// How long LIST lags now (zero: current).
     lag: Duration,
+    /// The run's current step.
+    step: usize,
     /// Log keys some compaction deleted, and those seen again afterwards.
     deleted_keys: HashSet<String>,
     recreated_keys: HashSet<String>,
@@ -525,6 +530,7 @@ impl Sim {
             exists: false,
             incarnation: 0,
             lag: Duration::ZERO,
+            step: 0,
             deleted_keys: HashSet::new(),
             recreated_keys: HashSet::new(),
             releases_seen: vec![],
@@ -535,7 +541,8 @@ impl Sim {
         self.create().await;
         self.takeover(Role::Holder);
         let paths = self.config.paths;
-        for _ in 0..self.config.steps {
+        for step in 0..self.config.steps {
+            self.step = step;
             match self.rng.random_range(0..1000) {
                 0..=249 => {
                     if let Some(w) = self.pick_live() {
@@ -691,6 +698,7 @@ impl Sim {
             faults,
             phase: Phase::Claiming(Box::new(step)),
             paused: false,
+            stalled_until: 0,
             head: Position::default(),
             acked: Position::default(),
             slots: BTreeMap::new(),
@@ -888,7 +896,7 @@ impl Sim {
     /// Writer `w` takes one step: of its claim, or handles an answer, or
     /// advances its compaction, release or delete.
     async fn tick(&mut self, w: usize) {
-        if self.writers[w].paused {
+        if self.writers[w].paused || self.step < self.writers[w].stalled_until {
             return;
         }
         match self.writers[w].phase {

@@ -290,26 +290,52 @@ impl Sim {
                         self.incarnation
                     ));
                 }
+                // A delete that stalls here (a paused CLI, a slow store)
+                // may outlive its lease while the tenant is created again
+                // and written: its deletions that follow must not reach
+                // the new life.
+                if deleted.is_ok() && self.rng.random_range(0..2) == 0 {
+                    self.writers[w].stalled_until = self.step + self.rng.random_range(0..400);
+                }
                 match deleted {
                     Ok(()) => Some(Deleting::List),
                     Err(_) => Some(Deleting::Snapshot),
                 }
             }
-            Deleting::List => match store.list(&keys::log_prefix(TENANT), None).await {
-                Ok(listed) => {
-                    let keep = &self.writers[w].fenced_slots;
-                    let keys = listed
-                        .into_iter()
-                        .filter(|l| {
-                            !(self.rules.delete_claims
-                                && keys::log_seq(&l.key).is_some_and(|s| keep.contains(&s)))
-                        })
-                        .map(|l| l.key)
-                        .collect();
-                    Some(Deleting::Slots(keys))
+            Deleting::List => {
+                let bounded = self.rules.bounded_delete;
+                if bounded && !(self.lock.present && self.lock.token == token) {
+                    return self.stop(w, "lost the lease while deleting");
                 }
-                Err(_) => Some(Deleting::List),
-            },
+                // The whole tenant, as the real delete lists it.
+                match store.list(&keys::tenant_prefix(TENANT), None).await {
+                    Ok(listed) => {
+                        let keep = &self.writers[w].fenced_slots;
+                        let tombstone = keys::tombstone(TENANT);
+                        // The end of the delete's fences: every slot of the
+                        // deleted life is at or below it, every slot of a
+                        // later one above it.
+                        let end = self.writers[w].head.seq;
+                        let keys = listed
+                            .into_iter()
+                            .filter(|l| {
+                                let seq = keys::log_seq(&l.key);
+                                l.key != tombstone
+                                    && !(self.rules.delete_claims
+                                        && seq.is_some_and(|s| keep.contains(&s)))
+                                    && !(bounded && seq.is_none_or(|s| s > end))
+                            })
+                            .map(|l| l.key)
+                            .collect::<Vec<_>>();
+                        self.event(format!(
+                            "token {token}: the delete lists the log: removes {:?}",
+                            keys.iter().filter_map(|k| keys::log_seq(k)).collect::<Vec<_>>()
+                        ));
+                        Some(Deleting::Slots(keys))
+                    }
+                    Err(_) => Some(Deleting::List),
+                }
+            }
             Deleting::Slots(mut keys) => match keys.last() {
                 None => Some(Deleting::Lock),
                 Some(key) => {
@@ -320,8 +346,11 @@ impl Sim {
                 }
             },
             Deleting::Lock => {
-                self.lock.present = false;
-                return self.stop(w, "deleted the tenant");
+                if !self.rules.bounded_delete || self.lock.token == token {
+                    self.lock.present = false;
+                    return self.stop(w, "deleted the tenant");
+                }
+                return self.stop(w, "deleted the tenant, but not the lock another holds");
             }
         };
         self.writers[w].deleting = next;

@@ -49,6 +49,13 @@ pub struct Rules {
     /// creation reads it with a GET. Off: creation finds what a delete left
     /// by listing alone, which a lagging LIST can hide.
     pub tombstone: bool,
+    /// What a delete removes after the snapshot is the deleted life's
+    /// alone: it checks its lease before listing, removes only slots up to
+    /// the end of its fences (never its fences, never a later life's), and
+    /// the lock only while the lock is still its own. Off: every slot but
+    /// its fences, and the lock whoever holds it, which a delete stalled
+    /// past its lease does to a tenant created again meanwhile.
+    pub bounded_delete: bool,
 }
 
 impl Rules {
@@ -63,6 +70,7 @@ impl Rules {
         delete_claims: true,
         refuse_bare_snapshot: true,
         tombstone: true,
+        bounded_delete: true,
     };
 }
 

@@ -454,4 +454,3 @@ fn recreating_under_a_lagging_list_starts_after_the_deletes_fences() {
         first_violation("re-creation under a lagging LIST, no tombstone", control);
     assert!(lost_or_corrupt(&violations), "{violations:#?}");
 }
-

@@ -563,6 +563,134 @@ mod tests {
         assert_eq!(again, Deleted::Absent);
     }
 
+    /// A store on which the tenant lives again the moment its delete has
+    /// removed `db.sqlite3`: as if the delete stalled there past its lease
+    /// (a paused CLI, a slow store) while the tenant was created again and
+    /// another machine took its lock and committed.
+    #[derive(Debug)]
+    struct Reborn {
+        inner: DynStore,
+        id: TenantId,
+        reborn: std::sync::Mutex<bool>,
+    }
+
+    impl Reborn {
+        async fn live_again(&self) {
+            let id = self.id.as_str();
+            assert_eq!(
+                create(&self.inner, &self.id).await.unwrap(),
+                Created::Created
+            );
+            let start = read_tombstone(&self.inner, &self.id)
+                .await
+                .unwrap()
+                .expect("the delete wrote its tombstone before the snapshot went")
+                .log_end;
+            put(&self.inner, &keys::log_slot(id, start + 1)).await;
+            put(&self.inner, &keys::archive(id, start)).await;
+            let lock = keys::lock(id);
+            let mut record: serde_json::Value =
+                serde_json::from_slice(&self.inner.get(&lock).await.unwrap().unwrap().body)
+                    .unwrap();
+            record["holder"] = "m-new".into();
+            record["token"] = uuid::Uuid::new_v4().to_string().into();
+            let body = serde_json::to_vec(&record).unwrap();
+            self.inner
+                .put(&lock, body.into(), Metadata::new(), Precondition::None)
+                .await
+                .unwrap();
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::ObjectStore for Reborn {
+        async fn get(&self, key: &str) -> StoreResult<Option<crate::store::Object>> {
+            self.inner.get(key).await
+        }
+        async fn head(&self, key: &str) -> StoreResult<Option<crate::store::ObjectMeta>> {
+            self.inner.head(key).await
+        }
+        async fn put(
+            &self,
+            key: &str,
+            body: bytes::Bytes,
+            metadata: Metadata,
+            condition: Precondition,
+        ) -> StoreResult<crate::store::ETag> {
+            self.inner.put(key, body, metadata, condition).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+            start_after: Option<&str>,
+        ) -> StoreResult<Vec<crate::store::Listed>> {
+            self.inner.list(prefix, start_after).await
+        }
+        async fn delete(&self, key: &str) -> StoreResult<()> {
+            self.inner.delete(key).await?;
+            let first = key == keys::database(self.id.as_str())
+                && !std::mem::replace(&mut *self.reborn.lock().unwrap(), true);
+            if first {
+                self.live_again().await;
+            }
+            Ok(())
+        }
+        async fn check(&self) -> StoreResult<()> {
+            self.inner.check().await
+        }
+        fn describe(&self) -> String {
+            "reborn".into()
+        }
+    }
+
+    /// Found by the log model (seed 13077): a delete removed everything it
+    /// listed after the snapshot, a re-created tenant's snapshot, log,
+    /// archives and lock included.
+    #[tokio::test]
+    async fn a_delete_stalled_past_its_lease_leaves_the_tenant_created_again_whole() {
+        let inner: DynStore = Arc::new(MemoryStore::new());
+        create(&inner, &id("a")).await.unwrap();
+        for seq in 1..=3 {
+            put(&inner, &keys::log_slot("a", seq)).await;
+        }
+        put(&inner, &keys::archive("a", 2)).await;
+        let store: DynStore = Arc::new(Reborn {
+            inner: inner.clone(),
+            id: id("a"),
+            reborn: Default::default(),
+        });
+        let deleter = deleter(&store, "cli-1", Duration::from_secs(1));
+        assert_eq!(
+            delete(&store, &id("a"), &deleter).await.unwrap(),
+            Deleted::Deleted
+        );
+
+        let left: Vec<String> = inner
+            .list("customer/a/", None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key)
+            .collect();
+        // The old life's log (1..=3) and archive are gone; the delete's
+        // fences (4..=7) and tombstone stay; the new life is whole.
+        let mut whole = vec![
+            keys::database("a"),
+            keys::lock("a"),
+            keys::tombstone("a"),
+            keys::archive("a", 7),
+        ];
+        whole.extend((4..=8).map(|seq| keys::log_slot("a", seq)));
+        whole.sort();
+        assert_eq!(left, whole);
+        let LockState::Held { record, .. } = read_lock(&inner, &keys::lock("a")).await.unwrap()
+        else {
+            panic!("the new holder's lock is gone");
+        };
+        assert_eq!(record.holder, "m-new");
+        assert!(tenant_exists(&inner, &id("a")).await.unwrap());
+    }
+
     #[tokio::test]
     async fn delete_waits_for_a_live_holder_and_then_names_it() {
         let store: DynStore = Arc::new(MemoryStore::new());

@@ -329,7 +329,9 @@ impl Sim {
                             .collect::<Vec<_>>();
                         self.event(format!(
                             "token {token}: the delete lists the log: removes {:?}",
-                            keys.iter().filter_map(|k| keys::log_seq(k)).collect::<Vec<_>>()
+                            keys.iter()
+                                .filter_map(|k| keys::log_seq(k))
+                                .collect::<Vec<_>>()
                         ));
                         Some(Deleting::Slots(keys))
                     }

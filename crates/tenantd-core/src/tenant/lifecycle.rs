@@ -12,10 +12,12 @@
 //! upload finds its slot taken), then removes the original app's copy,
 //! then `db.sqlite3` (from here on the tenant does not exist, and no
 //! machine recreates it: a request is answered 404 before any lease is
-//! contended for), then everything else under `customer/<id>/` but its
-//! own fences, and the lock last. The fences stay: removed, a late upload
-//! could land in their slots. A tenant created again under the same id
-//! starts its log after them.
+//! contended for), then the rest of the deleted life (its log below its
+//! own fences, its archives), and the lock last if it is still its own: a
+//! tenant created again meanwhile, and a machine serving it after the
+//! delete stalled past its lease, keep everything of theirs. The fences
+//! stay: removed, a late upload could land in their slots. A tenant
+//! created again under the same id starts its log after them.
 
 use std::time::{Duration, SystemTime};
 
@@ -325,17 +327,24 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
     let fences = crate::tenant::claim::fence_for_delete(store, id, &lease, &holder)
         .await
         .map_err(|e| anyhow::anyhow!("customer {id}: cannot fence its log for the delete: {e}"))?;
-    if let Some(log_end) = fences.iter().filter_map(|k| keys::log_seq(k)).max() {
-        check()?;
-        write_tombstone(store, id, log_end).await?;
-    }
+    let first_fence = fences
+        .iter()
+        .filter_map(|k| keys::log_seq(k))
+        .min()
+        .expect("a delete always fences a window");
+    let log_end = first_fence + fences.len() as u64 - 1;
+    check()?;
+    write_tombstone(store, id, log_end).await?;
     // The original app's copy first: with db.sqlite3 gone, it would be
     // imported as the tenant's database.
     check()?;
     delete_key(store, &legacy).await?;
     check()?;
     delete_key(store, &keys::database(id.as_str())).await?;
-    // The tenant no longer exists: the rest goes in any order but the lock's.
+    // The tenant no longer exists, and may be created again at any moment:
+    // from here on only the deleted life's objects go (`deleted_lifes`),
+    // whatever a stall past the lease let happen meanwhile.
+    check()?;
     let rest = store
         .list(&prefix, None)
         .await
@@ -343,7 +352,7 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
     let rest: Vec<String> = rest
         .into_iter()
         .map(|l| l.key)
-        .filter(|k| *k != lock && *k != tombstone && !fences.contains(k))
+        .filter(|k| deleted_lifes(id, k, first_fence))
         .collect();
     let objects = rest.len() + 2;
     let mut deletions = futures::stream::iter(rest.into_iter().map(|key| {
@@ -357,11 +366,40 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
     if let Err(e) = super::migrations::status::remove(store, id.as_str()).await {
         tracing::warn!(customer_id = %id, error = %e, "could not remove the tenant's migration records");
     }
-    // Stop renewing (no release: the lock goes), then delete it.
-    drop(lease);
-    delete_key(store, &lock).await?;
+    // The lock last, and only while it is still this delete's: a machine
+    // that took it after a stall serves the tenant created again. (A lock
+    // taken between this read and the delete is lost as one deleted by
+    // hand is: its holder's fences keep the log safe, docs/protocol.md.)
+    if lease.is_valid()
+        && lease
+            .still_ours()
+            .await
+            .with_context(|| format!("cannot read {lock}"))?
+    {
+        // Stop renewing (no release: the lock goes), then delete it.
+        drop(lease);
+        delete_key(store, &lock).await?;
+    } else {
+        tracing::warn!(customer_id = %id, "the lock names another acquisition now (the tenant was created again while this delete stalled); left to it");
+    }
     info!(customer_id = %id, objects, "tenant deleted");
     Ok(Deleted::Deleted)
+}
+
+/// Whether `key`, listed after a delete removed `db.sqlite3`, is the
+/// deleted life's: its log below the delete's fences (every later life's
+/// slots are above them: creation starts after the tombstone), snapshots
+/// archived from those slots, and anything tenantd never writes. Never the
+/// snapshot, the lock or the tombstone, which may be a later life's.
+fn deleted_lifes(id: &TenantId, key: &str, first_fence: u64) -> bool {
+    if let Some(seq) = keys::log_seq(key) {
+        return seq < first_fence;
+    }
+    if let Some(seq) = keys::archive_seq(key) {
+        return seq < first_fence;
+    }
+    let id = id.as_str();
+    ![keys::database(id), keys::lock(id), keys::tombstone(id)].contains(&key.to_string())
 }
 
 async fn delete_key(store: &DynStore, key: &str) -> anyhow::Result<()> {

@@ -105,6 +105,13 @@ fn no_violation_in_any_seed(mode: Mode, default_seeds: u64, paths: Paths) {
         ] {
             assert!(kinds.contains(kind), "{kind} never ran: {kinds:?}");
         }
+        for kind in [
+            "stalled-delete-and-create",
+            "stalled-delete-and-import",
+            "stalled-delete-and-fork",
+        ] {
+            assert!(kinds.contains(kind), "{kind} never ran: {kinds:?}");
+        }
     }
 }
 
@@ -165,6 +172,32 @@ fn a_tenant_created_again_over_the_deletes_fences_is_caught() {
     });
     let (seed, violations) =
         found.expect("some seed must catch a creation over the delete's fences");
+    eprintln!("seed {seed}: {violations:?}");
+    assert!(
+        violations.iter().any(|v| v.contains("simpool3")),
+        "{violations:?}"
+    );
+}
+
+/// Its negative control for a delete stalled past its lease once the
+/// snapshot is gone: every delete stalls while the next life begins and is
+/// served, and then removes what it lists as it did before (everything
+/// but its fences, its tombstone and the lock); some seed must show the
+/// next life's writes lost.
+#[test]
+fn a_stalled_delete_removing_everything_it_lists_is_caught() {
+    let paths = Paths {
+        rebirth: Rebirth::UnboundedAfterStall,
+        ..Paths::ALL
+    };
+    let found = (0..10u64).find_map(|seed| {
+        let dir = tempfile::tempdir().unwrap();
+        let secs = Duration::from_secs(SECONDS);
+        let report = run_seed_with(seed, secs, dir.path(), Mode::Pool, false, paths).report;
+        (!report.violations.is_empty()).then_some((seed, report.violations))
+    });
+    let (seed, violations) =
+        found.expect("some seed must catch a stalled delete removing the next life");
     eprintln!("seed {seed}: {violations:?}");
     assert!(
         violations.iter().any(|v| v.contains("simpool3")),

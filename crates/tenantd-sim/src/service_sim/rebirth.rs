@@ -29,7 +29,8 @@ use tenantd_core::TenantId;
 use tenantd_core::lease::{LeaseConfig, Session};
 use tenantd_core::store::retry::RetryPolicy;
 use tenantd_core::store::{
-    DynStore, FaultConfig, FaultStore, MemoryStore, Precondition, RetryingStore, keys,
+    DynStore, ETag, FaultConfig, FaultStore, Listed, MemoryStore, Metadata, Object, ObjectMeta,
+    ObjectStore, Precondition, RetryingStore, StoreError, StoreResult, keys,
 };
 use tenantd_core::tenant::db::Db;
 use tenantd_core::tenant::lifecycle::{self, Deleter};
@@ -45,6 +46,11 @@ pub enum Rebirth {
     /// log at slot 0, ignoring the fences and the tombstone the delete
     /// left (as creation did before issue 26).
     FromSlotZero,
+    /// The negative control of a delete stalled past its lease: every
+    /// delete stalls, and once it goes on, what it lists is removed as
+    /// the delete did before (everything but its fences, its tombstone and
+    /// the lock), the new life's objects with it.
+    UnboundedAfterStall,
 }
 
 /// Where the reborn tenant is in its lives.
@@ -175,6 +181,7 @@ pub(super) async fn operator(world: Arc<World>, seed: u64, until: Instant) -> Ve
         lease: session,
         wait: 5 * TTL,
     };
+    let store: DynStore = store;
     let mut events = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(rng.random_range(2_000..5_000))).await;
@@ -201,11 +208,48 @@ pub(super) async fn operator(world: Arc<World>, seed: u64, until: Instant) -> Ve
             });
             continue;
         }
-        // Until it is done: a delete that fails midway leaves a tenant
-        // that does not exist, which only finishing it repairs.
-        while let Err(e) = lifecycle::delete(&store, &tenant, &deleter).await {
-            tracing::info!(customer_id = %tenant, error = %e, "the operator's delete failed; again");
-            tokio::time::sleep(TTL).await;
+        // Some deletes stall (a paused process, a store that does not
+        // answer) once the snapshot is gone, past their lease: the next
+        // life begins and is served meanwhile, and the delete goes on.
+        let stall = match world.paths.rebirth {
+            Rebirth::UnboundedAfterStall => true,
+            Rebirth::On => rng.random_range(0..3) == 0,
+            _ => false,
+        };
+        let stalling = Arc::new(Stalling::new(
+            store.clone(),
+            &tenant,
+            stall,
+            world.paths.rebirth == Rebirth::UnboundedAfterStall,
+        ));
+        let deleting = tokio::spawn({
+            let (store, tenant, deleter) = (
+                stalling.clone() as DynStore,
+                tenant.clone(),
+                deleter.clone(),
+            );
+            let stalling = stalling.clone();
+            async move {
+                // Until it is done: a delete that fails midway leaves a
+                // tenant that does not exist, which only finishing it
+                // repairs. Not after a stall: the tenant lives again.
+                while let Err(e) = lifecycle::delete(&store, &tenant, &deleter).await {
+                    if stalling.went_on() {
+                        tracing::info!(customer_id = %tenant, error = %e, "the operator's stalled delete failed after the stall; the tenant lives again");
+                        return;
+                    }
+                    tracing::info!(customer_id = %tenant, error = %e, "the operator's delete failed; again");
+                    tokio::time::sleep(TTL).await;
+                }
+            }
+        });
+        let mut deleting = Some(deleting);
+        if stall {
+            while !stalling.stalled() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        } else if let Some(done) = deleting.take() {
+            done.await.expect("the delete task");
         }
         let (kind, base) = match world.paths.rebirth {
             Rebirth::FromSlotZero => {
@@ -232,8 +276,19 @@ pub(super) async fn operator(world: Arc<World>, seed: u64, until: Instant) -> Ve
             },
         };
         next_life(&world, &tenant, count, base);
+        let kind = match deleting {
+            Some(deleting) => {
+                // The new life is served (its lock taken over once the
+                // delete's session is lost) before the delete goes on.
+                tokio::time::sleep(3 * TTL).await;
+                stalling.go_on();
+                deleting.await.expect("the delete task");
+                format!("stalled-{kind}")
+            }
+            None => kind.to_string(),
+        };
         events.push(NemesisEvent {
-            kind: kind.into(),
+            kind,
             customer: Some(tenant.to_string()),
             machine: None,
             start_ms,
@@ -389,5 +444,120 @@ async fn create_from_slot_zero(store: &DynStore, tenant: &TenantId) {
             return;
         }
         tokio::time::sleep(TTL).await;
+    }
+}
+
+/// The operator's store for one delete. Stalled, it holds the delete's
+/// listing of the tenant after the snapshot is gone, and fails the
+/// operator's heartbeat meanwhile (its session, and with it the delete's
+/// lease, is lost), until [`Stalling::go_on`]; the listing it then answers
+/// shows the next life.
+#[derive(Debug)]
+struct Stalling {
+    inner: DynStore,
+    tenant: TenantId,
+    armed: bool,
+    /// The control: remove what the listing shows as the delete did before.
+    unbounded: bool,
+    stalled: std::sync::atomic::AtomicBool,
+    went_on: std::sync::atomic::AtomicBool,
+    go: tokio::sync::Notify,
+}
+
+impl Stalling {
+    fn new(inner: DynStore, tenant: &TenantId, armed: bool, unbounded: bool) -> Stalling {
+        Stalling {
+            inner,
+            tenant: tenant.clone(),
+            armed,
+            unbounded,
+            stalled: Default::default(),
+            went_on: Default::default(),
+            go: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn stalled(&self) -> bool {
+        self.stalled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn went_on(&self) -> bool {
+        self.went_on.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn go_on(&self) {
+        self.went_on
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.go.notify_one();
+    }
+
+    /// The delete before the fix: everything listed but the lock, the
+    /// tombstone and the window of fences the tombstone ends.
+    async fn remove_unbounded(&self, listed: &[Listed]) -> StoreResult<()> {
+        let id = self.tenant.as_str();
+        let end = match self.inner.get(&keys::tombstone(id)).await? {
+            Some(t) => serde_json::from_slice::<serde_json::Value>(&t.body)
+                .ok()
+                .and_then(|v| v["log_end"].as_u64())
+                .unwrap_or(0),
+            None => 0,
+        };
+        for l in listed {
+            let fence = keys::log_seq(&l.key).is_some_and(|s| s + 4 > end && s <= end);
+            if l.key != keys::lock(id) && l.key != keys::tombstone(id) && !fence {
+                self.inner.delete(&l.key).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Stalling {
+    async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
+        self.inner.get(key).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        self.inner.head(key).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        metadata: Metadata,
+        condition: Precondition,
+    ) -> StoreResult<ETag> {
+        if self.stalled() && !self.went_on() && key == keys::heartbeat("operator") {
+            return Err(StoreError::transient(key, "the operator is stalled"));
+        }
+        self.inner.put(key, body, metadata, condition).await
+    }
+    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+        let id = self.tenant.as_str();
+        let after_the_snapshot = self.armed
+            && !self.stalled()
+            && prefix == keys::tenant_prefix(id)
+            && self.inner.head(&keys::database(id)).await?.is_none()
+            && self.inner.head(&keys::tombstone(id)).await?.is_some();
+        if !after_the_snapshot {
+            return self.inner.list(prefix, start_after).await;
+        }
+        self.stalled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.go.notified().await;
+        let listed = self.inner.list(prefix, start_after).await?;
+        if self.unbounded {
+            self.remove_unbounded(&listed).await?;
+        }
+        Ok(listed)
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn check(&self) -> StoreResult<()> {
+        self.inner.check().await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
     }
 }

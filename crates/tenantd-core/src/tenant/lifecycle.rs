@@ -129,7 +129,11 @@ async fn read_tombstone(store: &DynStore, id: &TenantId) -> anyhow::Result<Optio
 /// Records the deleted incarnation's last slot before the tenant stops
 /// existing; never lowered (a delete of an incarnation that started after
 /// an earlier one's tombstone ends later).
-async fn write_tombstone(store: &DynStore, id: &TenantId, log_end: u64) -> anyhow::Result<()> {
+pub(crate) async fn write_tombstone(
+    store: &DynStore,
+    id: &TenantId,
+    log_end: u64,
+) -> anyhow::Result<()> {
     let key = keys::tombstone(id.as_str());
     let log_end = match read_tombstone(store, id).await? {
         Some(old) => old.log_end.max(log_end),

@@ -289,3 +289,62 @@ async fn a_tenant_deleted_elsewhere_is_not_recreated_by_a_takeover() {
     let left = left_after_delete(&f).await;
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A delete that fenced and wrote its tombstone, then stalled before
+/// removing the snapshot long enough to lose its lease: a machine that
+/// takes the tenant over meanwhile must not serve it, or the writes it
+/// acknowledged would go with the snapshot when the delete goes on.
+#[tokio::test]
+async fn a_takeover_during_a_stalled_delete_serves_nothing() {
+    let f = fixture(|_| {});
+    let tenant = id("doomed");
+    let store = f.registry.store().clone();
+    lifecycle::create(&store, &tenant).await.unwrap();
+    let deleter = Session::new(
+        store.clone(),
+        LeaseConfig::new("tenantd-cli-test", "cli", Duration::from_secs(2)),
+    );
+    let mut contender = crate::lease::Contender::new(store.clone(), keys::lock("doomed"), deleter);
+    let Acquire::Acquired(lease) = contender.try_acquire().await.unwrap() else {
+        panic!("the deleter takes the lease");
+    };
+    let fences =
+        crate::tenant::claim::fence_for_delete(&store, &tenant, &lease, "tenantd-cli-test")
+            .await
+            .unwrap();
+    let log_end = fences
+        .iter()
+        .filter_map(|k| keys::log_seq(k))
+        .max()
+        .unwrap();
+    lifecycle::write_tombstone(&store, &tenant, log_end)
+        .await
+        .unwrap();
+    // The delete stalls here; its lease ends (the lock deleted by hand
+    // stands for one gone stale: the next machine takes it at once).
+    drop(lease);
+    store.delete(&keys::lock("doomed")).await.unwrap();
+
+    let Route::Local(handle) = f.registry.route(&tenant, false).await else {
+        panic!("the machine contends for the tenant");
+    };
+    let error = handle
+        .call(Op::Increment {
+            idempotency_key: None,
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("being deleted") && error.contains("tenantd tenants delete doomed"),
+        "{error}"
+    );
+    let past_the_fences = store
+        .list(&keys::log_prefix("doomed"), None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|l| !log::is_fence_size(l.size))
+        .count();
+    assert_eq!(past_the_fences, 0, "nothing was committed");
+}

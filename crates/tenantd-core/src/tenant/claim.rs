@@ -692,21 +692,46 @@ async fn fence_after(
 /// write comes before its deletes, so a log that looks broken, or a
 /// snapshot that changed by the time the fences are in, means "read
 /// again", not "corrupt".
+///
+/// The delete's tombstone is read beside the HEAD (no added round trip):
+/// one naming a slot past the snapshot's was written by a delete of this
+/// life that fenced under a lease that has since lapsed, and may still
+/// remove the snapshot (a stalled `tenants delete`). Writes acknowledged
+/// here would go with it, so the tenant is not served until the delete is
+/// finished (docs/protocol.md, "Deletion").
 async fn recheck(
     store: &DynStore,
     id: &TenantId,
     key: &str,
     snapshot: Option<&ETag>,
 ) -> Result<(), Attempt> {
-    let now = store
-        .head(key)
-        .await
-        .map_err(|e| Attempt::Failed(unavailable(id, e)))?;
-    match now {
-        Some(meta) if Some(&meta.etag) == snapshot => Ok(()),
-        _ => Err(Attempt::Again(format!(
-            "{key} was rewritten while the tenant was taken over"
-        ))),
+    let tombstone_key = keys::tombstone(id.as_str());
+    let (now, tombstone) = tokio::join!(store.head(key), store.get(&tombstone_key));
+    let failed = |e| Attempt::Failed(unavailable(id, e));
+    let meta = match now.map_err(failed)? {
+        Some(meta) if Some(&meta.etag) == snapshot => meta,
+        _ => {
+            return Err(Attempt::Again(format!(
+                "{key} was rewritten while the tenant was taken over"
+            )));
+        }
+    };
+    let deleted_to = tombstone
+        .map_err(failed)?
+        .and_then(|t| crate::tenant::lifecycle::tombstone_end(&t.body));
+    let seq = log::describe_snapshot(key, meta.etag, &meta.metadata)
+        .ok()
+        .map(|s| s.seq);
+    match (deleted_to, seq) {
+        (Some(end), Some(seq)) if end > seq => {
+            warn!(customer_id = %id, tombstone_end = end, snapshot_seq = seq, "a delete of this tenant has fenced it and not finished; not serving it");
+            Err(Attempt::Failed(TenantError::Unavailable(format!(
+                "customer {id} is being deleted: {tombstone_key} names log slot {end}, past its snapshot's slot {seq}, \
+                 so a delete fenced it and has not finished; it is not served meanwhile. \
+                 Run `tenantd tenants delete {id}` to finish the delete"
+            ))))
+        }
+        _ => Ok(()),
     }
 }
 

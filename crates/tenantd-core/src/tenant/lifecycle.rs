@@ -112,6 +112,13 @@ struct Tombstone {
     log_end: u64,
 }
 
+/// The last slot a tombstone's body names; `None` when it is not one.
+pub(crate) fn tombstone_end(body: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<Tombstone>(body)
+        .ok()
+        .map(|t| t.log_end)
+}
+
 async fn read_tombstone(store: &DynStore, id: &TenantId) -> anyhow::Result<Option<Tombstone>> {
     let key = keys::tombstone(id.as_str());
     let Some(object) = store.get(&key).await? else {

@@ -164,14 +164,19 @@ fn a_tenant_created_again_over_the_deletes_fences_is_caught() {
         rebirth: Rebirth::FromSlotZero,
         ..Paths::ALL
     };
+    reborn_tenant_is_caught(paths, "a creation over the delete's fences");
+}
+
+/// Runs seeds of a rebirth control until one reports the reborn tenant
+/// (`simpool3`) broken.
+fn reborn_tenant_is_caught(paths: Paths, what: &str) {
     let found = (0..10u64).find_map(|seed| {
         let dir = tempfile::tempdir().unwrap();
         let secs = Duration::from_secs(SECONDS);
         let report = run_seed_with(seed, secs, dir.path(), Mode::Pool, false, paths).report;
         (!report.violations.is_empty()).then_some((seed, report.violations))
     });
-    let (seed, violations) =
-        found.expect("some seed must catch a creation over the delete's fences");
+    let (seed, violations) = found.unwrap_or_else(|| panic!("some seed must catch {what}"));
     eprintln!("seed {seed}: {violations:?}");
     assert!(
         violations.iter().any(|v| v.contains("simpool3")),
@@ -190,19 +195,7 @@ fn a_stalled_delete_removing_everything_it_lists_is_caught() {
         rebirth: Rebirth::UnboundedAfterStall,
         ..Paths::ALL
     };
-    let found = (0..10u64).find_map(|seed| {
-        let dir = tempfile::tempdir().unwrap();
-        let secs = Duration::from_secs(SECONDS);
-        let report = run_seed_with(seed, secs, dir.path(), Mode::Pool, false, paths).report;
-        (!report.violations.is_empty()).then_some((seed, report.violations))
-    });
-    let (seed, violations) =
-        found.expect("some seed must catch a stalled delete removing the next life");
-    eprintln!("seed {seed}: {violations:?}");
-    assert!(
-        violations.iter().any(|v| v.contains("simpool3")),
-        "{violations:?}"
-    );
+    reborn_tenant_is_caught(paths, "a stalled delete removing the next life");
 }
 
 /// The negative control of releases with the log (issue 22): every

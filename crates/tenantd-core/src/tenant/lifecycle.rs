@@ -550,6 +550,11 @@ mod tests {
         }
     }
 
+    async fn keys_of(store: &DynStore, prefix: &str) -> Vec<String> {
+        let listed = store.list(prefix, None).await.unwrap();
+        listed.into_iter().map(|l| l.key).collect()
+    }
+
     async fn put(store: &DynStore, key: &str) {
         store
             .put(key, "x".into(), Metadata::new(), Precondition::None)
@@ -589,13 +594,7 @@ mod tests {
         assert!(!tenant_exists(&store, &id("a")).await.unwrap());
         // Only the deleter's fences stay, after the log's last slot, and
         // the tombstone that names the last of them.
-        let left: Vec<String> = store
-            .list("customer/a/", None)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|l| l.key)
-            .collect();
+        let left = keys_of(&store, "customer/a/").await;
         let mut kept: Vec<String> = vec![keys::tombstone("a")];
         kept.extend((4..=7).map(|seq| keys::log_slot("a", seq)));
         kept.sort();
@@ -714,13 +713,7 @@ mod tests {
             Deleted::Deleted
         );
 
-        let left: Vec<String> = inner
-            .list("customer/a/", None)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|l| l.key)
-            .collect();
+        let left = keys_of(&inner, "customer/a/").await;
         // The old life's log (1..=3) and archive are gone; the delete's
         // fences (4..=7) and tombstone stay; the new life is whole.
         let mut whole = vec![

@@ -36,7 +36,10 @@
 //!
 //! The checker: every claim that completes recovers a state containing
 //! every increment of its incarnation acknowledged before its last fence
-//! landed, and no write of a deleted incarnation; at the end a writer
+//! landed, and no write of a deleted incarnation; no write of an
+//! incarnation is acknowledged in a slot past the fences of the delete
+//! that removed it (it landed after the delete fenced, and went with the
+//! snapshot); at the end a writer
 //! recovers the log under a LIST that hides everything (liveness), and its
 //! state holds every acknowledged increment, only attempted ones, each
 //! once, and every state a claim of that incarnation recovered is a prefix
@@ -235,6 +238,9 @@ pub struct LogSimOutcome {
     /// Snapshots re-uploaded without metadata, and claims that refused one.
     pub bare_snapshots: usize,
     pub bare_refused: usize,
+    /// Claims that refused a life whose delete had fenced it and not
+    /// finished (`Rules::claims_read_tombstone`).
+    pub refused_for_delete: usize,
     /// Times LIST started lagging.
     pub lags: usize,
     /// What happened, step by step, when [`LogSimConfig::trace`] is set.
@@ -271,6 +277,7 @@ impl LogSimOutcome {
         self.locks_deleted += o.locks_deleted;
         self.bare_snapshots += o.bare_snapshots;
         self.bare_refused += o.bare_refused;
+        self.refused_for_delete += o.refused_for_delete;
         self.lags += o.lags;
     }
 }
@@ -412,6 +419,10 @@ struct Checker {
     attempted: usize,
     /// Acknowledged increments, with the incarnation they belong to.
     acked: Vec<(u64, u64)>,
+    /// Acknowledged slots, with their incarnation.
+    acked_slots: Vec<(u64, u64)>,
+    /// Deleted incarnations, with the last slot their delete fenced.
+    deleted: HashMap<u64, u64>,
     /// Digests recovered by completed claims, with their incarnation.
     recovered: Vec<(u64, u64)>,
     violations: Vec<String>,
@@ -734,7 +745,7 @@ impl Sim {
         if role == Role::Delete && !self.rules.delete_claims {
             // The old delete: no claim, straight to deleting.
             self.writers[w].phase = Phase::Active;
-            self.writers[w].deleting = Some(Deleting::Snapshot);
+            self.writers[w].deleting = Some(Deleting::Check);
         }
         w
     }
@@ -993,6 +1004,7 @@ impl Sim {
             slot.confirmed = true;
         }
         let mut acked = vec![];
+        let mut newest = None;
         let inc = writer.inc;
         while let Some(entry) = writer.slots.first_entry() {
             if !entry.get().confirmed {
@@ -1007,9 +1019,20 @@ impl Sim {
             self.check
                 .acked
                 .extend(slot.ids.iter().map(|id| (*id, inc)));
+            self.check.acked_slots.push((inc, slot.after.seq));
+            newest = Some(slot.after.seq);
         }
         for event in acked {
             self.event(event);
+        }
+        let late = match (self.check.deleted.get(&inc), newest) {
+            (Some(&fenced_to), Some(seq)) if seq > fenced_to => Some((seq, fenced_to)),
+            _ => None,
+        };
+        if let Some((seq, fenced_to)) = late {
+            self.violation(format!(
+                "slot {seq} of incarnation {inc} was acknowledged after the delete that removed that incarnation fenced up to {fenced_to}"
+            ));
         }
     }
 
@@ -1043,6 +1066,10 @@ impl Sim {
             self.violation("the network did not drain".into());
         }
         self.repair_snapshot().await;
+        if self.rules.claims_read_tombstone {
+            // What the claim's refusal asks of the operator.
+            self.finish_abandoned_delete().await;
+        }
         // The repair the old claim's error names: the lock put back with
         // the highest epoch (a restarted epoch below the log's otherwise
         // deposes every claim of the old rules for good).

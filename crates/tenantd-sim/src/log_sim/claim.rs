@@ -453,6 +453,26 @@ impl Sim {
                     Recheck::Never => Ok(true),
                     Recheck::AfterFences => self.snapshot_is(w, fencing.etag.as_ref()).await,
                 };
+                // Beside the recheck (not after fences sent before the
+                // lock write, which replaced a holder's release): a delete
+                // of this life that fenced it and has not finished.
+                let unchanged = match unchanged {
+                    Ok(true)
+                        if self.rules.claims_read_tombstone
+                            && !fencing.early
+                            && self.writers[w].role != Role::Delete =>
+                    {
+                        match self.delete_unfinished(w).await {
+                            Ok(true) => {
+                                self.outcome.refused_for_delete += 1;
+                                return self.stop(w, "a delete of this life has not finished");
+                            }
+                            Ok(false) => Ok(true),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    other => other,
+                };
                 match unchanged {
                     Ok(true) => {
                         let mine = &self.writers[w].fenced_slots;
@@ -717,6 +737,21 @@ impl Sim {
     }
 
     /// Whether the snapshot's HEAD, sent by writer `w` now, shows `etag`.
+    /// Whether the tombstone names a slot past the snapshot's: a delete
+    /// of this life fenced it and may still remove the snapshot.
+    async fn delete_unfinished(&mut self, w: usize) -> tenantd_core::store::StoreResult<bool> {
+        let store = self.writers[w].store.clone();
+        let Some(tombstone) = store.get(&keys::tombstone(TENANT)).await? else {
+            return Ok(false);
+        };
+        let Some(snapshot) = store.get(&keys::database(TENANT)).await? else {
+            return Ok(false);
+        };
+        let end = super::paths::log_end_of(&tombstone.body);
+        let seq = serde_json::from_slice::<Position>(&snapshot.body).map_or(0, |p| p.seq);
+        Ok(end > seq)
+    }
+
     async fn snapshot_is(
         &mut self,
         w: usize,
@@ -916,7 +951,7 @@ impl Sim {
         if writer.role == Role::Delete {
             writer.deleting = Some(match self.rules.tombstone {
                 true => super::Deleting::Tombstone,
-                false => super::Deleting::Snapshot,
+                false => super::Deleting::Check,
             });
         }
         self.outcome.claims += 1;

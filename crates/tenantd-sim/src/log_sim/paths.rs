@@ -41,6 +41,9 @@ pub(super) enum Deleting {
     /// Records the last slot of the delete's fences where creation reads it
     /// directly.
     Tombstone,
+    /// The lease check right before the snapshot's removal; the delete may
+    /// stall after it, past its lease (the real delete's `check()`).
+    Check,
     Snapshot,
     List,
     Slots(Vec<String>),
@@ -269,26 +272,38 @@ impl Sim {
                     Err(e) => Err(e),
                 };
                 match written {
-                    Ok(()) => Some(Deleting::Snapshot),
+                    Ok(()) => Some(Deleting::Check),
                     Err(_) => Some(Deleting::Tombstone),
                 }
             }
-            Deleting::Snapshot => {
+            Deleting::Check => {
                 if !(self.lock.present && self.lock.token == token) {
                     return self.stop(w, "lost the lease while deleting");
                 }
+                // A stall here (a paused CLI) may outlive the lease while
+                // another machine takes this same life over.
+                if self.rng.random_range(0..2) == 0 {
+                    self.writers[w].stalled_until = self.step + self.rng.random_range(100..800);
+                    self.event(format!(
+                        "token {token}: the delete stalls before removing the snapshot, until step {}",
+                        self.writers[w].stalled_until
+                    ));
+                    // Its lease lapses, and the next request's machine
+                    // takes the tenant over.
+                    self.writers[w].deleting = Some(Deleting::Snapshot);
+                    self.takeover(Role::Holder);
+                    return;
+                }
+                Some(Deleting::Snapshot)
+            }
+            Deleting::Snapshot => {
                 let deleted = store.delete(&keys::database(TENANT)).await;
                 // A lost response deleted it all the same: the model's own
                 // view of the store says when the incarnation ended.
                 let gone = matches!(self.shared.head(&keys::database(TENANT)).await, Ok(None));
                 if gone && self.exists {
-                    self.exists = false;
-                    self.incarnation += 1;
-                    self.outcome.deletes += 1;
-                    self.event(format!(
-                        "token {token}: deleted the snapshot; incarnation {} begins",
-                        self.incarnation
-                    ));
+                    let fenced_to = self.writers[w].head.seq;
+                    self.life_deleted(&format!("token {token}"), fenced_to);
                 }
                 // A delete that stalls here (a paused CLI, a slow store)
                 // may outlive its lease while the tenant is created again
@@ -356,6 +371,55 @@ impl Sim {
             }
         };
         self.writers[w].deleting = next;
+    }
+
+    /// The snapshot of the current life is gone (a delete that fenced the
+    /// log up to `fenced_to`): the next incarnation begins. A write of the
+    /// ended life acknowledged in a slot past those fences landed after
+    /// the delete fenced, and went with the snapshot.
+    pub(super) fn life_deleted(&mut self, who: &str, fenced_to: u64) {
+        let ended = self.incarnation;
+        self.exists = false;
+        self.incarnation += 1;
+        self.outcome.deletes += 1;
+        self.event(format!(
+            "{who}: deleted the snapshot; incarnation {} begins",
+            self.incarnation
+        ));
+        self.check.deleted.insert(ended, fenced_to);
+        let lost: Vec<u64> = self
+            .check
+            .acked_slots
+            .iter()
+            .filter(|(inc, seq)| *inc == ended && *seq > fenced_to)
+            .map(|(_, seq)| *seq)
+            .collect();
+        if let Some(seq) = lost.first() {
+            self.violation(format!(
+                "slot {seq} of incarnation {ended} was acknowledged after the delete that removed that incarnation fenced up to {fenced_to}"
+            ));
+        }
+    }
+
+    /// An operator finishes a delete that fenced and wrote its tombstone
+    /// but never removed the snapshot (it crashed, or was abandoned): a
+    /// tombstone past the snapshot's slot.
+    pub(super) async fn finish_abandoned_delete(&mut self) {
+        if !self.exists {
+            return;
+        }
+        let store = self.shared.clone();
+        let (Ok(Some(tombstone)), Ok(Some(snapshot))) = (
+            store.get(&keys::tombstone(TENANT)).await,
+            store.get(&keys::database(TENANT)).await,
+        ) else {
+            return;
+        };
+        let end = log_end_of(&tombstone.body);
+        let seq = serde_json::from_slice::<Position>(&snapshot.body).map_or(0, |p| p.seq);
+        if end > seq && store.delete(&keys::database(TENANT)).await.is_ok() {
+            self.life_deleted("the operator finishing an abandoned delete", end);
+        }
     }
 
     /// `tenants create` of a tenant that does not exist. The new rule
@@ -485,7 +549,7 @@ impl Sim {
 }
 
 /// The last slot a tombstone names (0 when it names none).
-fn log_end_of(body: &[u8]) -> u64 {
+pub(super) fn log_end_of(body: &[u8]) -> u64 {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v["log_end"].as_u64())

@@ -56,6 +56,13 @@ pub struct Rules {
     /// its fences, and the lock whoever holds it, which a delete stalled
     /// past its lease does to a tenant created again meanwhile.
     pub bounded_delete: bool,
+    /// A claim (not a delete's) reads the tombstone beside its recheck and
+    /// refuses a life whose tombstone names a slot past its snapshot's: a
+    /// delete of that life fenced it and has not finished, and may still
+    /// remove the snapshot. Off: it serves, and a delete stalled between
+    /// its last lease check and the snapshot's removal takes the writes
+    /// acknowledged meanwhile with it.
+    pub claims_read_tombstone: bool,
 }
 
 impl Rules {
@@ -71,6 +78,7 @@ impl Rules {
         refuse_bare_snapshot: true,
         tombstone: true,
         bounded_delete: true,
+        claims_read_tombstone: true,
     };
 }
 

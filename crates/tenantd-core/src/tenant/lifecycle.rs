@@ -353,7 +353,7 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
     check()?;
     delete_key(store, &keys::database(id.as_str())).await?;
     // The tenant no longer exists, and may be created again at any moment:
-    // from here on only the deleted life's objects go (`deleted_lifes`),
+    // from here on only the deleted life's objects go (`of_the_deleted_life`),
     // whatever a stall past the lease let happen meanwhile.
     check()?;
     let rest = store
@@ -363,7 +363,7 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
     let rest: Vec<String> = rest
         .into_iter()
         .map(|l| l.key)
-        .filter(|k| deleted_lifes(id, k, first_fence))
+        .filter(|k| of_the_deleted_life(id, k, first_fence))
         .collect();
     let objects = rest.len() + 2;
     let mut deletions = futures::stream::iter(rest.into_iter().map(|key| {
@@ -391,7 +391,7 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
         drop(lease);
         delete_key(store, &lock).await?;
     } else {
-        tracing::warn!(customer_id = %id, "the lock names another acquisition now (the tenant was created again while this delete stalled); left to it");
+        tracing::warn!(customer_id = %id, "this delete's lease lapsed, or the lock names another acquisition now (the tenant may have been created again while the delete stalled); the lock is left to its next holder");
     }
     info!(customer_id = %id, objects, "tenant deleted");
     Ok(Deleted::Deleted)
@@ -402,7 +402,7 @@ pub async fn delete(store: &DynStore, id: &TenantId, deleter: &Deleter) -> anyho
 /// slots are above them: creation starts after the tombstone), snapshots
 /// archived from those slots, and anything tenantd never writes. Never the
 /// snapshot, the lock or the tombstone, which may be a later life's.
-fn deleted_lifes(id: &TenantId, key: &str, first_fence: u64) -> bool {
+fn of_the_deleted_life(id: &TenantId, key: &str, first_fence: u64) -> bool {
     if let Some(seq) = keys::log_seq(key) {
         return seq < first_fence;
     }

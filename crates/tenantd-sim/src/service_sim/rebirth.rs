@@ -181,7 +181,6 @@ pub(super) async fn operator(world: Arc<World>, seed: u64, until: Instant) -> Ve
         lease: session,
         wait: 5 * TTL,
     };
-    let store: DynStore = store;
     let mut events = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(rng.random_range(2_000..5_000))).await;

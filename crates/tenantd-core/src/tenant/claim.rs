@@ -698,7 +698,7 @@ async fn fence_after(
 /// life that fenced under a lease that has since lapsed, and may still
 /// remove the snapshot (a stalled `tenants delete`). Writes acknowledged
 /// here would go with it, so the tenant is not served until the delete is
-/// finished (docs/protocol.md, "Deletion").
+/// finished (docs/protocol.md, "Tenant existence").
 async fn recheck(
     store: &DynStore,
     id: &TenantId,

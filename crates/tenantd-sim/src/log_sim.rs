@@ -429,6 +429,25 @@ struct Checker {
 }
 
 impl Checker {
+    /// Slot `seq` of incarnation `inc` is acknowledged; the violation, if
+    /// a delete removed that incarnation after fencing below `seq`.
+    fn acked_slot(&mut self, inc: u64, seq: u64) -> Option<String> {
+        self.acked_slots.push((inc, seq));
+        let fenced_to = *self.deleted.get(&inc)?;
+        late_ack(inc, seq, fenced_to)
+    }
+
+    /// Incarnation `inc` was deleted by a delete that fenced up to
+    /// `fenced_to`: a write of it acknowledged in a slot past those fences
+    /// landed after the delete fenced, and went with the snapshot.
+    fn life_deleted(&mut self, inc: u64, fenced_to: u64) -> Option<String> {
+        self.deleted.insert(inc, fenced_to);
+        self.acked_slots
+            .iter()
+            .filter(|(i, _)| *i == inc)
+            .find_map(|&(_, seq)| late_ack(inc, seq, fenced_to))
+    }
+
     /// The increments of the history ending at `digest`, oldest first,
     /// each with its incarnation.
     fn ids(&self, digest: u64) -> Result<Vec<(u64, u64)>, String> {
@@ -1004,7 +1023,7 @@ impl Sim {
             slot.confirmed = true;
         }
         let mut acked = vec![];
-        let mut newest = None;
+        let mut late = vec![];
         let inc = writer.inc;
         while let Some(entry) = writer.slots.first_entry() {
             if !entry.get().confirmed {
@@ -1019,20 +1038,14 @@ impl Sim {
             self.check
                 .acked
                 .extend(slot.ids.iter().map(|id| (*id, inc)));
-            self.check.acked_slots.push((inc, slot.after.seq));
-            newest = Some(slot.after.seq);
+            late.extend(self.check.acked_slot(inc, slot.after.seq));
         }
         for event in acked {
             self.event(event);
         }
-        let late = match (self.check.deleted.get(&inc), newest) {
-            (Some(&fenced_to), Some(seq)) if seq > fenced_to => Some((seq, fenced_to)),
-            _ => None,
-        };
-        if let Some((seq, fenced_to)) = late {
-            self.violation(format!(
-                "slot {seq} of incarnation {inc} was acknowledged after the delete that removed that incarnation fenced up to {fenced_to}"
-            ));
+        // Slots are acknowledged in order: the newest late one says it.
+        if let Some(violation) = late.pop() {
+            self.violation(violation);
         }
     }
 
@@ -1161,6 +1174,16 @@ impl Sim {
             self.check.violations.push(what);
         }
     }
+}
+
+/// The violation of a write of incarnation `inc` acknowledged in slot
+/// `seq`, past the fences (up to `fenced_to`) of the delete that removed it.
+fn late_ack(inc: u64, seq: u64, fenced_to: u64) -> Option<String> {
+    (seq > fenced_to).then(|| {
+        format!(
+            "slot {seq} of incarnation {inc} was acknowledged after the delete that removed that incarnation fenced up to {fenced_to}"
+        )
+    })
 }
 
 /// A log object's metadata: the acquisition's token and epoch.

@@ -741,15 +741,7 @@ impl Sim {
     /// of this life fenced it and may still remove the snapshot.
     async fn delete_unfinished(&mut self, w: usize) -> tenantd_core::store::StoreResult<bool> {
         let store = self.writers[w].store.clone();
-        let Some(tombstone) = store.get(&keys::tombstone(TENANT)).await? else {
-            return Ok(false);
-        };
-        let Some(snapshot) = store.get(&keys::database(TENANT)).await? else {
-            return Ok(false);
-        };
-        let end = super::paths::log_end_of(&tombstone.body);
-        let seq = serde_json::from_slice::<Position>(&snapshot.body).map_or(0, |p| p.seq);
-        Ok(end > seq)
+        Ok(super::paths::unfinished_delete(&store).await?.is_some())
     }
 
     async fn snapshot_is(

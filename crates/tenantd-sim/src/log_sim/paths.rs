@@ -386,18 +386,8 @@ impl Sim {
             "{who}: deleted the snapshot; incarnation {} begins",
             self.incarnation
         ));
-        self.check.deleted.insert(ended, fenced_to);
-        let lost: Vec<u64> = self
-            .check
-            .acked_slots
-            .iter()
-            .filter(|(inc, seq)| *inc == ended && *seq > fenced_to)
-            .map(|(_, seq)| *seq)
-            .collect();
-        if let Some(seq) = lost.first() {
-            self.violation(format!(
-                "slot {seq} of incarnation {ended} was acknowledged after the delete that removed that incarnation fenced up to {fenced_to}"
-            ));
+        if let Some(violation) = self.check.life_deleted(ended, fenced_to) {
+            self.violation(violation);
         }
     }
 
@@ -408,16 +398,11 @@ impl Sim {
         if !self.exists {
             return;
         }
-        let store = self.shared.clone();
-        let (Ok(Some(tombstone)), Ok(Some(snapshot))) = (
-            store.get(&keys::tombstone(TENANT)).await,
-            store.get(&keys::database(TENANT)).await,
-        ) else {
+        let store: DynStore = self.shared.clone();
+        let Ok(Some(end)) = unfinished_delete(&store).await else {
             return;
         };
-        let end = log_end_of(&tombstone.body);
-        let seq = serde_json::from_slice::<Position>(&snapshot.body).map_or(0, |p| p.seq);
-        if end > seq && store.delete(&keys::database(TENANT)).await.is_ok() {
+        if store.delete(&keys::database(TENANT)).await.is_ok() {
             self.life_deleted("the operator finishing an abandoned delete", end);
         }
     }
@@ -546,6 +531,22 @@ impl Sim {
             )
             .await;
     }
+}
+
+/// The last slot the tombstone names, when it is past the snapshot's: a
+/// delete of the current life fenced it and has not removed the snapshot.
+pub(super) async fn unfinished_delete(
+    store: &DynStore,
+) -> tenantd_core::store::StoreResult<Option<u64>> {
+    let Some(tombstone) = store.get(&keys::tombstone(TENANT)).await? else {
+        return Ok(None);
+    };
+    let Some(snapshot) = store.get(&keys::database(TENANT)).await? else {
+        return Ok(None);
+    };
+    let end = log_end_of(&tombstone.body);
+    let seq = serde_json::from_slice::<Position>(&snapshot.body).map_or(0, |p| p.seq);
+    Ok((end > seq).then_some(end))
 }
 
 /// The last slot a tombstone names (0 when it names none).

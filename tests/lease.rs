@@ -13,10 +13,11 @@ use tenantd_core::lease::{
 };
 use tenantd_core::metrics::Metrics;
 use tenantd_core::store::fault::FaultHandle;
+use tenantd_core::store::hooked::{Hooked, Hooks, Op};
 use tenantd_core::store::instrumented::InstrumentedStore;
 use tenantd_core::store::{
-    DynStore, ETag, FaultConfig, FaultStore, Listed, MemoryStore, Metadata, Object, ObjectMeta,
-    ObjectStore, Precondition, StoreError, StoreResult, keys,
+    DynStore, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition,
+    StoreError, StoreResult, keys,
 };
 use tokio::time::Instant;
 
@@ -832,47 +833,19 @@ async fn a_heartbeat_of_another_incarnation_or_none_leaves_the_observation_rule(
 /// heartbeat it found.
 #[derive(Debug)]
 struct FirstHeartbeatWriteAmbiguous {
-    inner: DynStore,
     armed: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
-impl ObjectStore for FirstHeartbeatWriteAmbiguous {
-    async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
-        self.inner.get(key).await
-    }
-
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.inner.head(key).await
-    }
-
-    async fn put(
-        &self,
-        key: &str,
-        body: Bytes,
-        metadata: Metadata,
-        condition: Precondition,
-    ) -> StoreResult<ETag> {
-        if key.ends_with("heartbeat.json") && self.armed.swap(false, Ordering::SeqCst) {
+impl Hooks for FirstHeartbeatWriteAmbiguous {
+    async fn before(&self, op: Op, key: &str) -> StoreResult<()> {
+        if op == Op::Put
+            && key.ends_with("heartbeat.json")
+            && self.armed.swap(false, Ordering::SeqCst)
+        {
             return Err(StoreError::Ambiguous { key: key.into() });
         }
-        self.inner.put(key, body, metadata, condition).await
-    }
-
-    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
-        self.inner.list(prefix, start_after).await
-    }
-
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-
-    async fn check(&self) -> StoreResult<()> {
-        self.inner.check().await
-    }
-
-    fn describe(&self) -> String {
-        "memory store whose first heartbeat write is ambiguous".into()
+        Ok(())
     }
 }
 
@@ -889,10 +862,10 @@ async fn a_restart_whose_first_heartbeat_write_is_ambiguous_still_takes_its_lock
     let old = acquired(earlier.contender(KEY).try_acquire().await.unwrap());
     // Crashed: it never reaches the store again.
     earlier.faults.partition(true);
-    let store: DynStore = Arc::new(FirstHeartbeatWriteAmbiguous {
-        inner: shared.clone(),
-        armed: true.into(),
-    });
+    let store: DynStore = Arc::new(Hooked::new(
+        shared.clone(),
+        FirstHeartbeatWriteAmbiguous { armed: true.into() },
+    ));
     let restarted = Machine::start_on(store, "a");
     let outcome = restarted.contender(KEY).try_acquire().await;
     let lease = acquired(outcome.expect("the restarted process takes its lock back"));
@@ -1033,56 +1006,29 @@ proptest! {
     }
 }
 
-/// A store whose heartbeat reads and second heartbeat write are slow: the
-/// write lands, and is answered, `write_delay` after it was sent.
+/// Heartbeat reads and the second heartbeat write are slow: the write
+/// lands, and is answered, `write_delay` after it was sent.
 #[derive(Debug)]
 struct SlowHeartbeat {
-    inner: DynStore,
     read_delay: Duration,
     write_delay: Duration,
     writes: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
-impl ObjectStore for SlowHeartbeat {
-    async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
-        if key.ends_with("heartbeat.json") {
-            tokio::time::sleep(self.read_delay).await;
+impl Hooks for SlowHeartbeat {
+    async fn before(&self, op: Op, key: &str) -> StoreResult<()> {
+        if !key.ends_with("heartbeat.json") {
+            return Ok(());
         }
-        self.inner.get(key).await
-    }
-
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.inner.head(key).await
-    }
-
-    async fn put(
-        &self,
-        key: &str,
-        body: Bytes,
-        metadata: Metadata,
-        condition: Precondition,
-    ) -> StoreResult<ETag> {
-        if key.ends_with("heartbeat.json") && self.writes.fetch_add(1, Ordering::SeqCst) == 1 {
-            tokio::time::sleep(self.write_delay).await;
+        match op {
+            Op::Get => tokio::time::sleep(self.read_delay).await,
+            Op::Put if self.writes.fetch_add(1, Ordering::SeqCst) == 1 => {
+                tokio::time::sleep(self.write_delay).await
+            }
+            _ => {}
         }
-        self.inner.put(key, body, metadata, condition).await
-    }
-
-    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
-        self.inner.list(prefix, start_after).await
-    }
-
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-
-    async fn check(&self) -> StoreResult<()> {
-        self.inner.check().await
-    }
-
-    fn describe(&self) -> String {
-        "memory store with slow heartbeat reads and a slow second heartbeat write".into()
+        Ok(())
     }
 }
 
@@ -1104,12 +1050,14 @@ async fn a_lock_written_beside_a_late_session_start_never_overlaps_a_takeover() 
         LeaseConfig::new("a", "a:3000", TTL),
     );
     drop(earlier.incarnation().await.unwrap());
-    let slow: DynStore = Arc::new(SlowHeartbeat {
-        inner: shared.clone(),
-        read_delay: Duration::from_millis(1000),
-        write_delay: Duration::from_millis(2200),
-        writes: 0.into(),
-    });
+    let slow: DynStore = Arc::new(Hooked::new(
+        shared.clone(),
+        SlowHeartbeat {
+            read_delay: Duration::from_millis(1000),
+            write_delay: Duration::from_millis(2200),
+            writes: 0.into(),
+        },
+    ));
     let restarted = Machine::start_on(slow, "a");
     let began = Instant::now();
     let mut beside = restarted.contender(KEY);

@@ -8,16 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use tenantd_core::TenantId;
 use tenantd_core::lease::{Acquire, Contender, LeaseConfig, Session};
 use tenantd_core::metrics::Metrics;
-use tenantd_core::store::{
-    DynStore, ETag, Listed, MemoryStore, Metadata, Object, ObjectMeta, ObjectStore, Precondition,
-    StoreResult, keys,
-};
+use tenantd_core::store::hooked::{self, Hooked, Hooks};
+use tenantd_core::store::{DynStore, MemoryStore, StoreResult, keys};
 use tenantd_core::tenant::actor::{ActorContext, TenantActor};
 use tenantd_core::tenant::log::{self, Retention, Until};
 use tenantd_core::tenant::{Op, TenantHandle};
@@ -39,7 +36,6 @@ enum Point {
 /// runs `hook` first (what the holder does meanwhile).
 #[derive(Debug)]
 struct Reader {
-    base: DynStore,
     point: Point,
     hook: Mutex<Option<HookBox>>,
 }
@@ -65,45 +61,14 @@ impl std::fmt::Debug for HookBox {
 }
 
 #[async_trait]
-impl ObjectStore for Reader {
-    async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
-        if key == keys::database(ID) {
-            self.at(Point::SnapshotRead).await;
+impl Hooks for Reader {
+    async fn before(&self, op: hooked::Op, key: &str) -> StoreResult<()> {
+        match op {
+            hooked::Op::Get if key == keys::database(ID) => self.at(Point::SnapshotRead).await,
+            hooked::Op::List if key == keys::log_prefix(ID) => self.at(Point::LogList).await,
+            _ => {}
         }
-        self.base.get(key).await
-    }
-
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.base.head(key).await
-    }
-
-    async fn put(
-        &self,
-        key: &str,
-        body: Bytes,
-        metadata: Metadata,
-        condition: Precondition,
-    ) -> StoreResult<ETag> {
-        self.base.put(key, body, metadata, condition).await
-    }
-
-    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
-        if prefix == keys::log_prefix(ID) {
-            self.at(Point::LogList).await;
-        }
-        self.base.list(prefix, start_after).await
-    }
-
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.base.delete(key).await
-    }
-
-    async fn check(&self) -> StoreResult<()> {
         Ok(())
-    }
-
-    fn describe(&self) -> String {
-        "reader".into()
     }
 }
 
@@ -199,11 +164,13 @@ async fn race(point: Point, then_commit: bool) {
             })
         })
     };
-    let reader: DynStore = Arc::new(Reader {
-        base: store.clone(),
-        point,
-        hook: Mutex::new(Some(HookBox(hook))),
-    });
+    let reader: DynStore = Arc::new(Hooked::new(
+        store.clone(),
+        Reader {
+            point,
+            hook: Mutex::new(Some(HookBox(hook))),
+        },
+    ));
     let path = dir.path().join("restored.sqlite3");
     let done = log::materialize(&reader, ID, &path, Until::End)
         .await

@@ -32,9 +32,10 @@ use tenantd_chaos::checker::{self, Report};
 use tenantd_chaos::history::{Op, Outcome};
 use tenantd_core::lease::{Acquire, Contender, Lease, LeaseConfig, Session};
 use tenantd_core::store::fault::FaultHandle;
+use tenantd_core::store::hooked::{self, Hooked, Hooks};
 use tenantd_core::store::{
-    DynStore, ETag, FaultConfig, FaultStore, Listed, MemoryStore, Metadata, Object, ObjectMeta,
-    ObjectStore, Precondition, StoreError, StoreResult, keys,
+    DynStore, ETag, FaultConfig, FaultStore, MemoryStore, Metadata, ObjectStore, Precondition,
+    StoreError, StoreResult, keys,
 };
 
 const TTL: Duration = Duration::from_millis(1000);
@@ -124,70 +125,35 @@ impl Held {
     }
 }
 
-/// A machine's view of the store in which its own heartbeat can be cut off
-/// while everything else still answers.
+/// Hooks of a machine's view of the store in which its own heartbeat can
+/// be cut off while everything else still answers.
 #[derive(Debug)]
 pub(crate) struct HeartbeatCut {
-    inner: DynStore,
     key: String,
     cut: Arc<AtomicBool>,
 }
 
 impl HeartbeatCut {
-    pub(crate) fn new(inner: DynStore, machine_id: &str, cut: Arc<AtomicBool>) -> HeartbeatCut {
-        HeartbeatCut {
-            inner,
+    pub(crate) fn new(
+        inner: DynStore,
+        machine_id: &str,
+        cut: Arc<AtomicBool>,
+    ) -> Hooked<HeartbeatCut> {
+        let hooks = HeartbeatCut {
             key: keys::heartbeat(machine_id),
             cut,
-        }
-    }
-
-    fn check_key(&self, key: &str) -> StoreResult<()> {
-        if key == self.key && self.cut.load(Ordering::SeqCst) {
-            return Err(StoreError::transient(key, "heartbeat partitioned"));
-        }
-        Ok(())
+        };
+        Hooked::new(inner, hooks)
     }
 }
 
 #[async_trait]
-impl ObjectStore for HeartbeatCut {
-    async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
-        self.check_key(key)?;
-        self.inner.get(key).await
-    }
-
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.check_key(key)?;
-        self.inner.head(key).await
-    }
-
-    async fn put(
-        &self,
-        key: &str,
-        body: Bytes,
-        metadata: Metadata,
-        condition: Precondition,
-    ) -> StoreResult<ETag> {
-        self.check_key(key)?;
-        self.inner.put(key, body, metadata, condition).await
-    }
-
-    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
-        self.inner.list(prefix, start_after).await
-    }
-
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.check_key(key)?;
-        self.inner.delete(key).await
-    }
-
-    async fn check(&self) -> StoreResult<()> {
-        self.inner.check().await
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
+impl Hooks for HeartbeatCut {
+    async fn before(&self, op: hooked::Op, key: &str) -> StoreResult<()> {
+        if op != hooked::Op::List && key == self.key && self.cut.load(Ordering::SeqCst) {
+            return Err(StoreError::transient(key, "heartbeat partitioned"));
+        }
+        Ok(())
     }
 }
 

@@ -28,6 +28,7 @@ use bytes::Bytes;
 pub mod conformance;
 pub mod fault;
 pub mod file;
+pub mod hooked;
 pub mod instrumented;
 pub mod memory;
 pub mod multipart;
@@ -38,6 +39,7 @@ pub mod url;
 
 pub use fault::{FaultConfig, FaultStore};
 pub use file::FileStore;
+pub use hooked::{Hooked, Hooks};
 pub use instrumented::InstrumentedStore;
 pub use memory::MemoryStore;
 pub use retry::RetryingStore;

@@ -498,6 +498,7 @@ mod tests {
     use super::*;
     use crate::lease::LeaseConfig;
     use crate::store::MemoryStore;
+    use crate::store::hooked::Op;
 
     fn id(text: &str) -> TenantId {
         TenantId::parse(text).unwrap()
@@ -611,7 +612,7 @@ mod tests {
         assert_eq!(again, Deleted::Absent);
     }
 
-    /// A store on which the tenant lives again the moment its delete has
+    /// Store hooks under which the tenant lives again the moment its delete has
     /// removed `db.sqlite3`: as if the delete stalled there past its lease
     /// (a paused CLI, a slow store) while the tenant was created again and
     /// another machine took its lock and committed.
@@ -651,43 +652,14 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl crate::store::ObjectStore for Reborn {
-        async fn get(&self, key: &str) -> StoreResult<Option<crate::store::Object>> {
-            self.inner.get(key).await
-        }
-        async fn head(&self, key: &str) -> StoreResult<Option<crate::store::ObjectMeta>> {
-            self.inner.head(key).await
-        }
-        async fn put(
-            &self,
-            key: &str,
-            body: bytes::Bytes,
-            metadata: Metadata,
-            condition: Precondition,
-        ) -> StoreResult<crate::store::ETag> {
-            self.inner.put(key, body, metadata, condition).await
-        }
-        async fn list(
-            &self,
-            prefix: &str,
-            start_after: Option<&str>,
-        ) -> StoreResult<Vec<crate::store::Listed>> {
-            self.inner.list(prefix, start_after).await
-        }
-        async fn delete(&self, key: &str) -> StoreResult<()> {
-            self.inner.delete(key).await?;
-            let first = key == keys::database(self.id.as_str())
+    impl crate::store::Hooks for Reborn {
+        async fn after(&self, op: Op, key: &str) {
+            let first = op == Op::Delete
+                && key == keys::database(self.id.as_str())
                 && !std::mem::replace(&mut *self.reborn.lock().unwrap(), true);
             if first {
                 self.live_again().await;
             }
-            Ok(())
-        }
-        async fn check(&self) -> StoreResult<()> {
-            self.inner.check().await
-        }
-        fn describe(&self) -> String {
-            "reborn".into()
         }
     }
 
@@ -702,11 +674,12 @@ mod tests {
             put(&inner, &keys::log_slot("a", seq)).await;
         }
         put(&inner, &keys::archive("a", 2)).await;
-        let store: DynStore = Arc::new(Reborn {
+        let reborn = Reborn {
             inner: inner.clone(),
             id: id("a"),
             reborn: Default::default(),
-        });
+        };
+        let store: DynStore = Arc::new(crate::store::Hooked::new(inner.clone(), reborn));
         let deleter = deleter(&store, "cli-1", Duration::from_secs(1));
         assert_eq!(
             delete(&store, &id("a"), &deleter).await.unwrap(),

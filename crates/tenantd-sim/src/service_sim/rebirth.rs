@@ -27,10 +27,11 @@ use super::{BASE_JITTER, BASE_LATENCY, TTL, World, stored};
 use tenantd_chaos::history::{NemesisEvent, Outcome};
 use tenantd_core::TenantId;
 use tenantd_core::lease::{LeaseConfig, Session};
+use tenantd_core::store::hooked::{Hooked, Hooks, Op};
 use tenantd_core::store::retry::RetryPolicy;
 use tenantd_core::store::{
-    DynStore, ETag, FaultConfig, FaultStore, Listed, MemoryStore, Metadata, Object, ObjectMeta,
-    ObjectStore, Precondition, RetryingStore, StoreError, StoreResult, keys,
+    DynStore, FaultConfig, FaultStore, MemoryStore, Precondition, RetryingStore, StoreError,
+    StoreResult, keys,
 };
 use tenantd_core::tenant::db::Db;
 use tenantd_core::tenant::lifecycle::{self, Deleter};
@@ -222,11 +223,8 @@ pub(super) async fn operator(world: Arc<World>, seed: u64, until: Instant) -> Ve
             world.paths.rebirth == Rebirth::UnboundedAfterStall,
         ));
         let deleting = tokio::spawn({
-            let (store, tenant, deleter) = (
-                stalling.clone() as DynStore,
-                tenant.clone(),
-                deleter.clone(),
-            );
+            let store: DynStore = Arc::new(Hooked::new(store.clone(), stalling.clone()));
+            let (tenant, deleter) = (tenant.clone(), deleter.clone());
             let stalling = stalling.clone();
             async move {
                 // Until it is done: a delete that fails midway leaves a
@@ -446,11 +444,11 @@ async fn create_from_slot_zero(store: &DynStore, tenant: &TenantId) {
     }
 }
 
-/// The operator's store for one delete. Stalled, it holds the delete's
-/// listing of the tenant after the snapshot is gone, and fails the
+/// Hooks of the operator's store for one delete. Stalled, they hold the
+/// delete's listing of the tenant after the snapshot is gone, and fail the
 /// operator's heartbeat meanwhile (its session, and with it the delete's
-/// lease, is lost), until [`Stalling::go_on`]; the listing it then answers
-/// shows the next life.
+/// lease, is lost), until [`Stalling::go_on`]; the listing then shows the
+/// next life.
 #[derive(Debug)]
 struct Stalling {
     inner: DynStore,
@@ -490,10 +488,11 @@ impl Stalling {
         self.go.notify_one();
     }
 
-    /// The delete before the fix: everything listed but the lock, the
-    /// tombstone and the window of fences the tombstone ends.
-    async fn remove_unbounded(&self, listed: &[Listed]) -> StoreResult<()> {
+    /// The delete before the fix: everything under `prefix` but the lock,
+    /// the tombstone and the window of fences the tombstone ends.
+    async fn remove_unbounded(&self, prefix: &str) -> StoreResult<()> {
         let id = self.tenant.as_str();
+        let listed = self.inner.list(prefix, None).await?;
         let end = match self.inner.get(&keys::tombstone(id)).await? {
             Some(t) => serde_json::from_slice::<serde_json::Value>(&t.body)
                 .ok()
@@ -501,7 +500,7 @@ impl Stalling {
                 .unwrap_or(0),
             None => 0,
         };
-        for l in listed {
+        for l in &listed {
             let fence = keys::log_seq(&l.key).is_some_and(|s| s + 4 > end && s <= end);
             if l.key != keys::lock(id) && l.key != keys::tombstone(id) && !fence {
                 self.inner.delete(&l.key).await?;
@@ -512,51 +511,29 @@ impl Stalling {
 }
 
 #[async_trait::async_trait]
-impl ObjectStore for Stalling {
-    async fn get(&self, key: &str) -> StoreResult<Option<Object>> {
-        self.inner.get(key).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.inner.head(key).await
-    }
-    async fn put(
-        &self,
-        key: &str,
-        body: Bytes,
-        metadata: Metadata,
-        condition: Precondition,
-    ) -> StoreResult<ETag> {
-        if self.stalled() && !self.went_on() && key == keys::heartbeat("operator") {
-            return Err(StoreError::transient(key, "the operator is stalled"));
-        }
-        self.inner.put(key, body, metadata, condition).await
-    }
-    async fn list(&self, prefix: &str, start_after: Option<&str>) -> StoreResult<Vec<Listed>> {
+impl Hooks for Stalling {
+    async fn before(&self, op: Op, key: &str) -> StoreResult<()> {
         let id = self.tenant.as_str();
-        let after_the_snapshot = self.armed
-            && !self.stalled()
-            && prefix == keys::tenant_prefix(id)
-            && self.inner.head(&keys::database(id)).await?.is_none()
-            && self.inner.head(&keys::tombstone(id)).await?.is_some();
-        if !after_the_snapshot {
-            return self.inner.list(prefix, start_after).await;
+        match op {
+            Op::Put if self.stalled() && !self.went_on() && key == keys::heartbeat("operator") => {
+                Err(StoreError::transient(key, "the operator is stalled"))
+            }
+            Op::List
+                if self.armed
+                    && !self.stalled()
+                    && key == keys::tenant_prefix(id)
+                    && self.inner.head(&keys::database(id)).await?.is_none()
+                    && self.inner.head(&keys::tombstone(id)).await?.is_some() =>
+            {
+                self.stalled
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                self.go.notified().await;
+                if self.unbounded {
+                    self.remove_unbounded(key).await?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        self.stalled
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.go.notified().await;
-        let listed = self.inner.list(prefix, start_after).await?;
-        if self.unbounded {
-            self.remove_unbounded(&listed).await?;
-        }
-        Ok(listed)
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn check(&self) -> StoreResult<()> {
-        self.inner.check().await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
     }
 }
